@@ -1,0 +1,116 @@
+//! `watershed keys forget|rotate|decrypt`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use watershed_event::AccountId;
+use watershed_protect::{Access, Decryptor, Keyring, LocalKeyring};
+
+#[derive(Args, Debug)]
+pub(crate) struct KeyringArgs {
+    /// The hub's data directory; the keyring is `DATA_DIR/keyring`.
+    #[arg(long, default_value_os_t = crate::default_data_dir())]
+    data_dir: PathBuf,
+    /// The keyring directory, when it is not under the data directory.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+}
+
+impl KeyringArgs {
+    fn open(&self) -> anyhow::Result<LocalKeyring> {
+        let dir = self
+            .keyring
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keyring"));
+        LocalKeyring::open_local(&dir).with_context(|| format!("opening keyring {}", dir.display()))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum KeysCmd {
+    /// Crypto-shred a data subject: delete every data key of (account,
+    /// subject). Their ciphertexts become unreadable everywhere. Audited.
+    Forget {
+        /// The member account.
+        #[arg(long)]
+        account: AccountId,
+        /// The data subject's id (the value of its data-subject field).
+        #[arg(long)]
+        subject: String,
+        #[command(flatten)]
+        keyring: KeyringArgs,
+    },
+    /// Rotate the master key and start new data keys; old data keys stay
+    /// available for decryption. Audited.
+    Rotate {
+        #[command(flatten)]
+        keyring: KeyringArgs,
+    },
+    /// Decrypt values read from the lake. Audited per call.
+    Decrypt {
+        /// Who is decrypting (recorded in the audit log).
+        #[arg(long)]
+        principal: String,
+        /// Why (recorded in the audit log), such as a case number.
+        #[arg(long)]
+        purpose: String,
+        /// Ciphertexts (`wse1.…`).
+        #[arg(required = true)]
+        values: Vec<String>,
+        #[command(flatten)]
+        keyring: KeyringArgs,
+    },
+}
+
+pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCmd::Forget {
+            account,
+            subject,
+            keyring,
+        } => {
+            let kr = keyring.open()?;
+            let erasure = kr.forget(&account, &subject)?;
+            println!(
+                "erased {} data key(s) of account {account}, subject ref {}; logged to {}",
+                erasure.key_ids.len(),
+                erasure.subject_ref,
+                watershed_protect::Audited::audit_log(&kr).path().display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::Rotate { keyring } => {
+            let kr = keyring.open()?;
+            let id = kr.rotate()?;
+            println!("rotated: new master key {id}; existing data keys rewrapped, new data keys for new events");
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::Decrypt {
+            principal,
+            purpose,
+            values,
+            keyring,
+        } => {
+            let kr = keyring.open()?;
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            let results = Decryptor::new(&kr).decrypt(&Access { principal, purpose }, &refs)?;
+            let mut failed = false;
+            for r in results {
+                match r {
+                    Ok(p) => println!("{}", p.expose()),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("error: {e}");
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The append-only audit log of key events: erasures, rotations and every
+//! decryption. One JSON object per line, appended and fsynced before the
+//! audited action returns. Subjects appear only as keyed references.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// An append-only, fsynced NDJSON audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl AuditLog {
+    /// Open (creating with 0600) the log at `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when it cannot be opened.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let file = opts.open(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Append one record (with a `time` field added) and fsync.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the write or fsync fails; the audited action must
+    /// then not proceed.
+    pub fn append(&self, record: &impl Serialize) -> Result<()> {
+        let mut value = serde_json::to_value(record).unwrap_or_default();
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("time".into(), chrono::Utc::now().to_rfc3339().into());
+        }
+        let mut line = value.to_string();
+        line.push('\n');
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut f = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.write_all(line.as_bytes()).map_err(io)?;
+        f.sync_data().map_err(io)
+    }
+
+    /// The log's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,90 @@
+//! Decryption for authorised readers. Every call is audited before any
+//! plaintext is returned: who asked, why, how many values, which keys, and
+//! how many were erased.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::cipher::{parse, DataCipher};
+use crate::error::{Error, Result};
+use crate::keyring::{Audited, Keyring};
+use crate::secret::Plaintext;
+
+/// Who is decrypting, and why. Both go to the audit log.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The authenticated principal (a user or role name).
+    pub principal: String,
+    /// The stated purpose, such as a ticket or case number.
+    pub purpose: String,
+}
+
+/// Decrypts protected values and audits every call.
+#[derive(Debug)]
+pub struct Decryptor<'k, K: Keyring + Audited> {
+    keyring: &'k K,
+}
+
+impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
+    /// A decryptor over `keyring`, auditing to the keyring's audit log.
+    #[must_use]
+    pub fn new(keyring: &'k K) -> Self {
+        Self { keyring }
+    }
+
+    /// Decrypt `values`; each gets its own result (`key_erased`,
+    /// `bad_ciphertext`, ...). One audit record covers the call.
+    ///
+    /// # Errors
+    /// Only when the audit record cannot be written; then nothing is
+    /// decrypted.
+    pub fn decrypt(&self, access: &Access, values: &[&str]) -> Result<Vec<Result<Plaintext>>> {
+        let parsed: Vec<_> = values.iter().map(|v| parse(v)).collect();
+        let key_ids: BTreeSet<String> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .map(|p| p.key_id.to_hex())
+            .collect();
+        let results: Vec<Result<Plaintext>> = parsed
+            .into_iter()
+            .map(|p| {
+                let p = p?;
+                let key = self.keyring.key_by_id(&p.key_id)?;
+                let plain = DataCipher::new(p.key_id, &key).decrypt(&p)?;
+                String::from_utf8(plain)
+                    .map(Plaintext::new)
+                    .map_err(|_| Error::BadCiphertext {
+                        detail: "plaintext is not UTF-8",
+                    })
+            })
+            .collect();
+        #[derive(Serialize)]
+        struct Rec<'a> {
+            action: &'static str,
+            principal: &'a str,
+            purpose: &'a str,
+            values: usize,
+            decrypted: usize,
+            erased: usize,
+            failed: usize,
+            key_ids: Vec<String>,
+        }
+        let decrypted = results.iter().filter(|r| r.is_ok()).count();
+        let erased = results
+            .iter()
+            .filter(|r| matches!(r, Err(Error::KeyErased { .. })))
+            .count();
+        self.keyring.audit_log().append(&Rec {
+            action: "decrypt",
+            principal: &access.principal,
+            purpose: &access.purpose,
+            values: values.len(),
+            decrypted,
+            erased,
+            failed: values.len() - decrypted - erased,
+            key_ids: key_ids.into_iter().collect(),
+        })?;
+        Ok(results)
+    }
+}

@@ -1,0 +1,106 @@
+//! Key management: the [`Keyring`] trait the protector and the decryptor
+//! use, and the [`MasterKey`] trait that wraps data keys (a local master
+//! key file, or AWS KMS).
+
+use std::fmt::Debug;
+
+use watershed_event::AccountId;
+
+use crate::cipher::KeyId;
+use crate::error::Result;
+use crate::secret::SecretKey;
+
+/// A data key wrapped by a master key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Wrapped {
+    /// Which master key wrapped it.
+    pub master: String,
+    /// The wrapped bytes, base64.
+    pub blob: String,
+}
+
+/// Wraps and unwraps data keys (envelope encryption).
+pub trait MasterKey: Send + Sync + Debug {
+    /// Wrap `key`, binding it to `context` (the data key's id and use).
+    ///
+    /// # Errors
+    /// When the master key is unavailable (for KMS, a failed request).
+    fn wrap(&self, key: &SecretKey, context: &[u8]) -> Result<Wrapped>;
+
+    /// Unwrap a key wrapped with the same `context`.
+    ///
+    /// # Errors
+    /// When the master key is unknown or the blob does not unwrap.
+    fn unwrap(&self, wrapped: &Wrapped, context: &[u8]) -> Result<SecretKey>;
+
+    /// A fresh data key and its wrapped form. The default draws the key
+    /// locally and wraps it; KMS asks the service (GenerateDataKey).
+    ///
+    /// # Errors
+    /// As [`MasterKey::wrap`].
+    fn generate(&self, context: &[u8]) -> Result<(SecretKey, Wrapped)> {
+        let k = SecretKey::random();
+        let w = self.wrap(&k, context)?;
+        Ok((k, w))
+    }
+
+    /// Start wrapping new keys under a new master key; old master keys stay
+    /// available for unwrapping. Returns the new master key's id.
+    ///
+    /// # Errors
+    /// When the new key cannot be stored.
+    fn rotate(&self) -> Result<String>;
+}
+
+/// What `forget` erased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erasure {
+    /// The data keys deleted (every generation of the subject's key).
+    pub key_ids: Vec<KeyId>,
+    /// The keyed reference of the subject, as written to the audit log.
+    pub subject_ref: String,
+}
+
+/// Data and tokenization keys per account and data subject.
+pub trait Keyring: Send + Sync + Debug {
+    /// The account's tokenization key (created on first use, never rotated,
+    /// so tokens stay joinable).
+    ///
+    /// # Errors
+    /// When the key cannot be created or unwrapped.
+    fn token_key(&self, account: &AccountId) -> Result<SecretKey>;
+
+    /// The current data key for (account, data subject); `None` means the
+    /// account's key for events without a subject. Created on first use.
+    ///
+    /// # Errors
+    /// When the key cannot be created or unwrapped.
+    fn data_key(&self, account: &AccountId, subject: Option<&str>) -> Result<(KeyId, SecretKey)>;
+
+    /// A data key by id, for decryption.
+    ///
+    /// # Errors
+    /// [`crate::Error::KeyErased`] after `forget`, [`crate::Error::UnknownKey`]
+    /// for ids this keyring never had.
+    fn key_by_id(&self, id: &KeyId) -> Result<SecretKey>;
+
+    /// Crypto-shred: delete every data key of (account, subject) and record
+    /// the erasure in the audit log.
+    ///
+    /// # Errors
+    /// [`crate::Error::NothingToForget`] when there is no such key.
+    fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure>;
+
+    /// Rotate: new master key, every data key rewrapped under it, and new
+    /// data keys for new events. Old data keys stay for decryption.
+    ///
+    /// # Errors
+    /// When the keyring cannot be written.
+    fn rotate(&self) -> Result<String>;
+}
+
+/// Access to a keyring's audit log (for decryptors).
+pub trait Audited {
+    /// The audit log.
+    fn audit_log(&self) -> &crate::audit::AuditLog;
+}

@@ -1,0 +1,486 @@
+//! The compiled form of an Avro payload schema: a tree of [`Node`]s that
+//! the validator walks while it decodes JSON, and that the lake maps to
+//! Arrow types. Compiling resolves named references, reads the
+//! `watershed.*` field attributes and rejects what JSON payloads cannot
+//! carry, listing every problem.
+
+use std::collections::HashMap;
+
+use apache_avro::schema::{Name, RecordSchema, Schema};
+use serde_json::Value;
+
+/// How a protected field is protected at ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protect {
+    /// The value becomes null, irreversibly.
+    Redact,
+    /// All but the last `keep` characters become `*`.
+    Mask {
+        /// How many trailing characters stay readable.
+        keep: u32,
+    },
+    /// A keyed HMAC-SHA256 token, deterministic per account.
+    Tokenize,
+    /// AES-256-GCM under the (account, data subject) data key.
+    Encrypt,
+}
+
+impl Protect {
+    /// The attribute spelling: `redact`, `mask`, `tokenize` or `encrypt`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protect::Redact => "redact",
+            Protect::Mask { .. } => "mask",
+            Protect::Tokenize => "tokenize",
+            Protect::Encrypt => "encrypt",
+        }
+    }
+}
+
+/// The type of a value in a payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// Only `null`.
+    Null,
+    /// `true` / `false`.
+    Boolean,
+    /// 32-bit integer.
+    Int,
+    /// 64-bit integer.
+    Long,
+    /// 32-bit float.
+    Float,
+    /// 64-bit float.
+    Double,
+    /// UTF-8 text.
+    String,
+    /// Bytes, base64 in JSON.
+    Bytes,
+    /// Fixed-size bytes, base64 in JSON.
+    Fixed {
+        /// The byte length.
+        size: usize,
+    },
+    /// A uuid string.
+    Uuid,
+    /// Days since the epoch.
+    Date,
+    /// Milliseconds since midnight.
+    TimeMillis,
+    /// Microseconds since midnight.
+    TimeMicros,
+    /// UTC milliseconds since the epoch.
+    TimestampMillis,
+    /// UTC microseconds since the epoch.
+    TimestampMicros,
+    /// A fixed-point decimal.
+    Decimal {
+        /// Total significant digits.
+        precision: u8,
+        /// Digits after the point.
+        scale: u8,
+    },
+    /// One of a set of symbols.
+    Enum {
+        /// The symbols, in declaration order.
+        symbols: Vec<String>,
+    },
+    /// A list of one item type.
+    Array(Box<Node>),
+    /// A string-keyed map of one value type.
+    Map(Box<Node>),
+    /// A record of named fields.
+    Record(Record),
+}
+
+impl Kind {
+    /// A short name for messages: `long`, `timestamp-millis`, `record Order`.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Kind::Null => "null".into(),
+            Kind::Boolean => "boolean".into(),
+            Kind::Int => "int".into(),
+            Kind::Long => "long".into(),
+            Kind::Float => "float".into(),
+            Kind::Double => "double".into(),
+            Kind::String => "string".into(),
+            Kind::Bytes => "bytes".into(),
+            Kind::Fixed { size } => format!("fixed({size})"),
+            Kind::Uuid => "uuid".into(),
+            Kind::Date => "date".into(),
+            Kind::TimeMillis => "time-millis".into(),
+            Kind::TimeMicros => "time-micros".into(),
+            Kind::TimestampMillis => "timestamp-millis".into(),
+            Kind::TimestampMicros => "timestamp-micros".into(),
+            Kind::Decimal { precision, scale } => format!("decimal({precision},{scale})"),
+            Kind::Enum { .. } => "enum".into(),
+            Kind::Array(_) => "array".into(),
+            Kind::Map(_) => "map".into(),
+            Kind::Record(r) => format!("record {}", r.name),
+        }
+    }
+
+    /// Whether values of this kind are text in the lake (and so can be
+    /// masked, tokenized or encrypted).
+    #[must_use]
+    pub fn is_text(&self) -> bool {
+        matches!(self, Kind::String | Kind::Uuid)
+    }
+}
+
+/// A type plus whether `null` is allowed (a `["null", T]` union).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The non-null type.
+    pub kind: Kind,
+    /// Whether `null` is accepted.
+    pub nullable: bool,
+}
+
+/// A compiled record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The record's full name.
+    pub name: String,
+    /// Fields in declaration order.
+    pub fields: Vec<Field>,
+    /// Field name (and alias) to index.
+    pub lookup: HashMap<String, usize>,
+}
+
+impl Record {
+    /// The index of the field called `name`, by name or alias.
+    #[must_use]
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        if self.fields.len() <= 8 {
+            // A short scan beats hashing for small records.
+            if let Some(i) = self.fields.iter().position(|f| f.name == name) {
+                return Some(i);
+            }
+        }
+        self.lookup.get(name).copied()
+    }
+}
+
+/// A compiled record field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    /// The field name.
+    pub name: String,
+    /// Its type.
+    pub node: Node,
+    /// The Avro default, when the schema gives one.
+    pub default: Option<Value>,
+    /// The protection action, from `"watershed.protect"`.
+    pub protect: Option<Protect>,
+    /// Whether `"watershed.data_subject": true` marks this field.
+    pub data_subject: bool,
+}
+
+/// Compile an Avro schema into a [`Node`], collecting every problem as a
+/// message (without the file name, which the caller prefixes).
+pub(crate) fn compile(schema: &Schema, problems: &mut Vec<String>) -> Node {
+    let mut names = HashMap::new();
+    collect_names(schema, None, &mut names);
+    let mut c = Compiler {
+        names,
+        problems,
+        depth: 0,
+    };
+    c.node(schema, "", None)
+}
+
+/// Gather named types (records, enums, fixed) for resolving `Ref`s.
+pub(crate) fn collect_names<'a>(
+    schema: &'a Schema,
+    ns: Option<&str>,
+    out: &mut HashMap<String, &'a Schema>,
+) {
+    let full = |n: &Name| n.fullname(n.namespace.clone().or_else(|| ns.map(str::to_owned)));
+    match schema {
+        Schema::Record(r) => {
+            let inner_ns = r.name.namespace.clone().or_else(|| ns.map(str::to_owned));
+            out.insert(full(&r.name), schema);
+            out.insert(r.name.name.clone(), schema);
+            for f in &r.fields {
+                collect_names(&f.schema, inner_ns.as_deref(), out);
+            }
+        }
+        Schema::Enum(e) => {
+            out.insert(full(&e.name), schema);
+            out.insert(e.name.name.clone(), schema);
+        }
+        Schema::Fixed(f) => {
+            out.insert(full(&f.name), schema);
+            out.insert(f.name.name.clone(), schema);
+        }
+        Schema::Array(a) => collect_names(&a.items, ns, out),
+        Schema::Map(m) => collect_names(&m.types, ns, out),
+        Schema::Union(u) => u.variants().iter().for_each(|v| collect_names(v, ns, out)),
+        _ => {}
+    }
+}
+
+/// Resolve a named reference against `names`.
+pub(crate) fn resolve<'a>(schema: &'a Schema, names: &HashMap<String, &'a Schema>) -> &'a Schema {
+    if let Schema::Ref { name } = schema {
+        if let Some(s) = names
+            .get(&name.fullname(None))
+            .or_else(|| names.get(&name.name))
+        {
+            return s;
+        }
+    }
+    schema
+}
+
+struct Compiler<'a, 'p> {
+    names: HashMap<String, &'a Schema>,
+    problems: &'p mut Vec<String>,
+    depth: usize,
+}
+
+impl<'a> Compiler<'a, '_> {
+    fn node(&mut self, schema: &'a Schema, path: &str, field: Option<&str>) -> Node {
+        let at = if path.is_empty() {
+            "the payload".to_owned()
+        } else {
+            format!("field \"{path}\"")
+        };
+        match schema {
+            Schema::Union(u) => {
+                let variants = u.variants();
+                let non_null: Vec<&Schema> = variants
+                    .iter()
+                    .filter(|v| !matches!(v, Schema::Null))
+                    .collect();
+                let nullable = non_null.len() < variants.len();
+                match non_null.as_slice() {
+                    [] => Node {
+                        kind: Kind::Null,
+                        nullable: true,
+                    },
+                    [one] => {
+                        let mut n = self.node(one, path, field);
+                        n.nullable = nullable;
+                        n
+                    }
+                    _ => {
+                        self.problems.push(format!(
+                            "{at}: unions other than [\"null\", T] are not supported in JSON payloads"
+                        ));
+                        Node {
+                            kind: Kind::Null,
+                            nullable: true,
+                        }
+                    }
+                }
+            }
+            other => Node {
+                kind: self.kind(other, path, &at),
+                nullable: false,
+            },
+        }
+    }
+
+    fn kind(&mut self, schema: &'a Schema, path: &str, at: &str) -> Kind {
+        let schema = resolve(schema, &self.names);
+        match schema {
+            Schema::Null => Kind::Null,
+            Schema::Boolean => Kind::Boolean,
+            Schema::Int => Kind::Int,
+            Schema::Long => Kind::Long,
+            Schema::Float => Kind::Float,
+            Schema::Double => Kind::Double,
+            Schema::Bytes => Kind::Bytes,
+            Schema::String => Kind::String,
+            Schema::Uuid => Kind::Uuid,
+            Schema::Date => Kind::Date,
+            Schema::TimeMillis => Kind::TimeMillis,
+            Schema::TimeMicros => Kind::TimeMicros,
+            Schema::TimestampMillis | Schema::LocalTimestampMillis => Kind::TimestampMillis,
+            Schema::TimestampMicros | Schema::LocalTimestampMicros => Kind::TimestampMicros,
+            Schema::Fixed(f) => Kind::Fixed { size: f.size },
+            Schema::Decimal(d) => {
+                if d.precision == 0 || d.precision > 38 || d.scale > d.precision {
+                    self.problems.push(format!(
+                        "{at}: decimal({},{}) is outside 1..=38 digits with scale <= precision",
+                        d.precision, d.scale
+                    ));
+                }
+                #[allow(clippy::cast_possible_truncation)]
+                Kind::Decimal {
+                    precision: d.precision.min(38) as u8,
+                    scale: d.scale.min(38) as u8,
+                }
+            }
+            Schema::Enum(e) => Kind::Enum {
+                symbols: e.symbols.clone(),
+            },
+            Schema::Array(a) => Kind::Array(Box::new(self.nested(&a.items, path, "[]"))),
+            Schema::Map(m) => Kind::Map(Box::new(self.nested(&m.types, path, "{}"))),
+            Schema::Record(r) => self.record(r, path),
+            Schema::Union(_) => {
+                self.problems
+                    .push(format!("{at}: nested unions are not valid Avro"));
+                Kind::Null
+            }
+            Schema::Ref { name } => {
+                self.problems.push(format!(
+                    "{at}: unknown type reference {}",
+                    name.fullname(None)
+                ));
+                Kind::Null
+            }
+            other => {
+                self.problems
+                    .push(format!("{at}: type {other:?} is not supported in payloads"));
+                Kind::Null
+            }
+        }
+    }
+
+    fn nested(&mut self, schema: &'a Schema, path: &str, suffix: &str) -> Node {
+        self.node(schema, &format!("{path}{suffix}"), None)
+    }
+
+    fn record(&mut self, r: &'a RecordSchema, path: &str) -> Kind {
+        self.depth += 1;
+        if self.depth > 32 {
+            self.problems.push(format!(
+                "record {}: nesting deeper than 32 levels (recursive records are not supported)",
+                r.name.fullname(None)
+            ));
+            self.depth -= 1;
+            return Kind::Null;
+        }
+        let mut fields = Vec::with_capacity(r.fields.len());
+        let mut lookup = HashMap::new();
+        for (i, f) in r.fields.iter().enumerate() {
+            let fpath = if path.is_empty() {
+                f.name.clone()
+            } else {
+                format!("{path}.{}", f.name)
+            };
+            let node = self.node(&f.schema, &fpath, Some(&f.name));
+            let (protect, data_subject) = self.attributes(&fpath, f, &node);
+            lookup.insert(f.name.clone(), i);
+            for alias in f.aliases.iter().flatten() {
+                lookup.entry(alias.clone()).or_insert(i);
+            }
+            fields.push(Field {
+                name: f.name.clone(),
+                node,
+                default: f.default.clone(),
+                protect,
+                data_subject,
+            });
+        }
+        self.depth -= 1;
+        Kind::Record(Record {
+            name: r.name.fullname(None),
+            fields,
+            lookup,
+        })
+    }
+
+    fn attributes(
+        &mut self,
+        path: &str,
+        f: &apache_avro::schema::RecordField,
+        node: &Node,
+    ) -> (Option<Protect>, bool) {
+        let attrs = &f.custom_attributes;
+        for key in attrs.keys().filter(|k| k.starts_with("watershed.")) {
+            if !matches!(
+                key.as_str(),
+                "watershed.protect" | "watershed.mask_keep" | "watershed.data_subject"
+            ) {
+                self.problems.push(format!(
+                    "field \"{path}\": unknown attribute \"{key}\" (known: watershed.protect, watershed.mask_keep, watershed.data_subject)"
+                ));
+            }
+        }
+        let protect = match attrs.get("watershed.protect") {
+            None => None,
+            Some(Value::String(s)) => match s.as_str() {
+                "redact" => Some(Protect::Redact),
+                "tokenize" => Some(Protect::Tokenize),
+                "encrypt" => Some(Protect::Encrypt),
+                "mask" => match attrs.get("watershed.mask_keep") {
+                    None => Some(Protect::Mask { keep: 4 }),
+                    Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                        Some(keep) => Some(Protect::Mask { keep }),
+                        None => {
+                            self.problems.push(format!(
+                                "field \"{path}\": \"watershed.mask_keep\" must be a non-negative integer, got {v}"
+                            ));
+                            None
+                        }
+                    },
+                },
+                other => {
+                    self.problems.push(format!(
+                        "field \"{path}\": \"watershed.protect\" is {other:?}; use redact, mask, tokenize or encrypt"
+                    ));
+                    None
+                }
+            },
+            Some(v) => {
+                self.problems.push(format!(
+                    "field \"{path}\": \"watershed.protect\" must be a string, got {v}"
+                ));
+                None
+            }
+        };
+        if attrs.contains_key("watershed.mask_keep")
+            && !matches!(protect, Some(Protect::Mask { .. }))
+        {
+            self.problems.push(format!(
+                "field \"{path}\": \"watershed.mask_keep\" needs \"watershed.protect\": \"mask\""
+            ));
+        }
+        if let Some(p) = protect {
+            let leaf = leaf_kind(node);
+            if !matches!(p, Protect::Redact) && !leaf.is_text() {
+                self.problems.push(format!(
+                    "field \"{path}\": \"{}\" needs a string or uuid value (or an array or map of them), not {}",
+                    p.as_str(),
+                    leaf.name()
+                ));
+            }
+        }
+        let data_subject = match attrs.get("watershed.data_subject") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                self.problems.push(format!(
+                    "field \"{path}\": \"watershed.data_subject\" must be true or false, got {v}"
+                ));
+                false
+            }
+        };
+        if data_subject
+            && !matches!(
+                node.kind,
+                Kind::String | Kind::Uuid | Kind::Int | Kind::Long
+            )
+        {
+            self.problems.push(format!(
+                "field \"{path}\": the data subject must be a string, uuid, int or long, not {}",
+                node.kind.name()
+            ));
+        }
+        (protect, data_subject)
+    }
+}
+
+/// The element type under arrays and maps.
+fn leaf_kind(node: &Node) -> &Kind {
+    match &node.kind {
+        Kind::Array(inner) | Kind::Map(inner) => leaf_kind(inner),
+        k => k,
+    }
+}

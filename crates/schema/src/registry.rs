@@ -1,0 +1,421 @@
+//! The schema registry: loads `schemas/<subject>/{subject.toml,vN.avsc}`,
+//! compiles every version, checks each one against its predecessors under
+//! the subject's compatibility mode, assigns stable global ids, and resolves
+//! `(source, detail_type[, version])` to a schema.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use apache_avro::Schema;
+use sha2::{Digest, Sha256};
+use watershed_event::Reason;
+
+use crate::compat::{check, Direction};
+use crate::error::{Error, Result};
+use crate::node::{compile, Kind, Node};
+use crate::policy::{plan, ProtectPlan};
+use crate::subject::{default_table_name, is_valid_table_name, SchemaVersion, SubjectConfig};
+use crate::validate::Violation;
+
+/// A global schema id, as carried by the Confluent wire format.
+pub type SchemaId = u32;
+
+/// One version of a subject.
+#[derive(Debug, Clone)]
+pub struct Version {
+    /// The version number (`v3.avsc` is 3).
+    pub version: SchemaVersion,
+    /// The global id: derived from the schema text, so it is the same on
+    /// every hub and every restart.
+    pub id: SchemaId,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The parsed Avro schema.
+    pub avro: Schema,
+    /// The schema text as written (normalised JSON).
+    pub text: String,
+    /// The compiled payload type (a record).
+    pub node: Node,
+    /// Its protection policy.
+    pub protect: ProtectPlan,
+}
+
+/// A subject: one event type, one lake table, many versions.
+#[derive(Debug, Clone)]
+pub struct SubjectEntry {
+    /// The subject name (its directory).
+    pub name: String,
+    /// Its `subject.toml`.
+    pub config: SubjectConfig,
+    /// The lake table.
+    pub table: String,
+    /// Versions in ascending order; the last is the latest.
+    pub versions: Vec<Version>,
+}
+
+impl SubjectEntry {
+    /// The latest version.
+    #[must_use]
+    pub fn latest(&self) -> &Version {
+        self.versions
+            .last()
+            .expect("a loaded subject has at least one version")
+    }
+
+    /// A version by number.
+    #[must_use]
+    pub fn version(&self, v: SchemaVersion) -> Option<&Version> {
+        self.versions.iter().find(|x| x.version == v)
+    }
+}
+
+/// A loaded, checked schema directory.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    subjects: Vec<SubjectEntry>,
+    by_route: HashMap<(String, String), usize>,
+    by_id: HashMap<SchemaId, (usize, usize)>,
+}
+
+impl Registry {
+    /// Load and check every subject under `dir`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the directory cannot be read, and
+    /// [`Error::Invalid`] listing every problem found (bad TOML, bad Avro,
+    /// unsupported types, bad attributes, incompatible evolutions, routing
+    /// and id clashes), each prefixed with its file.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mut problems = Vec::new();
+        let mut subjects = Vec::new();
+        let mut entries: Vec<PathBuf> = read_dir(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+        entries.sort();
+        for sdir in entries {
+            if let Some(s) = load_subject(&sdir, &mut problems)? {
+                subjects.push(s);
+            }
+        }
+        if subjects.is_empty() && problems.is_empty() {
+            problems.push(format!(
+                "{}: no subjects (expected <subject>/subject.toml and v1.avsc)",
+                dir.display()
+            ));
+        }
+        let mut reg = Registry {
+            subjects,
+            ..Registry::default()
+        };
+        reg.index(&mut problems);
+        if problems.is_empty() {
+            Ok(reg)
+        } else {
+            Err(Error::Invalid { problems })
+        }
+    }
+
+    fn index(&mut self, problems: &mut Vec<String>) {
+        let mut tables: HashMap<&str, &str> = HashMap::new();
+        for (si, s) in self.subjects.iter().enumerate() {
+            let route = (s.config.source.clone(), s.config.detail_type.clone());
+            if let Some(&other) = self.by_route.get(&route) {
+                problems.push(format!(
+                    "{}: source {:?} and detail_type {:?} already route to subject {}",
+                    s.name, route.0, route.1, self.subjects[other].name
+                ));
+            } else {
+                self.by_route.insert(route, si);
+            }
+            if let Some(other) = tables.insert(&s.table, &s.name) {
+                problems.push(format!(
+                    "{}: table {:?} is already used by subject {other}",
+                    s.name, s.table
+                ));
+            }
+            for (vi, v) in s.versions.iter().enumerate() {
+                match self.by_id.get(&v.id) {
+                    Some(&(os, ov)) if self.subjects[os].versions[ov].text != v.text => problems
+                        .push(format!(
+                            "{}: schema id {} clashes with {}; change the schema's doc to resolve",
+                            v.path.display(),
+                            v.id,
+                            self.subjects[os].versions[ov].path.display()
+                        )),
+                    Some(_) => {}
+                    None => {
+                        self.by_id.insert(v.id, (si, vi));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every subject, sorted by name.
+    #[must_use]
+    pub fn subjects(&self) -> &[SubjectEntry] {
+        &self.subjects
+    }
+
+    /// A subject by name.
+    #[must_use]
+    pub fn subject(&self, name: &str) -> Option<&SubjectEntry> {
+        self.subjects.iter().find(|s| s.name == name)
+    }
+
+    /// Resolve an event's route to its subject and schema version (the
+    /// latest unless `version` names one).
+    ///
+    /// # Errors
+    /// `unknown_subject` when no subject has this route, `unknown_version`
+    /// when the subject lacks the version.
+    pub fn resolve(
+        &self,
+        source: &str,
+        detail_type: &str,
+        version: Option<SchemaVersion>,
+    ) -> Result<(&SubjectEntry, &Version), Violation> {
+        let Some(&si) = self
+            .by_route
+            .get(&(source.to_owned(), detail_type.to_owned()))
+        else {
+            return Err(Violation::new(
+                Reason::UnknownSubject,
+                format!("no subject for source {source:?} and detail-type {detail_type:?}"),
+            ));
+        };
+        self.resolve_index(si, version)
+    }
+
+    /// The subject index for a route, for callers that cache lookups.
+    #[must_use]
+    pub fn route(&self, source: &str, detail_type: &str) -> Option<usize> {
+        // Avoid allocating the key on the hot path for the common case.
+        self.by_route
+            .iter()
+            .find(|((s, d), _)| s == source && d == detail_type)
+            .map(|(_, &i)| i)
+    }
+
+    /// Resolve a subject by index (from [`Registry::route`]).
+    ///
+    /// # Errors
+    /// `unknown_version` when the subject lacks the version.
+    pub fn resolve_index(
+        &self,
+        subject: usize,
+        version: Option<SchemaVersion>,
+    ) -> Result<(&SubjectEntry, &Version), Violation> {
+        let s = &self.subjects[subject];
+        match version {
+            None => Ok((s, s.latest())),
+            Some(v) => s.version(v).map(|x| (s, x)).ok_or_else(|| {
+                Violation::new(
+                    Reason::UnknownVersion,
+                    format!(
+                        "subject {} has no version {v} (latest is {})",
+                        s.name,
+                        s.latest().version
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// A schema by global id.
+    #[must_use]
+    pub fn by_id(&self, id: SchemaId) -> Option<(&SubjectEntry, &Version)> {
+        self.by_id
+            .get(&id)
+            .map(|&(s, v)| (&self.subjects[s], &self.subjects[s].versions[v]))
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| Error::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        out.push(e.map_err(io)?.path());
+    }
+    Ok(out)
+}
+
+fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<SubjectEntry>> {
+    let name = sdir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let toml_path = sdir.join("subject.toml");
+    let text = match std::fs::read_to_string(&toml_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            problems.push(format!(
+                "{}: missing subject.toml (needs source and detail_type)",
+                sdir.display()
+            ));
+            return Ok(None);
+        }
+        Err(source) => {
+            return Err(Error::Io {
+                path: toml_path,
+                source,
+            })
+        }
+    };
+    let config: SubjectConfig = match toml::from_str(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(format!("{}: {}", toml_path.display(), e.message()));
+            return Ok(None);
+        }
+    };
+    let table = config
+        .table
+        .clone()
+        .unwrap_or_else(|| default_table_name(&name));
+    if !is_valid_table_name(&table) {
+        problems.push(format!(
+            "{}: table {table:?} must be 1-128 characters of [a-z0-9_], not starting with '_'",
+            toml_path.display()
+        ));
+    }
+    let mut files: BTreeMap<SchemaVersion, PathBuf> = BTreeMap::new();
+    for p in read_dir(sdir)? {
+        let fname = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if fname == "subject.toml" {
+            continue;
+        }
+        match fname
+            .strip_prefix('v')
+            .and_then(|r| r.strip_suffix(".avsc"))
+            .map(str::parse::<u32>)
+        {
+            Some(Ok(v)) if v > 0 => {
+                files.insert(v, p);
+            }
+            _ => problems.push(format!(
+                "{}: unexpected file; versions are named v1.avsc, v2.avsc, ...",
+                p.display()
+            )),
+        }
+    }
+    if files.is_empty() {
+        problems.push(format!(
+            "{}: no versions (expected v1.avsc)",
+            sdir.display()
+        ));
+        return Ok(None);
+    }
+    let mut versions: Vec<Version> = Vec::new();
+    for (expected, (&v, path)) in (1u32..).zip(&files) {
+        if v != expected {
+            problems.push(format!(
+                "{}: versions must be consecutive; expected v{expected}.avsc",
+                path.display()
+            ));
+        }
+        if let Some(version) = load_version(v, path, problems)? {
+            check_evolution(&config, &version, &versions, problems);
+            versions.push(version);
+        }
+    }
+    if versions.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(SubjectEntry {
+        name,
+        config,
+        table,
+        versions,
+    }))
+}
+
+fn load_version(
+    v: SchemaVersion,
+    path: &Path,
+    problems: &mut Vec<String>,
+) -> Result<Option<Version>> {
+    let raw = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let json: serde_json::Value = match serde_json::from_str(&raw) {
+        Ok(j) => j,
+        Err(e) => {
+            problems.push(format!("{}: not JSON: {e}", path.display()));
+            return Ok(None);
+        }
+    };
+    let avro = match Schema::parse(&json) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(format!("{}: not a valid Avro schema: {e}", path.display()));
+            return Ok(None);
+        }
+    };
+    let mut local = Vec::new();
+    let node = compile(&avro, &mut local);
+    if !matches!(node.kind, Kind::Record(_)) || node.nullable {
+        local.push("the payload schema must be a record".into());
+    }
+    let protect = plan(&node, &mut local);
+    let failed = !local.is_empty();
+    problems.extend(
+        local
+            .into_iter()
+            .map(|p| format!("{}: {p}", path.display())),
+    );
+    if failed {
+        return Ok(None);
+    }
+    let text = json.to_string();
+    let digest = Sha256::digest(text.as_bytes());
+    let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff;
+    Ok(Some(Version {
+        version: v,
+        id: id.max(1),
+        path: path.to_owned(),
+        avro,
+        text,
+        node,
+        protect,
+    }))
+}
+
+fn check_evolution(
+    config: &SubjectConfig,
+    new: &Version,
+    earlier: &[Version],
+    problems: &mut Vec<String>,
+) {
+    let mode = config.compatibility;
+    let against: &[Version] = if mode.is_transitive() {
+        earlier
+    } else {
+        earlier.len().checked_sub(1).map_or(&[], |i| &earlier[i..])
+    };
+    for old in against.iter().rev() {
+        let mut found = Vec::new();
+        if mode.checks_backward() {
+            found.extend(check(&new.avro, &old.avro, Direction::Backward));
+        }
+        if mode.checks_forward() {
+            for inc in check(&old.avro, &new.avro, Direction::Forward) {
+                if !found.contains(&inc) {
+                    found.push(inc);
+                }
+            }
+        }
+        for inc in found {
+            problems.push(format!(
+                "{}: {inc}: not {mode}-compatible with v{}",
+                new.path.display(),
+                old.version
+            ));
+        }
+    }
+}
