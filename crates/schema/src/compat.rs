@@ -62,6 +62,34 @@ pub fn check(reader: &Schema, writer: &Schema, direction: Direction) -> Vec<Inco
     c.out
 }
 
+/// Check `new` against `earlier` versions (oldest first) under `mode`:
+/// the previous version only, or all of them for transitive modes. Returns
+/// each problem with the index in `earlier` of the version it is against.
+#[must_use]
+pub fn check_evolution(
+    mode: crate::Compatibility,
+    new: &Schema,
+    earlier: &[&Schema],
+) -> Vec<(usize, Incompatibility)> {
+    let first = if mode.is_transitive() { 0 } else { earlier.len().saturating_sub(1) };
+    let mut out = Vec::new();
+    for (i, old) in earlier.iter().enumerate().skip(first).rev() {
+        let mut found = Vec::new();
+        if mode.checks_backward() {
+            found.extend(check(new, old, Direction::Backward));
+        }
+        if mode.checks_forward() {
+            for inc in check(old, new, Direction::Forward) {
+                if !found.contains(&inc) {
+                    found.push(inc);
+                }
+            }
+        }
+        out.extend(found.into_iter().map(|inc| (i, inc)));
+    }
+    out
+}
+
 struct Checker<'a> {
     rn: HashMap<String, &'a Schema>,
     wn: HashMap<String, &'a Schema>,

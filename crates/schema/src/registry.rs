@@ -10,7 +10,7 @@ use apache_avro::Schema;
 use sha2::{Digest, Sha256};
 use watershed_event::Reason;
 
-use crate::compat::{check, Direction};
+use crate::compat;
 use crate::error::{Error, Result};
 use crate::node::{compile, Kind, Node};
 use crate::policy::{plan, ProtectPlan};
@@ -386,36 +386,14 @@ fn load_version(
     }))
 }
 
-fn check_evolution(
-    config: &SubjectConfig,
-    new: &Version,
-    earlier: &[Version],
-    problems: &mut Vec<String>,
-) {
+fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], problems: &mut Vec<String>) {
     let mode = config.compatibility;
-    let against: &[Version] = if mode.is_transitive() {
-        earlier
-    } else {
-        earlier.len().checked_sub(1).map_or(&[], |i| &earlier[i..])
-    };
-    for old in against.iter().rev() {
-        let mut found = Vec::new();
-        if mode.checks_backward() {
-            found.extend(check(&new.avro, &old.avro, Direction::Backward));
-        }
-        if mode.checks_forward() {
-            for inc in check(&old.avro, &new.avro, Direction::Forward) {
-                if !found.contains(&inc) {
-                    found.push(inc);
-                }
-            }
-        }
-        for inc in found {
-            problems.push(format!(
-                "{}: {inc}: not {mode}-compatible with v{}",
-                new.path.display(),
-                old.version
-            ));
-        }
+    let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
+    for (i, inc) in compat::check_evolution(mode, &new.avro, &schemas) {
+        problems.push(format!(
+            "{}: {inc}: not {mode}-compatible with v{}",
+            new.path.display(),
+            earlier[i].version
+        ));
     }
 }

@@ -1,0 +1,210 @@
+//! Protection: round trips, token determinism and separation, nonce
+//! uniqueness, crypto-shredding, rotation, and the keyring's file rules.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use proptest::prelude::*;
+use watershed_event::AccountId;
+use watershed_protect::{Access, BatchProtector, Decryptor, Error, Keyring, LocalKeyring};
+use watershed_schema::{validate_json, Limits, Registry, Slot, Tape, UnknownFields};
+
+fn acct(s: &str) -> AccountId {
+    AccountId::new(s).unwrap()
+}
+
+fn access() -> Access {
+    Access { principal: "auditor@example".into(), purpose: "case-1".into() }
+}
+
+fn payments() -> (Registry, tempfile::TempDir, LocalKeyring) {
+    let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kr = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    (reg, dir, kr)
+}
+
+fn payment(customer: &str, pan: &str, holder: &str) -> String {
+    serde_json::json!({
+        "payment_id": "p-1", "customer_id": customer, "amount": "19.99", "currency": "EUR",
+        "card": {"pan": pan, "holder_name": holder, "brand": "VISA", "expiry": "12/29"},
+        "merchant": {"id": "m-1", "name": "Shop", "mcc": 5411, "country": "DE"},
+        "authorized_at": "2024-05-01T12:00:00Z", "risk_score": 0.12, "three_ds": true
+    })
+    .to_string()
+}
+
+/// Validate and protect one payment; return (customer token, masked pan,
+/// holder ciphertext, expiry slot).
+fn protect_payment(reg: &Registry, kr: &LocalKeyring, account: &str, json: &str) -> (String, String, String, Slot) {
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let mut tape = Tape::new();
+    validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
+    let mut p = BatchProtector::new(kr);
+    p.protect(&acct(account), &v.protect, &mut tape).unwrap();
+    let Slot::Record(card) = tape.slot(4) else { panic!("card") };
+    (
+        tape.str(tape.slot(1)).to_owned(),
+        tape.str(tape.slot(card)).to_owned(),
+        tape.str(tape.slot(card + 1)).to_owned(),
+        tape.slot(card + 3),
+    )
+}
+
+#[test]
+fn each_action_on_the_payment_schema() {
+    let (reg, _dir, kr) = payments();
+    let (token, pan, holder, expiry) = protect_payment(&reg, &kr, "111111111111", &payment("c-42", "4111111111111111", "Ada Lovelace"));
+    assert_eq!(pan, "************1111");
+    assert_eq!(expiry, Slot::Null, "redacted");
+    assert_eq!(token.len(), 22);
+    assert_ne!(token, "c-42");
+    assert!(holder.starts_with("wse1.") && !holder.contains("Ada"));
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&holder]).unwrap();
+    assert_eq!(out[0].as_ref().unwrap().expose(), "Ada Lovelace");
+    let audit = std::fs::read_to_string(watershed_protect::Audited::audit_log(&kr).path()).unwrap();
+    assert!(audit.contains("\"action\":\"decrypt\"") && audit.contains("auditor@example") && !audit.contains("Ada"));
+}
+
+#[test]
+fn shredding_erases_one_subject_only() {
+    let (reg, dir, kr) = payments();
+    let (_, _, alice_ct, _) = protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
+    let (_, _, bob_ct, _) = protect_payment(&reg, &kr, "111111111111", &payment("bob", "4111111111111111", "Bob B"));
+    let (_, _, other_acct_alice, _) = protect_payment(&reg, &kr, "222222222222", &payment("alice", "4111111111111111", "Alice A"));
+
+    // Forget through a second handle, as the CLI does beside a running hub.
+    let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    let erased = cli.forget(&acct("111111111111"), "alice").unwrap();
+    assert_eq!(erased.key_ids.len(), 1);
+
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&alice_ct, &bob_ct, &other_acct_alice]).unwrap();
+    match &out[0] {
+        Err(e @ Error::KeyErased { .. }) => assert!(e.to_string().starts_with("key_erased")),
+        other => panic!("expected key_erased, got {other:?}"),
+    }
+    assert_eq!(out[1].as_ref().unwrap().expose(), "Bob B");
+    assert_eq!(out[2].as_ref().unwrap().expose(), "Alice A", "other account unaffected");
+    assert!(matches!(cli.forget(&acct("111111111111"), "alice"), Err(Error::NothingToForget { .. })));
+    let audit = std::fs::read_to_string(dir.path().join("keyring/audit.log")).unwrap();
+    assert!(audit.contains("\"action\":\"forget\"") && !audit.contains("alice"), "{audit}");
+    // The erased key is gone from the file, not only from memory.
+    let keys: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("keyring/keys.json")).unwrap()).unwrap();
+    let id = erased.key_ids[0].to_hex();
+    assert!(keys["data_keys"].get(&id).is_none(), "erased key still stored");
+    assert!(keys["erased"].get(&id).is_some(), "erasure tombstone missing");
+}
+
+#[test]
+fn rotation_keeps_old_ciphertexts_readable() {
+    let (reg, _dir, kr) = payments();
+    let (_, _, before, _) = protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
+    let new_master = kr.rotate().unwrap();
+    assert_eq!(new_master, "mk-2");
+    let (_, _, after, _) = protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
+    let id = |ct: &str| watershed_protect::cipher::parse(ct).unwrap().key_id;
+    assert_ne!(id(&before), id(&after), "new data key after rotation");
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&before, &after]).unwrap();
+    assert!(out.iter().all(|r| r.as_ref().unwrap().expose() == "Alice A"));
+    // Shredding covers every generation of the subject's key.
+    assert_eq!(kr.forget(&acct("111111111111"), "alice").unwrap().key_ids.len(), 2);
+}
+
+#[test]
+fn keyring_files_are_private_and_tamper_is_detected() {
+    let (reg, dir, kr) = payments();
+    let (_, _, ct, _) = protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111", "Alice A"));
+    #[cfg(unix)]
+    for f in ["keys.json", "master.json", "audit.log"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("keyring").join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let mut raw = ct.into_bytes();
+    let n = raw.len();
+    raw[n - 3] = if raw[n - 3] == b'A' { b'B' } else { b'A' };
+    let out = Decryptor::new(&kr).decrypt(&access(), &[std::str::from_utf8(&raw).unwrap(), "plain"]).unwrap();
+    assert!(matches!(out[0], Err(Error::BadCiphertext { .. })));
+    assert!(matches!(out[1], Err(Error::BadCiphertext { .. })));
+}
+
+#[test]
+fn short_values_are_masked_entirely() {
+    let mut out = Vec::new();
+    watershed_protect::mask("123", 4, &mut out);
+    assert_eq!(out, b"***");
+    out.clear();
+    watershed_protect::mask("zürich-1234", 4, &mut out);
+    assert_eq!(String::from_utf8(out).unwrap(), "*******1234");
+}
+
+fn shared_keyring() -> &'static (tempfile::TempDir, LocalKeyring) {
+    static KR: std::sync::OnceLock<(tempfile::TempDir, LocalKeyring)> = std::sync::OnceLock::new();
+    KR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let kr = LocalKeyring::open_local(dir.path()).unwrap();
+        (dir, kr)
+    })
+}
+
+fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::ProtectPlan, Tape) {
+    use watershed_schema::{Field, FieldAction, Kind, Node, Protect, ProtectPlan, Record};
+    let node = Node {
+        kind: Kind::Record(Record {
+            name: "T".into(),
+            fields: vec![Field { name: "v".into(), node: Node { kind: Kind::String, nullable: false }, default: None, protect: Some(Protect::Encrypt), data_subject: false }],
+            lookup: [("v".to_owned(), 0)].into_iter().collect(),
+        }),
+        nullable: false,
+    };
+    let plan = ProtectPlan { actions: vec![FieldAction { path: vec![0], name: "v".into(), action: Protect::Encrypt }], data_subject: None };
+    let mut tape = Tape::new();
+    let json = serde_json::json!({ "v": value }).to_string();
+    validate_json(&node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
+    (node, plan, tape)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn encrypt_then_decrypt_round_trips(value in "\\PC{0,200}", account in "[0-9]{12}") {
+        let (_, kr) = shared_keyring();
+        let (_, plan, mut tape) = string_tape(&value);
+        BatchProtector::new(kr).protect(&acct(&account), &plan, &mut tape).unwrap();
+        let ct = tape.str(tape.slot(0)).to_owned();
+        prop_assert!(ct.starts_with("wse1."));
+        let out = Decryptor::new(kr).decrypt(&access(), &[&ct]).unwrap();
+        prop_assert_eq!(out[0].as_ref().unwrap().expose(), value.as_str());
+    }
+
+    #[test]
+    fn tokens_are_deterministic_and_account_separated(value in "\\PC{0,64}", a in "[0-9]{12}", b in "[0-9]{12}") {
+        prop_assume!(a != b);
+        let (_, kr) = shared_keyring();
+        let mac = |acc: &str| {
+            use hmac::Mac;
+            let k = kr.token_key(&acct(acc)).unwrap();
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(k.expose()).unwrap()
+        };
+        let tok = |acc: &str| { let mut o = Vec::new(); watershed_protect::tokenize(&mac(acc), &value, &mut o); String::from_utf8(o).unwrap() };
+        prop_assert_eq!(tok(&a), tok(&a));
+        prop_assert_ne!(tok(&a), tok(&b));
+        prop_assert_eq!(tok(&a).len(), 22);
+    }
+
+    #[test]
+    fn nonces_never_repeat(n in 100usize..400) {
+        let (_, kr) = shared_keyring();
+        let mut p = BatchProtector::new(kr);
+        let mut seen = HashSet::new();
+        let (_, plan, template) = string_tape("same plaintext");
+        for _ in 0..n {
+            let mut tape = template.clone();
+            p.protect(&acct("123456789012"), &plan, &mut tape).unwrap();
+            let parsed = watershed_protect::cipher::parse(tape.str(tape.slot(0))).unwrap();
+            prop_assert!(seen.insert(parsed.nonce), "nonce reused");
+        }
+    }
+}
