@@ -1,1 +1,46 @@
-fn main() {}
+//! Protect one validated payment (tokenize, mask, encrypt, redact) and
+//! validate + protect together, with keys set up once per batch as the hub
+//! does.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use watershed_event::AccountId;
+use watershed_protect::{BatchProtector, LocalKeyring};
+use watershed_schema::{validate_json, Limits, Registry, Tape};
+
+const PAYMENT: &str = r#"{"payment_id":"pay_8c1f2e7a9b","customer_id":"cus_51HqLyJ2eZvKYlo2C","amount":"149.99","currency":"EUR","card":{"pan":"4111111111111111","holder_name":"Ada Lovelace","brand":"VISA","expiry":"12/29"},"merchant":{"id":"mer_0042","name":"Example Books GmbH","mcc":5942,"country":"DE"},"authorized_at":"2024-05-01T12:00:00.123Z","risk_score":0.0731,"three_ds":true,"acquirer_ref":"ACQ-7781-2231","channel":"WEB"}"#;
+
+fn bench(c: &mut Criterion) {
+    let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
+    let (s, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kr = LocalKeyring::open_local(dir.path()).unwrap();
+    let account = AccountId::new("123456789012").unwrap();
+    let mut template = Tape::new();
+    validate_json(&v.node, PAYMENT.as_bytes(), s.config.unknown_fields, Limits::default(), &mut template).unwrap();
+    let mut p = BatchProtector::new(&kr);
+    p.protect(&account, &v.protect, &mut template.clone()).unwrap();
+
+    let mut g = c.benchmark_group("protect");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("payment/4 fields", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |tape| p.protect(black_box(&account), &v.protect, tape).unwrap(),
+            BatchSize::SmallInput,
+        );
+    });
+    let mut tape = Tape::new();
+    g.bench_function("payment/validate+protect", |b| {
+        b.iter(|| {
+            validate_json(&v.node, black_box(PAYMENT.as_bytes()), s.config.unknown_fields, Limits::default(), &mut tape).unwrap();
+            p.protect(&account, &v.protect, &mut tape).unwrap();
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

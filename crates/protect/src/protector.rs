@@ -146,11 +146,11 @@ fn cipher_for<'a>(
             Ok(&account_keys[account.as_str()])
         }
         Some(s) => {
-            let per = subject_keys.entry(account.to_string()).or_default();
-            if !per.contains_key(s) {
-                per.insert(s.to_owned(), make()?);
+            if !subject_keys.get(account.as_str()).is_some_and(|per| per.contains_key(s)) {
+                let cipher = make()?;
+                subject_keys.entry(account.to_string()).or_default().insert(s.to_owned(), cipher);
             }
-            Ok(&per[s])
+            Ok(&subject_keys[account.as_str()][s])
         }
     }
 }

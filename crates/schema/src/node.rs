@@ -151,13 +151,22 @@ pub struct Record {
 }
 
 impl Record {
-    /// The index of the field called `name`, by name or alias.
+    /// The index of the field called `name`, by name or alias. `hint` is
+    /// the index expected next (producers usually write fields in schema
+    /// order), checked first.
     #[must_use]
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        if self.fields.len() <= 8 {
-            // A short scan beats hashing for small records.
-            if let Some(i) = self.fields.iter().position(|f| f.name == name) {
+    pub fn index_of(&self, name: &str, hint: usize) -> Option<usize> {
+        if let Some(f) = self.fields.get(hint) {
+            if f.name == name {
+                return Some(hint);
+            }
+        }
+        if self.fields.len() <= 32 {
+            if let Some(i) = self.fields.iter().position(|f| f.name.len() == name.len() && f.name == name) {
                 return Some(i);
+            }
+            if self.lookup.len() == self.fields.len() {
+                return None; // no aliases to consult
             }
         }
         self.lookup.get(name).copied()

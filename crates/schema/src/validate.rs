@@ -342,9 +342,10 @@ fn record<'de, A: MapAccess<'de>>(
 ) -> Result<Slot, A::Error> {
     ctx.enter()?;
     let start = ctx.tape.reserve_record(r.fields.len());
+    let mut hint = 0;
     while let Some(key) = map.next_key_seed(KeySeed)? {
         let name: &str = &key;
-        let Some(i) = r.index_of(name) else {
+        let Some(i) = r.index_of(name, hint) else {
             if ctx.unknown == UnknownFields::Drop {
                 map.next_value::<IgnoredAny>()?;
                 continue;
@@ -353,6 +354,7 @@ fn record<'de, A: MapAccess<'de>>(
             ctx.at(|| Segment::Field(name.to_owned()));
             return Err(e);
         };
+        hint = i + 1;
         let field = &r.fields[i];
         let slot_index = start as usize + i;
         if ctx.tape.slots[slot_index] != Slot::Unset {
