@@ -1,1 +1,28 @@
-//! placeholder
+//! The Watershed lake: Hive-partitioned Parquet on an object store.
+//!
+//! - [`schema`]: the analysts' contract, Avro types to Arrow types.
+//! - [`TableBuilder`] / [`DeadLetterBuilder`]: decoded events to Arrow
+//!   batches, mixed schema versions projected onto the latest.
+//! - [`LakeWriter`]: partition buffers under a memory budget, rolled by
+//!   size and age into zstd Parquet, committed create-only with a
+//!   [`CommitLog`] entry naming the WAL records each file covers.
+//! - [`Lake`]: the object store (local directory or S3).
+
+pub mod columns;
+mod commit;
+mod encode;
+mod error;
+pub mod ls;
+mod partition;
+pub mod schema;
+mod store;
+mod table;
+mod writer;
+
+pub use commit::{CommitLog, Committed};
+pub use encode::{encode, EncodeOptions};
+pub use error::{Error, Result};
+pub use partition::{LakePath, PartitionKey, DEAD_LETTERS};
+pub use store::{Lake, Put};
+pub use table::{DeadLetter, DeadLetterBuilder, EventMeta, TableBuilder, TableLayout};
+pub use writer::{CommitSink, LakeWriter, Memory, Msg, Part, WriterConfig, WriterStats};

@@ -26,4 +26,4 @@ pub use subject::{
     UnknownFields,
 };
 pub use tape::{Slot, Tape};
-pub use validate::{validate_json, Limits, Violation};
+pub use validate::{decode_value, validate_json, Limits, Violation};

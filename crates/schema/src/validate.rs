@@ -122,6 +122,24 @@ pub fn validate_json(
     }
 }
 
+/// Decode one JSON value of type `node` (a default value, say) into
+/// `tape`, returning its slot. The tape is not cleared.
+///
+/// # Errors
+/// A [`Violation`] when the value does not fit `node`.
+pub fn decode_value(node: &Node, json: &[u8], tape: &mut Tape) -> Result<Slot, Violation> {
+    let mut ctx = Ctx { tape, unknown: UnknownFields::Reject, limits: Limits::default(), depth: 0, failure: None };
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
+        de.end()?;
+        Ok(slot)
+    });
+    result.map_err(|e| match ctx.failure.take() {
+        Some(f) => f.into_violation(),
+        None => Violation::new(Reason::MalformedJson, e.to_string()),
+    })
+}
+
 struct Failure {
     reason: Reason,
     detail: String,

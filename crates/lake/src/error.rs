@@ -1,0 +1,41 @@
+//! Errors of the lake crate.
+
+/// A result with the lake crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong building, writing or listing lake files.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Arrow refused to build a batch (a bug in column building).
+    #[error("building arrow batch for {table}: {source}")]
+    Arrow {
+        /// The table.
+        table: String,
+        /// The underlying error.
+        source: Box<arrow::error::ArrowError>,
+    },
+    /// Parquet encoding failed.
+    #[error("encoding parquet for {path}: {source}")]
+    Parquet {
+        /// The file being written.
+        path: String,
+        /// The underlying error.
+        source: Box<parquet::errors::ParquetError>,
+    },
+    /// The object store failed.
+    #[error("object store at {path}: {source}")]
+    Store {
+        /// The object path.
+        path: String,
+        /// The underlying error.
+        source: Box<object_store::Error>,
+    },
+    /// A local file (the commit log) failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,107 @@
+//! The lake's object store: create-only puts (a rewrite after a crash is
+//! refused, never a silent overwrite), capped concurrency, and listing.
+//! Any `object_store` backend works: the local file system by default, S3
+//! by configuration.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload};
+use tokio::sync::Semaphore;
+
+use crate::error::{Error, Result};
+use crate::partition::LakePath;
+
+/// What a create-only put found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The file was created.
+    Created,
+    /// A file with this name already existed and was left alone.
+    AlreadyExists,
+}
+
+/// An object store holding the lake.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    permits: Arc<Semaphore>,
+}
+
+fn store_err(path: &str) -> impl FnOnce(object_store::Error) -> Error + '_ {
+    move |e| Error::Store { path: path.to_owned(), source: Box::new(e) }
+}
+
+impl Lake {
+    /// A lake on `store`, with at most `concurrency` requests in flight.
+    #[must_use]
+    pub fn new(store: Arc<dyn ObjectStore>, concurrency: usize) -> Self {
+        Self { store, permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+    }
+
+    /// A lake in a local directory (created if missing).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Store`] when the directory is unusable.
+    pub fn local(dir: &std::path::Path, concurrency: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(store_err(&dir.display().to_string()))?
+            .with_automatic_cleanup(true);
+        Ok(Self::new(Arc::new(fs), concurrency))
+    }
+
+    /// The underlying store.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Put `bytes` at `path` only if nothing is there.
+    ///
+    /// # Errors
+    /// [`Error::Store`] on any failure other than "already exists".
+    pub async fn put_create(&self, path: &LakePath, bytes: Bytes) -> Result<Put> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&ObjPath::from(path.0.as_str()), PutPayload::from(bytes), opts).await {
+            Ok(_) => Ok(Put::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::AlreadyExists),
+            Err(e) => Err(store_err(&path.0)(e)),
+        }
+    }
+
+    /// Whether a file exists.
+    ///
+    /// # Errors
+    /// [`Error::Store`] on failures other than "not found".
+    pub async fn exists(&self, path: &LakePath) -> Result<bool> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        match self.store.head(&ObjPath::from(path.0.as_str())).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(&path.0)(e)),
+        }
+    }
+
+    /// Every object under `prefix` (or the whole lake).
+    ///
+    /// # Errors
+    /// [`Error::Store`] when listing fails.
+    pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<ObjectMeta>> {
+        let p = prefix.map(ObjPath::from);
+        self.store.list(p.as_ref()).try_collect().await.map_err(store_err(prefix.unwrap_or("")))
+    }
+
+    /// Read a whole object.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the read fails.
+    pub async fn get(&self, path: &str) -> Result<Bytes> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        let r = self.store.get(&ObjPath::from(path)).await.map_err(store_err(path))?;
+        r.bytes().await.map_err(store_err(path))
+    }
+}
