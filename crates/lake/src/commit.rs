@@ -21,8 +21,14 @@ use crate::store::Lake;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Line {
-    Intent { path: String, partition: String, records: Vec<u64> },
-    Commit { path: String },
+    Intent {
+        path: String,
+        partition: String,
+        records: Vec<u64>,
+    },
+    Commit {
+        path: String,
+    },
 }
 
 /// The append-only commit log (one per hub data directory).
@@ -51,7 +57,10 @@ impl Committed {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_owned(), source }
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl CommitLog {
@@ -71,13 +80,19 @@ impl CommitLog {
                 // A torn last line (crash mid-append) is an unfinished
                 // intent or commit; skipping it is what recovery needs.
                 match serde_json::from_str::<Line>(&line) {
-                    Ok(Line::Intent { path, partition, records }) => {
+                    Ok(Line::Intent {
+                        path,
+                        partition,
+                        records,
+                    }) => {
                         intents.insert(path, (partition, records));
                     }
                     Ok(Line::Commit { path }) => {
                         committed.insert(path);
                     }
-                    Err(_) => tracing::warn!(log = %path.display(), "skipping a torn commit-log line"),
+                    Err(_) => {
+                        tracing::warn!(log = %path.display(), "skipping a torn commit-log line")
+                    }
                 }
             }
         }
@@ -93,7 +108,11 @@ impl CommitLog {
                 for &r in &records {
                     out.set.insert((partition.clone(), r));
                 }
-                keep.push(Line::Intent { path: file.clone(), partition, records });
+                keep.push(Line::Intent {
+                    path: file.clone(),
+                    partition,
+                    records,
+                });
                 keep.push(Line::Commit { path: file });
             }
             out.files += 1;
@@ -102,13 +121,23 @@ impl CommitLog {
         {
             let mut f = File::create(&tmp).map_err(io(&tmp))?;
             for l in &keep {
-                writeln!(f, "{}", serde_json::to_string(l).expect("serialisable")).map_err(io(&tmp))?;
+                writeln!(f, "{}", serde_json::to_string(l).expect("serialisable"))
+                    .map_err(io(&tmp))?;
             }
             f.sync_all().map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, path).map_err(io(path))?;
-        let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
-        Ok((Self { path: path.to_owned(), file }, out))
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        Ok((
+            Self {
+                path: path.to_owned(),
+                file,
+            },
+            out,
+        ))
     }
 
     fn append(&mut self, line: &Line) -> Result<()> {
@@ -123,7 +152,11 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`]; the put must not happen then.
     pub fn intent(&mut self, path: &LakePath, partition: &str, records: &[u64]) -> Result<()> {
-        self.append(&Line::Intent { path: path.0.clone(), partition: partition.to_owned(), records: records.to_vec() })
+        self.append(&Line::Intent {
+            path: path.0.clone(),
+            partition: partition.to_owned(),
+            records: records.to_vec(),
+        })
     }
 
     /// Record that `path` is in the lake.
@@ -131,6 +164,8 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`].
     pub fn commit(&mut self, path: &LakePath) -> Result<()> {
-        self.append(&Line::Commit { path: path.0.clone() })
+        self.append(&Line::Commit {
+            path: path.0.clone(),
+        })
     }
 }

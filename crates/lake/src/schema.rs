@@ -61,7 +61,11 @@ pub fn arrow_type(node: &Node) -> DataType {
             false,
         ),
         Kind::Record(r) => DataType::Struct(
-            r.fields.iter().map(|f| Field::new(&f.name, arrow_type(&f.node), true)).collect::<Vec<_>>().into(),
+            r.fields
+                .iter()
+                .map(|f| Field::new(&f.name, arrow_type(&f.node), true))
+                .collect::<Vec<_>>()
+                .into(),
         ),
     }
 }
@@ -76,7 +80,11 @@ pub fn table_schema(latest: &Node) -> SchemaRef {
         Field::new("event_time", ts(), false),
         Field::new("received_at", ts(), false),
         Field::new("region", DataType::Utf8, true),
-        Field::new("resources", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), true),
+        Field::new(
+            "resources",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
         Field::new("schema_version", DataType::Int32, false),
         Field::new("collector", DataType::Utf8, true),
         Field::new("detail", arrow_type(latest), true),

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int32Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::array::{
+    ArrayRef, Int32Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+};
 use arrow::datatypes::SchemaRef;
 use watershed_event::TimestampMicros;
 use watershed_schema::{SchemaVersion, SubjectEntry, Tape};
@@ -52,7 +54,11 @@ impl TableLayout {
     #[must_use]
     pub fn new(subject: &SubjectEntry) -> Arc<Self> {
         let latest = &subject.latest().node;
-        let projections = subject.versions.iter().map(|v| (v.version, project(latest, &v.node))).collect();
+        let projections = subject
+            .versions
+            .iter()
+            .map(|v| (v.version, project(latest, &v.node)))
+            .collect();
         Arc::new(Self {
             table: subject.table.clone(),
             schema: table_schema(latest),
@@ -111,7 +117,12 @@ impl TableBuilder {
     }
 
     /// Append one validated, protected event.
-    pub fn append<'r>(&mut self, meta: &EventMeta<'_>, resources: impl IntoIterator<Item = &'r str>, tape: &Tape) {
+    pub fn append<'r>(
+        &mut self,
+        meta: &EventMeta<'_>,
+        resources: impl IntoIterator<Item = &'r str>,
+        tape: &Tape,
+    ) {
         self.event_id.append_value(meta.event_id);
         self.source.append_value(meta.source);
         self.detail_type.append_value(meta.detail_type);
@@ -122,9 +133,14 @@ impl TableBuilder {
             self.resources.values().append_value(r);
         }
         self.resources.append(true);
-        self.schema_version.append_value(i32::try_from(meta.schema_version).unwrap_or(i32::MAX));
+        self.schema_version
+            .append_value(i32::try_from(meta.schema_version).unwrap_or(i32::MAX));
         self.collector.append_option(meta.collector);
-        let proj = self.layout.projections.get(&meta.schema_version).unwrap_or(&Proj::Scalar);
+        let proj = self
+            .layout
+            .projections
+            .get(&meta.schema_version)
+            .unwrap_or(&Proj::Scalar);
         self.detail.append(tape, tape.root(), proj);
         self.rows += 1;
     }
@@ -147,8 +163,10 @@ impl TableBuilder {
             Arc::new(self.collector.finish()),
             self.detail.finish(),
         ];
-        RecordBatch::try_new(self.layout.schema.clone(), columns)
-            .map_err(|e| Error::Arrow { table: self.layout.table.clone(), source: Box::new(e) })
+        RecordBatch::try_new(self.layout.schema.clone(), columns).map_err(|e| Error::Arrow {
+            table: self.layout.table.clone(),
+            source: Box::new(e),
+        })
     }
 }
 
@@ -227,11 +245,17 @@ impl DeadLetterBuilder {
     /// [`Error::Arrow`] if the columns disagree (a bug).
     pub fn finish(&mut self) -> Result<RecordBatch> {
         self.rows = 0;
-        let mut columns: Vec<ArrayRef> = self.cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef).collect();
+        let mut columns: Vec<ArrayRef> = self
+            .cols
+            .iter_mut()
+            .map(|c| Arc::new(c.finish()) as ArrayRef)
+            .collect();
         columns.push(Arc::new(self.received_at.finish()));
         columns.push(Arc::new(self.collector.finish()));
         columns.push(Arc::new(self.raw.finish()));
-        RecordBatch::try_new(self.schema.clone(), columns)
-            .map_err(|e| Error::Arrow { table: crate::DEAD_LETTERS.into(), source: Box::new(e) })
+        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Arrow {
+            table: crate::DEAD_LETTERS.into(),
+            source: Box::new(e),
+        })
     }
 }

@@ -77,7 +77,10 @@ impl Memory {
     /// A budget of `budget` bytes.
     #[must_use]
     pub fn new(budget: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), budget })
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            budget,
+        })
     }
     /// Bytes in use.
     #[must_use]
@@ -246,7 +249,16 @@ impl LakeWriter {
                 // file first so each file has one schema.
                 let old = std::mem::replace(
                     buf,
-                    Buffer { schema: p.batch.schema(), batches: Vec::new(), records: Vec::new(), bytes: 0, rows: 0, opened: now, touched: now, late: false },
+                    Buffer {
+                        schema: p.batch.schema(),
+                        batches: Vec::new(),
+                        records: Vec::new(),
+                        bytes: 0,
+                        rows: 0,
+                        opened: now,
+                        touched: now,
+                        late: false,
+                    },
                 );
                 self.buffered -= old.bytes;
                 self.spawn_flush(p.key.clone(), old);
@@ -261,31 +273,49 @@ impl LakeWriter {
             buf.touched = now;
             self.buffered += bytes;
         }
-        self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
+        self.stats
+            .open_partitions
+            .store(self.buffers.len() as u64, Ordering::Relaxed);
     }
 
     async fn enforce(&mut self) {
-        let full: Vec<PartitionKey> =
-            self.buffers.iter().filter(|(_, b)| b.bytes >= self.cfg.roll_bytes).map(|(k, _)| k.clone()).collect();
+        let full: Vec<PartitionKey> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| b.bytes >= self.cfg.roll_bytes)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in full {
             self.flush_key(&k).await;
         }
         let high = self.memory.budget() / 10 * 8;
         let low = self.memory.budget() / 2;
         if self.memory.used() >= high {
-            let mut by_size: Vec<(usize, PartitionKey)> =
-                self.buffers.iter().map(|(k, b)| (b.bytes, k.clone())).collect();
+            let mut by_size: Vec<(usize, PartitionKey)> = self
+                .buffers
+                .iter()
+                .map(|(k, b)| (b.bytes, k.clone()))
+                .collect();
             by_size.sort_by(|a, b| b.0.cmp(&a.0));
             for (_, k) in by_size {
-                if self.buffered == 0 || self.memory.used().saturating_sub(self.flush_bytes_in_flight()) < low {
+                if self.buffered == 0
+                    || self
+                        .memory
+                        .used()
+                        .saturating_sub(self.flush_bytes_in_flight())
+                        < low
+                {
                     break;
                 }
                 self.flush_key(&k).await;
             }
         }
         if self.buffers.len() > self.cfg.max_open_partitions {
-            let mut by_age: Vec<(TimestampMicros, PartitionKey)> =
-                self.buffers.iter().map(|(k, b)| (b.touched, k.clone())).collect();
+            let mut by_age: Vec<(TimestampMicros, PartitionKey)> = self
+                .buffers
+                .iter()
+                .map(|(k, b)| (b.touched, k.clone()))
+                .collect();
             by_age.sort();
             let excess = self.buffers.len() - self.cfg.max_open_partitions;
             for (_, k) in by_age.into_iter().take(excess) {
@@ -301,11 +331,19 @@ impl LakeWriter {
     async fn roll_aged(&mut self) {
         let now = self.clock.now_micros();
         let age = |late: bool| {
-            let d = if late { self.cfg.late_roll_age } else { self.cfg.roll_age };
+            let d = if late {
+                self.cfg.late_roll_age
+            } else {
+                self.cfg.roll_age
+            };
             i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
         };
-        let due: Vec<PartitionKey> =
-            self.buffers.iter().filter(|(_, b)| now - b.opened >= age(b.late)).map(|(k, _)| k.clone()).collect();
+        let due: Vec<PartitionKey> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| now - b.opened >= age(b.late))
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in due {
             self.flush_key(&k).await;
         }
@@ -322,10 +360,17 @@ impl LakeWriter {
     async fn flush_key(&mut self, key: &PartitionKey) {
         if let Some(buf) = self.buffers.remove(key) {
             self.buffered -= buf.bytes;
-            self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
+            self.stats
+                .open_partitions
+                .store(self.buffers.len() as u64, Ordering::Relaxed);
             // Wait for a flush slot here: this is what pushes back on the
             // writer's channel, and so on ingest, when the store is slow.
-            let permit = self.permits.clone().acquire_owned().await.expect("never closed");
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
             self.spawn_flush_with(key.clone(), buf, Some(permit));
         }
     }
@@ -334,7 +379,12 @@ impl LakeWriter {
         self.spawn_flush_with(key, buf, None);
     }
 
-    fn spawn_flush_with(&mut self, key: PartitionKey, buf: Buffer, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+    fn spawn_flush_with(
+        &mut self,
+        key: PartitionKey,
+        buf: Buffer,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let ctx = FlushCtx {
             lake: self.lake.clone(),
             log: self.log.clone(),
@@ -352,7 +402,8 @@ impl LakeWriter {
 
 /// The end of a partition's hour, in microseconds.
 fn partition_end(key: &PartitionKey) -> TimestampMicros {
-    watershed_event::parse_rfc3339_micros(&format!("{}T{:02}:59:59.999999Z", key.date, key.hour)).unwrap_or(0)
+    watershed_event::parse_rfc3339_micros(&format!("{}T{:02}:59:59.999999Z", key.date, key.hour))
+        .unwrap_or(0)
 }
 
 struct FlushCtx {
@@ -376,7 +427,9 @@ impl FlushCtx {
                     let secs = started.elapsed().as_secs_f64();
                     self.stats.files.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(size as u64, Ordering::Relaxed);
-                    self.stats.rows.fetch_add(buf.rows as u64, Ordering::Relaxed);
+                    self.stats
+                        .rows
+                        .fetch_add(buf.rows as u64, Ordering::Relaxed);
                     if let Ok(mut r) = self.stats.recent.lock() {
                         r.push((size as u64, secs));
                     }
@@ -399,7 +452,14 @@ impl FlushCtx {
         let path = key.file("wal", first, last);
         let meta = vec![
             ("watershed.source".to_owned(), "wal".to_owned()),
-            ("watershed.records".to_owned(), buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+            (
+                "watershed.records".to_owned(),
+                buf.records
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ];
         let (schema, batches, p) = (buf.schema.clone(), buf.batches.clone(), path.0.clone());
         let opts = self.encode;
@@ -408,7 +468,10 @@ impl FlushCtx {
             .expect("encoding does not panic")?;
         let size = bytes.len();
         let partition = key.dir();
-        self.log.lock().expect("commit log lock").intent(&path, &partition, &buf.records)?;
+        self.log
+            .lock()
+            .expect("commit log lock")
+            .intent(&path, &partition, &buf.records)?;
         let put = self.lake.put_create(&path, bytes.into()).await?;
         if put == Put::AlreadyExists {
             tracing::info!(path = %path, "file already committed by an earlier run; keeping it");

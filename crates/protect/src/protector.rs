@@ -146,9 +146,15 @@ fn cipher_for<'a>(
             Ok(&account_keys[account.as_str()])
         }
         Some(s) => {
-            if !subject_keys.get(account.as_str()).is_some_and(|per| per.contains_key(s)) {
+            if !subject_keys
+                .get(account.as_str())
+                .is_some_and(|per| per.contains_key(s))
+            {
                 let cipher = make()?;
-                subject_keys.entry(account.to_string()).or_default().insert(s.to_owned(), cipher);
+                subject_keys
+                    .entry(account.to_string())
+                    .or_default()
+                    .insert(s.to_owned(), cipher);
             }
             Ok(&subject_keys[account.as_str()][s])
         }

@@ -19,8 +19,14 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("{}/{}B", s.name, payload.len()), |b| {
             b.iter(|| {
-                validate_json(&v.node, black_box(payload.as_bytes()), s.config.unknown_fields, Limits::default(), &mut tape)
-                    .unwrap();
+                validate_json(
+                    &v.node,
+                    black_box(payload.as_bytes()),
+                    s.config.unknown_fields,
+                    Limits::default(),
+                    &mut tape,
+                )
+                .unwrap();
             });
         });
     }

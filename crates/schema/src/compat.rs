@@ -71,7 +71,11 @@ pub fn check_evolution(
     new: &Schema,
     earlier: &[&Schema],
 ) -> Vec<(usize, Incompatibility)> {
-    let first = if mode.is_transitive() { 0 } else { earlier.len().saturating_sub(1) };
+    let first = if mode.is_transitive() {
+        0
+    } else {
+        earlier.len().saturating_sub(1)
+    };
     let mut out = Vec::new();
     for (i, old) in earlier.iter().enumerate().skip(first).rev() {
         let mut found = Vec::new();

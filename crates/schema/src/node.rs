@@ -162,7 +162,11 @@ impl Record {
             }
         }
         if self.fields.len() <= 32 {
-            if let Some(i) = self.fields.iter().position(|f| f.name.len() == name.len() && f.name == name) {
+            if let Some(i) = self
+                .fields
+                .iter()
+                .position(|f| f.name.len() == name.len() && f.name == name)
+            {
                 return Some(i);
             }
             if self.lookup.len() == self.fields.len() {

@@ -74,6 +74,7 @@ impl SubjectEntry {
 pub struct Registry {
     subjects: Vec<SubjectEntry>,
     by_route: HashMap<(String, String), usize>,
+    by_source: HashMap<String, HashMap<String, usize>>,
     by_id: HashMap<SchemaId, (usize, usize)>,
 }
 
@@ -123,6 +124,10 @@ impl Registry {
                     s.name, route.0, route.1, self.subjects[other].name
                 ));
             } else {
+                self.by_source
+                    .entry(route.0.clone())
+                    .or_default()
+                    .insert(route.1.clone(), si);
                 self.by_route.insert(route, si);
             }
             if let Some(other) = tables.insert(&s.table, &s.name) {
@@ -386,7 +391,12 @@ fn load_version(
     }))
 }
 
-fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], problems: &mut Vec<String>) {
+fn check_evolution(
+    config: &SubjectConfig,
+    new: &Version,
+    earlier: &[Version],
+    problems: &mut Vec<String>,
+) {
     let mode = config.compatibility;
     let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
     for (i, inc) in compat::check_evolution(mode, &new.avro, &schemas) {

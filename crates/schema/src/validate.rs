@@ -128,9 +128,20 @@ pub fn validate_json(
 /// # Errors
 /// A [`Violation`] when the value does not fit `node`.
 pub fn decode_value(node: &Node, json: &[u8], tape: &mut Tape) -> Result<Slot, Violation> {
-    let mut ctx = Ctx { tape, unknown: UnknownFields::Reject, limits: Limits::default(), depth: 0, failure: None };
+    let mut ctx = Ctx {
+        tape,
+        unknown: UnknownFields::Reject,
+        limits: Limits::default(),
+        depth: 0,
+        failure: None,
+    };
     let mut de = serde_json::Deserializer::from_slice(json);
-    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
+    let result = Seed {
+        node,
+        ctx: &mut ctx,
+    }
+    .deserialize(&mut de)
+    .and_then(|slot| {
         de.end()?;
         Ok(slot)
     });

@@ -7,7 +7,8 @@ use watershed_event::Reason;
 use watershed_schema::{validate_json, Limits, Registry, Slot, Tape, UnknownFields, Version};
 
 fn registry() -> Registry {
-    Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sink")).expect("fixture loads")
+    Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sink"))
+        .expect("fixture loads")
 }
 
 const VALID: &str = r#"{
@@ -32,7 +33,14 @@ fn without(field: &str) -> String {
 
 fn run(v: &Version, json: &str, limits: Limits) -> Result<Tape, watershed_schema::Violation> {
     let mut tape = Tape::new();
-    validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, limits, &mut tape).map(|()| tape)
+    validate_json(
+        &v.node,
+        json.as_bytes(),
+        UnknownFields::Reject,
+        limits,
+        &mut tape,
+    )
+    .map(|()| tape)
 }
 
 fn reject(json: &str) -> (Reason, String) {
@@ -50,7 +58,11 @@ fn valid_event_decodes_every_type() {
     let s = |i: u32| tape.slot(i);
     assert_eq!(s(0), Slot::Bool(true));
     assert_eq!(s(1), Slot::Int(-5));
-    assert_eq!(s(2), Slot::Long(9_007_199_254_740_993), "longs beyond 2^53 stay exact");
+    assert_eq!(
+        s(2),
+        Slot::Long(9_007_199_254_740_993),
+        "longs beyond 2^53 stay exact"
+    );
     assert_eq!(s(3), Slot::Float(1.5));
     assert_eq!(s(4), Slot::Double(2.25));
     assert_eq!(tape.str(s(5)), "héllo");
@@ -62,14 +74,27 @@ fn valid_event_decodes_every_type() {
     assert_eq!(s(11), Slot::Long(1_714_564_800_000_001));
     assert_eq!(tape.decimal(s(12)), Some(123_450));
     assert_eq!(s(13), Slot::Enum(1));
-    let Slot::List { start, len } = s(14) else { panic!("array") };
+    let Slot::List { start, len } = s(14) else {
+        panic!("array")
+    };
     assert_eq!(len, 3);
     assert_eq!(tape.slot(start + 2), Slot::Long(3));
-    let Slot::Map { start, len } = s(15) else { panic!("map") };
-    assert_eq!((len, tape.str(tape.slot(start)), tape.str(tape.slot(start + 1))), (1, "k", "v"));
+    let Slot::Map { start, len } = s(15) else {
+        panic!("map")
+    };
+    assert_eq!(
+        (
+            len,
+            tape.str(tape.slot(start)),
+            tape.str(tape.slot(start + 1))
+        ),
+        (1, "k", "v")
+    );
     assert_eq!(s(16), Slot::Null);
     assert_eq!(s(17), Slot::Int(7), "missing field takes its default");
-    let Slot::Record(r) = s(18) else { panic!("record") };
+    let Slot::Record(r) = s(18) else {
+        panic!("record")
+    };
     assert_eq!(tape.slot(r), Slot::Int(1));
 }
 
@@ -78,11 +103,17 @@ fn key_order_does_not_matter() {
     let reg = registry();
     let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
     let mut obj: Vec<(String, serde_json::Value)> =
-        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(VALID).unwrap().into_iter().collect();
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(VALID)
+            .unwrap()
+            .into_iter()
+            .collect();
     obj.reverse();
     let reversed = format!(
         "{{{}}}",
-        obj.iter().map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).unwrap())).collect::<Vec<_>>().join(",")
+        obj.iter()
+            .map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).unwrap()))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let a = run(v, VALID, Limits::default()).unwrap();
     let b = run(v, &reversed, Limits::default()).unwrap();
@@ -92,7 +123,8 @@ fn key_order_does_not_matter() {
             (Slot::Str { .. }, Slot::Str { .. }) => assert_eq!(a.str(x), b.str(y)),
             (Slot::Bytes { .. }, Slot::Bytes { .. }) => assert_eq!(a.bytes(x), b.bytes(y)),
             (Slot::Decimal(_), Slot::Decimal(_)) => assert_eq!(a.decimal(x), b.decimal(y)),
-            (Slot::List { len: l1, .. }, Slot::List { len: l2, .. }) | (Slot::Map { len: l1, .. }, Slot::Map { len: l2, .. }) => {
+            (Slot::List { len: l1, .. }, Slot::List { len: l2, .. })
+            | (Slot::Map { len: l1, .. }, Slot::Map { len: l2, .. }) => {
                 assert_eq!(l1, l2);
             }
             (Slot::Record(_), Slot::Record(_)) => {}
@@ -114,7 +146,11 @@ fn every_reason_code() {
         (with("rec", r#"{"x": "no"}"#), TypeMismatch, "$.rec.x"),
         (with("arr", r#"[1, "two"]"#), TypeMismatch, "$.arr[1]"),
         (with("zzz", "1"), UnknownField, "$.zzz"),
-        (VALID.replacen("\"b\": true,", "\"b\": true, \"b\": false,", 1), DuplicateField, "$.b"),
+        (
+            VALID.replacen("\"b\": true,", "\"b\": true, \"b\": false,", 1),
+            DuplicateField,
+            "$.b",
+        ),
         (with("e", "\"BLUE\""), BadEnum, "$.e"),
         (with("tms", "\"yesterday\""), BadTimestamp, "$.tms"),
         (with("day", "\"2024-13-01\""), BadDate, "$.day"),
@@ -126,7 +162,11 @@ fn every_reason_code() {
         (with("i", "2147483648"), OutOfRange, "$.i"),
         (with("f", "1e300"), OutOfRange, "$.f"),
         (with("m", r#"{"k": 1}"#), TypeMismatch, "$.m.k"),
-        (with("rec", r#"{"x": 1, "deep": [{"a": "x"}]}"#), TypeMismatch, "$.rec.deep[0].a"),
+        (
+            with("rec", r#"{"x": 1, "deep": [{"a": "x"}]}"#),
+            TypeMismatch,
+            "$.rec.deep[0].a",
+        ),
     ];
     for (json, reason, path) in cases {
         let (got, got_path) = reject(&json);
@@ -138,17 +178,39 @@ fn every_reason_code() {
 fn size_and_depth_limits() {
     let reg = registry();
     let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
-    let e = run(v, VALID, Limits { max_event_bytes: 100, max_depth: 64 }).unwrap_err();
+    let e = run(
+        v,
+        VALID,
+        Limits {
+            max_event_bytes: 100,
+            max_depth: 64,
+        },
+    )
+    .unwrap_err();
     assert_eq!(e.reason, Reason::TooLarge);
-    let e = run(v, VALID, Limits { max_event_bytes: 1 << 20, max_depth: 2 }).unwrap_err();
+    let e = run(
+        v,
+        VALID,
+        Limits {
+            max_event_bytes: 1 << 20,
+            max_depth: 2,
+        },
+    )
+    .unwrap_err();
     assert_eq!((e.reason, e.path.as_str()), (Reason::TooDeep, "$.rec.deep"));
 }
 
 #[test]
 fn routing_errors() {
     let reg = registry();
-    assert_eq!(reg.resolve("nope", "AllTypes", None).unwrap_err().reason, Reason::UnknownSubject);
-    assert_eq!(reg.resolve("test", "AllTypes", Some(9)).unwrap_err().reason, Reason::UnknownVersion);
+    assert_eq!(
+        reg.resolve("nope", "AllTypes", None).unwrap_err().reason,
+        Reason::UnknownSubject
+    );
+    assert_eq!(
+        reg.resolve("test", "AllTypes", Some(9)).unwrap_err().reason,
+        Reason::UnknownVersion
+    );
     assert!(reg.resolve("test", "AllTypes", Some(1)).is_ok());
 }
 
@@ -158,7 +220,14 @@ fn unknown_fields_can_be_dropped() {
     let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
     let mut tape = Tape::new();
     let json = with("extra", r#"{"nested": [1, {"x": 2}]}"#);
-    validate_json(&v.node, json.as_bytes(), UnknownFields::Drop, Limits::default(), &mut tape).unwrap();
+    validate_json(
+        &v.node,
+        json.as_bytes(),
+        UnknownFields::Drop,
+        Limits::default(),
+        &mut tape,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -174,13 +243,22 @@ fn violations_never_echo_values() {
 #[test]
 fn example_schemas_accept_their_sample_events() {
     let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
-    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let (_, v) = reg
+        .resolve("com.example.payments", "PaymentAuthorized", None)
+        .unwrap();
     let payment = r#"{"payment_id":"p-1","customer_id":"c-42","amount":"19.99","currency":"EUR",
       "card":{"pan":"4111111111111111","holder_name":"Ada Lovelace","brand":"VISA","expiry":"12/29"},
       "merchant":{"id":"m-1","name":"Shop","mcc":5411,"country":"DE"},
       "authorized_at":"2024-05-01T12:00:00Z","risk_score":0.12,"three_ds":true}"#;
     let mut tape = Tape::new();
-    validate_json(&v.node, payment.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
+    validate_json(
+        &v.node,
+        payment.as_bytes(),
+        UnknownFields::Reject,
+        Limits::default(),
+        &mut tape,
+    )
+    .unwrap();
     // v2 defaults: acquirer_ref null, channel "WEB" (symbol 0).
     assert_eq!(tape.slot(9), Slot::Null);
     assert_eq!(tape.slot(10), Slot::Enum(0));

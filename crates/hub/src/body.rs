@@ -1,0 +1,187 @@
+//! Request bodies: `Content-Encoding` (gzip, zstd) under a size limit that
+//! also bounds the decompressed size, and splitting into events: a JSON
+//! array or NDJSON.
+
+use std::io::Read;
+
+/// Why a body was refused as a whole.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyError {
+    /// Over the size limit (413).
+    TooLarge(usize),
+    /// Unsupported or corrupt encoding, or not JSON at all (400).
+    Bad(String),
+    /// More events than allowed in one request (400).
+    TooManyEvents(usize),
+}
+
+/// Decompress `body` per `encoding`, refusing more than `limit` bytes.
+///
+/// # Errors
+/// [`BodyError::TooLarge`] or [`BodyError::Bad`].
+pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, BodyError> {
+    let mut out = Vec::new();
+    let read = |r: &mut dyn Read, out: &mut Vec<u8>| -> Result<(), BodyError> {
+        r.take(limit as u64 + 1)
+            .read_to_end(out)
+            .map_err(|e| BodyError::Bad(format!("cannot decompress the body: {e}")))?;
+        if out.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        Ok(())
+    };
+    match encoding.map(str::trim) {
+        None | Some("" | "identity") => {
+            if body.len() > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            out.extend_from_slice(body);
+        }
+        Some("gzip" | "x-gzip") => read(&mut flate2::read::GzDecoder::new(body), &mut out)?,
+        Some("zstd") => {
+            let mut d = zstd::stream::read::Decoder::new(body)
+                .map_err(|e| BodyError::Bad(e.to_string()))?;
+            read(&mut d, &mut out)?;
+        }
+        Some(other) => {
+            return Err(BodyError::Bad(format!(
+                "unsupported Content-Encoding {other:?}; use gzip or zstd"
+            )))
+        }
+    }
+    Ok(out)
+}
+
+/// Split a body into event byte ranges. A body starting with `[` is a JSON
+/// array (it must be well-formed: 400 otherwise); anything else is NDJSON,
+/// one event per non-empty line (a bad line is that event's problem).
+///
+/// # Errors
+/// [`BodyError::Bad`] for a broken array, [`BodyError::TooManyEvents`].
+pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    let events = if body.get(start) == Some(&b'[') {
+        split_array(&body[start..])?
+    } else {
+        body.split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+            .collect()
+    };
+    if events.len() > max_events {
+        return Err(BodyError::TooManyEvents(max_events));
+    }
+    Ok(events)
+}
+
+/// Find the elements of a JSON array by scanning brackets and strings.
+/// Elements themselves are checked later, one by one.
+fn split_array(b: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
+    let bad = |what: &str| BodyError::Bad(format!("the body is not a JSON array: {what}"));
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut esc = false;
+    let mut elem_start: Option<usize> = None;
+    let mut closed = None;
+    for (i, &c) in b.iter().enumerate().skip(1) {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => {
+                in_str = true;
+                elem_start.get_or_insert(i);
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                elem_start.get_or_insert(i);
+            }
+            b'}' | b']' if depth > 0 => depth -= 1,
+            b']' => {
+                if let Some(s) = elem_start.take() {
+                    out.push(trim(&b[s..i]));
+                } else if !out.is_empty() {
+                    return Err(bad("a trailing comma"));
+                }
+                closed = Some(i);
+                break;
+            }
+            b',' if depth == 0 => match elem_start.take() {
+                Some(s) => out.push(trim(&b[s..i])),
+                None => return Err(bad("an empty element")),
+            },
+            c if c.is_ascii_whitespace() => {}
+            _ => {
+                elem_start.get_or_insert(i);
+            }
+        }
+    }
+    let Some(end) = closed else {
+        return Err(bad("it is not closed"));
+    };
+    if b[end + 1..].iter().any(|c| !c.is_ascii_whitespace()) {
+        return Err(bad("text after the closing bracket"));
+    }
+    Ok(out)
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_and_ndjson() {
+        let a = br#" [ {"a":"],\"x"} , {"b":[1,2]} ,3 ] "#;
+        let got = split(a, 10).unwrap();
+        assert_eq!(got, vec![&br#"{"a":"],\"x"}"#[..], br#"{"b":[1,2]}"#, b"3"]);
+        assert_eq!(split(b"[]", 10).unwrap().len(), 0);
+        assert!(matches!(split(b"[1,2", 10), Err(BodyError::Bad(_))));
+        assert!(matches!(split(b"[1,]", 10), Err(BodyError::Bad(_))));
+        assert!(matches!(split(b"[1] x", 10), Err(BodyError::Bad(_))));
+        let n = b"{\"a\":1}\r\n\n  \n{bad\n";
+        assert_eq!(split(n, 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
+        assert_eq!(split(b"1\n2\n3", 2), Err(BodyError::TooManyEvents(2)));
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![b' '; 100_000]).unwrap();
+        let body = gz.finish().unwrap();
+        assert_eq!(
+            decode(&body, Some("gzip"), 1000),
+            Err(BodyError::TooLarge(1000))
+        );
+        assert_eq!(decode(&body, Some("gzip"), 200_000).unwrap().len(), 100_000);
+        let z = zstd::encode_all(&b"hello"[..], 1).unwrap();
+        assert_eq!(decode(&z, Some("zstd"), 10).unwrap(), b"hello");
+        assert!(matches!(
+            decode(b"x", Some("br"), 10),
+            Err(BodyError::Bad(_))
+        ));
+        assert!(matches!(
+            decode(b"not gzip", Some("gzip"), 10),
+            Err(BodyError::Bad(_))
+        ));
+    }
+}

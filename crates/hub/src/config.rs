@@ -1,0 +1,352 @@
+//! Hub configuration: a TOML file, then `WATERSHED_*` environment
+//! variables (nested keys with `__`, such as `WATERSHED_LIMITS__MAX_BODY_BYTES`),
+//! then command-line flags, merged by the `config` crate. Validation is
+//! pure and names the bad key; building does the I/O.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use watershed_lake::{EncodeOptions, WriterConfig};
+
+use crate::error::{Error, Result};
+
+/// The whole hub configuration. Every field has a default, so no file is
+/// needed for the embedded hub.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Where HTTP ingest listens. Loopback by default.
+    pub listen: String,
+    /// The schema directory.
+    pub schemas: PathBuf,
+    /// The data directory: WAL, keyring, accounts and (by default) the lake.
+    pub data_dir: PathBuf,
+    /// Lake settings.
+    pub lake: LakeConfig,
+    /// Request and event limits.
+    pub limits: LimitsConfig,
+    /// Memory budget.
+    pub memory: MemoryConfig,
+    /// Write-ahead log settings.
+    pub wal: WalConfig,
+    /// Seconds to drain on SIGTERM/SIGINT before giving up.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8787".into(),
+            schemas: "schemas".into(),
+            data_dir: "watershed-data".into(),
+            lake: LakeConfig::default(),
+            limits: LimitsConfig::default(),
+            memory: MemoryConfig::default(),
+            wal: WalConfig::default(),
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+/// `[lake]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// The lake directory; `<data_dir>/lake` when empty.
+    pub path: Option<PathBuf>,
+    /// Roll a partition's file at this many buffered (Arrow) bytes.
+    pub roll_bytes: usize,
+    /// Roll a partition's file this many seconds after its first row.
+    pub roll_age_secs: u64,
+    /// The same for late partitions (hour ended more than `late_after_secs` ago).
+    pub late_roll_age_secs: u64,
+    /// When a partition counts as late.
+    pub late_after_secs: u64,
+    /// Open partition buffers beyond this are flushed, least recently written first.
+    pub max_open_partitions: usize,
+    /// Concurrent file flushes.
+    pub flush_concurrency: usize,
+    /// zstd level of Parquet pages.
+    pub zstd_level: i32,
+    /// Maximum rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// Latency added to every object-store request, in milliseconds
+    /// (object_store's throttling wrapper), for capacity planning and
+    /// backpressure drills. 0 in production.
+    pub put_delay_ms: u64,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        let w = WriterConfig::default();
+        Self {
+            path: None,
+            roll_bytes: w.roll_bytes,
+            roll_age_secs: w.roll_age.as_secs(),
+            late_roll_age_secs: w.late_roll_age.as_secs(),
+            late_after_secs: w.late_after.as_secs(),
+            max_open_partitions: w.max_open_partitions,
+            flush_concurrency: w.flush_concurrency,
+            zstd_level: w.encode.zstd_level,
+            row_group_rows: w.encode.row_group_rows,
+            put_delay_ms: 0,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body, after decompression (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest single event (rejected as `too_large` above it).
+    pub max_event_bytes: usize,
+    /// Most events in one request (400 above it).
+    pub max_batch_events: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 << 20,
+            max_event_bytes: 1 << 20,
+            max_batch_events: 10_000,
+        }
+    }
+}
+
+/// `[memory]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Bytes of buffered rows (open partitions plus files being written)
+    /// before ingest answers 503.
+    pub budget_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            budget_bytes: 512 << 20,
+        }
+    }
+}
+
+/// `[wal]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// Roll WAL segments at this size.
+    pub segment_bytes: u64,
+    /// Keep committed segments until at least this many newer events exist:
+    /// the dedupe window that survives restarts.
+    pub dedupe_window: usize,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            dedupe_window: 1_000_000,
+        }
+    }
+}
+
+/// Flags that override the file and environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--schemas`
+    pub schemas: Option<PathBuf>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+}
+
+impl HubConfig {
+    /// Load: defaults, then `file` (if given; it must exist), then
+    /// `WATERSHED_*` from `env`, then `overrides`; then validate.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad key.
+    pub fn load(
+        file: Option<&Path>,
+        env: Vec<(String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self> {
+        let mut b = config::Config::builder().add_source(
+            config::Config::try_from(&HubConfig::default())
+                .map_err(|e| Error::Config(e.to_string()))?,
+        );
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(Error::Config(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("WATERSHED_") && k != "WATERSHED_LOG")
+            .collect();
+        b = b.add_source(
+            config::Environment::with_prefix("WATERSHED")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        if let Some(v) = &overrides.listen {
+            b = b
+                .set_override("listen", v.as_str())
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
+        if let Some(v) = &overrides.schemas {
+            b = b
+                .set_override("schemas", v.display().to_string())
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
+        if let Some(v) = &overrides.data_dir {
+            b = b
+                .set_override("data_dir", v.display().to_string())
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
+        let cfg: HubConfig = b
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check values that parse but make no sense. Pure: no I/O.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::Config(format!("{key}: {why}")));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "listen",
+                &format!("{:?} is not an address like 127.0.0.1:8787", self.listen),
+            );
+        }
+        if self.limits.max_body_bytes == 0 {
+            return bad("limits.max_body_bytes", "must be positive");
+        }
+        if self.limits.max_event_bytes == 0
+            || self.limits.max_event_bytes > self.limits.max_body_bytes
+        {
+            return bad(
+                "limits.max_event_bytes",
+                "must be positive and at most limits.max_body_bytes",
+            );
+        }
+        if self.limits.max_batch_events == 0 {
+            return bad("limits.max_batch_events", "must be positive");
+        }
+        if self.memory.budget_bytes < (1 << 16) {
+            return bad("memory.budget_bytes", "must be at least 65536");
+        }
+        if self.lake.roll_bytes == 0 {
+            return bad("lake.roll_bytes", "must be positive");
+        }
+        if self.lake.roll_age_secs == 0 {
+            return bad("lake.roll_age_secs", "must be positive");
+        }
+        if !(1..=22).contains(&self.lake.zstd_level) {
+            return bad("lake.zstd_level", "must be 1..=22");
+        }
+        if self.lake.max_open_partitions == 0
+            || self.lake.flush_concurrency == 0
+            || self.lake.row_group_rows == 0
+        {
+            return bad(
+                "lake",
+                "max_open_partitions, flush_concurrency and row_group_rows must be positive",
+            );
+        }
+        if self.wal.segment_bytes < 4096 {
+            return bad("wal.segment_bytes", "must be at least 4096");
+        }
+        Ok(())
+    }
+
+    /// The lake directory.
+    #[must_use]
+    pub fn lake_dir(&self) -> PathBuf {
+        self.lake
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("lake"))
+    }
+
+    /// The writer settings.
+    #[must_use]
+    pub fn writer(&self) -> WriterConfig {
+        WriterConfig {
+            roll_bytes: self.lake.roll_bytes,
+            roll_age: Duration::from_secs(self.lake.roll_age_secs),
+            late_roll_age: Duration::from_secs(self.lake.late_roll_age_secs),
+            late_after: Duration::from_secs(self.lake.late_after_secs),
+            max_open_partitions: self.lake.max_open_partitions,
+            flush_concurrency: self.lake.flush_concurrency,
+            encode: EncodeOptions {
+                zstd_level: self.lake.zstd_level,
+                row_group_rows: self.lake.row_group_rows,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_and_key_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\n[limits]\nmax_batch_events = 5\n",
+        )
+        .unwrap();
+        let env = vec![(
+            "WATERSHED_LIMITS__MAX_BATCH_EVENTS".to_owned(),
+            "7".to_owned(),
+        )];
+        let o = Overrides {
+            listen: Some("127.0.0.1:9001".into()),
+            ..Overrides::default()
+        };
+        let c = HubConfig::load(Some(&f), env, &o).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9001", "flags beat env and file");
+        assert_eq!(c.limits.max_batch_events, 7, "env beats file");
+
+        std::fs::write(&f, "[limits]\nmax_batch_event = 5\n").unwrap();
+        let e = HubConfig::load(Some(&f), vec![], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_batch_event"), "{e}");
+        let env = vec![(
+            "WATERSHED_MEMORY__BUDGET_BYTES".to_owned(),
+            "lots".to_owned(),
+        )];
+        let e = HubConfig::load(None, env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("budget_bytes"), "{e}");
+        let o = Overrides {
+            listen: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        let e = HubConfig::load(None, vec![], &o).unwrap_err().to_string();
+        assert!(e.starts_with("invalid configuration: listen:"), "{e}");
+    }
+}

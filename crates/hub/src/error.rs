@@ -1,0 +1,66 @@
+//! Errors of the hub. Per-event failures are not errors: they are
+//! rejections with reason codes (see `watershed_event::Reason`).
+
+use std::path::PathBuf;
+
+/// A result with the hub's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can stop the hub or a hub command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid; the message names the key.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A file or directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The write-ahead log is damaged beyond its torn tail.
+    #[error("write-ahead log {path}: {detail}")]
+    WalCorrupt {
+        /// The segment.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The schema directory failed to load.
+    #[error(transparent)]
+    Schema(#[from] watershed_schema::Error),
+    /// The keyring failed.
+    #[error(transparent)]
+    Protect(#[from] watershed_protect::Error),
+    /// The lake failed.
+    #[error(transparent)]
+    Lake(#[from] watershed_lake::Error),
+    /// The accounts file is damaged.
+    #[error("{path}: corrupt accounts file: {detail}")]
+    Accounts {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The HTTP listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The pipeline stopped (its writer or WAL task ended).
+    #[error("the ingest pipeline has stopped: {0}")]
+    Stopped(&'static str),
+}
+
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,442 @@
+//! Turning a request's events into lake rows, dead letters and a WAL
+//! record: decode the envelope, bind the account to the credential, check
+//! the dedupe window, validate against the registry, protect, and route to
+//! a partition. Each event is judged alone; one bad event never fails its
+//! neighbours, and every reject becomes a dead-letter row.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use serde::Serialize;
+use watershed_event::{parse_rfc3339_micros, AccountId, Reason, TimestampMicros};
+use watershed_lake::{
+    DeadLetter, DeadLetterBuilder, EventMeta, PartitionKey, TableBuilder, TableLayout, DEAD_LETTERS,
+};
+use watershed_protect::{BatchProtector, Keyring};
+use watershed_schema::{validate_json, Limits, Registry, Tape, Violation};
+
+use crate::dedupe::Dedupe;
+use crate::envelope;
+use crate::metrics::{AccountLabel, Metrics, RejectLabel};
+use crate::wal::{RecordEncoder, WalRecord};
+
+/// One rejected event in a response.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Rejection {
+    /// Its position in the request.
+    pub index: usize,
+    /// Its id, when readable.
+    pub id: Option<String>,
+    /// The reason code.
+    pub reason: &'static str,
+    /// JSONPath of the problem.
+    pub path: String,
+    /// What was wrong.
+    pub detail: String,
+}
+
+/// The per-event outcome of a request.
+#[derive(Debug, Default, Serialize)]
+pub struct IngestResponse {
+    /// Events stored (durably, when this is sent).
+    pub accepted: usize,
+    /// Redeliveries of events already stored; not stored again.
+    pub duplicates: usize,
+    /// Events refused, each also stored as a dead letter.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A processed request, ready for the WAL and the lake.
+#[derive(Debug)]
+pub struct Processed {
+    /// The response to send after the WAL write.
+    pub response: IngestResponse,
+    /// The WAL record (empty when nothing needs storing).
+    pub wal: RecordEncoder,
+    /// Rows per partition.
+    pub parts: Vec<(PartitionKey, RecordBatch)>,
+    /// Dedupe keys claimed (released if the WAL write fails).
+    pub claimed: Vec<u64>,
+}
+
+/// The hub's per-event pipeline, shared by HTTP ingest and WAL replay.
+pub struct Ingestor {
+    pub(crate) registry: Arc<Registry>,
+    layouts: Vec<Arc<TableLayout>>,
+    keyring: Arc<dyn Keyring>,
+    pub(crate) dedupe: Arc<Dedupe>,
+    limits: Limits,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor")
+            .field("tables", &self.layouts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Builder {
+    Table(TableBuilder),
+    Dead(DeadLetterBuilder),
+}
+
+/// The late-event threshold for the `events_late` metric.
+const LATE_MICROS: i64 = 3_600_000_000;
+
+struct Batch<'k> {
+    tape: Tape,
+    protector: BatchProtector<'k>,
+    builders: HashMap<PartitionKey, Builder>,
+}
+
+impl Ingestor {
+    /// A pipeline over `registry` and `keyring`.
+    #[must_use]
+    pub fn new(
+        registry: Arc<Registry>,
+        keyring: Arc<dyn Keyring>,
+        dedupe: Arc<Dedupe>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let layouts = registry.subjects().iter().map(TableLayout::new).collect();
+        Self {
+            registry,
+            layouts,
+            keyring,
+            dedupe,
+            limits,
+            metrics,
+        }
+    }
+
+    /// Process a request's events for `account`.
+    #[must_use]
+    pub fn process(
+        &self,
+        account: &AccountId,
+        collector: Option<&str>,
+        received_at: TimestampMicros,
+        events: &[&[u8]],
+    ) -> Processed {
+        let mut batch = Batch {
+            tape: Tape::new(),
+            protector: BatchProtector::new(&*self.keyring),
+            builders: HashMap::new(),
+        };
+        let mut wal = RecordEncoder::new(account, received_at, collector);
+        let mut response = IngestResponse::default();
+        let mut claimed = Vec::new();
+        let label = AccountLabel {
+            account: account.to_string(),
+        };
+        for (index, raw) in events.iter().enumerate() {
+            match self.accept(
+                account,
+                collector,
+                received_at,
+                raw,
+                &mut batch,
+                Some(&mut claimed),
+                None,
+            ) {
+                Ok(Some(id)) => {
+                    wal.accepted(&id, raw);
+                    response.accepted += 1;
+                }
+                Ok(None) => response.duplicates += 1,
+                Err((v, partial)) => {
+                    let id = partial.id.clone();
+                    self.dead_letter(
+                        account,
+                        collector,
+                        received_at,
+                        raw,
+                        &v,
+                        &partial,
+                        &mut batch,
+                        None,
+                    );
+                    wal.rejected(
+                        id.as_deref().unwrap_or(""),
+                        v.reason.as_str(),
+                        &v.path,
+                        &v.detail,
+                        raw,
+                    );
+                    self.metrics
+                        .rejected
+                        .get_or_create(&RejectLabel {
+                            account: account.to_string(),
+                            reason: v.reason.as_str().into(),
+                        })
+                        .inc();
+                    response.rejected.push(Rejection {
+                        index,
+                        id,
+                        reason: v.reason.as_str(),
+                        path: v.path,
+                        detail: v.detail,
+                    });
+                }
+            }
+        }
+        self.metrics
+            .accepted
+            .get_or_create(&label)
+            .inc_by(response.accepted as u64);
+        if response.duplicates > 0 {
+            self.metrics
+                .duplicates
+                .get_or_create(&label)
+                .inc_by(response.duplicates as u64);
+        }
+        Processed {
+            response,
+            wal,
+            parts: finish(batch.builders),
+            claimed,
+        }
+    }
+
+    /// Rebuild the rows of a WAL record, skipping the partitions that
+    /// `committed` says are in the lake already.
+    #[must_use]
+    pub fn replay(
+        &self,
+        record: &WalRecord,
+        committed: &dyn Fn(&PartitionKey) -> bool,
+    ) -> Vec<(PartitionKey, RecordBatch)> {
+        let mut batch = Batch {
+            tape: Tape::new(),
+            protector: BatchProtector::new(&*self.keyring),
+            builders: HashMap::new(),
+        };
+        let (account, collector, at) = (
+            &record.account,
+            record.collector.as_deref(),
+            record.received_at,
+        );
+        for e in &record.events {
+            if let Some((reason, path, detail)) = &e.rejected {
+                let v = Violation {
+                    reason: Reason::ALL
+                        .into_iter()
+                        .find(|r| r.as_str() == reason)
+                        .unwrap_or(Reason::BadEnvelope),
+                    path: path.clone(),
+                    detail: detail.clone(),
+                };
+                let p = envelope::partial(&e.raw);
+                self.dead_letter(
+                    account,
+                    collector,
+                    at,
+                    &e.raw,
+                    &v,
+                    &p,
+                    &mut batch,
+                    Some(committed),
+                );
+                continue;
+            }
+            self.dedupe.claim(self.dedupe.key(account.as_str(), &e.id));
+            // Accepted before the crash; if the registry changed since and
+            // now refuses it, it becomes a dead letter, never lost.
+            if let Err((v, p)) = self.accept(
+                account,
+                collector,
+                at,
+                &e.raw,
+                &mut batch,
+                None,
+                Some(committed),
+            ) {
+                self.dead_letter(
+                    account,
+                    collector,
+                    at,
+                    &e.raw,
+                    &v,
+                    &p,
+                    &mut batch,
+                    Some(committed),
+                );
+            }
+        }
+        finish(batch.builders)
+    }
+
+    /// Ok(Some(id)) stored, Ok(None) duplicate, Err rejected.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &self,
+        account: &AccountId,
+        collector: Option<&str>,
+        received_at: TimestampMicros,
+        raw: &[u8],
+        batch: &mut Batch<'_>,
+        claimed: Option<&mut Vec<u64>>,
+        skip: Option<&dyn Fn(&PartitionKey) -> bool>,
+    ) -> Result<Option<String>, (Violation, envelope::Partial)> {
+        let partial = || envelope::partial(raw);
+        if raw.len() > self.limits.max_event_bytes {
+            let v = Violation::new(
+                Reason::TooLarge,
+                format!(
+                    "event is {} bytes; the limit is {}",
+                    raw.len(),
+                    self.limits.max_event_bytes
+                ),
+            );
+            return Err((v, partial()));
+        }
+        let env = envelope::decode(raw).map_err(|v| (v, partial()))?;
+        let fail = |v: Violation| {
+            (
+                v,
+                envelope::Partial {
+                    id: Some(env.id.to_string()),
+                    source: Some(env.source.to_string()),
+                    detail_type: Some(env.detail_type.to_string()),
+                },
+            )
+        };
+        if let Some(claimed_account) = env.account.as_deref() {
+            if claimed_account != account.as_str() {
+                return Err(fail(Violation {
+                    reason: Reason::AccountMismatch,
+                    path: "$.account".into(),
+                    detail: format!("the event claims account {claimed_account:?} but the credential is for {account}"),
+                }));
+            }
+        }
+        let Some(si) = self.registry.route(&env.source, &env.detail_type) else {
+            return Err(fail(Violation::new(
+                Reason::UnknownSubject,
+                format!(
+                    "no subject for source {:?} and detail-type {:?}",
+                    env.source, env.detail_type
+                ),
+            )));
+        };
+        let (subject, version) = self
+            .registry
+            .resolve_index(si, env.schema_version)
+            .map_err(&fail)?;
+        validate_json(
+            &version.node,
+            env.payload.get().as_bytes(),
+            subject.config.unknown_fields,
+            self.limits,
+            &mut batch.tape,
+        )
+        .map_err(|v| fail(v.under(env.payload_path)))?;
+        let event_time = match env.time.as_deref() {
+            None => received_at,
+            Some(t) => parse_rfc3339_micros(t).ok_or_else(|| {
+                fail(Violation {
+                    reason: Reason::BadTimestamp,
+                    path: "$.time".into(),
+                    detail: "expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z".into(),
+                })
+            })?,
+        };
+        let key = PartitionKey::at(&subject.table, account, event_time);
+        if skip.is_some_and(|committed| committed(&key)) {
+            return Ok(Some(env.id.into_owned()));
+        }
+        batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
+            tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
+            fail(Violation::new(Reason::ProtectFailed, "the event's protected fields could not be protected; retry later"))
+        })?;
+        if let Some(claimed) = claimed {
+            let k = self.dedupe.key(account.as_str(), &env.id);
+            if !self.dedupe.claim(k) {
+                return Ok(None);
+            }
+            claimed.push(k);
+        }
+        if received_at - event_time > LATE_MICROS {
+            self.metrics.late.inc();
+        }
+        let meta = EventMeta {
+            event_id: &env.id,
+            source: &env.source,
+            detail_type: &env.detail_type,
+            event_time,
+            received_at,
+            region: env.region.as_deref(),
+            schema_version: version.version,
+            collector,
+        };
+        let layout = &self.layouts[si];
+        let b = batch
+            .builders
+            .entry(key)
+            .or_insert_with(|| Builder::Table(TableBuilder::new(layout.clone())));
+        if let Builder::Table(t) = b {
+            t.append(&meta, env.resources.iter().map(|r| r.as_ref()), &batch.tape);
+        }
+        Ok(Some(env.id.into_owned()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dead_letter(
+        &self,
+        account: &AccountId,
+        collector: Option<&str>,
+        received_at: TimestampMicros,
+        raw: &[u8],
+        v: &Violation,
+        p: &envelope::Partial,
+        batch: &mut Batch<'_>,
+        skip: Option<&dyn Fn(&PartitionKey) -> bool>,
+    ) {
+        let key = PartitionKey::at(DEAD_LETTERS, account, received_at);
+        if skip.is_some_and(|committed| committed(&key)) {
+            return;
+        }
+        let b = batch
+            .builders
+            .entry(key)
+            .or_insert_with(|| Builder::Dead(DeadLetterBuilder::default()));
+        if let Builder::Dead(d) = b {
+            d.append(&DeadLetter {
+                event_id: p.id.as_deref(),
+                source: p.source.as_deref(),
+                detail_type: p.detail_type.as_deref(),
+                reason: v.reason.as_str(),
+                path: Some(&v.path),
+                detail: &v.detail,
+                received_at,
+                collector,
+                raw: &String::from_utf8_lossy(raw),
+            });
+        }
+    }
+}
+
+fn finish(builders: HashMap<PartitionKey, Builder>) -> Vec<(PartitionKey, RecordBatch)> {
+    builders
+        .into_iter()
+        .filter_map(|(k, b)| {
+            let batch = match b {
+                Builder::Table(mut t) => t.finish(),
+                Builder::Dead(mut d) => d.finish(),
+            };
+            match batch {
+                Ok(b) => Some((k, b)),
+                Err(e) => {
+                    // Column builders only fail on a bug; the WAL still
+                    // holds these events for the next start.
+                    tracing::error!(partition = %k, error = %e, "cannot build a batch");
+                    None
+                }
+            }
+        })
+        .collect()
+}

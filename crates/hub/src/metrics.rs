@@ -1,0 +1,178 @@
+//! Prometheus metrics, served as text on `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use watershed_lake::WriterStats;
+
+/// Labels by account.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabel {
+    /// The account id.
+    pub account: String,
+}
+
+/// Labels by account and reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    /// The account id.
+    pub account: String,
+    /// The reason code.
+    pub reason: String,
+}
+
+/// Every metric the hub exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Accepted events.
+    pub accepted: Family<AccountLabel, Counter>,
+    /// Rejected events (also in the dead-letter table).
+    pub rejected: Family<RejectLabel, Counter>,
+    /// Redelivered events dropped by the dedupe window.
+    pub duplicates: Family<AccountLabel, Counter>,
+    /// Request body bytes.
+    pub bytes: Counter,
+    /// Requests (batches).
+    pub batches: Counter,
+    /// Requests refused with 503.
+    pub backpressure: Counter,
+    /// Events whose time is more than an hour before receipt.
+    pub late: Counter,
+    /// Ingest-to-ack latency, seconds.
+    pub ack_latency: Histogram,
+    /// WAL bytes on disk.
+    pub wal_bytes: Gauge,
+    /// Bytes held against the memory budget.
+    pub memory_bytes: Gauge,
+    /// Open partition buffers.
+    pub open_partitions: Gauge,
+    /// Parquet files committed.
+    pub files: Gauge,
+    /// Committed file sizes, bytes.
+    pub file_size: Histogram,
+    /// Flush duration, seconds.
+    pub flush_latency: Histogram,
+    /// Failed flush attempts (retried).
+    pub flush_failures: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("watershed");
+        let m = Self {
+            accepted: Family::default(),
+            rejected: Family::default(),
+            duplicates: Family::default(),
+            bytes: Counter::default(),
+            batches: Counter::default(),
+            backpressure: Counter::default(),
+            late: Counter::default(),
+            ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            wal_bytes: Gauge::default(),
+            memory_bytes: Gauge::default(),
+            open_partitions: Gauge::default(),
+            files: Gauge::default(),
+            file_size: Histogram::new(exponential_buckets(4096.0, 4.0, 12)),
+            flush_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            flush_failures: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("events_accepted", "Events accepted", m.accepted.clone());
+        registry.register(
+            "events_rejected",
+            "Events rejected, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Redelivered events dropped by dedupe",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "ingest_bytes",
+            "Request body bytes received",
+            m.bytes.clone(),
+        );
+        registry.register("ingest_batches", "Ingest requests", m.batches.clone());
+        registry.register(
+            "ingest_backpressure",
+            "Requests answered 503",
+            m.backpressure.clone(),
+        );
+        registry.register(
+            "events_late",
+            "Events more than an hour older than receipt",
+            m.late.clone(),
+        );
+        registry.register(
+            "ack_latency_seconds",
+            "Ingest-to-ack latency",
+            m.ack_latency.clone(),
+        );
+        registry.register(
+            "wal_bytes",
+            "Write-ahead log bytes on disk",
+            m.wal_bytes.clone(),
+        );
+        registry.register(
+            "memory_bytes",
+            "Bytes held against the memory budget",
+            m.memory_bytes.clone(),
+        );
+        registry.register(
+            "open_partitions",
+            "Open partition buffers",
+            m.open_partitions.clone(),
+        );
+        registry.register("files_written", "Parquet files committed", m.files.clone());
+        registry.register(
+            "file_size_bytes",
+            "Committed Parquet file sizes",
+            m.file_size.clone(),
+        );
+        registry.register(
+            "flush_seconds",
+            "Time to encode and commit a file",
+            m.flush_latency.clone(),
+        );
+        registry.register(
+            "flush_failures",
+            "Failed flush attempts (retried)",
+            m.flush_failures.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Pull gauges from the pipeline and render the text format.
+    #[must_use]
+    pub fn render(&self, wal: u64, memory: usize, writer: &Arc<WriterStats>) -> String {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.wal_bytes.set(g(wal));
+        self.memory_bytes.set(g(memory as u64));
+        self.open_partitions
+            .set(g(writer.open_partitions.load(Ordering::Relaxed)));
+        self.files.set(g(writer.files.load(Ordering::Relaxed)));
+        self.flush_failures
+            .set(g(writer.failures.load(Ordering::Relaxed)));
+        if let Ok(mut recent) = writer.recent.lock() {
+            for (size, secs) in recent.drain(..) {
+                #[allow(clippy::cast_precision_loss)]
+                self.file_size.observe(size as f64);
+                self.flush_latency.observe(secs);
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}

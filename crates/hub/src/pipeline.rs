@@ -1,0 +1,343 @@
+//! The hub: wiring of the stages, startup recovery, ingest, and shutdown.
+//!
+//! ```text
+//! request ─▶ body (decompress, split) ─▶ Ingestor (envelope, auth, dedupe,
+//!   validate, protect, route) ─▶ WAL (group commit, fsync) ─▶ ack
+//!                                   └─▶ LakeWriter (buffers, Parquet, commit)
+//! ```
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use watershed_event::{AccountId, Clock, SystemClock};
+use watershed_lake::{
+    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterStats,
+};
+use watershed_protect::{Keyring, LocalKeyring};
+use watershed_schema::{Limits, Registry};
+
+use crate::body::{self, BodyError};
+use crate::config::HubConfig;
+use crate::dedupe::Dedupe;
+use crate::error::{Error, Result};
+use crate::ingest::{IngestResponse, Ingestor};
+use crate::metrics::Metrics;
+use crate::wal::{Pending, Wal, WalOptions};
+
+/// Why a request was refused as a whole.
+#[derive(Debug)]
+pub enum Refused {
+    /// 413
+    TooLarge(usize),
+    /// 400
+    BadRequest(String),
+    /// 503: the memory budget is spent.
+    Busy,
+    /// 500: the pipeline failed (the WAL could not be written).
+    Failed(String),
+}
+
+struct Sink(Arc<Pending>);
+
+impl CommitSink for Sink {
+    fn committed(&self, _partition: &PartitionKey, records: &[u64]) {
+        self.0.committed(records);
+    }
+}
+
+/// A running hub pipeline (without the HTTP listener).
+pub struct Hub {
+    /// The configuration it runs with.
+    pub config: HubConfig,
+    ingestor: Arc<Ingestor>,
+    wal: Wal,
+    writer_tx: mpsc::Sender<Msg>,
+    writer_task: tokio::task::JoinHandle<()>,
+    memory: Arc<Memory>,
+    /// Writer counters.
+    pub writer_stats: Arc<WriterStats>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    /// The lake.
+    pub lake: Lake,
+    /// Accounts and their tokens.
+    pub accounts: crate::accounts::Accounts,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("data_dir", &self.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Start: load schemas, open the keyring, the lake and the commit log,
+    /// start the writer, replay the WAL, and start the WAL writer.
+    ///
+    /// # Errors
+    /// Any failure to load or open; nothing is served then.
+    pub async fn start(config: HubConfig) -> Result<Self> {
+        Self::start_with(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Hub::start`] with an injected clock.
+    ///
+    /// # Errors
+    /// As [`Hub::start`].
+    pub async fn start_with(config: HubConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        let started = Instant::now();
+        let registry = Arc::new(Registry::load(&config.schemas)?);
+        std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
+        let keyring: Arc<dyn Keyring> =
+            Arc::new(LocalKeyring::open_local(&config.data_dir.join("keyring"))?);
+        let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
+        let concurrency = config.lake.flush_concurrency * 2;
+        let mut lake = Lake::local(&config.lake_dir(), concurrency)?;
+        if config.lake.put_delay_ms > 0 {
+            let delay = std::time::Duration::from_millis(config.lake.put_delay_ms);
+            let throttled = object_store::throttle::ThrottledStore::new(
+                lake.store().clone(),
+                object_store::throttle::ThrottleConfig {
+                    wait_put_per_call: delay,
+                    wait_get_per_call: delay,
+                    ..Default::default()
+                },
+            );
+            lake = Lake::new(Arc::new(throttled), concurrency);
+        }
+        let wal_dir = config.data_dir.join("wal");
+        std::fs::create_dir_all(&wal_dir).map_err(crate::error::io(&wal_dir))?;
+        let oldest = oldest_wal_record(&wal_dir);
+        let (log, committed) = CommitLog::open(&wal_dir.join("commits.log"), &lake, oldest).await?;
+        let memory = Memory::new(config.memory.budget_bytes);
+        let metrics = Arc::new(Metrics::default());
+        let dedupe = Arc::new(Dedupe::new(config.wal.dedupe_window));
+        let limits = Limits {
+            max_event_bytes: config.limits.max_event_bytes,
+            ..Limits::default()
+        };
+        let ingestor = Arc::new(Ingestor::new(
+            registry,
+            keyring,
+            dedupe,
+            limits,
+            metrics.clone(),
+        ));
+        let pending = Arc::new(Pending::default());
+        let writer_stats = Arc::new(WriterStats::default());
+        let (writer_tx, writer_rx) = mpsc::channel(64);
+        let writer = LakeWriter::new(
+            config.writer(),
+            lake.clone(),
+            memory.clone(),
+            log,
+            Arc::new(Sink(pending.clone())),
+            clock.clone(),
+            writer_stats.clone(),
+        );
+        let writer_task = tokio::spawn(writer.run(writer_rx));
+
+        // Replay on the blocking pool: it validates and protects again.
+        let (replay_ingestor, replay_tx, replay_pending, replay_memory) = (
+            ingestor.clone(),
+            writer_tx.clone(),
+            pending.clone(),
+            memory.clone(),
+        );
+        let opts = WalOptions {
+            segment_bytes: config.wal.segment_bytes,
+            retain_events: config.wal.dedupe_window as u64,
+        };
+        let (wal, replayed) = tokio::task::spawn_blocking(move || {
+            let mut replayed = 0usize;
+            let wal = Wal::open(&wal_dir, opts, pending.clone(), |seq, record| {
+                let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
+                let parts = replay_ingestor.replay(&record, &is_committed);
+                if parts.is_empty() {
+                    return Ok(());
+                }
+                replayed += parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+                replay_pending.register(
+                    seq,
+                    u32::try_from(parts.len()).expect("few partitions per record"),
+                );
+                let parts = to_parts(parts, seq, &replay_memory);
+                replay_tx
+                    .blocking_send(Msg::Parts(parts))
+                    .map_err(|_| Error::Stopped("lake writer"))
+            })?;
+            Ok::<_, Error>((wal, replayed))
+        })
+        .await
+        .map_err(|_| Error::Stopped("wal replay"))??;
+        tracing::info!(
+            replayed_rows = replayed,
+            dedupe_window = ingestor.dedupe.len(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "hub started"
+        );
+        Ok(Self {
+            config,
+            ingestor,
+            wal,
+            writer_tx,
+            writer_task,
+            memory,
+            writer_stats,
+            metrics,
+            clock,
+            lake,
+            accounts,
+        })
+    }
+
+    /// Ingest one request body for an authenticated account. Returns only
+    /// after the accepted events are durable in the WAL.
+    ///
+    /// # Errors
+    /// [`Refused`] for requests refused as a whole.
+    pub async fn ingest(
+        &self,
+        account: &AccountId,
+        collector: Option<&str>,
+        encoding: Option<&str>,
+        body: bytes::Bytes,
+    ) -> Result<IngestResponse, Refused> {
+        let started = Instant::now();
+        if self.memory.full() {
+            self.metrics.backpressure.inc();
+            return Err(Refused::Busy);
+        }
+        self.metrics.batches.inc();
+        self.metrics.bytes.inc_by(body.len() as u64);
+        let ingestor = self.ingestor.clone();
+        let limits = self.config.limits.clone();
+        let received_at = self.clock.now_micros();
+        let (account_c, collector_c, encoding_c) = (
+            account.clone(),
+            collector.map(str::to_owned),
+            encoding.map(str::to_owned),
+        );
+        let processed = tokio::task::spawn_blocking(move || {
+            let decoded = body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes)?;
+            let events = body::split(&decoded, limits.max_batch_events)?;
+            Ok::<_, BodyError>(ingestor.process(
+                &account_c,
+                collector_c.as_deref(),
+                received_at,
+                &events,
+            ))
+        })
+        .await
+        .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))?
+        .map_err(|e| match e {
+            BodyError::TooLarge(n) => Refused::TooLarge(n),
+            BodyError::Bad(m) => Refused::BadRequest(m),
+            BodyError::TooManyEvents(n) => {
+                Refused::BadRequest(format!("more than {n} events in one request"))
+            }
+        })?;
+        if processed.wal.is_empty() {
+            return Ok(processed.response);
+        }
+        let events = processed.wal.len();
+        let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
+        let payload = processed.wal.finish();
+        let seq = match self.wal.append(payload, events, nparts).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.ingestor.dedupe.release(&processed.claimed);
+                return Err(Refused::Failed(e.to_string()));
+            }
+        };
+        let parts = to_parts(processed.parts, seq, &self.memory);
+        if self.writer_tx.send(Msg::Parts(parts)).await.is_err() {
+            // The events are durable in the WAL and replay on restart.
+            return Err(Refused::Failed(
+                "the lake writer has stopped; events are in the WAL".into(),
+            ));
+        }
+        self.metrics
+            .ack_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(processed.response)
+    }
+
+    /// Flush every open partition and wait for the commits.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] if the writer is gone.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer_tx
+            .send(Msg::FlushAll(tx))
+            .await
+            .map_err(|_| Error::Stopped("lake writer"))?;
+        rx.await.map_err(|_| Error::Stopped("lake writer"))
+    }
+
+    /// Prometheus text.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(
+            self.wal.size.load(std::sync::atomic::Ordering::Relaxed),
+            self.memory.used(),
+            &self.writer_stats,
+        )
+    }
+
+    /// Whether ingest would accept a request now.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        !self.memory.full() && !self.writer_task.is_finished()
+    }
+
+    /// Stop: flush and commit everything, then stop the writer.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] if the writer failed.
+    pub async fn shutdown(self) -> Result<()> {
+        self.flush().await?;
+        drop(self.writer_tx);
+        drop(self.wal);
+        self.writer_task
+            .await
+            .map_err(|_| Error::Stopped("lake writer"))
+    }
+}
+
+fn to_parts(
+    parts: Vec<(PartitionKey, arrow::array::RecordBatch)>,
+    record: u64,
+    memory: &Memory,
+) -> Vec<Part> {
+    parts
+        .into_iter()
+        .map(|(key, batch)| {
+            memory.add(batch.get_array_memory_size());
+            Part { key, batch, record }
+        })
+        .collect()
+}
+
+/// The first record seq still in the WAL directory (segment names are
+/// their first seq), or `u64::MAX` for an empty WAL.
+fn oldest_wal_record(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".wal")?
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
