@@ -1,8 +1,11 @@
 //! `watershed`: the one binary. It parses arguments and calls the library
 //! crates; no pipeline logic lives here.
 
+mod demo;
 mod keys;
 mod schema;
+mod send;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +23,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the hub: HTTP ingest, WAL, validation, protection, Parquet lake.
+    Serve(serve::ConfigArgs),
+    /// Post NDJSON events to a hub in batches.
+    Send(send::SendArgs),
+    /// Start a hub on a scratch directory, send generated events from three
+    /// accounts, stop it, and show what landed in the lake.
+    Demo(demo::DemoArgs),
+    /// Manage account credentials.
+    #[command(subcommand)]
+    Accounts(serve::AccountsCmd),
+    /// Inspect the lake.
+    #[command(subcommand)]
+    Lake(serve::LakeCmd),
     /// Check or list a schema directory.
     #[command(subcommand)]
     Schema(schema::SchemaCmd),
@@ -37,12 +53,18 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match cli.command {
+        Command::Serve(a) => rt.block_on(serve::serve(a)),
+        Command::Send(a) => rt.block_on(send::send(a)),
+        Command::Demo(a) => rt.block_on(demo::demo(a)),
+        Command::Accounts(c) => serve::accounts(c),
+        Command::Lake(c) => rt.block_on(serve::lake(c)),
         Command::Schema(c) => schema::run(c),
         Command::Keys(c) => keys::run(c),
     };

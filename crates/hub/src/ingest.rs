@@ -202,6 +202,15 @@ impl Ingestor {
         }
     }
 
+    /// Make the keys created while protecting durable. Call before the
+    /// events are acknowledged or their rows reach the lake.
+    ///
+    /// # Errors
+    /// When the keyring cannot be written.
+    pub fn sync_keys(&self) -> watershed_protect::Result<()> {
+        self.keyring.sync()
+    }
+
     /// Rebuild the rows of a WAL record, skipping the partitions that
     /// `committed` says are in the lake already.
     #[must_use]

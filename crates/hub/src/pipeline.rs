@@ -160,6 +160,7 @@ impl Hub {
                 if parts.is_empty() {
                     return Ok(());
                 }
+                replay_ingestor.sync_keys()?;
                 replayed += parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
                 replay_pending.register(
                     seq,
@@ -222,25 +223,23 @@ impl Hub {
             collector.map(str::to_owned),
             encoding.map(str::to_owned),
         );
-        let processed = tokio::task::spawn_blocking(move || {
-            let decoded = body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes)?;
-            let events = body::split(&decoded, limits.max_batch_events)?;
-            Ok::<_, BodyError>(ingestor.process(
-                &account_c,
-                collector_c.as_deref(),
-                received_at,
-                &events,
-            ))
+        let processed = tokio::task::spawn_blocking(move || -> Result<crate::ingest::Processed, Refused> {
+            let refuse = |e| match e {
+                BodyError::TooLarge(n) => Refused::TooLarge(n),
+                BodyError::Bad(m) => Refused::BadRequest(m),
+                BodyError::TooManyEvents(n) => Refused::BadRequest(format!("more than {n} events in one request")),
+            };
+            let decoded = body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
+            let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
+            let processed = ingestor.process(&account_c, collector_c.as_deref(), received_at, &events);
+            if let Err(e) = ingestor.sync_keys() {
+                ingestor.dedupe.release(&processed.claimed);
+                return Err(Refused::Failed(format!("cannot store new protection keys: {e}")));
+            }
+            Ok(processed)
         })
         .await
-        .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))?
-        .map_err(|e| match e {
-            BodyError::TooLarge(n) => Refused::TooLarge(n),
-            BodyError::Bad(m) => Refused::BadRequest(m),
-            BodyError::TooManyEvents(n) => {
-                Refused::BadRequest(format!("more than {n} events in one request"))
-            }
-        })?;
+        .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))??;
         if processed.wal.is_empty() {
             return Ok(processed.response);
         }

@@ -1,12 +1,22 @@
-//! [`EnvelopeKeyring`]: data and tokenization keys stored wrapped in
-//! `keys.json` (mode 0600), under a [`MasterKey`] (a local key file or AWS
-//! KMS). Every change is a read-modify-write under an exclusive file lock
-//! followed by an atomic replace, so a `keys forget` from the command line
-//! and a running hub never lose each other's updates; readers notice a
-//! replaced file and drop erased keys from their caches.
+//! [`EnvelopeKeyring`]: data and tokenization keys stored wrapped under a
+//! [`MasterKey`] (a local key file, or AWS KMS) in an append-only key log,
+//! `keys.log` (mode 0600).
+//!
+//! - **Creating keys is cheap.** A new key is one appended line; the
+//!   hub calls [`Keyring::sync`] once per batch, before it acknowledges,
+//!   so a batch of a thousand new data subjects costs one fsync.
+//! - **Erasing keys is thorough.** `forget` appends an erasure and then
+//!   compacts: the log is rewritten without the erased keys' material and
+//!   atomically replaces the old one, so the wrapped key bytes are gone
+//!   from the file, not just marked.
+//! - **Processes cooperate.** Every write holds an exclusive lock on
+//!   `keys.lock`; a writer or reader that sees a replaced or grown log
+//!   re-reads it, so `keys forget` from the command line takes effect in a
+//!   running hub at its next key lookup, and no update is lost.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -23,47 +33,108 @@ use crate::keyring::{Erasure, Keyring, MasterKey, Wrapped};
 use crate::local::LocalMasterKey;
 use crate::secret::SecretKey;
 
-#[derive(Serialize, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-struct KeysFile {
-    format: u32,
-    /// Bumped by every change.
-    generation: u64,
-    /// Keys the HMAC that turns subject ids into references.
-    index_key: Option<Wrapped>,
-    token_keys: BTreeMap<String, Wrapped>,
-    data_keys: BTreeMap<String, DataKeyRecord>,
-    erased: BTreeMap<String, ErasedRecord>,
+/// One line of the key log.
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Line {
+    /// The key of the HMAC that turns subject ids into references.
+    IndexKey { wrapped: Wrapped },
+    /// An account's tokenization key.
+    TokenKey { account: String, wrapped: Wrapped },
+    /// A data key. `subject_ref` is `None` for the account-wide key.
+    DataKey { id: String, account: String, subject_ref: Option<String>, current: bool, wrapped: Wrapped, created: String },
+    /// Data keys erased by `forget`.
+    Erased { ids: Vec<String>, account: String, subject_ref: Option<String>, erased_at: String },
 }
 
-#[derive(Serialize, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
 struct DataKeyRecord {
     account: String,
-    /// Keyed reference of the subject; `None` for the account-wide key.
     subject_ref: Option<String>,
-    /// Whether new events use this key (false after a rotation).
     current: bool,
     wrapped: Wrapped,
     created: String,
 }
 
-#[derive(Serialize, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct ErasedRecord {
-    account: String,
-    subject_ref: Option<String>,
-    erased_at: String,
+#[derive(Default)]
+struct State {
+    index_key: Option<Wrapped>,
+    token_keys: HashMap<String, Wrapped>,
+    data_keys: HashMap<KeyId, DataKeyRecord>,
+    current: HashMap<(String, Option<String>), KeyId>,
+    erased: HashMap<KeyId, (String, Option<String>, String)>,
+}
+
+impl State {
+    fn apply(&mut self, line: Line) {
+        match line {
+            Line::IndexKey { wrapped } => self.index_key = Some(wrapped),
+            Line::TokenKey { account, wrapped } => {
+                self.token_keys.insert(account, wrapped);
+            }
+            Line::DataKey { id, account, subject_ref, current, wrapped, created } => {
+                let Some(id) = KeyId::from_hex(&id) else { return };
+                if self.erased.contains_key(&id) {
+                    return;
+                }
+                if current {
+                    self.current.insert((account.clone(), subject_ref.clone()), id);
+                } else if self.current.get(&(account.clone(), subject_ref.clone())) == Some(&id) {
+                    self.current.remove(&(account.clone(), subject_ref.clone()));
+                }
+                self.data_keys.insert(id, DataKeyRecord { account, subject_ref, current, wrapped, created });
+            }
+            Line::Erased { ids, account, subject_ref, erased_at } => {
+                for hex in ids {
+                    let Some(id) = KeyId::from_hex(&hex) else { continue };
+                    self.data_keys.remove(&id);
+                    self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
+                }
+                self.current.retain(|_, id| !self.erased.contains_key(id));
+            }
+        }
+    }
+
+    /// The whole state as log lines (for compaction).
+    fn snapshot(&self) -> Vec<Line> {
+        let mut out = Vec::new();
+        if let Some(w) = &self.index_key {
+            out.push(Line::IndexKey { wrapped: w.clone() });
+        }
+        let mut tokens: Vec<_> = self.token_keys.iter().collect();
+        tokens.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend(tokens.into_iter().map(|(a, w)| Line::TokenKey { account: a.clone(), wrapped: w.clone() }));
+        let mut erased: HashMap<(String, Option<String>, String), Vec<String>> = HashMap::new();
+        for (id, (a, s, at)) in &self.erased {
+            erased.entry((a.clone(), s.clone(), at.clone())).or_default().push(id.to_hex());
+        }
+        for ((account, subject_ref, erased_at), mut ids) in erased {
+            ids.sort();
+            out.push(Line::Erased { ids, account, subject_ref, erased_at });
+        }
+        let mut keys: Vec<_> = self.data_keys.iter().collect();
+        keys.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
+        out.extend(keys.into_iter().map(|(id, r)| Line::DataKey {
+            id: id.to_hex(),
+            account: r.account.clone(),
+            subject_ref: r.subject_ref.clone(),
+            current: r.current,
+            wrapped: r.wrapped.clone(),
+            created: r.created.clone(),
+        }));
+        out
+    }
 }
 
 struct Loaded {
-    file: KeysFile,
+    state: State,
     stamp: Option<Stamp>,
+    file: Option<File>,
+    dirty: bool,
     index: Option<Hmac<Sha256>>,
     cache: HashMap<KeyId, SecretKey>,
 }
 
-/// Envelope-encrypted keys in a local file. See the module docs.
+/// Envelope-encrypted keys in a local key log. See the module docs.
 pub struct EnvelopeKeyring<M: MasterKey> {
     path: PathBuf,
     lock_path: PathBuf,
@@ -77,12 +148,7 @@ pub type LocalKeyring = EnvelopeKeyring<LocalMasterKey>;
 
 impl<M: MasterKey> std::fmt::Debug for EnvelopeKeyring<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "EnvelopeKeyring({}, {:?})",
-            self.path.display(),
-            self.master
-        )
+        write!(f, "EnvelopeKeyring({}, {:?})", self.path.display(), self.master)
     }
 }
 
@@ -112,125 +178,146 @@ fn token_context(account: &str) -> Vec<u8> {
 
 const INDEX_CONTEXT: &[u8] = b"idx";
 
+/// Holds `keys.lock` exclusively while alive.
+struct FileLock(File);
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
 impl<M: MasterKey> EnvelopeKeyring<M> {
-    /// Open `dir/keys.json` under `master`, creating it on first use.
+    /// Open `dir/keys.log` under `master`, creating it on first use.
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Corrupt`] when the files cannot be used.
     pub fn open(dir: &Path, master: M) -> Result<Self> {
         ensure_dir(dir)?;
         let kr = Self {
-            path: dir.join("keys.json"),
+            path: dir.join("keys.log"),
             lock_path: dir.join("keys.lock"),
             audit: AuditLog::open(&dir.join("audit.log"))?,
             master,
             state: Mutex::new(Loaded {
-                file: KeysFile::default(),
+                state: State::default(),
                 stamp: None,
+                file: None,
+                dirty: false,
                 index: None,
                 cache: HashMap::new(),
             }),
         };
         {
             let mut st = lock(&kr.state);
-            kr.reload(&mut st)?;
-            if st.file.index_key.is_none() {
-                kr.mutate(&mut st, |_, _| Ok(()))?;
+            let _guard = kr.lock_file()?;
+            kr.reload(&mut st, true)?;
+            if st.state.index_key.is_none() {
+                let k = SecretKey::random();
+                let w = kr.master.wrap(&k, INDEX_CONTEXT)?;
+                kr.append(&mut st, &[Line::IndexKey { wrapped: w }])?;
+                kr.sync_locked(&mut st)?;
             }
+            let w = st.state.index_key.clone().expect("set above");
+            let k = kr.master.unwrap(&w, INDEX_CONTEXT)?;
+            st.index = Some(<Hmac<Sha256> as Mac>::new_from_slice(k.expose()).expect("any key length"));
         }
         Ok(kr)
     }
 
-    /// The audit log shared by this keyring and its decryptors.
-    #[must_use]
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
-    }
-
-    fn reload(&self, st: &mut Loaded) -> Result<()> {
-        let now = stamp(&self.path);
-        if now.is_some() && now == st.stamp {
-            return Ok(());
-        }
-        let file: KeysFile = match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                path: self.path.clone(),
-                detail: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeysFile {
-                format: 1,
-                ..KeysFile::default()
-            },
-            Err(source) => {
-                return Err(Error::Io {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
-        st.cache
-            .retain(|id, _| file.data_keys.contains_key(&id.to_hex()));
-        if st.index.is_none() {
-            if let Some(w) = &file.index_key {
-                let k = self.master.unwrap(w, INDEX_CONTEXT)?;
-                st.index = Some(
-                    <Hmac<Sha256> as Mac>::new_from_slice(k.expose()).expect("any key length"),
-                );
-            }
-        }
-        st.file = file;
-        st.stamp = now;
-        Ok(())
-    }
-
-    /// Read-modify-write under the file lock.
-    fn mutate<T>(
-        &self,
-        st: &mut Loaded,
-        f: impl FnOnce(&mut KeysFile, &M) -> Result<T>,
-    ) -> Result<T> {
-        let lock_file = OpenOptions::new()
+    fn lock_file(&self) -> Result<FileLock> {
+        let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&self.lock_path)
-            .map_err(|source| Error::Io {
-                path: self.lock_path.clone(),
-                source,
-            })?;
-        lock_file.lock().map_err(|source| Error::Io {
-            path: self.lock_path.clone(),
-            source,
-        })?;
-        let result = self.mutate_locked(st, f);
-        drop(lock_file);
-        result
+            .map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
+        f.lock().map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
+        Ok(FileLock(f))
     }
 
-    fn mutate_locked<T>(
-        &self,
-        st: &mut Loaded,
-        f: impl FnOnce(&mut KeysFile, &M) -> Result<T>,
-    ) -> Result<T> {
-        st.stamp = None;
-        self.reload(st)?;
-        let mut file = st.file.clone();
-        file.format = 1;
-        if file.index_key.is_none() {
-            let k = SecretKey::random();
-            file.index_key = Some(self.master.wrap(&k, INDEX_CONTEXT)?);
-            st.index =
-                Some(<Hmac<Sha256> as Mac>::new_from_slice(k.expose()).expect("any key length"));
+    fn io(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io { path: self.path.clone(), source }
+    }
+
+    /// Re-read the log if it changed (or always, with `force`).
+    fn reload(&self, st: &mut Loaded, force: bool) -> Result<()> {
+        let now = stamp(&self.path);
+        if !force && now.is_some() && now == st.stamp {
+            return Ok(());
         }
-        let out = f(&mut file, &self.master)?;
-        file.generation += 1;
-        let bytes = serde_json::to_vec_pretty(&file).expect("serialisable");
-        write_atomic(&self.path, &bytes)?;
-        st.file = file;
+        let mut state = State::default();
+        match File::open(&self.path) {
+            Ok(f) => {
+                for line in BufReader::new(f).lines() {
+                    let line = line.map_err(self.io())?;
+                    match serde_json::from_str::<Line>(&line) {
+                        Ok(l) => state.apply(l),
+                        // A torn last line: a key created but never synced,
+                        // so never used by an acknowledged event.
+                        Err(_) if !line.ends_with('}') => {}
+                        Err(e) => return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() }),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io()(e)),
+        }
+        st.cache.retain(|id, _| state.data_keys.contains_key(id));
+        st.state = state;
+        st.stamp = now;
+        st.file = None;
+        Ok(())
+    }
+
+    /// Append lines; the caller holds the file lock.
+    fn append(&self, st: &mut Loaded, lines: &[Line]) -> Result<()> {
+        if stamp(&self.path) != st.stamp {
+            self.reload(st, true)?;
+        }
+        if st.file.is_none() {
+            let mut opts = OpenOptions::new();
+            opts.create(true).append(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            st.file = Some(opts.open(&self.path).map_err(self.io())?);
+        }
+        let mut buf = Vec::new();
+        for l in lines {
+            serde_json::to_writer(&mut buf, l).expect("serialisable");
+            buf.push(b'\n');
+        }
+        st.file.as_mut().expect("opened above").write_all(&buf).map_err(self.io())?;
+        for l in lines {
+            st.state.apply(l.clone());
+        }
+        st.dirty = true;
         st.stamp = stamp(&self.path);
-        st.cache
-            .retain(|id, _| st.file.data_keys.contains_key(&id.to_hex()));
-        Ok(out)
+        Ok(())
+    }
+
+    fn sync_locked(&self, st: &mut Loaded) -> Result<()> {
+        if st.dirty {
+            if let Some(f) = &st.file {
+                f.sync_data().map_err(self.io())?;
+            }
+            st.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Rewrite the log from the current state; erased material is gone.
+    fn compact(&self, st: &mut Loaded) -> Result<()> {
+        let mut buf = Vec::new();
+        for l in st.state.snapshot() {
+            serde_json::to_writer(&mut buf, &l).expect("serialisable");
+            buf.push(b'\n');
+        }
+        write_atomic(&self.path, &buf)?;
+        st.file = None;
+        st.dirty = false;
+        st.stamp = stamp(&self.path);
+        Ok(())
     }
 
     fn subject_ref(st: &Loaded, account: &AccountId, subject: &str) -> String {
@@ -242,122 +329,113 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         d[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn find_current(file: &KeysFile, account: &str, subject_ref: Option<&str>) -> Option<KeyId> {
-        file.data_keys
-            .iter()
-            .find(|(_, r)| {
-                r.current && r.account == account && r.subject_ref.as_deref() == subject_ref
-            })
-            .and_then(|(id, _)| KeyId::from_hex(id))
-    }
-
     fn unwrap_cached(&self, st: &mut Loaded, id: KeyId) -> Result<SecretKey> {
         if let Some(k) = st.cache.get(&id) {
             return Ok(k.clone());
         }
-        let hex = id.to_hex();
-        let Some(rec) = st.file.data_keys.get(&hex) else {
-            return Err(match st.file.erased.get(&hex) {
-                Some(e) => Error::KeyErased {
-                    key_id: hex,
-                    erased_at: e.erased_at.clone(),
-                },
-                None => Error::UnknownKey { key_id: hex },
+        let Some(rec) = st.state.data_keys.get(&id) else {
+            return Err(match st.state.erased.get(&id) {
+                Some((_, _, at)) => Error::KeyErased { key_id: id.to_hex(), erased_at: at.clone() },
+                None => Error::UnknownKey { key_id: id.to_hex() },
             });
         };
         let k = self.master.unwrap(&rec.wrapped, &dek_context(&id))?;
         st.cache.insert(id, k.clone());
         Ok(k)
     }
+
+    /// Data keys held (for tests and reporting).
+    #[must_use]
+    pub fn data_key_count(&self) -> usize {
+        lock(&self.state).state.data_keys.len()
+    }
 }
 
 impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     fn token_key(&self, account: &AccountId) -> Result<SecretKey> {
         let mut st = lock(&self.state);
-        self.reload(&mut st)?;
+        self.reload(&mut st, false)?;
         let ctx = token_context(account.as_str());
-        if let Some(w) = st.file.token_keys.get(account.as_str()) {
+        if let Some(w) = st.state.token_keys.get(account.as_str()) {
             return self.master.unwrap(w, &ctx);
         }
-        self.mutate(&mut st, |file, master| {
-            if let Some(w) = file.token_keys.get(account.as_str()) {
-                return master.unwrap(w, &ctx);
-            }
-            let (k, w) = master.generate(&ctx)?;
-            file.token_keys.insert(account.to_string(), w);
-            Ok(k)
-        })
+        let _guard = self.lock_file()?;
+        self.reload(&mut st, false)?;
+        if let Some(w) = st.state.token_keys.get(account.as_str()) {
+            return self.master.unwrap(w, &ctx);
+        }
+        let (k, wrapped) = self.master.generate(&ctx)?;
+        self.append(&mut st, &[Line::TokenKey { account: account.to_string(), wrapped }])?;
+        // Token keys are few: make each durable at once.
+        self.sync_locked(&mut st)?;
+        Ok(k)
     }
 
     fn data_key(&self, account: &AccountId, subject: Option<&str>) -> Result<(KeyId, SecretKey)> {
         let mut st = lock(&self.state);
-        self.reload(&mut st)?;
+        self.reload(&mut st, false)?;
         let sref = subject.map(|s| Self::subject_ref(&st, account, s));
-        if let Some(id) = Self::find_current(&st.file, account.as_str(), sref.as_deref()) {
-            let k = self.unwrap_cached(&mut st, id)?;
-            return Ok((id, k));
+        let slot = (account.to_string(), sref);
+        if let Some(&id) = st.state.current.get(&slot) {
+            return Ok((id, self.unwrap_cached(&mut st, id)?));
         }
-        let (id, key) = self.mutate(&mut st, |file, master| {
-            if let Some(id) = Self::find_current(file, account.as_str(), sref.as_deref()) {
-                let rec = &file.data_keys[&id.to_hex()];
-                return Ok((id, master.unwrap(&rec.wrapped, &dek_context(&id))?));
-            }
-            let id = KeyId::random();
-            let (k, wrapped) = master.generate(&dek_context(&id))?;
-            file.data_keys.insert(
-                id.to_hex(),
-                DataKeyRecord {
-                    account: account.to_string(),
-                    subject_ref: sref.clone(),
-                    current: true,
-                    wrapped,
-                    created: chrono::Utc::now().to_rfc3339(),
-                },
-            );
-            Ok((id, k))
-        })?;
-        st.cache.insert(id, key.clone());
-        Ok((id, key))
+        let _guard = self.lock_file()?;
+        self.reload(&mut st, false)?;
+        if let Some(&id) = st.state.current.get(&slot) {
+            return Ok((id, self.unwrap_cached(&mut st, id)?));
+        }
+        let id = KeyId::random();
+        let (k, wrapped) = self.master.generate(&dek_context(&id))?;
+        let (account, subject_ref) = slot;
+        self.append(
+            &mut st,
+            &[Line::DataKey { id: id.to_hex(), account, subject_ref, current: true, wrapped, created: chrono::Utc::now().to_rfc3339() }],
+        )?;
+        st.cache.insert(id, k.clone());
+        Ok((id, k))
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut st = lock(&self.state);
+        if !st.dirty {
+            return Ok(());
+        }
+        let _guard = self.lock_file()?;
+        self.sync_locked(&mut st)
     }
 
     fn key_by_id(&self, id: &KeyId) -> Result<SecretKey> {
         let mut st = lock(&self.state);
-        self.reload(&mut st)?;
+        self.reload(&mut st, false)?;
         self.unwrap_cached(&mut st, *id)
     }
 
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure> {
         let mut st = lock(&self.state);
-        self.reload(&mut st)?;
+        let _guard = self.lock_file()?;
+        self.reload(&mut st, true)?;
         let sref = Self::subject_ref(&st, account, subject);
-        let now = chrono::Utc::now().to_rfc3339();
-        let ids = self.mutate(&mut st, |file, _| {
-            let ids: Vec<String> = file
-                .data_keys
-                .iter()
-                .filter(|(_, r)| {
-                    r.account == account.as_str() && r.subject_ref.as_deref() == Some(sref.as_str())
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            if ids.is_empty() {
-                return Err(Error::NothingToForget {
-                    account: account.to_string(),
-                });
-            }
-            for id in &ids {
-                file.data_keys.remove(id);
-                file.erased.insert(
-                    id.clone(),
-                    ErasedRecord {
-                        account: account.to_string(),
-                        subject_ref: Some(sref.clone()),
-                        erased_at: now.clone(),
-                    },
-                );
-            }
-            Ok(ids)
-        })?;
+        let mut ids: Vec<KeyId> = st
+            .state
+            .data_keys
+            .iter()
+            .filter(|(_, r)| r.account == account.as_str() && r.subject_ref.as_deref() == Some(sref.as_str()))
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return Err(Error::NothingToForget { account: account.to_string() });
+        }
+        ids.sort();
+        let hex: Vec<String> = ids.iter().map(KeyId::to_hex).collect();
+        st.state.apply(Line::Erased {
+            ids: hex.clone(),
+            account: account.to_string(),
+            subject_ref: Some(sref.clone()),
+            erased_at: chrono::Utc::now().to_rfc3339(),
+        });
+        st.cache.retain(|id, _| !ids.contains(id));
+        self.compact(&mut st)?;
+        drop(_guard);
         drop(st);
         #[derive(Serialize)]
         struct Rec<'a> {
@@ -366,45 +444,39 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             subject_ref: &'a str,
             key_ids: &'a [String],
         }
-        self.audit.append(&Rec {
-            action: "forget",
-            account: account.as_str(),
-            subject_ref: &sref,
-            key_ids: &ids,
-        })?;
+        self.audit.append(&Rec { action: "forget", account: account.as_str(), subject_ref: &sref, key_ids: &hex })?;
         tracing::info!(account = %account, subject_ref = %sref, keys = ids.len(), "erased data subject keys");
-        Ok(Erasure {
-            key_ids: ids.iter().filter_map(|h| KeyId::from_hex(h)).collect(),
-            subject_ref: sref,
-        })
+        Ok(Erasure { key_ids: ids, subject_ref: sref })
     }
 
     fn rotate(&self) -> Result<String> {
         let new_master = self.master.rotate()?;
         let mut st = lock(&self.state);
-        let rewrapped = self.mutate(&mut st, |file, master| {
-            let mut n = 0usize;
-            for (hex, rec) in &mut file.data_keys {
-                let id = KeyId::from_hex(hex).ok_or_else(|| Error::Corrupt {
-                    path: PathBuf::from("keys.json"),
-                    detail: format!("bad key id {hex}"),
-                })?;
-                let k = master.unwrap(&rec.wrapped, &dek_context(&id))?;
-                rec.wrapped = master.wrap(&k, &dek_context(&id))?;
-                rec.current = false;
-                n += 1;
-            }
-            for (account, w) in &mut file.token_keys {
-                let ctx = token_context(account);
-                let k = master.unwrap(w, &ctx)?;
-                *w = master.wrap(&k, &ctx)?;
-            }
-            if let Some(w) = &mut file.index_key {
-                let k = master.unwrap(w, INDEX_CONTEXT)?;
-                *w = master.wrap(&k, INDEX_CONTEXT)?;
-            }
-            Ok(n)
-        })?;
+        let guard = self.lock_file()?;
+        self.reload(&mut st, true)?;
+        let mut n = 0usize;
+        let ids: Vec<KeyId> = st.state.data_keys.keys().copied().collect();
+        for id in ids {
+            let rec = st.state.data_keys.get_mut(&id).expect("listed above");
+            let k = self.master.unwrap(&rec.wrapped, &dek_context(&id))?;
+            rec.wrapped = self.master.wrap(&k, &dek_context(&id))?;
+            rec.current = false;
+            n += 1;
+        }
+        st.state.current.clear();
+        let accounts: Vec<String> = st.state.token_keys.keys().cloned().collect();
+        for a in accounts {
+            let ctx = token_context(&a);
+            let w = st.state.token_keys.get_mut(&a).expect("listed above");
+            let k = self.master.unwrap(w, &ctx)?;
+            *w = self.master.wrap(&k, &ctx)?;
+        }
+        if let Some(w) = st.state.index_key.as_mut() {
+            let k = self.master.unwrap(w, INDEX_CONTEXT)?;
+            *w = self.master.wrap(&k, INDEX_CONTEXT)?;
+        }
+        self.compact(&mut st)?;
+        drop(guard);
         drop(st);
         #[derive(Serialize)]
         struct Rec<'a> {
@@ -412,11 +484,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             master_key: &'a str,
             data_keys_rewrapped: usize,
         }
-        self.audit.append(&Rec {
-            action: "rotate",
-            master_key: &new_master,
-            data_keys_rewrapped: rewrapped,
-        })?;
+        self.audit.append(&Rec { action: "rotate", master_key: &new_master, data_keys_rewrapped: n })?;
         Ok(new_master)
     }
 }

@@ -77,6 +77,13 @@ pub trait Keyring: Send + Sync + Debug {
     /// When the key cannot be created or unwrapped.
     fn data_key(&self, account: &AccountId, subject: Option<&str>) -> Result<(KeyId, SecretKey)>;
 
+    /// Make every key created so far durable. Call before acknowledging
+    /// events protected with new keys.
+    ///
+    /// # Errors
+    /// When the keyring cannot be written.
+    fn sync(&self) -> Result<()>;
+
     /// A data key by id, for decryption.
     ///
     /// # Errors

@@ -1,0 +1,147 @@
+//! `watershed send`: post NDJSON to a hub in batches, with retries,
+//! backoff and a progress bar.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub(crate) struct SendArgs {
+    /// NDJSON file of events, or - for stdin.
+    input: PathBuf,
+    /// The hub's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8787")]
+    url: String,
+    /// The account's bearer token.
+    #[arg(long, env = "WATERSHED_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Attempts per request on 503, 5xx and connection errors.
+    #[arg(long, default_value_t = 10)]
+    retries: u32,
+    /// Collector name sent as provenance.
+    #[arg(long)]
+    collector: Option<String>,
+}
+
+/// Totals of a send.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Totals {
+    pub(crate) accepted: u64,
+    pub(crate) rejected: u64,
+    pub(crate) duplicates: u64,
+}
+
+pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn Read> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?)
+    };
+    let total_bytes = std::fs::metadata(&args.input).map(|m| m.len()).unwrap_or(0);
+    let bar = if total_bytes > 0 { ProgressBar::new(total_bytes) } else { ProgressBar::new_spinner() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}")
+            .expect("valid template"),
+    );
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    let mut totals = Totals::default();
+    let mut lines = BufReader::new(reader).lines();
+    let mut batch = String::new();
+    let mut n = 0usize;
+    let mut index_base = 0usize;
+    loop {
+        let line = lines.next().transpose().context("reading input")?;
+        if let Some(l) = &line {
+            if !l.trim().is_empty() {
+                batch.push_str(l);
+                batch.push('\n');
+                n += 1;
+            }
+            bar.inc(l.len() as u64 + 1);
+        }
+        if n > 0 && (n >= args.batch || line.is_none()) {
+            let body = std::mem::take(&mut batch);
+            let resp = post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries).await?;
+            totals.accepted += resp["accepted"].as_u64().unwrap_or(0);
+            totals.duplicates += resp["duplicates"].as_u64().unwrap_or(0);
+            for r in resp["rejected"].as_array().into_iter().flatten() {
+                totals.rejected += 1;
+                bar.suspend(|| {
+                    eprintln!(
+                        "rejected event {} (id {}): {} at {}: {}",
+                        index_base + r["index"].as_u64().unwrap_or(0) as usize,
+                        r["id"].as_str().unwrap_or("?"),
+                        r["reason"].as_str().unwrap_or("?"),
+                        r["path"].as_str().unwrap_or("$"),
+                        r["detail"].as_str().unwrap_or("")
+                    );
+                });
+            }
+            index_base += n;
+            n = 0;
+            bar.set_message(format!("accepted {} rejected {}", totals.accepted, totals.rejected));
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    println!("accepted {} rejected {} duplicates {}", totals.accepted, totals.rejected, totals.duplicates);
+    Ok(if totals.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// POST one batch, retrying transient failures with exponential backoff
+/// (honouring `Retry-After`).
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    collector: Option<&str>,
+    body: String,
+    retries: u32,
+) -> anyhow::Result<Value> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut req = client
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone());
+        if let Some(c) = collector {
+            req = req.header("x-watershed-collector", c);
+        }
+        let transient = match req.send().await {
+            Ok(r) if r.status().is_success() => return Ok(r.json().await?),
+            Ok(r) if r.status().as_u16() == 503 || r.status().is_server_error() => {
+                if let Some(s) = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+                    delay = delay.max(Duration::from_secs(s));
+                }
+                format!("{}", r.status())
+            }
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                anyhow::bail!("the hub refused the batch: {status}: {text}");
+            }
+            Err(e) => e.to_string(),
+        };
+        if attempt >= retries {
+            anyhow::bail!("giving up after {attempt} attempts: {transient}");
+        }
+        tracing::warn!(attempt, error = %transient, delay_ms = delay.as_millis(), "retrying batch");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}

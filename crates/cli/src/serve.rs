@@ -1,0 +1,111 @@
+//! `watershed serve`, `watershed accounts add`, `watershed lake ls`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use watershed_event::AccountId;
+use watershed_hub::{Hub, HubConfig, Overrides};
+
+/// Options shared by commands that load the hub configuration.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ConfigArgs {
+    /// TOML configuration file (then WATERSHED_* variables, then flags).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Listen address (default 127.0.0.1:8787).
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// Schema directory (default ./schemas).
+    #[arg(long)]
+    pub(crate) schemas: Option<PathBuf>,
+    /// Data directory: WAL, keyring, accounts, lake (default ./watershed-data).
+    #[arg(long)]
+    pub(crate) data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub(crate) fn load(&self) -> anyhow::Result<HubConfig> {
+        let overrides =
+            Overrides { listen: self.listen.clone(), schemas: self.schemas.clone(), data_dir: self.data_dir.clone() };
+        Ok(HubConfig::load(self.config.as_deref(), std::env::vars().collect(), &overrides)?)
+    }
+}
+
+pub(crate) async fn serve(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let config = args.load()?;
+    let hub = Hub::start(config).await.context("starting the hub")?;
+    watershed_hub::serve::serve(hub, watershed_hub::serve::signal(), |addr| {
+        eprintln!("watershed: listening on http://{addr}");
+        tracing::info!(%addr, "listening");
+    })
+    .await?;
+    eprintln!("watershed: stopped; every accepted event is committed");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AccountsCmd {
+    /// Create a bearer token bound to ACCOUNT_ID. The token is printed once,
+    /// as the last word of the output; only its hash is stored.
+    Add {
+        /// The member account id (for AWS, the 12-digit number).
+        account_id: AccountId,
+        /// The hub's data directory.
+        #[arg(long, default_value_os_t = crate::default_data_dir())]
+        data_dir: PathBuf,
+    },
+}
+
+pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AccountsCmd::Add { account_id, data_dir } => {
+            let token = watershed_hub::accounts::Accounts::add(&data_dir, &account_id)?;
+            println!("created a token for account {account_id} (stored hashed in {}): {token}", data_dir.join("accounts.json").display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum LakeCmd {
+    /// List tables, partitions, files, rows and bytes.
+    Ls {
+        /// The lake directory (default: <data-dir>/lake).
+        #[arg(long)]
+        lake: Option<PathBuf>,
+        /// The hub's data directory.
+        #[arg(long, default_value_os_t = crate::default_data_dir())]
+        data_dir: PathBuf,
+        /// Per-partition lines, not only per table.
+        #[arg(long)]
+        partitions: bool,
+    },
+}
+
+pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
+    let LakeCmd::Ls { lake, data_dir, partitions } = cmd;
+    let dir = lake.unwrap_or_else(|| data_dir.join("lake"));
+    if !dir.exists() {
+        anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
+    }
+    let l = watershed_lake::Lake::local(&dir, 8)?;
+    print_summary(&watershed_lake::ls::summarize(&l).await?, partitions);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn print_summary(s: &watershed_lake::ls::LakeSummary, partitions: bool) {
+    println!("{:<24} {:>10} {:>7} {:>12} {:>12}", "table", "partitions", "files", "rows", "bytes");
+    for (table, parts) in s {
+        let files: usize = parts.values().map(|p| p.files).sum();
+        let rows: u64 = parts.values().map(|p| p.rows).sum();
+        let bytes: u64 = parts.values().map(|p| p.bytes).sum();
+        println!("{table:<24} {:>10} {files:>7} {rows:>12} {bytes:>12}", parts.len());
+        if partitions {
+            for (dir, p) in parts {
+                println!("  {dir:<60} files={} rows={} bytes={}", p.files, p.rows, p.bytes);
+            }
+        }
+    }
+}
