@@ -67,15 +67,31 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 // Every 50th event is broken in one of a few ways.
                 match n % 200 {
                     50 => e = e.replace("\"currency\":\"EUR\"", "\"currency\":\"DOGE\""),
-                    100 => e = e.replacen(&format!("\"account\":\"{account}\""), "\"account\":\"999999999999\"", 1),
+                    100 => {
+                        e = e.replacen(
+                            &format!("\"account\":\"{account}\""),
+                            "\"account\":\"999999999999\"",
+                            1,
+                        )
+                    }
                     150 => e.truncate(e.len() / 2),
-                    199 => e = e.replace("\"source\":\"com.example.shop\"", "\"source\":\"com.example.unknown\""),
+                    199 => {
+                        e = e.replace("\"source\":\"com.example.shop\"", "\"source\":\"com.example.unknown\"")
+                    }
                     _ => {}
                 }
                 batch.push_str(&e);
                 batch.push('\n');
                 if (n + 1) % 500 == 0 || n + 1 == per_account {
-                    let r = crate::send::post(&client, &url, &token, Some("demo"), std::mem::take(&mut batch), 10).await?;
+                    let r = crate::send::post(
+                        &client,
+                        &url,
+                        &token,
+                        Some("demo"),
+                        std::mem::take(&mut batch),
+                        10,
+                    )
+                    .await?;
                     totals.accepted += r["accepted"].as_u64().unwrap_or(0);
                     totals.rejected += r["rejected"].as_array().map_or(0, |a| a.len() as u64);
                 }

@@ -20,10 +20,7 @@ pub(crate) struct KeyringArgs {
 
 impl KeyringArgs {
     fn open(&self) -> anyhow::Result<LocalKeyring> {
-        let dir = self
-            .keyring
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("keyring"));
+        let dir = self.keyring.clone().unwrap_or_else(|| self.data_dir.join("keyring"));
         LocalKeyring::open_local(&dir).with_context(|| format!("opening keyring {}", dir.display()))
     }
 }
@@ -66,11 +63,7 @@ pub(crate) enum KeysCmd {
 
 pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::Forget {
-            account,
-            subject,
-            keyring,
-        } => {
+        KeysCmd::Forget { account, subject, keyring } => {
             let kr = keyring.open()?;
             let erasure = kr.forget(&account, &subject)?;
             println!(
@@ -84,15 +77,12 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
         KeysCmd::Rotate { keyring } => {
             let kr = keyring.open()?;
             let id = kr.rotate()?;
-            println!("rotated: new master key {id}; existing data keys rewrapped, new data keys for new events");
+            println!(
+                "rotated: new master key {id}; existing data keys rewrapped, new data keys for new events"
+            );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCmd::Decrypt {
-            principal,
-            purpose,
-            values,
-            keyring,
-        } => {
+        KeysCmd::Decrypt { principal, purpose, values, keyring } => {
             let kr = keyring.open()?;
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             let results = Decryptor::new(&kr).decrypt(&Access { principal, purpose }, &refs)?;
@@ -106,11 +96,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
 }

@@ -28,11 +28,7 @@ pub(crate) fn run(cmd: SchemaCmd) -> anyhow::Result<ExitCode> {
         SchemaCmd::Check { dir } => match Registry::load(&dir) {
             Ok(reg) => {
                 let versions: usize = reg.subjects().iter().map(|s| s.versions.len()).sum();
-                let protected: usize = reg
-                    .subjects()
-                    .iter()
-                    .map(|s| s.latest().protect.actions.len())
-                    .sum();
+                let protected: usize = reg.subjects().iter().map(|s| s.latest().protect.actions.len()).sum();
                 println!(
                     "ok: {} subjects, {versions} versions, {protected} protected fields in {}",
                     reg.subjects().len(),

@@ -44,7 +44,9 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let reader: Box<dyn Read> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
-        Box::new(std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?)
+        Box::new(
+            std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?,
+        )
     };
     let total_bytes = std::fs::metadata(&args.input).map(|m| m.len()).unwrap_or(0);
     let bar = if total_bytes > 0 { ProgressBar::new(total_bytes) } else { ProgressBar::new_spinner() };
@@ -71,7 +73,8 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         }
         if n > 0 && (n >= args.batch || line.is_none()) {
             let body = std::mem::take(&mut batch);
-            let resp = post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries).await?;
+            let resp =
+                post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries).await?;
             totals.accepted += resp["accepted"].as_u64().unwrap_or(0);
             totals.duplicates += resp["duplicates"].as_u64().unwrap_or(0);
             for r in resp["rejected"].as_array().into_iter().flatten() {
@@ -125,7 +128,9 @@ pub(crate) async fn post(
         let transient = match req.send().await {
             Ok(r) if r.status().is_success() => return Ok(r.json().await?),
             Ok(r) if r.status().as_u16() == 503 || r.status().is_server_error() => {
-                if let Some(s) = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+                if let Some(s) =
+                    r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+                {
                     delay = delay.max(Duration::from_secs(s));
                 }
                 format!("{}", r.status())

@@ -27,8 +27,11 @@ pub(crate) struct ConfigArgs {
 
 impl ConfigArgs {
     pub(crate) fn load(&self) -> anyhow::Result<HubConfig> {
-        let overrides =
-            Overrides { listen: self.listen.clone(), schemas: self.schemas.clone(), data_dir: self.data_dir.clone() };
+        let overrides = Overrides {
+            listen: self.listen.clone(),
+            schemas: self.schemas.clone(),
+            data_dir: self.data_dir.clone(),
+        };
         Ok(HubConfig::load(self.config.as_deref(), std::env::vars().collect(), &overrides)?)
     }
 }
@@ -62,7 +65,10 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AccountsCmd::Add { account_id, data_dir } => {
             let token = watershed_hub::accounts::Accounts::add(&data_dir, &account_id)?;
-            println!("created a token for account {account_id} (stored hashed in {}): {token}", data_dir.join("accounts.json").display());
+            println!(
+                "created a token for account {account_id} (stored hashed in {}): {token}",
+                data_dir.join("accounts.json").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

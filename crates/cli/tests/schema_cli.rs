@@ -4,11 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn watershed(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_watershed"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_watershed")).args(args).current_dir(cwd).output().expect("runs")
 }
 
 fn repo() -> PathBuf {
@@ -16,11 +12,7 @@ fn repo() -> PathBuf {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn write(p: &Path, s: &str) {
@@ -32,18 +24,11 @@ fn write(p: &Path, s: &str) {
 fn check_passes_on_the_examples() {
     let o = watershed(&["schema", "check", "schemas"], &repo());
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        text(&o).starts_with("ok: 4 subjects, 6 versions"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).starts_with("ok: 4 subjects, 6 versions"), "{}", text(&o));
     let o = watershed(&["schema", "list", "schemas"], &repo());
     assert!(o.status.success());
     let out = text(&o);
-    assert!(
-        out.contains("payments.payment_authorized  table=payments"),
-        "{out}"
-    );
+    assert!(out.contains("payments.payment_authorized  table=payments"), "{out}");
     assert!(out.contains("protect encrypt   card.holder_name"), "{out}");
     assert!(out.contains("data subject: customer_id"), "{out}");
 }
@@ -52,10 +37,7 @@ fn check_passes_on_the_examples() {
 fn check_lists_every_problem_with_file_field_and_rule() {
     let dir = tempfile::tempdir().unwrap();
     let s = dir.path().join("schemas");
-    write(
-        &s.join("orders/subject.toml"),
-        "source = \"shop\"\ndetail_type = \"Order\"\n",
-    );
+    write(&s.join("orders/subject.toml"), "source = \"shop\"\ndetail_type = \"Order\"\n");
     let v = |total: &str, extra: &str| {
         format!(
             r#"{{"type":"record","name":"Order","fields":[{{"name":"id","type":"string"}},{{"name":"total","type":"{total}"}}{extra}]}}"#
@@ -64,28 +46,16 @@ fn check_lists_every_problem_with_file_field_and_rule() {
     write(&s.join("orders/v1.avsc"), &v("double", ""));
     write(
         &s.join("orders/v2.avsc"),
-        &v(
-            "double",
-            r#",{"name":"note","type":["null","string"],"default":null}"#,
-        ),
+        &v("double", r#",{"name":"note","type":["null","string"],"default":null}"#),
     );
-    write(
-        &s.join("orders/v3.avsc"),
-        &v("string", r#",{"name":"qty","type":"int"}"#),
-    );
+    write(&s.join("orders/v3.avsc"), &v("string", r#",{"name":"qty","type":"int"}"#));
     // A second subject with attribute mistakes and a bad mode.
     write(
         &s.join("logins/subject.toml"),
         "source = \"idp\"\ndetail_type = \"Login\"\ncompatibility = \"SIDEWAYS\"\n",
     );
-    write(
-        &s.join("logins/v1.avsc"),
-        r#"{"type":"record","name":"L","fields":[]}"#,
-    );
-    write(
-        &s.join("users/subject.toml"),
-        "source = \"idp\"\ndetail_type = \"User\"\n",
-    );
+    write(&s.join("logins/v1.avsc"), r#"{"type":"record","name":"L","fields":[]}"#);
+    write(&s.join("users/subject.toml"), "source = \"idp\"\ndetail_type = \"User\"\n");
     write(
         &s.join("users/v1.avsc"),
         r#"{"type":"record","name":"U","fields":[
@@ -116,9 +86,7 @@ fn keys_forget_and_decrypt_from_the_command_line() {
     use watershed_schema::{validate_json, Limits, Registry, Tape, UnknownFields};
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::load(&repo().join("schemas")).unwrap();
-    let (_, v) = reg
-        .resolve("com.example.identity", "UserLogin", None)
-        .unwrap();
+    let (_, v) = reg.resolve("com.example.identity", "UserLogin", None).unwrap();
     let kr = LocalKeyring::open_local(&dir.path().join("data/keyring")).unwrap();
     let mut ct = Vec::new();
     for user in ["u-1", "u-2"] {
@@ -126,34 +94,15 @@ fn keys_forget_and_decrypt_from_the_command_line() {
             r#"{{"user_id":"{user}","username":"ada","ip_address":"10.0.0.7","user_agent":"x","outcome":"SUCCESS","logged_in_at":"2024-05-01T00:00:00Z","attempt":1}}"#
         );
         let mut tape = Tape::new();
-        validate_json(
-            &v.node,
-            json.as_bytes(),
-            UnknownFields::Reject,
-            Limits::default(),
-            &mut tape,
-        )
-        .unwrap();
-        BatchProtector::new(&kr)
-            .protect(&"123456789012".parse().unwrap(), &v.protect, &mut tape)
-            .unwrap();
+        validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
+        BatchProtector::new(&kr).protect(&"123456789012".parse().unwrap(), &v.protect, &mut tape).unwrap();
         ct.push(tape.str(tape.slot(2)).to_owned());
     }
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
     let dec = |value: &str| {
         watershed(
-            &[
-                "keys",
-                "decrypt",
-                "--principal",
-                "p",
-                "--purpose",
-                "t",
-                "--data-dir",
-                data,
-                value,
-            ],
+            &["keys", "decrypt", "--principal", "p", "--purpose", "t", "--data-dir", data, value],
             dir.path(),
         )
     };
@@ -161,42 +110,17 @@ fn keys_forget_and_decrypt_from_the_command_line() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "10.0.0.7");
     let o = watershed(
-        &[
-            "keys",
-            "forget",
-            "--account",
-            "123456789012",
-            "--subject",
-            "u-1",
-            "--data-dir",
-            data,
-        ],
+        &["keys", "forget", "--account", "123456789012", "--subject", "u-1", "--data-dir", data],
         dir.path(),
     );
     assert!(o.status.success(), "{}", text(&o));
     let o = dec(&ct[0]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("key_erased"), "{}", text(&o));
-    assert!(
-        dec(&ct[1]).status.success(),
-        "the other subject stays readable"
-    );
+    assert!(dec(&ct[1]).status.success(), "the other subject stays readable");
     let o = watershed(
-        &[
-            "keys",
-            "forget",
-            "--account",
-            "../etc",
-            "--subject",
-            "u-1",
-            "--data-dir",
-            data,
-        ],
+        &["keys", "forget", "--account", "../etc", "--subject", "u-1", "--data-dir", data],
         dir.path(),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "bad account ids are refused by the parser"
-    );
+    assert_eq!(o.status.code(), Some(2), "bad account ids are refused by the parser");
 }

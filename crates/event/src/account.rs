@@ -17,9 +17,7 @@ pub struct AccountId(String);
 
 /// Why a string is not a valid [`AccountId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid account id {value:?}: use 1-64 characters from [A-Za-z0-9._-], not starting with '.'"
-)]
+#[error("invalid account id {value:?}: use 1-64 characters from [A-Za-z0-9._-], not starting with '.'")]
 pub struct InvalidAccountId {
     /// The rejected value (truncated to 80 characters).
     pub value: String,
@@ -36,9 +34,7 @@ impl AccountId {
         if Self::is_valid(&value) {
             Ok(Self(value))
         } else {
-            Err(InvalidAccountId {
-                value: value.chars().take(80).collect(),
-            })
+            Err(InvalidAccountId { value: value.chars().take(80).collect() })
         }
     }
 
@@ -48,8 +44,7 @@ impl AccountId {
         !s.is_empty()
             && s.len() <= 64
             && !s.starts_with('.')
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     }
 
     /// The id as a string slice.

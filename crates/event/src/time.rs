@@ -29,9 +29,7 @@ impl Clock for SystemClock {
 /// truncated.
 #[must_use]
 pub fn parse_rfc3339_micros(s: &str) -> Option<TimestampMicros> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_micros())
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros())
 }
 
 /// Format UTC microseconds as RFC 3339 with microsecond precision.
@@ -51,10 +49,7 @@ mod tests {
         let a = parse_rfc3339_micros("2024-05-01T12:00:00Z").unwrap();
         let b = parse_rfc3339_micros("2024-05-01T14:00:00.000000+02:00").unwrap();
         assert_eq!(a, b);
-        assert_eq!(
-            parse_rfc3339_micros("2024-05-01T12:00:00.1234567Z").unwrap() - a,
-            123_456
-        );
+        assert_eq!(parse_rfc3339_micros("2024-05-01T12:00:00.1234567Z").unwrap() - a, 123_456);
         assert!(parse_rfc3339_micros("2024-05-01 12:00").is_none());
         assert_eq!(format_rfc3339_micros(a), "2024-05-01T12:00:00.000000Z");
     }

@@ -50,10 +50,8 @@ fn hex(b: &[u8]) -> String {
 
 fn read(path: &Path) -> Result<AccountsFile> {
     match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Accounts {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| Error::Accounts { path: path.to_owned(), detail: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AccountsFile::default()),
         Err(e) => Err(io(path)(e)),
     }
@@ -65,10 +63,7 @@ impl Accounts {
     /// # Errors
     /// [`Error::Accounts`] or [`Error::Io`].
     pub fn open(data_dir: &Path) -> Result<Self> {
-        let a = Self {
-            path: data_dir.join("accounts.json"),
-            by_hash: RwLock::new((HashMap::new(), None)),
-        };
+        let a = Self { path: data_dir.join("accounts.json"), by_hash: RwLock::new((HashMap::new(), None)) };
         a.reload()?;
         Ok(a)
     }
@@ -78,9 +73,7 @@ impl Accounts {
     /// # Errors
     /// [`Error::Accounts`] or [`Error::Io`].
     pub fn reload(&self) -> Result<()> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         if mtime.is_some() && self.by_hash.read().expect("lock").1 == mtime {
             return Ok(());
         }
@@ -89,12 +82,12 @@ impl Accounts {
         for r in file.accounts {
             let mut h = [0u8; 32];
             for (i, chunk) in r.token_sha256.as_bytes().chunks(2).enumerate().take(32) {
-                h[i] = u8::from_str_radix(std::str::from_utf8(chunk).unwrap_or("zz"), 16).map_err(
-                    |_| Error::Accounts {
+                h[i] = u8::from_str_radix(std::str::from_utf8(chunk).unwrap_or("zz"), 16).map_err(|_| {
+                    Error::Accounts {
                         path: self.path.clone(),
                         detail: format!("token hash of account {} is not hex", r.account),
-                    },
-                )?;
+                    }
+                })?;
             }
             map.insert(h, r.account);
         }
@@ -108,12 +101,7 @@ impl Accounts {
         if !token.starts_with(TOKEN_PREFIX) {
             return None;
         }
-        self.by_hash
-            .read()
-            .expect("lock")
-            .0
-            .get(&hash(token))
-            .cloned()
+        self.by_hash.read().expect("lock").0.get(&hash(token)).cloned()
     }
 
     /// Create a token for `account`, store its hash, and return the token
@@ -141,8 +129,7 @@ impl Accounts {
         {
             use std::io::Write;
             let mut f = opts.open(&tmp).map_err(io(&tmp))?;
-            f.write_all(&serde_json::to_vec_pretty(&file).expect("serialisable"))
-                .map_err(io(&tmp))?;
+            f.write_all(&serde_json::to_vec_pretty(&file).expect("serialisable")).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, &path).map_err(io(&path))?;

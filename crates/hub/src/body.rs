@@ -39,14 +39,11 @@ pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u
         }
         Some("gzip" | "x-gzip") => read(&mut flate2::read::GzDecoder::new(body), &mut out)?,
         Some("zstd") => {
-            let mut d = zstd::stream::read::Decoder::new(body)
-                .map_err(|e| BodyError::Bad(e.to_string()))?;
+            let mut d = zstd::stream::read::Decoder::new(body).map_err(|e| BodyError::Bad(e.to_string()))?;
             read(&mut d, &mut out)?;
         }
         Some(other) => {
-            return Err(BodyError::Bad(format!(
-                "unsupported Content-Encoding {other:?}; use gzip or zstd"
-            )))
+            return Err(BodyError::Bad(format!("unsupported Content-Encoding {other:?}; use gzip or zstd")))
         }
     }
     Ok(out)
@@ -59,10 +56,7 @@ pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u
 /// # Errors
 /// [`BodyError::Bad`] for a broken array, [`BodyError::TooManyEvents`].
 pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
-    let start = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(body.len());
+    let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(body.len());
     let events = if body.get(start) == Some(&b'[') {
         split_array(&body[start..])?
     } else {
@@ -137,10 +131,7 @@ fn split_array(b: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let end = s
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(0, |i| i + 1);
+    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
     &s[..end]
 }
 
@@ -168,20 +159,11 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&vec![b' '; 100_000]).unwrap();
         let body = gz.finish().unwrap();
-        assert_eq!(
-            decode(&body, Some("gzip"), 1000),
-            Err(BodyError::TooLarge(1000))
-        );
+        assert_eq!(decode(&body, Some("gzip"), 1000), Err(BodyError::TooLarge(1000)));
         assert_eq!(decode(&body, Some("gzip"), 200_000).unwrap().len(), 100_000);
         let z = zstd::encode_all(&b"hello"[..], 1).unwrap();
         assert_eq!(decode(&z, Some("zstd"), 10).unwrap(), b"hello");
-        assert!(matches!(
-            decode(b"x", Some("br"), 10),
-            Err(BodyError::Bad(_))
-        ));
-        assert!(matches!(
-            decode(b"not gzip", Some("gzip"), 10),
-            Err(BodyError::Bad(_))
-        ));
+        assert!(matches!(decode(b"x", Some("br"), 10), Err(BodyError::Bad(_))));
+        assert!(matches!(decode(b"not gzip", Some("gzip"), 10), Err(BodyError::Bad(_))));
     }
 }

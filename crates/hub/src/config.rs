@@ -110,11 +110,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self {
-            max_body_bytes: 10 << 20,
-            max_event_bytes: 1 << 20,
-            max_batch_events: 10_000,
-        }
+        Self { max_body_bytes: 10 << 20, max_event_bytes: 1 << 20, max_batch_events: 10_000 }
     }
 }
 
@@ -129,9 +125,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self {
-            budget_bytes: 512 << 20,
-        }
+        Self { budget_bytes: 512 << 20 }
     }
 }
 
@@ -148,12 +142,13 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self {
-            segment_bytes: 64 << 20,
-            dedupe_window: 1_000_000,
-        }
+        Self { segment_bytes: 64 << 20, dedupe_window: 1_000_000 }
     }
 }
+
+/// `WATERSHED_*` variables that are not configuration keys: the log
+/// filter, `send`'s token, and the test harness's settings.
+pub const NOT_CONFIG: [&str; 3] = ["WATERSHED_LOG", "WATERSHED_TOKEN", "WATERSHED_TEST_"];
 
 /// Flags that override the file and environment.
 #[derive(Debug, Clone, Default)]
@@ -172,27 +167,19 @@ impl HubConfig {
     ///
     /// # Errors
     /// [`Error::Config`] naming the bad key.
-    pub fn load(
-        file: Option<&Path>,
-        env: Vec<(String, String)>,
-        overrides: &Overrides,
-    ) -> Result<Self> {
+    pub fn load(file: Option<&Path>, env: Vec<(String, String)>, overrides: &Overrides) -> Result<Self> {
         let mut b = config::Config::builder().add_source(
-            config::Config::try_from(&HubConfig::default())
-                .map_err(|e| Error::Config(e.to_string()))?,
+            config::Config::try_from(&HubConfig::default()).map_err(|e| Error::Config(e.to_string()))?,
         );
         if let Some(f) = file {
             if !f.exists() {
-                return Err(Error::Config(format!(
-                    "config file {} does not exist",
-                    f.display()
-                )));
+                return Err(Error::Config(format!("config file {} does not exist", f.display())));
             }
             b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
         let env_map: std::collections::HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("WATERSHED_") && k != "WATERSHED_LOG")
+            .filter(|(k, _)| k.starts_with("WATERSHED_") && !NOT_CONFIG.iter().any(|n| k.starts_with(n)))
             .collect();
         b = b.add_source(
             config::Environment::with_prefix("WATERSHED")
@@ -202,9 +189,7 @@ impl HubConfig {
                 .source(Some(env_map)),
         );
         if let Some(v) = &overrides.listen {
-            b = b
-                .set_override("listen", v.as_str())
-                .map_err(|e| Error::Config(e.to_string()))?;
+            b = b.set_override("listen", v.as_str()).map_err(|e| Error::Config(e.to_string()))?;
         }
         if let Some(v) = &overrides.schemas {
             b = b
@@ -216,10 +201,8 @@ impl HubConfig {
                 .set_override("data_dir", v.display().to_string())
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
-        let cfg: HubConfig = b
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let cfg: HubConfig =
+            b.build().and_then(config::Config::try_deserialize).map_err(|e| Error::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -231,21 +214,13 @@ impl HubConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(Error::Config(format!("{key}: {why}")));
         if self.listen.parse::<SocketAddr>().is_err() {
-            return bad(
-                "listen",
-                &format!("{:?} is not an address like 127.0.0.1:8787", self.listen),
-            );
+            return bad("listen", &format!("{:?} is not an address like 127.0.0.1:8787", self.listen));
         }
         if self.limits.max_body_bytes == 0 {
             return bad("limits.max_body_bytes", "must be positive");
         }
-        if self.limits.max_event_bytes == 0
-            || self.limits.max_event_bytes > self.limits.max_body_bytes
-        {
-            return bad(
-                "limits.max_event_bytes",
-                "must be positive and at most limits.max_body_bytes",
-            );
+        if self.limits.max_event_bytes == 0 || self.limits.max_event_bytes > self.limits.max_body_bytes {
+            return bad("limits.max_event_bytes", "must be positive and at most limits.max_body_bytes");
         }
         if self.limits.max_batch_events == 0 {
             return bad("limits.max_batch_events", "must be positive");
@@ -266,10 +241,7 @@ impl HubConfig {
             || self.lake.flush_concurrency == 0
             || self.lake.row_group_rows == 0
         {
-            return bad(
-                "lake",
-                "max_open_partitions, flush_concurrency and row_group_rows must be positive",
-            );
+            return bad("lake", "max_open_partitions, flush_concurrency and row_group_rows must be positive");
         }
         if self.wal.segment_bytes < 4096 {
             return bad("wal.segment_bytes", "must be at least 4096");
@@ -280,10 +252,7 @@ impl HubConfig {
     /// The lake directory.
     #[must_use]
     pub fn lake_dir(&self) -> PathBuf {
-        self.lake
-            .path
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("lake"))
+        self.lake.path.clone().unwrap_or_else(|| self.data_dir.join("lake"))
     }
 
     /// The writer settings.
@@ -312,40 +281,20 @@ mod tests {
     fn layers_and_key_names() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("w.toml");
-        std::fs::write(
-            &f,
-            "listen = \"127.0.0.1:9000\"\n[limits]\nmax_batch_events = 5\n",
-        )
-        .unwrap();
-        let env = vec![(
-            "WATERSHED_LIMITS__MAX_BATCH_EVENTS".to_owned(),
-            "7".to_owned(),
-        )];
-        let o = Overrides {
-            listen: Some("127.0.0.1:9001".into()),
-            ..Overrides::default()
-        };
+        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\n[limits]\nmax_batch_events = 5\n").unwrap();
+        let env = vec![("WATERSHED_LIMITS__MAX_BATCH_EVENTS".to_owned(), "7".to_owned())];
+        let o = Overrides { listen: Some("127.0.0.1:9001".into()), ..Overrides::default() };
         let c = HubConfig::load(Some(&f), env, &o).unwrap();
         assert_eq!(c.listen, "127.0.0.1:9001", "flags beat env and file");
         assert_eq!(c.limits.max_batch_events, 7, "env beats file");
 
         std::fs::write(&f, "[limits]\nmax_batch_event = 5\n").unwrap();
-        let e = HubConfig::load(Some(&f), vec![], &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let e = HubConfig::load(Some(&f), vec![], &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("max_batch_event"), "{e}");
-        let env = vec![(
-            "WATERSHED_MEMORY__BUDGET_BYTES".to_owned(),
-            "lots".to_owned(),
-        )];
-        let e = HubConfig::load(None, env, &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let env = vec![("WATERSHED_MEMORY__BUDGET_BYTES".to_owned(), "lots".to_owned())];
+        let e = HubConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("budget_bytes"), "{e}");
-        let o = Overrides {
-            listen: Some("nowhere".into()),
-            ..Overrides::default()
-        };
+        let o = Overrides { listen: Some("nowhere".into()), ..Overrides::default() };
         let e = HubConfig::load(None, vec![], &o).unwrap_err().to_string();
         assert!(e.starts_with("invalid configuration: listen:"), "{e}");
     }

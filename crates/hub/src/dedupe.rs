@@ -35,6 +35,17 @@ impl Dedupe {
         h.finish()
     }
 
+    /// The key of a rejected event: its own key space, so a corrected
+    /// resend with the same id is still accepted.
+    #[must_use]
+    pub fn dead_key(&self, account: &str, id: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        account.hash(&mut h);
+        id.hash(&mut h);
+        0xdead_u16.hash(&mut h);
+        h.finish()
+    }
+
     /// Claim `key`; false if it is already in the window.
     pub fn claim(&self, key: u64) -> bool {
         let mut g = self.inner.lock().expect("dedupe lock");

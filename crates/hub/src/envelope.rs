@@ -99,9 +99,7 @@ pub fn decode(raw: &[u8]) -> Result<Envelope<'_>, Violation> {
     } else {
         (r.detail_type, r.detail, "$.detail", "detail-type", "detail")
     };
-    let id =
-        r.id.filter(|s| !s.is_empty())
-            .ok_or_else(|| missing("id"))?;
+    let id = r.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
     Ok(Envelope {
         id,
         source: r.source.ok_or_else(|| missing("source"))?,
@@ -128,15 +126,9 @@ pub fn partial(raw: &[u8]) -> Partial {
         #[serde(rename = "type")]
         ce_type: Option<serde_json::Value>,
     }
-    let s = |v: Option<serde_json::Value>| {
-        v.and_then(|v| v.as_str().map(|s| s.chars().take(256).collect()))
-    };
+    let s = |v: Option<serde_json::Value>| v.and_then(|v| v.as_str().map(|s| s.chars().take(256).collect()));
     match serde_json::from_slice::<P>(raw) {
-        Ok(p) => Partial {
-            id: s(p.id),
-            source: s(p.source),
-            detail_type: s(p.detail_type.or(p.ce_type)),
-        },
+        Ok(p) => Partial { id: s(p.id), source: s(p.source), detail_type: s(p.detail_type.or(p.ce_type)) },
         Err(_) => Partial::default(),
     }
 }
@@ -153,22 +145,12 @@ mod tests {
             (&*e.id, &*e.detail_type, e.payload.get(), e.resources.len()),
             ("1", "T", r#"{"a":1}"#, 1)
         );
-        let ce = br#"{"specversion":"1.0","id":"2","type":"T","source":"s","data":{"b":2},"schemaversion":1}"#;
+        let ce =
+            br#"{"specversion":"1.0","id":"2","type":"T","source":"s","data":{"b":2},"schemaversion":1}"#;
         let e = decode(ce).unwrap();
-        assert_eq!(
-            (&*e.id, e.payload_path, e.schema_version),
-            ("2", "$.data", Some(1))
-        );
+        assert_eq!((&*e.id, e.payload_path, e.schema_version), ("2", "$.data", Some(1)));
         assert_eq!(decode(b"[1]").unwrap_err().reason, Reason::BadEnvelope);
-        assert_eq!(
-            decode(b"{\"id\":").unwrap_err().reason,
-            Reason::MalformedJson
-        );
-        assert_eq!(
-            decode(br#"{"id":"1","source":"s","detail":{}}"#)
-                .unwrap_err()
-                .path,
-            "$.detail-type"
-        );
+        assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
+        assert_eq!(decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err().path, "$.detail-type");
     }
 }

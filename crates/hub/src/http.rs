@@ -39,25 +39,13 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) ->
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Bearer <token>",
-        );
+        return error(StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token>");
     };
     let Some(account) = hub.accounts.authenticate(token) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "bad_credentials",
-            "the token is not valid for any account",
-        );
+        return error(StatusCode::UNAUTHORIZED, "bad_credentials", "the token is not valid for any account");
     };
-    let collector = headers
-        .get("x-watershed-collector")
-        .and_then(|v| v.to_str().ok());
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok());
+    let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     match hub.ingest(&account, collector, encoding, body).await {
         Ok(resp) => (StatusCode::OK, Json(resp)).into_response(),
         Err(Refused::TooLarge(n)) => error(
@@ -72,8 +60,7 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) ->
                 "busy",
                 "the hub is at its memory budget; retry after the delay",
             );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             r
         }
         Err(Refused::Failed(m)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m),
@@ -85,18 +72,14 @@ async fn ready(State(hub): State<Arc<Hub>>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else {
         let mut r = (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         r
     }
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         hub.render_metrics(),
     )
         .into_response()

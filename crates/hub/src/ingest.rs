@@ -72,9 +72,7 @@ pub struct Ingestor {
 
 impl std::fmt::Debug for Ingestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ingestor")
-            .field("tables", &self.layouts.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Ingestor").field("tables", &self.layouts.len()).finish_non_exhaustive()
     }
 }
 
@@ -103,14 +101,7 @@ impl Ingestor {
         metrics: Arc<Metrics>,
     ) -> Self {
         let layouts = registry.subjects().iter().map(TableLayout::new).collect();
-        Self {
-            registry,
-            layouts,
-            keyring,
-            dedupe,
-            limits,
-            metrics,
-        }
+        Self { registry, layouts, keyring, dedupe, limits, metrics }
     }
 
     /// Process a request's events for `account`.
@@ -130,19 +121,9 @@ impl Ingestor {
         let mut wal = RecordEncoder::new(account, received_at, collector);
         let mut response = IngestResponse::default();
         let mut claimed = Vec::new();
-        let label = AccountLabel {
-            account: account.to_string(),
-        };
+        let label = AccountLabel { account: account.to_string() };
         for (index, raw) in events.iter().enumerate() {
-            match self.accept(
-                account,
-                collector,
-                received_at,
-                raw,
-                &mut batch,
-                Some(&mut claimed),
-                None,
-            ) {
+            match self.accept(account, collector, received_at, raw, &mut batch, Some(&mut claimed), None) {
                 Ok(Some(id)) => {
                     wal.accepted(&id, raw);
                     response.accepted += 1;
@@ -150,23 +131,28 @@ impl Ingestor {
                 Ok(None) => response.duplicates += 1,
                 Err((v, partial)) => {
                     let id = partial.id.clone();
-                    self.dead_letter(
-                        account,
-                        collector,
-                        received_at,
-                        raw,
-                        &v,
-                        &partial,
-                        &mut batch,
-                        None,
-                    );
-                    wal.rejected(
-                        id.as_deref().unwrap_or(""),
-                        v.reason.as_str(),
-                        &v.path,
-                        &v.detail,
-                        raw,
-                    );
+                    // A retried reject is reported again but stored once.
+                    let first = id.as_deref().is_none_or(|id| {
+                        let k = self.dedupe.dead_key(account.as_str(), id);
+                        let fresh = self.dedupe.claim(k);
+                        if fresh {
+                            claimed.push(k);
+                        }
+                        fresh
+                    });
+                    if first {
+                        self.dead_letter(
+                            account,
+                            collector,
+                            received_at,
+                            raw,
+                            &v,
+                            &partial,
+                            &mut batch,
+                            None,
+                        );
+                        wal.rejected(id.as_deref().unwrap_or(""), v.reason.as_str(), &v.path, &v.detail, raw);
+                    }
                     self.metrics
                         .rejected
                         .get_or_create(&RejectLabel {
@@ -184,22 +170,11 @@ impl Ingestor {
                 }
             }
         }
-        self.metrics
-            .accepted
-            .get_or_create(&label)
-            .inc_by(response.accepted as u64);
+        self.metrics.accepted.get_or_create(&label).inc_by(response.accepted as u64);
         if response.duplicates > 0 {
-            self.metrics
-                .duplicates
-                .get_or_create(&label)
-                .inc_by(response.duplicates as u64);
+            self.metrics.duplicates.get_or_create(&label).inc_by(response.duplicates as u64);
         }
-        Processed {
-            response,
-            wal,
-            parts: finish(batch.builders),
-            claimed,
-        }
+        Processed { response, wal, parts: finish(batch.builders), claimed }
     }
 
     /// Make the keys created while protecting durable. Call before the
@@ -224,13 +199,12 @@ impl Ingestor {
             protector: BatchProtector::new(&*self.keyring),
             builders: HashMap::new(),
         };
-        let (account, collector, at) = (
-            &record.account,
-            record.collector.as_deref(),
-            record.received_at,
-        );
+        let (account, collector, at) = (&record.account, record.collector.as_deref(), record.received_at);
         for e in &record.events {
             if let Some((reason, path, detail)) = &e.rejected {
+                if !e.id.is_empty() {
+                    self.dedupe.claim(self.dedupe.dead_key(account.as_str(), &e.id));
+                }
                 let v = Violation {
                     reason: Reason::ALL
                         .into_iter()
@@ -240,40 +214,16 @@ impl Ingestor {
                     detail: detail.clone(),
                 };
                 let p = envelope::partial(&e.raw);
-                self.dead_letter(
-                    account,
-                    collector,
-                    at,
-                    &e.raw,
-                    &v,
-                    &p,
-                    &mut batch,
-                    Some(committed),
-                );
+                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
                 continue;
             }
             self.dedupe.claim(self.dedupe.key(account.as_str(), &e.id));
             // Accepted before the crash; if the registry changed since and
             // now refuses it, it becomes a dead letter, never lost.
-            if let Err((v, p)) = self.accept(
-                account,
-                collector,
-                at,
-                &e.raw,
-                &mut batch,
-                None,
-                Some(committed),
-            ) {
-                self.dead_letter(
-                    account,
-                    collector,
-                    at,
-                    &e.raw,
-                    &v,
-                    &p,
-                    &mut batch,
-                    Some(committed),
-                );
+            if let Err((v, p)) =
+                self.accept(account, collector, at, &e.raw, &mut batch, None, Some(committed))
+            {
+                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
             }
         }
         finish(batch.builders)
@@ -295,11 +245,7 @@ impl Ingestor {
         if raw.len() > self.limits.max_event_bytes {
             let v = Violation::new(
                 Reason::TooLarge,
-                format!(
-                    "event is {} bytes; the limit is {}",
-                    raw.len(),
-                    self.limits.max_event_bytes
-                ),
+                format!("event is {} bytes; the limit is {}", raw.len(), self.limits.max_event_bytes),
             );
             return Err((v, partial()));
         }
@@ -319,23 +265,19 @@ impl Ingestor {
                 return Err(fail(Violation {
                     reason: Reason::AccountMismatch,
                     path: "$.account".into(),
-                    detail: format!("the event claims account {claimed_account:?} but the credential is for {account}"),
+                    detail: format!(
+                        "the event claims account {claimed_account:?} but the credential is for {account}"
+                    ),
                 }));
             }
         }
         let Some(si) = self.registry.route(&env.source, &env.detail_type) else {
             return Err(fail(Violation::new(
                 Reason::UnknownSubject,
-                format!(
-                    "no subject for source {:?} and detail-type {:?}",
-                    env.source, env.detail_type
-                ),
+                format!("no subject for source {:?} and detail-type {:?}", env.source, env.detail_type),
             )));
         };
-        let (subject, version) = self
-            .registry
-            .resolve_index(si, env.schema_version)
-            .map_err(&fail)?;
+        let (subject, version) = self.registry.resolve_index(si, env.schema_version).map_err(&fail)?;
         validate_json(
             &version.node,
             env.payload.get().as_bytes(),
@@ -360,7 +302,10 @@ impl Ingestor {
         }
         batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
             tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
-            fail(Violation::new(Reason::ProtectFailed, "the event's protected fields could not be protected; retry later"))
+            fail(Violation::new(
+                Reason::ProtectFailed,
+                "the event's protected fields could not be protected; retry later",
+            ))
         })?;
         if let Some(claimed) = claimed {
             let k = self.dedupe.key(account.as_str(), &env.id);
@@ -383,10 +328,8 @@ impl Ingestor {
             collector,
         };
         let layout = &self.layouts[si];
-        let b = batch
-            .builders
-            .entry(key)
-            .or_insert_with(|| Builder::Table(TableBuilder::new(layout.clone())));
+        let b =
+            batch.builders.entry(key).or_insert_with(|| Builder::Table(TableBuilder::new(layout.clone())));
         if let Builder::Table(t) = b {
             t.append(&meta, env.resources.iter().map(|r| r.as_ref()), &batch.tape);
         }
@@ -409,10 +352,7 @@ impl Ingestor {
         if skip.is_some_and(|committed| committed(&key)) {
             return;
         }
-        let b = batch
-            .builders
-            .entry(key)
-            .or_insert_with(|| Builder::Dead(DeadLetterBuilder::default()));
+        let b = batch.builders.entry(key).or_insert_with(|| Builder::Dead(DeadLetterBuilder::default()));
         if let Builder::Dead(d) = b {
             d.append(&DeadLetter {
                 event_id: p.id.as_deref(),

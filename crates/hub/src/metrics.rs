@@ -85,68 +85,20 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events accepted", m.accepted.clone());
-        registry.register(
-            "events_rejected",
-            "Events rejected, by reason",
-            m.rejected.clone(),
-        );
-        registry.register(
-            "events_duplicate",
-            "Redelivered events dropped by dedupe",
-            m.duplicates.clone(),
-        );
-        registry.register(
-            "ingest_bytes",
-            "Request body bytes received",
-            m.bytes.clone(),
-        );
+        registry.register("events_rejected", "Events rejected, by reason", m.rejected.clone());
+        registry.register("events_duplicate", "Redelivered events dropped by dedupe", m.duplicates.clone());
+        registry.register("ingest_bytes", "Request body bytes received", m.bytes.clone());
         registry.register("ingest_batches", "Ingest requests", m.batches.clone());
-        registry.register(
-            "ingest_backpressure",
-            "Requests answered 503",
-            m.backpressure.clone(),
-        );
-        registry.register(
-            "events_late",
-            "Events more than an hour older than receipt",
-            m.late.clone(),
-        );
-        registry.register(
-            "ack_latency_seconds",
-            "Ingest-to-ack latency",
-            m.ack_latency.clone(),
-        );
-        registry.register(
-            "wal_bytes",
-            "Write-ahead log bytes on disk",
-            m.wal_bytes.clone(),
-        );
-        registry.register(
-            "memory_bytes",
-            "Bytes held against the memory budget",
-            m.memory_bytes.clone(),
-        );
-        registry.register(
-            "open_partitions",
-            "Open partition buffers",
-            m.open_partitions.clone(),
-        );
+        registry.register("ingest_backpressure", "Requests answered 503", m.backpressure.clone());
+        registry.register("events_late", "Events more than an hour older than receipt", m.late.clone());
+        registry.register("ack_latency_seconds", "Ingest-to-ack latency", m.ack_latency.clone());
+        registry.register("wal_bytes", "Write-ahead log bytes on disk", m.wal_bytes.clone());
+        registry.register("memory_bytes", "Bytes held against the memory budget", m.memory_bytes.clone());
+        registry.register("open_partitions", "Open partition buffers", m.open_partitions.clone());
         registry.register("files_written", "Parquet files committed", m.files.clone());
-        registry.register(
-            "file_size_bytes",
-            "Committed Parquet file sizes",
-            m.file_size.clone(),
-        );
-        registry.register(
-            "flush_seconds",
-            "Time to encode and commit a file",
-            m.flush_latency.clone(),
-        );
-        registry.register(
-            "flush_failures",
-            "Failed flush attempts (retried)",
-            m.flush_failures.clone(),
-        );
+        registry.register("file_size_bytes", "Committed Parquet file sizes", m.file_size.clone());
+        registry.register("flush_seconds", "Time to encode and commit a file", m.flush_latency.clone());
+        registry.register("flush_failures", "Failed flush attempts (retried)", m.flush_failures.clone());
         Self { registry, ..m }
     }
 }
@@ -158,11 +110,9 @@ impl Metrics {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.wal_bytes.set(g(wal));
         self.memory_bytes.set(g(memory as u64));
-        self.open_partitions
-            .set(g(writer.open_partitions.load(Ordering::Relaxed)));
+        self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
         self.files.set(g(writer.files.load(Ordering::Relaxed)));
-        self.flush_failures
-            .set(g(writer.failures.load(Ordering::Relaxed)));
+        self.flush_failures.set(g(writer.failures.load(Ordering::Relaxed)));
         if let Ok(mut recent) = writer.recent.lock() {
             for (size, secs) in recent.drain(..) {
                 #[allow(clippy::cast_precision_loss)]
@@ -171,8 +121,7 @@ impl Metrics {
             }
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
 }

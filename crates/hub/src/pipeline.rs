@@ -11,9 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use watershed_event::{AccountId, Clock, SystemClock};
-use watershed_lake::{
-    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterStats,
-};
+use watershed_lake::{CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterStats};
 use watershed_protect::{Keyring, LocalKeyring};
 use watershed_schema::{Limits, Registry};
 
@@ -68,9 +66,7 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
-            .field("data_dir", &self.config.data_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Hub").field("data_dir", &self.config.data_dir).finish_non_exhaustive()
     }
 }
 
@@ -92,8 +88,7 @@ impl Hub {
         let started = Instant::now();
         let registry = Arc::new(Registry::load(&config.schemas)?);
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
-        let keyring: Arc<dyn Keyring> =
-            Arc::new(LocalKeyring::open_local(&config.data_dir.join("keyring"))?);
+        let keyring: Arc<dyn Keyring> = Arc::new(LocalKeyring::open_local(&config.data_dir.join("keyring"))?);
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
         let concurrency = config.lake.flush_concurrency * 2;
         let mut lake = Lake::local(&config.lake_dir(), concurrency)?;
@@ -116,17 +111,8 @@ impl Hub {
         let memory = Memory::new(config.memory.budget_bytes);
         let metrics = Arc::new(Metrics::default());
         let dedupe = Arc::new(Dedupe::new(config.wal.dedupe_window));
-        let limits = Limits {
-            max_event_bytes: config.limits.max_event_bytes,
-            ..Limits::default()
-        };
-        let ingestor = Arc::new(Ingestor::new(
-            registry,
-            keyring,
-            dedupe,
-            limits,
-            metrics.clone(),
-        ));
+        let limits = Limits { max_event_bytes: config.limits.max_event_bytes, ..Limits::default() };
+        let ingestor = Arc::new(Ingestor::new(registry, keyring, dedupe, limits, metrics.clone()));
         let pending = Arc::new(Pending::default());
         let writer_stats = Arc::new(WriterStats::default());
         let (writer_tx, writer_rx) = mpsc::channel(64);
@@ -142,12 +128,8 @@ impl Hub {
         let writer_task = tokio::spawn(writer.run(writer_rx));
 
         // Replay on the blocking pool: it validates and protects again.
-        let (replay_ingestor, replay_tx, replay_pending, replay_memory) = (
-            ingestor.clone(),
-            writer_tx.clone(),
-            pending.clone(),
-            memory.clone(),
-        );
+        let (replay_ingestor, replay_tx, replay_pending, replay_memory) =
+            (ingestor.clone(), writer_tx.clone(), pending.clone(), memory.clone());
         let opts = WalOptions {
             segment_bytes: config.wal.segment_bytes,
             retain_events: config.wal.dedupe_window as u64,
@@ -162,14 +144,9 @@ impl Hub {
                 }
                 replay_ingestor.sync_keys()?;
                 replayed += parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
-                replay_pending.register(
-                    seq,
-                    u32::try_from(parts.len()).expect("few partitions per record"),
-                );
+                replay_pending.register(seq, u32::try_from(parts.len()).expect("few partitions per record"));
                 let parts = to_parts(parts, seq, &replay_memory);
-                replay_tx
-                    .blocking_send(Msg::Parts(parts))
-                    .map_err(|_| Error::Stopped("lake writer"))
+                replay_tx.blocking_send(Msg::Parts(parts)).map_err(|_| Error::Stopped("lake writer"))
             })?;
             Ok::<_, Error>((wal, replayed))
         })
@@ -218,18 +195,18 @@ impl Hub {
         let ingestor = self.ingestor.clone();
         let limits = self.config.limits.clone();
         let received_at = self.clock.now_micros();
-        let (account_c, collector_c, encoding_c) = (
-            account.clone(),
-            collector.map(str::to_owned),
-            encoding.map(str::to_owned),
-        );
+        let (account_c, collector_c, encoding_c) =
+            (account.clone(), collector.map(str::to_owned), encoding.map(str::to_owned));
         let processed = tokio::task::spawn_blocking(move || -> Result<crate::ingest::Processed, Refused> {
             let refuse = |e| match e {
                 BodyError::TooLarge(n) => Refused::TooLarge(n),
                 BodyError::Bad(m) => Refused::BadRequest(m),
-                BodyError::TooManyEvents(n) => Refused::BadRequest(format!("more than {n} events in one request")),
+                BodyError::TooManyEvents(n) => {
+                    Refused::BadRequest(format!("more than {n} events in one request"))
+                }
             };
-            let decoded = body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
+            let decoded =
+                body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
             let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
             let processed = ingestor.process(&account_c, collector_c.as_deref(), received_at, &events);
             if let Err(e) = ingestor.sync_keys() {
@@ -256,13 +233,9 @@ impl Hub {
         let parts = to_parts(processed.parts, seq, &self.memory);
         if self.writer_tx.send(Msg::Parts(parts)).await.is_err() {
             // The events are durable in the WAL and replay on restart.
-            return Err(Refused::Failed(
-                "the lake writer has stopped; events are in the WAL".into(),
-            ));
+            return Err(Refused::Failed("the lake writer has stopped; events are in the WAL".into()));
         }
-        self.metrics
-            .ack_latency
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.ack_latency.observe(started.elapsed().as_secs_f64());
         Ok(processed.response)
     }
 
@@ -272,10 +245,7 @@ impl Hub {
     /// [`Error::Stopped`] if the writer is gone.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.writer_tx
-            .send(Msg::FlushAll(tx))
-            .await
-            .map_err(|_| Error::Stopped("lake writer"))?;
+        self.writer_tx.send(Msg::FlushAll(tx)).await.map_err(|_| Error::Stopped("lake writer"))?;
         rx.await.map_err(|_| Error::Stopped("lake writer"))
     }
 
@@ -303,9 +273,7 @@ impl Hub {
         self.flush().await?;
         drop(self.writer_tx);
         drop(self.wal);
-        self.writer_task
-            .await
-            .map_err(|_| Error::Stopped("lake writer"))
+        self.writer_task.await.map_err(|_| Error::Stopped("lake writer"))
     }
 }
 
@@ -329,14 +297,7 @@ fn oldest_wal_record(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_suffix(".wal")?
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".wal")?.parse::<u64>().ok())
         .min()
         .unwrap_or(u64::MAX)
 }

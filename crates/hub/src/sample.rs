@@ -14,23 +14,15 @@ pub struct Samples {
     base: i64,
 }
 
-const FIRST: [&str; 8] = [
-    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken",
-];
-const LAST: [&str; 8] = [
-    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson",
-];
+const FIRST: [&str; 8] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken"];
+const LAST: [&str; 8] = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson"];
 const CITIES: [&str; 6] = ["London", "Berlin", "Paris", "Madrid", "Dublin", "Oslo"];
 
 impl Samples {
     /// A generator with `seed`; event times start at `base_secs` (Unix).
     #[must_use]
     pub fn new(seed: u64, base_secs: i64) -> Self {
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            n: 0,
-            base: base_secs,
-        }
+        Self { rng: ChaCha8Rng::seed_from_u64(seed), n: 0, base: base_secs }
     }
 
     fn time(&mut self) -> String {
@@ -54,11 +46,7 @@ impl Samples {
         );
         let time = self.time();
         let customer = self.rng.gen_range(0..5000);
-        let name = format!(
-            "{} {}",
-            FIRST[self.rng.gen_range(0..8)],
-            LAST[self.rng.gen_range(0..8)]
-        );
+        let name = format!("{} {}", FIRST[self.rng.gen_range(0..8)], LAST[self.rng.gen_range(0..8)]);
         let city = CITIES[self.rng.gen_range(0..CITIES.len())];
         let (source, dt, detail) = match n % 4 {
             0 => (
@@ -112,8 +100,7 @@ impl Samples {
                 format!(
                     r#"{{"eventVersion":"1.08","userIdentity":{{"type":"AssumedRole","principalId":"AROA{customer:016}:session","arn":"arn:aws:sts::{account}:assumed-role/Deployer/session","accountId":"{account}","userName":"deployer-{}"}},"eventTime":"{time}","eventSource":"s3.amazonaws.com","eventName":"{}","awsRegion":"eu-west-1","sourceIPAddress":"198.51.100.{}","userAgent":"aws-cli/2.15.0","errorCode":null,"requestParameters":{{"bucketName":"logs-{}","key":"k/{n}"}},"readOnly":{},"eventID":"{id}"}}"#,
                     customer % 50,
-                    ["GetObject", "PutObject", "DeleteObject", "ListBuckets"]
-                        [self.rng.gen_range(0..4)],
+                    ["GetObject", "PutObject", "DeleteObject", "ListBuckets"][self.rng.gen_range(0..4)],
                     self.rng.gen_range(0..256),
                     customer % 7,
                     self.rng.gen_bool(0.7),

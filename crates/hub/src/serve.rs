@@ -23,15 +23,9 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let addr = hub.config.listen.clone();
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: addr.clone(),
-            source,
-        })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| Error::Listen { addr, source })?;
+    let listener =
+        TcpListener::bind(&addr).await.map_err(|source| Error::Listen { addr: addr.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| Error::Listen { addr, source })?;
     on_bound(local);
     let deadline = Duration::from_secs(hub.config.shutdown_timeout_secs);
     let hub = Arc::new(hub);
@@ -39,10 +33,7 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|source| Error::Listen {
-            addr: local.to_string(),
-            source,
-        })?;
+        .map_err(|source| Error::Listen { addr: local.to_string(), source })?;
     tracing::info!("stopped accepting; committing open partitions");
     let mut hub = hub;
     let drain = async move {
@@ -60,9 +51,7 @@ pub async fn serve(
     };
     match tokio::time::timeout(deadline, drain).await {
         Ok(r) => r,
-        Err(_) => Err(Error::Stopped(
-            "shutdown deadline passed; uncommitted events stay in the WAL",
-        )),
+        Err(_) => Err(Error::Stopped("shutdown deadline passed; uncommitted events stay in the WAL")),
     }
 }
 

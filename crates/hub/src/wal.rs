@@ -66,11 +66,7 @@ fn put_str16(buf: &mut Vec<u8>, s: &str) {
 }
 
 fn put_bytes32(buf: &mut Vec<u8>, b: &[u8]) {
-    buf.extend_from_slice(
-        &u32::try_from(b.len())
-            .expect("events are capped far below 4 GiB")
-            .to_le_bytes(),
-    );
+    buf.extend_from_slice(&u32::try_from(b.len()).expect("events are capped far below 4 GiB").to_le_bytes());
     buf.extend_from_slice(b);
 }
 
@@ -91,11 +87,7 @@ impl RecordEncoder {
         }
         let count_at = buf.len();
         buf.extend_from_slice(&0u32.to_le_bytes());
-        Self {
-            buf,
-            count_at,
-            count: 0,
-        }
+        Self { buf, count_at, count: 0 }
     }
 
     /// Add an accepted event.
@@ -153,17 +145,14 @@ impl Cursor<'_> {
         self.take(1).map(|b| b[0])
     }
     fn u16(&mut self) -> Option<usize> {
-        self.take(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
     }
     fn u32(&mut self) -> Option<usize> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        self.take(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
     }
     fn str16(&mut self) -> Option<String> {
         let n = self.u16()?;
-        self.take(n)
-            .map(|b| String::from_utf8_lossy(b).into_owned())
+        self.take(n).map(|b| String::from_utf8_lossy(b).into_owned())
     }
     fn bytes32(&mut self) -> Option<Vec<u8>> {
         let n = self.u32()?;
@@ -195,18 +184,9 @@ pub fn decode_record(payload: &[u8]) -> Option<WalRecord> {
         } else {
             None
         };
-        events.push(WalEvent {
-            rejected,
-            id,
-            raw: c.bytes32()?,
-        });
+        events.push(WalEvent { rejected, id, raw: c.bytes32()? });
     }
-    Some(WalRecord {
-        account,
-        received_at,
-        collector,
-        events,
-    })
+    Some(WalRecord { account, received_at, collector, events })
 }
 
 /// Records not yet fully committed to the lake: record seq → parts left.
@@ -239,12 +219,7 @@ impl Pending {
     /// The lowest record seq still waiting, if any.
     #[must_use]
     pub fn low_watermark(&self) -> Option<u64> {
-        self.map
-            .lock()
-            .expect("pending lock")
-            .keys()
-            .next()
-            .copied()
+        self.map.lock().expect("pending lock").keys().next().copied()
     }
 
     /// Records waiting.
@@ -310,12 +285,7 @@ impl Wal {
             .map_err(io(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter_map(|p| {
-                let n = p
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".wal")?
-                    .parse::<u64>()
-                    .ok()?;
+                let n = p.file_name()?.to_str()?.strip_suffix(".wal")?.parse::<u64>().ok()?;
                 Some((n, p))
             })
             .collect();
@@ -329,20 +299,10 @@ impl Wal {
         }
         let size = Arc::new(AtomicU64::new(segments.iter().map(|s| s.bytes).sum()));
         let (tx, rx) = mpsc::channel(1024);
-        let mut w = Writer {
-            dir: dir.to_owned(),
-            opts,
-            segments,
-            file: None,
-            next,
-            pending,
-            size: size.clone(),
-        };
+        let mut w =
+            Writer { dir: dir.to_owned(), opts, segments, file: None, next, pending, size: size.clone() };
         w.open_segment()?;
-        std::thread::Builder::new()
-            .name("watershed-wal".into())
-            .spawn(move || w.run(rx))
-            .map_err(io(dir))?;
+        std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
         Ok(Self { tx, size })
     }
 
@@ -356,20 +316,12 @@ impl Wal {
     pub async fn append(&self, payload: Vec<u8>, events: u32, parts: u32) -> Result<u64> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Append {
-                payload,
-                events,
-                parts,
-                reply,
-            })
+            .send(Append { payload, events, parts, reply })
             .await
             .map_err(|_| Error::Stopped("wal writer"))?;
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(Error::Io {
-                path: PathBuf::from("wal"),
-                source: std::io::Error::other(e),
-            }),
+            Ok(Err(e)) => Err(Error::Io { path: PathBuf::from("wal"), source: std::io::Error::other(e) }),
             Err(_) => Err(Error::Stopped("wal writer")),
         }
     }
@@ -382,25 +334,12 @@ fn read_segment(
     next: &mut u64,
     replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
 ) -> Result<Segment> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io(path))?;
+    let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
     let mut data = Vec::new();
     f.read_to_end(&mut data).map_err(io(path))?;
     let mut off = 0usize;
-    let mut seg = Segment {
-        first,
-        last: None,
-        events: 0,
-        bytes: 0,
-        path: path.to_owned(),
-    };
-    let corrupt = |detail: String| Error::WalCorrupt {
-        path: path.to_owned(),
-        detail,
-    };
+    let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned() };
+    let corrupt = |detail: String| Error::WalCorrupt { path: path.to_owned(), detail };
     while off < data.len() {
         let frame = parse_frame(&data[off..]);
         let Some((seq, payload, len)) = frame else {
@@ -410,12 +349,9 @@ fn read_segment(
                 f.sync_all().map_err(io(path))?;
                 break;
             }
-            return Err(corrupt(format!(
-                "bad frame at offset {off} in a sealed segment"
-            )));
+            return Err(corrupt(format!("bad frame at offset {off} in a sealed segment")));
         };
-        let record =
-            decode_record(payload).ok_or_else(|| corrupt(format!("undecodable record {seq}")))?;
+        let record = decode_record(payload).ok_or_else(|| corrupt(format!("undecodable record {seq}")))?;
         seg.events += record.events.len() as u64;
         seg.last = Some(seq);
         *next = seq + 1;
@@ -455,10 +391,7 @@ impl Writer {
     fn open_segment(&mut self) -> Result<()> {
         if let Some(s) = self.segments.last() {
             if s.bytes < self.opts.segment_bytes {
-                let f = OpenOptions::new()
-                    .append(true)
-                    .open(&s.path)
-                    .map_err(io(&s.path))?;
+                let f = OpenOptions::new().append(true).open(&s.path).map_err(io(&s.path))?;
                 self.file = Some(f);
                 return Ok(());
             }
@@ -479,13 +412,7 @@ impl Writer {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        self.segments.push(Segment {
-            first: self.next,
-            last: None,
-            events: 0,
-            bytes: 0,
-            path,
-        });
+        self.segments.push(Segment { first: self.next, last: None, events: 0, bytes: 0, path });
         self.file = Some(f);
         Ok(())
     }
@@ -502,12 +429,8 @@ impl Writer {
             }
             let result = self.write_batch(&batch);
             for (i, a) in batch.drain(..).enumerate() {
-                let _ = a.reply.send(
-                    result
-                        .as_ref()
-                        .map(|first| first + i as u64)
-                        .map_err(ToString::to_string),
-                );
+                let _ =
+                    a.reply.send(result.as_ref().map(|first| first + i as u64).map_err(ToString::to_string));
             }
             if let Err(e) = self.truncate() {
                 tracing::error!(error = %e, "cannot delete committed WAL segments");
@@ -522,11 +445,7 @@ impl Writer {
     fn write_batch(&mut self, batch: &[Append]) -> Result<u64> {
         let first = self.next;
         for a in batch {
-            if self
-                .segments
-                .last()
-                .is_some_and(|s| s.bytes >= self.opts.segment_bytes)
-            {
+            if self.segments.last().is_some_and(|s| s.bytes >= self.opts.segment_bytes) {
                 self.roll()?;
             }
             let seq = self.next;
@@ -534,20 +453,13 @@ impl Writer {
             h.update(&seq.to_le_bytes());
             h.update(&a.payload);
             let mut frame = Vec::with_capacity(FRAME_HEADER + a.payload.len());
-            frame.extend_from_slice(
-                &u32::try_from(a.payload.len())
-                    .expect("bodies are capped")
-                    .to_le_bytes(),
-            );
+            frame
+                .extend_from_slice(&u32::try_from(a.payload.len()).expect("bodies are capped").to_le_bytes());
             frame.extend_from_slice(&h.finalize().to_le_bytes());
             frame.extend_from_slice(&seq.to_le_bytes());
             frame.extend_from_slice(&a.payload);
             let seg = self.segments.last_mut().expect("a segment is open");
-            self.file
-                .as_mut()
-                .expect("a segment is open")
-                .write_all(&frame)
-                .map_err(io(&seg.path))?;
+            self.file.as_mut().expect("a segment is open").write_all(&frame).map_err(io(&seg.path))?;
             seg.bytes += frame.len() as u64;
             seg.events += u64::from(a.events);
             seg.last = Some(seq);
@@ -557,16 +469,8 @@ impl Writer {
             self.pending.register(seq, a.parts);
             self.next += 1;
         }
-        let path = self
-            .segments
-            .last()
-            .map(|s| s.path.clone())
-            .unwrap_or_default();
-        self.file
-            .as_ref()
-            .expect("a segment is open")
-            .sync_data()
-            .map_err(io(&path))?;
+        let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
+        self.file.as_ref().expect("a segment is open").sync_data().map_err(io(&path))?;
         Ok(first)
     }
 
@@ -599,24 +503,11 @@ mod tests {
         let a = AccountId::new("111111111111").unwrap();
         let mut e = RecordEncoder::new(&a, 42, Some("col-1"));
         e.accepted("id-1", b"{\"x\":1}");
-        e.rejected(
-            "id-2",
-            "bad_enum",
-            "$.detail.e",
-            "\"Z\" is not one of A",
-            b"{}",
-        );
+        e.rejected("id-2", "bad_enum", "$.detail.e", "\"Z\" is not one of A", b"{}");
         let r = decode_record(&e.finish()).unwrap();
         assert_eq!(r.account, a);
         assert_eq!((r.received_at, r.collector.as_deref()), (42, Some("col-1")));
-        assert_eq!(
-            r.events[0],
-            WalEvent {
-                rejected: None,
-                id: "id-1".into(),
-                raw: b"{\"x\":1}".to_vec()
-            }
-        );
+        assert_eq!(r.events[0], WalEvent { rejected: None, id: "id-1".into(), raw: b"{\"x\":1}".to_vec() });
         assert_eq!(r.events[1].rejected.as_ref().unwrap().0, "bad_enum");
     }
 
@@ -624,10 +515,7 @@ mod tests {
     async fn group_commit_recovery_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts = WalOptions {
-            segment_bytes: 256,
-            retain_events: 0,
-        };
+        let opts = WalOptions { segment_bytes: 256, retain_events: 0 };
         let pending = Arc::new(Pending::default());
         let wal = Wal::open(dir.path(), opts, pending.clone(), |_, _| Ok(())).unwrap();
         let mut handles = Vec::new();
@@ -651,35 +539,20 @@ mod tests {
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(50));
         // Tear the tail of the newest segment.
-        let mut segs: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut segs: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
         segs.sort();
         let last = segs.last().unwrap();
         let len = std::fs::metadata(last).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(last)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        OpenOptions::new().write(true).open(last).unwrap().set_len(len - 3).unwrap();
         let mut seen = Vec::new();
         let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), |seq, r| {
             seen.push((seq, r.events[0].id.clone()));
             Ok(())
         })
         .unwrap();
-        assert_eq!(
-            seen.len(),
-            19,
-            "the torn record is dropped, the rest replay"
-        );
+        assert_eq!(seen.len(), 19, "the torn record is dropped, the rest replay");
         assert_eq!(seen[0].0, 1);
-        let next = wal
-            .append(RecordEncoder::new(&a, 0, None).finish(), 0, 0)
-            .await
-            .unwrap();
+        let next = wal.append(RecordEncoder::new(&a, 0, None).finish(), 0, 0).await.unwrap();
         assert_eq!(next, 20, "seqs continue after the torn record");
     }
 }

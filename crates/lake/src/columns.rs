@@ -10,10 +10,10 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
-    Float32Builder, Float64Builder, Int32Builder, Int64Builder, ListArray, MapArray, NullArray,
-    StringBuilder, StructArray, Time32MillisecondBuilder, Time64MicrosecondBuilder,
-    TimestampMicrosecondBuilder, TimestampMillisecondBuilder,
+    Array, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
+    Float64Builder, Int32Builder, Int64Builder, ListArray, MapArray, NullArray, StringBuilder, StructArray,
+    Time32MillisecondBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    TimestampMillisecondBuilder,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, FieldRef, Fields};
@@ -62,21 +62,16 @@ pub fn project(reader: &Node, writer: &Node) -> Proj {
                         .fields
                         .iter()
                         .position(|wf| wf.name == rf.name)
-                        .or_else(|| {
-                            w.fields
-                                .iter()
-                                .position(|wf| r.lookup.get(&wf.name) == Some(&ri))
-                        });
+                        .or_else(|| w.fields.iter().position(|wf| r.lookup.get(&wf.name) == Some(&ri)));
                     match found {
                         Some(wi) => Src::Field(wi, project(&rf.node, &w.fields[wi].node)),
                         None => match &rf.default {
                             Some(d) => {
                                 let mut tape = Tape::new();
                                 match decode_value(&rf.node, d.to_string().as_bytes(), &mut tape) {
-                                    Ok(slot) => Src::Default(
-                                        Arc::new((tape, slot)),
-                                        project(&rf.node, &rf.node),
-                                    ),
+                                    Ok(slot) => {
+                                        Src::Default(Arc::new((tape, slot)), project(&rf.node, &rf.node))
+                                    }
                                     Err(_) => Src::Null,
                                 }
                             }
@@ -175,12 +170,8 @@ impl Col {
             Kind::Date => Col::Date(Date32Builder::new()),
             Kind::TimeMillis => Col::TimeMs(Time32MillisecondBuilder::new()),
             Kind::TimeMicros => Col::TimeUs(Time64MicrosecondBuilder::new()),
-            Kind::TimestampMillis => {
-                Col::TsMs(TimestampMillisecondBuilder::new().with_timezone(UTC))
-            }
-            Kind::TimestampMicros => {
-                Col::TsUs(TimestampMicrosecondBuilder::new().with_timezone(UTC))
-            }
+            Kind::TimestampMillis => Col::TsMs(TimestampMillisecondBuilder::new().with_timezone(UTC)),
+            Kind::TimestampMicros => Col::TsUs(TimestampMicrosecondBuilder::new().with_timezone(UTC)),
             #[allow(clippy::cast_possible_wrap)]
             Kind::Decimal { precision, scale } => Col::Dec(
                 Decimal128Builder::new()
@@ -190,9 +181,7 @@ impl Col {
                 *scale as i8,
             ),
             Kind::Array(item) => {
-                let DataType::List(field) = arrow_type(node) else {
-                    unreachable!("array maps to list")
-                };
+                let DataType::List(field) = arrow_type(node) else { unreachable!("array maps to list") };
                 Col::List {
                     field,
                     offsets: vec![0],
@@ -201,9 +190,7 @@ impl Col {
                 }
             }
             Kind::Map(value) => {
-                let DataType::Map(field, _) = arrow_type(node) else {
-                    unreachable!("map maps to map")
-                };
+                let DataType::Map(field, _) = arrow_type(node) else { unreachable!("map maps to map") };
                 Col::Map {
                     field,
                     offsets: vec![0],
@@ -247,9 +234,7 @@ impl Col {
                 offsets.push(last);
                 nulls.append_null();
             }
-            Col::Struct {
-                children, nulls, ..
-            } => {
+            Col::Struct { children, nulls, .. } => {
                 children.iter_mut().for_each(Col::append_null);
                 nulls.append_null();
             }
@@ -274,30 +259,18 @@ impl Col {
             (Col::F64(b), Slot::Float(v)) => b.append_value(f64::from(v)),
             (Col::F64(b), Slot::Double(v)) => b.append_value(v),
             (Col::Str(b), Slot::Str { .. }) => b.append_value(tape.str(slot)),
-            (Col::Str(b), Slot::Bytes { .. }) => {
-                b.append_value(String::from_utf8_lossy(tape.bytes(slot)))
-            }
+            (Col::Str(b), Slot::Bytes { .. }) => b.append_value(String::from_utf8_lossy(tape.bytes(slot))),
             (Col::Str(b), Slot::Enum(i)) => match proj {
                 Proj::Enum(symbols) => b.append_value(&symbols[i as usize]),
                 _ => b.append_null(),
             },
-            (Col::Bin(b), Slot::Bytes { .. } | Slot::Str { .. }) => {
-                b.append_value(tape.bytes(slot))
-            }
+            (Col::Bin(b), Slot::Bytes { .. } | Slot::Str { .. }) => b.append_value(tape.bytes(slot)),
             (Col::TimeMs(b), Slot::Int(v)) => b.append_value(v),
             (Col::TimeUs(b), Slot::Long(v)) => b.append_value(v),
             (Col::TsMs(b), Slot::Long(v)) => b.append_value(v),
             (Col::TsUs(b), Slot::Long(v)) => b.append_value(v),
             (Col::Dec(b, ..), Slot::Decimal(_)) => b.append_option(tape.decimal(slot)),
-            (
-                Col::List {
-                    offsets,
-                    nulls,
-                    child,
-                    ..
-                },
-                Slot::List { start, len },
-            ) => {
+            (Col::List { offsets, nulls, child, .. }, Slot::List { start, len }) => {
                 let item = match proj {
                     Proj::List(p) => p.as_ref(),
                     _ => &Proj::Scalar,
@@ -309,16 +282,7 @@ impl Col {
                 offsets.push(last + i32::try_from(len).expect("event size caps lists"));
                 nulls.append_non_null();
             }
-            (
-                Col::Map {
-                    offsets,
-                    nulls,
-                    keys,
-                    values,
-                    ..
-                },
-                Slot::Map { start, len },
-            ) => {
+            (Col::Map { offsets, nulls, keys, values, .. }, Slot::Map { start, len }) => {
                 let vp = match proj {
                     Proj::Map(p) => p.as_ref(),
                     _ => &Proj::Scalar,
@@ -331,18 +295,11 @@ impl Col {
                 offsets.push(last + i32::try_from(len).expect("event size caps maps"));
                 nulls.append_non_null();
             }
-            (
-                Col::Struct {
-                    children, nulls, ..
-                },
-                Slot::Record(start),
-            ) => {
+            (Col::Struct { children, nulls, .. }, Slot::Record(start)) => {
                 if let Proj::Record(srcs) = proj {
                     for (child, src) in children.iter_mut().zip(srcs) {
                         match src {
-                            Src::Field(wi, p) => {
-                                child.append(tape, tape.slot(start + *wi as u32), p)
-                            }
+                            Src::Field(wi, p) => child.append(tape, tape.slot(start + *wi as u32), p),
                             Src::Default(d, p) => child.append(&d.0, d.1, p),
                             Src::Null => child.append_null(),
                         }
@@ -381,59 +338,27 @@ impl Col {
             Col::TsUs(b) => Arc::new(b.finish()),
             Col::Dec(b, p, s) => {
                 let a = b.finish();
-                *b = Decimal128Builder::new()
-                    .with_precision_and_scale(*p, *s)
-                    .expect("checked at load");
+                *b = Decimal128Builder::new().with_precision_and_scale(*p, *s).expect("checked at load");
                 Arc::new(a)
             }
-            Col::List {
-                field,
-                offsets,
-                nulls,
-                child,
-            } => {
+            Col::List { field, offsets, nulls, child } => {
                 let offs = take_offsets(offsets);
-                Arc::new(ListArray::new(
-                    field.clone(),
-                    offs,
-                    child.finish(),
-                    nulls.finish(),
-                ))
+                Arc::new(ListArray::new(field.clone(), offs, child.finish(), nulls.finish()))
             }
-            Col::Map {
-                field,
-                offsets,
-                nulls,
-                keys,
-                values,
-            } => {
+            Col::Map { field, offsets, nulls, keys, values } => {
                 let offs = take_offsets(offsets);
-                let DataType::Struct(entry_fields) = field.data_type() else {
-                    unreachable!("map entries")
-                };
+                let DataType::Struct(entry_fields) = field.data_type() else { unreachable!("map entries") };
                 let entries = StructArray::new(
                     entry_fields.clone(),
                     vec![Arc::new(keys.finish()), values.finish()],
                     None,
                 );
-                Arc::new(MapArray::new(
-                    field.clone(),
-                    offs,
-                    entries,
-                    nulls.finish(),
-                    false,
-                ))
+                Arc::new(MapArray::new(field.clone(), offs, entries, nulls.finish(), false))
             }
-            Col::Struct {
-                fields,
-                children,
-                nulls,
-            } => {
+            Col::Struct { fields, children, nulls } => {
                 let arrays: Vec<ArrayRef> = children.iter_mut().map(Col::finish).collect();
                 let nb: Option<NullBuffer> = nulls.finish();
-                let len = arrays
-                    .first()
-                    .map_or_else(|| nb.as_ref().map_or(0, NullBuffer::len), |a| a.len());
+                let len = arrays.first().map_or_else(|| nb.as_ref().map_or(0, NullBuffer::len), |a| a.len());
                 Arc::new(
                     StructArray::try_new_with_length(fields.clone(), arrays, nb, len)
                         .expect("children have equal length"),

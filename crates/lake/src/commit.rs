@@ -21,14 +21,8 @@ use crate::store::Lake;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Line {
-    Intent {
-        path: String,
-        partition: String,
-        records: Vec<u64>,
-    },
-    Commit {
-        path: String,
-    },
+    Intent { path: String, partition: String, records: Vec<u64> },
+    Commit { path: String },
 }
 
 /// The append-only commit log (one per hub data directory).
@@ -57,10 +51,7 @@ impl Committed {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_owned(), source }
 }
 
 impl CommitLog {
@@ -80,11 +71,7 @@ impl CommitLog {
                 // A torn last line (crash mid-append) is an unfinished
                 // intent or commit; skipping it is what recovery needs.
                 match serde_json::from_str::<Line>(&line) {
-                    Ok(Line::Intent {
-                        path,
-                        partition,
-                        records,
-                    }) => {
+                    Ok(Line::Intent { path, partition, records }) => {
                         intents.insert(path, (partition, records));
                     }
                     Ok(Line::Commit { path }) => {
@@ -108,11 +95,7 @@ impl CommitLog {
                 for &r in &records {
                     out.set.insert((partition.clone(), r));
                 }
-                keep.push(Line::Intent {
-                    path: file.clone(),
-                    partition,
-                    records,
-                });
+                keep.push(Line::Intent { path: file.clone(), partition, records });
                 keep.push(Line::Commit { path: file });
             }
             out.files += 1;
@@ -121,23 +104,13 @@ impl CommitLog {
         {
             let mut f = File::create(&tmp).map_err(io(&tmp))?;
             for l in &keep {
-                writeln!(f, "{}", serde_json::to_string(l).expect("serialisable"))
-                    .map_err(io(&tmp))?;
+                writeln!(f, "{}", serde_json::to_string(l).expect("serialisable")).map_err(io(&tmp))?;
             }
             f.sync_all().map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, path).map_err(io(path))?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        Ok((
-            Self {
-                path: path.to_owned(),
-                file,
-            },
-            out,
-        ))
+        let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
+        Ok((Self { path: path.to_owned(), file }, out))
     }
 
     fn append(&mut self, line: &Line) -> Result<()> {
@@ -164,8 +137,6 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`].
     pub fn commit(&mut self, path: &LakePath) -> Result<()> {
-        self.append(&Line::Commit {
-            path: path.0.clone(),
-        })
+        self.append(&Line::Commit { path: path.0.clone() })
     }
 }

@@ -21,10 +21,7 @@ pub struct EncodeOptions {
 
 impl Default for EncodeOptions {
     fn default() -> Self {
-        Self {
-            zstd_level: 1,
-            row_group_rows: 122_880,
-        }
+        Self { zstd_level: 1, row_group_rows: 122_880 }
     }
 }
 
@@ -39,32 +36,17 @@ pub fn encode(
     metadata: Vec<(String, String)>,
     opts: EncodeOptions,
 ) -> Result<Vec<u8>> {
-    let err = |e| Error::Parquet {
-        path: path.to_owned(),
-        source: Box::new(e),
-    };
+    let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(opts.zstd_level).map_err(err)?,
-        ))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_dictionary_enabled(true)
         .set_max_row_group_row_count(Some(opts.row_group_rows))
-        .set_key_value_metadata(Some(
-            metadata
-                .into_iter()
-                .map(|(k, v)| KeyValue::new(k, v))
-                .collect(),
-        ))
+        .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
         .set_created_by(format!("watershed {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let mut out = Vec::with_capacity(
-        batches
-            .iter()
-            .map(RecordBatch::get_array_memory_size)
-            .sum::<usize>()
-            / 4,
-    );
+    let mut out =
+        Vec::with_capacity(batches.iter().map(RecordBatch::get_array_memory_size).sum::<usize>() / 4);
     let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props)).map_err(err)?;
     for b in batches {
         w.write(b).map_err(err)?;

@@ -38,15 +38,8 @@ pub async fn summarize(lake: &Lake) -> Result<LakeSummary> {
         let bytes = lake.get(&path).await?;
         let md = ParquetMetaDataReader::new()
             .parse_and_finish(&bytes)
-            .map_err(|e| Error::Parquet {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-        let p = out
-            .entry(table)
-            .or_default()
-            .entry(dir.to_owned())
-            .or_default();
+            .map_err(|e| Error::Parquet { path: path.clone(), source: Box::new(e) })?;
+        let p = out.entry(table).or_default().entry(dir.to_owned()).or_default();
         p.files += 1;
         p.rows += u64::try_from(md.file_metadata().num_rows()).unwrap_or(0);
         p.bytes += meta.size;

@@ -39,10 +39,7 @@ impl PartitionKey {
     /// The partition directory, relative to the lake root.
     #[must_use]
     pub fn dir(&self) -> String {
-        format!(
-            "{}/account={}/date={}/hour={:02}",
-            self.table, self.account, self.date, self.hour
-        )
+        format!("{}/account={}/date={}/hour={:02}", self.table, self.account, self.date, self.hour)
     }
 
     /// The path of a file covering WAL records `first..=last`. The name is
@@ -50,10 +47,7 @@ impl PartitionKey {
     /// the same name and a create-only put refuses the duplicate.
     #[must_use]
     pub fn file(&self, source: &str, first: u64, last: u64) -> LakePath {
-        LakePath(format!(
-            "{}/{source}-{first:016x}-{last:016x}.parquet",
-            self.dir()
-        ))
+        LakePath(format!("{}/{source}-{first:016x}-{last:016x}.parquet", self.dir()))
     }
 }
 
@@ -82,10 +76,7 @@ mod tests {
         let a = AccountId::new("123456789012").unwrap();
         let t = watershed_event::parse_rfc3339_micros("2024-05-01T07:59:59Z").unwrap();
         let k = PartitionKey::at("orders", &a, t);
-        assert_eq!(
-            k.dir(),
-            "orders/account=123456789012/date=2024-05-01/hour=07"
-        );
+        assert_eq!(k.dir(), "orders/account=123456789012/date=2024-05-01/hour=07");
         assert_eq!(
             k.file("wal", 1, 255).0,
             "orders/account=123456789012/date=2024-05-01/hour=07/wal-0000000000000001-00000000000000ff.parquet"

@@ -80,11 +80,7 @@ pub fn table_schema(latest: &Node) -> SchemaRef {
         Field::new("event_time", ts(), false),
         Field::new("received_at", ts(), false),
         Field::new("region", DataType::Utf8, true),
-        Field::new(
-            "resources",
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            true,
-        ),
+        Field::new("resources", DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))), true),
         Field::new("schema_version", DataType::Int32, false),
         Field::new("collector", DataType::Utf8, true),
         Field::new("detail", arrow_type(latest), true),

@@ -31,20 +31,14 @@ pub struct Lake {
 }
 
 fn store_err(path: &str) -> impl FnOnce(object_store::Error) -> Error + '_ {
-    move |e| Error::Store {
-        path: path.to_owned(),
-        source: Box::new(e),
-    }
+    move |e| Error::Store { path: path.to_owned(), source: Box::new(e) }
 }
 
 impl Lake {
     /// A lake on `store`, with at most `concurrency` requests in flight.
     #[must_use]
     pub fn new(store: Arc<dyn ObjectStore>, concurrency: usize) -> Self {
-        Self {
-            store,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
-        }
+        Self { store, permits: Arc::new(Semaphore::new(concurrency.max(1))) }
     }
 
     /// A lake in a local directory (created if missing).
@@ -52,10 +46,7 @@ impl Lake {
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`] when the directory is unusable.
     pub fn local(dir: &std::path::Path, concurrency: usize) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(store_err(&dir.display().to_string()))?
             .with_automatic_cleanup(true);
@@ -73,24 +64,9 @@ impl Lake {
     /// # Errors
     /// [`Error::Store`] on any failure other than "already exists".
     pub async fn put_create(&self, path: &LakePath, bytes: Bytes) -> Result<Put> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match self
-            .store
-            .put_opts(
-                &ObjPath::from(path.0.as_str()),
-                PutPayload::from(bytes),
-                opts,
-            )
-            .await
-        {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&ObjPath::from(path.0.as_str()), PutPayload::from(bytes), opts).await {
             Ok(_) => Ok(Put::Created),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::AlreadyExists),
             Err(e) => Err(store_err(&path.0)(e)),
@@ -102,11 +78,7 @@ impl Lake {
     /// # Errors
     /// [`Error::Store`] on failures other than "not found".
     pub async fn exists(&self, path: &LakePath) -> Result<bool> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
         match self.store.head(&ObjPath::from(path.0.as_str())).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -120,11 +92,7 @@ impl Lake {
     /// [`Error::Store`] when listing fails.
     pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<ObjectMeta>> {
         let p = prefix.map(ObjPath::from);
-        self.store
-            .list(p.as_ref())
-            .try_collect()
-            .await
-            .map_err(store_err(prefix.unwrap_or("")))
+        self.store.list(p.as_ref()).try_collect().await.map_err(store_err(prefix.unwrap_or("")))
     }
 
     /// Read a whole object.
@@ -132,16 +100,8 @@ impl Lake {
     /// # Errors
     /// [`Error::Store`] when the read fails.
     pub async fn get(&self, path: &str) -> Result<Bytes> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
-        let r = self
-            .store
-            .get(&ObjPath::from(path))
-            .await
-            .map_err(store_err(path))?;
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        let r = self.store.get(&ObjPath::from(path)).await.map_err(store_err(path))?;
         r.bytes().await.map_err(store_err(path))
     }
 }

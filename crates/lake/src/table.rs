@@ -54,11 +54,7 @@ impl TableLayout {
     #[must_use]
     pub fn new(subject: &SubjectEntry) -> Arc<Self> {
         let latest = &subject.latest().node;
-        let projections = subject
-            .versions
-            .iter()
-            .map(|v| (v.version, project(latest, &v.node)))
-            .collect();
+        let projections = subject.versions.iter().map(|v| (v.version, project(latest, &v.node))).collect();
         Arc::new(Self {
             table: subject.table.clone(),
             schema: table_schema(latest),
@@ -133,14 +129,9 @@ impl TableBuilder {
             self.resources.values().append_value(r);
         }
         self.resources.append(true);
-        self.schema_version
-            .append_value(i32::try_from(meta.schema_version).unwrap_or(i32::MAX));
+        self.schema_version.append_value(i32::try_from(meta.schema_version).unwrap_or(i32::MAX));
         self.collector.append_option(meta.collector);
-        let proj = self
-            .layout
-            .projections
-            .get(&meta.schema_version)
-            .unwrap_or(&Proj::Scalar);
+        let proj = self.layout.projections.get(&meta.schema_version).unwrap_or(&Proj::Scalar);
         self.detail.append(tape, tape.root(), proj);
         self.rows += 1;
     }
@@ -163,10 +154,8 @@ impl TableBuilder {
             Arc::new(self.collector.finish()),
             self.detail.finish(),
         ];
-        RecordBatch::try_new(self.layout.schema.clone(), columns).map_err(|e| Error::Arrow {
-            table: self.layout.table.clone(),
-            source: Box::new(e),
-        })
+        RecordBatch::try_new(self.layout.schema.clone(), columns)
+            .map_err(|e| Error::Arrow { table: self.layout.table.clone(), source: Box::new(e) })
     }
 }
 
@@ -245,17 +234,12 @@ impl DeadLetterBuilder {
     /// [`Error::Arrow`] if the columns disagree (a bug).
     pub fn finish(&mut self) -> Result<RecordBatch> {
         self.rows = 0;
-        let mut columns: Vec<ArrayRef> = self
-            .cols
-            .iter_mut()
-            .map(|c| Arc::new(c.finish()) as ArrayRef)
-            .collect();
+        let mut columns: Vec<ArrayRef> =
+            self.cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef).collect();
         columns.push(Arc::new(self.received_at.finish()));
         columns.push(Arc::new(self.collector.finish()));
         columns.push(Arc::new(self.raw.finish()));
-        RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| Error::Arrow {
-            table: crate::DEAD_LETTERS.into(),
-            source: Box::new(e),
-        })
+        RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| Error::Arrow { table: crate::DEAD_LETTERS.into(), source: Box::new(e) })
     }
 }

@@ -77,10 +77,7 @@ impl Memory {
     /// A budget of `budget` bytes.
     #[must_use]
     pub fn new(budget: usize) -> Arc<Self> {
-        Arc::new(Self {
-            used: AtomicUsize::new(0),
-            budget,
-        })
+        Arc::new(Self { used: AtomicUsize::new(0), budget })
     }
     /// Bytes in use.
     #[must_use]
@@ -273,9 +270,7 @@ impl LakeWriter {
             buf.touched = now;
             self.buffered += bytes;
         }
-        self.stats
-            .open_partitions
-            .store(self.buffers.len() as u64, Ordering::Relaxed);
+        self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
     }
 
     async fn enforce(&mut self) {
@@ -291,19 +286,11 @@ impl LakeWriter {
         let high = self.memory.budget() / 10 * 8;
         let low = self.memory.budget() / 2;
         if self.memory.used() >= high {
-            let mut by_size: Vec<(usize, PartitionKey)> = self
-                .buffers
-                .iter()
-                .map(|(k, b)| (b.bytes, k.clone()))
-                .collect();
+            let mut by_size: Vec<(usize, PartitionKey)> =
+                self.buffers.iter().map(|(k, b)| (b.bytes, k.clone())).collect();
             by_size.sort_by(|a, b| b.0.cmp(&a.0));
             for (_, k) in by_size {
-                if self.buffered == 0
-                    || self
-                        .memory
-                        .used()
-                        .saturating_sub(self.flush_bytes_in_flight())
-                        < low
+                if self.buffered == 0 || self.memory.used().saturating_sub(self.flush_bytes_in_flight()) < low
                 {
                     break;
                 }
@@ -311,11 +298,8 @@ impl LakeWriter {
             }
         }
         if self.buffers.len() > self.cfg.max_open_partitions {
-            let mut by_age: Vec<(TimestampMicros, PartitionKey)> = self
-                .buffers
-                .iter()
-                .map(|(k, b)| (b.touched, k.clone()))
-                .collect();
+            let mut by_age: Vec<(TimestampMicros, PartitionKey)> =
+                self.buffers.iter().map(|(k, b)| (b.touched, k.clone())).collect();
             by_age.sort();
             let excess = self.buffers.len() - self.cfg.max_open_partitions;
             for (_, k) in by_age.into_iter().take(excess) {
@@ -331,11 +315,7 @@ impl LakeWriter {
     async fn roll_aged(&mut self) {
         let now = self.clock.now_micros();
         let age = |late: bool| {
-            let d = if late {
-                self.cfg.late_roll_age
-            } else {
-                self.cfg.roll_age
-            };
+            let d = if late { self.cfg.late_roll_age } else { self.cfg.roll_age };
             i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
         };
         let due: Vec<PartitionKey> = self
@@ -360,17 +340,10 @@ impl LakeWriter {
     async fn flush_key(&mut self, key: &PartitionKey) {
         if let Some(buf) = self.buffers.remove(key) {
             self.buffered -= buf.bytes;
-            self.stats
-                .open_partitions
-                .store(self.buffers.len() as u64, Ordering::Relaxed);
+            self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
             // Wait for a flush slot here: this is what pushes back on the
             // writer's channel, and so on ingest, when the store is slow.
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("never closed");
+            let permit = self.permits.clone().acquire_owned().await.expect("never closed");
             self.spawn_flush_with(key.clone(), buf, Some(permit));
         }
     }
@@ -402,8 +375,7 @@ impl LakeWriter {
 
 /// The end of a partition's hour, in microseconds.
 fn partition_end(key: &PartitionKey) -> TimestampMicros {
-    watershed_event::parse_rfc3339_micros(&format!("{}T{:02}:59:59.999999Z", key.date, key.hour))
-        .unwrap_or(0)
+    watershed_event::parse_rfc3339_micros(&format!("{}T{:02}:59:59.999999Z", key.date, key.hour)).unwrap_or(0)
 }
 
 struct FlushCtx {
@@ -427,9 +399,7 @@ impl FlushCtx {
                     let secs = started.elapsed().as_secs_f64();
                     self.stats.files.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(size as u64, Ordering::Relaxed);
-                    self.stats
-                        .rows
-                        .fetch_add(buf.rows as u64, Ordering::Relaxed);
+                    self.stats.rows.fetch_add(buf.rows as u64, Ordering::Relaxed);
                     if let Ok(mut r) = self.stats.recent.lock() {
                         r.push((size as u64, secs));
                     }
@@ -454,11 +424,7 @@ impl FlushCtx {
             ("watershed.source".to_owned(), "wal".to_owned()),
             (
                 "watershed.records".to_owned(),
-                buf.records
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
+                buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
             ),
         ];
         let (schema, batches, p) = (buf.schema.clone(), buf.batches.clone(), path.0.clone());
@@ -468,10 +434,7 @@ impl FlushCtx {
             .expect("encoding does not panic")?;
         let size = bytes.len();
         let partition = key.dir();
-        self.log
-            .lock()
-            .expect("commit log lock")
-            .intent(&path, &partition, &buf.records)?;
+        self.log.lock().expect("commit log lock").intent(&path, &partition, &buf.records)?;
         let put = self.lake.put_create(&path, bytes.into()).await?;
         if put == Put::AlreadyExists {
             tracing::info!(path = %path, "file already committed by an earlier run; keeping it");

@@ -14,24 +14,15 @@ const PAYMENT: &str = r#"{"payment_id":"pay_8c1f2e7a9b","customer_id":"cus_51HqL
 
 fn bench(c: &mut Criterion) {
     let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
-    let (s, v) = reg
-        .resolve("com.example.payments", "PaymentAuthorized", None)
-        .unwrap();
+    let (s, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kr = LocalKeyring::open_local(dir.path()).unwrap();
     let account = AccountId::new("123456789012").unwrap();
     let mut template = Tape::new();
-    validate_json(
-        &v.node,
-        PAYMENT.as_bytes(),
-        s.config.unknown_fields,
-        Limits::default(),
-        &mut template,
-    )
-    .unwrap();
-    let mut p = BatchProtector::new(&kr);
-    p.protect(&account, &v.protect, &mut template.clone())
+    validate_json(&v.node, PAYMENT.as_bytes(), s.config.unknown_fields, Limits::default(), &mut template)
         .unwrap();
+    let mut p = BatchProtector::new(&kr);
+    p.protect(&account, &v.protect, &mut template.clone()).unwrap();
 
     let mut g = c.benchmark_group("protect");
     g.throughput(Throughput::Elements(1));

@@ -28,14 +28,8 @@ impl AuditLog {
         opts.create(true).append(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let file = opts.open(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self {
-            path: path.to_owned(),
-            file: Mutex::new(file),
-        })
+        let file = opts.open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        Ok(Self { path: path.to_owned(), file: Mutex::new(file) })
     }
 
     /// Append one record (with a `time` field added) and fsync.
@@ -50,14 +44,8 @@ impl AuditLog {
         }
         let mut line = value.to_string();
         line.push('\n');
-        let io = |source| Error::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut f = self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let io = |source| Error::Io { path: self.path.clone(), source };
+        let mut f = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f.write_all(line.as_bytes()).map_err(io)?;
         f.sync_data().map_err(io)
     }

@@ -83,10 +83,7 @@ impl DataCipher {
     /// Key the cipher (the AES key schedule runs here, once).
     #[must_use]
     pub fn new(id: KeyId, key: &SecretKey) -> Self {
-        Self {
-            id,
-            aead: Aes256Gcm::new(key.expose().into()),
-        }
+        Self { id, aead: Aes256Gcm::new(key.expose().into()) }
     }
 
     /// The key id.
@@ -97,13 +94,7 @@ impl DataCipher {
 
     /// Encrypt `plain` and append the text form to `out`, using `buf` as
     /// scratch space.
-    pub fn encrypt_into(
-        &self,
-        plain: &[u8],
-        rng: &mut impl RngCore,
-        buf: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-    ) {
+    pub fn encrypt_into(&self, plain: &[u8], rng: &mut impl RngCore, buf: &mut Vec<u8>, out: &mut Vec<u8>) {
         let mut nonce = [0u8; 12];
         rng.fill_bytes(&mut nonce);
         buf.clear();
@@ -118,13 +109,8 @@ impl DataCipher {
         buf.extend_from_slice(&tag);
         out.extend_from_slice(PREFIX.as_bytes());
         let start = out.len();
-        out.resize(
-            start + base64::encoded_len(buf.len(), false).unwrap_or(0),
-            0,
-        );
-        let n = URL_SAFE_NO_PAD
-            .encode_slice(&buf[..], &mut out[start..])
-            .expect("sized above");
+        out.resize(start + base64::encoded_len(buf.len(), false).unwrap_or(0), 0);
+        let n = URL_SAFE_NO_PAD.encode_slice(&buf[..], &mut out[start..]).expect("sized above");
         out.truncate(start + n);
     }
 
@@ -174,18 +160,12 @@ pub struct Parsed {
 /// # Errors
 /// [`Error::BadCiphertext`] when the prefix, base64 or length is wrong.
 pub fn parse(text: &str) -> Result<Parsed> {
-    let body = text.strip_prefix(PREFIX).ok_or(Error::BadCiphertext {
-        detail: "not a Watershed ciphertext (expected the wse1. prefix)",
-    })?;
-    let raw = URL_SAFE_NO_PAD
-        .decode(body)
-        .map_err(|_| Error::BadCiphertext {
-            detail: "not base64url",
-        })?;
+    let body = text
+        .strip_prefix(PREFIX)
+        .ok_or(Error::BadCiphertext { detail: "not a Watershed ciphertext (expected the wse1. prefix)" })?;
+    let raw = URL_SAFE_NO_PAD.decode(body).map_err(|_| Error::BadCiphertext { detail: "not base64url" })?;
     if raw.len() < 16 + 12 + 16 {
-        return Err(Error::BadCiphertext {
-            detail: "too short",
-        });
+        return Err(Error::BadCiphertext { detail: "too short" });
     }
     let mut key_id = [0u8; 16];
     key_id.copy_from_slice(&raw[..16]);
@@ -193,10 +173,5 @@ pub fn parse(text: &str) -> Result<Parsed> {
     nonce.copy_from_slice(&raw[16..28]);
     let mut tag = [0u8; 16];
     tag.copy_from_slice(&raw[raw.len() - 16..]);
-    Ok(Parsed {
-        key_id: KeyId(key_id),
-        nonce,
-        ciphertext: raw[28..raw.len() - 16].to_vec(),
-        tag,
-    })
+    Ok(Parsed { key_id: KeyId(key_id), nonce, ciphertext: raw[28..raw.len() - 16].to_vec(), tag })
 }

@@ -41,11 +41,8 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
     /// decrypted.
     pub fn decrypt(&self, access: &Access, values: &[&str]) -> Result<Vec<Result<Plaintext>>> {
         let parsed: Vec<_> = values.iter().map(|v| parse(v)).collect();
-        let key_ids: BTreeSet<String> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok())
-            .map(|p| p.key_id.to_hex())
-            .collect();
+        let key_ids: BTreeSet<String> =
+            parsed.iter().filter_map(|p| p.as_ref().ok()).map(|p| p.key_id.to_hex()).collect();
         let results: Vec<Result<Plaintext>> = parsed
             .into_iter()
             .map(|p| {
@@ -54,9 +51,7 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
                 let plain = DataCipher::new(p.key_id, &key).decrypt(&p)?;
                 String::from_utf8(plain)
                     .map(Plaintext::new)
-                    .map_err(|_| Error::BadCiphertext {
-                        detail: "plaintext is not UTF-8",
-                    })
+                    .map_err(|_| Error::BadCiphertext { detail: "plaintext is not UTF-8" })
             })
             .collect();
         #[derive(Serialize)]
@@ -71,10 +66,7 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
             key_ids: Vec<String>,
         }
         let decrypted = results.iter().filter(|r| r.is_ok()).count();
-        let erased = results
-            .iter()
-            .filter(|r| matches!(r, Err(Error::KeyErased { .. })))
-            .count();
+        let erased = results.iter().filter(|r| matches!(r, Err(Error::KeyErased { .. }))).count();
         self.keyring.audit_log().append(&Rec {
             action: "decrypt",
             principal: &access.principal,

@@ -42,7 +42,14 @@ enum Line {
     /// An account's tokenization key.
     TokenKey { account: String, wrapped: Wrapped },
     /// A data key. `subject_ref` is `None` for the account-wide key.
-    DataKey { id: String, account: String, subject_ref: Option<String>, current: bool, wrapped: Wrapped, created: String },
+    DataKey {
+        id: String,
+        account: String,
+        subject_ref: Option<String>,
+        current: bool,
+        wrapped: Wrapped,
+        created: String,
+    },
     /// Data keys erased by `forget`.
     Erased { ids: Vec<String>, account: String, subject_ref: Option<String>, erased_at: String },
 }
@@ -102,7 +109,9 @@ impl State {
         }
         let mut tokens: Vec<_> = self.token_keys.iter().collect();
         tokens.sort_by(|a, b| a.0.cmp(b.0));
-        out.extend(tokens.into_iter().map(|(a, w)| Line::TokenKey { account: a.clone(), wrapped: w.clone() }));
+        out.extend(
+            tokens.into_iter().map(|(a, w)| Line::TokenKey { account: a.clone(), wrapped: w.clone() }),
+        );
         let mut erased: HashMap<(String, Option<String>, String), Vec<String>> = HashMap::new();
         for (id, (a, s, at)) in &self.erased {
             erased.entry((a.clone(), s.clone(), at.clone())).or_default().push(id.to_hex());
@@ -256,7 +265,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                         // A torn last line: a key created but never synced,
                         // so never used by an acknowledged event.
                         Err(_) if !line.ends_with('}') => {}
-                        Err(e) => return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() }),
+                        Err(e) => {
+                            return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() })
+                        }
                     }
                 }
             }
@@ -389,7 +400,14 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         let (account, subject_ref) = slot;
         self.append(
             &mut st,
-            &[Line::DataKey { id: id.to_hex(), account, subject_ref, current: true, wrapped, created: chrono::Utc::now().to_rfc3339() }],
+            &[Line::DataKey {
+                id: id.to_hex(),
+                account,
+                subject_ref,
+                current: true,
+                wrapped,
+                created: chrono::Utc::now().to_rfc3339(),
+            }],
         )?;
         st.cache.insert(id, k.clone());
         Ok((id, k))
@@ -444,7 +462,12 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             subject_ref: &'a str,
             key_ids: &'a [String],
         }
-        self.audit.append(&Rec { action: "forget", account: account.as_str(), subject_ref: &sref, key_ids: &hex })?;
+        self.audit.append(&Rec {
+            action: "forget",
+            account: account.as_str(),
+            subject_ref: &sref,
+            key_ids: &hex,
+        })?;
         tracing::info!(account = %account, subject_ref = %sref, keys = ids.len(), "erased data subject keys");
         Ok(Erasure { key_ids: ids, subject_ref: sref })
     }

@@ -12,7 +12,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The data key was erased (crypto-shredded); the ciphertext is
     /// unreadable for good.
-    #[error("key_erased: data key {key_id} was erased on {erased_at}; this value can no longer be decrypted")]
+    #[error(
+        "key_erased: data key {key_id} was erased on {erased_at}; this value can no longer be decrypted"
+    )]
     KeyErased {
         /// The erased key's id.
         key_id: String,

@@ -9,10 +9,7 @@ use crate::error::{Error, Result};
 
 /// Create `dir` (0700) if it is missing.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
-    let io = |source| Error::Io {
-        path: dir.to_owned(),
-        source,
-    };
+    let io = |source| Error::Io { path: dir.to_owned(), source };
     if !dir.exists() {
         let mut b = fs::DirBuilder::new();
         b.recursive(true);
@@ -66,9 +63,5 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     let ino = std::os::unix::fs::MetadataExt::ino(&m);
     #[cfg(not(unix))]
     let ino = 0;
-    Some(Stamp {
-        modified_ns,
-        len: m.len(),
-        ino,
-    })
+    Some(Stamp { modified_ns, len: m.len(), ino })
 }

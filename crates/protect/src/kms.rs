@@ -49,18 +49,13 @@ impl KmsMasterKey {
             .map_err(|e| Error::Kms(format!("cannot start the KMS runtime: {e}")))?;
         let region = aws_config::Region::new(region.into());
         let config = rt.block_on(async {
-            let mut loader =
-                aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
             if let Some(ep) = endpoint {
                 loader = loader.endpoint_url(ep);
             }
             loader.load().await
         });
-        Ok(Self {
-            key_id: key_id.into(),
-            client: aws_sdk_kms::Client::new(&config),
-            rt,
-        })
+        Ok(Self { key_id: key_id.into(), client: aws_sdk_kms::Client::new(&config), rt })
     }
 
     fn run<T: Send + 'static>(
@@ -71,16 +66,12 @@ impl KmsMasterKey {
         self.rt.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv()
-            .map_err(|_| Error::Kms("the KMS request task stopped".into()))
+        rx.recv().map_err(|_| Error::Kms("the KMS request task stopped".into()))
     }
 }
 
 fn context_map(context: &[u8]) -> HashMap<String, String> {
-    HashMap::from([(
-        "watershed".to_owned(),
-        String::from_utf8_lossy(context).into_owned(),
-    )])
+    HashMap::from([("watershed".to_owned(), String::from_utf8_lossy(context).into_owned())])
 }
 
 impl MasterKey for KmsMasterKey {
@@ -91,16 +82,11 @@ impl MasterKey for KmsMasterKey {
             .key_id(&self.key_id)
             .plaintext(Blob::new(key.expose().to_vec()))
             .set_encryption_context(Some(context_map(context)));
-        let out = self
-            .run(async move { req.send().await })?
-            .map_err(|e| Error::Kms(format!("Encrypt: {e}")))?;
-        let blob = out
-            .ciphertext_blob()
-            .ok_or_else(|| Error::Kms("Encrypt returned no ciphertext".into()))?;
-        Ok(Wrapped {
-            master: self.key_id.clone(),
-            blob: STANDARD.encode(blob.as_ref()),
-        })
+        let out =
+            self.run(async move { req.send().await })?.map_err(|e| Error::Kms(format!("Encrypt: {e}")))?;
+        let blob =
+            out.ciphertext_blob().ok_or_else(|| Error::Kms("Encrypt returned no ciphertext".into()))?;
+        Ok(Wrapped { master: self.key_id.clone(), blob: STANDARD.encode(blob.as_ref()) })
     }
 
     fn generate(&self, context: &[u8]) -> Result<(SecretKey, Wrapped)> {
@@ -120,27 +106,19 @@ impl MasterKey for KmsMasterKey {
         let blob = out
             .ciphertext_blob()
             .ok_or_else(|| Error::Kms("GenerateDataKey returned no ciphertext".into()))?;
-        Ok((
-            plain,
-            Wrapped {
-                master: self.key_id.clone(),
-                blob: STANDARD.encode(blob.as_ref()),
-            },
-        ))
+        Ok((plain, Wrapped { master: self.key_id.clone(), blob: STANDARD.encode(blob.as_ref()) }))
     }
 
     fn unwrap(&self, wrapped: &Wrapped, context: &[u8]) -> Result<SecretKey> {
-        let blob = STANDARD
-            .decode(&wrapped.blob)
-            .map_err(|_| Error::Kms("wrapped key is not base64".into()))?;
+        let blob =
+            STANDARD.decode(&wrapped.blob).map_err(|_| Error::Kms("wrapped key is not base64".into()))?;
         let req = self
             .client
             .decrypt()
             .ciphertext_blob(Blob::new(blob))
             .set_encryption_context(Some(context_map(context)));
-        let out = self
-            .run(async move { req.send().await })?
-            .map_err(|e| Error::Kms(format!("Decrypt: {e}")))?;
+        let out =
+            self.run(async move { req.send().await })?.map_err(|e| Error::Kms(format!("Decrypt: {e}")))?;
         out.plaintext()
             .and_then(|b| SecretKey::from_slice(b.as_ref()))
             .ok_or_else(|| Error::Kms("Decrypt returned no 32-byte key".into()))

@@ -57,16 +57,8 @@ impl LocalMasterKey {
         ensure_dir(dir)?;
         let path = dir.join("master.json");
         if !path.exists() {
-            let file = MasterFile {
-                format: 1,
-                active: String::new(),
-                keys: Vec::new(),
-            };
-            let mk = Self {
-                path,
-                state: Mutex::new(Vec::new()),
-                active: Mutex::new(String::new()),
-            };
+            let file = MasterFile { format: 1, active: String::new(), keys: Vec::new() };
+            let mk = Self { path, state: Mutex::new(Vec::new()), active: Mutex::new(String::new()) };
             mk.add_key(file)?;
             return Ok(mk);
         }
@@ -81,11 +73,7 @@ impl LocalMasterKey {
                 detail: format!("active master key {} is missing", file.active),
             });
         }
-        Ok(Self {
-            path,
-            state: Mutex::new(keys),
-            active: Mutex::new(file.active),
-        })
+        Ok(Self { path, state: Mutex::new(keys), active: Mutex::new(file.active) })
     }
 
     fn add_key(&self, mut file: MasterFile) -> Result<String> {
@@ -112,25 +100,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn read(path: &Path) -> Result<MasterFile> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    })
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Corrupt { path: path.to_owned(), detail: e.to_string() })
 }
 
 fn cipher(path: &Path, r: &MasterRecord) -> Result<Aes256Gcm> {
-    let raw = STANDARD
-        .decode(&r.key)
-        .ok()
-        .and_then(|b| SecretKey::from_slice(&b))
-        .ok_or_else(|| Error::Corrupt {
+    let raw = STANDARD.decode(&r.key).ok().and_then(|b| SecretKey::from_slice(&b)).ok_or_else(|| {
+        Error::Corrupt {
             path: path.to_owned(),
             detail: format!("master key {} is not 32 bytes of base64", r.id),
-        })?;
+        }
+    })?;
     Ok(Aes256Gcm::new(raw.expose().into()))
 }
 
@@ -138,28 +119,15 @@ impl MasterKey for LocalMasterKey {
     fn wrap(&self, key: &SecretKey, context: &[u8]) -> Result<Wrapped> {
         let active = lock(&self.active).clone();
         let state = lock(&self.state);
-        let c = &state
-            .iter()
-            .find(|(id, _)| *id == active)
-            .expect("active key loaded")
-            .1;
+        let c = &state.iter().find(|(id, _)| *id == active).expect("active key loaded").1;
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ct = c
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: key.expose(),
-                    aad: context,
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: key.expose(), aad: context })
             .expect("AES-GCM wraps 32 bytes");
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ct);
-        Ok(Wrapped {
-            master: active,
-            blob: STANDARD.encode(blob),
-        })
+        Ok(Wrapped { master: active, blob: STANDARD.encode(blob) })
     }
 
     fn unwrap(&self, wrapped: &Wrapped, context: &[u8]) -> Result<SecretKey> {
@@ -167,9 +135,7 @@ impl MasterKey for LocalMasterKey {
         let c = &state
             .iter()
             .find(|(id, _)| *id == wrapped.master)
-            .ok_or_else(|| Error::UnknownMaster {
-                master_id: wrapped.master.clone(),
-            })?
+            .ok_or_else(|| Error::UnknownMaster { master_id: wrapped.master.clone() })?
             .1;
         let fail = || Error::Unwrap {
             key_id: String::from_utf8_lossy(context).into_owned(),
@@ -180,13 +146,7 @@ impl MasterKey for LocalMasterKey {
             return Err(fail());
         }
         let plain = c
-            .decrypt(
-                Nonce::from_slice(&blob[..12]),
-                Payload {
-                    msg: &blob[12..],
-                    aad: context,
-                },
-            )
+            .decrypt(Nonce::from_slice(&blob[..12]), Payload { msg: &blob[12..], aad: context })
             .map_err(|_| fail())?;
         SecretKey::from_slice(&plain).ok_or_else(fail)
     }

@@ -63,12 +63,7 @@ impl<'k> BatchProtector<'k> {
     /// # Errors
     /// Only when a key cannot be fetched or created; the event must then be
     /// dead-lettered, not stored unprotected.
-    pub fn protect(
-        &mut self,
-        account: &AccountId,
-        plan: &ProtectPlan,
-        tape: &mut Tape,
-    ) -> Result<()> {
+    pub fn protect(&mut self, account: &AccountId, plan: &ProtectPlan, tape: &mut Tape) -> Result<()> {
         if plan.actions.is_empty() {
             return Ok(());
         }
@@ -96,8 +91,7 @@ impl<'k> BatchProtector<'k> {
                 Protect::Tokenize => {
                     if !self.tokens.contains_key(account.as_str()) {
                         let k = self.keyring.token_key(account)?;
-                        let mac = <Hmac<Sha256> as Mac>::new_from_slice(k.expose())
-                            .expect("any key length");
+                        let mac = <Hmac<Sha256> as Mac>::new_from_slice(k.expose()).expect("any key length");
                         self.tokens.insert(account.to_string(), mac);
                     }
                     let mac = &self.tokens[account.as_str()];
@@ -116,9 +110,7 @@ impl<'k> BatchProtector<'k> {
                     )?;
                     let (rng, buf) = (&mut self.rng, &mut self.buf);
                     for &i in &self.targets {
-                        tape.rewrite_str(i, |old, out| {
-                            cipher.encrypt_into(old.as_bytes(), rng, buf, out)
-                        });
+                        tape.rewrite_str(i, |old, out| cipher.encrypt_into(old.as_bytes(), rng, buf, out));
                     }
                 }
             }
@@ -146,15 +138,9 @@ fn cipher_for<'a>(
             Ok(&account_keys[account.as_str()])
         }
         Some(s) => {
-            if !subject_keys
-                .get(account.as_str())
-                .is_some_and(|per| per.contains_key(s))
-            {
+            if !subject_keys.get(account.as_str()).is_some_and(|per| per.contains_key(s)) {
                 let cipher = make()?;
-                subject_keys
-                    .entry(account.to_string())
-                    .or_default()
-                    .insert(s.to_owned(), cipher);
+                subject_keys.entry(account.to_string()).or_default().insert(s.to_owned(), cipher);
             }
             Ok(&subject_keys[account.as_str()][s])
         }
@@ -169,10 +155,7 @@ pub fn mask(old: &str, keep: usize, out: &mut Vec<u8>) {
         out.extend(std::iter::repeat_n(b'*', n));
         return;
     }
-    let cut = old
-        .char_indices()
-        .nth(n - keep)
-        .map_or(old.len(), |(i, _)| i);
+    let cut = old.char_indices().nth(n - keep).map_or(old.len(), |(i, _)| i);
     out.extend(std::iter::repeat_n(b'*', n - keep));
     out.extend_from_slice(&old.as_bytes()[cut..]);
 }
@@ -185,9 +168,7 @@ pub fn tokenize(mac: &Hmac<Sha256>, value: &str, out: &mut Vec<u8>) {
     let d = m.finalize().into_bytes();
     let start = out.len();
     out.resize(start + 22, 0);
-    let n = URL_SAFE_NO_PAD
-        .encode_slice(&d[..TOKEN_BYTES], &mut out[start..])
-        .expect("22 bytes fit");
+    let n = URL_SAFE_NO_PAD.encode_slice(&d[..TOKEN_BYTES], &mut out[start..]).expect("22 bytes fit");
     out.truncate(start + n);
 }
 
@@ -237,9 +218,7 @@ fn descend(tape: &Tape, idx: u32, rest: &[usize], out: &mut Vec<u32>) {
     match tape.slot(idx) {
         Slot::Record(s) => collect(tape, s, rest, out),
         Slot::List { start, len } => (start..start + len).for_each(|i| descend(tape, i, rest, out)),
-        Slot::Map { start, len } => {
-            (0..len).for_each(|i| descend(tape, start + 2 * i + 1, rest, out))
-        }
+        Slot::Map { start, len } => (0..len).for_each(|i| descend(tape, start + 2 * i + 1, rest, out)),
         _ => {}
     }
 }

@@ -14,10 +14,7 @@ fn acct(s: &str) -> AccountId {
 }
 
 fn access() -> Access {
-    Access {
-        principal: "auditor@example".into(),
-        purpose: "case-1".into(),
-    }
+    Access { principal: "auditor@example".into(), purpose: "case-1".into() }
 }
 
 fn payments() -> (Registry, tempfile::TempDir, LocalKeyring) {
@@ -45,23 +42,12 @@ fn protect_payment(
     account: &str,
     json: &str,
 ) -> (String, String, String, Slot) {
-    let (_, v) = reg
-        .resolve("com.example.payments", "PaymentAuthorized", None)
-        .unwrap();
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
     let mut tape = Tape::new();
-    validate_json(
-        &v.node,
-        json.as_bytes(),
-        UnknownFields::Reject,
-        Limits::default(),
-        &mut tape,
-    )
-    .unwrap();
+    validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
     let mut p = BatchProtector::new(kr);
     p.protect(&acct(account), &v.protect, &mut tape).unwrap();
-    let Slot::Record(card) = tape.slot(4) else {
-        panic!("card")
-    };
+    let Slot::Record(card) = tape.slot(4) else { panic!("card") };
     (
         tape.str(tape.slot(1)).to_owned(),
         tape.str(tape.slot(card)).to_owned(),
@@ -73,12 +59,8 @@ fn protect_payment(
 #[test]
 fn each_action_on_the_payment_schema() {
     let (reg, _dir, kr) = payments();
-    let (token, pan, holder, expiry) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("c-42", "4111111111111111", "Ada Lovelace"),
-    );
+    let (token, pan, holder, expiry) =
+        protect_payment(&reg, &kr, "111111111111", &payment("c-42", "4111111111111111", "Ada Lovelace"));
     assert_eq!(pan, "************1111");
     assert_eq!(expiry, Slot::Null, "redacted");
     assert_eq!(token.len(), 22);
@@ -97,52 +79,28 @@ fn each_action_on_the_payment_schema() {
 #[test]
 fn shredding_erases_one_subject_only() {
     let (reg, dir, kr) = payments();
-    let (_, _, alice_ct, _) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("alice", "4111111111111111", "Alice A"),
-    );
-    let (_, _, bob_ct, _) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("bob", "4111111111111111", "Bob B"),
-    );
-    let (_, _, other_acct_alice, _) = protect_payment(
-        &reg,
-        &kr,
-        "222222222222",
-        &payment("alice", "4111111111111111", "Alice A"),
-    );
+    let (_, _, alice_ct, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
+    let (_, _, bob_ct, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("bob", "4111111111111111", "Bob B"));
+    let (_, _, other_acct_alice, _) =
+        protect_payment(&reg, &kr, "222222222222", &payment("alice", "4111111111111111", "Alice A"));
 
     // Forget through a second handle, as the CLI does beside a running hub.
     let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
     let erased = cli.forget(&acct("111111111111"), "alice").unwrap();
     assert_eq!(erased.key_ids.len(), 1);
 
-    let out = Decryptor::new(&kr)
-        .decrypt(&access(), &[&alice_ct, &bob_ct, &other_acct_alice])
-        .unwrap();
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&alice_ct, &bob_ct, &other_acct_alice]).unwrap();
     match &out[0] {
         Err(e @ Error::KeyErased { .. }) => assert!(e.to_string().starts_with("key_erased")),
         other => panic!("expected key_erased, got {other:?}"),
     }
     assert_eq!(out[1].as_ref().unwrap().expose(), "Bob B");
-    assert_eq!(
-        out[2].as_ref().unwrap().expose(),
-        "Alice A",
-        "other account unaffected"
-    );
-    assert!(matches!(
-        cli.forget(&acct("111111111111"), "alice"),
-        Err(Error::NothingToForget { .. })
-    ));
+    assert_eq!(out[2].as_ref().unwrap().expose(), "Alice A", "other account unaffected");
+    assert!(matches!(cli.forget(&acct("111111111111"), "alice"), Err(Error::NothingToForget { .. })));
     let audit = std::fs::read_to_string(dir.path().join("keyring/audit.log")).unwrap();
-    assert!(
-        audit.contains("\"action\":\"forget\"") && !audit.contains("alice"),
-        "{audit}"
-    );
+    assert!(audit.contains("\"action\":\"forget\"") && !audit.contains("alice"), "{audit}");
     // The erased key is gone from the file, not only from memory.
     let log = std::fs::read_to_string(dir.path().join("keyring/keys.log")).unwrap();
     let id = erased.key_ids[0].to_hex();
@@ -151,68 +109,43 @@ fn shredding_erases_one_subject_only() {
         !lines.iter().any(|l| l["op"] == "data_key" && l["id"] == id.as_str()),
         "erased key material is still in the log"
     );
-    assert!(lines.iter().any(|l| l["op"] == "erased" && l["ids"][0] == id.as_str()), "erasure tombstone missing");
+    assert!(
+        lines.iter().any(|l| l["op"] == "erased" && l["ids"][0] == id.as_str()),
+        "erasure tombstone missing"
+    );
 }
 
 #[test]
 fn rotation_keeps_old_ciphertexts_readable() {
     let (reg, _dir, kr) = payments();
-    let (_, _, before, _) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("alice", "4111111111111111", "Alice A"),
-    );
+    let (_, _, before, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
     let new_master = kr.rotate().unwrap();
     assert_eq!(new_master, "mk-2");
-    let (_, _, after, _) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("alice", "4111111111111111", "Alice A"),
-    );
+    let (_, _, after, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
     let id = |ct: &str| watershed_protect::cipher::parse(ct).unwrap().key_id;
     assert_ne!(id(&before), id(&after), "new data key after rotation");
-    let out = Decryptor::new(&kr)
-        .decrypt(&access(), &[&before, &after])
-        .unwrap();
-    assert!(out
-        .iter()
-        .all(|r| r.as_ref().unwrap().expose() == "Alice A"));
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&before, &after]).unwrap();
+    assert!(out.iter().all(|r| r.as_ref().unwrap().expose() == "Alice A"));
     // Shredding covers every generation of the subject's key.
-    assert_eq!(
-        kr.forget(&acct("111111111111"), "alice")
-            .unwrap()
-            .key_ids
-            .len(),
-        2
-    );
+    assert_eq!(kr.forget(&acct("111111111111"), "alice").unwrap().key_ids.len(), 2);
 }
 
 #[test]
 fn keyring_files_are_private_and_tamper_is_detected() {
     let (reg, dir, kr) = payments();
-    let (_, _, ct, _) = protect_payment(
-        &reg,
-        &kr,
-        "111111111111",
-        &payment("alice", "4111", "Alice A"),
-    );
+    let (_, _, ct, _) = protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111", "Alice A"));
     #[cfg(unix)]
     for f in ["keys.log", "master.json", "audit.log"] {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("keyring").join(f))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.path().join("keyring").join(f)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
     let mut raw = ct.into_bytes();
     let n = raw.len();
     raw[n - 3] = if raw[n - 3] == b'A' { b'B' } else { b'A' };
-    let out = Decryptor::new(&kr)
-        .decrypt(&access(), &[std::str::from_utf8(&raw).unwrap(), "plain"])
-        .unwrap();
+    let out = Decryptor::new(&kr).decrypt(&access(), &[std::str::from_utf8(&raw).unwrap(), "plain"]).unwrap();
     assert!(matches!(out[0], Err(Error::BadCiphertext { .. })));
     assert!(matches!(out[1], Err(Error::BadCiphertext { .. })));
 }
@@ -243,10 +176,7 @@ fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::Protec
             name: "T".into(),
             fields: vec![Field {
                 name: "v".into(),
-                node: Node {
-                    kind: Kind::String,
-                    nullable: false,
-                },
+                node: Node { kind: Kind::String, nullable: false },
                 default: None,
                 protect: Some(Protect::Encrypt),
                 data_subject: false,
@@ -256,23 +186,12 @@ fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::Protec
         nullable: false,
     };
     let plan = ProtectPlan {
-        actions: vec![FieldAction {
-            path: vec![0],
-            name: "v".into(),
-            action: Protect::Encrypt,
-        }],
+        actions: vec![FieldAction { path: vec![0], name: "v".into(), action: Protect::Encrypt }],
         data_subject: None,
     };
     let mut tape = Tape::new();
     let json = serde_json::json!({ "v": value }).to_string();
-    validate_json(
-        &node,
-        json.as_bytes(),
-        UnknownFields::Reject,
-        Limits::default(),
-        &mut tape,
-    )
-    .unwrap();
+    validate_json(&node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
     (node, plan, tape)
 }
 

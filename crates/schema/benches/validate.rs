@@ -10,10 +10,9 @@ use watershed_schema::{validate_json, Limits, Registry, Tape};
 fn bench(c: &mut Criterion) {
     let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
     let mut g = c.benchmark_group("validate");
-    for (source, dt, payload) in [
-        ("com.example.payments", "PaymentAuthorized", PAYMENT),
-        ("com.example.identity", "UserLogin", LOGIN),
-    ] {
+    for (source, dt, payload) in
+        [("com.example.payments", "PaymentAuthorized", PAYMENT), ("com.example.identity", "UserLogin", LOGIN)]
+    {
         let (s, v) = reg.resolve(source, dt, None).unwrap();
         let mut tape = Tape::new();
         g.throughput(Throughput::Elements(1));

@@ -51,13 +51,7 @@ pub fn check(reader: &Schema, writer: &Schema, direction: Direction) -> Vec<Inco
     collect_names(reader, None, &mut rn);
     let mut wn = HashMap::new();
     collect_names(writer, None, &mut wn);
-    let mut c = Checker {
-        rn,
-        wn,
-        direction,
-        out: Vec::new(),
-        seen: Vec::new(),
-    };
+    let mut c = Checker { rn, wn, direction, out: Vec::new(), seen: Vec::new() };
     c.schema(reader, writer, "");
     c.out
 }
@@ -71,11 +65,7 @@ pub fn check_evolution(
     new: &Schema,
     earlier: &[&Schema],
 ) -> Vec<(usize, Incompatibility)> {
-    let first = if mode.is_transitive() {
-        0
-    } else {
-        earlier.len().saturating_sub(1)
-    };
+    let first = if mode.is_transitive() { 0 } else { earlier.len().saturating_sub(1) };
     let mut out = Vec::new();
     for (i, old) in earlier.iter().enumerate().skip(first).rev() {
         let mut found = Vec::new();
@@ -115,14 +105,9 @@ fn type_name(s: &Schema) -> String {
         Schema::String => "string".into(),
         Schema::Array(_) => "array".into(),
         Schema::Map(_) => "map".into(),
-        Schema::Union(u) => format!(
-            "union[{}]",
-            u.variants()
-                .iter()
-                .map(type_name)
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
+        Schema::Union(u) => {
+            format!("union[{}]", u.variants().iter().map(type_name).collect::<Vec<_>>().join(","))
+        }
         Schema::Record(r) => format!("record {}", r.name.name),
         Schema::Enum(e) => format!("enum {}", e.name.name),
         Schema::Fixed(f) => format!("fixed {}({})", f.name.name, f.size),
@@ -145,11 +130,7 @@ fn type_name(s: &Schema) -> String {
 
 /// Whether a reader record/enum/fixed named `rname` with `raliases` matches
 /// a writer named `wname` (unqualified names, or a reader alias).
-fn names_match(
-    rname: &Name,
-    raliases: Option<&Vec<apache_avro::schema::Alias>>,
-    wname: &Name,
-) -> bool {
+fn names_match(rname: &Name, raliases: Option<&Vec<apache_avro::schema::Alias>>, wname: &Name) -> bool {
     rname.name == wname.name
         || raliases
             .into_iter()
@@ -159,10 +140,7 @@ fn names_match(
 
 impl<'a> Checker<'a> {
     fn push(&mut self, path: &str, message: String) {
-        self.out.push(Incompatibility {
-            path: path.to_owned(),
-            message,
-        });
+        self.out.push(Incompatibility { path: path.to_owned(), message });
     }
 
     /// `old→new` spelling of a reader/writer pair.
@@ -196,26 +174,16 @@ impl<'a> Checker<'a> {
                     }
                     // Report nested problems of the best-matching branches.
                     for wb in wu.variants() {
-                        if let Some(rb) = ru
-                            .variants()
-                            .iter()
-                            .find(|rb| same_shape(rb, wb, &self.rn, &self.wn))
+                        if let Some(rb) =
+                            ru.variants().iter().find(|rb| same_shape(rb, wb, &self.rn, &self.wn))
                         {
                             self.schema(rb, wb, path);
                         }
                     }
                 } else {
-                    let bad: Vec<_> = wu
-                        .variants()
-                        .iter()
-                        .filter(|wb| !self.readable(r, wb))
-                        .collect();
+                    let bad: Vec<_> = wu.variants().iter().filter(|wb| !self.readable(r, wb)).collect();
                     if !bad.is_empty() {
-                        let what = bad
-                            .iter()
-                            .map(|b| type_name(b))
-                            .collect::<Vec<_>>()
-                            .join(", ");
+                        let what = bad.iter().map(|b| type_name(b)).collect::<Vec<_>>().join(", ");
                         let msg = match self.direction {
                             Direction::Backward => format!(
                                 "changed {}→{}: old values of type {what} cannot be read",
@@ -229,10 +197,8 @@ impl<'a> Checker<'a> {
                             ),
                         };
                         self.push(path, msg);
-                    } else if let Some(wb) = wu
-                        .variants()
-                        .iter()
-                        .find(|wb| same_shape(r, wb, &self.rn, &self.wn))
+                    } else if let Some(wb) =
+                        wu.variants().iter().find(|wb| same_shape(r, wb, &self.rn, &self.wn))
                     {
                         self.schema(r, wb, path);
                     }
@@ -240,11 +206,7 @@ impl<'a> Checker<'a> {
             }
             // Reader union, writer not: some branch must read it.
             (Schema::Union(ru), _) => {
-                if let Some(rb) = ru
-                    .variants()
-                    .iter()
-                    .find(|rb| same_shape(rb, w, &self.rn, &self.wn))
-                {
+                if let Some(rb) = ru.variants().iter().find(|rb| same_shape(rb, w, &self.rn, &self.wn)) {
                     self.schema(rb, w, path);
                 } else if !ru.variants().iter().any(|rb| self.readable(rb, w)) {
                     let msg = self.changed(&type_name(r), &type_name(w));
@@ -266,16 +228,9 @@ impl<'a> Checker<'a> {
                 }
                 self.seen.push(key);
                 for rf in &rr.fields {
-                    let fpath = if path.is_empty() {
-                        rf.name.clone()
-                    } else {
-                        format!("{path}.{}", rf.name)
-                    };
+                    let fpath = if path.is_empty() { rf.name.clone() } else { format!("{path}.{}", rf.name) };
                     let wf = wr.fields.iter().find(|wf| wf.name == rf.name).or_else(|| {
-                        rf.aliases
-                            .iter()
-                            .flatten()
-                            .find_map(|a| wr.fields.iter().find(|wf| &wf.name == a))
+                        rf.aliases.iter().flatten().find_map(|a| wr.fields.iter().find(|wf| &wf.name == a))
                     });
                     match wf {
                         Some(wf) => self.schema(&rf.schema, &wf.schema, &fpath),
@@ -283,8 +238,7 @@ impl<'a> Checker<'a> {
                         None => {
                             let msg = match self.direction {
                                 Direction::Backward => {
-                                    "added without a default: old data has no value for it"
-                                        .to_owned()
+                                    "added without a default: old data has no value for it".to_owned()
                                 }
                                 Direction::Forward => {
                                     "removed, and the old schema has no default for it".to_owned()
@@ -362,12 +316,7 @@ impl<'a> Checker<'a> {
 
 /// Whether two schemas are the same kind of thing (for pairing union
 /// branches before reporting nested problems).
-fn same_shape(
-    r: &Schema,
-    w: &Schema,
-    rn: &HashMap<String, &Schema>,
-    wn: &HashMap<String, &Schema>,
-) -> bool {
+fn same_shape(r: &Schema, w: &Schema, rn: &HashMap<String, &Schema>, wn: &HashMap<String, &Schema>) -> bool {
     let r = resolve(r, rn);
     let w = resolve(w, wn);
     match (r, w) {

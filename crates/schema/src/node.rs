@@ -162,11 +162,7 @@ impl Record {
             }
         }
         if self.fields.len() <= 32 {
-            if let Some(i) = self
-                .fields
-                .iter()
-                .position(|f| f.name.len() == name.len() && f.name == name)
-            {
+            if let Some(i) = self.fields.iter().position(|f| f.name.len() == name.len() && f.name == name) {
                 return Some(i);
             }
             if self.lookup.len() == self.fields.len() {
@@ -197,20 +193,12 @@ pub struct Field {
 pub(crate) fn compile(schema: &Schema, problems: &mut Vec<String>) -> Node {
     let mut names = HashMap::new();
     collect_names(schema, None, &mut names);
-    let mut c = Compiler {
-        names,
-        problems,
-        depth: 0,
-    };
+    let mut c = Compiler { names, problems, depth: 0 };
     c.node(schema, "", None)
 }
 
 /// Gather named types (records, enums, fixed) for resolving `Ref`s.
-pub(crate) fn collect_names<'a>(
-    schema: &'a Schema,
-    ns: Option<&str>,
-    out: &mut HashMap<String, &'a Schema>,
-) {
+pub(crate) fn collect_names<'a>(schema: &'a Schema, ns: Option<&str>, out: &mut HashMap<String, &'a Schema>) {
     let full = |n: &Name| n.fullname(n.namespace.clone().or_else(|| ns.map(str::to_owned)));
     match schema {
         Schema::Record(r) => {
@@ -239,10 +227,7 @@ pub(crate) fn collect_names<'a>(
 /// Resolve a named reference against `names`.
 pub(crate) fn resolve<'a>(schema: &'a Schema, names: &HashMap<String, &'a Schema>) -> &'a Schema {
     if let Schema::Ref { name } = schema {
-        if let Some(s) = names
-            .get(&name.fullname(None))
-            .or_else(|| names.get(&name.name))
-        {
+        if let Some(s) = names.get(&name.fullname(None)).or_else(|| names.get(&name.name)) {
             return s;
         }
     }
@@ -257,24 +242,14 @@ struct Compiler<'a, 'p> {
 
 impl<'a> Compiler<'a, '_> {
     fn node(&mut self, schema: &'a Schema, path: &str, field: Option<&str>) -> Node {
-        let at = if path.is_empty() {
-            "the payload".to_owned()
-        } else {
-            format!("field \"{path}\"")
-        };
+        let at = if path.is_empty() { "the payload".to_owned() } else { format!("field \"{path}\"") };
         match schema {
             Schema::Union(u) => {
                 let variants = u.variants();
-                let non_null: Vec<&Schema> = variants
-                    .iter()
-                    .filter(|v| !matches!(v, Schema::Null))
-                    .collect();
+                let non_null: Vec<&Schema> = variants.iter().filter(|v| !matches!(v, Schema::Null)).collect();
                 let nullable = non_null.len() < variants.len();
                 match non_null.as_slice() {
-                    [] => Node {
-                        kind: Kind::Null,
-                        nullable: true,
-                    },
+                    [] => Node { kind: Kind::Null, nullable: true },
                     [one] => {
                         let mut n = self.node(one, path, field);
                         n.nullable = nullable;
@@ -284,17 +259,11 @@ impl<'a> Compiler<'a, '_> {
                         self.problems.push(format!(
                             "{at}: unions other than [\"null\", T] are not supported in JSON payloads"
                         ));
-                        Node {
-                            kind: Kind::Null,
-                            nullable: true,
-                        }
+                        Node { kind: Kind::Null, nullable: true }
                     }
                 }
             }
-            other => Node {
-                kind: self.kind(other, path, &at),
-                nullable: false,
-            },
+            other => Node { kind: self.kind(other, path, &at), nullable: false },
         }
     }
 
@@ -324,32 +293,22 @@ impl<'a> Compiler<'a, '_> {
                     ));
                 }
                 #[allow(clippy::cast_possible_truncation)]
-                Kind::Decimal {
-                    precision: d.precision.min(38) as u8,
-                    scale: d.scale.min(38) as u8,
-                }
+                Kind::Decimal { precision: d.precision.min(38) as u8, scale: d.scale.min(38) as u8 }
             }
-            Schema::Enum(e) => Kind::Enum {
-                symbols: e.symbols.clone(),
-            },
+            Schema::Enum(e) => Kind::Enum { symbols: e.symbols.clone() },
             Schema::Array(a) => Kind::Array(Box::new(self.nested(&a.items, path, "[]"))),
             Schema::Map(m) => Kind::Map(Box::new(self.nested(&m.types, path, "{}"))),
             Schema::Record(r) => self.record(r, path),
             Schema::Union(_) => {
-                self.problems
-                    .push(format!("{at}: nested unions are not valid Avro"));
+                self.problems.push(format!("{at}: nested unions are not valid Avro"));
                 Kind::Null
             }
             Schema::Ref { name } => {
-                self.problems.push(format!(
-                    "{at}: unknown type reference {}",
-                    name.fullname(None)
-                ));
+                self.problems.push(format!("{at}: unknown type reference {}", name.fullname(None)));
                 Kind::Null
             }
             other => {
-                self.problems
-                    .push(format!("{at}: type {other:?} is not supported in payloads"));
+                self.problems.push(format!("{at}: type {other:?} is not supported in payloads"));
                 Kind::Null
             }
         }
@@ -372,11 +331,7 @@ impl<'a> Compiler<'a, '_> {
         let mut fields = Vec::with_capacity(r.fields.len());
         let mut lookup = HashMap::new();
         for (i, f) in r.fields.iter().enumerate() {
-            let fpath = if path.is_empty() {
-                f.name.clone()
-            } else {
-                format!("{path}.{}", f.name)
-            };
+            let fpath = if path.is_empty() { f.name.clone() } else { format!("{path}.{}", f.name) };
             let node = self.node(&f.schema, &fpath, Some(&f.name));
             let (protect, data_subject) = self.attributes(&fpath, f, &node);
             lookup.insert(f.name.clone(), i);
@@ -392,11 +347,7 @@ impl<'a> Compiler<'a, '_> {
             });
         }
         self.depth -= 1;
-        Kind::Record(Record {
-            name: r.name.fullname(None),
-            fields,
-            lookup,
-        })
+        Kind::Record(Record { name: r.name.fullname(None), fields, lookup })
     }
 
     fn attributes(
@@ -407,10 +358,8 @@ impl<'a> Compiler<'a, '_> {
     ) -> (Option<Protect>, bool) {
         let attrs = &f.custom_attributes;
         for key in attrs.keys().filter(|k| k.starts_with("watershed.")) {
-            if !matches!(
-                key.as_str(),
-                "watershed.protect" | "watershed.mask_keep" | "watershed.data_subject"
-            ) {
+            if !matches!(key.as_str(), "watershed.protect" | "watershed.mask_keep" | "watershed.data_subject")
+            {
                 self.problems.push(format!(
                     "field \"{path}\": unknown attribute \"{key}\" (known: watershed.protect, watershed.mask_keep, watershed.data_subject)"
                 ));
@@ -442,15 +391,12 @@ impl<'a> Compiler<'a, '_> {
                 }
             },
             Some(v) => {
-                self.problems.push(format!(
-                    "field \"{path}\": \"watershed.protect\" must be a string, got {v}"
-                ));
+                self.problems
+                    .push(format!("field \"{path}\": \"watershed.protect\" must be a string, got {v}"));
                 None
             }
         };
-        if attrs.contains_key("watershed.mask_keep")
-            && !matches!(protect, Some(Protect::Mask { .. }))
-        {
+        if attrs.contains_key("watershed.mask_keep") && !matches!(protect, Some(Protect::Mask { .. })) {
             self.problems.push(format!(
                 "field \"{path}\": \"watershed.mask_keep\" needs \"watershed.protect\": \"mask\""
             ));
@@ -475,12 +421,7 @@ impl<'a> Compiler<'a, '_> {
                 false
             }
         };
-        if data_subject
-            && !matches!(
-                node.kind,
-                Kind::String | Kind::Uuid | Kind::Int | Kind::Long
-            )
-        {
+        if data_subject && !matches!(node.kind, Kind::String | Kind::Uuid | Kind::Int | Kind::Long) {
             self.problems.push(format!(
                 "field \"{path}\": the data subject must be a string, uuid, int or long, not {}",
                 node.kind.name()

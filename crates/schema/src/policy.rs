@@ -34,9 +34,7 @@ impl ProtectPlan {
     /// Whether any field needs a key (tokenize or encrypt).
     #[must_use]
     pub fn needs_keys(&self) -> bool {
-        self.actions
-            .iter()
-            .any(|a| matches!(a.action, Protect::Tokenize | Protect::Encrypt))
+        self.actions.iter().any(|a| matches!(a.action, Protect::Tokenize | Protect::Encrypt))
     }
 }
 
@@ -60,17 +58,9 @@ fn walk(
         Kind::Record(r) => {
             for (i, f) in r.fields.iter().enumerate() {
                 path.push(i);
-                let fname = if name.is_empty() {
-                    f.name.clone()
-                } else {
-                    format!("{name}.{}", f.name)
-                };
+                let fname = if name.is_empty() { f.name.clone() } else { format!("{name}.{}", f.name) };
                 if let Some(action) = f.protect {
-                    plan.actions.push(FieldAction {
-                        path: path.clone(),
-                        name: fname.clone(),
-                        action,
-                    });
+                    plan.actions.push(FieldAction { path: path.clone(), name: fname.clone(), action });
                 }
                 if f.data_subject {
                     if repeated {

@@ -57,9 +57,7 @@ impl SubjectEntry {
     /// The latest version.
     #[must_use]
     pub fn latest(&self) -> &Version {
-        self.versions
-            .last()
-            .expect("a loaded subject has at least one version")
+        self.versions.last().expect("a loaded subject has at least one version")
     }
 
     /// A version by number.
@@ -102,10 +100,7 @@ impl Registry {
                 dir.display()
             ));
         }
-        let mut reg = Registry {
-            subjects,
-            ..Registry::default()
-        };
+        let mut reg = Registry { subjects, ..Registry::default() };
         reg.index(&mut problems);
         if problems.is_empty() {
             Ok(reg)
@@ -124,27 +119,22 @@ impl Registry {
                     s.name, route.0, route.1, self.subjects[other].name
                 ));
             } else {
-                self.by_source
-                    .entry(route.0.clone())
-                    .or_default()
-                    .insert(route.1.clone(), si);
+                self.by_source.entry(route.0.clone()).or_default().insert(route.1.clone(), si);
                 self.by_route.insert(route, si);
             }
             if let Some(other) = tables.insert(&s.table, &s.name) {
-                problems.push(format!(
-                    "{}: table {:?} is already used by subject {other}",
-                    s.name, s.table
-                ));
+                problems.push(format!("{}: table {:?} is already used by subject {other}", s.name, s.table));
             }
             for (vi, v) in s.versions.iter().enumerate() {
                 match self.by_id.get(&v.id) {
-                    Some(&(os, ov)) if self.subjects[os].versions[ov].text != v.text => problems
-                        .push(format!(
+                    Some(&(os, ov)) if self.subjects[os].versions[ov].text != v.text => {
+                        problems.push(format!(
                             "{}: schema id {} clashes with {}; change the schema's doc to resolve",
                             v.path.display(),
                             v.id,
                             self.subjects[os].versions[ov].path.display()
-                        )),
+                        ))
+                    }
                     Some(_) => {}
                     None => {
                         self.by_id.insert(v.id, (si, vi));
@@ -178,10 +168,7 @@ impl Registry {
         detail_type: &str,
         version: Option<SchemaVersion>,
     ) -> Result<(&SubjectEntry, &Version), Violation> {
-        let Some(&si) = self
-            .by_route
-            .get(&(source.to_owned(), detail_type.to_owned()))
-        else {
+        let Some(&si) = self.by_route.get(&(source.to_owned(), detail_type.to_owned())) else {
             return Err(Violation::new(
                 Reason::UnknownSubject,
                 format!("no subject for source {source:?} and detail-type {detail_type:?}"),
@@ -194,10 +181,7 @@ impl Registry {
     #[must_use]
     pub fn route(&self, source: &str, detail_type: &str) -> Option<usize> {
         // Avoid allocating the key on the hot path for the common case.
-        self.by_route
-            .iter()
-            .find(|((s, d), _)| s == source && d == detail_type)
-            .map(|(_, &i)| i)
+        self.by_route.iter().find(|((s, d), _)| s == source && d == detail_type).map(|(_, &i)| i)
     }
 
     /// Resolve a subject by index (from [`Registry::route`]).
@@ -215,11 +199,7 @@ impl Registry {
             Some(v) => s.version(v).map(|x| (s, x)).ok_or_else(|| {
                 Violation::new(
                     Reason::UnknownVersion,
-                    format!(
-                        "subject {} has no version {v} (latest is {})",
-                        s.name,
-                        s.latest().version
-                    ),
+                    format!("subject {} has no version {v} (latest is {})", s.name, s.latest().version),
                 )
             }),
         }
@@ -228,17 +208,12 @@ impl Registry {
     /// A schema by global id.
     #[must_use]
     pub fn by_id(&self, id: SchemaId) -> Option<(&SubjectEntry, &Version)> {
-        self.by_id
-            .get(&id)
-            .map(|&(s, v)| (&self.subjects[s], &self.subjects[s].versions[v]))
+        self.by_id.get(&id).map(|&(s, v)| (&self.subjects[s], &self.subjects[s].versions[v]))
     }
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let io = |source| Error::Io {
-        path: dir.to_owned(),
-        source,
-    };
+    let io = |source| Error::Io { path: dir.to_owned(), source };
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io)? {
         out.push(e.map_err(io)?.path());
@@ -247,26 +222,15 @@ fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<SubjectEntry>> {
-    let name = sdir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = sdir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let toml_path = sdir.join("subject.toml");
     let text = match std::fs::read_to_string(&toml_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            problems.push(format!(
-                "{}: missing subject.toml (needs source and detail_type)",
-                sdir.display()
-            ));
+            problems.push(format!("{}: missing subject.toml (needs source and detail_type)", sdir.display()));
             return Ok(None);
         }
-        Err(source) => {
-            return Err(Error::Io {
-                path: toml_path,
-                source,
-            })
-        }
+        Err(source) => return Err(Error::Io { path: toml_path, source }),
     };
     let config: SubjectConfig = match toml::from_str(&text) {
         Ok(c) => c,
@@ -275,10 +239,7 @@ fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<Subjec
             return Ok(None);
         }
     };
-    let table = config
-        .table
-        .clone()
-        .unwrap_or_else(|| default_table_name(&name));
+    let table = config.table.clone().unwrap_or_else(|| default_table_name(&name));
     if !is_valid_table_name(&table) {
         problems.push(format!(
             "{}: table {table:?} must be 1-128 characters of [a-z0-9_], not starting with '_'",
@@ -287,41 +248,27 @@ fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<Subjec
     }
     let mut files: BTreeMap<SchemaVersion, PathBuf> = BTreeMap::new();
     for p in read_dir(sdir)? {
-        let fname = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let fname = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if fname == "subject.toml" {
             continue;
         }
-        match fname
-            .strip_prefix('v')
-            .and_then(|r| r.strip_suffix(".avsc"))
-            .map(str::parse::<u32>)
-        {
+        match fname.strip_prefix('v').and_then(|r| r.strip_suffix(".avsc")).map(str::parse::<u32>) {
             Some(Ok(v)) if v > 0 => {
                 files.insert(v, p);
             }
-            _ => problems.push(format!(
-                "{}: unexpected file; versions are named v1.avsc, v2.avsc, ...",
-                p.display()
-            )),
+            _ => problems
+                .push(format!("{}: unexpected file; versions are named v1.avsc, v2.avsc, ...", p.display())),
         }
     }
     if files.is_empty() {
-        problems.push(format!(
-            "{}: no versions (expected v1.avsc)",
-            sdir.display()
-        ));
+        problems.push(format!("{}: no versions (expected v1.avsc)", sdir.display()));
         return Ok(None);
     }
     let mut versions: Vec<Version> = Vec::new();
     for (expected, (&v, path)) in (1u32..).zip(&files) {
         if v != expected {
-            problems.push(format!(
-                "{}: versions must be consecutive; expected v{expected}.avsc",
-                path.display()
-            ));
+            problems
+                .push(format!("{}: versions must be consecutive; expected v{expected}.avsc", path.display()));
         }
         if let Some(version) = load_version(v, path, problems)? {
             check_evolution(&config, &version, &versions, problems);
@@ -331,23 +278,11 @@ fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<Subjec
     if versions.is_empty() {
         return Ok(None);
     }
-    Ok(Some(SubjectEntry {
-        name,
-        config,
-        table,
-        versions,
-    }))
+    Ok(Some(SubjectEntry { name, config, table, versions }))
 }
 
-fn load_version(
-    v: SchemaVersion,
-    path: &Path,
-    problems: &mut Vec<String>,
-) -> Result<Option<Version>> {
-    let raw = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Result<Option<Version>> {
+    let raw = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let json: serde_json::Value = match serde_json::from_str(&raw) {
         Ok(j) => j,
         Err(e) => {
@@ -369,34 +304,17 @@ fn load_version(
     }
     let protect = plan(&node, &mut local);
     let failed = !local.is_empty();
-    problems.extend(
-        local
-            .into_iter()
-            .map(|p| format!("{}: {p}", path.display())),
-    );
+    problems.extend(local.into_iter().map(|p| format!("{}: {p}", path.display())));
     if failed {
         return Ok(None);
     }
     let text = json.to_string();
     let digest = Sha256::digest(text.as_bytes());
     let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff;
-    Ok(Some(Version {
-        version: v,
-        id: id.max(1),
-        path: path.to_owned(),
-        avro,
-        text,
-        node,
-        protect,
-    }))
+    Ok(Some(Version { version: v, id: id.max(1), path: path.to_owned(), avro, text, node, protect }))
 }
 
-fn check_evolution(
-    config: &SubjectConfig,
-    new: &Version,
-    earlier: &[Version],
-    problems: &mut Vec<String>,
-) {
+fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], problems: &mut Vec<String>) {
     let mode = config.compatibility;
     let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
     for (i, inc) in compat::check_evolution(mode, &new.avro, &schemas) {

@@ -134,15 +134,12 @@ impl fmt::Display for Compatibility {
 impl FromStr for Compatibility {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Compatibility::ALL
-            .into_iter()
-            .find(|c| c.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                format!(
-                    "unknown compatibility {s:?}: use one of {}",
-                    Compatibility::ALL.map(Compatibility::as_str).join(", ")
-                )
-            })
+        Compatibility::ALL.into_iter().find(|c| c.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            format!(
+                "unknown compatibility {s:?}: use one of {}",
+                Compatibility::ALL.map(Compatibility::as_str).join(", ")
+            )
+        })
     }
 }
 
@@ -150,16 +147,7 @@ impl FromStr for Compatibility {
 /// outside `[a-z0-9_]` replaced by `_`.
 #[must_use]
 pub fn default_table_name(subject: &str) -> String {
-    subject
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    subject.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect()
 }
 
 /// Whether `name` is usable as a lake table directory.
@@ -168,7 +156,5 @@ pub fn is_valid_table_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }

@@ -151,10 +151,7 @@ impl Tape {
         let start = self.bytes.len();
         write(&mut self.bytes);
         debug_assert!(std::str::from_utf8(&self.bytes[start..]).is_ok());
-        Slot::Str {
-            start: to_u32(start),
-            len: to_u32(self.bytes.len() - start),
-        }
+        Slot::Str { start: to_u32(start), len: to_u32(self.bytes.len() - start) }
     }
 
     /// Replace the text of the [`Slot::Str`] at `index` with what `f`
@@ -165,16 +162,13 @@ impl Tape {
             return;
         };
         self.scratch.clear();
-        let old = std::str::from_utf8(&self.bytes[start as usize..(start + len) as usize])
-            .unwrap_or_default();
+        let old =
+            std::str::from_utf8(&self.bytes[start as usize..(start + len) as usize]).unwrap_or_default();
         f(old, &mut self.scratch);
         debug_assert!(std::str::from_utf8(&self.scratch).is_ok());
         let new_start = self.bytes.len();
         self.bytes.extend_from_slice(&self.scratch);
-        self.slots[index as usize] = Slot::Str {
-            start: to_u32(new_start),
-            len: to_u32(self.scratch.len()),
-        };
+        self.slots[index as usize] = Slot::Str { start: to_u32(new_start), len: to_u32(self.scratch.len()) };
     }
 
     pub(crate) fn push_bytes(&mut self, b: &[u8]) -> Slot {

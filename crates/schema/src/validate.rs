@@ -28,10 +28,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_event_bytes: 1024 * 1024,
-            max_depth: 64,
-        }
+        Self { max_event_bytes: 1024 * 1024, max_depth: 64 }
     }
 }
 
@@ -52,11 +49,7 @@ impl Violation {
     /// A violation at the root.
     #[must_use]
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            path: "$".into(),
-            detail: detail.into(),
-        }
+        Self { reason, path: "$".into(), detail: detail.into() }
     }
 
     /// The same violation under a path prefix, such as `$.detail`.
@@ -89,27 +82,12 @@ pub fn validate_json(
     if json.len() > limits.max_event_bytes {
         return Err(Violation::new(
             Reason::TooLarge,
-            format!(
-                "payload is {} bytes; the limit is {}",
-                json.len(),
-                limits.max_event_bytes
-            ),
+            format!("payload is {} bytes; the limit is {}", json.len(), limits.max_event_bytes),
         ));
     }
-    let mut ctx = Ctx {
-        tape,
-        unknown,
-        limits,
-        depth: 0,
-        failure: None,
-    };
+    let mut ctx = Ctx { tape, unknown, limits, depth: 0, failure: None };
     let mut de = serde_json::Deserializer::from_slice(json);
-    let result = Seed {
-        node,
-        ctx: &mut ctx,
-    }
-    .deserialize(&mut de)
-    .and_then(|slot| {
+    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
         de.end()?;
         Ok(slot)
     });
@@ -128,20 +106,10 @@ pub fn validate_json(
 /// # Errors
 /// A [`Violation`] when the value does not fit `node`.
 pub fn decode_value(node: &Node, json: &[u8], tape: &mut Tape) -> Result<Slot, Violation> {
-    let mut ctx = Ctx {
-        tape,
-        unknown: UnknownFields::Reject,
-        limits: Limits::default(),
-        depth: 0,
-        failure: None,
-    };
+    let mut ctx =
+        Ctx { tape, unknown: UnknownFields::Reject, limits: Limits::default(), depth: 0, failure: None };
     let mut de = serde_json::Deserializer::from_slice(json);
-    let result = Seed {
-        node,
-        ctx: &mut ctx,
-    }
-    .deserialize(&mut de)
-    .and_then(|slot| {
+    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
         de.end()?;
         Ok(slot)
     });
@@ -179,11 +147,7 @@ impl Failure {
                 }
             }
         }
-        Violation {
-            reason: self.reason,
-            path,
-            detail: self.detail,
-        }
+        Violation { reason: self.reason, path, detail: self.detail }
     }
 }
 
@@ -197,20 +161,13 @@ struct Ctx<'t> {
 
 impl Ctx<'_> {
     fn fail<E: de::Error>(&mut self, reason: Reason, detail: String) -> E {
-        self.failure = Some(Failure {
-            reason,
-            detail,
-            segments: Vec::new(),
-        });
+        self.failure = Some(Failure { reason, detail, segments: Vec::new() });
         E::custom(reason.as_str())
     }
 
     fn mismatch<E: de::Error>(&mut self, node: &Node, got: &str) -> E {
         let nullable = if node.nullable { " or null" } else { "" };
-        self.fail(
-            Reason::TypeMismatch,
-            format!("expected {}{nullable}, got {got}", node.kind.name()),
-        )
+        self.fail(Reason::TypeMismatch, format!("expected {}{nullable}, got {got}", node.kind.name()))
     }
 
     fn at(&mut self, seg: impl FnOnce() -> Segment) {
@@ -222,10 +179,7 @@ impl Ctx<'_> {
     fn enter<E: de::Error>(&mut self) -> Result<(), E> {
         self.depth += 1;
         if self.depth > self.limits.max_depth {
-            return Err(self.fail(
-                Reason::TooDeep,
-                format!("nesting deeper than {}", self.limits.max_depth),
-            ));
+            return Err(self.fail(Reason::TooDeep, format!("nesting deeper than {}", self.limits.max_depth)));
         }
         Ok(())
     }
@@ -287,9 +241,7 @@ impl<'de> Visitor<'de> for Seed<'_, '_, '_> {
                 if f.is_finite() {
                     Ok(Slot::Float(f))
                 } else {
-                    Err(self
-                        .ctx
-                        .fail(Reason::OutOfRange, format!("{v} does not fit a float")))
+                    Err(self.ctx.fail(Reason::OutOfRange, format!("{v} does not fit a float")))
                 }
             }
             Kind::Decimal { precision, scale } => {
@@ -310,10 +262,7 @@ impl<'de> Visitor<'de> for Seed<'_, '_, '_> {
                 } else {
                     Err(self.ctx.fail(
                         Reason::TypeMismatch,
-                        format!(
-                            "expected {}, got a number with a fraction",
-                            node.kind.name()
-                        ),
+                        format!("expected {}, got a number with a fraction", node.kind.name()),
                     ))
                 }
             }
@@ -337,10 +286,7 @@ impl<'de> Visitor<'de> for Seed<'_, '_, '_> {
         let mark = self.ctx.tape.pending.len();
         let mut i = 0usize;
         loop {
-            match seq.next_element_seed(Seed {
-                node: item,
-                ctx: self.ctx,
-            }) {
+            match seq.next_element_seed(Seed { node: item, ctx: self.ctx }) {
                 Ok(Some(slot)) => self.ctx.tape.pending.push(slot),
                 Ok(None) => break,
                 Err(e) => {
@@ -364,11 +310,7 @@ impl<'de> Visitor<'de> for Seed<'_, '_, '_> {
     }
 }
 
-fn record<'de, A: MapAccess<'de>>(
-    r: &Record,
-    ctx: &mut Ctx<'_>,
-    mut map: A,
-) -> Result<Slot, A::Error> {
+fn record<'de, A: MapAccess<'de>>(r: &Record, ctx: &mut Ctx<'_>, mut map: A) -> Result<Slot, A::Error> {
     ctx.enter()?;
     let start = ctx.tape.reserve_record(r.fields.len());
     let mut hint = 0;
@@ -387,17 +329,11 @@ fn record<'de, A: MapAccess<'de>>(
         let field = &r.fields[i];
         let slot_index = start as usize + i;
         if ctx.tape.slots[slot_index] != Slot::Unset {
-            let e = ctx.fail(
-                Reason::DuplicateField,
-                "field appears twice in one object".into(),
-            );
+            let e = ctx.fail(Reason::DuplicateField, "field appears twice in one object".into());
             ctx.at(|| Segment::Field(field.name.clone()));
             return Err(e);
         }
-        match map.next_value_seed(Seed {
-            node: &field.node,
-            ctx,
-        }) {
+        match map.next_value_seed(Seed { node: &field.node, ctx }) {
             Ok(slot) => ctx.tape.slots[slot_index] = slot,
             Err(e) => {
                 ctx.at(|| Segment::Field(field.name.clone()));
@@ -412,20 +348,12 @@ fn record<'de, A: MapAccess<'de>>(
         }
         let slot = match &field.default {
             Some(serde_json::Value::Null) | None if field.node.nullable => Slot::Null,
-            Some(default) => match (Seed {
-                node: &field.node,
-                ctx: &mut *ctx,
-            })
-            .deserialize(default)
-            {
+            Some(default) => match (Seed { node: &field.node, ctx: &mut *ctx }).deserialize(default) {
                 Ok(slot) => slot,
                 Err(_) => {
                     let e = ctx.fail(
                         Reason::TypeMismatch,
-                        format!(
-                            "the schema default for this field does not fit {}",
-                            field.node.kind.name()
-                        ),
+                        format!("the schema default for this field does not fit {}", field.node.kind.name()),
                     );
                     ctx.at(|| Segment::Field(field.name.clone()));
                     return Err(e);
@@ -446,11 +374,7 @@ fn record<'de, A: MapAccess<'de>>(
     Ok(Slot::Record(start))
 }
 
-fn json_map<'de, A: MapAccess<'de>>(
-    value: &Node,
-    ctx: &mut Ctx<'_>,
-    mut map: A,
-) -> Result<Slot, A::Error> {
+fn json_map<'de, A: MapAccess<'de>>(value: &Node, ctx: &mut Ctx<'_>, mut map: A) -> Result<Slot, A::Error> {
     ctx.enter()?;
     let mark = ctx.tape.pending.len();
     while let Some(key) = map.next_key_seed(KeySeed)? {
@@ -468,10 +392,7 @@ fn json_map<'de, A: MapAccess<'de>>(
     }
     ctx.depth -= 1;
     let (start, len) = ctx.tape.seal_pending(mark);
-    Ok(Slot::Map {
-        start,
-        len: len / 2,
-    })
+    Ok(Slot::Map { start, len: len / 2 })
 }
 
 fn integer<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: i128) -> Result<Slot, E> {
@@ -484,31 +405,20 @@ fn integer<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: i128) -> Result<Slot
     };
     #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
     match &node.kind {
-        Kind::Int => Ok(Slot::Int(
-            range(i32::MIN.into(), i32::MAX.into(), "an int", ctx)? as i32,
-        )),
-        Kind::Long => Ok(Slot::Long(
-            range(i64::MIN.into(), i64::MAX.into(), "a long", ctx)? as i64,
-        )),
+        Kind::Int => Ok(Slot::Int(range(i32::MIN.into(), i32::MAX.into(), "an int", ctx)? as i32)),
+        Kind::Long => Ok(Slot::Long(range(i64::MIN.into(), i64::MAX.into(), "a long", ctx)? as i64)),
         Kind::Date => {
-            Ok(Slot::Int(
-                range(-3_652_424, 2_932_896, "a date (days since 1970-01-01)", ctx)? as i32,
-            ))
+            Ok(Slot::Int(range(-3_652_424, 2_932_896, "a date (days since 1970-01-01)", ctx)? as i32))
         }
-        Kind::TimeMillis => Ok(Slot::Int(
-            range(0, 86_399_999, "a time of day in milliseconds", ctx)? as i32,
-        )),
+        Kind::TimeMillis => Ok(Slot::Int(range(0, 86_399_999, "a time of day in milliseconds", ctx)? as i32)),
         Kind::TimeMicros => {
+            Ok(Slot::Long(range(0, 86_399_999_999, "a time of day in microseconds", ctx)? as i64))
+        }
+        Kind::TimestampMillis => {
             Ok(Slot::Long(
-                range(0, 86_399_999_999, "a time of day in microseconds", ctx)? as i64,
+                range(-62_135_596_800_000, 253_402_300_799_999, "a timestamp in milliseconds", ctx)? as i64,
             ))
         }
-        Kind::TimestampMillis => Ok(Slot::Long(range(
-            -62_135_596_800_000,
-            253_402_300_799_999,
-            "a timestamp in milliseconds",
-            ctx,
-        )? as i64)),
         Kind::TimestampMicros => Ok(Slot::Long(range(
             -62_135_596_800_000_000,
             253_402_300_799_999_999,
@@ -521,10 +431,10 @@ fn integer<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: i128) -> Result<Slot
             let unscaled = v.checked_mul(10i128.pow(u32::from(*scale)));
             match unscaled {
                 Some(u) if digits(u) <= u32::from(*precision) => Ok(ctx.tape.push_decimal(u)),
-                _ => Err(ctx.fail(
-                    Reason::OutOfRange,
-                    format!("{v} does not fit decimal({precision},{scale})"),
-                )),
+                _ => {
+                    Err(ctx
+                        .fail(Reason::OutOfRange, format!("{v} does not fit decimal({precision},{scale})")))
+                }
             }
         }
         _ => Err(ctx.mismatch(node, "number")),
@@ -547,10 +457,7 @@ fn string<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: &str) -> Result<Slot,
         Kind::Enum { symbols } => match symbols.iter().position(|s| s == v) {
             #[allow(clippy::cast_possible_truncation)]
             Some(i) => Ok(Slot::Enum(i as u32)),
-            None => Err(ctx.fail(
-                Reason::BadEnum,
-                format!("{v:?} is not one of {}", symbols.join(", ")),
-            )),
+            None => Err(ctx.fail(Reason::BadEnum, format!("{v:?} is not one of {}", symbols.join(", ")))),
         },
         Kind::TimestampMillis | Kind::TimestampMicros => match parse_rfc3339_micros(v) {
             Some(us) if node.kind == Kind::TimestampMicros => Ok(Slot::Long(us)),
@@ -562,43 +469,26 @@ fn string<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: &str) -> Result<Slot,
         },
         Kind::Date => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
             #[allow(clippy::cast_possible_truncation)]
-            Ok(d) => Ok(Slot::Int(
-                (d - chrono::NaiveDate::default()).num_days() as i32
-            )),
+            Ok(d) => Ok(Slot::Int((d - chrono::NaiveDate::default()).num_days() as i32)),
             Err(_) => Err(ctx.fail(Reason::BadDate, "expected a date like 2024-05-01".into())),
         },
-        Kind::TimeMillis | Kind::TimeMicros => {
-            match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
-                Ok(t) => {
-                    let us = (t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0);
-                    #[allow(clippy::cast_possible_truncation)]
-                    Ok(if node.kind == Kind::TimeMillis {
-                        Slot::Int((us / 1000) as i32)
-                    } else {
-                        Slot::Long(us)
-                    })
+        Kind::TimeMillis | Kind::TimeMicros => match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
+            Ok(t) => {
+                let us = (t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0);
+                #[allow(clippy::cast_possible_truncation)]
+                Ok(if node.kind == Kind::TimeMillis { Slot::Int((us / 1000) as i32) } else { Slot::Long(us) })
+            }
+            Err(_) => Err(ctx.fail(Reason::BadTimestamp, "expected a time of day like 13:45:00.250".into())),
+        },
+        Kind::Bytes | Kind::Fixed { .. } => match base64::engine::general_purpose::STANDARD.decode(v) {
+            Ok(b) => match node.kind {
+                Kind::Fixed { size } if b.len() != size => {
+                    Err(ctx.fail(Reason::BadBytes, format!("expected {size} bytes, got {}", b.len())))
                 }
-                Err(_) => Err(ctx.fail(
-                    Reason::BadTimestamp,
-                    "expected a time of day like 13:45:00.250".into(),
-                )),
-            }
-        }
-        Kind::Bytes | Kind::Fixed { .. } => {
-            match base64::engine::general_purpose::STANDARD.decode(v) {
-                Ok(b) => match node.kind {
-                    Kind::Fixed { size } if b.len() != size => Err(ctx.fail(
-                        Reason::BadBytes,
-                        format!("expected {size} bytes, got {}", b.len()),
-                    )),
-                    _ => Ok(ctx.tape.push_bytes(&b)),
-                },
-                Err(_) => Err(ctx.fail(
-                    Reason::BadBytes,
-                    "expected base64 (RFC 4648, with padding)".into(),
-                )),
-            }
-        }
+                _ => Ok(ctx.tape.push_bytes(&b)),
+            },
+            Err(_) => Err(ctx.fail(Reason::BadBytes, "expected base64 (RFC 4648, with padding)".into())),
+        },
         Kind::Decimal { precision, scale } => decimal(ctx, v, *precision, *scale),
         _ => Err(ctx.mismatch(node, "string")),
     }
@@ -607,18 +497,12 @@ fn string<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: &str) -> Result<Slot,
 /// Parse `-?digits(.digits)?([eE][+-]?digits)?` exactly into an unscaled
 /// value at `scale`. More fraction digits than `scale` is an error, never a
 /// silent rounding.
-fn decimal<E: de::Error>(
-    ctx: &mut Ctx<'_>,
-    text: &str,
-    precision: u8,
-    scale: u8,
-) -> Result<Slot, E> {
+fn decimal<E: de::Error>(ctx: &mut Ctx<'_>, text: &str, precision: u8, scale: u8) -> Result<Slot, E> {
     match parse_decimal(text, scale) {
         Some(u) if digits(u) <= u32::from(precision) => Ok(ctx.tape.push_decimal(u)),
-        Some(_) => Err(ctx.fail(
-            Reason::OutOfRange,
-            format!("{text} does not fit decimal({precision},{scale})"),
-        )),
+        Some(_) => {
+            Err(ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})")))
+        }
         None => Err(ctx.fail(
             Reason::BadDecimal,
             format!("expected a decimal number with at most {scale} digits after the point"),
@@ -636,9 +520,7 @@ pub(crate) fn parse_decimal(text: &str, scale: u8) -> Option<i128> {
         None => (false, mantissa),
     };
     let (int, frac) = m.split_once('.').unwrap_or((m, ""));
-    if int.is_empty()
-        || !int.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit())
     {
         return None;
     }

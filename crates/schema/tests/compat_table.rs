@@ -24,17 +24,11 @@ fn one(name: &str, ty: &str) -> String {
 }
 
 fn nested(inner_fields: &str) -> String {
-    rec(&f(
-        "n",
-        &format!(r#"{{"type":"record","name":"N","fields":[{inner_fields}]}}"#),
-    ))
+    rec(&f("n", &format!(r#"{{"type":"record","name":"N","fields":[{inner_fields}]}}"#)))
 }
 
 fn en(name: &str, symbols: &str, extra: &str) -> String {
-    one(
-        "e",
-        &format!(r#"{{"type":"enum","name":"{name}","symbols":[{symbols}]{extra}}}"#),
-    )
+    one("e", &format!(r#"{{"type":"enum","name":"{name}","symbols":[{symbols}]{extra}}}"#))
 }
 
 fn parse(s: &str) -> Schema {
@@ -53,15 +47,8 @@ fn two(bw: bool, fw: bool) -> [bool; 7] {
     [true, bw, bw, fw, fw, bw && fw, bw && fw]
 }
 
-const MODES: [Compatibility; 7] = [
-    None,
-    Backward,
-    BackwardTransitive,
-    Forward,
-    ForwardTransitive,
-    Full,
-    FullTransitive,
-];
+const MODES: [Compatibility; 7] =
+    [None, Backward, BackwardTransitive, Forward, ForwardTransitive, Full, FullTransitive];
 
 #[allow(clippy::too_many_lines)]
 fn cases() -> Vec<(&'static str, Vec<String>, [bool; 7])> {
@@ -152,12 +139,7 @@ fn compatibility_table() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} wrong verdicts:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} wrong verdicts:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -166,33 +148,18 @@ fn messages_name_field_and_change() {
     let new = parse(&one("total", r#""string""#));
     let found = check_evolution(Backward, &new, &[&old]);
     assert_eq!(found.len(), 1);
-    assert_eq!(
-        found[0].1.to_string(),
-        "field \"total\" changed double→string"
-    );
-    let found = check_evolution(
-        Forward,
-        &parse(&one("a", r#""long""#)),
-        &[&parse(&one("a", r#""int""#))],
-    );
+    assert_eq!(found[0].1.to_string(), "field \"total\" changed double→string");
+    let found = check_evolution(Forward, &parse(&one("a", r#""long""#)), &[&parse(&one("a", r#""int""#))]);
     assert_eq!(found[0].1.to_string(), "field \"a\" changed int→long");
 }
 
 #[test]
 fn every_problem_is_reported() {
-    let old = parse(&rec(&[
-        f("a", r#""int""#),
-        f("b", r#""string""#),
-        f("c", r#""double""#),
-    ]
-    .join(",")));
-    let new = parse(&rec(&[
-        f("a", r#""string""#),
-        f("b", r#""int""#),
-        f("c", r#""double""#),
-        f("d", r#""int""#),
-    ]
-    .join(",")));
+    let old = parse(&rec(&[f("a", r#""int""#), f("b", r#""string""#), f("c", r#""double""#)].join(",")));
+    let new =
+        parse(&rec(
+            &[f("a", r#""string""#), f("b", r#""int""#), f("c", r#""double""#), f("d", r#""int""#)].join(",")
+        ));
     let found = check_evolution(Backward, &new, &[&old]);
     let paths: Vec<&str> = found.iter().map(|(_, i)| i.path.as_str()).collect();
     assert_eq!(paths, ["a", "b", "d"], "{found:?}");

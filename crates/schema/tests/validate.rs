@@ -7,8 +7,7 @@ use watershed_event::Reason;
 use watershed_schema::{validate_json, Limits, Registry, Slot, Tape, UnknownFields, Version};
 
 fn registry() -> Registry {
-    Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sink"))
-        .expect("fixture loads")
+    Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sink")).expect("fixture loads")
 }
 
 const VALID: &str = r#"{
@@ -33,14 +32,7 @@ fn without(field: &str) -> String {
 
 fn run(v: &Version, json: &str, limits: Limits) -> Result<Tape, watershed_schema::Violation> {
     let mut tape = Tape::new();
-    validate_json(
-        &v.node,
-        json.as_bytes(),
-        UnknownFields::Reject,
-        limits,
-        &mut tape,
-    )
-    .map(|()| tape)
+    validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, limits, &mut tape).map(|()| tape)
 }
 
 fn reject(json: &str) -> (Reason, String) {
@@ -58,11 +50,7 @@ fn valid_event_decodes_every_type() {
     let s = |i: u32| tape.slot(i);
     assert_eq!(s(0), Slot::Bool(true));
     assert_eq!(s(1), Slot::Int(-5));
-    assert_eq!(
-        s(2),
-        Slot::Long(9_007_199_254_740_993),
-        "longs beyond 2^53 stay exact"
-    );
+    assert_eq!(s(2), Slot::Long(9_007_199_254_740_993), "longs beyond 2^53 stay exact");
     assert_eq!(s(3), Slot::Float(1.5));
     assert_eq!(s(4), Slot::Double(2.25));
     assert_eq!(tape.str(s(5)), "héllo");
@@ -74,27 +62,14 @@ fn valid_event_decodes_every_type() {
     assert_eq!(s(11), Slot::Long(1_714_564_800_000_001));
     assert_eq!(tape.decimal(s(12)), Some(123_450));
     assert_eq!(s(13), Slot::Enum(1));
-    let Slot::List { start, len } = s(14) else {
-        panic!("array")
-    };
+    let Slot::List { start, len } = s(14) else { panic!("array") };
     assert_eq!(len, 3);
     assert_eq!(tape.slot(start + 2), Slot::Long(3));
-    let Slot::Map { start, len } = s(15) else {
-        panic!("map")
-    };
-    assert_eq!(
-        (
-            len,
-            tape.str(tape.slot(start)),
-            tape.str(tape.slot(start + 1))
-        ),
-        (1, "k", "v")
-    );
+    let Slot::Map { start, len } = s(15) else { panic!("map") };
+    assert_eq!((len, tape.str(tape.slot(start)), tape.str(tape.slot(start + 1))), (1, "k", "v"));
     assert_eq!(s(16), Slot::Null);
     assert_eq!(s(17), Slot::Int(7), "missing field takes its default");
-    let Slot::Record(r) = s(18) else {
-        panic!("record")
-    };
+    let Slot::Record(r) = s(18) else { panic!("record") };
     assert_eq!(tape.slot(r), Slot::Int(1));
 }
 
@@ -146,11 +121,7 @@ fn every_reason_code() {
         (with("rec", r#"{"x": "no"}"#), TypeMismatch, "$.rec.x"),
         (with("arr", r#"[1, "two"]"#), TypeMismatch, "$.arr[1]"),
         (with("zzz", "1"), UnknownField, "$.zzz"),
-        (
-            VALID.replacen("\"b\": true,", "\"b\": true, \"b\": false,", 1),
-            DuplicateField,
-            "$.b",
-        ),
+        (VALID.replacen("\"b\": true,", "\"b\": true, \"b\": false,", 1), DuplicateField, "$.b"),
         (with("e", "\"BLUE\""), BadEnum, "$.e"),
         (with("tms", "\"yesterday\""), BadTimestamp, "$.tms"),
         (with("day", "\"2024-13-01\""), BadDate, "$.day"),
@@ -162,11 +133,7 @@ fn every_reason_code() {
         (with("i", "2147483648"), OutOfRange, "$.i"),
         (with("f", "1e300"), OutOfRange, "$.f"),
         (with("m", r#"{"k": 1}"#), TypeMismatch, "$.m.k"),
-        (
-            with("rec", r#"{"x": 1, "deep": [{"a": "x"}]}"#),
-            TypeMismatch,
-            "$.rec.deep[0].a",
-        ),
+        (with("rec", r#"{"x": 1, "deep": [{"a": "x"}]}"#), TypeMismatch, "$.rec.deep[0].a"),
     ];
     for (json, reason, path) in cases {
         let (got, got_path) = reject(&json);
@@ -178,39 +145,17 @@ fn every_reason_code() {
 fn size_and_depth_limits() {
     let reg = registry();
     let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
-    let e = run(
-        v,
-        VALID,
-        Limits {
-            max_event_bytes: 100,
-            max_depth: 64,
-        },
-    )
-    .unwrap_err();
+    let e = run(v, VALID, Limits { max_event_bytes: 100, max_depth: 64 }).unwrap_err();
     assert_eq!(e.reason, Reason::TooLarge);
-    let e = run(
-        v,
-        VALID,
-        Limits {
-            max_event_bytes: 1 << 20,
-            max_depth: 2,
-        },
-    )
-    .unwrap_err();
+    let e = run(v, VALID, Limits { max_event_bytes: 1 << 20, max_depth: 2 }).unwrap_err();
     assert_eq!((e.reason, e.path.as_str()), (Reason::TooDeep, "$.rec.deep"));
 }
 
 #[test]
 fn routing_errors() {
     let reg = registry();
-    assert_eq!(
-        reg.resolve("nope", "AllTypes", None).unwrap_err().reason,
-        Reason::UnknownSubject
-    );
-    assert_eq!(
-        reg.resolve("test", "AllTypes", Some(9)).unwrap_err().reason,
-        Reason::UnknownVersion
-    );
+    assert_eq!(reg.resolve("nope", "AllTypes", None).unwrap_err().reason, Reason::UnknownSubject);
+    assert_eq!(reg.resolve("test", "AllTypes", Some(9)).unwrap_err().reason, Reason::UnknownVersion);
     assert!(reg.resolve("test", "AllTypes", Some(1)).is_ok());
 }
 
@@ -220,14 +165,7 @@ fn unknown_fields_can_be_dropped() {
     let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
     let mut tape = Tape::new();
     let json = with("extra", r#"{"nested": [1, {"x": 2}]}"#);
-    validate_json(
-        &v.node,
-        json.as_bytes(),
-        UnknownFields::Drop,
-        Limits::default(),
-        &mut tape,
-    )
-    .unwrap();
+    validate_json(&v.node, json.as_bytes(), UnknownFields::Drop, Limits::default(), &mut tape).unwrap();
 }
 
 #[test]
@@ -243,22 +181,13 @@ fn violations_never_echo_values() {
 #[test]
 fn example_schemas_accept_their_sample_events() {
     let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
-    let (_, v) = reg
-        .resolve("com.example.payments", "PaymentAuthorized", None)
-        .unwrap();
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
     let payment = r#"{"payment_id":"p-1","customer_id":"c-42","amount":"19.99","currency":"EUR",
       "card":{"pan":"4111111111111111","holder_name":"Ada Lovelace","brand":"VISA","expiry":"12/29"},
       "merchant":{"id":"m-1","name":"Shop","mcc":5411,"country":"DE"},
       "authorized_at":"2024-05-01T12:00:00Z","risk_score":0.12,"three_ds":true}"#;
     let mut tape = Tape::new();
-    validate_json(
-        &v.node,
-        payment.as_bytes(),
-        UnknownFields::Reject,
-        Limits::default(),
-        &mut tape,
-    )
-    .unwrap();
+    validate_json(&v.node, payment.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
     // v2 defaults: acquirer_ref null, channel "WEB" (symbol 0).
     assert_eq!(tape.slot(9), Slot::Null);
     assert_eq!(tape.slot(10), Slot::Enum(0));

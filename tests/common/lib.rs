@@ -1,0 +1,222 @@
+//! Helpers for end-to-end tests: run the real `watershed` binary on a
+//! loopback port, post to it, and read the lake back with the parquet
+//! crate and (independently) with DuckDB from the test virtualenv.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+
+/// The `watershed` binary built beside this test (`cargo build -p watershed`).
+#[must_use]
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join("watershed");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p watershed` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root.
+#[must_use]
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
+}
+
+/// Run `watershed ARGS` to completion.
+#[must_use]
+pub fn run(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).current_dir(repo()).output().expect("watershed runs")
+}
+
+/// A running hub process.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl Server {
+    /// Start `watershed serve` on a free loopback port with `data` and
+    /// extra `WATERSHED_*` environment settings.
+    #[must_use]
+    pub fn start(data: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
+            .arg(data)
+            .current_dir(repo())
+            .env("WATERSHED_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("watershed serve starts");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("watershed: listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                } else {
+                    eprintln!("[hub] {line}");
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("the hub reports its address");
+        Self { child, url, data: data.to_owned() }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the hub did not stop within 40 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, now.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+/// Create an account and return its token (the last word printed).
+#[must_use]
+pub fn add_account(data: &Path, account: &str) -> String {
+    let out = run(&["accounts", "add", account, "--data-dir", data.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").split_whitespace().last().expect("a token").to_owned()
+}
+
+/// POST a body; returns (status, json-or-null, headers).
+#[must_use]
+pub fn post(
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+    let client =
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+    let mut req = client.post(format!("{url}/v1/events")).body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let json = r.json().unwrap_or(serde_json::Value::Null);
+    (status, json, headers)
+}
+
+/// Every batch of every Parquet file under `lake/<table>`.
+#[must_use]
+pub fn read_table(lake: &Path, table: &str) -> Vec<(PathBuf, RecordBatch)> {
+    let mut out = Vec::new();
+    let mut stack = vec![lake.join(table)];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let f = std::fs::File::open(&p).expect("open parquet");
+                let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+                    .expect("parquet footer")
+                    .build()
+                    .expect("reader");
+                for b in r {
+                    out.push((p.clone(), b.expect("batch")));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A string column's values (nulls as None).
+#[must_use]
+pub fn strings(b: &RecordBatch, col: &str) -> Vec<Option<String>> {
+    let a = b.column_by_name(col).unwrap_or_else(|| panic!("column {col}"));
+    let a = a.as_string::<i32>();
+    (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).to_owned())).collect()
+}
+
+/// A nested string: `detail.<path...>` through structs.
+#[must_use]
+pub fn detail_strings(b: &RecordBatch, path: &[&str]) -> Vec<Option<String>> {
+    let mut a = b.column_by_name("detail").expect("detail").clone();
+    for p in path {
+        a = a.as_struct().column_by_name(p).unwrap_or_else(|| panic!("detail field {p}")).clone();
+    }
+    let s = a.as_string::<i32>();
+    (0..s.len()).map(|i| s.is_valid(i).then(|| s.value(i).to_owned())).collect()
+}
+
+/// Event ids per table (`account` from the path).
+#[must_use]
+pub fn ids_by_table(lake: &Path) -> HashMap<String, Vec<(String, String)>> {
+    let mut out = HashMap::new();
+    for t in std::fs::read_dir(lake).into_iter().flatten().flatten() {
+        let table = t.file_name().to_string_lossy().into_owned();
+        let mut ids = Vec::new();
+        for (path, b) in read_table(lake, &table) {
+            let account = path
+                .to_string_lossy()
+                .split('/')
+                .find_map(|s| s.strip_prefix("account=").map(str::to_owned))
+                .expect("account= in path");
+            for id in strings(&b, "event_id") {
+                ids.push((account.clone(), id.unwrap_or_default()));
+            }
+        }
+        out.insert(table, ids);
+    }
+    out
+}
+
+/// The Python of the test virtualenv, or `None` after printing loudly why
+/// the DuckDB/pyarrow checks are skipped. Skipping needs
+/// `WATERSHED_TEST_SKIP_PYTHON=1`; otherwise a missing venv fails the test.
+#[must_use]
+pub fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("WATERSHED_TEST_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    if std::env::var("WATERSHED_TEST_SKIP_PYTHON").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: DuckDB/pyarrow checks (WATERSHED_TEST_SKIP_PYTHON=1)");
+        return None;
+    }
+    panic!("WATERSHED_TEST_PYTHON is not set: run the tests through tests/run.sh, which makes the DuckDB/pyarrow virtualenv, or set WATERSHED_TEST_SKIP_PYTHON=1 to skip those checks loudly");
+}
+
+/// Run a DuckDB SQL query over the lake; returns rows as JSON arrays.
+#[must_use]
+pub fn duckdb(python: &Path, lake: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let script = repo().join("tests/lake_query.py");
+    let out = Command::new(python).arg(script).arg(lake).arg(sql).output().expect("python runs");
+    assert!(out.status.success(), "duckdb query failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json rows")
+}

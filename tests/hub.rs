@@ -1,0 +1,364 @@
+//! End to end against `watershed serve`: mixed batches from three
+//! accounts, protection as analysts see it, bad input, and backpressure.
+//! The lake is read back with the parquet crate and, independently, with
+//! DuckDB.
+
+use serde_json::{json, Value};
+use watershed_tests::{
+    add_account, detail_strings, duckdb, ids_by_table, post, python, read_table, run, strings, Server,
+};
+
+const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
+
+fn payment(id: &str, account: Option<&str>, customer: &str, pan: &str, holder: &str) -> Value {
+    let mut e = json!({
+        "version": "0", "id": id, "detail-type": "PaymentAuthorized", "source": "com.example.payments",
+        "time": "2024-05-01T12:34:56Z", "region": "eu-west-1", "resources": ["arn:aws:payments:eu-west-1:1:p/1"],
+        "detail": {
+            "payment_id": format!("pay-{id}"), "customer_id": customer, "amount": "19.99", "currency": "EUR",
+            "card": {"pan": pan, "holder_name": holder, "brand": "VISA", "expiry": "12/29"},
+            "merchant": {"id": "m-1", "name": "Shop", "mcc": 5411, "country": "DE"},
+            "authorized_at": "2024-05-01T12:34:56Z", "risk_score": 0.12, "three_ds": true
+        }
+    });
+    if let Some(a) = account {
+        e["account"] = json!(a);
+    }
+    e
+}
+
+fn login(id: &str, user: &str) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "type": "UserLogin", "source": "com.example.identity",
+        "time": "2024-05-01T13:00:00Z",
+        "data": {"user_id": user, "username": format!("{user}@example.com"), "ip_address": "203.0.113.9",
+                 "user_agent": "curl", "outcome": "SUCCESS", "logged_in_at": "2024-05-01T13:00:00Z", "attempt": 1,
+                 "session_id": "sess-secret"}
+    })
+}
+
+fn ndjson(events: &[Value]) -> Vec<u8> {
+    events.iter().map(|e| format!("{e}\n")).collect::<String>().into_bytes()
+}
+
+#[test]
+fn mixed_batches_from_three_accounts_land_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tokens: Vec<String> = A.iter().map(|a| add_account(&data, a)).collect();
+    let server = Server::start(&data, &[]);
+    let mut want_valid = Vec::new();
+    let mut want_dead = Vec::new();
+    for (i, (acct, token)) in A.iter().zip(&tokens).enumerate() {
+        let mut events = Vec::new();
+        for n in 0..20 {
+            let id = format!("{acct}-ok-{n}");
+            events.push(payment(
+                &id,
+                if n % 2 == 0 { Some(acct) } else { None },
+                &format!("cus-{n}"),
+                "4111111111111111",
+                "Ada Lovelace",
+            ));
+            want_valid.push((acct.to_string(), id));
+        }
+        events.push(login(&format!("{acct}-login"), "u-1"));
+        want_valid.push((acct.to_string(), format!("{acct}-login")));
+        // Invalid ones, each with a specific reason.
+        let mut bad_enum = payment(&format!("{acct}-bad-enum"), None, "c", "4111", "X");
+        bad_enum["detail"]["currency"] = json!("DOGE");
+        let mut missing = payment(&format!("{acct}-missing"), None, "c", "4111", "X");
+        missing["detail"].as_object_mut().unwrap().remove("amount");
+        let spoofed = payment(&format!("{acct}-spoof"), Some(A[(i + 1) % 3]), "c", "4111", "X");
+        let mut unknown = payment(&format!("{acct}-unknown"), None, "c", "4111", "X");
+        unknown["detail-type"] = json!("PaymentRefunded");
+        events.extend([bad_enum, missing, spoofed, unknown]);
+        want_dead.extend([
+            (acct.to_string(), format!("{acct}-bad-enum"), "bad_enum"),
+            (acct.to_string(), format!("{acct}-missing"), "missing_field"),
+            (acct.to_string(), format!("{acct}-spoof"), "account_mismatch"),
+            (acct.to_string(), format!("{acct}-unknown"), "unknown_subject"),
+        ]);
+        let mut body = ndjson(&events);
+        body.extend_from_slice(b"{\"id\": \"torn\n");
+        want_dead.push((acct.to_string(), String::new(), "malformed_json"));
+        let (status, resp, _) =
+            post(&server.url, Some(token), body, &[("content-type", "application/x-ndjson")]);
+        assert_eq!(status, 200, "{resp}");
+        assert_eq!(resp["accepted"], 21, "{resp}");
+        let reasons: Vec<&str> =
+            resp["rejected"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+        assert_eq!(
+            reasons,
+            ["bad_enum", "missing_field", "account_mismatch", "unknown_subject", "malformed_json"]
+        );
+        assert_eq!(resp["rejected"][0]["path"], "$.detail.currency");
+        assert_eq!(resp["rejected"][1]["path"], "$.detail.amount");
+        assert_eq!(resp["rejected"][0]["index"], 21);
+    }
+    assert!(server.stop().success(), "clean exit on SIGTERM");
+
+    let lake = data.join("lake");
+    let ids = ids_by_table(&lake);
+    let mut got: Vec<(String, String)> = ids["payments"].iter().chain(&ids["logins"]).cloned().collect();
+    got.sort();
+    want_valid.sort();
+    assert_eq!(got, want_valid, "exactly the valid events, under the authenticated account");
+
+    let mut dead: Vec<(String, String, String)> = Vec::new();
+    for (path, b) in read_table(&lake, "_dead_letters") {
+        let account = path
+            .to_string_lossy()
+            .split('/')
+            .find_map(|s| s.strip_prefix("account=").map(str::to_owned))
+            .unwrap();
+        for (id, reason) in strings(&b, "event_id").into_iter().zip(strings(&b, "reason")) {
+            dead.push((account.clone(), id.unwrap_or_default(), reason.unwrap()));
+        }
+        assert!(strings(&b, "raw").iter().all(Option::is_some), "raw event kept");
+    }
+    dead.sort();
+    let mut want: Vec<(String, String, String)> =
+        want_dead.into_iter().map(|(a, i, r)| (a, i, r.to_owned())).collect();
+    want.sort();
+    assert_eq!(dead, want);
+
+    // An independent reader sees the same rows.
+    if let Some(py) = python() {
+        let rows = duckdb(&py, &lake, "SELECT account, count(*), count(DISTINCT event_id) FROM read_parquet('{lake}/payments/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) GROUP BY account ORDER BY account");
+        assert_eq!(
+            rows,
+            vec![
+                json!(["111111111111", 20, 20]),
+                json!(["222222222222", 20, 20]),
+                json!(["333333333333", 20, 20])
+            ]
+        );
+        let rows = duckdb(&py, &lake, "SELECT reason, count(*) FROM read_parquet('{lake}/_dead_letters/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) GROUP BY reason ORDER BY reason");
+        assert_eq!(
+            rows,
+            vec![
+                json!(["account_mismatch", 3]),
+                json!(["bad_enum", 3]),
+                json!(["malformed_json", 3]),
+                json!(["missing_field", 3]),
+                json!(["unknown_subject", 3])
+            ]
+        );
+        let rows = duckdb(&py, &lake, "SELECT date, hour, detail.merchant.mcc, detail.amount::VARCHAR, typeof(event_time) FROM read_parquet('{lake}/payments/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) LIMIT 1");
+        assert_eq!(rows[0], json!(["2024-05-01", 12, 5411, "19.99", "TIMESTAMP WITH TIME ZONE"]));
+    }
+}
+
+#[test]
+fn protection_as_analysts_see_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let t1 = add_account(&data, A[0]);
+    let t2 = add_account(&data, A[1]);
+    let server = Server::start(&data, &[]);
+    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
+    for (token, prefix) in [(&t1, "a"), (&t2, "b")] {
+        let body = ndjson(&[
+            ev(&format!("{prefix}1"), "alice"),
+            ev(&format!("{prefix}2"), "alice"),
+            ev(&format!("{prefix}3"), "bob"),
+        ]);
+        let (status, resp, _) = post(&server.url, Some(token), body, &[]);
+        assert_eq!((status, resp["accepted"].as_u64()), (200, Some(3)), "{resp}");
+    }
+    let (status, resp, _) = post(&server.url, Some(&t1), ndjson(&[login("l1", "u-1")]), &[]);
+    assert_eq!((status, resp["accepted"].as_u64()), (200, Some(1)));
+    assert!(server.stop().success());
+
+    let lake = data.join("lake");
+    let mut rows: Vec<(String, String, Option<String>, String, Option<String>)> = Vec::new();
+    for (path, b) in read_table(&lake, "payments") {
+        let acct = if path.to_string_lossy().contains(A[0]) { A[0] } else { A[1] };
+        let ids = strings(&b, "event_id");
+        let tok = detail_strings(&b, &["customer_id"]);
+        let pan = detail_strings(&b, &["card", "pan"]);
+        let holder = detail_strings(&b, &["card", "holder_name"]);
+        let expiry = detail_strings(&b, &["card", "expiry"]);
+        for i in 0..b.num_rows() {
+            rows.push((
+                acct.to_owned(),
+                ids[i].clone().unwrap(),
+                tok[i].clone(),
+                pan[i].clone().unwrap(),
+                holder[i].clone().or(expiry[i].clone()),
+            ));
+            assert_eq!(expiry[i], None, "redacted value is gone");
+            assert_eq!(pan[i].as_deref(), Some("************1111"), "mask keeps the last 4");
+            let h = holder[i].as_deref().unwrap();
+            assert!(h.starts_with("wse1.") && !h.contains("Ada"), "encrypted, not plaintext");
+        }
+    }
+    rows.sort_by(|a, b| a.1.cmp(&b.1));
+    let token = |id: &str| rows.iter().find(|r| r.1 == id).unwrap().2.clone().unwrap();
+    assert_eq!(token("a1"), token("a2"), "deterministic within an account");
+    assert_ne!(token("a1"), token("a3"), "different subjects, different tokens");
+    assert_ne!(token("a1"), token("b1"), "same value, different account, different token");
+    assert!(!token("a1").contains("alice"));
+
+    // Decrypt (audited), then crypto-shred alice in account A and retry.
+    let data_s = data.to_str().unwrap();
+    let holder = |id: &str| rows.iter().find(|r| r.1 == id).unwrap().4.clone().unwrap();
+    let dec = |v: &str| {
+        run(&["keys", "decrypt", "--principal", "auditor", "--purpose", "case-7", "--data-dir", data_s, v])
+    };
+    let out = dec(&holder("a1"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");
+    let out = run(&["keys", "forget", "--account", A[0], "--subject", "alice", "--data-dir", data_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for id in ["a1", "a2"] {
+        let out = dec(&holder(id));
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("key_erased"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for id in ["a3", "b1"] {
+        assert!(dec(&holder(id)).status.success(), "{id} must stay readable");
+    }
+
+    // The login's redacted session id and encrypted ip, read by DuckDB.
+    if let Some(py) = python() {
+        let rows = duckdb(&py, &lake, "SELECT detail.session_id, starts_with(detail.ip_address, 'wse1.'), length(detail.username) FROM read_parquet('{lake}/logins/**/*.parquet')");
+        assert_eq!(rows, vec![json!([null, true, 22])]);
+    }
+}
+
+#[test]
+fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(
+        &data,
+        &[("WATERSHED_LIMITS__MAX_BODY_BYTES", "200000"), ("WATERSHED_LIMITS__MAX_EVENT_BYTES", "20000")],
+    );
+    let good = |id: &str| payment(id, Some(A[0]), "c-1", "4111111111111111", "Ada");
+
+    let (s, r, _) = post(&server.url, None, ndjson(&[good("g0")]), &[]);
+    assert_eq!((s, r["error"].as_str()), (401, Some("unauthenticated")));
+    let (s, r, _) = post(&server.url, Some("wsh_forged"), ndjson(&[good("g0")]), &[]);
+    assert_eq!((s, r["error"].as_str()), (401, Some("bad_credentials")));
+    let (s, _, _) = post(&server.url, Some(&token), vec![b' '; 300_000], &[]);
+    assert_eq!(s, 413, "oversized body");
+    let (s, r, _) =
+        post(&server.url, Some(&token), b"[{\"id\": 1}, ".to_vec(), &[("content-type", "application/json")]);
+    assert_eq!((s, r["error"].as_str()), (400, Some("bad_request")), "{r}");
+
+    // A gzip bomb is refused by its decompressed size.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &vec![b'\n'; 5_000_000]).unwrap();
+    let (s, _, _) = post(&server.url, Some(&token), gz.finish().unwrap(), &[("content-encoding", "gzip")]);
+    assert_eq!(s, 413);
+
+    let mut huge = good("huge");
+    huge["detail"]["merchant"]["name"] = json!("x".repeat(30_000));
+    let mut unknown_type = good("u1");
+    unknown_type["detail-type"] = json!("Nope");
+    let mut spoof = good("s1");
+    spoof["account"] = json!(A[1]);
+    let array = Value::Array(vec![
+        good("g1"),
+        huge,
+        good("g2"),
+        unknown_type,
+        spoof,
+        json!("just a string"),
+        good("g3"),
+    ]);
+    // Also gzip-encoded, as collectors send.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, array.to_string().as_bytes()).unwrap();
+    let (s, r, _) = post(
+        &server.url,
+        Some(&token),
+        gz.finish().unwrap(),
+        &[("content-type", "application/json"), ("content-encoding", "gzip")],
+    );
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["accepted"], 3);
+    let got: Vec<(u64, &str)> = r["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["index"].as_u64().unwrap(), x["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(1, "too_large"), (3, "unknown_subject"), (4, "account_mismatch"), (5, "bad_envelope")]);
+
+    // A retry of the same batch stores nothing twice.
+    let (s, r, _) = post(&server.url, Some(&token), array.to_string().into_bytes(), &[]);
+    assert_eq!((s, r["accepted"].as_u64(), r["duplicates"].as_u64()), (200, Some(0), Some(3)), "{r}");
+
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
+    assert!(
+        metrics.contains("watershed_events_rejected_total{account=\"111111111111\",reason=\"too_large\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("watershed_events_duplicate_total{account=\"111111111111\"} 3"), "{metrics}");
+    assert!(metrics.contains("watershed_ack_latency_seconds_bucket"));
+    assert_eq!(reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap().status(), 200);
+    assert!(server.stop().success());
+    let ids = ids_by_table(&data.join("lake"));
+    let mut p: Vec<String> = ids["payments"].iter().map(|x| x.1.clone()).collect();
+    p.sort();
+    assert_eq!(p, ["g1", "g2", "g3"]);
+    // Rejects with an id are stored once however often they are retried;
+    // the id-less one ("just a string") cannot be recognised, so twice.
+    let mut dead: Vec<String> = ids["_dead_letters"].iter().map(|x| x.1.clone()).collect();
+    dead.sort();
+    assert_eq!(dead, ["", "", "huge", "s1", "u1"]);
+}
+
+#[test]
+fn backpressure_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(
+        &data,
+        &[
+            ("WATERSHED_MEMORY__BUDGET_BYTES", "262144"),
+            ("WATERSHED_LAKE__PUT_DELAY_MS", "1500"),
+            ("WATERSHED_LAKE__FLUSH_CONCURRENCY", "1"),
+            ("WATERSHED_LAKE__ROLL_BYTES", "65536"),
+        ],
+    );
+    let mut statuses = Vec::new();
+    let mut accepted = Vec::new();
+    for b in 0..40 {
+        let events: Vec<Value> = (0..50)
+            .map(|n| payment(&format!("e{b}-{n}"), None, &format!("c{n}"), "4111111111111111", "Ada"))
+            .collect();
+        let (s, r, h) = post(&server.url, Some(&token), ndjson(&events), &[]);
+        if s == 503 {
+            assert_eq!(h.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+            assert_eq!(r["error"], "busy");
+        } else {
+            assert_eq!(s, 200, "{r}");
+            accepted.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        }
+        statuses.push(s);
+        if statuses.iter().filter(|&&s| s == 503).count() >= 3 {
+            break;
+        }
+    }
+    assert!(statuses.contains(&503), "a slow store and a tiny budget must push back: {statuses:?}");
+    let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
+    let used: f64 =
+        metrics.lines().find_map(|l| l.strip_prefix("watershed_memory_bytes ")).unwrap().parse().unwrap();
+    assert!(used < 262_144.0 * 4.0, "memory stays near the budget, not unbounded: {used}");
+    assert!(server.stop().success());
+    let mut got: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted, "everything acknowledged before the 503s is in the lake");
+}
