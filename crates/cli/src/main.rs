@@ -1,6 +1,7 @@
 //! `watershed`: the one binary. It parses arguments and calls the library
 //! crates; no pipeline logic lives here.
 
+mod bench;
 mod demo;
 mod keys;
 mod schema;
@@ -30,6 +31,9 @@ enum Command {
     /// Start a hub on a scratch directory, send generated events from three
     /// accounts, stop it, and show what landed in the lake.
     Demo(demo::DemoArgs),
+    /// Benchmark the reference workload end to end against pyarrow, DuckDB
+    /// and the arrow-json→Parquet floor, on one and two cores.
+    Bench(bench::BenchArgs),
     /// Manage account credentials.
     #[command(subcommand)]
     Accounts(serve::AccountsCmd),
@@ -43,6 +47,12 @@ enum Command {
     #[command(subcommand)]
     Keys(keys::KeysCmd),
 }
+
+/// mimalloc keeps freed pages for reuse: with glibc's allocator, Arrow
+/// builders growing and dropping per request cost a page fault storm
+/// (about a third of the hub's CPU time in profiles).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Default data directory of the embedded hub.
 pub(crate) fn default_data_dir() -> PathBuf {
@@ -62,6 +72,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => rt.block_on(serve::serve(a)),
         Command::Send(a) => rt.block_on(send::send(a)),
         Command::Demo(a) => rt.block_on(demo::demo(a)),
+        Command::Bench(a) => bench::bench(a),
         Command::Accounts(c) => serve::accounts(c),
         Command::Lake(c) => rt.block_on(serve::lake(c)),
         Command::Schema(c) => schema::run(c),

@@ -82,7 +82,7 @@ fn check_lists_every_problem_with_file_field_and_rule() {
 
 #[test]
 fn keys_forget_and_decrypt_from_the_command_line() {
-    use watershed_protect::{BatchProtector, LocalKeyring};
+    use watershed_protect::{BatchProtector, Keyring, LocalKeyring};
     use watershed_schema::{validate_json, Limits, Registry, Tape, UnknownFields};
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::load(&repo().join("schemas")).unwrap();
@@ -96,6 +96,7 @@ fn keys_forget_and_decrypt_from_the_command_line() {
         let mut tape = Tape::new();
         validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
         BatchProtector::new(&kr).protect(&"123456789012".parse().unwrap(), &v.protect, &mut tape).unwrap();
+        kr.sync().unwrap();
         ct.push(tape.str(tape.slot(2)).to_owned());
     }
     let data = dir.path().join("data");

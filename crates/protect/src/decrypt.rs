@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use crate::cipher::{parse, DataCipher};
+use crate::cipher::parse;
 use crate::error::{Error, Result};
 use crate::keyring::{Audited, Keyring};
 use crate::secret::Plaintext;
@@ -47,8 +47,7 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
             .into_iter()
             .map(|p| {
                 let p = p?;
-                let key = self.keyring.key_by_id(&p.key_id)?;
-                let plain = DataCipher::new(p.key_id, &key).decrypt(&p)?;
+                let plain = self.keyring.cipher_by_id(&p.key_id)?.decrypt(&p)?;
                 String::from_utf8(plain)
                     .map(Plaintext::new)
                     .map_err(|_| Error::BadCiphertext { detail: "plaintext is not UTF-8" })

@@ -18,15 +18,18 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use watershed_event::AccountId;
 
 use crate::audit::AuditLog;
-use crate::cipher::KeyId;
+use crate::cipher::{DataCipher, KeyId};
 use crate::error::{Error, Result};
 use crate::fsutil::{ensure_dir, stamp, write_atomic, Stamp};
 use crate::keyring::{Erasure, Keyring, MasterKey, Wrapped};
@@ -67,7 +70,10 @@ struct State {
     index_key: Option<Wrapped>,
     token_keys: HashMap<String, Wrapped>,
     data_keys: HashMap<KeyId, DataKeyRecord>,
-    current: HashMap<(String, Option<String>), KeyId>,
+    /// Current account-wide key per account.
+    current_account: HashMap<String, KeyId>,
+    /// Current key per subject reference (which covers the account).
+    current_subject: HashMap<[u8; 16], KeyId>,
     erased: HashMap<KeyId, (String, Option<String>, String)>,
 }
 
@@ -83,10 +89,21 @@ impl State {
                 if self.erased.contains_key(&id) {
                     return;
                 }
-                if current {
-                    self.current.insert((account.clone(), subject_ref.clone()), id);
-                } else if self.current.get(&(account.clone(), subject_ref.clone())) == Some(&id) {
-                    self.current.remove(&(account.clone(), subject_ref.clone()));
+                let sref = subject_ref.as_deref().and_then(ref_from_hex);
+                match (current, sref) {
+                    (true, Some(r)) => {
+                        self.current_subject.insert(r, id);
+                    }
+                    (true, None) => {
+                        self.current_account.insert(account.clone(), id);
+                    }
+                    (false, Some(r)) if self.current_subject.get(&r) == Some(&id) => {
+                        self.current_subject.remove(&r);
+                    }
+                    (false, None) if self.current_account.get(&account) == Some(&id) => {
+                        self.current_account.remove(&account);
+                    }
+                    (false, _) => {}
                 }
                 self.data_keys.insert(id, DataKeyRecord { account, subject_ref, current, wrapped, created });
             }
@@ -96,7 +113,8 @@ impl State {
                     self.data_keys.remove(&id);
                     self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
                 }
-                self.current.retain(|_, id| !self.erased.contains_key(id));
+                self.current_account.retain(|_, id| !self.erased.contains_key(id));
+                self.current_subject.retain(|_, id| !self.erased.contains_key(id));
             }
         }
     }
@@ -138,15 +156,22 @@ struct Loaded {
     state: State,
     stamp: Option<Stamp>,
     file: Option<File>,
-    dirty: bool,
+    /// Keys created here and not yet written: written and fsynced by
+    /// [`Keyring::sync`], once per batch, and re-applied after a reload.
+    pending: Vec<Line>,
+    /// Key ids and key material for new keys (seeded from the OS).
+    rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
-    cache: HashMap<KeyId, SecretKey>,
+    cache: HashMap<KeyId, Arc<DataCipher>>,
+    /// When the log's stamp was last compared (see [`EnvelopeKeyring::refresh`]).
+    checked: Instant,
 }
 
 /// Envelope-encrypted keys in a local key log. See the module docs.
 pub struct EnvelopeKeyring<M: MasterKey> {
     path: PathBuf,
     lock_path: PathBuf,
+    lock_fd: File,
     master: M,
     audit: AuditLog,
     state: Mutex<Loaded>,
@@ -173,6 +198,12 @@ impl LocalKeyring {
     }
 }
 
+/// Apply a new line now and write it at the next sync.
+fn queue(st: &mut Loaded, line: Line) {
+    st.state.apply(line.clone());
+    st.pending.push(line);
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -187,10 +218,21 @@ fn token_context(account: &str) -> Vec<u8> {
 
 const INDEX_CONTEXT: &[u8] = b"idx";
 
-/// Holds `keys.lock` exclusively while alive.
-struct FileLock(File);
+/// How often the encryption path looks for changes by other processes.
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
-impl Drop for FileLock {
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn ref_from_hex(s: &str) -> Option<[u8; 16]> {
+    KeyId::from_hex(s).map(|k| k.0)
+}
+
+/// Holds `keys.lock` exclusively while alive.
+struct FileLock<'a>(&'a File);
+
+impl Drop for FileLock<'_> {
     fn drop(&mut self) {
         let _ = self.0.unlock();
     }
@@ -206,15 +248,23 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         let kr = Self {
             path: dir.join("keys.log"),
             lock_path: dir.join("keys.lock"),
+            lock_fd: OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join("keys.lock"))
+                .map_err(|source| Error::Io { path: dir.join("keys.lock"), source })?,
             audit: AuditLog::open(&dir.join("audit.log"))?,
             master,
             state: Mutex::new(Loaded {
                 state: State::default(),
                 stamp: None,
                 file: None,
-                dirty: false,
+                pending: Vec::new(),
+                rng: ChaCha20Rng::from_entropy(),
                 index: None,
                 cache: HashMap::new(),
+                checked: Instant::now(),
             }),
         };
         {
@@ -224,8 +274,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             if st.state.index_key.is_none() {
                 let k = SecretKey::random();
                 let w = kr.master.wrap(&k, INDEX_CONTEXT)?;
-                kr.append(&mut st, &[Line::IndexKey { wrapped: w }])?;
-                kr.sync_locked(&mut st)?;
+                queue(&mut st, Line::IndexKey { wrapped: w });
+                kr.flush_pending(&mut st)?;
             }
             let w = st.state.index_key.clone().expect("set above");
             let k = kr.master.unwrap(&w, INDEX_CONTEXT)?;
@@ -234,19 +284,25 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         Ok(kr)
     }
 
-    fn lock_file(&self) -> Result<FileLock> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock_path)
-            .map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
-        f.lock().map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
-        Ok(FileLock(f))
+    fn lock_file(&self) -> Result<FileLock<'_>> {
+        self.lock_fd.lock().map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
+        Ok(FileLock(&self.lock_fd))
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |source| Error::Io { path: self.path.clone(), source }
+    }
+
+    /// Re-read the log if it changed, looking at most every
+    /// [`REFRESH_EVERY`]: the per-event encryption path must not stat a
+    /// file per event. An erasure by another process therefore reaches new
+    /// encryptions within that interval (decryption checks every time).
+    fn refresh(&self, st: &mut Loaded) -> Result<()> {
+        if st.checked.elapsed() < REFRESH_EVERY {
+            return Ok(());
+        }
+        st.checked = Instant::now();
+        self.reload(st, false)
     }
 
     /// Re-read the log if it changed (or always, with `force`).
@@ -274,6 +330,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.io()(e)),
         }
+        for l in &st.pending {
+            state.apply(l.clone());
+        }
         st.cache.retain(|id, _| state.data_keys.contains_key(id));
         st.state = state;
         st.stamp = now;
@@ -281,8 +340,12 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         Ok(())
     }
 
-    /// Append lines; the caller holds the file lock.
-    fn append(&self, st: &mut Loaded, lines: &[Line]) -> Result<()> {
+    /// Write the pending lines in one append and fsync; the caller holds
+    /// the file lock.
+    fn flush_pending(&self, st: &mut Loaded) -> Result<()> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
         if stamp(&self.path) != st.stamp {
             self.reload(st, true)?;
         }
@@ -294,26 +357,15 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             st.file = Some(opts.open(&self.path).map_err(self.io())?);
         }
         let mut buf = Vec::new();
-        for l in lines {
+        for l in &st.pending {
             serde_json::to_writer(&mut buf, l).expect("serialisable");
             buf.push(b'\n');
         }
-        st.file.as_mut().expect("opened above").write_all(&buf).map_err(self.io())?;
-        for l in lines {
-            st.state.apply(l.clone());
-        }
-        st.dirty = true;
+        let f = st.file.as_mut().expect("opened above");
+        f.write_all(&buf).map_err(self.io())?;
+        f.sync_data().map_err(self.io())?;
+        st.pending.clear();
         st.stamp = stamp(&self.path);
-        Ok(())
-    }
-
-    fn sync_locked(&self, st: &mut Loaded) -> Result<()> {
-        if st.dirty {
-            if let Some(f) = &st.file {
-                f.sync_data().map_err(self.io())?;
-            }
-            st.dirty = false;
-        }
         Ok(())
     }
 
@@ -326,33 +378,47 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         }
         write_atomic(&self.path, &buf)?;
         st.file = None;
-        st.dirty = false;
+        st.pending.clear();
         st.stamp = stamp(&self.path);
         Ok(())
     }
 
-    fn subject_ref(st: &Loaded, account: &AccountId, subject: &str) -> String {
+    fn subject_ref(st: &Loaded, account: &AccountId, subject: &str) -> [u8; 16] {
         let mut mac = st.index.clone().expect("index key set at open");
         mac.update(account.as_str().as_bytes());
         mac.update(&[0]);
         mac.update(subject.as_bytes());
         let d = mac.finalize().into_bytes();
-        d[..16].iter().map(|b| format!("{b:02x}")).collect()
+        let mut r = [0u8; 16];
+        r.copy_from_slice(&d[..16]);
+        r
     }
 
-    fn unwrap_cached(&self, st: &mut Loaded, id: KeyId) -> Result<SecretKey> {
-        if let Some(k) = st.cache.get(&id) {
-            return Ok(k.clone());
+    fn current(st: &Loaded, account: &AccountId, sref: Option<&[u8; 16]>) -> Option<KeyId> {
+        match sref {
+            Some(r) => st.state.current_subject.get(r).copied(),
+            None => st.state.current_account.get(account.as_str()).copied(),
         }
+    }
+
+    fn cipher_cached(&self, st: &mut Loaded, id: KeyId) -> Result<Arc<DataCipher>> {
+        if let Some(c) = st.cache.get(&id) {
+            return Ok(c.clone());
+        }
+        let k = self.unwrap_key(st, id)?;
+        let c = Arc::new(DataCipher::new(id, &k));
+        st.cache.insert(id, c.clone());
+        Ok(c)
+    }
+
+    fn unwrap_key(&self, st: &Loaded, id: KeyId) -> Result<SecretKey> {
         let Some(rec) = st.state.data_keys.get(&id) else {
             return Err(match st.state.erased.get(&id) {
                 Some((_, _, at)) => Error::KeyErased { key_id: id.to_hex(), erased_at: at.clone() },
                 None => Error::UnknownKey { key_id: id.to_hex() },
             });
         };
-        let k = self.master.unwrap(&rec.wrapped, &dek_context(&id))?;
-        st.cache.insert(id, k.clone());
-        Ok(k)
+        self.master.unwrap(&rec.wrapped, &dek_context(&id))
     }
 
     /// Data keys held (for tests and reporting).
@@ -376,63 +442,61 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             return self.master.unwrap(w, &ctx);
         }
         let (k, wrapped) = self.master.generate(&ctx)?;
-        self.append(&mut st, &[Line::TokenKey { account: account.to_string(), wrapped }])?;
+        queue(&mut st, Line::TokenKey { account: account.to_string(), wrapped });
         // Token keys are few: make each durable at once.
-        self.sync_locked(&mut st)?;
+        self.flush_pending(&mut st)?;
         Ok(k)
     }
 
-    fn data_key(&self, account: &AccountId, subject: Option<&str>) -> Result<(KeyId, SecretKey)> {
+    fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>> {
         let mut st = lock(&self.state);
-        self.reload(&mut st, false)?;
+        self.refresh(&mut st)?;
         let sref = subject.map(|s| Self::subject_ref(&st, account, s));
-        let slot = (account.to_string(), sref);
-        if let Some(&id) = st.state.current.get(&slot) {
-            return Ok((id, self.unwrap_cached(&mut st, id)?));
+        if let Some(id) = Self::current(&st, account, sref.as_ref()) {
+            return self.cipher_cached(&mut st, id);
         }
-        let _guard = self.lock_file()?;
-        self.reload(&mut st, false)?;
-        if let Some(&id) = st.state.current.get(&slot) {
-            return Ok((id, self.unwrap_cached(&mut st, id)?));
-        }
-        let id = KeyId::random();
+        let mut raw = [0u8; 16];
+        st.rng.fill_bytes(&mut raw);
+        let id = KeyId(raw);
         let (k, wrapped) = self.master.generate(&dek_context(&id))?;
-        let (account, subject_ref) = slot;
-        self.append(
+        queue(
             &mut st,
-            &[Line::DataKey {
+            Line::DataKey {
                 id: id.to_hex(),
-                account,
-                subject_ref,
+                account: account.to_string(),
+                subject_ref: sref.map(|r| hex(&r)),
                 current: true,
                 wrapped,
                 created: chrono::Utc::now().to_rfc3339(),
-            }],
-        )?;
-        st.cache.insert(id, k.clone());
-        Ok((id, k))
+            },
+        );
+        let c = Arc::new(DataCipher::new(id, &k));
+        st.cache.insert(id, c.clone());
+        Ok(c)
     }
 
     fn sync(&self) -> Result<()> {
         let mut st = lock(&self.state);
-        if !st.dirty {
+        if st.pending.is_empty() {
             return Ok(());
         }
         let _guard = self.lock_file()?;
-        self.sync_locked(&mut st)
+        self.flush_pending(&mut st)
     }
 
-    fn key_by_id(&self, id: &KeyId) -> Result<SecretKey> {
+    fn cipher_by_id(&self, id: &KeyId) -> Result<Arc<DataCipher>> {
         let mut st = lock(&self.state);
+        // Decryption always sees the newest log: an erasure made by
+        // another process is honoured at once.
         self.reload(&mut st, false)?;
-        self.unwrap_cached(&mut st, *id)
+        self.cipher_cached(&mut st, *id)
     }
 
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure> {
         let mut st = lock(&self.state);
         let _guard = self.lock_file()?;
         self.reload(&mut st, true)?;
-        let sref = Self::subject_ref(&st, account, subject);
+        let sref = hex(&Self::subject_ref(&st, account, subject));
         let mut ids: Vec<KeyId> = st
             .state
             .data_keys
@@ -486,7 +550,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             rec.current = false;
             n += 1;
         }
-        st.state.current.clear();
+        st.state.current_account.clear();
+        st.state.current_subject.clear();
         let accounts: Vec<String> = st.state.token_keys.keys().cloned().collect();
         for a in accounts {
             let ctx = token_context(&a);

@@ -6,7 +6,9 @@ use std::fmt::Debug;
 
 use watershed_event::AccountId;
 
-use crate::cipher::KeyId;
+use std::sync::Arc;
+
+use crate::cipher::{DataCipher, KeyId};
 use crate::error::Result;
 use crate::secret::SecretKey;
 
@@ -75,7 +77,7 @@ pub trait Keyring: Send + Sync + Debug {
     ///
     /// # Errors
     /// When the key cannot be created or unwrapped.
-    fn data_key(&self, account: &AccountId, subject: Option<&str>) -> Result<(KeyId, SecretKey)>;
+    fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>>;
 
     /// Make every key created so far durable. Call before acknowledging
     /// events protected with new keys.
@@ -89,7 +91,7 @@ pub trait Keyring: Send + Sync + Debug {
     /// # Errors
     /// [`crate::Error::KeyErased`] after `forget`, [`crate::Error::UnknownKey`]
     /// for ids this keyring never had.
-    fn key_by_id(&self, id: &KeyId) -> Result<SecretKey>;
+    fn cipher_by_id(&self, id: &KeyId) -> Result<Arc<DataCipher>>;
 
     /// Crypto-shred: delete every data key of (account, subject) and record
     /// the erasure in the audit log.

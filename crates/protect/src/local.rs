@@ -10,7 +10,8 @@ use aes_gcm::aead::Payload;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use rand::RngCore;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -39,6 +40,9 @@ pub struct LocalMasterKey {
     path: PathBuf,
     state: Mutex<Vec<(String, Aes256Gcm)>>,
     active: Mutex<String>,
+    /// Nonces and new keys: ChaCha20 seeded from the OS, so creating a
+    /// key costs no system call.
+    rng: Mutex<ChaCha20Rng>,
 }
 
 impl std::fmt::Debug for LocalMasterKey {
@@ -58,7 +62,12 @@ impl LocalMasterKey {
         let path = dir.join("master.json");
         if !path.exists() {
             let file = MasterFile { format: 1, active: String::new(), keys: Vec::new() };
-            let mk = Self { path, state: Mutex::new(Vec::new()), active: Mutex::new(String::new()) };
+            let mk = Self {
+                path,
+                state: Mutex::new(Vec::new()),
+                active: Mutex::new(String::new()),
+                rng: Mutex::new(ChaCha20Rng::from_entropy()),
+            };
             mk.add_key(file)?;
             return Ok(mk);
         }
@@ -73,7 +82,12 @@ impl LocalMasterKey {
                 detail: format!("active master key {} is missing", file.active),
             });
         }
-        Ok(Self { path, state: Mutex::new(keys), active: Mutex::new(file.active) })
+        Ok(Self {
+            path,
+            state: Mutex::new(keys),
+            active: Mutex::new(file.active),
+            rng: Mutex::new(ChaCha20Rng::from_entropy()),
+        })
     }
 
     fn add_key(&self, mut file: MasterFile) -> Result<String> {
@@ -121,7 +135,7 @@ impl MasterKey for LocalMasterKey {
         let state = lock(&self.state);
         let c = &state.iter().find(|(id, _)| *id == active).expect("active key loaded").1;
         let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        lock(&self.rng).fill_bytes(&mut nonce);
         let ct = c
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: key.expose(), aad: context })
             .expect("AES-GCM wraps 32 bytes");
@@ -149,6 +163,14 @@ impl MasterKey for LocalMasterKey {
             .decrypt(Nonce::from_slice(&blob[..12]), Payload { msg: &blob[12..], aad: context })
             .map_err(|_| fail())?;
         SecretKey::from_slice(&plain).ok_or_else(fail)
+    }
+
+    fn generate(&self, context: &[u8]) -> Result<(SecretKey, Wrapped)> {
+        let mut raw = [0u8; 32];
+        lock(&self.rng).fill_bytes(&mut raw);
+        let k = SecretKey::new(raw);
+        let w = self.wrap(&k, context)?;
+        Ok((k, w))
     }
 
     fn rotate(&self) -> Result<String> {

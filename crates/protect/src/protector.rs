@@ -7,6 +7,7 @@
 //! changed, so a data-subject field may itself be protected.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -28,8 +29,8 @@ pub const TOKEN_BYTES: usize = 16;
 pub struct BatchProtector<'k> {
     keyring: &'k dyn Keyring,
     tokens: HashMap<String, Hmac<Sha256>>,
-    subject_keys: HashMap<String, HashMap<String, DataCipher>>,
-    account_keys: HashMap<String, DataCipher>,
+    subject_keys: HashMap<String, HashMap<String, Arc<DataCipher>>>,
+    account_keys: HashMap<String, Arc<DataCipher>>,
     rng: ChaCha20Rng,
     targets: Vec<u32>,
     buf: Vec<u8>,
@@ -121,25 +122,21 @@ impl<'k> BatchProtector<'k> {
 
 fn cipher_for<'a>(
     keyring: &dyn Keyring,
-    subject_keys: &'a mut HashMap<String, HashMap<String, DataCipher>>,
-    account_keys: &'a mut HashMap<String, DataCipher>,
+    subject_keys: &'a mut HashMap<String, HashMap<String, Arc<DataCipher>>>,
+    account_keys: &'a mut HashMap<String, Arc<DataCipher>>,
     account: &AccountId,
     subject: Option<&str>,
 ) -> Result<&'a DataCipher> {
-    let make = || -> Result<DataCipher> {
-        let (id, key) = keyring.data_key(account, subject)?;
-        Ok(DataCipher::new(id, &key))
-    };
     match subject {
         None => {
             if !account_keys.contains_key(account.as_str()) {
-                account_keys.insert(account.to_string(), make()?);
+                account_keys.insert(account.to_string(), keyring.data_cipher(account, None)?);
             }
             Ok(&account_keys[account.as_str()])
         }
         Some(s) => {
             if !subject_keys.get(account.as_str()).is_some_and(|per| per.contains_key(s)) {
-                let cipher = make()?;
+                let cipher = keyring.data_cipher(account, Some(s))?;
                 subject_keys.entry(account.to_string()).or_default().insert(s.to_owned(), cipher);
             }
             Ok(&subject_keys[account.as_str()][s])

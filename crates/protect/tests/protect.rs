@@ -47,6 +47,7 @@ fn protect_payment(
     validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
     let mut p = BatchProtector::new(kr);
     p.protect(&acct(account), &v.protect, &mut tape).unwrap();
+    kr.sync().unwrap();
     let Slot::Record(card) = tape.slot(4) else { panic!("card") };
     (
         tape.str(tape.slot(1)).to_owned(),
