@@ -87,8 +87,14 @@ const LATE_MICROS: i64 = 3_600_000_000;
 struct Batch<'k> {
     tape: Tape,
     protector: BatchProtector<'k>,
-    builders: HashMap<PartitionKey, Builder>,
+    /// Builders by (table index, or `usize::MAX` for dead letters; UTC
+    /// hour since the epoch). The account is the request's, so this is the
+    /// partition, found without building its path per event.
+    builders: HashMap<(usize, i64), (PartitionKey, Builder)>,
 }
+
+const HOUR_MICROS: i64 = 3_600_000_000;
+const DEAD: usize = usize::MAX;
 
 impl Ingestor {
     /// A pipeline over `registry` and `keyring`.
@@ -123,12 +129,18 @@ impl Ingestor {
         let mut claimed = Vec::new();
         let label = AccountLabel { account: account.to_string() };
         for (index, raw) in events.iter().enumerate() {
-            match self.accept(account, collector, received_at, raw, &mut batch, Some(&mut claimed), None) {
-                Ok(Some(id)) => {
-                    wal.accepted(&id, raw);
-                    response.accepted += 1;
-                }
-                Ok(None) => response.duplicates += 1,
+            let outcome = self.accept(
+                account,
+                collector,
+                received_at,
+                raw,
+                &mut batch,
+                Some((&mut claimed, &mut wal)),
+                None,
+            );
+            match outcome {
+                Ok(true) => response.accepted += 1,
+                Ok(false) => response.duplicates += 1,
                 Err((v, partial)) => {
                     let id = partial.id.clone();
                     // A retried reject is reported again but stored once.
@@ -229,7 +241,9 @@ impl Ingestor {
         finish(batch.builders)
     }
 
-    /// Ok(Some(id)) stored, Ok(None) duplicate, Err rejected.
+    /// Ok(true) stored (and added to `live`'s WAL record), Ok(false) a
+    /// duplicate, Err rejected. `live` is `None` on replay (no dedupe
+    /// check, nothing to log again).
     #[allow(clippy::too_many_arguments)]
     fn accept(
         &self,
@@ -238,9 +252,9 @@ impl Ingestor {
         received_at: TimestampMicros,
         raw: &[u8],
         batch: &mut Batch<'_>,
-        claimed: Option<&mut Vec<u64>>,
+        live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
         skip: Option<&dyn Fn(&PartitionKey) -> bool>,
-    ) -> Result<Option<String>, (Violation, envelope::Partial)> {
+    ) -> Result<bool, (Violation, envelope::Partial)> {
         let partial = || envelope::partial(raw);
         if raw.len() > self.limits.max_event_bytes {
             let v = Violation::new(
@@ -296,9 +310,10 @@ impl Ingestor {
                 })
             })?,
         };
-        let key = PartitionKey::at(&subject.table, account, event_time);
-        if skip.is_some_and(|committed| committed(&key)) {
-            return Ok(Some(env.id.into_owned()));
+        if let Some(committed) = skip {
+            if committed(&PartitionKey::at(&subject.table, account, event_time)) {
+                return Ok(true);
+            }
         }
         batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
             tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
@@ -307,13 +322,16 @@ impl Ingestor {
                 "the event's protected fields could not be protected; retry later",
             ))
         })?;
-        if let Some(claimed) = claimed {
+        let wal = if let Some((claimed, wal)) = live {
             let k = self.dedupe.key(account.as_str(), &env.id);
             if !self.dedupe.claim(k) {
-                return Ok(None);
+                return Ok(false);
             }
             claimed.push(k);
-        }
+            Some(wal)
+        } else {
+            None
+        };
         if received_at - event_time > LATE_MICROS {
             self.metrics.late.inc();
         }
@@ -328,12 +346,19 @@ impl Ingestor {
             collector,
         };
         let layout = &self.layouts[si];
-        let b =
-            batch.builders.entry(key).or_insert_with(|| Builder::Table(TableBuilder::new(layout.clone())));
+        let (_, b) = batch.builders.entry((si, event_time.div_euclid(HOUR_MICROS))).or_insert_with(|| {
+            (
+                PartitionKey::at(&subject.table, account, event_time),
+                Builder::Table(TableBuilder::new(layout.clone())),
+            )
+        });
         if let Builder::Table(t) = b {
             t.append(&meta, env.resources.iter().map(|r| r.as_ref()), &batch.tape);
         }
-        Ok(Some(env.id.into_owned()))
+        if let Some(wal) = wal {
+            wal.accepted(&env.id, raw);
+        }
+        Ok(true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -348,11 +373,17 @@ impl Ingestor {
         batch: &mut Batch<'_>,
         skip: Option<&dyn Fn(&PartitionKey) -> bool>,
     ) {
-        let key = PartitionKey::at(DEAD_LETTERS, account, received_at);
-        if skip.is_some_and(|committed| committed(&key)) {
-            return;
+        if let Some(committed) = skip {
+            if committed(&PartitionKey::at(DEAD_LETTERS, account, received_at)) {
+                return;
+            }
         }
-        let b = batch.builders.entry(key).or_insert_with(|| Builder::Dead(DeadLetterBuilder::default()));
+        let (_, b) = batch.builders.entry((DEAD, received_at.div_euclid(HOUR_MICROS))).or_insert_with(|| {
+            (
+                PartitionKey::at(DEAD_LETTERS, account, received_at),
+                Builder::Dead(DeadLetterBuilder::default()),
+            )
+        });
         if let Builder::Dead(d) = b {
             d.append(&DeadLetter {
                 event_id: p.id.as_deref(),
@@ -369,9 +400,9 @@ impl Ingestor {
     }
 }
 
-fn finish(builders: HashMap<PartitionKey, Builder>) -> Vec<(PartitionKey, RecordBatch)> {
+fn finish(builders: HashMap<(usize, i64), (PartitionKey, Builder)>) -> Vec<(PartitionKey, RecordBatch)> {
     builders
-        .into_iter()
+        .into_values()
         .filter_map(|(k, b)| {
             let batch = match b {
                 Builder::Table(mut t) => t.finish(),

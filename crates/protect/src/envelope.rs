@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -163,6 +164,9 @@ struct Loaded {
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
     cache: HashMap<KeyId, Arc<DataCipher>>,
+    /// The current cipher per subject reference: the per-event lookup.
+    /// Cleared whenever the state is reloaded, erased or rotated.
+    hot: HashMap<[u8; 16], Arc<DataCipher>, BuildHasherDefault<Fold>>,
     /// When the log's stamp was last compared (see [`EnvelopeKeyring::refresh`]).
     checked: Instant,
 }
@@ -195,6 +199,24 @@ impl LocalKeyring {
     pub fn open_local(dir: &Path) -> Result<Self> {
         let master = LocalMasterKey::open(dir)?;
         Self::open(dir, master)
+    }
+}
+
+/// Hashes keys that are already uniformly random (HMAC outputs) by
+/// folding their bytes: no need for SipHash's flooding resistance.
+#[derive(Default)]
+struct Fold(u64);
+
+impl Hasher for Fold {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut a = [0u8; 8];
+            a[..c.len()].copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(a)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
     }
 }
 
@@ -264,6 +286,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 rng: ChaCha20Rng::from_entropy(),
                 index: None,
                 cache: HashMap::new(),
+                hot: HashMap::default(),
                 checked: Instant::now(),
             }),
         };
@@ -334,6 +357,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             state.apply(l.clone());
         }
         st.cache.retain(|id, _| state.data_keys.contains_key(id));
+        st.hot.clear();
         st.state = state;
         st.stamp = now;
         st.file = None;
@@ -452,8 +476,15 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         let mut st = lock(&self.state);
         self.refresh(&mut st)?;
         let sref = subject.map(|s| Self::subject_ref(&st, account, s));
+        if let Some(c) = sref.as_ref().and_then(|r| st.hot.get(r)) {
+            return Ok(c.clone());
+        }
         if let Some(id) = Self::current(&st, account, sref.as_ref()) {
-            return self.cipher_cached(&mut st, id);
+            let c = self.cipher_cached(&mut st, id)?;
+            if let Some(r) = sref {
+                st.hot.insert(r, c.clone());
+            }
+            return Ok(c);
         }
         let mut raw = [0u8; 16];
         st.rng.fill_bytes(&mut raw);
@@ -472,6 +503,9 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         );
         let c = Arc::new(DataCipher::new(id, &k));
         st.cache.insert(id, c.clone());
+        if let Some(r) = sref {
+            st.hot.insert(r, c.clone());
+        }
         Ok(c)
     }
 
@@ -516,6 +550,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             erased_at: chrono::Utc::now().to_rfc3339(),
         });
         st.cache.retain(|id, _| !ids.contains(id));
+        st.hot.clear();
         self.compact(&mut st)?;
         drop(_guard);
         drop(st);
@@ -552,6 +587,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         }
         st.state.current_account.clear();
         st.state.current_subject.clear();
+        st.hot.clear();
         let accounts: Vec<String> = st.state.token_keys.keys().cloned().collect();
         for a in accounts {
             let ctx = token_context(&a);

@@ -29,8 +29,8 @@ pub const TOKEN_BYTES: usize = 16;
 pub struct BatchProtector<'k> {
     keyring: &'k dyn Keyring,
     tokens: HashMap<String, Hmac<Sha256>>,
-    subject_keys: HashMap<String, HashMap<String, Arc<DataCipher>>>,
     account_keys: HashMap<String, Arc<DataCipher>>,
+    subject_key: Option<Arc<DataCipher>>,
     rng: ChaCha20Rng,
     targets: Vec<u32>,
     buf: Vec<u8>,
@@ -50,8 +50,8 @@ impl<'k> BatchProtector<'k> {
         Self {
             keyring,
             tokens: HashMap::new(),
-            subject_keys: HashMap::new(),
             account_keys: HashMap::new(),
+            subject_key: None,
             rng: ChaCha20Rng::from_entropy(),
             targets: Vec::new(),
             buf: Vec::new(),
@@ -68,6 +68,7 @@ impl<'k> BatchProtector<'k> {
         if plan.actions.is_empty() {
             return Ok(());
         }
+        self.subject_key = None;
         let has_subject = match &plan.data_subject {
             Some((path, _)) => read_subject(tape, path, &mut self.subject),
             None => false,
@@ -104,8 +105,8 @@ impl<'k> BatchProtector<'k> {
                     let subject = has_subject.then_some(self.subject.as_str());
                     let cipher = cipher_for(
                         self.keyring,
-                        &mut self.subject_keys,
                         &mut self.account_keys,
+                        &mut self.subject_key,
                         account,
                         subject,
                     )?;
@@ -122,8 +123,8 @@ impl<'k> BatchProtector<'k> {
 
 fn cipher_for<'a>(
     keyring: &dyn Keyring,
-    subject_keys: &'a mut HashMap<String, HashMap<String, Arc<DataCipher>>>,
     account_keys: &'a mut HashMap<String, Arc<DataCipher>>,
+    subject_key: &'a mut Option<Arc<DataCipher>>,
     account: &AccountId,
     subject: Option<&str>,
 ) -> Result<&'a DataCipher> {
@@ -134,12 +135,13 @@ fn cipher_for<'a>(
             }
             Ok(&account_keys[account.as_str()])
         }
+        // The keyring's own index is the cache: one HMAC and one lookup
+        // per event, however many fields it encrypts.
         Some(s) => {
-            if !subject_keys.get(account.as_str()).is_some_and(|per| per.contains_key(s)) {
-                let cipher = keyring.data_cipher(account, Some(s))?;
-                subject_keys.entry(account.to_string()).or_default().insert(s.to_owned(), cipher);
+            if subject_key.is_none() {
+                *subject_key = Some(keyring.data_cipher(account, Some(s))?);
             }
-            Ok(&subject_keys[account.as_str()][s])
+            Ok(subject_key.as_ref().expect("set above"))
         }
     }
 }

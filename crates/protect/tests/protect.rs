@@ -179,6 +179,7 @@ fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::Protec
                 name: "v".into(),
                 node: Node { kind: Kind::String, nullable: false },
                 default: None,
+                default_json: None,
                 protect: Some(Protect::Encrypt),
                 data_subject: false,
             }],

@@ -13,6 +13,7 @@ mod error;
 mod node;
 mod policy;
 mod registry;
+mod scan;
 mod subject;
 mod tape;
 mod validate;

@@ -155,21 +155,21 @@ impl Record {
     /// the index expected next (producers usually write fields in schema
     /// order), checked first.
     #[must_use]
-    pub fn index_of(&self, name: &str, hint: usize) -> Option<usize> {
+    pub fn index_of(&self, name: &[u8], hint: usize) -> Option<usize> {
         if let Some(f) = self.fields.get(hint) {
-            if f.name == name {
+            if f.name.as_bytes() == name {
                 return Some(hint);
             }
         }
         if self.fields.len() <= 32 {
-            if let Some(i) = self.fields.iter().position(|f| f.name.len() == name.len() && f.name == name) {
+            if let Some(i) = self.fields.iter().position(|f| f.name.as_bytes() == name) {
                 return Some(i);
             }
             if self.lookup.len() == self.fields.len() {
                 return None; // no aliases to consult
             }
         }
-        self.lookup.get(name).copied()
+        self.lookup.get(std::str::from_utf8(name).ok()?).copied()
     }
 }
 
@@ -182,6 +182,8 @@ pub struct Field {
     pub node: Node,
     /// The Avro default, when the schema gives one.
     pub default: Option<Value>,
+    /// The default as JSON text (decoded when a payload omits the field).
+    pub default_json: Option<String>,
     /// The protection action, from `"watershed.protect"`.
     pub protect: Option<Protect>,
     /// Whether `"watershed.data_subject": true` marks this field.
@@ -341,6 +343,7 @@ impl<'a> Compiler<'a, '_> {
             fields.push(Field {
                 name: f.name.clone(),
                 node,
+                default_json: f.default.as_ref().map(Value::to_string),
                 default: f.default.clone(),
                 protect,
                 data_subject,

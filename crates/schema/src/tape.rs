@@ -171,6 +171,13 @@ impl Tape {
         self.slots[index as usize] = Slot::Str { start: to_u32(new_start), len: to_u32(self.scratch.len()) };
     }
 
+    /// Append bytes the caller has checked are UTF-8, as text.
+    pub(crate) fn push_utf8(&mut self, b: &[u8]) -> Slot {
+        debug_assert!(std::str::from_utf8(b).is_ok());
+        let (start, len) = self.push_raw(b);
+        Slot::Str { start, len }
+    }
+
     pub(crate) fn push_bytes(&mut self, b: &[u8]) -> Slot {
         let (start, len) = self.push_raw(b);
         Slot::Bytes { start, len }

@@ -1,19 +1,19 @@
 //! Schema-driven JSON validation that decodes straight into a [`Tape`].
 //!
-//! The validator drives `serde_json`'s streaming parser with the compiled
-//! schema ([`Node`]) as a `DeserializeSeed`: every JSON value is checked
-//! against its schema type as it is read and written into the tape in
-//! schema order. No `serde_json::Value` is built, strings without escapes
-//! are read in place, and the JSON path of a failure is assembled only when
-//! there is a failure. See `docs/SCHEMAS.md` for the JSON→Avro rules.
+//! A recursive descent over the compiled schema ([`Node`]) drives a small
+//! JSON scanner (`scan.rs`): every value is checked against its schema type
+//! as it is read and written into the tape in schema order. No
+//! `serde_json::Value` is built, strings without escapes are read in place,
+//! and the JSON path of a failure is assembled only when there is one. See
+//! `docs/SCHEMAS.md` for the JSON→Avro rules.
 
 use std::fmt;
 
 use base64::Engine as _;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use watershed_event::{parse_rfc3339_micros, Reason};
 
 use crate::node::{Kind, Node, Record};
+use crate::scan::{Num, Peek, Scanner, SyntaxError};
 use crate::subject::UnknownFields;
 use crate::tape::{Slot, Tape};
 
@@ -85,18 +85,10 @@ pub fn validate_json(
             format!("payload is {} bytes; the limit is {}", json.len(), limits.max_event_bytes),
         ));
     }
-    let mut ctx = Ctx { tape, unknown, limits, depth: 0, failure: None };
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
-        de.end()?;
-        Ok(slot)
-    });
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => Err(match ctx.failure.take() {
-            Some(f) => f.into_violation(),
-            None => Violation::new(Reason::MalformedJson, e.to_string()),
-        }),
+    let mut ctx = Ctx::new(json, tape, unknown, limits);
+    match ctx.value(node).and_then(|_| ctx.end()) {
+        Ok(()) => Ok(()),
+        Err(()) => Err(ctx.violation()),
     }
 }
 
@@ -106,23 +98,17 @@ pub fn validate_json(
 /// # Errors
 /// A [`Violation`] when the value does not fit `node`.
 pub fn decode_value(node: &Node, json: &[u8], tape: &mut Tape) -> Result<Slot, Violation> {
-    let mut ctx =
-        Ctx { tape, unknown: UnknownFields::Reject, limits: Limits::default(), depth: 0, failure: None };
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let result = Seed { node, ctx: &mut ctx }.deserialize(&mut de).and_then(|slot| {
-        de.end()?;
-        Ok(slot)
-    });
-    result.map_err(|e| match ctx.failure.take() {
-        Some(f) => f.into_violation(),
-        None => Violation::new(Reason::MalformedJson, e.to_string()),
-    })
+    let mut ctx = Ctx::new(json, tape, UnknownFields::Reject, Limits::default());
+    match ctx.value(node).and_then(|slot| ctx.end().map(|()| slot)) {
+        Ok(slot) => Ok(slot),
+        Err(()) => Err(ctx.violation()),
+    }
 }
 
 struct Failure {
     reason: Reason,
     detail: String,
-    /// Path segments, innermost first.
+    /// Path segments, innermost first (unused for malformed JSON).
     segments: Vec<Segment>,
 }
 
@@ -134,16 +120,18 @@ enum Segment {
 impl Failure {
     fn into_violation(self) -> Violation {
         let mut path = String::from("$");
-        for s in self.segments.iter().rev() {
-            match s {
-                Segment::Field(f) => {
-                    path.push('.');
-                    path.push_str(f);
-                }
-                Segment::Index(i) => {
-                    path.push('[');
-                    path.push_str(&i.to_string());
-                    path.push(']');
+        if self.reason != Reason::MalformedJson {
+            for s in self.segments.iter().rev() {
+                match s {
+                    Segment::Field(f) => {
+                        path.push('.');
+                        path.push_str(f);
+                    }
+                    Segment::Index(i) => {
+                        path.push('[');
+                        path.push_str(&i.to_string());
+                        path.push(']');
+                    }
                 }
             }
         }
@@ -151,23 +139,51 @@ impl Failure {
     }
 }
 
-struct Ctx<'t> {
+/// Failures carry no data: the details are in [`Ctx::failure`].
+type R<T> = Result<T, ()>;
+
+struct Ctx<'a, 't> {
+    sc: Scanner<'a>,
     tape: &'t mut Tape,
     unknown: UnknownFields,
     limits: Limits,
     depth: u32,
     failure: Option<Failure>,
+    kbuf: Vec<u8>,
+    vbuf: Vec<u8>,
 }
 
-impl Ctx<'_> {
-    fn fail<E: de::Error>(&mut self, reason: Reason, detail: String) -> E {
-        self.failure = Some(Failure { reason, detail, segments: Vec::new() });
-        E::custom(reason.as_str())
+impl<'a, 't> Ctx<'a, 't> {
+    fn new(json: &'a [u8], tape: &'t mut Tape, unknown: UnknownFields, limits: Limits) -> Self {
+        Self {
+            sc: Scanner::new(json),
+            tape,
+            unknown,
+            limits,
+            depth: 0,
+            failure: None,
+            kbuf: Vec::new(),
+            vbuf: Vec::new(),
+        }
     }
 
-    fn mismatch<E: de::Error>(&mut self, node: &Node, got: &str) -> E {
+    fn violation(&mut self) -> Violation {
+        self.failure
+            .take()
+            .map_or_else(|| Violation::new(Reason::MalformedJson, "invalid JSON"), Failure::into_violation)
+    }
+
+    fn fail(&mut self, reason: Reason, detail: String) {
+        self.failure = Some(Failure { reason, detail, segments: Vec::new() });
+    }
+
+    fn syntax(&mut self, e: SyntaxError) {
+        self.fail(Reason::MalformedJson, format!("{} at byte {}", e.what, e.at));
+    }
+
+    fn mismatch(&mut self, node: &Node, got: &str) {
         let nullable = if node.nullable { " or null" } else { "" };
-        self.fail(Reason::TypeMismatch, format!("expected {}{nullable}, got {got}", node.kind.name()))
+        self.fail(Reason::TypeMismatch, format!("expected {}{nullable}, got {got}", node.kind.name()));
     }
 
     fn at(&mut self, seg: impl FnOnce() -> Segment) {
@@ -176,231 +192,275 @@ impl Ctx<'_> {
         }
     }
 
-    fn enter<E: de::Error>(&mut self) -> Result<(), E> {
+    fn end(&mut self) -> R<()> {
+        self.sc.end().map_err(|e| self.syntax(e))
+    }
+
+    fn enter(&mut self) -> R<()> {
         self.depth += 1;
         if self.depth > self.limits.max_depth {
-            return Err(self.fail(Reason::TooDeep, format!("nesting deeper than {}", self.limits.max_depth)));
+            let d = self.limits.max_depth;
+            self.fail(Reason::TooDeep, format!("nesting deeper than {d}"));
+            return Err(());
         }
         Ok(())
     }
-}
 
-struct Seed<'n, 'c, 't> {
-    node: &'n Node,
-    ctx: &'c mut Ctx<'t>,
-}
-
-impl<'de> DeserializeSeed<'de> for Seed<'_, '_, '_> {
-    type Value = Slot;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Slot, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Seed<'_, '_, '_> {
-    type Value = Slot;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a {} value", self.node.kind.name())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Slot, E> {
-        if self.node.nullable || self.node.kind == Kind::Null {
-            Ok(Slot::Null)
-        } else {
-            Err(self.ctx.mismatch(self.node, "null"))
-        }
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Slot, E> {
-        self.visit_unit()
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Slot, E> {
-        match self.node.kind {
-            Kind::Boolean => Ok(Slot::Bool(v)),
-            _ => Err(self.ctx.mismatch(self.node, "boolean")),
-        }
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Slot, E> {
-        integer(self.node, self.ctx, i128::from(v))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Slot, E> {
-        integer(self.node, self.ctx, i128::from(v))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Slot, E> {
-        let node = self.node;
-        match node.kind {
-            Kind::Double => Ok(Slot::Double(v)),
-            #[allow(clippy::cast_possible_truncation)]
-            Kind::Float => {
-                let f = v as f32;
-                if f.is_finite() {
-                    Ok(Slot::Float(f))
+    fn value(&mut self, node: &Node) -> R<Slot> {
+        let peek = self.sc.peek().map_err(|e| self.syntax(e))?;
+        match peek {
+            Peek::Null => {
+                self.sc.literal(b"null").map_err(|e| self.syntax(e))?;
+                if node.nullable || node.kind == Kind::Null {
+                    Ok(Slot::Null)
                 } else {
-                    Err(self.ctx.fail(Reason::OutOfRange, format!("{v} does not fit a float")))
+                    self.mismatch(node, "null");
+                    Err(())
                 }
             }
-            Kind::Decimal { precision, scale } => {
-                let text = v.to_string();
-                decimal(self.ctx, &text, precision, scale)
-            }
-            Kind::Int
-            | Kind::Long
-            | Kind::Date
-            | Kind::TimeMillis
-            | Kind::TimeMicros
-            | Kind::TimestampMillis
-            | Kind::TimestampMicros =>
-            {
-                #[allow(clippy::cast_possible_truncation)]
-                if v.fract() == 0.0 && v.abs() < 9.007_199_254_740_992e15 {
-                    integer(node, self.ctx, v as i128)
+            Peek::True | Peek::False => {
+                let v = peek == Peek::True;
+                self.sc.literal(if v { b"true" } else { b"false" }).map_err(|e| self.syntax(e))?;
+                if node.kind == Kind::Boolean {
+                    Ok(Slot::Bool(v))
                 } else {
-                    Err(self.ctx.fail(
-                        Reason::TypeMismatch,
-                        format!("expected {}, got a number with a fraction", node.kind.name()),
-                    ))
+                    self.mismatch(node, "boolean");
+                    Err(())
                 }
             }
-            _ => Err(self.ctx.mismatch(node, "number")),
+            Peek::Number => match self.sc.number().map_err(|e| self.syntax(e))? {
+                Num::Int(v) => integer(node, self, i128::from(v)),
+                Num::Float { value, text } => float(node, self, value, text),
+            },
+            Peek::String => {
+                let mut buf = std::mem::take(&mut self.vbuf);
+                let r = match self.sc.bytes(&mut buf) {
+                    Ok(s) => string(node, self, s),
+                    Err(e) => {
+                        self.syntax(e);
+                        Err(())
+                    }
+                };
+                self.vbuf = buf;
+                r
+            }
+            Peek::Array => match &node.kind {
+                Kind::Array(item) => self.array(item),
+                _ => {
+                    self.mismatch(node, "array");
+                    Err(())
+                }
+            },
+            Peek::Object => match &node.kind {
+                Kind::Record(r) => self.record(r),
+                Kind::Map(v) => self.map(v),
+                _ => {
+                    self.mismatch(node, "object");
+                    Err(())
+                }
+            },
         }
     }
 
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Slot, E> {
-        string(self.node, self.ctx, v)
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Slot, E> {
-        string(self.node, self.ctx, v)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Slot, A::Error> {
-        let Kind::Array(item) = &self.node.kind else {
-            return Err(self.ctx.mismatch(self.node, "array"));
-        };
-        self.ctx.enter()?;
-        let mark = self.ctx.tape.pending.len();
-        let mut i = 0usize;
-        loop {
-            match seq.next_element_seed(Seed { node: item, ctx: self.ctx }) {
-                Ok(Some(slot)) => self.ctx.tape.pending.push(slot),
-                Ok(None) => break,
-                Err(e) => {
-                    self.ctx.at(|| Segment::Index(i));
-                    return Err(e);
+    fn array(&mut self, item: &Node) -> R<Slot> {
+        self.enter()?;
+        self.sc.pos += 1;
+        let mark = self.tape.pending.len();
+        if !self.sc.eat(b']') {
+            let mut i = 0usize;
+            loop {
+                match self.value(item) {
+                    Ok(slot) => self.tape.pending.push(slot),
+                    Err(()) => {
+                        self.at(|| Segment::Index(i));
+                        return Err(());
+                    }
+                }
+                i += 1;
+                if !self.sc.next_or_close(b']').map_err(|e| self.syntax(e))? {
+                    break;
                 }
             }
-            i += 1;
         }
-        self.ctx.depth -= 1;
-        let (start, len) = self.ctx.tape.seal_pending(mark);
+        self.depth -= 1;
+        let (start, len) = self.tape.seal_pending(mark);
         Ok(Slot::List { start, len })
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Slot, A::Error> {
-        match &self.node.kind {
-            Kind::Record(r) => record(r, self.ctx, map),
-            Kind::Map(value) => json_map(value, self.ctx, map),
-            _ => Err(self.ctx.mismatch(self.node, "object")),
+    fn map(&mut self, value: &Node) -> R<Slot> {
+        self.enter()?;
+        self.sc.pos += 1;
+        let mark = self.tape.pending.len();
+        if !self.sc.eat(b'}') {
+            loop {
+                let mut kb = std::mem::take(&mut self.kbuf);
+                let k = match self.sc.key(&mut kb) {
+                    Ok(key) => self.tape.push_utf8(key),
+                    Err(e) => {
+                        self.syntax(e);
+                        return Err(());
+                    }
+                };
+                self.kbuf = kb;
+                match self.value(value) {
+                    Ok(v) => {
+                        self.tape.pending.push(k);
+                        self.tape.pending.push(v);
+                    }
+                    Err(()) => {
+                        let name = self.tape.str(k).to_owned();
+                        self.at(|| Segment::Field(name));
+                        return Err(());
+                    }
+                }
+                if !self.sc.next_or_close(b'}').map_err(|e| self.syntax(e))? {
+                    break;
+                }
+            }
         }
+        self.depth -= 1;
+        let (start, len) = self.tape.seal_pending(mark);
+        Ok(Slot::Map { start, len: len / 2 })
     }
-}
 
-fn record<'de, A: MapAccess<'de>>(r: &Record, ctx: &mut Ctx<'_>, mut map: A) -> Result<Slot, A::Error> {
-    ctx.enter()?;
-    let start = ctx.tape.reserve_record(r.fields.len());
-    let mut hint = 0;
-    while let Some(key) = map.next_key_seed(KeySeed)? {
-        let name: &str = &key;
-        let Some(i) = r.index_of(name, hint) else {
-            if ctx.unknown == UnknownFields::Drop {
-                map.next_value::<IgnoredAny>()?;
+    fn record(&mut self, r: &Record) -> R<Slot> {
+        self.enter()?;
+        self.sc.pos += 1;
+        let start = self.tape.reserve_record(r.fields.len());
+        let mut hint = 0;
+        if !self.sc.eat(b'}') {
+            loop {
+                let mut kb = std::mem::take(&mut self.kbuf);
+                let found = match self.sc.key(&mut kb) {
+                    Ok(key) => r.index_of(key, hint).ok_or_else(|| String::from_utf8_lossy(key).into_owned()),
+                    Err(e) => {
+                        self.syntax(e);
+                        return Err(());
+                    }
+                };
+                self.kbuf = kb;
+                match found {
+                    Err(name) => {
+                        if self.unknown == UnknownFields::Drop {
+                            let depth = self.limits.max_depth.saturating_sub(self.depth);
+                            let mut vb = std::mem::take(&mut self.vbuf);
+                            let skipped = self.sc.skip(depth.max(1), &mut vb);
+                            self.vbuf = vb;
+                            skipped.map_err(|e| self.syntax(e))?;
+                        } else {
+                            self.fail(Reason::UnknownField, format!("field is not in {}", r.name));
+                            self.at(|| Segment::Field(name));
+                            return Err(());
+                        }
+                    }
+                    Ok(i) => {
+                        hint = i + 1;
+                        let field = &r.fields[i];
+                        let slot_index = start as usize + i;
+                        if self.tape.slots[slot_index] != Slot::Unset {
+                            self.fail(Reason::DuplicateField, "field appears twice in one object".into());
+                            self.at(|| Segment::Field(field.name.clone()));
+                            return Err(());
+                        }
+                        match self.value(&field.node) {
+                            Ok(slot) => self.tape.slots[slot_index] = slot,
+                            Err(()) => {
+                                self.at(|| Segment::Field(field.name.clone()));
+                                return Err(());
+                            }
+                        }
+                    }
+                }
+                if !self.sc.next_or_close(b'}').map_err(|e| self.syntax(e))? {
+                    break;
+                }
+            }
+        }
+        for (i, field) in r.fields.iter().enumerate() {
+            let slot_index = start as usize + i;
+            if self.tape.slots[slot_index] != Slot::Unset {
                 continue;
             }
-            let e = ctx.fail(Reason::UnknownField, format!("field is not in {}", r.name));
-            ctx.at(|| Segment::Field(name.to_owned()));
-            return Err(e);
-        };
-        hint = i + 1;
-        let field = &r.fields[i];
-        let slot_index = start as usize + i;
-        if ctx.tape.slots[slot_index] != Slot::Unset {
-            let e = ctx.fail(Reason::DuplicateField, "field appears twice in one object".into());
-            ctx.at(|| Segment::Field(field.name.clone()));
-            return Err(e);
-        }
-        match map.next_value_seed(Seed { node: &field.node, ctx }) {
-            Ok(slot) => ctx.tape.slots[slot_index] = slot,
-            Err(e) => {
-                ctx.at(|| Segment::Field(field.name.clone()));
-                return Err(e);
-            }
-        }
-    }
-    for (i, field) in r.fields.iter().enumerate() {
-        let slot_index = start as usize + i;
-        if ctx.tape.slots[slot_index] != Slot::Unset {
-            continue;
-        }
-        let slot = match &field.default {
-            Some(serde_json::Value::Null) | None if field.node.nullable => Slot::Null,
-            Some(default) => match (Seed { node: &field.node, ctx: &mut *ctx }).deserialize(default) {
-                Ok(slot) => slot,
-                Err(_) => {
-                    let e = ctx.fail(
-                        Reason::TypeMismatch,
-                        format!("the schema default for this field does not fit {}", field.node.kind.name()),
-                    );
-                    ctx.at(|| Segment::Field(field.name.clone()));
-                    return Err(e);
+            let slot = match (&field.default, &field.default_json) {
+                (Some(serde_json::Value::Null) | None, _) if field.node.nullable => Slot::Null,
+                (_, Some(json)) => {
+                    let mut sub =
+                        Ctx::new(json.as_bytes(), &mut *self.tape, UnknownFields::Reject, self.limits);
+                    match sub.value(&field.node) {
+                        Ok(slot) => slot,
+                        Err(()) => {
+                            let what = field.node.kind.name();
+                            self.fail(
+                                Reason::TypeMismatch,
+                                format!("the schema default for this field does not fit {what}"),
+                            );
+                            self.at(|| Segment::Field(field.name.clone()));
+                            return Err(());
+                        }
+                    }
                 }
-            },
-            None => {
-                let e = ctx.fail(
-                    Reason::MissingField,
-                    format!("required {} field is absent", field.node.kind.name()),
-                );
-                ctx.at(|| Segment::Field(field.name.clone()));
-                return Err(e);
-            }
-        };
-        ctx.tape.slots[slot_index] = slot;
+                _ => {
+                    let what = field.node.kind.name();
+                    self.fail(Reason::MissingField, format!("required {what} field is absent"));
+                    self.at(|| Segment::Field(field.name.clone()));
+                    return Err(());
+                }
+            };
+            self.tape.slots[slot_index] = slot;
+        }
+        self.depth -= 1;
+        Ok(Slot::Record(start))
     }
-    ctx.depth -= 1;
-    Ok(Slot::Record(start))
 }
 
-fn json_map<'de, A: MapAccess<'de>>(value: &Node, ctx: &mut Ctx<'_>, mut map: A) -> Result<Slot, A::Error> {
-    ctx.enter()?;
-    let mark = ctx.tape.pending.len();
-    while let Some(key) = map.next_key_seed(KeySeed)? {
-        let k = ctx.tape.push_str(&key);
-        match map.next_value_seed(Seed { node: value, ctx }) {
-            Ok(v) => {
-                ctx.tape.pending.push(k);
-                ctx.tape.pending.push(v);
-            }
-            Err(e) => {
-                ctx.at(|| Segment::Field(key.to_string()));
-                return Err(e);
+fn float(node: &Node, ctx: &mut Ctx<'_, '_>, v: f64, text: &str) -> R<Slot> {
+    match node.kind {
+        Kind::Double => Ok(Slot::Double(v)),
+        #[allow(clippy::cast_possible_truncation)]
+        Kind::Float => {
+            let f = v as f32;
+            if f.is_finite() {
+                Ok(Slot::Float(f))
+            } else {
+                ctx.fail(Reason::OutOfRange, format!("{v} does not fit a float"));
+                Err(())
             }
         }
+        Kind::Decimal { precision, scale } => decimal(ctx, text, precision, scale),
+        Kind::Int
+        | Kind::Long
+        | Kind::Date
+        | Kind::TimeMillis
+        | Kind::TimeMicros
+        | Kind::TimestampMillis
+        | Kind::TimestampMicros => {
+            if !text.contains(['.', 'e', 'E']) {
+                ctx.fail(Reason::OutOfRange, format!("{text} does not fit {}", node.kind.name()));
+                return Err(());
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            if v.fract() == 0.0 && v.abs() < 9.007_199_254_740_992e15 {
+                integer(node, ctx, v as i128)
+            } else {
+                let what = node.kind.name();
+                ctx.fail(Reason::TypeMismatch, format!("expected {what}, got a number with a fraction"));
+                Err(())
+            }
+        }
+        _ => {
+            ctx.mismatch(node, "number");
+            Err(())
+        }
     }
-    ctx.depth -= 1;
-    let (start, len) = ctx.tape.seal_pending(mark);
-    Ok(Slot::Map { start, len: len / 2 })
 }
 
-fn integer<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: i128) -> Result<Slot, E> {
-    let range = |lo: i128, hi: i128, what: &str, ctx: &mut Ctx<'_>| -> Result<i128, E> {
+fn integer(node: &Node, ctx: &mut Ctx<'_, '_>, v: i128) -> R<Slot> {
+    let range = |lo: i128, hi: i128, what: &str, ctx: &mut Ctx<'_, '_>| -> R<i128> {
         if (lo..=hi).contains(&v) {
             Ok(v)
         } else {
-            Err(ctx.fail(Reason::OutOfRange, format!("{v} does not fit {what}")))
+            ctx.fail(Reason::OutOfRange, format!("{v} does not fit {what}"));
+            Err(())
         }
     };
     #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
@@ -432,45 +492,59 @@ fn integer<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: i128) -> Result<Slot
             match unscaled {
                 Some(u) if digits(u) <= u32::from(*precision) => Ok(ctx.tape.push_decimal(u)),
                 _ => {
-                    Err(ctx
-                        .fail(Reason::OutOfRange, format!("{v} does not fit decimal({precision},{scale})")))
+                    ctx.fail(Reason::OutOfRange, format!("{v} does not fit decimal({precision},{scale})"));
+                    Err(())
                 }
             }
         }
-        _ => Err(ctx.mismatch(node, "number")),
+        _ => {
+            ctx.mismatch(node, "number");
+            Err(())
+        }
     }
 }
 
-fn string<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: &str) -> Result<Slot, E> {
+/// A JSON string (as checked UTF-8 bytes) for `node`.
+fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
+    let fail = |ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str| {
+        ctx.fail(reason, detail.to_owned());
+        Err(())
+    };
     match &node.kind {
-        Kind::String => Ok(ctx.tape.push_str(v)),
+        Kind::String => return Ok(ctx.tape.push_utf8(b)),
+        Kind::Enum { symbols } => {
+            return match symbols.iter().position(|s| s.as_bytes() == b) {
+                #[allow(clippy::cast_possible_truncation)]
+                Some(i) => Ok(Slot::Enum(i as u32)),
+                None => {
+                    let detail =
+                        format!("{:?} is not one of {}", String::from_utf8_lossy(b), symbols.join(", "));
+                    fail(ctx, Reason::BadEnum, &detail)
+                }
+            };
+        }
+        _ => {}
+    }
+    let v = std::str::from_utf8(b).unwrap_or_default();
+    match &node.kind {
         Kind::Uuid => {
             if is_uuid(v) {
                 Ok(ctx.tape.push_str(v))
             } else {
-                Err(ctx.fail(
-                    Reason::BadUuid,
-                    "expected a uuid like 123e4567-e89b-12d3-a456-426614174000".into(),
-                ))
+                fail(ctx, Reason::BadUuid, "expected a uuid like 123e4567-e89b-12d3-a456-426614174000")
             }
         }
-        Kind::Enum { symbols } => match symbols.iter().position(|s| s == v) {
-            #[allow(clippy::cast_possible_truncation)]
-            Some(i) => Ok(Slot::Enum(i as u32)),
-            None => Err(ctx.fail(Reason::BadEnum, format!("{v:?} is not one of {}", symbols.join(", ")))),
-        },
         Kind::TimestampMillis | Kind::TimestampMicros => match parse_rfc3339_micros(v) {
             Some(us) if node.kind == Kind::TimestampMicros => Ok(Slot::Long(us)),
             Some(us) => Ok(Slot::Long(us.div_euclid(1000))),
-            None => Err(ctx.fail(
-                Reason::BadTimestamp,
-                "expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z".into(),
-            )),
+            None => {
+                fail(ctx, Reason::BadTimestamp, "expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z")
+            }
         },
         Kind::Date => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
             #[allow(clippy::cast_possible_truncation)]
             Ok(d) => Ok(Slot::Int((d - chrono::NaiveDate::default()).num_days() as i32)),
-            Err(_) => Err(ctx.fail(Reason::BadDate, "expected a date like 2024-05-01".into())),
+            Err(_) => fail(ctx, Reason::BadDate, "expected a date like 2024-05-01"),
         },
         Kind::TimeMillis | Kind::TimeMicros => match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
             Ok(t) => {
@@ -478,38 +552,47 @@ fn string<E: de::Error>(node: &Node, ctx: &mut Ctx<'_>, v: &str) -> Result<Slot,
                 #[allow(clippy::cast_possible_truncation)]
                 Ok(if node.kind == Kind::TimeMillis { Slot::Int((us / 1000) as i32) } else { Slot::Long(us) })
             }
-            Err(_) => Err(ctx.fail(Reason::BadTimestamp, "expected a time of day like 13:45:00.250".into())),
+            Err(_) => fail(ctx, Reason::BadTimestamp, "expected a time of day like 13:45:00.250"),
         },
         Kind::Bytes | Kind::Fixed { .. } => match base64::engine::general_purpose::STANDARD.decode(v) {
             Ok(b) => match node.kind {
                 Kind::Fixed { size } if b.len() != size => {
-                    Err(ctx.fail(Reason::BadBytes, format!("expected {size} bytes, got {}", b.len())))
+                    let detail = format!("expected {size} bytes, got {}", b.len());
+                    fail(ctx, Reason::BadBytes, &detail)
                 }
                 _ => Ok(ctx.tape.push_bytes(&b)),
             },
-            Err(_) => Err(ctx.fail(Reason::BadBytes, "expected base64 (RFC 4648, with padding)".into())),
+            Err(_) => fail(ctx, Reason::BadBytes, "expected base64 (RFC 4648, with padding)"),
         },
         Kind::Decimal { precision, scale } => decimal(ctx, v, *precision, *scale),
-        _ => Err(ctx.mismatch(node, "string")),
+        _ => {
+            ctx.mismatch(node, "string");
+            Err(())
+        }
+    }
+}
+
+/// Parse a decimal literal exactly into an unscaled value at `scale`. More
+/// fraction digits than `scale` is an error, never a silent rounding.
+fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slot> {
+    match parse_decimal(text, scale) {
+        Some(u) if digits(u) <= u32::from(precision) => Ok(ctx.tape.push_decimal(u)),
+        Some(_) => {
+            ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})"));
+            Err(())
+        }
+        None => {
+            ctx.fail(
+                Reason::BadDecimal,
+                format!("expected a decimal number with at most {scale} digits after the point"),
+            );
+            Err(())
+        }
     }
 }
 
 /// Parse `-?digits(.digits)?([eE][+-]?digits)?` exactly into an unscaled
-/// value at `scale`. More fraction digits than `scale` is an error, never a
-/// silent rounding.
-fn decimal<E: de::Error>(ctx: &mut Ctx<'_>, text: &str, precision: u8, scale: u8) -> Result<Slot, E> {
-    match parse_decimal(text, scale) {
-        Some(u) if digits(u) <= u32::from(precision) => Ok(ctx.tape.push_decimal(u)),
-        Some(_) => {
-            Err(ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})")))
-        }
-        None => Err(ctx.fail(
-            Reason::BadDecimal,
-            format!("expected a decimal number with at most {scale} digits after the point"),
-        )),
-    }
-}
-
+/// value at `scale`, or `None` when that would need rounding.
 pub(crate) fn parse_decimal(text: &str, scale: u8) -> Option<i128> {
     let (mantissa, exp) = match text.find(['e', 'E']) {
         Some(i) => (&text[..i], text[i + 1..].parse::<i32>().ok()?),
@@ -562,47 +645,6 @@ fn is_uuid(s: &str) -> bool {
             8 | 13 | 18 | 23 => *c == b'-',
             _ => c.is_ascii_hexdigit(),
         })
-}
-
-/// Map keys, borrowed from the input when they hold no escapes.
-struct KeySeed;
-
-enum Key<'de> {
-    Borrowed(&'de str),
-    Owned(String),
-}
-
-impl std::ops::Deref for Key<'_> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        match self {
-            Key::Borrowed(s) => s,
-            Key::Owned(s) => s,
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Key<'de>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Key<'de>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed {
-    type Value = Key<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-        Ok(Key::Borrowed(v))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-        Ok(Key::Owned(v.to_owned()))
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
-        Ok(Key::Owned(v))
-    }
 }
 
 #[cfg(test)]

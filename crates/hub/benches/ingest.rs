@@ -1,0 +1,89 @@
+//! The hub's per-event work for a 1,000-event request of the reference
+//! mix: envelope, validation, protection and column building
+//! (`Ingestor::process`), then the WAL record and the Parquet encoding of
+//! the resulting batches, each on its own.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use watershed_event::AccountId;
+use watershed_hub::dedupe::Dedupe;
+use watershed_hub::ingest::Ingestor;
+use watershed_hub::metrics::Metrics;
+use watershed_hub::sample::Samples;
+use watershed_protect::{Keyring, LocalKeyring};
+use watershed_schema::{Limits, Registry};
+
+const ACCOUNT: &str = "123456789012";
+
+fn bench(c: &mut Criterion) {
+    let registry =
+        Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let keyring: Arc<dyn Keyring> = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
+    let ingestor = Ingestor::new(
+        registry,
+        keyring.clone(),
+        Arc::new(Dedupe::new(1 << 30)),
+        Limits::default(),
+        Arc::new(Metrics::default()),
+    );
+    let account = AccountId::new(ACCOUNT).unwrap();
+    let mut samples = Samples::new(42, 1_714_564_800);
+    // Distinct ids per iteration so dedupe never short-cuts the work.
+    let mut next_batch = move || -> Vec<String> { (0..1000).map(|_| samples.event(ACCOUNT)).collect() };
+    // Warm the keyring with the workload's data subjects.
+    for _ in 0..10 {
+        let b = next_batch();
+        let refs: Vec<&[u8]> = b.iter().map(|e| e.as_bytes()).collect();
+        let _ = ingestor.process(&account, None, 0, &refs);
+    }
+    keyring.sync().unwrap();
+
+    let mut g = c.benchmark_group("hub");
+    g.throughput(Throughput::Elements(1000));
+    g.sample_size(20);
+    g.bench_function("process/1000 events", |b| {
+        b.iter_batched(
+            &mut next_batch,
+            |batch| {
+                let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
+                black_box(ingestor.process(&account, None, 0, &refs))
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
+    let batch = next_batch();
+    let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
+    let processed = ingestor.process(&account, None, 0, &refs);
+    g.bench_function("wal record/1000 events", |b| {
+        b.iter(|| {
+            let mut w = watershed_hub::wal::RecordEncoder::new(&account, 0, None);
+            for (i, e) in refs.iter().enumerate() {
+                w.accepted(&i.to_string(), e);
+            }
+            black_box(w.finish())
+        });
+    });
+    g.bench_function("parquet encode/1000 events", |b| {
+        b.iter(|| {
+            for (k, batch) in &processed.parts {
+                let bytes = watershed_lake::encode(
+                    &k.dir(),
+                    &batch.schema(),
+                    std::slice::from_ref(batch),
+                    Vec::new(),
+                    watershed_lake::EncodeOptions::default(),
+                )
+                .unwrap();
+                black_box(bytes);
+            }
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,434 @@
+//! A small JSON scanner for the validator: it reads one token at a time
+//! from a byte slice, borrowing strings that hold no escapes and checking
+//! UTF-8 only where a non-ASCII byte appears. It knows nothing of
+//! schemas; `validate.rs` drives it with one.
+
+/// A number as written: integer when it has no fraction or exponent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Num<'a> {
+    /// An integer that fits i64.
+    Int(i64),
+    /// Any other number; `text` is the literal, `value` its f64.
+    Float { value: f64, text: &'a str },
+}
+
+/// Where the scanner failed, for `malformed_json` details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyntaxError {
+    pub(crate) what: &'static str,
+    pub(crate) at: usize,
+}
+
+pub(crate) type Res<T> = Result<T, SyntaxError>;
+
+/// The next value's kind, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peek {
+    Object,
+    Array,
+    String,
+    Number,
+    True,
+    False,
+    Null,
+}
+
+pub(crate) struct Scanner<'a> {
+    b: &'a [u8],
+    pub(crate) pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Self { b, pos: 0 }
+    }
+
+    pub(crate) fn err<T>(&self, what: &'static str) -> Res<T> {
+        Err(SyntaxError { what, at: self.pos })
+    }
+
+    #[inline]
+    pub(crate) fn ws(&mut self) {
+        while let Some(&c) = self.b.get(self.pos) {
+            if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Skip whitespace and say what comes next.
+    #[inline]
+    pub(crate) fn peek(&mut self) -> Res<Peek> {
+        self.ws();
+        match self.b.get(self.pos) {
+            Some(b'{') => Ok(Peek::Object),
+            Some(b'[') => Ok(Peek::Array),
+            Some(b'"') => Ok(Peek::String),
+            Some(b'-' | b'0'..=b'9') => Ok(Peek::Number),
+            Some(b't') => Ok(Peek::True),
+            Some(b'f') => Ok(Peek::False),
+            Some(b'n') => Ok(Peek::Null),
+            Some(_) => self.err("expected a value"),
+            None => self.err("unexpected end of input"),
+        }
+    }
+
+    /// Consume `lit` (true, false, null) at the current position.
+    pub(crate) fn literal(&mut self, lit: &'static [u8]) -> Res<()> {
+        if self.b[self.pos..].starts_with(lit) {
+            self.pos += lit.len();
+            Ok(())
+        } else {
+            self.err("invalid literal")
+        }
+    }
+
+    /// Consume `c` after optional whitespace.
+    #[inline]
+    pub(crate) fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.b.get(self.pos) == Some(&c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// After a member or element: `,` (true) or the closing `close` (false).
+    #[inline]
+    pub(crate) fn next_or_close(&mut self, close: u8) -> Res<bool> {
+        self.ws();
+        match self.b.get(self.pos) {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(true)
+            }
+            Some(&c) if c == close => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => self.err(if close == b'}' { "expected ',' or '}'" } else { "expected ',' or ']'" }),
+        }
+    }
+
+    /// The end of input, after whitespace.
+    pub(crate) fn end(&mut self) -> Res<()> {
+        self.ws();
+        if self.pos == self.b.len() {
+            Ok(())
+        } else {
+            self.err("trailing characters after the value")
+        }
+    }
+
+    /// A string at the current position (which holds `"`), as UTF-8
+    /// bytes (checked): borrowed when it has no escapes, otherwise
+    /// unescaped into `scratch`. Most callers never need a `&str`.
+    #[inline]
+    pub(crate) fn bytes<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
+    where
+        'a: 's,
+    {
+        self.pos += 1;
+        let start = self.pos;
+        let rest = &self.b[start..];
+        let Some(n) = memchr::memchr2(b'"', b'\\', rest) else { return self.err("unterminated string") };
+        let s = &rest[..n];
+        if s.iter().any(|&c| c < 0x20) {
+            return self.err("control character in string");
+        }
+        if rest[n] == b'\\' {
+            self.pos = start + n;
+            return self.escaped(start, scratch).map(str::as_bytes);
+        }
+        if !s.is_ascii() && std::str::from_utf8(s).is_err() {
+            return self.err("invalid UTF-8 in string");
+        }
+        self.pos = start + n + 1;
+        Ok(s)
+    }
+
+    /// [`Scanner::bytes`] as a `&str`.
+    #[inline]
+    pub(crate) fn string<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s str>
+    where
+        'a: 's,
+    {
+        self.bytes(scratch).map(|b| std::str::from_utf8(b).unwrap_or_default())
+    }
+
+    fn escaped<'s>(&mut self, start: usize, scratch: &'s mut Vec<u8>) -> Res<&'s str> {
+        scratch.clear();
+        scratch.extend_from_slice(&self.b[start..self.pos]);
+        loop {
+            let Some(&c) = self.b.get(self.pos) else { return self.err("unterminated string") };
+            self.pos += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    let Some(&e) = self.b.get(self.pos) else { return self.err("unterminated string") };
+                    self.pos += 1;
+                    match e {
+                        b'"' | b'\\' | b'/' => scratch.push(e),
+                        b'b' => scratch.push(8),
+                        b'f' => scratch.push(12),
+                        b'n' => scratch.push(b'\n'),
+                        b'r' => scratch.push(b'\r'),
+                        b't' => scratch.push(b'\t'),
+                        b'u' => {
+                            let mut cp = self.hex4()?;
+                            if (0xD800..0xDC00).contains(&cp) {
+                                if self.b.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                                    return self.err("lone surrogate in string");
+                                }
+                                self.pos += 2;
+                                let lo = self.hex4()?;
+                                if !(0xDC00..0xE000).contains(&lo) {
+                                    return self.err("lone surrogate in string");
+                                }
+                                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                            } else if (0xDC00..0xE000).contains(&cp) {
+                                return self.err("lone surrogate in string");
+                            }
+                            let ch = char::from_u32(cp)
+                                .ok_or(SyntaxError { what: "invalid \\u escape", at: self.pos })?;
+                            let mut buf = [0u8; 4];
+                            scratch.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                        _ => return self.err("invalid escape in string"),
+                    }
+                }
+                0..=0x1f => return self.err("control character in string"),
+                _ => scratch.push(c),
+            }
+        }
+        std::str::from_utf8(scratch).or(Err(SyntaxError { what: "invalid UTF-8 in string", at: self.pos }))
+    }
+
+    fn hex4(&mut self) -> Res<u32> {
+        let Some(h) = self.b.get(self.pos..self.pos + 4) else { return self.err("short \\u escape") };
+        let mut v = 0u32;
+        for &d in h {
+            v = v * 16
+                + char::from(d)
+                    .to_digit(16)
+                    .ok_or(SyntaxError { what: "invalid \\u escape", at: self.pos })?;
+        }
+        self.pos += 4;
+        Ok(v)
+    }
+
+    /// A number at the current position, with JSON's grammar.
+    #[inline]
+    pub(crate) fn number(&mut self) -> Res<Num<'a>> {
+        let start = self.pos;
+        let neg = self.b.get(self.pos) == Some(&b'-');
+        if neg {
+            self.pos += 1;
+        }
+        let int_start = self.pos;
+        let mut v: i64 = 0;
+        let mut overflow = false;
+        while let Some(&c) = self.b.get(self.pos) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            let d = i64::from(c - b'0');
+            match v.checked_mul(10).and_then(|x| if neg { x.checked_sub(d) } else { x.checked_add(d) }) {
+                Some(x) => v = x,
+                None => overflow = true,
+            }
+            self.pos += 1;
+        }
+        let digits = self.pos - int_start;
+        if digits == 0 || (digits > 1 && self.b[int_start] == b'0') {
+            return self.err("invalid number");
+        }
+        let mut float = false;
+        if self.b.get(self.pos) == Some(&b'.') {
+            float = true;
+            self.pos += 1;
+            let f = self.pos;
+            while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                self.pos += 1;
+            }
+            if self.pos == f {
+                return self.err("invalid number");
+            }
+        }
+        if matches!(self.b.get(self.pos), Some(b'e' | b'E')) {
+            float = true;
+            self.pos += 1;
+            if matches!(self.b.get(self.pos), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            let e = self.pos;
+            while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
+                self.pos += 1;
+            }
+            if self.pos == e {
+                return self.err("invalid number");
+            }
+        }
+        if !float && !overflow {
+            return Ok(Num::Int(v));
+        }
+        let text = std::str::from_utf8(&self.b[start..self.pos]).unwrap_or_default();
+        let value: f64 = text.parse().or_else(|_| self.err("invalid number"))?;
+        Ok(Num::Float { value, text })
+    }
+
+    /// Skip one value of any type, at most `depth` levels deep.
+    pub(crate) fn skip(&mut self, depth: u32, scratch: &mut Vec<u8>) -> Res<()> {
+        if depth == 0 {
+            return self.err("nesting too deep");
+        }
+        match self.peek()? {
+            Peek::String => self.string(scratch).map(drop),
+            Peek::Number => self.number().map(drop),
+            Peek::True => self.literal(b"true"),
+            Peek::False => self.literal(b"false"),
+            Peek::Null => self.literal(b"null"),
+            Peek::Array => {
+                self.pos += 1;
+                if self.eat(b']') {
+                    return Ok(());
+                }
+                loop {
+                    self.skip(depth - 1, scratch)?;
+                    if !self.next_or_close(b']')? {
+                        return Ok(());
+                    }
+                }
+            }
+            Peek::Object => {
+                self.pos += 1;
+                if self.eat(b'}') {
+                    return Ok(());
+                }
+                loop {
+                    self.key(scratch)?;
+                    self.skip(depth - 1, scratch)?;
+                    if !self.next_or_close(b'}')? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// An object key and its `:`.
+    #[inline]
+    pub(crate) fn key<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
+    where
+        'a: 's,
+    {
+        self.ws();
+        if self.b.get(self.pos) != Some(&b'"') {
+            return self.err("expected a string key");
+        }
+        let k = self.bytes(scratch)?;
+        self.ws();
+        if self.b.get(self.pos) != Some(&b':') {
+            return Err(SyntaxError { what: "expected ':'", at: self.pos });
+        }
+        self.pos += 1;
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(j: &str) -> Res<String> {
+        let mut sc = Scanner::new(j.as_bytes());
+        let mut buf = Vec::new();
+        assert_eq!(sc.peek()?, Peek::String);
+        let v = sc.string(&mut buf)?.to_owned();
+        sc.end()?;
+        Ok(v)
+    }
+
+    #[test]
+    fn strings() {
+        assert_eq!(s(r#""plain""#).unwrap(), "plain");
+        assert_eq!(s(r#""h\u00e9\n\"x\"""#).unwrap(), "hé\n\"x\"");
+        assert_eq!(s(r#""\ud83d\ude00""#).unwrap(), "😀");
+        assert_eq!(s("\"héllo\"").unwrap(), "héllo");
+        assert!(s(r#""\ud83d""#).is_err());
+        assert!(s("\"a\u{1}\"").is_err());
+        assert!(s(r#""abc"#).is_err());
+        assert!(s(r#""\q""#).is_err());
+    }
+
+    #[test]
+    fn numbers() {
+        fn n(j: &str) -> Res<Num<'_>> {
+            Scanner::new(j.as_bytes()).number()
+        }
+        assert_eq!(n("-12").unwrap(), Num::Int(-12));
+        assert_eq!(n("9223372036854775807").unwrap(), Num::Int(i64::MAX));
+        assert_eq!(n("-9223372036854775808").unwrap(), Num::Int(i64::MIN));
+        assert!(matches!(n("9223372036854775808").unwrap(), Num::Float { .. }));
+        assert!(matches!(n("1.5e3").unwrap(), Num::Float { value, .. } if value == 1500.0));
+        for bad in ["01", "-", "1.", "1e", ".5"] {
+            assert!(n(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn skipping() {
+        let j = br#"{"a": [1, {"b": "\"x"}, null, true, false], "c": {}} "#;
+        let mut sc = Scanner::new(j);
+        sc.skip(10, &mut Vec::new()).unwrap();
+        sc.end().unwrap();
+        assert!(Scanner::new(b"[[[[1]]]]").skip(3, &mut Vec::new()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any string serde_json writes, the scanner reads back unchanged.
+        #[test]
+        fn strings_round_trip(v in "\\PC*|[\\x00-\\x1f\"\\\\/]{0,8}") {
+            let json = serde_json::to_string(&v).unwrap();
+            let mut sc = Scanner::new(json.as_bytes());
+            let mut buf = Vec::new();
+            prop_assert_eq!(sc.string(&mut buf).unwrap(), v.as_str());
+            prop_assert!(sc.end().is_ok());
+        }
+
+        /// Integers read exactly; floats read as Rust parses them.
+        #[test]
+        fn numbers_round_trip(i in any::<i64>(), f in any::<f64>().prop_filter("finite", |f| f.is_finite())) {
+            let t = i.to_string();
+            prop_assert_eq!(Scanner::new(t.as_bytes()).number().unwrap(), Num::Int(i));
+            let t = serde_json::to_string(&f).unwrap();
+            match Scanner::new(t.as_bytes()).number().unwrap() {
+                Num::Float { value, .. } => prop_assert_eq!(value, f),
+                Num::Int(n) => prop_assert_eq!(n as f64, f),
+            }
+        }
+
+        /// The scanner accepts a document exactly when serde_json does
+        /// (for documents without numbers beyond f64's range).
+        #[test]
+        fn accepts_what_serde_json_accepts(doc in "[\\[\\]{}\",:0-9a-z \\\\.eE+-]{0,40}") {
+            let ours = {
+                let mut sc = Scanner::new(doc.as_bytes());
+                sc.skip(128, &mut Vec::new()).and_then(|()| sc.end()).is_ok()
+            };
+            let theirs = serde_json::from_str::<serde::de::IgnoredAny>(&doc).is_ok();
+            prop_assert_eq!(ours, theirs, "document {:?}", doc);
+        }
+    }
+}
