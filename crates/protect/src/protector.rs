@@ -87,7 +87,7 @@ impl<'k> BatchProtector<'k> {
                 }
                 Protect::Mask { keep } => {
                     for &i in &self.targets {
-                        tape.rewrite_str(i, |old, out| mask(old, keep as usize, out));
+                        tape.rewrite_str(i, |old, out| mask(std::str::from_utf8(old).unwrap_or_default(), keep as usize, out));
                     }
                 }
                 Protect::Tokenize => {
@@ -112,7 +112,7 @@ impl<'k> BatchProtector<'k> {
                     )?;
                     let (rng, buf) = (&mut self.rng, &mut self.buf);
                     for &i in &self.targets {
-                        tape.rewrite_str(i, |old, out| cipher.encrypt_into(old.as_bytes(), rng, buf, out));
+                        tape.rewrite_str(i, |old, out| cipher.encrypt_into(old, rng, buf, out));
                     }
                 }
             }
@@ -161,9 +161,9 @@ pub fn mask(old: &str, keep: usize, out: &mut Vec<u8>) {
 
 /// The token of `value` under a keyed MAC: base64url of the first
 /// [`TOKEN_BYTES`] bytes of HMAC-SHA256.
-pub fn tokenize(mac: &Hmac<Sha256>, value: &str, out: &mut Vec<u8>) {
+pub fn tokenize(mac: &Hmac<Sha256>, value: &[u8], out: &mut Vec<u8>) {
     let mut m = mac.clone();
-    m.update(value.as_bytes());
+    m.update(value);
     let d = m.finalize().into_bytes();
     let start = out.len();
     out.resize(start + 22, 0);

@@ -155,16 +155,14 @@ impl Tape {
     }
 
     /// Replace the text of the [`Slot::Str`] at `index` with what `f`
-    /// writes, given the old text. `f` must write valid UTF-8 only.
-    /// Other slots are left alone.
-    pub fn rewrite_str(&mut self, index: u32, f: impl FnOnce(&str, &mut Vec<u8>)) {
+    /// writes, given the old text's UTF-8 bytes. `f` must write valid
+    /// UTF-8 only. Other slots are left alone.
+    pub fn rewrite_str(&mut self, index: u32, f: impl FnOnce(&[u8], &mut Vec<u8>)) {
         let Slot::Str { start, len } = self.slots[index as usize] else {
             return;
         };
         self.scratch.clear();
-        let old =
-            std::str::from_utf8(&self.bytes[start as usize..(start + len) as usize]).unwrap_or_default();
-        f(old, &mut self.scratch);
+        f(&self.bytes[start as usize..(start + len) as usize], &mut self.scratch);
         debug_assert!(std::str::from_utf8(&self.scratch).is_ok());
         let new_start = self.bytes.len();
         self.bytes.extend_from_slice(&self.scratch);
