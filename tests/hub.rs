@@ -172,7 +172,9 @@ fn protection_as_analysts_see_it() {
     assert!(server.stop().success());
 
     let lake = data.join("lake");
-    let mut rows: Vec<(String, String, Option<String>, String, Option<String>)> = Vec::new();
+    // (account, event id, customer token, masked pan, holder ciphertext)
+    type Row = (String, String, Option<String>, String, Option<String>);
+    let mut rows: Vec<Row> = Vec::new();
     for (path, b) in read_table(&lake, "payments") {
         let acct = if path.to_string_lossy().contains(A[0]) { A[0] } else { A[1] };
         let ids = strings(&b, "event_id");

@@ -37,8 +37,11 @@ struct AccountRecord {
 #[derive(Debug)]
 pub struct Accounts {
     path: PathBuf,
-    by_hash: RwLock<(HashMap<[u8; 32], AccountId>, Option<std::time::SystemTime>)>,
+    by_hash: RwLock<TokenIndex>,
 }
+
+/// Token hash to account, and the file time it was read at.
+type TokenIndex = (HashMap<[u8; 32], AccountId>, Option<std::time::SystemTime>);
 
 fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()

@@ -77,8 +77,8 @@ impl std::fmt::Debug for Ingestor {
 }
 
 enum Builder {
-    Table(TableBuilder),
-    Dead(DeadLetterBuilder),
+    Table(Box<TableBuilder>),
+    Dead(Box<DeadLetterBuilder>),
 }
 
 /// The late-event threshold for the `events_late` metric.
@@ -244,7 +244,8 @@ impl Ingestor {
     /// Ok(true) stored (and added to `live`'s WAL record), Ok(false) a
     /// duplicate, Err rejected. `live` is `None` on replay (no dedupe
     /// check, nothing to log again).
-    #[allow(clippy::too_many_arguments)]
+    // The error is per-event data on the reject path, not a hot return.
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
     fn accept(
         &self,
         account: &AccountId,
@@ -349,7 +350,7 @@ impl Ingestor {
         let (_, b) = batch.builders.entry((si, event_time.div_euclid(HOUR_MICROS))).or_insert_with(|| {
             (
                 PartitionKey::at(&subject.table, account, event_time),
-                Builder::Table(TableBuilder::new(layout.clone())),
+                Builder::Table(Box::new(TableBuilder::new(layout.clone()))),
             )
         });
         if let Builder::Table(t) = b {
@@ -379,10 +380,7 @@ impl Ingestor {
             }
         }
         let (_, b) = batch.builders.entry((DEAD, received_at.div_euclid(HOUR_MICROS))).or_insert_with(|| {
-            (
-                PartitionKey::at(DEAD_LETTERS, account, received_at),
-                Builder::Dead(DeadLetterBuilder::default()),
-            )
+            (PartitionKey::at(DEAD_LETTERS, account, received_at), Builder::Dead(Box::default()))
         });
         if let Builder::Dead(d) = b {
             d.append(&DeadLetter {

@@ -288,7 +288,7 @@ impl LakeWriter {
         if self.memory.used() >= high {
             let mut by_size: Vec<(usize, PartitionKey)> =
                 self.buffers.iter().map(|(k, b)| (b.bytes, k.clone())).collect();
-            by_size.sort_by(|a, b| b.0.cmp(&a.0));
+            by_size.sort_by_key(|x| std::cmp::Reverse(x.0));
             for (_, k) in by_size {
                 if self.buffered == 0 || self.memory.used().saturating_sub(self.flush_bytes_in_flight()) < low
                 {

@@ -51,8 +51,14 @@ fn bench(c: &mut Criterion) {
     let (s2, v2) = reg.resolve("com.example.identity", "UserLogin", None).unwrap();
     g.bench_function("login/validate+protect", |b| {
         b.iter(|| {
-            validate_json(&v2.node, black_box(LOGIN.as_bytes()), s2.config.unknown_fields, Limits::default(), &mut tape)
-                .unwrap();
+            validate_json(
+                &v2.node,
+                black_box(LOGIN.as_bytes()),
+                s2.config.unknown_fields,
+                Limits::default(),
+                &mut tape,
+            )
+            .unwrap();
             p.protect(&account, &v2.protect, &mut tape).unwrap();
         });
     });

@@ -87,7 +87,9 @@ impl<'k> BatchProtector<'k> {
                 }
                 Protect::Mask { keep } => {
                     for &i in &self.targets {
-                        tape.rewrite_str(i, |old, out| mask(std::str::from_utf8(old).unwrap_or_default(), keep as usize, out));
+                        tape.rewrite_str(i, |old, out| {
+                            mask(std::str::from_utf8(old).unwrap_or_default(), keep as usize, out)
+                        });
                     }
                 }
                 Protect::Tokenize => {

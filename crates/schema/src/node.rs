@@ -196,7 +196,7 @@ pub(crate) fn compile(schema: &Schema, problems: &mut Vec<String>) -> Node {
     let mut names = HashMap::new();
     collect_names(schema, None, &mut names);
     let mut c = Compiler { names, problems, depth: 0 };
-    c.node(schema, "", None)
+    c.node(schema, "")
 }
 
 /// Gather named types (records, enums, fixed) for resolving `Ref`s.
@@ -243,7 +243,7 @@ struct Compiler<'a, 'p> {
 }
 
 impl<'a> Compiler<'a, '_> {
-    fn node(&mut self, schema: &'a Schema, path: &str, field: Option<&str>) -> Node {
+    fn node(&mut self, schema: &'a Schema, path: &str) -> Node {
         let at = if path.is_empty() { "the payload".to_owned() } else { format!("field \"{path}\"") };
         match schema {
             Schema::Union(u) => {
@@ -253,7 +253,7 @@ impl<'a> Compiler<'a, '_> {
                 match non_null.as_slice() {
                     [] => Node { kind: Kind::Null, nullable: true },
                     [one] => {
-                        let mut n = self.node(one, path, field);
+                        let mut n = self.node(one, path);
                         n.nullable = nullable;
                         n
                     }
@@ -317,7 +317,7 @@ impl<'a> Compiler<'a, '_> {
     }
 
     fn nested(&mut self, schema: &'a Schema, path: &str, suffix: &str) -> Node {
-        self.node(schema, &format!("{path}{suffix}"), None)
+        self.node(schema, &format!("{path}{suffix}"))
     }
 
     fn record(&mut self, r: &'a RecordSchema, path: &str) -> Kind {
@@ -334,7 +334,7 @@ impl<'a> Compiler<'a, '_> {
         let mut lookup = HashMap::new();
         for (i, f) in r.fields.iter().enumerate() {
             let fpath = if path.is_empty() { f.name.clone() } else { format!("{path}.{}", f.name) };
-            let node = self.node(&f.schema, &fpath, Some(&f.name));
+            let node = self.node(&f.schema, &fpath);
             let (protect, data_subject) = self.attributes(&fpath, f, &node);
             lookup.insert(f.name.clone(), i);
             for alias in f.aliases.iter().flatten() {
