@@ -3,6 +3,9 @@
 //! (`Ingestor::process`), then the WAL record and the Parquet encoding of
 //! the resulting batches, each on its own.
 
+// criterion_group! generates undocumented functions.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;

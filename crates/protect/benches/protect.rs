@@ -2,6 +2,9 @@
 //! validate + protect together, with keys set up once per batch as the hub
 //! does.
 
+// criterion_group! generates undocumented functions.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::path::Path;
 

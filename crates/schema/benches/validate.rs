@@ -1,6 +1,9 @@
 //! Validate one payment payload (the detail of a ~700-byte EventBridge
 //! event) into a reused tape.
 
+// criterion_group! generates undocumented functions.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::path::Path;
 
