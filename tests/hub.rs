@@ -364,3 +364,57 @@ fn backpressure_answers_503_with_retry_after() {
     accepted.sort();
     assert_eq!(got, accepted, "everything acknowledged before the 503s is in the lake");
 }
+
+#[test]
+fn mixed_versions_share_a_file_and_send_reports_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    // v1 events (explicitly named) and v2 events, same partition.
+    let mut events = Vec::new();
+    for n in 0..6 {
+        let mut e = payment(&format!("v-{n}"), None, "c-1", "4111111111111111", "Ada");
+        if n % 2 == 0 {
+            e["schema-version"] = json!(1);
+        } else {
+            e["detail"]["acquirer_ref"] = json!(format!("ACQ-{n}"));
+            e["detail"]["channel"] = json!("APP");
+        }
+        events.push(e);
+    }
+    let mut bad = payment("bad-1", None, "c-1", "4111", "X");
+    bad["detail"]["three_ds"] = json!("yes");
+    events.push(bad);
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, ndjson(&events)).unwrap();
+    let out = run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token, "--batch", "3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "send exits 1 when anything was rejected\n{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 6 rejected 1 duplicates 0"), "{stdout}");
+    assert!(stderr.contains("rejected event 6 (id bad-1): type_mismatch at $.detail.three_ds"), "{stderr}");
+    assert!(server.stop().success());
+
+    let files = read_table(&data.join("lake"), "payments");
+    let paths: std::collections::HashSet<_> = files.iter().map(|(p, _)| p.clone()).collect();
+    assert_eq!(paths.len(), 1, "one file for both versions: {paths:?}");
+    let (_, b) = &files[0];
+    let versions = b.column_by_name("schema_version").unwrap();
+    let versions = versions.as_any().downcast_ref::<arrow::array::Int32Array>().unwrap();
+    let mut by_version = std::collections::BTreeMap::new();
+    for (i, ch) in detail_strings(b, &["channel"]).into_iter().enumerate() {
+        by_version.entry(versions.value(i)).or_insert_with(Vec::new).push(ch.unwrap());
+    }
+    assert_eq!(by_version[&1], ["WEB", "WEB", "WEB"], "v1 rows take v2's default");
+    assert_eq!(by_version[&2], ["APP", "APP", "APP"]);
+    let acq = detail_strings(b, &["acquirer_ref"]);
+    assert_eq!(acq.iter().filter(|a| a.is_none()).count(), 3, "v1 rows have no acquirer_ref");
+
+    let out = run(&["lake", "ls", "--data-dir", data.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text.lines().find(|l| l.starts_with("payments ")).unwrap_or_else(|| panic!("{text}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cols[..4], ["payments", "1", "1", "6"], "{line}");
+}
