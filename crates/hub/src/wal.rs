@@ -126,7 +126,9 @@ impl RecordEncoder {
     pub fn finish(mut self) -> Vec<u8> {
         let c = self.count.to_le_bytes();
         self.buf[self.count_at..self.count_at + 4].copy_from_slice(&c);
-        zstd::bulk::compress(&self.buf, 1).expect("zstd compresses any input")
+        // A fast level: the WAL is short-lived, and this runs per request on
+        // the ack path.
+        zstd::bulk::compress(&self.buf, -1).expect("zstd compresses any input")
     }
 }
 
