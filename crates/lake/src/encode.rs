@@ -7,6 +7,9 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::schema::PROTECT_KEY;
 
 use crate::error::{Error, Result};
 
@@ -37,7 +40,12 @@ pub fn encode(
     opts: EncodeOptions,
 ) -> Result<Vec<u8>> {
     let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
-    let props = WriterProperties::builder()
+    let mut builder = WriterProperties::builder();
+    // Ciphertexts never repeat: a dictionary would only cost time.
+    for path in encrypted_columns(schema) {
+        builder = builder.set_column_dictionary_enabled(ColumnPath::new(path), false);
+    }
+    let props = builder
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_dictionary_enabled(true)
@@ -53,4 +61,28 @@ pub fn encode(
     }
     w.close().map_err(err)?;
     Ok(out)
+}
+
+/// Leaf paths (through structs only) of fields marked encrypted.
+fn encrypted_columns(schema: &SchemaRef) -> Vec<Vec<String>> {
+    fn walk(field: &arrow::datatypes::Field, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        prefix.push(field.name().clone());
+        match field.data_type() {
+            arrow::datatypes::DataType::Struct(children) => {
+                for c in children {
+                    walk(c, prefix, out);
+                }
+            }
+            _ if field.metadata().get(PROTECT_KEY).is_some_and(|p| p == "encrypt") => {
+                out.push(prefix.clone())
+            }
+            _ => {}
+        }
+        prefix.pop();
+    }
+    let mut out = Vec::new();
+    for f in schema.fields() {
+        walk(f, &mut Vec::new(), &mut out);
+    }
+    out
 }

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use watershed_schema::{Kind, Node};
 
+/// Arrow (and Parquet) field metadata naming a field's protection action.
+pub const PROTECT_KEY: &str = "watershed.protect";
+
 /// The timezone of every timestamp column.
 pub const UTC: &str = "UTC";
 
@@ -63,7 +66,18 @@ pub fn arrow_type(node: &Node) -> DataType {
         Kind::Record(r) => DataType::Struct(
             r.fields
                 .iter()
-                .map(|f| Field::new(&f.name, arrow_type(&f.node), true))
+                .map(|f| {
+                    let field = Field::new(&f.name, arrow_type(&f.node), true);
+                    match f.protect {
+                        // Readers see how a column is protected; the
+                        // encoder skips dictionaries for ciphertexts.
+                        Some(p) => field.with_metadata(std::collections::HashMap::from([(
+                            PROTECT_KEY.to_owned(),
+                            p.as_str().to_owned(),
+                        )])),
+                        None => field,
+                    }
+                })
                 .collect::<Vec<_>>()
                 .into(),
         ),
