@@ -231,6 +231,9 @@ impl LakeWriter {
         for p in parts {
             let bytes = p.batch.get_array_memory_size();
             let rows = p.batch.num_rows();
+            // A table's layout is fixed for the writer's lifetime (the
+            // registry is loaded once at start), so one buffer, and one
+            // file, has one schema.
             let buf = self.buffers.entry(p.key.clone()).or_insert_with(|| Buffer {
                 schema: p.batch.schema(),
                 batches: Vec::new(),
@@ -241,26 +244,7 @@ impl LakeWriter {
                 touched: now,
                 late: partition_end(&p.key) < late_cut,
             });
-            if buf.schema != p.batch.schema() {
-                // A schema reload changed the table layout: close the old
-                // file first so each file has one schema.
-                let old = std::mem::replace(
-                    buf,
-                    Buffer {
-                        schema: p.batch.schema(),
-                        batches: Vec::new(),
-                        records: Vec::new(),
-                        bytes: 0,
-                        rows: 0,
-                        opened: now,
-                        touched: now,
-                        late: false,
-                    },
-                );
-                self.buffered -= old.bytes;
-                self.spawn_flush(p.key.clone(), old);
-            }
-            let buf = self.buffers.get_mut(&p.key).expect("inserted above");
+            debug_assert_eq!(buf.schema, p.batch.schema(), "one schema per partition buffer");
             buf.batches.push(p.batch);
             if buf.records.last() != Some(&p.record) {
                 buf.records.push(p.record);
@@ -344,20 +328,11 @@ impl LakeWriter {
             // Wait for a flush slot here: this is what pushes back on the
             // writer's channel, and so on ingest, when the store is slow.
             let permit = self.permits.clone().acquire_owned().await.expect("never closed");
-            self.spawn_flush_with(key.clone(), buf, Some(permit));
+            self.spawn_flush(key.clone(), buf, permit);
         }
     }
 
-    fn spawn_flush(&mut self, key: PartitionKey, buf: Buffer) {
-        self.spawn_flush_with(key, buf, None);
-    }
-
-    fn spawn_flush_with(
-        &mut self,
-        key: PartitionKey,
-        buf: Buffer,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    fn spawn_flush(&mut self, key: PartitionKey, buf: Buffer, permit: tokio::sync::OwnedSemaphorePermit) {
         let ctx = FlushCtx {
             lake: self.lake.clone(),
             log: self.log.clone(),
