@@ -5,38 +5,9 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use watershed_event::Reason;
+use watershed_schema::scan::{Num, Peek, Scanner, SyntaxError};
 use watershed_schema::{SchemaVersion, Violation};
-
-#[derive(Deserialize)]
-struct Raw<'a> {
-    #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    source: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "detail-type")]
-    detail_type: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "type")]
-    ce_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    specversion: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    account: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    time: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    region: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    resources: Vec<Cow<'a, str>>,
-    #[serde(borrow)]
-    detail: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
-    #[serde(rename = "schema-version")]
-    schema_version: Option<SchemaVersion>,
-    schemaversion: Option<SchemaVersion>,
-}
 
 /// A decoded envelope.
 #[derive(Debug)]
@@ -56,7 +27,7 @@ pub struct Envelope<'a> {
     /// `resources` (EventBridge).
     pub resources: Vec<Cow<'a, str>>,
     /// The payload JSON.
-    pub payload: &'a RawValue,
+    pub payload: &'a [u8],
     /// Where the payload sits, for error paths: `$.detail` or `$.data`.
     pub payload_path: &'static str,
     /// The schema version the event names, if any.
@@ -75,43 +46,200 @@ pub struct Partial {
     pub detail_type: Option<String>,
 }
 
+#[derive(Default)]
+struct Fields<'a> {
+    id: Option<Cow<'a, str>>,
+    source: Option<Cow<'a, str>>,
+    detail_type: Option<Cow<'a, str>>,
+    ce_type: Option<Cow<'a, str>>,
+    specversion: bool,
+    account: Option<Cow<'a, str>>,
+    time: Option<Cow<'a, str>>,
+    region: Option<Cow<'a, str>>,
+    resources: Vec<Cow<'a, str>>,
+    detail: Option<&'a [u8]>,
+    data: Option<&'a [u8]>,
+    version: Option<SchemaVersion>,
+}
+
+enum Bad {
+    Syntax(SyntaxError),
+    Field(&'static str, &'static str),
+}
+
+impl From<SyntaxError> for Bad {
+    fn from(e: SyntaxError) -> Self {
+        Bad::Syntax(e)
+    }
+}
+
 /// Decode one event.
 ///
 /// # Errors
 /// `malformed_json` for invalid JSON, `bad_envelope` for JSON that is not
 /// an EventBridge event or CloudEvent.
 pub fn decode(raw: &[u8]) -> Result<Envelope<'_>, Violation> {
-    let r: Raw<'_> = serde_json::from_slice(raw).map_err(|e| {
-        if e.is_data() {
-            Violation::new(Reason::BadEnvelope, format!("not an event envelope: {e}"))
-        } else {
-            Violation::new(Reason::MalformedJson, e.to_string())
+    let f = match read(raw) {
+        Ok(f) => f,
+        Err(Bad::Syntax(e)) => {
+            return Err(Violation::new(Reason::MalformedJson, format!("{} at byte {}", e.what, e.at)));
         }
-    })?;
+        Err(Bad::Field(field, what)) => {
+            // Report bad JSON before a bad shape, as a parser would.
+            let mut sc = Scanner::new(raw);
+            if let Err(e) = sc.skip(128, &mut Vec::new()).and_then(|()| sc.end()) {
+                return Err(Violation::new(Reason::MalformedJson, format!("{} at byte {}", e.what, e.at)));
+            }
+            let path = if field.is_empty() { "$".to_owned() } else { format!("$.{field}") };
+            return Err(Violation {
+                reason: Reason::BadEnvelope,
+                path,
+                detail: format!("not an event envelope: {what}"),
+            });
+        }
+    };
     let missing = |f: &str| Violation {
         reason: Reason::BadEnvelope,
         path: format!("$.{f}"),
         detail: format!("{f} is required"),
     };
-    let cloud = r.specversion.is_some();
+    let cloud = f.specversion;
     let (detail_type, payload, payload_path, dt_name, p_name) = if cloud {
-        (r.ce_type, r.data, "$.data", "type", "data")
+        (f.ce_type, f.data, "$.data", "type", "data")
     } else {
-        (r.detail_type, r.detail, "$.detail", "detail-type", "detail")
+        (f.detail_type, f.detail, "$.detail", "detail-type", "detail")
     };
-    let id = r.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
+    let id = f.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
     Ok(Envelope {
         id,
-        source: r.source.ok_or_else(|| missing("source"))?,
+        source: f.source.ok_or_else(|| missing("source"))?,
         detail_type: detail_type.ok_or_else(|| missing(dt_name))?,
-        account: r.account,
-        time: r.time,
-        region: r.region,
-        resources: r.resources,
+        account: f.account,
+        time: f.time,
+        region: f.region,
+        resources: f.resources,
         payload: payload.ok_or_else(|| missing(p_name))?,
         payload_path,
-        schema_version: r.schema_version.or(r.schemaversion),
+        schema_version: f.version,
     })
+}
+
+/// Read the envelope's fields in one pass; the payload is located, not
+/// parsed (the validator reads it with its schema).
+fn read(raw: &[u8]) -> Result<Fields<'_>, Bad> {
+    let mut sc = Scanner::new(raw);
+    if sc.peek()? != Peek::Object {
+        return Err(Bad::Field("", "expected a JSON object"));
+    }
+    sc.pos += 1;
+    let mut f = Fields::default();
+    let mut scratch = Vec::new();
+    if sc.eat(b'}') {
+        sc.end()?;
+        return Ok(f);
+    }
+    loop {
+        sc.ws();
+        if sc.peek()? != Peek::String {
+            return Err(Bad::Syntax(SyntaxError { what: "expected a string key", at: sc.pos }));
+        }
+        let key = sc.cow()?;
+        if !sc.eat(b':') {
+            return Err(Bad::Syntax(SyntaxError { what: "expected ':'", at: sc.pos }));
+        }
+        let text =
+            |sc: &mut Scanner<'_>, name: &'static str, slot: &Option<Cow<'_, str>>| -> Result<(), Bad> {
+                if slot.is_some() {
+                    return Err(Bad::Field(name, "the field appears twice"));
+                }
+                if sc.peek()? != Peek::String {
+                    return Err(Bad::Field(name, "must be a string"));
+                }
+                Ok(())
+            };
+        match &*key {
+            "id" => {
+                text(&mut sc, "id", &f.id)?;
+                f.id = Some(sc.cow()?);
+            }
+            "source" => {
+                text(&mut sc, "source", &f.source)?;
+                f.source = Some(sc.cow()?);
+            }
+            "detail-type" => {
+                text(&mut sc, "detail-type", &f.detail_type)?;
+                f.detail_type = Some(sc.cow()?);
+            }
+            "type" => {
+                text(&mut sc, "type", &f.ce_type)?;
+                f.ce_type = Some(sc.cow()?);
+            }
+            "account" => {
+                text(&mut sc, "account", &f.account)?;
+                f.account = Some(sc.cow()?);
+            }
+            "time" => {
+                text(&mut sc, "time", &f.time)?;
+                f.time = Some(sc.cow()?);
+            }
+            "region" => {
+                text(&mut sc, "region", &f.region)?;
+                f.region = Some(sc.cow()?);
+            }
+            "specversion" => {
+                text(&mut sc, "specversion", &None)?;
+                sc.cow()?;
+                f.specversion = true;
+            }
+            "resources" => {
+                if sc.peek()? != Peek::Array {
+                    return Err(Bad::Field("resources", "must be an array of strings"));
+                }
+                sc.pos += 1;
+                if !sc.eat(b']') {
+                    loop {
+                        if sc.peek()? != Peek::String {
+                            return Err(Bad::Field("resources", "must be an array of strings"));
+                        }
+                        f.resources.push(sc.cow()?);
+                        if !sc.next_or_close(b']')? {
+                            break;
+                        }
+                    }
+                }
+            }
+            "detail" | "data" => {
+                sc.ws();
+                let start = sc.pos;
+                sc.skip(128, &mut scratch)?;
+                let value = &raw[start..sc.pos];
+                let slot = if &*key == "detail" { &mut f.detail } else { &mut f.data };
+                if slot.replace(value).is_some() {
+                    return Err(Bad::Field(
+                        if &*key == "detail" { "detail" } else { "data" },
+                        "the field appears twice",
+                    ));
+                }
+            }
+            "schema-version" | "schemaversion" => {
+                let name = if &*key == "schema-version" { "schema-version" } else { "schemaversion" };
+                let ok = sc.peek()? == Peek::Number;
+                let v = if ok { sc.number()? } else { Num::Int(-1) };
+                match v {
+                    Num::Int(n) if (1..=i64::from(u32::MAX)).contains(&n) && ok => {
+                        f.version = Some(u32::try_from(n).unwrap_or(u32::MAX));
+                    }
+                    _ => return Err(Bad::Field(name, "must be a positive integer")),
+                }
+            }
+            _ => sc.skip(128, &mut scratch)?,
+        }
+        if !sc.next_or_close(b'}')? {
+            break;
+        }
+    }
+    sc.end()?;
+    Ok(f)
 }
 
 /// Pull what can be read from an event that failed to decode.
@@ -142,8 +270,8 @@ mod tests {
         let eb = br#"{"version":"0","id":"1","detail-type":"T","source":"s","account":"123","time":"2024-05-01T00:00:00Z","region":"eu-west-1","resources":["arn:x"],"detail":{"a":1}}"#;
         let e = decode(eb).unwrap();
         assert_eq!(
-            (&*e.id, &*e.detail_type, e.payload.get(), e.resources.len()),
-            ("1", "T", r#"{"a":1}"#, 1)
+            (&*e.id, &*e.detail_type, e.payload, e.resources.len()),
+            ("1", "T", &br#"{"a":1}"#[..], 1)
         );
         let ce =
             br#"{"specversion":"1.0","id":"2","type":"T","source":"s","data":{"b":2},"schemaversion":1}"#;
@@ -152,5 +280,20 @@ mod tests {
         assert_eq!(decode(b"[1]").unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
         assert_eq!(decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err().path, "$.detail-type");
+        assert_eq!(decode(br#"{"id":1,"source":"s","detail":{}}"#).unwrap_err().path, "$.id");
+        assert_eq!(decode(br#"{"id":"1","id":"2"}"#).unwrap_err().reason, Reason::BadEnvelope);
+        assert_eq!(decode(br#"{"id":"1","resources":[1]}"#).unwrap_err().path, "$.resources");
+        assert_eq!(decode(br#"{"id":"1","schema-version":0}"#).unwrap_err().path, "$.schema-version");
+        assert_eq!(decode(br#"{"id":"1", "x": [1, }"#).unwrap_err().reason, Reason::MalformedJson);
+        assert_eq!(
+            decode(br#"{"id":2,"#).unwrap_err().reason,
+            Reason::MalformedJson,
+            "bad JSON wins over bad shape"
+        );
+        let e = decode(br#"{"id":"\u0041","source":"s","detail-type":"T","detail":{"x":"\n"}}"#).unwrap();
+        assert_eq!((&*e.id, e.payload), ("A", &br#"{"x":"\n"}"#[..]));
+        assert!(matches!(e.id, Cow::Owned(_)));
+        let e = decode(br#"{"id":"plain","source":"s","detail-type":"T","detail":{}}"#).unwrap();
+        assert!(matches!(e.id, Cow::Borrowed("plain")), "strings without escapes are borrowed");
     }
 }

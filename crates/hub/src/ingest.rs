@@ -295,7 +295,7 @@ impl Ingestor {
         let (subject, version) = self.registry.resolve_index(si, env.schema_version).map_err(&fail)?;
         validate_json(
             &version.node,
-            env.payload.get().as_bytes(),
+            env.payload,
             subject.config.unknown_fields,
             self.limits,
             &mut batch.tape,

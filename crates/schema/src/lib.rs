@@ -13,7 +13,7 @@ mod error;
 mod node;
 mod policy;
 mod registry;
-mod scan;
+pub mod scan;
 mod subject;
 mod tape;
 mod validate;

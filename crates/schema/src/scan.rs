@@ -1,29 +1,38 @@
-//! A small JSON scanner for the validator: it reads one token at a time
-//! from a byte slice, borrowing strings that hold no escapes and checking
-//! UTF-8 only where a non-ASCII byte appears. It knows nothing of
-//! schemas; `validate.rs` drives it with one.
+//! A small JSON scanner: it reads one token at a time from a byte slice,
+//! borrowing strings that hold no escapes and checking UTF-8 only where a
+//! non-ASCII byte appears. It knows nothing of schemas: the validator
+//! drives it with one, and the hub reads event envelopes with it.
 
 /// A number as written: integer when it has no fraction or exponent.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Num<'a> {
+pub enum Num<'a> {
     /// An integer that fits i64.
     Int(i64),
-    /// Any other number; `text` is the literal, `value` its f64.
-    Float { value: f64, text: &'a str },
+    /// Any other number.
+    Float {
+        /// Its f64 value.
+        value: f64,
+        /// The literal as written.
+        text: &'a str,
+    },
 }
 
 /// Where the scanner failed, for `malformed_json` details.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SyntaxError {
-    pub(crate) what: &'static str,
-    pub(crate) at: usize,
+pub struct SyntaxError {
+    /// What was expected or wrong.
+    pub what: &'static str,
+    /// The byte offset.
+    pub at: usize,
 }
 
-pub(crate) type Res<T> = Result<T, SyntaxError>;
+/// A scanner result.
+pub type Res<T> = Result<T, SyntaxError>;
 
 /// The next value's kind, from its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Peek {
+#[allow(missing_docs)]
+pub enum Peek {
     Object,
     Array,
     String,
@@ -33,22 +42,37 @@ pub(crate) enum Peek {
     Null,
 }
 
-pub(crate) struct Scanner<'a> {
+/// A pull scanner over one JSON document.
+pub struct Scanner<'a> {
     b: &'a [u8],
-    pub(crate) pos: usize,
+    /// The current byte offset.
+    pub pos: usize,
 }
 
 impl<'a> Scanner<'a> {
-    pub(crate) fn new(b: &'a [u8]) -> Self {
+    /// A scanner at the start of `b`.
+    #[must_use]
+    pub fn new(b: &'a [u8]) -> Self {
         Self { b, pos: 0 }
     }
 
-    pub(crate) fn err<T>(&self, what: &'static str) -> Res<T> {
+    /// The input.
+    #[must_use]
+    pub fn input(&self) -> &'a [u8] {
+        self.b
+    }
+
+    /// A syntax error at the current position.
+    ///
+    /// # Errors
+    /// Always.
+    pub fn err<T>(&self, what: &'static str) -> Res<T> {
         Err(SyntaxError { what, at: self.pos })
     }
 
+    /// Skip whitespace.
     #[inline]
-    pub(crate) fn ws(&mut self) {
+    pub fn ws(&mut self) {
         while let Some(&c) = self.b.get(self.pos) {
             if matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
                 self.pos += 1;
@@ -60,7 +84,7 @@ impl<'a> Scanner<'a> {
 
     /// Skip whitespace and say what comes next.
     #[inline]
-    pub(crate) fn peek(&mut self) -> Res<Peek> {
+    pub fn peek(&mut self) -> Res<Peek> {
         self.ws();
         match self.b.get(self.pos) {
             Some(b'{') => Ok(Peek::Object),
@@ -76,7 +100,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Consume `lit` (true, false, null) at the current position.
-    pub(crate) fn literal(&mut self, lit: &'static [u8]) -> Res<()> {
+    pub fn literal(&mut self, lit: &'static [u8]) -> Res<()> {
         if self.b[self.pos..].starts_with(lit) {
             self.pos += lit.len();
             Ok(())
@@ -87,7 +111,7 @@ impl<'a> Scanner<'a> {
 
     /// Consume `c` after optional whitespace.
     #[inline]
-    pub(crate) fn eat(&mut self, c: u8) -> bool {
+    pub fn eat(&mut self, c: u8) -> bool {
         self.ws();
         if self.b.get(self.pos) == Some(&c) {
             self.pos += 1;
@@ -99,7 +123,7 @@ impl<'a> Scanner<'a> {
 
     /// After a member or element: `,` (true) or the closing `close` (false).
     #[inline]
-    pub(crate) fn next_or_close(&mut self, close: u8) -> Res<bool> {
+    pub fn next_or_close(&mut self, close: u8) -> Res<bool> {
         self.ws();
         match self.b.get(self.pos) {
             Some(b',') => {
@@ -115,7 +139,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// The end of input, after whitespace.
-    pub(crate) fn end(&mut self) -> Res<()> {
+    pub fn end(&mut self) -> Res<()> {
         self.ws();
         if self.pos == self.b.len() {
             Ok(())
@@ -128,7 +152,7 @@ impl<'a> Scanner<'a> {
     /// bytes (checked): borrowed when it has no escapes, otherwise
     /// unescaped into `scratch`. Most callers never need a `&str`.
     #[inline]
-    pub(crate) fn bytes<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
+    pub fn bytes<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
     where
         'a: 's,
     {
@@ -153,11 +177,30 @@ impl<'a> Scanner<'a> {
 
     /// [`Scanner::bytes`] as a `&str`.
     #[inline]
-    pub(crate) fn string<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s str>
+    pub fn string<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s str>
     where
         'a: 's,
     {
         self.bytes(scratch).map(|b| std::str::from_utf8(b).unwrap_or_default())
+    }
+
+    /// A string at the current position (which holds `"`), borrowed
+    /// from the input when it has no escapes.
+    ///
+    /// # Errors
+    /// A [`SyntaxError`] for a malformed string.
+    pub fn cow(&mut self) -> Res<std::borrow::Cow<'a, str>> {
+        let mut scratch = Vec::new();
+        let start = self.pos + 1;
+        let b = self.bytes(&mut scratch)?;
+        // Unescaping always shortens a string: same length means borrowed.
+        let owned = (b.len() != self.pos - start - 1).then(|| String::from_utf8_lossy(b).into_owned());
+        Ok(match owned {
+            Some(s) => std::borrow::Cow::Owned(s),
+            None => std::borrow::Cow::Borrowed(
+                std::str::from_utf8(&self.b[start..self.pos - 1]).unwrap_or_default(),
+            ),
+        })
     }
 
     fn escaped<'s>(&mut self, start: usize, scratch: &'s mut Vec<u8>) -> Res<&'s str> {
@@ -223,7 +266,7 @@ impl<'a> Scanner<'a> {
 
     /// A number at the current position, with JSON's grammar.
     #[inline]
-    pub(crate) fn number(&mut self) -> Res<Num<'a>> {
+    pub fn number(&mut self) -> Res<Num<'a>> {
         let start = self.pos;
         let neg = self.b.get(self.pos) == Some(&b'-');
         if neg {
@@ -282,7 +325,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skip one value of any type, at most `depth` levels deep.
-    pub(crate) fn skip(&mut self, depth: u32, scratch: &mut Vec<u8>) -> Res<()> {
+    pub fn skip(&mut self, depth: u32, scratch: &mut Vec<u8>) -> Res<()> {
         if depth == 0 {
             return self.err("nesting too deep");
         }
@@ -322,7 +365,7 @@ impl<'a> Scanner<'a> {
 
     /// An object key and its `:`.
     #[inline]
-    pub(crate) fn key<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
+    pub fn key<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
     where
         'a: 's,
     {
