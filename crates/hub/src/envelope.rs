@@ -147,47 +147,34 @@ fn read(raw: &[u8]) -> Result<Fields<'_>, Bad> {
         if !sc.eat(b':') {
             return Err(Bad::Syntax(SyntaxError { what: "expected ':'", at: sc.pos }));
         }
-        let text =
-            |sc: &mut Scanner<'_>, name: &'static str, slot: &Option<Cow<'_, str>>| -> Result<(), Bad> {
-                if slot.is_some() {
-                    return Err(Bad::Field(name, "the field appears twice"));
-                }
-                if sc.peek()? != Peek::String {
-                    return Err(Bad::Field(name, "must be a string"));
-                }
-                Ok(())
-            };
+        let text_slot = match &*key {
+            "id" => Some(("id", &mut f.id)),
+            "source" => Some(("source", &mut f.source)),
+            "detail-type" => Some(("detail-type", &mut f.detail_type)),
+            "type" => Some(("type", &mut f.ce_type)),
+            "account" => Some(("account", &mut f.account)),
+            "time" => Some(("time", &mut f.time)),
+            "region" => Some(("region", &mut f.region)),
+            _ => None,
+        };
+        if let Some((name, slot)) = text_slot {
+            if slot.is_some() {
+                return Err(Bad::Field(name, "the field appears twice"));
+            }
+            if sc.peek()? != Peek::String {
+                return Err(Bad::Field(name, "must be a string"));
+            }
+            *slot = Some(sc.cow()?);
+            if !sc.next_or_close(b'}')? {
+                break;
+            }
+            continue;
+        }
         match &*key {
-            "id" => {
-                text(&mut sc, "id", &f.id)?;
-                f.id = Some(sc.cow()?);
-            }
-            "source" => {
-                text(&mut sc, "source", &f.source)?;
-                f.source = Some(sc.cow()?);
-            }
-            "detail-type" => {
-                text(&mut sc, "detail-type", &f.detail_type)?;
-                f.detail_type = Some(sc.cow()?);
-            }
-            "type" => {
-                text(&mut sc, "type", &f.ce_type)?;
-                f.ce_type = Some(sc.cow()?);
-            }
-            "account" => {
-                text(&mut sc, "account", &f.account)?;
-                f.account = Some(sc.cow()?);
-            }
-            "time" => {
-                text(&mut sc, "time", &f.time)?;
-                f.time = Some(sc.cow()?);
-            }
-            "region" => {
-                text(&mut sc, "region", &f.region)?;
-                f.region = Some(sc.cow()?);
-            }
             "specversion" => {
-                text(&mut sc, "specversion", &None)?;
+                if sc.peek()? != Peek::String {
+                    return Err(Bad::Field("specversion", "must be a string"));
+                }
                 sc.cow()?;
                 f.specversion = true;
             }

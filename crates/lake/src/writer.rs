@@ -274,8 +274,7 @@ impl LakeWriter {
                 self.buffers.iter().map(|(k, b)| (b.bytes, k.clone())).collect();
             by_size.sort_by_key(|x| std::cmp::Reverse(x.0));
             for (_, k) in by_size {
-                if self.buffered == 0 || self.memory.used().saturating_sub(self.flush_bytes_in_flight()) < low
-                {
+                if self.buffered < low {
                     break;
                 }
                 self.flush_key(&k).await;
@@ -290,10 +289,6 @@ impl LakeWriter {
                 self.flush_key(&k).await;
             }
         }
-    }
-
-    fn flush_bytes_in_flight(&self) -> usize {
-        self.memory.used().saturating_sub(self.buffered)
     }
 
     async fn roll_aged(&mut self) {
