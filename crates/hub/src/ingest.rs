@@ -293,14 +293,6 @@ impl Ingestor {
             )));
         };
         let (subject, version) = self.registry.resolve_index(si, env.schema_version).map_err(&fail)?;
-        validate_json(
-            &version.node,
-            env.payload,
-            subject.config.unknown_fields,
-            self.limits,
-            &mut batch.tape,
-        )
-        .map_err(|v| fail(v.under(env.payload_path)))?;
         let event_time = match env.time.as_deref() {
             None => received_at,
             Some(t) => parse_rfc3339_micros(t).ok_or_else(|| {
@@ -311,11 +303,21 @@ impl Ingestor {
                 })
             })?,
         };
+        // On replay, rows already in a committed file are skipped before
+        // any validation work.
         if let Some(committed) = skip {
             if committed(&PartitionKey::at(&subject.table, account, event_time)) {
                 return Ok(true);
             }
         }
+        validate_json(
+            &version.node,
+            env.payload,
+            subject.config.unknown_fields,
+            self.limits,
+            &mut batch.tape,
+        )
+        .map_err(|v| fail(v.under(env.payload_path)))?;
         batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
             tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
             fail(Violation::new(
