@@ -5,12 +5,12 @@
 # unit, property, CLI and end-to-end tests against the real `watershed`
 # binary on loopback ports.
 #
-#   WATERSHED_CACHE   cache directory (default ~/.cache/watershed)
-#   CARGO_TARGET_DIR  build directory (default $WATERSHED_CACHE/target)
+#   WATERSHED_TEST_CACHE   cache directory (default ~/.cache/watershed)
+#   CARGO_TARGET_DIR  build directory (default $WATERSHED_TEST_CACHE/target)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cache="${WATERSHED_CACHE:-$HOME/.cache/watershed}"
+cache="${WATERSHED_TEST_CACHE:-$HOME/.cache/watershed}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 mkdir -p "$cache"
 
