@@ -47,8 +47,6 @@ pub enum Reason {
     TooDeep,
     /// The event claims an account other than the authenticated one.
     AccountMismatch,
-    /// The event repeats an event id already accepted for its account.
-    Duplicate,
     /// The event's protected fields could not be protected (for example a
     /// key could not be created). The event is kept as a dead letter.
     ProtectFailed,
@@ -56,7 +54,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 19] = [
         Reason::MalformedJson,
         Reason::BadEnvelope,
         Reason::UnknownSubject,
@@ -75,7 +73,6 @@ impl Reason {
         Reason::TooLarge,
         Reason::TooDeep,
         Reason::AccountMismatch,
-        Reason::Duplicate,
         Reason::ProtectFailed,
     ];
 
@@ -101,7 +98,6 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::TooDeep => "too_deep",
             Reason::AccountMismatch => "account_mismatch",
-            Reason::Duplicate => "duplicate",
             Reason::ProtectFailed => "protect_failed",
         }
     }
