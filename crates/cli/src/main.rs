@@ -60,13 +60,16 @@ pub(crate) fn default_data_dir() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs its work; the other commands print their results
+    // and log only problems. WATERSHED_LOG overrides either.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG").unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match cli.command {
         Command::Serve(a) => rt.block_on(serve::serve(a)),
