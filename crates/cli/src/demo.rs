@@ -64,9 +64,10 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             let mut batch = String::new();
             for n in 0..per_account {
                 let mut e = samples.event(&account);
-                // Every 50th event is broken in one of a few ways.
+                // About one event in fifty is broken, in one of four ways.
                 match n % 200 {
-                    50 => e = e.replace("\"currency\":\"EUR\"", "\"currency\":\"DOGE\""),
+                    // Event n is a payment when n % 4 == 3 (the sample types rotate).
+                    51 => e = e.replace("\"currency\":\"EUR\"", "\"currency\":\"DOGE\""),
                     100 => {
                         e = e.replacen(
                             &format!("\"account\":\"{account}\""),
@@ -75,9 +76,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                         )
                     }
                     150 => e.truncate(e.len() / 2),
-                    199 => {
-                        e = e.replace("\"source\":\"com.example.shop\"", "\"source\":\"com.example.unknown\"")
-                    }
+                    199 => e = e.replacen("\"detail-type\":\"", "\"detail-type\":\"Unknown", 1),
                     _ => {}
                 }
                 batch.push_str(&e);

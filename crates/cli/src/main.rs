@@ -66,7 +66,8 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG").unwrap_or_else(|_| default_level.into()),
+            tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG")
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
