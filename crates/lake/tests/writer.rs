@@ -1,0 +1,107 @@
+//! The writer's rolling policy with an injected clock: partition count is
+//! bounded, late partitions wait longer before rolling, and every row
+//! reaches a committed file exactly once.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use watershed_event::{AccountId, Clock};
+use watershed_lake::{
+    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterConfig, WriterStats,
+};
+
+#[derive(Debug)]
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now_micros(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct Sink(Mutex<Vec<(String, Vec<u64>)>>, AtomicU64);
+
+impl CommitSink for Sink {
+    fn committed(&self, partition: &PartitionKey, records: &[u64]) {
+        self.0.lock().unwrap().push((partition.dir(), records.to_vec()));
+        self.1.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+const HOUR: i64 = 3_600_000_000;
+
+fn batch(n: u64) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+    RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![i64::try_from(n).unwrap()]))]).unwrap()
+}
+
+#[tokio::test]
+async fn late_partitions_are_bounded_and_coalesce() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
+    let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+    let now = 1_000 * HOUR;
+    let clock = Arc::new(TestClock(AtomicI64::new(now)));
+    let sink = Arc::new(Sink::default());
+    let stats = Arc::new(WriterStats::default());
+    let cfg = WriterConfig {
+        roll_age: Duration::from_secs(60),
+        late_roll_age: Duration::from_secs(600),
+        late_after: Duration::from_secs(3600),
+        max_open_partitions: 4,
+        ..WriterConfig::default()
+    };
+    let writer =
+        LakeWriter::new(cfg, lake, Memory::new(1 << 30), log, sink.clone(), clock.clone(), stats.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(writer.run(rx));
+    let account = AccountId::new("111111111111").unwrap();
+
+    // A trickle of late events across 10 old hours, plus current ones.
+    let mut record: u64 = 0;
+    for round in 0..3 {
+        for h in 0..10 {
+            record += 1;
+            let key = PartitionKey::at("t", &account, now - (48 + h) * HOUR);
+            tx.send(Msg::Parts(vec![Part { key, batch: batch(record), record }])).await.unwrap();
+        }
+        record += 1;
+        let key = PartitionKey::at("t", &account, now);
+        tx.send(Msg::Parts(vec![Part { key, batch: batch(record), record }])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            stats.open_partitions.load(Ordering::Relaxed) <= 4,
+            "round {round}: open partitions are bounded"
+        );
+    }
+    // Two minutes later the current partition has rolled, late ones have not.
+    let before = sink.1.load(Ordering::Relaxed);
+    clock.0.store(now + 120_000_000, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let rolled: Vec<String> =
+        sink.0.lock().unwrap()[before as usize..].iter().map(|(p, _)| p.clone()).collect();
+    assert!(
+        rolled.iter().all(|p| p.contains(&PartitionKey::at("t", &account, now).date)),
+        "only the current hour rolled: {rolled:?}"
+    );
+    assert!(!rolled.is_empty(), "the current partition rolled by age");
+
+    let (done, wait) = tokio::sync::oneshot::channel();
+    tx.send(Msg::FlushAll(done)).await.unwrap();
+    wait.await.unwrap();
+    drop(tx);
+    task.await.unwrap();
+
+    // Every record is committed exactly once.
+    let mut all: Vec<u64> = sink.0.lock().unwrap().iter().flat_map(|(_, r)| r.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=record).collect::<Vec<_>>());
+    // The bound forced early flushes, so there are more files than hours,
+    // but far fewer than events.
+    let files = sink.1.load(Ordering::Relaxed);
+    assert!(files < record, "{files} files for {record} events");
+}
