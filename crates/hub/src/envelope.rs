@@ -32,7 +32,20 @@ pub struct Envelope<'a> {
     pub payload_path: &'static str,
     /// The schema version the event names, if any.
     pub schema_version: Option<SchemaVersion>,
+    /// What the payload was validated as while the envelope was read (the
+    /// token `validate` returned), when it was.
+    pub prevalidated: Option<Prevalidated>,
 }
+
+/// A caller's note of how a payload was validated in the envelope pass:
+/// (subject index, schema version).
+pub type Prevalidated = (usize, SchemaVersion);
+
+/// Called when the envelope reader reaches the payload with the route
+/// already known: `(source, detail_type, raw, start)`. It may validate the
+/// payload in place and return the end offset and a token; `None` (or a
+/// validation failure) means the payload is read later instead.
+pub type Validate<'v> = dyn FnMut(&str, &str, &[u8], usize) -> Option<(usize, Prevalidated)> + 'v;
 
 /// Best-effort id, source and type of an event that failed to decode,
 /// for the dead-letter row.
@@ -60,6 +73,9 @@ struct Fields<'a> {
     detail: Option<&'a [u8]>,
     data: Option<&'a [u8]>,
     version: Option<SchemaVersion>,
+    /// Set when the payload was validated in the envelope pass, with the
+    /// schema version then known.
+    pre: Option<(Prevalidated, Option<SchemaVersion>, bool)>,
 }
 
 enum Bad {
@@ -79,7 +95,17 @@ impl From<SyntaxError> for Bad {
 /// `malformed_json` for invalid JSON, `bad_envelope` for JSON that is not
 /// an EventBridge event or CloudEvent.
 pub fn decode(raw: &[u8]) -> Result<Envelope<'_>, Violation> {
-    let f = match read(raw) {
+    decode_with(raw, &mut |_, _, _, _| None)
+}
+
+/// [`decode`], offering the payload to `validate` as soon as the route is
+/// known (EventBridge puts `detail` last, after `source` and
+/// `detail-type`), so the payload is read once.
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Envelope<'a>, Violation> {
+    let f = match read(raw, validate) {
         Ok(f) => f,
         Err(Bad::Syntax(e)) => {
             return Err(Violation::new(Reason::MalformedJson, format!("{} at byte {}", e.what, e.at)));
@@ -110,6 +136,11 @@ pub fn decode(raw: &[u8]) -> Result<Envelope<'_>, Violation> {
         (f.detail_type, f.detail, "$.detail", "detail-type", "detail")
     };
     let id = f.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
+    // Valid only if it was the payload of this kind of envelope, under the
+    // version the whole envelope names.
+    let prevalidated = f.pre.and_then(|(token, version_then, was_data)| {
+        (was_data == cloud && version_then == f.version).then_some(token)
+    });
     Ok(Envelope {
         id,
         source: f.source.ok_or_else(|| missing("source"))?,
@@ -121,12 +152,13 @@ pub fn decode(raw: &[u8]) -> Result<Envelope<'_>, Violation> {
         payload: payload.ok_or_else(|| missing(p_name))?,
         payload_path,
         schema_version: f.version,
+        prevalidated,
     })
 }
 
 /// Read the envelope's fields in one pass; the payload is located, not
 /// parsed (the validator reads it with its schema).
-fn read(raw: &[u8]) -> Result<Fields<'_>, Bad> {
+fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Bad> {
     let mut sc = Scanner::new(raw);
     if sc.peek()? != Peek::Object {
         return Err(Bad::Field("", "expected a JSON object"));
@@ -198,7 +230,19 @@ fn read(raw: &[u8]) -> Result<Fields<'_>, Bad> {
             "detail" | "data" => {
                 sc.ws();
                 let start = sc.pos;
-                sc.skip(128, &mut scratch)?;
+                let is_data = &*key == "data";
+                let dt = if is_data { f.ce_type.as_deref() } else { f.detail_type.as_deref() };
+                let inline = match (f.source.as_deref(), dt) {
+                    (Some(source), Some(dt)) if f.pre.is_none() => validate(source, dt, raw, start),
+                    _ => None,
+                };
+                match inline {
+                    Some((end, token)) => {
+                        sc.pos = end;
+                        f.pre = Some((token, f.version, is_data));
+                    }
+                    None => sc.skip(128, &mut scratch)?,
+                }
                 let value = &raw[start..sc.pos];
                 let slot = if &*key == "detail" { &mut f.detail } else { &mut f.data };
                 if slot.replace(value).is_some() {

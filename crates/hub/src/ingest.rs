@@ -14,7 +14,7 @@ use watershed_lake::{
     DeadLetter, DeadLetterBuilder, EventMeta, PartitionKey, TableBuilder, TableLayout, DEAD_LETTERS,
 };
 use watershed_protect::{BatchProtector, Keyring};
-use watershed_schema::{validate_json, Limits, Registry, Tape, Violation};
+use watershed_schema::{validate_at, validate_json, Limits, Registry, Tape, Violation};
 
 use crate::dedupe::Dedupe;
 use crate::envelope;
@@ -264,7 +264,16 @@ impl Ingestor {
             );
             return Err((v, partial()));
         }
-        let env = envelope::decode(raw).map_err(|v| (v, partial()))?;
+        // Validate `detail` in the envelope pass when the route comes first.
+        let (registry, limits, tape) = (&self.registry, self.limits, &mut batch.tape);
+        let mut inline = |source: &str, dt: &str, json: &[u8], start: usize| {
+            let si = registry.route(source, dt)?;
+            let (subject, version) = registry.resolve_index(si, None).ok()?;
+            let end =
+                validate_at(&version.node, json, start, subject.config.unknown_fields, limits, tape).ok()?;
+            Some((end, (si, version.version)))
+        };
+        let env = envelope::decode_with(raw, &mut inline).map_err(|v| (v, partial()))?;
         let fail = |v: Violation| {
             (
                 v,
@@ -310,14 +319,16 @@ impl Ingestor {
                 return Ok(true);
             }
         }
-        validate_json(
-            &version.node,
-            env.payload,
-            subject.config.unknown_fields,
-            self.limits,
-            &mut batch.tape,
-        )
-        .map_err(|v| fail(v.under(env.payload_path)))?;
+        if env.prevalidated != Some((si, version.version)) {
+            validate_json(
+                &version.node,
+                env.payload,
+                subject.config.unknown_fields,
+                self.limits,
+                &mut batch.tape,
+            )
+            .map_err(|v| fail(v.under(env.payload_path)))?;
+        }
         batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
             tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
             fail(Violation::new(

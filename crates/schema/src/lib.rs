@@ -27,4 +27,4 @@ pub use subject::{
     UnknownFields,
 };
 pub use tape::{Slot, Tape};
-pub use validate::{decode_value, validate_json, Limits, Violation};
+pub use validate::{decode_value, validate_at, validate_json, Limits, Violation};

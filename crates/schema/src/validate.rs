@@ -92,6 +92,31 @@ pub fn validate_json(
     }
 }
 
+/// Validate the payload that starts at byte `start` of `json` (inside a
+/// larger document, such as an event envelope) into `tape` (cleared
+/// first), and return the byte offset just past it. This lets a caller
+/// validate a payload in the same pass that reads its envelope.
+///
+/// # Errors
+/// A [`Violation`] as [`validate_json`] reports it, with paths relative to
+/// the payload.
+pub fn validate_at(
+    node: &Node,
+    json: &[u8],
+    start: usize,
+    unknown: UnknownFields,
+    limits: Limits,
+    tape: &mut Tape,
+) -> Result<usize, Violation> {
+    tape.clear();
+    let mut ctx = Ctx::new(json, tape, unknown, limits);
+    ctx.sc.pos = start;
+    match ctx.value(node) {
+        Ok(_) => Ok(ctx.sc.pos),
+        Err(()) => Err(ctx.violation()),
+    }
+}
+
 /// Decode one JSON value of type `node` (a default value, say) into
 /// `tape`, returning its slot. The tape is not cleared.
 ///

@@ -1,0 +1,76 @@
+//! The per-event pipeline on envelopes whose `detail` comes after `source`
+//! and `detail-type` (as EventBridge writes them), so the payload is
+//! validated in the envelope pass, and on the same events with the keys
+//! in other orders: the outcomes must be identical.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{AsArray, Int32Array};
+use watershed_event::AccountId;
+use watershed_hub::dedupe::Dedupe;
+use watershed_hub::ingest::Ingestor;
+use watershed_hub::metrics::Metrics;
+use watershed_protect::LocalKeyring;
+use watershed_schema::{Limits, Registry};
+
+const DETAIL: &str = r#"{"payment_id":"p","customer_id":"c-1","amount":"1.00","currency":"EUR","card":{"pan":"4111111111111111","holder_name":"Ada","brand":"VISA","expiry":"1/30"},"merchant":{"id":"m","name":"n","mcc":1,"country":"DE"},"authorized_at":"2024-05-01T00:00:00Z","risk_score":0.5,"three_ds":true}"#;
+
+fn event(id: &str, detail: &str, version: &str, detail_last: bool) -> String {
+    let head = format!(
+        r#""id":"{id}","source":"com.example.payments","detail-type":"PaymentAuthorized","time":"2024-05-01T00:00:00Z""#
+    );
+    if detail_last {
+        format!(r#"{{{head}{version},"detail":{detail}}}"#)
+    } else {
+        format!(r#"{{"detail":{detail}{version},{head}}}"#)
+    }
+}
+
+#[test]
+fn inline_and_deferred_validation_agree() {
+    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
+    let ingestor = Ingestor::new(
+        reg,
+        keyring,
+        Arc::new(Dedupe::new(1000)),
+        Limits::default(),
+        Arc::new(Metrics::default()),
+    );
+    let account = AccountId::new("111111111111").unwrap();
+    let bad = DETAIL.replace("EUR", "DOGE");
+    for detail_last in [true, false] {
+        let p = if detail_last { "a" } else { "b" };
+        let events = [
+            event(&format!("{p}1"), DETAIL, "", detail_last),
+            event(&format!("{p}2"), &bad, "", detail_last),
+            event(&format!("{p}3"), DETAIL, r#","schema-version":1"#, detail_last),
+            // The version named after the payload still applies.
+            format!(
+                r#"{{"id":"{p}4","source":"com.example.payments","detail-type":"PaymentAuthorized","time":"2024-05-01T00:00:00Z","detail":{DETAIL},"schema-version":1}}"#
+            ),
+            // A CloudEvent with a stray `detail`: only `data` counts.
+            format!(
+                r#"{{"specversion":"1.0","id":"{p}5","source":"com.example.payments","type":"PaymentAuthorized","time":"2024-05-01T00:00:00Z","detail":{bad},"data":{DETAIL}}}"#
+            ),
+        ];
+        let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+        let out = ingestor.process(&account, None, 0, &refs);
+        assert_eq!(out.response.accepted, 4, "detail_last={detail_last}: {:?}", out.response);
+        let r = &out.response.rejected;
+        assert_eq!((r.len(), r[0].reason, r[0].path.as_str()), (1, "bad_enum", "$.detail.currency"));
+        let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
+        let versions =
+            batch.column_by_name("schema_version").unwrap().as_any().downcast_ref::<Int32Array>().unwrap();
+        let ids = batch.column_by_name("event_id").unwrap().as_string::<i32>();
+        let got: Vec<(String, i32)> =
+            (0..batch.num_rows()).map(|i| (ids.value(i).to_owned(), versions.value(i))).collect();
+        assert_eq!(
+            got,
+            [(format!("{p}1"), 2), (format!("{p}3"), 1), (format!("{p}4"), 1), (format!("{p}5"), 2)],
+            "detail_last={detail_last}"
+        );
+    }
+}
