@@ -295,7 +295,12 @@ impl Ingestor {
                 }));
             }
         }
-        let Some(si) = self.registry.route(&env.source, &env.detail_type) else {
+        // A payload validated in the envelope pass was routed there already.
+        let route = match env.prevalidated {
+            Some((si, _)) => Some(si),
+            None => self.registry.route(&env.source, &env.detail_type),
+        };
+        let Some(si) = route else {
             return Err(fail(Violation::new(
                 Reason::UnknownSubject,
                 format!("no subject for source {:?} and detail-type {:?}", env.source, env.detail_type),

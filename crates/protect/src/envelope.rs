@@ -444,12 +444,6 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         };
         self.master.unwrap(&rec.wrapped, &dek_context(&id))
     }
-
-    /// Data keys held (for tests and reporting).
-    #[must_use]
-    pub fn data_key_count(&self) -> usize {
-        lock(&self.state).state.data_keys.len()
-    }
 }
 
 impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {

@@ -122,8 +122,8 @@ impl Kind {
         }
     }
 
-    /// Whether values of this kind are text in the lake (and so can be
-    /// masked, tokenized or encrypted).
+    /// Whether values of this kind can be masked, tokenized or encrypted
+    /// (strings and uuids; enums are text in the lake but keep their symbols).
     #[must_use]
     pub fn is_text(&self) -> bool {
         matches!(self, Kind::String | Kind::Uuid)

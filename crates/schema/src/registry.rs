@@ -71,7 +71,7 @@ impl SubjectEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     subjects: Vec<SubjectEntry>,
-    by_route: HashMap<(String, String), usize>,
+    /// source → detail type → subject index (looked up without allocating).
     by_source: HashMap<String, HashMap<String, usize>>,
     by_id: HashMap<SchemaId, (usize, usize)>,
 }
@@ -112,15 +112,15 @@ impl Registry {
     fn index(&mut self, problems: &mut Vec<String>) {
         let mut tables: HashMap<&str, &str> = HashMap::new();
         for (si, s) in self.subjects.iter().enumerate() {
-            let route = (s.config.source.clone(), s.config.detail_type.clone());
-            if let Some(&other) = self.by_route.get(&route) {
+            let (source, dt) = (&s.config.source, &s.config.detail_type);
+            let types = self.by_source.entry(source.clone()).or_default();
+            if let Some(&other) = types.get(dt) {
                 problems.push(format!(
-                    "{}: source {:?} and detail_type {:?} already route to subject {}",
-                    s.name, route.0, route.1, self.subjects[other].name
+                    "{}: source {source:?} and detail_type {dt:?} already route to subject {}",
+                    s.name, self.subjects[other].name
                 ));
             } else {
-                self.by_source.entry(route.0.clone()).or_default().insert(route.1.clone(), si);
-                self.by_route.insert(route, si);
+                types.insert(dt.clone(), si);
             }
             if let Some(other) = tables.insert(&s.table, &s.name) {
                 problems.push(format!("{}: table {:?} is already used by subject {other}", s.name, s.table));
@@ -168,7 +168,7 @@ impl Registry {
         detail_type: &str,
         version: Option<SchemaVersion>,
     ) -> Result<(&SubjectEntry, &Version), Violation> {
-        let Some(&si) = self.by_route.get(&(source.to_owned(), detail_type.to_owned())) else {
+        let Some(si) = self.route(source, detail_type) else {
             return Err(Violation::new(
                 Reason::UnknownSubject,
                 format!("no subject for source {source:?} and detail-type {detail_type:?}"),
@@ -177,11 +177,10 @@ impl Registry {
         self.resolve_index(si, version)
     }
 
-    /// The subject index for a route, for callers that cache lookups.
+    /// The subject index for a route (use with [`Registry::resolve_index`]).
     #[must_use]
     pub fn route(&self, source: &str, detail_type: &str) -> Option<usize> {
-        // Avoid allocating the key on the hot path for the common case.
-        self.by_route.iter().find(|((s, d), _)| s == source && d == detail_type).map(|(_, &i)| i)
+        self.by_source.get(source)?.get(detail_type).copied()
     }
 
     /// Resolve a subject by index (from [`Registry::route`]).

@@ -56,12 +56,6 @@ impl<'a> Scanner<'a> {
         Self { b, pos: 0 }
     }
 
-    /// The input.
-    #[must_use]
-    pub fn input(&self) -> &'a [u8] {
-        self.b
-    }
-
     /// A syntax error at the current position.
     ///
     /// # Errors

@@ -145,15 +145,6 @@ impl Tape {
         Slot::Str { start, len }
     }
 
-    /// Append text produced by `write` (which appends to the given buffer)
-    /// and return its slot. The closure must append valid UTF-8 only.
-    pub fn push_str_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Slot {
-        let start = self.bytes.len();
-        write(&mut self.bytes);
-        debug_assert!(std::str::from_utf8(&self.bytes[start..]).is_ok());
-        Slot::Str { start: to_u32(start), len: to_u32(self.bytes.len() - start) }
-    }
-
     /// Replace the text of the [`Slot::Str`] at `index` with what `f`
     /// writes, given the old text's UTF-8 bytes. `f` must write valid
     /// UTF-8 only. Other slots are left alone.
@@ -206,14 +197,6 @@ impl Tape {
         let len = self.pending.len() - mark;
         self.pending.truncate(mark);
         (to_u32(start), to_u32(len))
-    }
-
-    /// Total bytes held, for memory accounting.
-    #[must_use]
-    pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
-            + self.bytes.capacity()
-            + self.decimals.capacity() * 16
     }
 }
 
