@@ -75,7 +75,10 @@ impl<'k> BatchProtector<'k> {
         };
         for fa in &plan.actions {
             self.targets.clear();
-            collect(tape, 0, &fa.path, &mut self.targets);
+            // Redaction nulls the field itself (a redacted array is null, not
+            // a list of nulls); the other actions rewrite each string in it.
+            let whole = fa.action == Protect::Redact;
+            collect(tape, 0, &fa.path, whole, &mut self.targets);
             if self.targets.is_empty() {
                 continue;
             }
@@ -202,24 +205,31 @@ fn read_subject(tape: &Tape, path: &FieldPath, out: &mut String) -> bool {
 }
 
 /// Collect the slot indices a field path reaches under the record whose
-/// slots start at `rec`, crossing arrays and maps.
-fn collect(tape: &Tape, rec: u32, path: &[usize], out: &mut Vec<u32>) {
+/// slots start at `rec`, crossing arrays and maps on the way: the field's
+/// own slots with `whole`, else the scalars inside them.
+fn collect(tape: &Tape, rec: u32, path: &[usize], whole: bool, out: &mut Vec<u32>) {
     let Some((&first, rest)) = path.split_first() else {
         return;
     };
     let idx = rec + u32::try_from(first).unwrap_or(u32::MAX);
-    if rest.is_empty() {
-        leaves(tape, idx, out);
+    if !rest.is_empty() {
+        descend(tape, idx, rest, whole, out);
+    } else if whole {
+        if !matches!(tape.slot(idx), Slot::Null | Slot::Unset) {
+            out.push(idx);
+        }
     } else {
-        descend(tape, idx, rest, out);
+        leaves(tape, idx, out);
     }
 }
 
-fn descend(tape: &Tape, idx: u32, rest: &[usize], out: &mut Vec<u32>) {
+fn descend(tape: &Tape, idx: u32, rest: &[usize], whole: bool, out: &mut Vec<u32>) {
     match tape.slot(idx) {
-        Slot::Record(s) => collect(tape, s, rest, out),
-        Slot::List { start, len } => (start..start + len).for_each(|i| descend(tape, i, rest, out)),
-        Slot::Map { start, len } => (0..len).for_each(|i| descend(tape, start + 2 * i + 1, rest, out)),
+        Slot::Record(s) => collect(tape, s, rest, whole, out),
+        Slot::List { start, len } => (start..start + len).for_each(|i| descend(tape, i, rest, whole, out)),
+        Slot::Map { start, len } => {
+            (0..len).for_each(|i| descend(tape, start + 2 * i + 1, rest, whole, out));
+        }
         _ => {}
     }
 }

@@ -152,6 +152,38 @@ fn keyring_files_are_private_and_tamper_is_detected() {
 }
 
 #[test]
+fn redacting_an_array_nulls_the_field_itself() {
+    use watershed_schema::{Field, FieldAction, Kind, Node, Protect, ProtectPlan, Record};
+    let strings =
+        Node { kind: Kind::Array(Box::new(Node { kind: Kind::String, nullable: false })), nullable: false };
+    let node = Node {
+        kind: Kind::Record(Record {
+            name: "T".into(),
+            fields: vec![Field {
+                name: "tags".into(),
+                node: strings,
+                default: None,
+                default_json: None,
+                protect: Some(Protect::Redact),
+                data_subject: false,
+            }],
+            lookup: [("tags".to_owned(), 0)].into_iter().collect(),
+        }),
+        nullable: false,
+    };
+    let plan = ProtectPlan {
+        actions: vec![FieldAction { path: vec![0], name: "tags".into(), action: Protect::Redact }],
+        data_subject: None,
+    };
+    let mut tape = Tape::new();
+    validate_json(&node, br#"{"tags":["a","b"]}"#, UnknownFields::Reject, Limits::default(), &mut tape)
+        .unwrap();
+    let (_, kr) = shared_keyring();
+    BatchProtector::new(kr).protect(&acct("123456789012"), &plan, &mut tape).unwrap();
+    assert_eq!(tape.slot(0), Slot::Null, "the list is gone, not its items one by one");
+}
+
+#[test]
 fn short_values_are_masked_entirely() {
     let mut out = Vec::new();
     watershed_protect::mask("123", 4, &mut out);
