@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
     let processed = ingestor.process(&account, None, 0, &refs);
     g.bench_function("wal record/1000 events", |b| {
         b.iter(|| {
-            let mut w = watershed_hub::wal::RecordEncoder::new(&account, 0, None);
+            let mut w = watershed_hub::wal::RecordEncoder::new(&account, 0, None, 700_000);
             for (i, e) in refs.iter().enumerate() {
                 w.accepted(&i.to_string(), e);
             }
@@ -83,6 +83,34 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
                 black_box(bytes);
             }
+        });
+    });
+    // A file as the writer rolls it: one partition's batches from many
+    // requests.
+    let mut parts: std::collections::HashMap<String, Vec<arrow::array::RecordBatch>> = Default::default();
+    for _ in 0..50 {
+        let batch = next_batch();
+        let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
+        for (k, b) in ingestor.process(&account, None, 0, &refs).parts {
+            parts.entry(k.dir()).or_default().push(b);
+        }
+    }
+    let (path, batches) =
+        parts.iter().max_by_key(|(_, v)| v.iter().map(|b| b.num_rows()).sum::<usize>()).unwrap();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    g.throughput(Throughput::Elements(rows as u64));
+    g.bench_function(format!("parquet encode/file of {rows} events in {} batches", batches.len()), |b| {
+        b.iter(|| {
+            black_box(
+                watershed_lake::encode(
+                    path,
+                    &batches[0].schema(),
+                    batches,
+                    Vec::new(),
+                    watershed_lake::EncodeOptions::default(),
+                )
+                .unwrap(),
+            )
         });
     });
     g.finish();

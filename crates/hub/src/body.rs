@@ -60,10 +60,17 @@ pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     let events = if body.get(start) == Some(&b'[') {
         split_array(&body[start..])?
     } else {
-        body.split(|&b| b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
-            .collect()
+        let mut out = Vec::with_capacity(memchr::memchr_iter(b'\n', body).count() + 1);
+        let mut at = 0;
+        for end in memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len())) {
+            let line = &body[at..end];
+            at = end + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().any(|b| !b.is_ascii_whitespace()) {
+                out.push(line);
+            }
+        }
+        out
     };
     if events.len() > max_events {
         return Err(BodyError::TooManyEvents(max_events));

@@ -4,15 +4,37 @@
 //! `window` events, so a client retry after a restart is still caught.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Mutex;
+
+/// Keys are already keyed hashes: the set uses them as they are.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Keys = HashSet<u64, BuildHasherDefault<Identity>>;
 
 /// A bounded set of recent event keys.
 #[derive(Debug)]
 pub struct Dedupe {
     window: usize,
-    hasher: std::collections::hash_map::RandomState,
-    inner: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    /// Keyed with a random seed per process, so ids cannot be chosen to
+    /// collide.
+    hasher: ahash::RandomState,
+    inner: Mutex<(Keys, VecDeque<u64>)>,
 }
 
 impl Dedupe {
@@ -21,8 +43,8 @@ impl Dedupe {
     pub fn new(window: usize) -> Self {
         Self {
             window: window.max(1),
-            hasher: std::collections::hash_map::RandomState::new(),
-            inner: Mutex::new((HashSet::new(), VecDeque::new())),
+            hasher: ahash::RandomState::new(),
+            inner: Mutex::new((Keys::default(), VecDeque::new())),
         }
     }
 

@@ -124,7 +124,8 @@ impl Ingestor {
             protector: BatchProtector::new(&*self.keyring),
             builders: HashMap::new(),
         };
-        let mut wal = RecordEncoder::new(account, received_at, collector);
+        let size = events.iter().map(|e| e.len() + 48).sum();
+        let mut wal = RecordEncoder::new(account, received_at, collector, size);
         let mut response = IngestResponse::default();
         let mut claimed = Vec::new();
         let label = AccountLabel { account: account.to_string() };

@@ -28,6 +28,16 @@ impl Default for EncodeOptions {
     }
 }
 
+/// A column whose values are unique by construction.
+const UNIQUE_COLUMN: &str = "event_id";
+
+/// The most bytes of dictionary a column chunk builds before it falls
+/// back to plain encoding (parquet's default is 1 MiB).
+const DICTIONARY_LIMIT: usize = 256 << 10;
+
+/// Rows handed to the Parquet writer per call.
+const WRITE_ROWS: usize = 8192;
+
 /// Encode `batches` (all of `schema`) as one Parquet file.
 ///
 /// # Errors
@@ -41,14 +51,22 @@ pub fn encode(
 ) -> Result<Vec<u8>> {
     let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
     let mut builder = WriterProperties::builder();
-    // Ciphertexts never repeat: a dictionary would only cost time.
+    // Ciphertexts and event ids never repeat: a dictionary would only
+    // cost time.
     for path in encrypted_columns(schema) {
         builder = builder.set_column_dictionary_enabled(ColumnPath::new(path), false);
+    }
+    if schema.field_with_name(UNIQUE_COLUMN).is_ok() {
+        builder = builder.set_column_dictionary_enabled(ColumnPath::new(vec![UNIQUE_COLUMN.into()]), false);
     }
     let props = builder
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_dictionary_enabled(true)
+        // A column whose dictionary outgrows this falls back to plain
+        // encoding: low-cardinality columns keep their dictionaries, and
+        // near-unique ones stop paying for hashing early.
+        .set_dictionary_page_size_limit(DICTIONARY_LIMIT)
         .set_max_row_group_row_count(Some(opts.row_group_rows))
         .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
         .set_created_by(format!("watershed {}", env!("CARGO_PKG_VERSION")))
@@ -56,8 +74,25 @@ pub fn encode(
     let mut out =
         Vec::with_capacity(batches.iter().map(RecordBatch::get_array_memory_size).sum::<usize>() / 4);
     let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props)).map_err(err)?;
-    for b in batches {
-        w.write(b).map_err(err)?;
+    // Requests hand over small batches; the column writers work per call,
+    // so consecutive batches are joined into chunks of about
+    // `WRITE_ROWS` rows first (one chunk of extra memory at a time).
+    let mut chunk: Vec<&RecordBatch> = Vec::new();
+    let mut rows = 0;
+    for (i, b) in batches.iter().enumerate() {
+        chunk.push(b);
+        rows += b.num_rows();
+        if rows >= WRITE_ROWS || i + 1 == batches.len() {
+            if chunk.len() == 1 {
+                w.write(chunk[0]).map_err(err)?;
+            } else {
+                let joined = arrow::compute::concat_batches(schema, chunk.iter().copied())
+                    .map_err(|e| err(parquet::errors::ParquetError::ArrowError(e.to_string())))?;
+                w.write(&joined).map_err(err)?;
+            }
+            chunk.clear();
+            rows = 0;
+        }
     }
     w.close().map_err(err)?;
     Ok(out)

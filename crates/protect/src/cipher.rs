@@ -38,7 +38,7 @@ impl KeyId {
     /// Lowercase hex, as stored in the keyring file.
     #[must_use]
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 
     /// Parse the hex form.
@@ -48,10 +48,31 @@ impl KeyId {
             return None;
         }
         let mut b = [0u8; 16];
-        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-            b[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
+            b[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
         }
         Some(Self(b))
+    }
+}
+
+/// Lowercase hex of `b`.
+#[must_use]
+pub(crate) fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 15)]));
+    }
+    s
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
     }
 }
 

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -164,9 +163,12 @@ struct Loaded {
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
     cache: HashMap<KeyId, Arc<DataCipher>>,
-    /// The current cipher per subject reference: the per-event lookup.
-    /// Cleared whenever the state is reloaded, erased or rotated.
-    hot: HashMap<[u8; 16], Arc<DataCipher>, BuildHasherDefault<Fold>>,
+    /// The current cipher per `account \0 subject`: the per-event lookup,
+    /// with no MAC on a hit. Cleared whenever the state is reloaded,
+    /// erased or rotated, and when it reaches [`HOT_MAX`] entries.
+    hot: HashMap<Box<str>, Arc<DataCipher>, ahash::RandomState>,
+    /// Scratch for building `hot` keys without allocating.
+    hot_key: String,
     /// When the log's stamp was last compared (see [`EnvelopeKeyring::refresh`]).
     checked: Instant,
 }
@@ -202,22 +204,17 @@ impl LocalKeyring {
     }
 }
 
-/// Hashes keys that are already uniformly random (HMAC outputs) by
-/// folding their bytes: no need for SipHash's flooding resistance.
-#[derive(Default)]
-struct Fold(u64);
+/// Entries of the hot index before it starts over (about 100 bytes
+/// each).
+const HOT_MAX: usize = 1 << 20;
 
-impl Hasher for Fold {
-    fn finish(&self) -> u64 {
-        self.0
+/// Put `c` in the hot index under the key last looked up (`hot_key`).
+fn remember(st: &mut Loaded, c: Arc<DataCipher>) {
+    if st.hot.len() >= HOT_MAX {
+        st.hot.clear();
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for c in bytes.chunks(8) {
-            let mut a = [0u8; 8];
-            a[..c.len()].copy_from_slice(c);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(a)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
+    let key: Box<str> = st.hot_key.as_str().into();
+    st.hot.insert(key, c);
 }
 
 /// Apply a new line now and write it at the next sync.
@@ -243,9 +240,7 @@ const INDEX_CONTEXT: &[u8] = b"idx";
 /// How often the encryption path looks for changes by other processes.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use crate::cipher::hex;
 
 fn ref_from_hex(s: &str) -> Option<[u8; 16]> {
     KeyId::from_hex(s).map(|k| k.0)
@@ -287,6 +282,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 index: None,
                 cache: HashMap::new(),
                 hot: HashMap::default(),
+                hot_key: String::new(),
                 checked: Instant::now(),
             }),
         };
@@ -469,14 +465,21 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>> {
         let mut st = lock(&self.state);
         self.refresh(&mut st)?;
-        let sref = subject.map(|s| Self::subject_ref(&st, account, s));
-        if let Some(c) = sref.as_ref().and_then(|r| st.hot.get(r)) {
-            return Ok(c.clone());
+        if let Some(s) = subject {
+            let st = &mut *st;
+            st.hot_key.clear();
+            st.hot_key.push_str(account.as_str());
+            st.hot_key.push('\0');
+            st.hot_key.push_str(s);
+            if let Some(c) = st.hot.get(st.hot_key.as_str()) {
+                return Ok(c.clone());
+            }
         }
+        let sref = subject.map(|s| Self::subject_ref(&st, account, s));
         if let Some(id) = Self::current(&st, account, sref.as_ref()) {
             let c = self.cipher_cached(&mut st, id)?;
-            if let Some(r) = sref {
-                st.hot.insert(r, c.clone());
+            if sref.is_some() {
+                remember(&mut st, c.clone());
             }
             return Ok(c);
         }
@@ -497,8 +500,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         );
         let c = Arc::new(DataCipher::new(id, &k));
         st.cache.insert(id, c.clone());
-        if let Some(r) = sref {
-            st.hot.insert(r, c.clone());
+        if sref.is_some() {
+            remember(&mut st, c.clone());
         }
         Ok(c)
     }
