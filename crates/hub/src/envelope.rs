@@ -166,6 +166,7 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
     sc.pos += 1;
     let mut f = Fields::default();
     let mut scratch = Vec::new();
+    let mut key_scratch = Vec::new();
     if sc.eat(b'}') {
         sc.end()?;
         return Ok(f);
@@ -175,18 +176,19 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
         if sc.peek()? != Peek::String {
             return Err(Bad::Syntax(SyntaxError { what: "expected a string key", at: sc.pos }));
         }
-        let key = sc.cow()?;
+        // Keys are compared as bytes: no UTF-8 check for the known ones.
+        let key: &[u8] = sc.bytes(&mut key_scratch)?;
         if !sc.eat(b':') {
             return Err(Bad::Syntax(SyntaxError { what: "expected ':'", at: sc.pos }));
         }
-        let text_slot = match &*key {
-            "id" => Some(("id", &mut f.id)),
-            "source" => Some(("source", &mut f.source)),
-            "detail-type" => Some(("detail-type", &mut f.detail_type)),
-            "type" => Some(("type", &mut f.ce_type)),
-            "account" => Some(("account", &mut f.account)),
-            "time" => Some(("time", &mut f.time)),
-            "region" => Some(("region", &mut f.region)),
+        let text_slot = match key {
+            b"id" => Some(("id", &mut f.id)),
+            b"source" => Some(("source", &mut f.source)),
+            b"detail-type" => Some(("detail-type", &mut f.detail_type)),
+            b"type" => Some(("type", &mut f.ce_type)),
+            b"account" => Some(("account", &mut f.account)),
+            b"time" => Some(("time", &mut f.time)),
+            b"region" => Some(("region", &mut f.region)),
             _ => None,
         };
         if let Some((name, slot)) = text_slot {
@@ -202,15 +204,15 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
             }
             continue;
         }
-        match &*key {
-            "specversion" => {
+        match key {
+            b"specversion" => {
                 if sc.peek()? != Peek::String {
                     return Err(Bad::Field("specversion", "must be a string"));
                 }
                 sc.cow()?;
                 f.specversion = true;
             }
-            "resources" => {
+            b"resources" => {
                 if sc.peek()? != Peek::Array {
                     return Err(Bad::Field("resources", "must be an array of strings"));
                 }
@@ -227,10 +229,10 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                     }
                 }
             }
-            "detail" | "data" => {
+            b"detail" | b"data" => {
                 sc.ws();
                 let start = sc.pos;
-                let is_data = &*key == "data";
+                let is_data = key == b"data";
                 let dt = if is_data { f.ce_type.as_deref() } else { f.detail_type.as_deref() };
                 let inline = match (f.source.as_deref(), dt) {
                     (Some(source), Some(dt)) if f.pre.is_none() => validate(source, dt, raw, start),
@@ -244,16 +246,16 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                     None => sc.skip(128, &mut scratch)?,
                 }
                 let value = &raw[start..sc.pos];
-                let slot = if &*key == "detail" { &mut f.detail } else { &mut f.data };
+                let slot = if is_data { &mut f.data } else { &mut f.detail };
                 if slot.replace(value).is_some() {
                     return Err(Bad::Field(
-                        if &*key == "detail" { "detail" } else { "data" },
+                        if is_data { "data" } else { "detail" },
                         "the field appears twice",
                     ));
                 }
             }
-            "schema-version" | "schemaversion" => {
-                let name = if &*key == "schema-version" { "schema-version" } else { "schemaversion" };
+            b"schema-version" | b"schemaversion" => {
+                let name = if key == b"schema-version" { "schema-version" } else { "schemaversion" };
                 let ok = sc.peek()? == Peek::Number;
                 let v = if ok { sc.number()? } else { Num::Int(-1) };
                 match v {

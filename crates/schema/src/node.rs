@@ -157,12 +157,12 @@ impl Record {
     #[must_use]
     pub fn index_of(&self, name: &[u8], hint: usize) -> Option<usize> {
         if let Some(f) = self.fields.get(hint) {
-            if f.name.as_bytes() == name {
+            if short_eq(f.name.as_bytes(), name) {
                 return Some(hint);
             }
         }
         if self.fields.len() <= 32 {
-            if let Some(i) = self.fields.iter().position(|f| f.name.as_bytes() == name) {
+            if let Some(i) = self.fields.iter().position(|f| short_eq(f.name.as_bytes(), name)) {
                 return Some(i);
             }
             if self.lookup.len() == self.fields.len() {
@@ -170,6 +170,25 @@ impl Record {
             }
         }
         self.lookup.get(std::str::from_utf8(name).ok()?).copied()
+    }
+}
+
+/// Byte equality for short strings (field names, enum symbols) without a
+/// `memcmp` call: two overlapping word loads for 4 to 16 bytes.
+#[inline]
+#[must_use]
+pub fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let w4 = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
     }
 }
 
@@ -439,5 +458,24 @@ fn leaf_kind(node: &Node) -> &Kind {
     match &node.kind {
         Kind::Array(inner) | Kind::Map(inner) => leaf_kind(inner),
         k => k,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_eq;
+
+    #[test]
+    fn short_eq_is_byte_equality() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            assert!(short_eq(&a, &a.clone()));
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 1;
+                assert!(!short_eq(&a, &b), "length {n}, differing at {at}");
+            }
+            assert!(!short_eq(&a, &a[..n.saturating_sub(1)]) || n == 0);
+        }
     }
 }

@@ -538,7 +538,7 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
     match &node.kind {
         Kind::String => return Ok(ctx.tape.push_utf8(b)),
         Kind::Enum { symbols } => {
-            return match symbols.iter().position(|s| s.as_bytes() == b) {
+            return match symbols.iter().position(|s| crate::node::short_eq(s.as_bytes(), b)) {
                 #[allow(clippy::cast_possible_truncation)]
                 Some(i) => Ok(Slot::Enum(i as u32)),
                 None => {
