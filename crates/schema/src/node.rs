@@ -177,7 +177,7 @@ impl Record {
 /// `memcmp` call: two overlapping word loads for 4 to 16 bytes.
 #[inline]
 #[must_use]
-pub fn short_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
     if n != b.len() {
         return false;
