@@ -1,5 +1,8 @@
 //! The dedupe window: the (account, event id) pairs of the most recent
-//! accepted events, bounded to `window` entries (oldest evicted first).
+//! accepted events, bounded to `window` entries. Keys are spread over
+//! [`SHARDS`] independently locked shards of `window / SHARDS` entries
+//! each (oldest evicted first within a shard), so concurrent requests do
+//! not contend; the window therefore holds about the last `window` events.
 //! It is rebuilt on start from the write-ahead log, which keeps at least
 //! `window` events, so a client retry after a restart is still caught.
 
@@ -34,17 +37,20 @@ pub struct Dedupe {
     /// Keyed with a random seed per process, so ids cannot be chosen to
     /// collide.
     hasher: ahash::RandomState,
-    inner: Mutex<(Keys, VecDeque<u64>)>,
+    shards: Vec<Mutex<(Keys, VecDeque<u64>)>>,
 }
+
+/// Independently locked parts of the window.
+pub const SHARDS: usize = 16;
 
 impl Dedupe {
     /// A window of `window` events.
     #[must_use]
     pub fn new(window: usize) -> Self {
         Self {
-            window: window.max(1),
+            window: window.div_ceil(SHARDS).max(1),
             hasher: ahash::RandomState::new(),
-            inner: Mutex::new((Keys::default(), VecDeque::new())),
+            shards: (0..SHARDS).map(|_| Mutex::new((Keys::default(), VecDeque::new()))).collect(),
         }
     }
 
@@ -70,7 +76,7 @@ impl Dedupe {
 
     /// Claim `key`; false if it is already in the window.
     pub fn claim(&self, key: u64) -> bool {
-        let mut g = self.inner.lock().expect("dedupe lock");
+        let mut g = self.shard(key).lock().expect("dedupe lock");
         if !g.0.insert(key) {
             return false;
         }
@@ -85,18 +91,29 @@ impl Dedupe {
 
     /// Give back keys claimed for events that were not stored after all.
     pub fn release(&self, keys: &[u64]) {
-        let mut g = self.inner.lock().expect("dedupe lock");
-        for k in keys {
-            g.0.remove(k);
+        for shard in &self.shards {
+            let mut g = shard.lock().expect("dedupe lock");
+            let (set, order) = &mut *g;
+            let before = set.len();
+            for k in keys {
+                set.remove(k);
+            }
+            if set.len() != before {
+                order.retain(|k| set.contains(k));
+            }
         }
-        let (set, order) = &mut *g;
-        order.retain(|k| set.contains(k));
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<(Keys, VecDeque<u64>)> {
+        // The table uses the low bits (bucket) and the top seven (tag):
+        // the shard comes from bits in between.
+        &self.shards[usize::try_from((key >> 32) & 15).unwrap_or(0) % SHARDS]
     }
 
     /// Entries held.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("dedupe lock").0.len()
+        self.shards.iter().map(|s| s.lock().expect("dedupe lock").0.len()).sum()
     }
 
     /// Whether the window is empty.
@@ -112,12 +129,17 @@ mod tests {
 
     #[test]
     fn bounded_and_per_account() {
-        let d = Dedupe::new(2);
-        let (a, b, c) = (d.key("1", "x"), d.key("2", "x"), d.key("1", "y"));
+        let d = Dedupe::new(2 * SHARDS);
+        assert_ne!(d.key("1", "x"), d.key("2", "x"), "keys are per account");
+        // Three keys of one shard: the third evicts the oldest.
+        let same: Vec<u64> =
+            (0..).map(|i| d.key("1", &i.to_string())).filter(|k| (k >> 32) & 15 == 3).take(3).collect();
+        let (a, b, c) = (same[0], same[1], same[2]);
         assert!(d.claim(a) && d.claim(b) && !d.claim(a));
         assert!(d.claim(c), "third key evicts the oldest");
         assert!(d.claim(a), "evicted key is claimable again");
         d.release(&[a]);
         assert!(d.claim(a));
+        assert_eq!(d.len(), 2);
     }
 }

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -163,12 +164,6 @@ struct Loaded {
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
     cache: HashMap<KeyId, Arc<DataCipher>>,
-    /// The current cipher per `account \0 subject`: the per-event lookup,
-    /// with no MAC on a hit. Cleared whenever the state is reloaded,
-    /// erased or rotated, and when it reaches [`HOT_MAX`] entries.
-    hot: HashMap<Box<str>, Arc<DataCipher>, ahash::RandomState>,
-    /// Scratch for building `hot` keys without allocating.
-    hot_key: String,
     /// When the log's stamp was last compared (see [`EnvelopeKeyring::refresh`]).
     checked: Instant,
 }
@@ -181,6 +176,7 @@ pub struct EnvelopeKeyring<M: MasterKey> {
     master: M,
     audit: AuditLog,
     state: Mutex<Loaded>,
+    hot: Hot,
 }
 
 /// The embedded default: a keyring directory with its own master key file.
@@ -208,13 +204,88 @@ impl LocalKeyring {
 /// each).
 const HOT_MAX: usize = 1 << 20;
 
-/// Put `c` in the hot index under the key last looked up (`hot_key`).
-fn remember(st: &mut Loaded, c: Arc<DataCipher>) {
-    if st.hot.len() >= HOT_MAX {
-        st.hot.clear();
+/// The current cipher per `account \0 subject`: the per-event lookup,
+/// outside the state lock, sharded so concurrent requests do not contend,
+/// with no MAC on a hit. Cleared whenever the state is reloaded, erased
+/// or rotated, and a shard starts over at [`HOT_MAX`] / [`HOT_SHARDS`]
+/// entries. It answers only while the log was checked for changes within
+/// [`REFRESH_EVERY`]; otherwise the caller takes the locked path, which
+/// checks.
+type HotShard = Mutex<HashMap<Box<str>, Arc<DataCipher>, ahash::RandomState>>;
+
+struct Hot {
+    shards: Vec<HotShard>,
+    hasher: ahash::RandomState,
+    base: Instant,
+    /// Milliseconds after `base` of the last check of the log.
+    checked_ms: AtomicU64,
+}
+
+const HOT_SHARDS: usize = 16;
+
+thread_local! {
+    /// Scratch for building hot-index keys without allocating.
+    static HOT_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl Hot {
+    fn new() -> Self {
+        Self {
+            shards: (0..HOT_SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: ahash::RandomState::new(),
+            base: Instant::now(),
+            checked_ms: AtomicU64::new(0),
+        }
     }
-    let key: Box<str> = st.hot_key.as_str().into();
-    st.hot.insert(key, c);
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn checked_now(&self) {
+        self.checked_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    fn fresh(&self) -> bool {
+        let every = u64::try_from(REFRESH_EVERY.as_millis()).unwrap_or(u64::MAX);
+        self.now_ms().saturating_sub(self.checked_ms.load(Ordering::Acquire)) < every
+    }
+
+    fn with_key<T>(account: &AccountId, subject: &str, f: impl FnOnce(&str) -> T) -> T {
+        HOT_KEY.with(|k| {
+            let mut k = k.borrow_mut();
+            k.clear();
+            k.push_str(account.as_str());
+            k.push('\0');
+            k.push_str(subject);
+            f(&k)
+        })
+    }
+
+    fn shard(&self, key: &str) -> &HotShard {
+        let h = usize::try_from(self.hasher.hash_one(key) >> 32).unwrap_or(0);
+        &self.shards[h % HOT_SHARDS]
+    }
+
+    fn get(&self, account: &AccountId, subject: &str) -> Option<Arc<DataCipher>> {
+        Self::with_key(account, subject, |k| lock(self.shard(k)).get(k).cloned())
+    }
+
+    fn insert(&self, account: &AccountId, subject: &str, c: Arc<DataCipher>) {
+        Self::with_key(account, subject, |k| {
+            let mut m = lock(self.shard(k));
+            if m.len() >= HOT_MAX / HOT_SHARDS {
+                m.clear();
+            }
+            m.insert(k.into(), c);
+        });
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            lock(s).clear();
+        }
+    }
 }
 
 /// Apply a new line now and write it at the next sync.
@@ -281,10 +352,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 rng: ChaCha20Rng::from_entropy(),
                 index: None,
                 cache: HashMap::new(),
-                hot: HashMap::default(),
-                hot_key: String::new(),
                 checked: Instant::now(),
             }),
+            hot: Hot::new(),
         };
         {
             let mut st = lock(&kr.state);
@@ -321,7 +391,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             return Ok(());
         }
         st.checked = Instant::now();
-        self.reload(st, false)
+        self.reload(st, false)?;
+        self.hot.checked_now();
+        Ok(())
     }
 
     /// Re-read the log if it changed (or always, with `force`).
@@ -353,7 +425,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             state.apply(l.clone());
         }
         st.cache.retain(|id, _| state.data_keys.contains_key(id));
-        st.hot.clear();
+        self.hot.clear();
         st.state = state;
         st.stamp = now;
         st.file = None;
@@ -463,23 +535,25 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     }
 
     fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>> {
+        if let Some(s) = subject {
+            if self.hot.fresh() {
+                if let Some(c) = self.hot.get(account, s) {
+                    return Ok(c);
+                }
+            }
+        }
         let mut st = lock(&self.state);
         self.refresh(&mut st)?;
         if let Some(s) = subject {
-            let st = &mut *st;
-            st.hot_key.clear();
-            st.hot_key.push_str(account.as_str());
-            st.hot_key.push('\0');
-            st.hot_key.push_str(s);
-            if let Some(c) = st.hot.get(st.hot_key.as_str()) {
-                return Ok(c.clone());
+            if let Some(c) = self.hot.get(account, s) {
+                return Ok(c);
             }
         }
         let sref = subject.map(|s| Self::subject_ref(&st, account, s));
         if let Some(id) = Self::current(&st, account, sref.as_ref()) {
             let c = self.cipher_cached(&mut st, id)?;
-            if sref.is_some() {
-                remember(&mut st, c.clone());
+            if let Some(s) = subject {
+                self.hot.insert(account, s, c.clone());
             }
             return Ok(c);
         }
@@ -500,8 +574,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         );
         let c = Arc::new(DataCipher::new(id, &k));
         st.cache.insert(id, c.clone());
-        if sref.is_some() {
-            remember(&mut st, c.clone());
+        if let Some(s) = subject {
+            self.hot.insert(account, s, c.clone());
         }
         Ok(c)
     }
@@ -547,7 +621,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             erased_at: chrono::Utc::now().to_rfc3339(),
         });
         st.cache.retain(|id, _| !ids.contains(id));
-        st.hot.clear();
+        self.hot.clear();
         self.compact(&mut st)?;
         drop(_guard);
         drop(st);
@@ -584,7 +658,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         }
         st.state.current_account.clear();
         st.state.current_subject.clear();
-        st.hot.clear();
+        self.hot.clear();
         let accounts: Vec<String> = st.state.token_keys.keys().cloned().collect();
         for a in accounts {
             let ctx = token_context(&a);
