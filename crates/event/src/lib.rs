@@ -6,6 +6,8 @@
 //! speaks these types, so a reason code or an account id means the same
 //! thing from the HTTP response to the dead-letter table.
 
+#![forbid(unsafe_code)]
+
 mod account;
 mod reason;
 mod time;

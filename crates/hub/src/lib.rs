@@ -1,6 +1,8 @@
 //! The Watershed hub: HTTP ingest, write-ahead log, dedupe, pipeline
 //! wiring, dead letters, auth and metrics. See `docs/ARCHITECTURE.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod accounts;
 pub mod body;
 pub mod config;

@@ -8,6 +8,8 @@
 //!   [`CommitLog`] entry naming the WAL records each file covers.
 //! - [`Lake`]: the object store (local directory or S3).
 
+#![forbid(unsafe_code)]
+
 pub mod columns;
 mod commit;
 mod encode;

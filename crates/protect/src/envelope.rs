@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,18 +205,20 @@ impl LocalKeyring {
 /// each).
 const HOT_MAX: usize = 1 << 20;
 
-/// The current cipher per `account \0 subject`: the per-event lookup,
+/// The current cipher per (account, subject): the per-event lookup,
 /// outside the state lock, sharded so concurrent requests do not contend,
-/// with no MAC on a hit. Cleared whenever the state is reloaded, erased
-/// or rotated, and a shard starts over at [`HOT_MAX`] / [`HOT_SHARDS`]
-/// entries. It answers only while the log was checked for changes within
+/// with no MAC on a hit. Entries are keyed by a 128-bit keyed hash of the
+/// pair (seeded per process), so a lookup compares two words instead of
+/// chasing a string. Cleared whenever the state is reloaded, erased or
+/// rotated; a shard starts over at [`HOT_MAX`] / [`HOT_SHARDS`] entries.
+/// It answers only while the log was checked for changes within
 /// [`REFRESH_EVERY`]; otherwise the caller takes the locked path, which
 /// checks.
-type HotShard = Mutex<HashMap<Box<str>, Arc<DataCipher>, ahash::RandomState>>;
+type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildHasherDefault<Word>>>;
 
 struct Hot {
     shards: Vec<HotShard>,
-    hasher: ahash::RandomState,
+    seeds: (ahash::RandomState, ahash::RandomState),
     base: Instant,
     /// Milliseconds after `base` of the last check of the log.
     checked_ms: AtomicU64,
@@ -223,16 +226,33 @@ struct Hot {
 
 const HOT_SHARDS: usize = 16;
 
-thread_local! {
-    /// Scratch for building hot-index keys without allocating.
-    static HOT_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+/// Hashes a key that is already a keyed hash: its low word.
+#[derive(Default)]
+struct Word(u64);
+
+impl Hasher for Word {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        // Truncation intended: the low word of a uniform 128-bit hash.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            self.0 = v as u64;
+        }
+    }
 }
 
 impl Hot {
     fn new() -> Self {
         Self {
             shards: (0..HOT_SHARDS).map(|_| Mutex::new(HashMap::default())).collect(),
-            hasher: ahash::RandomState::new(),
+            seeds: (ahash::RandomState::new(), ahash::RandomState::new()),
             base: Instant::now(),
             checked_ms: AtomicU64::new(0),
         }
@@ -251,34 +271,28 @@ impl Hot {
         self.now_ms().saturating_sub(self.checked_ms.load(Ordering::Acquire)) < every
     }
 
-    fn with_key<T>(account: &AccountId, subject: &str, f: impl FnOnce(&str) -> T) -> T {
-        HOT_KEY.with(|k| {
-            let mut k = k.borrow_mut();
-            k.clear();
-            k.push_str(account.as_str());
-            k.push('\0');
-            k.push_str(subject);
-            f(&k)
-        })
+    fn key(&self, account: &AccountId, subject: &str) -> u128 {
+        let pair = (account.as_str(), subject);
+        u128::from(self.seeds.0.hash_one(pair)) << 64 | u128::from(self.seeds.1.hash_one(pair))
     }
 
-    fn shard(&self, key: &str) -> &HotShard {
-        let h = usize::try_from(self.hasher.hash_one(key) >> 32).unwrap_or(0);
-        &self.shards[h % HOT_SHARDS]
+    fn shard(&self, key: u128) -> &HotShard {
+        // The table uses the low word; the shard comes from the high one.
+        &self.shards[usize::try_from(key >> 124).unwrap_or(0) % HOT_SHARDS]
     }
 
     fn get(&self, account: &AccountId, subject: &str) -> Option<Arc<DataCipher>> {
-        Self::with_key(account, subject, |k| lock(self.shard(k)).get(k).cloned())
+        let k = self.key(account, subject);
+        lock(self.shard(k)).get(&k).cloned()
     }
 
     fn insert(&self, account: &AccountId, subject: &str, c: Arc<DataCipher>) {
-        Self::with_key(account, subject, |k| {
-            let mut m = lock(self.shard(k));
-            if m.len() >= HOT_MAX / HOT_SHARDS {
-                m.clear();
-            }
-            m.insert(k.into(), c);
-        });
+        let k = self.key(account, subject);
+        let mut m = lock(self.shard(k));
+        if m.len() >= HOT_MAX / HOT_SHARDS {
+            m.clear();
+        }
+        m.insert(k, c);
     }
 
     fn clear(&self) {

@@ -10,6 +10,8 @@
 //!
 //! Keys and plaintext print as `**REDACTED**`.
 
+#![forbid(unsafe_code)]
+
 mod audit;
 pub mod cipher;
 mod decrypt;

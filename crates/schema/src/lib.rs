@@ -8,6 +8,8 @@
 //! - [`ProtectPlan`] lists the protected fields and the data subject, read
 //!   from the `watershed.*` field attributes.
 
+#![forbid(unsafe_code)]
+
 pub mod compat;
 mod error;
 mod node;
