@@ -4,7 +4,6 @@
 //! a partition. Each event is judged alone; one bad event never fails its
 //! neighbours, and every reject becomes a dead-letter row.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -90,7 +89,30 @@ struct Batch<'k> {
     /// Builders by (table index, or `usize::MAX` for dead letters; UTC
     /// hour since the epoch). The account is the request's, so this is the
     /// partition, found without building its path per event.
-    builders: HashMap<(usize, i64), (PartitionKey, Builder)>,
+    builders: Builders,
+}
+
+/// The partitions of one request: few, so found by a linear scan rather
+/// than hashed per event.
+#[derive(Default)]
+struct Builders(Vec<((usize, i64), PartitionKey, Builder)>);
+
+impl Builders {
+    fn get_or_insert(
+        &mut self,
+        key: (usize, i64),
+        new: impl FnOnce() -> (PartitionKey, Builder),
+    ) -> &mut Builder {
+        let i = match self.0.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let (p, b) = new();
+                self.0.push((key, p, b));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].2
+    }
 }
 
 const HOUR_MICROS: i64 = 3_600_000_000;
@@ -122,7 +144,7 @@ impl Ingestor {
         let mut batch = Batch {
             tape: Tape::new(),
             protector: BatchProtector::new(&*self.keyring),
-            builders: HashMap::new(),
+            builders: Builders::default(),
         };
         let size = events.iter().map(|e| e.len() + 48).sum();
         let mut wal = RecordEncoder::new(account, received_at, collector, size);
@@ -210,7 +232,7 @@ impl Ingestor {
         let mut batch = Batch {
             tape: Tape::new(),
             protector: BatchProtector::new(&*self.keyring),
-            builders: HashMap::new(),
+            builders: Builders::default(),
         };
         let (account, collector, at) = (&record.account, record.collector.as_deref(), record.received_at);
         for e in &record.events {
@@ -366,7 +388,7 @@ impl Ingestor {
             collector,
         };
         let layout = &self.layouts[si];
-        let (_, b) = batch.builders.entry((si, event_time.div_euclid(HOUR_MICROS))).or_insert_with(|| {
+        let b = batch.builders.get_or_insert((si, event_time.div_euclid(HOUR_MICROS)), || {
             (
                 PartitionKey::at(&subject.table, account, event_time),
                 Builder::Table(Box::new(TableBuilder::new(layout.clone()))),
@@ -398,7 +420,7 @@ impl Ingestor {
                 return;
             }
         }
-        let (_, b) = batch.builders.entry((DEAD, received_at.div_euclid(HOUR_MICROS))).or_insert_with(|| {
+        let b = batch.builders.get_or_insert((DEAD, received_at.div_euclid(HOUR_MICROS)), || {
             (PartitionKey::at(DEAD_LETTERS, account, received_at), Builder::Dead(Box::default()))
         });
         if let Builder::Dead(d) = b {
@@ -417,10 +439,11 @@ impl Ingestor {
     }
 }
 
-fn finish(builders: HashMap<(usize, i64), (PartitionKey, Builder)>) -> Vec<(PartitionKey, RecordBatch)> {
+fn finish(builders: Builders) -> Vec<(PartitionKey, RecordBatch)> {
     builders
-        .into_values()
-        .filter_map(|(k, b)| {
+        .0
+        .into_iter()
+        .filter_map(|(_, k, b)| {
             let batch = match b {
                 Builder::Table(mut t) => t.finish(),
                 Builder::Dead(mut d) => d.finish(),

@@ -54,6 +54,20 @@ fn printable_ascii(s: &[u8]) -> bool {
     !odd
 }
 
+/// The offset of the first `"` or `\\` in `s`. Most strings in events are
+/// short: the first 16 bytes are looked at directly, the rest with memchr.
+#[inline]
+fn string_end(s: &[u8]) -> Option<usize> {
+    const SHORT: usize = 16;
+    if let Some(i) = s.iter().take(SHORT).position(|&c| c == b'"' || c == b'\\') {
+        return Some(i);
+    }
+    if s.len() <= SHORT {
+        return None;
+    }
+    memchr::memchr2(b'"', b'\\', &s[SHORT..]).map(|i| i + SHORT)
+}
+
 /// A pull scanner over one JSON document.
 pub struct Scanner<'a> {
     b: &'a [u8],
@@ -165,7 +179,7 @@ impl<'a> Scanner<'a> {
         self.pos += 1;
         let start = self.pos;
         let rest = &self.b[start..];
-        let Some(n) = memchr::memchr2(b'"', b'\\', rest) else { return self.err("unterminated string") };
+        let Some(n) = string_end(rest) else { return self.err("unterminated string") };
         let s = &rest[..n];
         if !printable_ascii(s) {
             if s.iter().any(|&c| c < 0x20) {
