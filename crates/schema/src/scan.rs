@@ -55,18 +55,21 @@ fn printable_ascii(s: &[u8]) -> bool {
 }
 
 /// The offset of the first `"` or `\\` in `s`. Most strings in events are
-/// short: the first 16 bytes are looked at directly, the rest with memchr.
+/// short: the first [`SHORT_STRING`] bytes are looked at directly, the rest
+/// with memchr.
 #[inline]
 fn string_end(s: &[u8]) -> Option<usize> {
-    const SHORT: usize = 16;
-    if let Some(i) = s.iter().take(SHORT).position(|&c| c == b'"' || c == b'\\') {
+    if let Some(i) = s.iter().take(SHORT_STRING).position(|&c| c == b'"' || c == b'\\') {
         return Some(i);
     }
-    if s.len() <= SHORT {
+    if s.len() <= SHORT_STRING {
         return None;
     }
-    memchr::memchr2(b'"', b'\\', &s[SHORT..]).map(|i| i + SHORT)
+    memchr::memchr2(b'"', b'\\', &s[SHORT_STRING..]).map(|i| i + SHORT_STRING)
 }
+
+/// Bytes of a string looked at directly before handing over to memchr.
+const SHORT_STRING: usize = 32;
 
 /// A pull scanner over one JSON document.
 pub struct Scanner<'a> {
@@ -179,6 +182,17 @@ impl<'a> Scanner<'a> {
         self.pos += 1;
         let start = self.pos;
         let rest = &self.b[start..];
+        // Most strings in events are short printable ASCII: one pass that
+        // stops at the closing quote, or at anything needing a closer look.
+        for (i, &c) in rest.iter().take(SHORT_STRING).enumerate() {
+            if c == b'"' {
+                self.pos = start + i + 1;
+                return Ok(&rest[..i]);
+            }
+            if c == b'\\' || !(0x20..0x80).contains(&c) {
+                break;
+            }
+        }
         let Some(n) = string_end(rest) else { return self.err("unterminated string") };
         let s = &rest[..n];
         if !printable_ascii(s) {
@@ -470,6 +484,30 @@ mod props {
             let mut buf = Vec::new();
             prop_assert_eq!(sc.string(&mut buf).unwrap(), v.as_str());
             prop_assert!(sc.end().is_ok());
+        }
+
+        /// Any bytes between quotes: the scanner reads a string exactly
+        /// when serde_json does (control characters, bad UTF-8, bad
+        /// escapes), and reads the same string, short or long.
+        #[test]
+        fn string_bytes_agree_with_serde_json(
+            body in proptest::collection::vec(prop_oneof![
+                4 => 0x20u8..0x7f,
+                1 => Just(b'\\'),
+                1 => Just(b'"'),
+                1 => 0u8..0x20,
+                1 => 0x80u8..=0xff,
+            ], 0..80)
+        ) {
+            let mut doc = vec![b'"'];
+            doc.extend_from_slice(&body);
+            doc.push(b'"');
+            let theirs = serde_json::from_slice::<String>(&doc).ok();
+            let mut sc = Scanner::new(&doc);
+            let mut buf = Vec::new();
+            let ours = sc.bytes(&mut buf).ok().map(<[u8]>::to_vec);
+            let ours = ours.filter(|_| sc.end().is_ok());
+            prop_assert_eq!(ours, theirs.map(String::into_bytes), "{:?}", String::from_utf8_lossy(&doc));
         }
 
         /// Integers read exactly; floats read as Rust parses them.
