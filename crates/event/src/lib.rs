@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod account;
+pub mod prehashed;
 mod reason;
 mod time;
 

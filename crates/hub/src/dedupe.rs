@@ -7,28 +7,13 @@
 //! `window` events, so a client retry after a restart is still caught.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Mutex;
 
+use watershed_event::prehashed::BuildPrehashed;
+
 /// Keys are already keyed hashes: the set uses them as they are.
-#[derive(Default)]
-struct Identity(u64);
-
-impl Hasher for Identity {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type Keys = HashSet<u64, BuildHasherDefault<Identity>>;
+type Keys = HashSet<u64, BuildPrehashed>;
 
 /// A bounded set of recent event keys.
 #[derive(Debug)]

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +27,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use watershed_event::prehashed::BuildPrehashed;
 use watershed_event::AccountId;
 
 use crate::audit::AuditLog;
@@ -214,7 +214,7 @@ const HOT_MAX: usize = 1 << 20;
 /// It answers only while the log was checked for changes within
 /// [`REFRESH_EVERY`]; otherwise the caller takes the locked path, which
 /// checks.
-type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildHasherDefault<Word>>>;
+type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildPrehashed>>;
 
 struct Hot {
     shards: Vec<HotShard>,
@@ -225,28 +225,6 @@ struct Hot {
 }
 
 const HOT_SHARDS: usize = 16;
-
-/// Hashes a key that is already a keyed hash: its low word.
-#[derive(Default)]
-struct Word(u64);
-
-impl Hasher for Word {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        // Truncation intended: the low word of a uniform 128-bit hash.
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            self.0 = v as u64;
-        }
-    }
-}
 
 impl Hot {
     fn new() -> Self {
