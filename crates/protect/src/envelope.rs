@@ -31,6 +31,7 @@ use watershed_event::prehashed::BuildPrehashed;
 use watershed_event::AccountId;
 
 use crate::audit::AuditLog;
+use crate::cipher::hex;
 use crate::cipher::{DataCipher, KeyId};
 use crate::error::{Error, Result};
 use crate::fsutil::{ensure_dir, stamp, write_atomic, Stamp};
@@ -165,8 +166,6 @@ struct Loaded {
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
     cache: HashMap<KeyId, Arc<DataCipher>>,
-    /// When the log's stamp was last compared (see [`EnvelopeKeyring::refresh`]).
-    checked: Instant,
 }
 
 /// Envelope-encrypted keys in a local key log. See the module docs.
@@ -201,9 +200,12 @@ impl LocalKeyring {
     }
 }
 
-/// Entries of the hot index before it starts over (about 100 bytes
-/// each).
+/// Entries of the hot index before it starts over (about 32 bytes each;
+/// the ciphers themselves are shared with the key cache).
 const HOT_MAX: usize = 1 << 20;
+
+/// One shard of [`Hot`].
+type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildPrehashed>>;
 
 /// The current cipher per (account, subject): the per-event lookup,
 /// outside the state lock, sharded so concurrent requests do not contend,
@@ -214,8 +216,6 @@ const HOT_MAX: usize = 1 << 20;
 /// It answers only while the log was checked for changes within
 /// [`REFRESH_EVERY`]; otherwise the caller takes the locked path, which
 /// checks.
-type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildPrehashed>>;
-
 struct Hot {
     shards: Vec<HotShard>,
     seeds: (ahash::RandomState, ahash::RandomState),
@@ -259,13 +259,11 @@ impl Hot {
         &self.shards[usize::try_from(key >> 124).unwrap_or(0) % HOT_SHARDS]
     }
 
-    fn get(&self, account: &AccountId, subject: &str) -> Option<Arc<DataCipher>> {
-        let k = self.key(account, subject);
+    fn get(&self, k: u128) -> Option<Arc<DataCipher>> {
         lock(self.shard(k)).get(&k).cloned()
     }
 
-    fn insert(&self, account: &AccountId, subject: &str, c: Arc<DataCipher>) {
-        let k = self.key(account, subject);
+    fn insert(&self, k: u128, c: Arc<DataCipher>) {
         let mut m = lock(self.shard(k));
         if m.len() >= HOT_MAX / HOT_SHARDS {
             m.clear();
@@ -302,8 +300,6 @@ const INDEX_CONTEXT: &[u8] = b"idx";
 
 /// How often the encryption path looks for changes by other processes.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
-
-use crate::cipher::hex;
 
 fn ref_from_hex(s: &str) -> Option<[u8; 16]> {
     KeyId::from_hex(s).map(|k| k.0)
@@ -344,7 +340,6 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 rng: ChaCha20Rng::from_entropy(),
                 index: None,
                 cache: HashMap::new(),
-                checked: Instant::now(),
             }),
             hot: Hot::new(),
         };
@@ -379,10 +374,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     /// file per event. An erasure by another process therefore reaches new
     /// encryptions within that interval (decryption checks every time).
     fn refresh(&self, st: &mut Loaded) -> Result<()> {
-        if st.checked.elapsed() < REFRESH_EVERY {
+        if self.hot.fresh() {
             return Ok(());
         }
-        st.checked = Instant::now();
         self.reload(st, false)?;
         self.hot.checked_now();
         Ok(())
@@ -527,25 +521,27 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     }
 
     fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>> {
-        if let Some(s) = subject {
+        let hot_key = subject.map(|s| self.hot.key(account, s));
+        if let Some(k) = hot_key {
             if self.hot.fresh() {
-                if let Some(c) = self.hot.get(account, s) {
+                if let Some(c) = self.hot.get(k) {
                     return Ok(c);
                 }
             }
         }
         let mut st = lock(&self.state);
+        // Check the log (which may empty the index), then look again: the
+        // fast path may have been skipped, or another request may have
+        // filled the entry meanwhile.
         self.refresh(&mut st)?;
-        if let Some(s) = subject {
-            if let Some(c) = self.hot.get(account, s) {
-                return Ok(c);
-            }
+        if let Some(c) = hot_key.and_then(|k| self.hot.get(k)) {
+            return Ok(c);
         }
         let sref = subject.map(|s| Self::subject_ref(&st, account, s));
         if let Some(id) = Self::current(&st, account, sref.as_ref()) {
             let c = self.cipher_cached(&mut st, id)?;
-            if let Some(s) = subject {
-                self.hot.insert(account, s, c.clone());
+            if let Some(k) = hot_key {
+                self.hot.insert(k, c.clone());
             }
             return Ok(c);
         }
@@ -566,8 +562,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         );
         let c = Arc::new(DataCipher::new(id, &k));
         st.cache.insert(id, c.clone());
-        if let Some(s) = subject {
-            self.hot.insert(account, s, c.clone());
+        if let Some(k) = hot_key {
+            self.hot.insert(k, c.clone());
         }
         Ok(c)
     }

@@ -116,6 +116,27 @@ fn shredding_erases_one_subject_only() {
     );
 }
 
+/// A running hub's keyring notices an erasure made by another process
+/// within its refresh interval: new events of the erased subject get a new
+/// key, never the erased one, while other subjects keep theirs.
+#[test]
+fn a_running_keyring_stops_using_an_erased_key() {
+    let (_, dir, kr) = payments();
+    let a = acct("111111111111");
+    let alice = kr.data_cipher(&a, Some("alice")).unwrap().id();
+    let bob = kr.data_cipher(&a, Some("bob")).unwrap().id();
+    kr.sync().unwrap();
+    assert_eq!(kr.data_cipher(&a, Some("alice")).unwrap().id(), alice, "the index answers repeat lookups");
+
+    let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    cli.forget(&a, "alice").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let fresh = kr.data_cipher(&a, Some("alice")).unwrap().id();
+    assert_ne!(fresh, alice, "the erased key is not used again");
+    assert_eq!(kr.data_cipher(&a, Some("bob")).unwrap().id(), bob, "other subjects keep their keys");
+    kr.sync().unwrap();
+}
+
 #[test]
 fn rotation_keeps_old_ciphertexts_readable() {
     let (reg, _dir, kr) = payments();
