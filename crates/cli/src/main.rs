@@ -64,8 +64,8 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 /// Keep freed memory mapped for [`PURGE_DELAY_MS`] instead of mimalloc's
 /// one second. Under sustained load the hub frees and reallocates
 /// multi-megabyte buffers (Parquet pages, column chunks) continuously; with
-/// a short delay each reuse faulted in freshly zeroed 2 MiB pages, about a
-/// tenth of the hub's CPU time. Memory is still returned when idle, and
+/// a short delay each reuse faulted in freshly zeroed 2 MiB pages (up to a
+/// tenth of the hub's CPU time in profiles). Memory is still returned when idle, and
 /// stays bounded by the memory budget. `MIMALLOC_PURGE_DELAY` in the
 /// environment wins.
 #[allow(unsafe_code)]

@@ -18,7 +18,8 @@ type Keys = HashSet<u64, BuildPrehashed>;
 /// A bounded set of recent event keys.
 #[derive(Debug)]
 pub struct Dedupe {
-    window: usize,
+    /// Keys each shard holds.
+    per_shard: usize,
     /// Keyed with a random seed per process, so ids cannot be chosen to
     /// collide.
     hasher: ahash::RandomState,
@@ -33,7 +34,7 @@ impl Dedupe {
     #[must_use]
     pub fn new(window: usize) -> Self {
         Self {
-            window: window.div_ceil(SHARDS).max(1),
+            per_shard: window.div_ceil(SHARDS).max(1),
             hasher: ahash::RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new((Keys::default(), VecDeque::new()))).collect(),
         }
@@ -66,7 +67,7 @@ impl Dedupe {
             return false;
         }
         g.1.push_back(key);
-        while g.1.len() > self.window {
+        while g.1.len() > self.per_shard {
             if let Some(old) = g.1.pop_front() {
                 g.0.remove(&old);
             }
