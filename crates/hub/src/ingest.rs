@@ -146,6 +146,7 @@ impl Ingestor {
             protector: BatchProtector::new(&*self.keyring),
             builders: Builders::default(),
         };
+        // Each event's bytes plus its framing and id (a uuid is 36 bytes).
         let size = events.iter().map(|e| e.len() + 48).sum();
         let mut wal = RecordEncoder::new(account, received_at, collector, size);
         let mut response = IngestResponse::default();

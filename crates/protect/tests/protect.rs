@@ -174,28 +174,10 @@ fn keyring_files_are_private_and_tamper_is_detected() {
 
 #[test]
 fn redacting_an_array_nulls_the_field_itself() {
-    use watershed_schema::{Field, FieldAction, Kind, Node, Protect, ProtectPlan, Record};
+    use watershed_schema::{Kind, Node, Protect};
     let strings =
         Node { kind: Kind::Array(Box::new(Node { kind: Kind::String, nullable: false })), nullable: false };
-    let node = Node {
-        kind: Kind::Record(Record {
-            name: "T".into(),
-            fields: vec![Field {
-                name: "tags".into(),
-                node: strings,
-                default: None,
-                default_json: None,
-                protect: Some(Protect::Redact),
-                data_subject: false,
-            }],
-            lookup: [("tags".to_owned(), 0)].into_iter().collect(),
-        }),
-        nullable: false,
-    };
-    let plan = ProtectPlan {
-        actions: vec![FieldAction { path: vec![0], name: "tags".into(), action: Protect::Redact }],
-        data_subject: None,
-    };
+    let (node, plan) = one_field("tags", strings, Protect::Redact);
     let mut tape = Tape::new();
     validate_json(&node, br#"{"tags":["a","b"]}"#, UnknownFields::Reject, Limits::default(), &mut tape)
         .unwrap();
@@ -223,27 +205,38 @@ fn shared_keyring() -> &'static (tempfile::TempDir, LocalKeyring) {
     })
 }
 
-fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::ProtectPlan, Tape) {
-    use watershed_schema::{Field, FieldAction, Kind, Node, Protect, ProtectPlan, Record};
+/// A record schema of one protected field, and its protection plan.
+fn one_field(
+    name: &str,
+    field: watershed_schema::Node,
+    action: watershed_schema::Protect,
+) -> (watershed_schema::Node, watershed_schema::ProtectPlan) {
+    use watershed_schema::{Field, FieldAction, Kind, Node, ProtectPlan, Record};
     let node = Node {
         kind: Kind::Record(Record {
             name: "T".into(),
             fields: vec![Field {
-                name: "v".into(),
-                node: Node { kind: Kind::String, nullable: false },
+                name: name.into(),
+                node: field,
                 default: None,
                 default_json: None,
-                protect: Some(Protect::Encrypt),
+                protect: Some(action),
                 data_subject: false,
             }],
-            lookup: [("v".to_owned(), 0)].into_iter().collect(),
+            lookup: [(name.to_owned(), 0)].into_iter().collect(),
         }),
         nullable: false,
     };
     let plan = ProtectPlan {
-        actions: vec![FieldAction { path: vec![0], name: "v".into(), action: Protect::Encrypt }],
+        actions: vec![FieldAction { path: vec![0], name: name.into(), action }],
         data_subject: None,
     };
+    (node, plan)
+}
+
+fn string_tape(value: &str) -> (watershed_schema::Node, watershed_schema::ProtectPlan, Tape) {
+    use watershed_schema::{Kind, Node, Protect};
+    let (node, plan) = one_field("v", Node { kind: Kind::String, nullable: false }, Protect::Encrypt);
     let mut tape = Tape::new();
     let json = serde_json::json!({ "v": value }).to_string();
     validate_json(&node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();

@@ -54,21 +54,8 @@ fn printable_ascii(s: &[u8]) -> bool {
     !odd
 }
 
-/// The offset of the first `"` or `\\` in `s`. Most strings in events are
-/// short: the first [`SHORT_STRING`] bytes are looked at directly, the rest
-/// with memchr.
-#[inline]
-fn string_end(s: &[u8]) -> Option<usize> {
-    if let Some(i) = s.iter().take(SHORT_STRING).position(|&c| c == b'"' || c == b'\\') {
-        return Some(i);
-    }
-    if s.len() <= SHORT_STRING {
-        return None;
-    }
-    memchr::memchr2(b'"', b'\\', &s[SHORT_STRING..]).map(|i| i + SHORT_STRING)
-}
-
-/// Bytes of a string looked at directly before handing over to memchr.
+/// Bytes of a string read by the one-pass fast path before the checked
+/// path (memchr, then UTF-8) takes over.
 const SHORT_STRING: usize = 32;
 
 /// A pull scanner over one JSON document.
@@ -193,7 +180,7 @@ impl<'a> Scanner<'a> {
                 break;
             }
         }
-        let Some(n) = string_end(rest) else { return self.err("unterminated string") };
+        let Some(n) = memchr::memchr2(b'"', b'\\', rest) else { return self.err("unterminated string") };
         let s = &rest[..n];
         if !printable_ascii(s) {
             if s.iter().any(|&c| c < 0x20) {
@@ -300,6 +287,15 @@ impl<'a> Scanner<'a> {
         Ok(v)
     }
 
+    /// Skip ASCII digits; how many there were.
+    fn skip_digits(&mut self) -> usize {
+        let start = self.pos;
+        while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
     /// A number at the current position, with JSON's grammar.
     #[inline]
     pub fn number(&mut self) -> Res<Num<'a>> {
@@ -330,11 +326,7 @@ impl<'a> Scanner<'a> {
         if self.b.get(self.pos) == Some(&b'.') {
             float = true;
             self.pos += 1;
-            let f = self.pos;
-            while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
-                self.pos += 1;
-            }
-            if self.pos == f {
+            if self.skip_digits() == 0 {
                 return self.err("invalid number");
             }
         }
@@ -344,11 +336,7 @@ impl<'a> Scanner<'a> {
             if matches!(self.b.get(self.pos), Some(b'+' | b'-')) {
                 self.pos += 1;
             }
-            let e = self.pos;
-            while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
-                self.pos += 1;
-            }
-            if self.pos == e {
+            if self.skip_digits() == 0 {
                 return self.err("invalid number");
             }
         }
