@@ -120,16 +120,18 @@ pub(crate) fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let results: Vec<Value> =
             (0..args.runs).map(|i| run_worker("hub", cpus, cores, i)).collect::<anyhow::Result<_>>()?;
         let secs = median(results.iter().map(|r| r["seconds"].as_f64().unwrap_or(f64::NAN)).collect());
-        let mid = results.iter().find(|r| r["seconds"].as_f64() == Some(secs)).cloned().unwrap_or_default();
+        let mut mid =
+            results.iter().find(|r| r["seconds"].as_f64() == Some(secs)).cloned().unwrap_or_default();
+        // CPU per event is reported as its own median, not the median run's.
+        mid["cpu_seconds"] =
+            json!(median(results.iter().map(|r| r["cpu_seconds"].as_f64().unwrap_or(f64::NAN)).collect()));
         rows.push((name.into(), secs, mid));
     }
     let floor: Vec<Value> =
         (0..args.runs).map(|i| run_worker("floor", "0", 1, i)).collect::<anyhow::Result<_>>()?;
-    rows.push((
-        "arrow-json + ArrowWriter floor, 1 core".into(),
-        median(floor.iter().map(|r| r["seconds"].as_f64().unwrap_or(f64::NAN)).collect()),
-        json!({}),
-    ));
+    let secs = median(floor.iter().map(|r| r["seconds"].as_f64().unwrap_or(f64::NAN)).collect());
+    let cpu = median(floor.iter().map(|r| r["cpu_seconds"].as_f64().unwrap_or(f64::NAN)).collect());
+    rows.push(("arrow-json + ArrowWriter floor, 1 core".into(), secs, json!({ "cpu_seconds": cpu })));
 
     match python(&args) {
         Some(py) => {
@@ -190,26 +192,30 @@ fn report(rows: &[(String, f64, Value)], events: usize, bytes: u64) {
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
     println!();
     println!(
-        "{:<42} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "run (median)", "events/s", "MB/s", "vs floor", "vs best", "p50 ms", "p99 ms", "RSS MB"
+        "{:<42} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "run (median)", "events/s", "MB/s", "vs floor", "vs best", "p50 ms", "p99 ms", "RSS MB", "CPU us/ev"
     );
     for (name, secs, extra) in rows {
         let e = eps(*secs);
         let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.2}x", e / x));
         let ms = |k: &str| extra[k].as_f64().map_or("-".into(), |v| format!("{:.1}", v * 1000.0));
         let rss = extra["peak_rss_bytes"].as_f64().map_or("-".into(), |v| format!("{:.0}", v / 1e6));
+        let cpu =
+            extra["cpu_seconds"].as_f64().map_or("-".into(), |v| format!("{:.2}", v * 1e6 / events as f64));
         println!(
-            "{name:<42} {:>12.0} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{name:<42} {:>12.0} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
             e,
             bytes as f64 / secs / 1e6,
             ratio(floor),
             ratio(best_peer),
             ms("p50_ack_seconds"),
             ms("p99_ack_seconds"),
-            rss
+            rss,
+            cpu
         );
     }
     println!("\nvs floor: throughput / the arrow-json floor's; vs best: throughput / the faster of pyarrow and DuckDB.");
+    println!("CPU us/ev: CPU time (all threads, user + system) per event; steadier than throughput on a shared machine.");
     println!("Target (BRIEF.md): >= 200,000 events/s on one core end to end, within 1.45x of the floor.");
 }
 
@@ -246,6 +252,19 @@ fn batches(input: &Path, batch: usize) -> anyhow::Result<Vec<bytes::Bytes>> {
 /// (Linux 4.0+); a no-op where unsupported.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPU time (user + system, all threads) this process has used so far.
+/// On a shared machine this moves less than wall time does, so the report
+/// shows CPU per event next to throughput.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name: state is field 3, utime 14, stime 15,
+    // both in USER_HZ ticks (100 per second on Linux).
+    let mut f = s.get(s.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 fn peak_rss() -> Option<u64> {
@@ -296,7 +315,7 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let hub = Arc::new(Hub::start(config).await?);
         let account = AccountId::new(ACCOUNT)?;
         let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), cpu_seconds());
         let mut tasks = Vec::new();
         for _ in 0..args.cores * 2 {
             let (hub, queue, account) = (hub.clone(), queue.clone(), account.clone());
@@ -328,6 +347,7 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(json!({
             "seconds": secs, "p50_ack_seconds": pct(0.5), "p99_ack_seconds": pct(0.99),
             "peak_rss_bytes": peak_rss(),
+            "cpu_seconds": cpu.zip(cpu_seconds()).map(|(a, b)| b - a),
         }))
     })?;
     println!("{result}");
@@ -350,7 +370,7 @@ fn worker_floor(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             arrow_json::reader::infer_json_schema_from_seekable(std::io::Cursor::new(&data), None)?;
         inputs.push((data, Arc::new(schema)));
     }
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     for (t, (data, schema)) in inputs.iter().enumerate() {
         let mut decoder =
             arrow_json::ReaderBuilder::new(schema.clone()).with_batch_size(8192).build_decoder()?;
@@ -371,7 +391,8 @@ fn worker_floor(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         w.close()?;
     }
-    println!("{}", json!({ "seconds": started.elapsed().as_secs_f64() }));
+    let secs = started.elapsed().as_secs_f64();
+    println!("{}", json!({ "seconds": secs, "cpu_seconds": cpu.zip(cpu_seconds()).map(|(a, b)| b - a) }));
     Ok(ExitCode::SUCCESS)
 }
 
