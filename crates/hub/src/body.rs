@@ -2,6 +2,7 @@
 //! also bounds the decompressed size, and splitting into events: a JSON
 //! array or NDJSON.
 
+use std::borrow::Cow;
 use std::io::Read;
 
 /// Why a body was refused as a whole.
@@ -16,10 +17,11 @@ pub enum BodyError {
 }
 
 /// Decompress `body` per `encoding`, refusing more than `limit` bytes.
+/// An unencoded body is borrowed, not copied.
 ///
 /// # Errors
 /// [`BodyError::TooLarge`] or [`BodyError::Bad`].
-pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, BodyError> {
+pub fn decode<'a>(body: &'a [u8], encoding: Option<&str>, limit: usize) -> Result<Cow<'a, [u8]>, BodyError> {
     let mut out = Vec::new();
     let read = |r: &mut dyn Read, out: &mut Vec<u8>| -> Result<(), BodyError> {
         r.take(limit as u64 + 1)
@@ -35,7 +37,7 @@ pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u
             if body.len() > limit {
                 return Err(BodyError::TooLarge(limit));
             }
-            out.extend_from_slice(body);
+            return Ok(Cow::Borrowed(body));
         }
         Some("gzip" | "x-gzip") => read(&mut flate2::read::GzDecoder::new(body), &mut out)?,
         Some("zstd") => {
@@ -46,7 +48,7 @@ pub fn decode(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u
             return Err(BodyError::Bad(format!("unsupported Content-Encoding {other:?}; use gzip or zstd")))
         }
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 /// Split a body into event byte ranges. A body starting with `[` is a JSON
@@ -169,7 +171,7 @@ mod tests {
         assert_eq!(decode(&body, Some("gzip"), 1000), Err(BodyError::TooLarge(1000)));
         assert_eq!(decode(&body, Some("gzip"), 200_000).unwrap().len(), 100_000);
         let z = zstd::encode_all(&b"hello"[..], 1).unwrap();
-        assert_eq!(decode(&z, Some("zstd"), 10).unwrap(), b"hello");
+        assert_eq!(&*decode(&z, Some("zstd"), 10).unwrap(), b"hello");
         assert!(matches!(decode(b"x", Some("br"), 10), Err(BodyError::Bad(_))));
         assert!(matches!(decode(b"not gzip", Some("gzip"), 10), Err(BodyError::Bad(_))));
     }
