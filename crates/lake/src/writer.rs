@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use watershed_event::{Clock, TimestampMicros};
 
 use crate::commit::CommitLog;
-use crate::encode::{encode, EncodeOptions};
+use crate::encode::{encode, EncodeOptions, WRITE_ROWS};
 use crate::error::Result;
 use crate::partition::PartitionKey;
 use crate::store::{Lake, Put};
@@ -150,12 +150,49 @@ pub struct WriterStats {
 struct Buffer {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
+    /// Trailing batches not yet joined into one chunk, and their rows.
+    loose: usize,
+    loose_rows: usize,
     records: Vec<u64>,
     bytes: usize,
     rows: usize,
     opened: TimestampMicros,
     touched: TimestampMicros,
     late: bool,
+}
+
+impl Buffer {
+    /// Join the trailing small batches (one per request) into one chunk
+    /// of exactly sized arrays, the unit the Parquet encoder is fed.
+    /// Request batches carry their builders' spare capacity; joining
+    /// early frees it (and the small batches) for the next requests to
+    /// reuse instead of holding it until the file rolls. Returns the
+    /// bytes freed.
+    fn join_loose(&mut self) -> usize {
+        let (loose, start) = (self.loose, self.batches.len() - self.loose);
+        self.loose = 0;
+        self.loose_rows = 0;
+        if loose < 2 {
+            return 0;
+        }
+        let before: usize = self.batches[start..].iter().map(RecordBatch::get_array_memory_size).sum();
+        match arrow::compute::concat_batches(&self.schema, &self.batches[start..]) {
+            Ok(joined) => {
+                let after = joined.get_array_memory_size();
+                self.batches.truncate(start);
+                self.batches.push(joined);
+                let saved = before.saturating_sub(after);
+                self.bytes -= saved;
+                saved
+            }
+            // One schema per buffer, so this does not happen; the encoder
+            // joins whatever is left loose.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not join buffered batches; leaving them as they are");
+                0
+            }
+        }
+    }
 }
 
 /// The writer task's state.
@@ -237,6 +274,8 @@ impl LakeWriter {
             let buf = self.buffers.entry(p.key.clone()).or_insert_with(|| Buffer {
                 schema: p.batch.schema(),
                 batches: Vec::new(),
+                loose: 0,
+                loose_rows: 0,
                 records: Vec::new(),
                 bytes: 0,
                 rows: 0,
@@ -253,6 +292,13 @@ impl LakeWriter {
             buf.rows += rows;
             buf.touched = now;
             self.buffered += bytes;
+            buf.loose += 1;
+            buf.loose_rows += rows;
+            if buf.loose_rows >= WRITE_ROWS {
+                let saved = buf.join_loose();
+                self.buffered -= saved;
+                self.memory.release(saved);
+            }
         }
         self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
     }
