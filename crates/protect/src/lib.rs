@@ -26,7 +26,7 @@ mod protector;
 mod secret;
 
 pub use audit::AuditLog;
-pub use cipher::KeyId;
+pub use cipher::{DataCipher, KeyId};
 pub use decrypt::{Access, Decryptor};
 pub use envelope::{EnvelopeKeyring, LocalKeyring};
 pub use error::{Error, Result};
