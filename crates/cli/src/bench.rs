@@ -305,6 +305,7 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // bodies is gone; the bodies themselves (the requests) stay counted.
     reset_peak_rss();
     let config = hub_config(args, &dir, args.cores)?;
+    let lake_dir = config.lake_dir();
     watershed_hub::accounts::Accounts::add(&dir, &AccountId::new(ACCOUNT)?)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.cores)
@@ -342,6 +343,17 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let hub = Arc::try_unwrap(hub).map_err(|_| anyhow::anyhow!("hub still shared"))?;
         hub.shutdown().await?;
         let secs = started.elapsed().as_secs_f64();
+        // Outside the timed run: every event must be in a committed file.
+        let lake = watershed_lake::Lake::local(&lake_dir, 8)?;
+        let rows: u64 = watershed_lake::ls::summarize(&lake)
+            .await?
+            .values()
+            .flat_map(|t| t.values())
+            .map(|p| p.rows)
+            .sum();
+        if rows != args.events as u64 {
+            bail!("the lake holds {rows} rows after the run; expected {}", args.events);
+        }
         lat.sort();
         let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64();
         Ok::<_, anyhow::Error>(json!({

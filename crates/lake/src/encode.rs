@@ -49,53 +49,111 @@ pub fn encode(
     metadata: Vec<(String, String)>,
     opts: EncodeOptions,
 ) -> Result<Vec<u8>> {
-    let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
-    let mut builder = WriterProperties::builder();
-    // Ciphertexts and event ids never repeat: a dictionary would only
-    // cost time.
-    for path in encrypted_columns(schema) {
-        builder = builder.set_column_dictionary_enabled(ColumnPath::new(path), false);
-    }
-    if schema.field_with_name(UNIQUE_COLUMN).is_ok() {
-        builder = builder.set_column_dictionary_enabled(ColumnPath::new(vec![UNIQUE_COLUMN.into()]), false);
-    }
-    let props = builder
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
-        .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_dictionary_enabled(true)
-        // A column whose dictionary outgrows this falls back to plain
-        // encoding: low-cardinality columns keep their dictionaries, and
-        // near-unique ones stop paying for hashing early.
-        .set_dictionary_page_size_limit(DICTIONARY_LIMIT)
-        .set_max_row_group_row_count(Some(opts.row_group_rows))
-        .set_key_value_metadata(Some(metadata.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
-        .set_created_by(format!("watershed {}", env!("CARGO_PKG_VERSION")))
-        .build();
-    let mut out =
-        Vec::with_capacity(batches.iter().map(RecordBatch::get_array_memory_size).sum::<usize>() / 4);
-    let mut w = ArrowWriter::try_new(&mut out, schema.clone(), Some(props)).map_err(err)?;
+    let mut file = FileEncoder::new(path, schema, opts)?;
     // Requests hand over small batches; the column writers work per call,
     // so consecutive batches are joined into chunks of about
     // `WRITE_ROWS` rows first (one chunk of extra memory at a time).
-    let mut chunk: Vec<&RecordBatch> = Vec::new();
+    let mut start = 0;
     let mut rows = 0;
     for (i, b) in batches.iter().enumerate() {
-        chunk.push(b);
         rows += b.num_rows();
         if rows >= WRITE_ROWS || i + 1 == batches.len() {
-            if chunk.len() == 1 {
-                w.write(chunk[0]).map_err(err)?;
-            } else {
-                let joined = arrow::compute::concat_batches(schema, chunk.iter().copied())
-                    .map_err(|e| err(parquet::errors::ParquetError::ArrowError(e.to_string())))?;
-                w.write(&joined).map_err(err)?;
-            }
-            chunk.clear();
+            file.write_joined(&batches[start..=i])?;
+            start = i + 1;
             rows = 0;
         }
     }
-    w.close().map_err(err)?;
-    Ok(out)
+    file.finish(metadata)
+}
+
+/// One Parquet file encoded incrementally in memory: the lake writer feeds
+/// each partition's rows in chunks as they arrive, so an open partition
+/// holds compressed pages rather than Arrow buffers.
+pub struct FileEncoder {
+    path: String,
+    schema: SchemaRef,
+    writer: ArrowWriter<Vec<u8>>,
+    /// Bytes of this encoder currently counted against the memory budget
+    /// (kept by the caller).
+    pub charged: usize,
+}
+
+impl std::fmt::Debug for FileEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileEncoder").field("path", &self.path).field("held", &self.held()).finish()
+    }
+}
+
+impl FileEncoder {
+    /// An empty file of `schema`; `path` names it in errors.
+    ///
+    /// # Errors
+    /// [`Error::Parquet`] for settings the writer refuses.
+    pub fn new(path: &str, schema: &SchemaRef, opts: EncodeOptions) -> Result<Self> {
+        let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
+        let mut builder = WriterProperties::builder();
+        // Ciphertexts and event ids never repeat: a dictionary would only
+        // cost time.
+        for path in encrypted_columns(schema) {
+            builder = builder.set_column_dictionary_enabled(ColumnPath::new(path), false);
+        }
+        if schema.field_with_name(UNIQUE_COLUMN).is_ok() {
+            builder =
+                builder.set_column_dictionary_enabled(ColumnPath::new(vec![UNIQUE_COLUMN.into()]), false);
+        }
+        let props = builder
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
+            .set_statistics_enabled(EnabledStatistics::Chunk)
+            .set_dictionary_enabled(true)
+            // A column whose dictionary outgrows this falls back to plain
+            // encoding: low-cardinality columns keep their dictionaries, and
+            // near-unique ones stop paying for hashing early.
+            .set_dictionary_page_size_limit(DICTIONARY_LIMIT)
+            .set_max_row_group_row_count(Some(opts.row_group_rows))
+            .set_created_by(format!("watershed {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(err)?;
+        Ok(Self { path: path.to_owned(), schema: schema.clone(), writer, charged: 0 })
+    }
+
+    fn err(&self, e: parquet::errors::ParquetError) -> Error {
+        Error::Parquet { path: self.path.clone(), source: Box::new(e) }
+    }
+
+    /// Encode `batches` as the next rows, joined into one call.
+    ///
+    /// # Errors
+    /// [`Error::Parquet`] when encoding fails.
+    pub fn write_joined(&mut self, batches: &[RecordBatch]) -> Result<()> {
+        match batches {
+            [] => Ok(()),
+            [one] => self.writer.write(one).map_err(|e| self.err(e)),
+            many => {
+                let joined = arrow::compute::concat_batches(&self.schema, many)
+                    .map_err(|e| self.err(parquet::errors::ParquetError::ArrowError(e.to_string())))?;
+                self.writer.write(&joined).map_err(|e| self.err(e))
+            }
+        }
+    }
+
+    /// Bytes held: finished row groups plus the one in progress.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.writer.bytes_written() + self.writer.memory_size()
+    }
+
+    /// Add `metadata` and write the footer.
+    ///
+    /// # Errors
+    /// [`Error::Parquet`] when encoding fails.
+    pub fn finish(mut self, metadata: Vec<(String, String)>) -> Result<Vec<u8>> {
+        for (k, v) in metadata {
+            self.writer.append_key_value_metadata(KeyValue::new(k, v));
+        }
+        // Flushes the last row group and writes the footer.
+        let path = self.path;
+        self.writer.into_inner().map_err(|e| Error::Parquet { path, source: Box::new(e) })
+    }
 }
 
 /// Leaf paths (through structs only) of fields marked encrypted.

@@ -22,7 +22,7 @@ mod table;
 mod writer;
 
 pub use commit::{CommitLog, Committed};
-pub use encode::{encode, EncodeOptions};
+pub use encode::{encode, EncodeOptions, FileEncoder};
 pub use error::{Error, Result};
 pub use partition::{LakePath, PartitionKey, DEAD_LETTERS};
 pub use store::{Lake, Put};

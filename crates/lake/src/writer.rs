@@ -27,9 +27,9 @@ use tokio::task::JoinSet;
 use watershed_event::{Clock, TimestampMicros};
 
 use crate::commit::CommitLog;
-use crate::encode::{encode, EncodeOptions, WRITE_ROWS};
+use crate::encode::{EncodeOptions, FileEncoder, WRITE_ROWS};
 use crate::error::Result;
-use crate::partition::PartitionKey;
+use crate::partition::{LakePath, PartitionKey};
 use crate::store::{Lake, Put};
 
 /// Writer settings.
@@ -143,17 +143,22 @@ pub struct WriterStats {
     pub open_partitions: AtomicU64,
     /// Sizes of committed files, and flush durations, for histograms.
     pub recent: Mutex<Vec<(u64, f64)>>,
-    /// Flush failures (each retried).
+    /// Flush failures: store failures (each retried) and files that could
+    /// not be encoded (their rows stay in the WAL).
     pub failures: AtomicU64,
 }
 
 struct Buffer {
     schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-    /// Trailing batches not yet joined into one chunk, and their rows.
-    loose: usize,
+    /// Batches not yet handed to the encoder, and their rows and
+    /// (memory-budget) bytes.
+    loose: Vec<RecordBatch>,
     loose_rows: usize,
+    loose_bytes: usize,
+    /// The file being encoded, or the chunk being encoded into it.
+    encoder: Encoder,
     records: Vec<u64>,
+    /// Arrow bytes buffered since the file was opened (the roll measure).
     bytes: usize,
     rows: usize,
     opened: TimestampMicros,
@@ -161,37 +166,82 @@ struct Buffer {
     late: bool,
 }
 
+/// A partition's Parquet file while it is open.
+enum Encoder {
+    /// Nothing encoded yet.
+    Empty,
+    /// Encoding a chunk on the blocking pool (or done, the encoder
+    /// waiting in the handle for the next chunk).
+    Busy(tokio::task::JoinHandle<ChunkResult>),
+    /// A chunk failed to encode; see [`Buffer::settle`].
+    Failed(String),
+}
+
+/// The encoder back from a chunk, or the error and the chunk's batches.
+type ChunkResult = std::result::Result<Box<FileEncoder>, (crate::Error, Vec<RecordBatch>, usize)>;
+
 impl Buffer {
-    /// Join the trailing small batches (one per request) into one chunk
-    /// of exactly sized arrays, the unit the Parquet encoder is fed.
-    /// Request batches carry their builders' spare capacity; joining
-    /// early frees it (and the small batches) for the next requests to
-    /// reuse instead of holding it until the file rolls. Returns the
-    /// bytes freed.
-    fn join_loose(&mut self) -> usize {
-        let (loose, start) = (self.loose, self.batches.len() - self.loose);
-        self.loose = 0;
+    /// Wait for the chunk in flight, if any, and take the encoder (`None`
+    /// before the first chunk). A failed chunk's rows return to the loose
+    /// batches.
+    async fn settle(&mut self, key: &PartitionKey) -> std::result::Result<Option<Box<FileEncoder>>, String> {
+        match std::mem::replace(&mut self.encoder, Encoder::Empty) {
+            Encoder::Empty => Ok(None),
+            Encoder::Failed(e) => {
+                self.encoder = Encoder::Failed(e.clone());
+                Err(e)
+            }
+            Encoder::Busy(job) => match job.await.expect("encoding does not panic") {
+                Ok(e) => Ok(Some(e)),
+                Err((e, chunk, bytes)) => {
+                    tracing::error!(partition = %key, error = %e, "encoding a chunk failed; its rows stay in the WAL");
+                    let msg = e.to_string();
+                    self.loose.splice(0..0, chunk);
+                    self.loose_bytes += bytes;
+                    self.encoder = Encoder::Failed(msg.clone());
+                    Err(msg)
+                }
+            },
+        }
+    }
+
+    /// Hand the loose batches to the blocking pool to be encoded as the
+    /// file's next rows. Waits for the previous chunk first, so chunks are
+    /// written in arrival order and at most one per partition is in flight.
+    async fn encode_loose(
+        &mut self,
+        key: &PartitionKey,
+        memory: &Arc<Memory>,
+        opts: EncodeOptions,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let file = match self.settle(key).await {
+            Ok(f) => f,
+            Err(_) => return, // already failed: rows stay loose until the flush reports it
+        };
+        let chunk = std::mem::take(&mut self.loose);
+        let bytes = std::mem::take(&mut self.loose_bytes);
         self.loose_rows = 0;
-        if loose < 2 {
-            return 0;
-        }
-        let before: usize = self.batches[start..].iter().map(RecordBatch::get_array_memory_size).sum();
-        match arrow::compute::concat_batches(&self.schema, &self.batches[start..]) {
-            Ok(joined) => {
-                let after = joined.get_array_memory_size();
-                self.batches.truncate(start);
-                self.batches.push(joined);
-                let saved = before.saturating_sub(after);
-                self.bytes -= saved;
-                saved
+        let (schema, memory, name) = (self.schema.clone(), memory.clone(), key.dir());
+        self.encoder = Encoder::Busy(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut file = match file {
+                Some(f) => f,
+                None => Box::new(FileEncoder::new(&name, &schema, opts).map_err(|e| (e, Vec::new(), 0))?),
+            };
+            match file.write_joined(&chunk) {
+                Ok(()) => {
+                    // The chunk's Arrow bytes are replaced by the growth of
+                    // the encoded file (added first: `used` never dips).
+                    let held = file.held();
+                    memory.add(held);
+                    memory.release(file.charged + bytes);
+                    file.charged = held;
+                    Ok(file)
+                }
+                Err(e) => Err((e, chunk, bytes)),
             }
-            // One schema per buffer, so this does not happen; the encoder
-            // joins whatever is left loose.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not join buffered batches; leaving them as they are");
-                0
-            }
-        }
+        }));
     }
 }
 
@@ -208,6 +258,8 @@ pub struct LakeWriter {
     buffered: usize,
     flushing: JoinSet<()>,
     permits: Arc<Semaphore>,
+    /// Chunks being encoded (one at a time).
+    encoding: Arc<Semaphore>,
 }
 
 impl LakeWriter {
@@ -235,6 +287,7 @@ impl LakeWriter {
             buffered: 0,
             flushing: JoinSet::new(),
             permits,
+            encoding: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -246,7 +299,7 @@ impl LakeWriter {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(Msg::Parts(parts)) => {
-                        self.add(parts);
+                        self.add(parts).await;
                         self.enforce().await;
                     }
                     Some(Msg::FlushAll(done)) => {
@@ -262,9 +315,10 @@ impl LakeWriter {
         self.flush_all().await;
     }
 
-    fn add(&mut self, parts: Vec<Part>) {
+    async fn add(&mut self, parts: Vec<Part>) {
         let now = self.clock.now_micros();
         let late_cut = now - i64::try_from(self.cfg.late_after.as_micros()).unwrap_or(i64::MAX);
+        let mut ready = Vec::new();
         for p in parts {
             let bytes = p.batch.get_array_memory_size();
             let rows = p.batch.num_rows();
@@ -273,9 +327,10 @@ impl LakeWriter {
             // file, has one schema.
             let buf = self.buffers.entry(p.key.clone()).or_insert_with(|| Buffer {
                 schema: p.batch.schema(),
-                batches: Vec::new(),
-                loose: 0,
+                loose: Vec::new(),
                 loose_rows: 0,
+                loose_bytes: 0,
+                encoder: Encoder::Empty,
                 records: Vec::new(),
                 bytes: 0,
                 rows: 0,
@@ -284,21 +339,41 @@ impl LakeWriter {
                 late: partition_end(&p.key) < late_cut,
             });
             debug_assert_eq!(buf.schema, p.batch.schema(), "one schema per partition buffer");
-            buf.batches.push(p.batch);
+            buf.loose.push(p.batch);
             if buf.records.last() != Some(&p.record) {
                 buf.records.push(p.record);
             }
+            buf.loose_rows += rows;
+            buf.loose_bytes += bytes;
             buf.bytes += bytes;
             buf.rows += rows;
             buf.touched = now;
             self.buffered += bytes;
-            buf.loose += 1;
-            buf.loose_rows += rows;
             if buf.loose_rows >= WRITE_ROWS {
-                let saved = buf.join_loose();
-                self.buffered -= saved;
-                self.memory.release(saved);
+                ready.push(p.key);
             }
+        }
+        // Encode full chunks as they form: an open partition then holds
+        // compressed pages, and the chunk is encoded while its memory is
+        // still warm, instead of all of it at roll time.
+        // One chunk is encoded at a time, and the writer does not wait for
+        // it (that would hold up the requests behind it) unless a
+        // partition has several chunks' worth waiting: encoding shares the
+        // blocking pool with request processing, which keeps ack latency
+        // low on a single core.
+        for key in ready {
+            let Some(buf) = self.buffers.get_mut(&key) else { continue };
+            let busy = matches!(&buf.encoder, Encoder::Busy(job) if !job.is_finished());
+            let must = buf.loose_rows >= 4 * WRITE_ROWS;
+            if buf.loose_rows < WRITE_ROWS || (busy && !must) {
+                continue;
+            }
+            let permit = match self.encoding.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) if must => self.encoding.clone().acquire_owned().await.expect("never closed"),
+                Err(_) => continue,
+            };
+            buf.encode_loose(&key, &self.memory, self.cfg.encode, permit).await;
         }
         self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
     }
@@ -404,22 +479,38 @@ struct FlushCtx {
 }
 
 impl FlushCtx {
-    /// Flush one buffer, retrying with backoff until it is committed:
-    /// acknowledged rows are never dropped.
-    async fn flush(&self, key: PartitionKey, buf: Buffer) {
+    /// Finish one buffer's file and commit it, retrying the store with
+    /// backoff until it is committed: acknowledged rows are never dropped.
+    async fn flush(&self, key: PartitionKey, mut buf: Buffer) {
+        let started = std::time::Instant::now();
+        let first = *buf.records.iter().min().unwrap_or(&0);
+        let last = *buf.records.iter().max().unwrap_or(&0);
+        let path = key.file("wal", first, last);
+        let bytes = match self.finish_file(&key, &path, &mut buf).await {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => {
+                // Only a bug gets here (one schema per buffer, in-memory
+                // output). The rows are not reported committed, so their
+                // WAL records stay and replay on the next start.
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(partition = %key, error = %e, "cannot encode the partition's file; its rows stay in the WAL until the next start");
+                return;
+            }
+        };
+        let (records, rows) = (std::mem::take(&mut buf.records), buf.rows);
+        drop(buf);
         let mut backoff = Duration::from_millis(100);
         loop {
-            let started = std::time::Instant::now();
-            match self.try_flush(&key, &buf).await {
-                Ok(size) => {
+            match self.commit(&key, &path, &records, rows, bytes.clone()).await {
+                Ok(()) => {
                     let secs = started.elapsed().as_secs_f64();
                     self.stats.files.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(size as u64, Ordering::Relaxed);
-                    self.stats.rows.fetch_add(buf.rows as u64, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
                     if let Ok(mut r) = self.stats.recent.lock() {
-                        r.push((size as u64, secs));
+                        r.push((bytes.len() as u64, secs));
                     }
-                    self.memory.release(buf.bytes);
+                    self.memory.release(bytes.len());
                     return;
                 }
                 Err(e) => {
@@ -432,10 +523,25 @@ impl FlushCtx {
         }
     }
 
-    async fn try_flush(&self, key: &PartitionKey, buf: &Buffer) -> Result<usize> {
-        let first = *buf.records.iter().min().unwrap_or(&0);
-        let last = *buf.records.iter().max().unwrap_or(&0);
-        let path = key.file("wal", first, last);
+    /// Encode the remaining rows and the footer. The buffer's memory charge
+    /// becomes the file's size (released when it is committed), or is
+    /// released on failure.
+    async fn finish_file(
+        &self,
+        key: &PartitionKey,
+        path: &LakePath,
+        buf: &mut Buffer,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let settled = buf.settle(key).await;
+        let loose = std::mem::take(&mut buf.loose);
+        let loose_bytes = std::mem::take(&mut buf.loose_bytes);
+        let file = match settled {
+            Ok(f) => f,
+            Err(e) => {
+                self.memory.release(loose_bytes);
+                return Err(e);
+            }
+        };
         let meta = vec![
             ("watershed.source".to_owned(), "wal".to_owned()),
             (
@@ -443,21 +549,46 @@ impl FlushCtx {
                 buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
             ),
         ];
-        let (schema, batches, p) = (buf.schema.clone(), buf.batches.clone(), path.0.clone());
-        let opts = self.encode;
-        let bytes = tokio::task::spawn_blocking(move || encode(&p, &schema, &batches, meta, opts))
-            .await
-            .expect("encoding does not panic")?;
+        let (schema, memory, name, opts) =
+            (buf.schema.clone(), self.memory.clone(), path.0.clone(), self.encode);
+        tokio::task::spawn_blocking(move || {
+            let charged = loose_bytes + file.as_ref().map_or(0, |f| f.charged);
+            let out = (|| {
+                let mut file = match file {
+                    Some(f) => f,
+                    None => Box::new(FileEncoder::new(&name, &schema, opts)?),
+                };
+                file.write_joined(&loose)?;
+                file.finish(meta)
+            })();
+            if let Ok(out) = &out {
+                memory.add(out.len());
+            }
+            memory.release(charged);
+            out.map_err(|e| e.to_string())
+        })
+        .await
+        .expect("encoding does not panic")
+    }
+
+    async fn commit(
+        &self,
+        key: &PartitionKey,
+        path: &LakePath,
+        records: &[u64],
+        rows: usize,
+        bytes: bytes::Bytes,
+    ) -> Result<()> {
         let size = bytes.len();
         let partition = key.dir();
-        self.log.lock().expect("commit log lock").intent(&path, &partition, &buf.records)?;
-        let put = self.lake.put_create(&path, bytes.into()).await?;
+        self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
+        let put = self.lake.put_create(path, bytes).await?;
         if put == Put::AlreadyExists {
             tracing::info!(path = %path, "file already committed by an earlier run; keeping it");
         }
-        self.log.lock().expect("commit log lock").commit(&path)?;
-        self.sink.committed(key, &buf.records);
-        tracing::info!(path = %path, rows = buf.rows, bytes = size, "committed parquet file");
-        Ok(size)
+        self.log.lock().expect("commit log lock").commit(path)?;
+        self.sink.committed(key, records);
+        tracing::info!(path = %path, rows, bytes = size, "committed parquet file");
+        Ok(())
     }
 }

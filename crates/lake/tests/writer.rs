@@ -107,7 +107,7 @@ async fn late_partitions_are_bounded_and_coalesce() {
 }
 
 #[tokio::test]
-async fn many_small_batches_are_joined_without_losing_or_reordering_rows() {
+async fn many_small_batches_are_encoded_in_chunks_without_losing_or_reordering_rows() {
     use arrow::array::{Array, StringBuilder};
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
