@@ -56,7 +56,7 @@ impl Default for HubConfig {
 pub struct LakeConfig {
     /// The lake directory; `<data_dir>/lake` when empty.
     pub path: Option<PathBuf>,
-    /// Roll a partition's file at this many buffered (Arrow) bytes.
+    /// Roll a partition's file once this many Arrow bytes went into it.
     pub roll_bytes: usize,
     /// Roll a partition's file this many seconds after its first row.
     pub roll_age_secs: u64,
@@ -118,8 +118,8 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
-    /// Bytes of buffered rows (open partitions plus files being written)
-    /// before ingest answers 503.
+    /// Bytes of buffered rows (Arrow rows not yet encoded, open files'
+    /// encoded pages, and files being written) before ingest answers 503.
     pub budget_bytes: usize,
 }
 

@@ -36,7 +36,7 @@ const UNIQUE_COLUMN: &str = "event_id";
 const DICTIONARY_LIMIT: usize = 256 << 10;
 
 /// Rows handed to the Parquet writer per call.
-pub(crate) const WRITE_ROWS: usize = 8192;
+const WRITE_ROWS: usize = 8192;
 
 /// Encode `batches` (all of `schema`) as one Parquet file.
 ///

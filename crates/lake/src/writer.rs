@@ -27,10 +27,19 @@ use tokio::task::JoinSet;
 use watershed_event::{Clock, TimestampMicros};
 
 use crate::commit::CommitLog;
-use crate::encode::{EncodeOptions, FileEncoder, WRITE_ROWS};
+use crate::encode::{EncodeOptions, FileEncoder};
 use crate::error::Result;
 use crate::partition::{LakePath, PartitionKey};
 use crate::store::{Lake, Put};
+
+/// Rows of a partition encoded into its open file at a time. Small enough
+/// that a chunk (a few milliseconds of encoding) barely delays the
+/// requests queued behind it on one core; large enough that the column
+/// writers work in bulk.
+const CHUNK_ROWS: usize = 2048;
+
+/// The same, in Arrow bytes, for tables with wide rows.
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// Writer settings.
 #[derive(Debug, Clone)]
@@ -160,6 +169,9 @@ struct Buffer {
     records: Vec<u64>,
     /// Arrow bytes buffered since the file was opened (the roll measure).
     bytes: usize,
+    /// Bytes this buffer holds against the memory budget: the loose
+    /// batches plus the encoded file (updated by the encoding job).
+    charge: Arc<AtomicUsize>,
     rows: usize,
     opened: TimestampMicros,
     touched: TimestampMicros,
@@ -222,7 +234,8 @@ impl Buffer {
         let chunk = std::mem::take(&mut self.loose);
         let bytes = std::mem::take(&mut self.loose_bytes);
         self.loose_rows = 0;
-        let (schema, memory, name) = (self.schema.clone(), memory.clone(), key.dir());
+        let (schema, memory, name, charge) =
+            (self.schema.clone(), memory.clone(), key.dir(), self.charge.clone());
         self.encoder = Encoder::Busy(tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut file = match file {
@@ -236,6 +249,8 @@ impl Buffer {
                     let held = file.held();
                     memory.add(held);
                     memory.release(file.charged + bytes);
+                    charge.fetch_add(held, Ordering::Relaxed);
+                    charge.fetch_sub(file.charged + bytes, Ordering::Relaxed);
                     file.charged = held;
                     Ok(file)
                 }
@@ -255,7 +270,6 @@ pub struct LakeWriter {
     clock: Arc<dyn Clock>,
     stats: Arc<WriterStats>,
     buffers: HashMap<PartitionKey, Buffer>,
-    buffered: usize,
     flushing: JoinSet<()>,
     permits: Arc<Semaphore>,
     /// Chunks being encoded (one at a time).
@@ -284,7 +298,6 @@ impl LakeWriter {
             clock,
             stats,
             buffers: HashMap::new(),
-            buffered: 0,
             flushing: JoinSet::new(),
             permits,
             encoding: Arc::new(Semaphore::new(1)),
@@ -308,7 +321,18 @@ impl LakeWriter {
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.roll_aged().await,
+                _ = tick.tick() => {
+                    self.roll_aged().await;
+                    // Chunks skipped while another was encoding, in
+                    // partitions that have had no request since.
+                    let waiting = self
+                        .buffers
+                        .iter()
+                        .filter(|(_, b)| b.loose_rows >= CHUNK_ROWS || b.loose_bytes >= CHUNK_BYTES)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    self.encode_ready(waiting).await;
+                }
                 Some(_) = self.flushing.join_next(), if !self.flushing.is_empty() => {}
             }
         }
@@ -333,6 +357,7 @@ impl LakeWriter {
                 encoder: Encoder::Empty,
                 records: Vec::new(),
                 bytes: 0,
+                charge: Arc::default(),
                 rows: 0,
                 opened: now,
                 touched: now,
@@ -348,24 +373,30 @@ impl LakeWriter {
             buf.bytes += bytes;
             buf.rows += rows;
             buf.touched = now;
-            self.buffered += bytes;
-            if buf.loose_rows >= WRITE_ROWS {
+            buf.charge.fetch_add(bytes, Ordering::Relaxed);
+            if buf.loose_rows >= CHUNK_ROWS || buf.loose_bytes >= CHUNK_BYTES {
                 ready.push(p.key);
             }
         }
+        self.encode_ready(ready).await;
+        self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Hand the full chunks of `keys` to the encoder.
+    async fn encode_ready(&mut self, keys: Vec<PartitionKey>) {
         // Encode full chunks as they form: an open partition then holds
-        // compressed pages, and the chunk is encoded while its memory is
-        // still warm, instead of all of it at roll time.
-        // One chunk is encoded at a time, and the writer does not wait for
-        // it (that would hold up the requests behind it) unless a
-        // partition has several chunks' worth waiting: encoding shares the
-        // blocking pool with request processing, which keeps ack latency
-        // low on a single core.
-        for key in ready {
+        // compressed pages, and each chunk is encoded while its memory is
+        // still warm instead of all at roll time. Encoding shares the
+        // blocking pool with request processing, so one chunk is encoded
+        // at a time and the writer does not wait for it (which would hold
+        // up the requests behind it) unless a partition has four chunks'
+        // worth waiting.
+        for key in keys {
             let Some(buf) = self.buffers.get_mut(&key) else { continue };
             let busy = matches!(&buf.encoder, Encoder::Busy(job) if !job.is_finished());
-            let must = buf.loose_rows >= 4 * WRITE_ROWS;
-            if buf.loose_rows < WRITE_ROWS || (busy && !must) {
+            let must = buf.loose_rows >= 4 * CHUNK_ROWS || buf.loose_bytes >= 4 * CHUNK_BYTES;
+            let full = buf.loose_rows >= CHUNK_ROWS || buf.loose_bytes >= CHUNK_BYTES;
+            if !full || (busy && !must) {
                 continue;
             }
             let permit = match self.encoding.clone().try_acquire_owned() {
@@ -375,7 +406,6 @@ impl LakeWriter {
             };
             buf.encode_loose(&key, &self.memory, self.cfg.encode, permit).await;
         }
-        self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
     }
 
     async fn enforce(&mut self) {
@@ -392,12 +422,14 @@ impl LakeWriter {
         let low = self.memory.budget() / 2;
         if self.memory.used() >= high {
             let mut by_size: Vec<(usize, PartitionKey)> =
-                self.buffers.iter().map(|(k, b)| (b.bytes, k.clone())).collect();
+                self.buffers.iter().map(|(k, b)| (b.charge.load(Ordering::Relaxed), k.clone())).collect();
             by_size.sort_by_key(|x| std::cmp::Reverse(x.0));
-            for (_, k) in by_size {
-                if self.buffered < low {
+            let mut open: usize = by_size.iter().map(|x| x.0).sum();
+            for (size, k) in by_size {
+                if open < low {
                     break;
                 }
+                open -= size;
                 self.flush_key(&k).await;
             }
         }
@@ -439,7 +471,6 @@ impl LakeWriter {
 
     async fn flush_key(&mut self, key: &PartitionKey) {
         if let Some(buf) = self.buffers.remove(key) {
-            self.buffered -= buf.bytes;
             self.stats.open_partitions.store(self.buffers.len() as u64, Ordering::Relaxed);
             // Wait for a flush slot here: this is what pushes back on the
             // writer's channel, and so on ingest, when the store is slow.

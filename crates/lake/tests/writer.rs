@@ -133,7 +133,7 @@ async fn many_small_batches_are_encoded_in_chunks_without_losing_or_reordering_r
         Field::new("v", DataType::Int64, false),
         Field::new("s", DataType::Utf8, true),
     ]));
-    // 60 requests of 333 rows: several joins of about 8,192 rows, and a
+    // 60 requests of 333 rows: several chunks encoded as they form, and a
     // loose tail. Builders keep spare capacity, as request batches do.
     let (requests, rows) = (60u64, 333u64);
     for r in 0..requests {
@@ -196,4 +196,87 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+fn text_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> RecordBatch {
+    use arrow::array::StringArray;
+    let v = Int64Array::from_iter_values((first..first + rows).map(|i| i64::try_from(i % 100).unwrap()));
+    // Low-cardinality text, as a status or a region column.
+    let s = StringArray::from_iter_values((first..first + rows).map(|i| format!("{:0>width$}", i % 50)));
+    RecordBatch::try_new(schema.clone(), vec![Arc::new(v), Arc::new(s)]).unwrap()
+}
+
+#[tokio::test]
+async fn open_partitions_hold_encoded_bytes_and_the_largest_flushes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
+    let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000 * HOUR)));
+    let sink = Arc::new(Sink::default());
+    let stats = Arc::new(WriterStats::default());
+    let memory = Memory::new(4 << 20);
+    let writer = LakeWriter::new(
+        WriterConfig::default(),
+        lake,
+        memory.clone(),
+        log,
+        sink.clone(),
+        clock,
+        stats.clone(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(writer.run(rx));
+    let account = AccountId::new("111111111111").unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("v", DataType::Int64, false),
+        Field::new("s", DataType::Utf8, false),
+    ]));
+    let send = |key: PartitionKey, b: RecordBatch, record: u64| {
+        memory.add(b.get_array_memory_size());
+        let tx = tx.clone();
+        async move { tx.send(Msg::Parts(vec![Part { key, batch: b, record }])).await.unwrap() }
+    };
+
+    // Thirty thousand low-cardinality rows into one partition: encoded as
+    // they arrive, the open file holds a fraction of their Arrow size.
+    let big = PartitionKey::at("t", &account, 1_000 * HOUR);
+    let mut arrow_bytes = 0;
+    for r in 0..30u64 {
+        let b = text_batch(&schema, r * 1000, 1000, 120);
+        arrow_bytes += b.get_array_memory_size();
+        send(big.clone(), b, r + 1).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while memory.used() > arrow_bytes / 2 {
+        assert!(std::time::Instant::now() < deadline, "used {} of {arrow_bytes} Arrow bytes", memory.used());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.1.load(Ordering::Relaxed), 0, "nothing rolled yet");
+
+    // A small partition, then one of wide rows, too few to be encoded yet
+    // (2,000 rows of 2 KB), that crosses the budget's high mark. It holds
+    // the most memory, though the first partition took in more Arrow
+    // bytes: it flushes; the others stay open.
+    let small = PartitionKey::at("u", &account, 1_000 * HOUR);
+    send(small.clone(), text_batch(&schema, 0, 10, 120), 11).await;
+    let wide = PartitionKey::at("w", &account, 1_000 * HOUR);
+    send(wide.clone(), text_batch(&schema, 0, 1000, 2000), 12).await;
+    send(wide.clone(), text_batch(&schema, 1000, 1000, 2000), 13).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink.1.load(Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the budget never forced a flush");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let flushed: Vec<String> = sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect();
+    assert!(
+        flushed.iter().all(|p| p.starts_with("w/")),
+        "only the largest partition flushes; the others stay open: {flushed:?}"
+    );
+
+    let (done, wait) = tokio::sync::oneshot::channel();
+    tx.send(Msg::FlushAll(done)).await.unwrap();
+    wait.await.unwrap();
+    drop(tx);
+    task.await.unwrap();
+    assert_eq!(memory.used(), 0);
 }
