@@ -1,10 +1,15 @@
 //! The lake writer: partition buffers under one memory budget, rolled into
 //! Parquet files by size and age, committed create-only.
 //!
+//! Each open partition encodes its rows into an in-memory Parquet file as
+//! they arrive, in chunks of [`CHUNK_ROWS`] rows, one chunk at a time on
+//! the blocking pool; rolling a file encodes the tail and writes the footer.
+//!
 //! Policy, in order of precedence:
-//! - a buffer reaching `roll_bytes` is flushed at once;
-//! - when buffered bytes reach the memory budget's high-water mark, the
-//!   largest buffers flush first until usage is back under the low mark;
+//! - a buffer that has taken in `roll_bytes` Arrow bytes is flushed at once;
+//! - when usage reaches the memory budget's high-water mark, the buffers
+//!   holding the most memory flush first until open buffers hold less than
+//!   the low mark;
 //! - when more than `max_open_partitions` buffers are open, the least
 //!   recently written ones flush (late events cannot open partitions
 //!   without bound);
@@ -12,8 +17,8 @@
 //!   (event hour older than `late_after`) wait `late_roll_age` instead, so a
 //!   trickle of late events coalesces into few files.
 //!
-//! Flushes run concurrently (encoding on the blocking pool), each file
-//! named by the WAL records it covers and recorded in the commit log.
+//! Flushes run concurrently, each file named by the WAL records it covers
+//! and recorded in the commit log.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
