@@ -194,7 +194,8 @@ enum Encoder {
     Failed(String),
 }
 
-/// The encoder back from a chunk, or the error and the chunk's batches.
+/// The encoder back from a chunk, or the error and the chunk's batches
+/// and bytes (still counted against the budget).
 type ChunkResult = std::result::Result<Box<FileEncoder>, (crate::Error, Vec<RecordBatch>, usize)>;
 
 impl Buffer {
@@ -245,7 +246,10 @@ impl Buffer {
             let _permit = permit;
             let mut file = match file {
                 Some(f) => f,
-                None => Box::new(FileEncoder::new(&name, &schema, opts).map_err(|e| (e, Vec::new(), 0))?),
+                None => match FileEncoder::new(&name, &schema, opts) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => return Err((e, chunk, bytes)),
+                },
             };
             match file.write_joined(&chunk) {
                 Ok(()) => {
@@ -259,7 +263,13 @@ impl Buffer {
                     file.charged = held;
                     Ok(file)
                 }
-                Err(e) => Err((e, chunk, bytes)),
+                Err(e) => {
+                    // The file is dropped; the chunk goes back to the
+                    // buffer, still counted.
+                    memory.release(file.charged);
+                    charge.fetch_sub(file.charged, Ordering::Relaxed);
+                    Err((e, chunk, bytes))
+                }
             }
         }));
     }
@@ -626,5 +636,74 @@ impl FlushCtx {
         self.sink.committed(key, records);
         tracing::info!(path = %path, rows, bytes = size, "committed parquet file");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use watershed_event::AccountId;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_chunk_that_fails_to_encode_keeps_its_rows_and_their_memory() {
+        let memory = Memory::new(1 << 30);
+        let key = PartitionKey::at("t", &AccountId::new("111111111111").unwrap(), 0);
+        let ints = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let texts = Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8, false)]));
+        // A batch whose column does not match the file's schema (which the
+        // writer never sends; this is the path a bug would take).
+        let bad = RecordBatch::try_new(texts, vec![Arc::new(StringArray::from(vec!["x"; 10]))]).unwrap();
+        let good = RecordBatch::try_new(ints.clone(), vec![Arc::new(Int64Array::from(vec![1; 10]))]).unwrap();
+        let (bad_bytes, good_bytes) = (bad.get_array_memory_size(), good.get_array_memory_size());
+        memory.add(bad_bytes + good_bytes);
+        let mut buf = Buffer {
+            schema: ints,
+            loose: vec![good, bad],
+            loose_rows: 20,
+            loose_bytes: bad_bytes + good_bytes,
+            encoder: Encoder::Empty,
+            records: vec![1],
+            bytes: bad_bytes + good_bytes,
+            charge: Arc::new(AtomicUsize::new(bad_bytes + good_bytes)),
+            rows: 20,
+            opened: 0,
+            touched: 0,
+            late: false,
+        };
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        buf.encode_loose(&key, &memory, EncodeOptions::default(), permit).await;
+        assert!(buf.settle(&key).await.is_err(), "the failure is reported");
+        assert!(buf.settle(&key).await.is_err(), "and stays reported");
+        assert_eq!(buf.loose.len(), 2, "the chunk's batches are back in the buffer");
+        assert_eq!(buf.loose_bytes, bad_bytes + good_bytes);
+        assert_eq!(memory.used(), bad_bytes + good_bytes, "still counted, released by the flush");
+
+        // The flush reports it, commits nothing (the rows stay in the WAL)
+        // and releases the memory.
+        struct NoCommits;
+        impl CommitSink for NoCommits {
+            fn committed(&self, partition: &PartitionKey, _: &[u64]) {
+                panic!("{partition} must not be reported committed");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+        let stats = Arc::new(WriterStats::default());
+        let ctx = FlushCtx {
+            lake,
+            log: Arc::new(Mutex::new(log)),
+            sink: Arc::new(NoCommits),
+            memory: memory.clone(),
+            stats: stats.clone(),
+            encode: EncodeOptions::default(),
+        };
+        ctx.flush(key, buf).await;
+        assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.files.load(Ordering::Relaxed), 0);
+        assert_eq!(memory.used(), 0);
     }
 }
