@@ -8,8 +8,9 @@
 //! Policy, in order of precedence:
 //! - a buffer that has taken in `roll_bytes` Arrow bytes is flushed at once;
 //! - when usage reaches the memory budget's high-water mark, the buffers
-//!   holding the most memory flush first until open buffers hold less than
-//!   the low mark;
+//!   with the most unencoded rows are encoded first (waiting for each);
+//!   if that is not enough, the buffers holding the most memory flush
+//!   until open buffers hold less than the low mark;
 //! - when more than `max_open_partitions` buffers are open, the least
 //!   recently written ones flush (late events cannot open partitions
 //!   without bound);
@@ -45,6 +46,11 @@ const CHUNK_ROWS: usize = 2048;
 
 /// The same, in Arrow bytes, for tables with wide rows.
 const CHUNK_BYTES: usize = 8 << 20;
+
+/// Under memory pressure, partitions with at least this many unencoded
+/// bytes are encoded before any file is flushed early (below it, an
+/// encoder's own buffers would outweigh the saving).
+const RELIEF_BYTES: usize = 1 << 20;
 
 /// Writer settings.
 #[derive(Debug, Clone)]
@@ -187,6 +193,8 @@ struct Buffer {
 enum Encoder {
     /// Nothing encoded yet.
     Empty,
+    /// Ready for the next chunk.
+    Idle(Box<FileEncoder>),
     /// Encoding a chunk on the blocking pool (or done, the encoder
     /// waiting in the handle for the next chunk).
     Busy(tokio::task::JoinHandle<ChunkResult>),
@@ -205,6 +213,7 @@ impl Buffer {
     async fn settle(&mut self, key: &PartitionKey) -> std::result::Result<Option<Box<FileEncoder>>, String> {
         match std::mem::replace(&mut self.encoder, Encoder::Empty) {
             Encoder::Empty => Ok(None),
+            Encoder::Idle(f) => Ok(Some(f)),
             Encoder::Failed(e) => {
                 self.encoder = Encoder::Failed(e.clone());
                 Err(e)
@@ -435,7 +444,7 @@ impl LakeWriter {
         }
         let high = self.memory.budget() / 10 * 8;
         let low = self.memory.budget() / 2;
-        if self.memory.used() >= high {
+        if self.memory.used() >= high && !self.relieve(high, low).await {
             let mut by_size: Vec<(usize, PartitionKey)> =
                 self.buffers.iter().map(|(k, b)| (b.charge.load(Ordering::Relaxed), k.clone())).collect();
             by_size.sort_by_key(|x| std::cmp::Reverse(x.0));
@@ -457,6 +466,33 @@ impl LakeWriter {
                 self.flush_key(&k).await;
             }
         }
+    }
+
+    /// Under memory pressure, encode the unencoded rows of the partitions
+    /// holding the most of them (at least [`RELIEF_BYTES`] each), waiting
+    /// for each, before any file is flushed early: encoded rows take a
+    /// fraction of the memory, and files stay large. Returns whether usage
+    /// is back under `high`.
+    async fn relieve(&mut self, high: usize, low: usize) -> bool {
+        let mut by_loose: Vec<(usize, PartitionKey)> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| b.loose_bytes >= RELIEF_BYTES && !matches!(b.encoder, Encoder::Failed(_)))
+            .map(|(k, b)| (b.loose_bytes, k.clone()))
+            .collect();
+        by_loose.sort_by_key(|x| std::cmp::Reverse(x.0));
+        for (_, k) in by_loose {
+            if self.memory.used() < low {
+                break;
+            }
+            let Some(buf) = self.buffers.get_mut(&k) else { continue };
+            let permit = self.encoding.clone().acquire_owned().await.expect("never closed");
+            buf.encode_loose(&k, &self.memory, self.cfg.encode, permit).await;
+            if let Ok(Some(file)) = buf.settle(&k).await {
+                buf.encoder = Encoder::Idle(file);
+            }
+        }
+        self.memory.used() < high
     }
 
     async fn roll_aged(&mut self) {

@@ -198,6 +198,26 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Rows of `width` pseudo-random base64 characters: neither a dictionary
+/// nor zstd makes them smaller than about three quarters.
+fn noise_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> RecordBatch {
+    use arrow::array::StringArray;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x = first.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let s = StringArray::from_iter_values((0..rows).map(|_| {
+        (0..width)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(ALPHABET[usize::try_from(x % 64).unwrap()])
+            })
+            .collect::<String>()
+    }));
+    let v = Int64Array::from_iter_values((first..first + rows).map(|i| i64::try_from(i).unwrap()));
+    RecordBatch::try_new(schema.clone(), vec![Arc::new(v), Arc::new(s)]).unwrap()
+}
+
 fn text_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> RecordBatch {
     use arrow::array::StringArray;
     let v = Int64Array::from_iter_values((first..first + rows).map(|i| i64::try_from(i % 100).unwrap()));
@@ -207,7 +227,7 @@ fn text_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> Reco
 }
 
 #[tokio::test]
-async fn open_partitions_hold_encoded_bytes_and_the_largest_flushes_first() {
+async fn open_partitions_hold_encoded_bytes_and_pressure_encodes_before_it_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
     let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
@@ -253,15 +273,31 @@ async fn open_partitions_hold_encoded_bytes_and_the_largest_flushes_first() {
     }
     assert_eq!(sink.1.load(Ordering::Relaxed), 0, "nothing rolled yet");
 
-    // A small partition, then one of wide rows, too few to be encoded yet
-    // (2,000 rows of 2 KB), that crosses the budget's high mark. It holds
-    // the most memory, though the first partition took in more Arrow
-    // bytes: it flushes; the others stay open.
+    // A small partition, then 2,000 wide rows (2 KB each) of compressible
+    // text, too few rows for a chunk: they cross the budget's high mark,
+    // and encoding them, not flushing anything, brings usage back down.
     let small = PartitionKey::at("u", &account, 1_000 * HOUR);
     send(small.clone(), text_batch(&schema, 0, 10, 120), 11).await;
-    let wide = PartitionKey::at("w", &account, 1_000 * HOUR);
+    let wide = PartitionKey::at("v", &account, 1_000 * HOUR);
     send(wide.clone(), text_batch(&schema, 0, 1000, 2000), 12).await;
     send(wide.clone(), text_batch(&schema, 1000, 1000, 2000), 13).await;
+    let high = (4 << 20) / 10 * 8;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while memory.used() >= high {
+        assert!(std::time::Instant::now() < deadline, "usage stayed at {}", memory.used());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // (A flush releases its memory just before the file is put.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let flushed: Vec<String> = sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect();
+    assert!(flushed.is_empty(), "encoding relieved the budget; nothing flushed early: {flushed:?}");
+
+    // Then 2,000 wide rows that do not compress: encoding does not bring
+    // usage down, so the partition holding the most memory flushes (not
+    // the first one, which took in more Arrow bytes); the others stay open.
+    let noise = PartitionKey::at("w", &account, 1_000 * HOUR);
+    send(noise.clone(), noise_batch(&schema, 0, 1000, 2000), 14).await;
+    send(noise.clone(), noise_batch(&schema, 1000, 1000, 2000), 15).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sink.1.load(Ordering::Relaxed) == 0 {
         assert!(std::time::Instant::now() < deadline, "the budget never forced a flush");
