@@ -1,6 +1,7 @@
-//! The writer's rolling policy with an injected clock: partition count is
-//! bounded, late partitions wait longer before rolling, and every row
-//! reaches a committed file exactly once.
+//! The writer's policies with an injected clock: partition count is
+//! bounded, late partitions wait longer before rolling, every row reaches a
+//! committed file exactly once and in order, open partitions hold encoded
+//! pages, and memory pressure encodes before it flushes.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,15 +40,57 @@ fn batch(n: u64) -> RecordBatch {
     RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![i64::try_from(n).unwrap()]))]).unwrap()
 }
 
+/// A writer running on its own task over a lake in a temporary directory.
+struct Harness {
+    dir: tempfile::TempDir,
+    tx: tokio::sync::mpsc::Sender<Msg>,
+    task: tokio::task::JoinHandle<()>,
+    clock: Arc<TestClock>,
+    sink: Arc<Sink>,
+    stats: Arc<WriterStats>,
+    memory: Arc<Memory>,
+}
+
+impl Harness {
+    async fn start(cfg: WriterConfig, budget: usize, now: i64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
+        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(now)));
+        let (sink, stats, memory) =
+            (Arc::new(Sink::default()), Arc::new(WriterStats::default()), Memory::new(budget));
+        let writer =
+            LakeWriter::new(cfg, lake, memory.clone(), log, sink.clone(), clock.clone(), stats.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let task = tokio::spawn(writer.run(rx));
+        Self { dir, tx, task, clock, sink, stats, memory }
+    }
+
+    /// Hand over one partition's rows, counted against the budget as the
+    /// pipeline does.
+    async fn send(&self, key: PartitionKey, batch: RecordBatch, record: u64) {
+        self.memory.add(batch.get_array_memory_size());
+        self.tx.send(Msg::Parts(vec![Part { key, batch, record }])).await.unwrap();
+    }
+
+    fn flushed(&self) -> Vec<String> {
+        self.sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// Flush everything and stop the writer; the lake stays for reading.
+    async fn finish(self) -> (tempfile::TempDir, Arc<Sink>, Arc<WriterStats>, Arc<Memory>) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::FlushAll(done)).await.unwrap();
+        wait.await.unwrap();
+        drop(self.tx);
+        self.task.await.unwrap();
+        (self.dir, self.sink, self.stats, self.memory)
+    }
+}
+
 #[tokio::test]
 async fn late_partitions_are_bounded_and_coalesce() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
-    let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
     let now = 1_000 * HOUR;
-    let clock = Arc::new(TestClock(AtomicI64::new(now)));
-    let sink = Arc::new(Sink::default());
-    let stats = Arc::new(WriterStats::default());
     let cfg = WriterConfig {
         roll_age: Duration::from_secs(60),
         late_roll_age: Duration::from_secs(600),
@@ -55,10 +98,7 @@ async fn late_partitions_are_bounded_and_coalesce() {
         max_open_partitions: 4,
         ..WriterConfig::default()
     };
-    let writer =
-        LakeWriter::new(cfg, lake, Memory::new(1 << 30), log, sink.clone(), clock.clone(), stats.clone());
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let task = tokio::spawn(writer.run(rx));
+    let w = Harness::start(cfg, 1 << 30, now).await;
     let account = AccountId::new("111111111111").unwrap();
 
     // A trickle of late events across 10 old hours, plus current ones.
@@ -66,35 +106,27 @@ async fn late_partitions_are_bounded_and_coalesce() {
     for round in 0..3 {
         for h in 0..10 {
             record += 1;
-            let key = PartitionKey::at("t", &account, now - (48 + h) * HOUR);
-            tx.send(Msg::Parts(vec![Part { key, batch: batch(record), record }])).await.unwrap();
+            w.send(PartitionKey::at("t", &account, now - (48 + h) * HOUR), batch(record), record).await;
         }
         record += 1;
-        let key = PartitionKey::at("t", &account, now);
-        tx.send(Msg::Parts(vec![Part { key, batch: batch(record), record }])).await.unwrap();
+        w.send(PartitionKey::at("t", &account, now), batch(record), record).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
-            stats.open_partitions.load(Ordering::Relaxed) <= 4,
+            w.stats.open_partitions.load(Ordering::Relaxed) <= 4,
             "round {round}: open partitions are bounded"
         );
     }
     // Two minutes later the current partition has rolled, late ones have not.
-    let before = sink.1.load(Ordering::Relaxed);
-    clock.0.store(now + 120_000_000, Ordering::Relaxed);
+    let before = w.flushed().len();
+    w.clock.0.store(now + 120_000_000, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let rolled: Vec<String> =
-        sink.0.lock().unwrap()[before as usize..].iter().map(|(p, _)| p.clone()).collect();
+    let rolled = w.flushed().split_off(before);
     assert!(
         rolled.iter().all(|p| p.contains(&PartitionKey::at("t", &account, now).date)),
         "only the current hour rolled: {rolled:?}"
     );
     assert!(!rolled.is_empty(), "the current partition rolled by age");
-
-    let (done, wait) = tokio::sync::oneshot::channel();
-    tx.send(Msg::FlushAll(done)).await.unwrap();
-    wait.await.unwrap();
-    drop(tx);
-    task.await.unwrap();
+    let (_dir, sink, _, _) = w.finish().await;
 
     // Every record is committed exactly once.
     let mut all: Vec<u64> = sink.0.lock().unwrap().iter().flat_map(|(_, r)| r.clone()).collect();
@@ -109,24 +141,7 @@ async fn late_partitions_are_bounded_and_coalesce() {
 #[tokio::test]
 async fn many_small_batches_are_encoded_in_chunks_without_losing_or_reordering_rows() {
     use arrow::array::{Array, StringBuilder};
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
-    let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
-    let clock = Arc::new(TestClock(AtomicI64::new(1_000 * HOUR)));
-    let sink = Arc::new(Sink::default());
-    let stats = Arc::new(WriterStats::default());
-    let memory = Memory::new(1 << 30);
-    let writer = LakeWriter::new(
-        WriterConfig::default(),
-        lake,
-        memory.clone(),
-        log,
-        sink.clone(),
-        clock,
-        stats.clone(),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let task = tokio::spawn(writer.run(rx));
+    let w = Harness::start(WriterConfig::default(), 1 << 30, 1_000 * HOUR).await;
     let account = AccountId::new("111111111111").unwrap();
     let key = PartitionKey::at("t", &account, 1_000 * HOUR);
     let schema = Arc::new(Schema::new(vec![
@@ -147,14 +162,9 @@ async fn many_small_batches_are_encoded_in_chunks_without_losing_or_reordering_r
         }
         let v = Int64Array::from_iter_values((0..rows).map(|i| i64::try_from(r * rows + i).unwrap()));
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(v), Arc::new(s.finish())]).unwrap();
-        memory.add(b.get_array_memory_size());
-        tx.send(Msg::Parts(vec![Part { key: key.clone(), batch: b, record: r + 1 }])).await.unwrap();
+        w.send(key.clone(), b, r + 1).await;
     }
-    let (done, wait) = tokio::sync::oneshot::channel();
-    tx.send(Msg::FlushAll(done)).await.unwrap();
-    wait.await.unwrap();
-    drop(tx);
-    task.await.unwrap();
+    let (dir, _, stats, memory) = w.finish().await;
 
     assert_eq!(memory.used(), 0, "every buffered byte is released exactly once");
     assert_eq!(stats.rows.load(Ordering::Relaxed), requests * rows);
@@ -228,34 +238,13 @@ fn text_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> Reco
 
 #[tokio::test]
 async fn open_partitions_hold_encoded_bytes_and_pressure_encodes_before_it_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
-    let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
-    let clock = Arc::new(TestClock(AtomicI64::new(1_000 * HOUR)));
-    let sink = Arc::new(Sink::default());
-    let stats = Arc::new(WriterStats::default());
-    let memory = Memory::new(4 << 20);
-    let writer = LakeWriter::new(
-        WriterConfig::default(),
-        lake,
-        memory.clone(),
-        log,
-        sink.clone(),
-        clock,
-        stats.clone(),
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let task = tokio::spawn(writer.run(rx));
+    let budget = 4 << 20;
+    let w = Harness::start(WriterConfig::default(), budget, 1_000 * HOUR).await;
     let account = AccountId::new("111111111111").unwrap();
     let schema = Arc::new(Schema::new(vec![
         Field::new("v", DataType::Int64, false),
         Field::new("s", DataType::Utf8, false),
     ]));
-    let send = |key: PartitionKey, b: RecordBatch, record: u64| {
-        memory.add(b.get_array_memory_size());
-        let tx = tx.clone();
-        async move { tx.send(Msg::Parts(vec![Part { key, batch: b, record }])).await.unwrap() }
-    };
 
     // Thirty thousand low-cardinality rows into one partition: encoded as
     // they arrive, the open file holds a fraction of their Arrow size.
@@ -264,55 +253,55 @@ async fn open_partitions_hold_encoded_bytes_and_pressure_encodes_before_it_flush
     for r in 0..30u64 {
         let b = text_batch(&schema, r * 1000, 1000, 120);
         arrow_bytes += b.get_array_memory_size();
-        send(big.clone(), b, r + 1).await;
+        w.send(big.clone(), b, r + 1).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while memory.used() > arrow_bytes / 2 {
-        assert!(std::time::Instant::now() < deadline, "used {} of {arrow_bytes} Arrow bytes", memory.used());
+    while w.memory.used() > arrow_bytes / 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "used {} of {arrow_bytes} Arrow bytes",
+            w.memory.used()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(sink.1.load(Ordering::Relaxed), 0, "nothing rolled yet");
+    assert_eq!(w.sink.1.load(Ordering::Relaxed), 0, "nothing rolled yet");
 
     // A small partition, then 2,000 wide rows (2 KB each) of compressible
     // text, too few rows for a chunk: they cross the budget's high mark,
     // and encoding them, not flushing anything, brings usage back down.
     let small = PartitionKey::at("u", &account, 1_000 * HOUR);
-    send(small.clone(), text_batch(&schema, 0, 10, 120), 11).await;
+    w.send(small.clone(), text_batch(&schema, 0, 10, 120), 11).await;
     let wide = PartitionKey::at("v", &account, 1_000 * HOUR);
-    send(wide.clone(), text_batch(&schema, 0, 1000, 2000), 12).await;
-    send(wide.clone(), text_batch(&schema, 1000, 1000, 2000), 13).await;
-    let high = (4 << 20) / 10 * 8;
+    w.send(wide.clone(), text_batch(&schema, 0, 1000, 2000), 12).await;
+    w.send(wide.clone(), text_batch(&schema, 1000, 1000, 2000), 13).await;
+    let high = budget / 10 * 8;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while memory.used() >= high {
-        assert!(std::time::Instant::now() < deadline, "usage stayed at {}", memory.used());
+    while w.memory.used() >= high {
+        assert!(std::time::Instant::now() < deadline, "usage stayed at {}", w.memory.used());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // (A flush releases its memory just before the file is put.)
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let flushed: Vec<String> = sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect();
+    let flushed = w.flushed();
     assert!(flushed.is_empty(), "encoding relieved the budget; nothing flushed early: {flushed:?}");
 
     // Then 2,000 wide rows that do not compress: encoding does not bring
     // usage down, so the partition holding the most memory flushes (not
     // the first one, which took in more Arrow bytes); the others stay open.
     let noise = PartitionKey::at("w", &account, 1_000 * HOUR);
-    send(noise.clone(), noise_batch(&schema, 0, 1000, 2000), 14).await;
-    send(noise.clone(), noise_batch(&schema, 1000, 1000, 2000), 15).await;
+    w.send(noise.clone(), noise_batch(&schema, 0, 1000, 2000), 14).await;
+    w.send(noise.clone(), noise_batch(&schema, 1000, 1000, 2000), 15).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sink.1.load(Ordering::Relaxed) == 0 {
+    while w.sink.1.load(Ordering::Relaxed) == 0 {
         assert!(std::time::Instant::now() < deadline, "the budget never forced a flush");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let flushed: Vec<String> = sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect();
+    let flushed = w.flushed();
     assert!(
         flushed.iter().all(|p| p.starts_with("w/")),
         "only the largest partition flushes; the others stay open: {flushed:?}"
     );
 
-    let (done, wait) = tokio::sync::oneshot::channel();
-    tx.send(Msg::FlushAll(done)).await.unwrap();
-    wait.await.unwrap();
-    drop(tx);
-    task.await.unwrap();
+    let (_dir, _, _, memory) = w.finish().await;
     assert_eq!(memory.used(), 0);
 }
