@@ -74,8 +74,8 @@ pub struct FileEncoder {
     schema: SchemaRef,
     writer: ArrowWriter<Vec<u8>>,
     /// Bytes of this encoder currently counted against the memory budget
-    /// (kept by the caller).
-    pub charged: usize,
+    /// (kept by the lake writer).
+    pub(crate) charged: usize,
 }
 
 impl std::fmt::Debug for FileEncoder {

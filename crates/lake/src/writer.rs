@@ -207,6 +207,16 @@ enum Encoder {
 type ChunkResult = std::result::Result<Box<FileEncoder>, (crate::Error, Vec<RecordBatch>, usize)>;
 
 impl Buffer {
+    /// Whether the unencoded rows make a chunk.
+    fn chunk_ready(&self) -> bool {
+        self.loose_rows >= CHUNK_ROWS || self.loose_bytes >= CHUNK_BYTES
+    }
+
+    /// Whether four chunks' worth wait: the writer then waits to encode.
+    fn chunk_overdue(&self) -> bool {
+        self.loose_rows >= 4 * CHUNK_ROWS || self.loose_bytes >= 4 * CHUNK_BYTES
+    }
+
     /// Wait for the chunk in flight, if any, and take the encoder (`None`
     /// before the first chunk). A failed chunk's rows return to the loose
     /// batches.
@@ -223,6 +233,7 @@ impl Buffer {
                 Err((e, chunk, bytes)) => {
                     tracing::error!(partition = %key, error = %e, "encoding a chunk failed; its rows stay in the WAL");
                     let msg = e.to_string();
+                    self.loose_rows += chunk.iter().map(RecordBatch::num_rows).sum::<usize>();
                     self.loose.splice(0..0, chunk);
                     self.loose_bytes += bytes;
                     self.encoder = Encoder::Failed(msg.clone());
@@ -352,7 +363,7 @@ impl LakeWriter {
                     let waiting = self
                         .buffers
                         .iter()
-                        .filter(|(_, b)| b.loose_rows >= CHUNK_ROWS || b.loose_bytes >= CHUNK_BYTES)
+                        .filter(|(_, b)| b.chunk_ready())
                         .map(|(k, _)| k.clone())
                         .collect();
                     self.encode_ready(waiting).await;
@@ -398,7 +409,7 @@ impl LakeWriter {
             buf.rows += rows;
             buf.touched = now;
             buf.charge.fetch_add(bytes, Ordering::Relaxed);
-            if buf.loose_rows >= CHUNK_ROWS || buf.loose_bytes >= CHUNK_BYTES {
+            if buf.chunk_ready() {
                 ready.push(p.key);
             }
         }
@@ -418,9 +429,8 @@ impl LakeWriter {
         for key in keys {
             let Some(buf) = self.buffers.get_mut(&key) else { continue };
             let busy = matches!(&buf.encoder, Encoder::Busy(job) if !job.is_finished());
-            let must = buf.loose_rows >= 4 * CHUNK_ROWS || buf.loose_bytes >= 4 * CHUNK_BYTES;
-            let full = buf.loose_rows >= CHUNK_ROWS || buf.loose_bytes >= CHUNK_BYTES;
-            if !full || (busy && !must) {
+            let must = buf.chunk_overdue();
+            if !buf.chunk_ready() || (busy && !must) {
                 continue;
             }
             let permit = match self.encoding.clone().try_acquire_owned() {
