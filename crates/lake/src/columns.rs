@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int32Builder, Int64Builder, ListArray, MapArray, NullArray, StringBuilder, StructArray,
-    Time32MillisecondBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    Float64Builder, Int32Builder, Int64Builder, ListArray, MapArray, NullArray, StringArray, StringBuilder,
+    StructArray, Time32MillisecondBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
@@ -103,8 +103,10 @@ pub enum Col {
     F32(Float32Builder),
     /// double
     F64(Float64Builder),
-    /// string, uuid, enum
-    Str(StringBuilder),
+    /// string, uuid, enum: UTF-8 bytes appended as they are (the tape holds
+    /// only checked text), checked once per column by [`Col::finish`]
+    /// rather than once per value.
+    Str(BinaryBuilder),
     /// bytes, fixed
     Bin(BinaryBuilder),
     /// date
@@ -165,7 +167,7 @@ impl Col {
             Kind::Long => Col::I64(Int64Builder::new()),
             Kind::Float => Col::F32(Float32Builder::new()),
             Kind::Double => Col::F64(Float64Builder::new()),
-            Kind::String | Kind::Uuid | Kind::Enum { .. } => Col::Str(StringBuilder::new()),
+            Kind::String | Kind::Uuid | Kind::Enum { .. } => Col::Str(BinaryBuilder::new()),
             Kind::Bytes | Kind::Fixed { .. } => Col::Bin(BinaryBuilder::new()),
             Kind::Date => Col::Date(Date32Builder::new()),
             Kind::TimeMillis => Col::TimeMs(Time32MillisecondBuilder::new()),
@@ -258,10 +260,12 @@ impl Col {
             (Col::F64(b), Slot::Long(v)) => b.append_value(v as f64),
             (Col::F64(b), Slot::Float(v)) => b.append_value(f64::from(v)),
             (Col::F64(b), Slot::Double(v)) => b.append_value(v),
-            (Col::Str(b), Slot::Str { .. }) => b.append_value(tape.str(slot)),
-            (Col::Str(b), Slot::Bytes { .. }) => b.append_value(String::from_utf8_lossy(tape.bytes(slot))),
+            (Col::Str(b), Slot::Str { .. }) => b.append_value(tape.bytes(slot)),
+            (Col::Str(b), Slot::Bytes { .. }) => {
+                b.append_value(String::from_utf8_lossy(tape.bytes(slot)).as_bytes());
+            }
             (Col::Str(b), Slot::Enum(i)) => match proj {
-                Proj::Enum(symbols) => b.append_value(&symbols[i as usize]),
+                Proj::Enum(symbols) => b.append_value(symbols[i as usize].as_bytes()),
                 _ => b.append_null(),
             },
             (Col::Bin(b), Slot::Bytes { .. } | Slot::Str { .. }) => b.append_value(tape.bytes(slot)),
@@ -329,7 +333,9 @@ impl Col {
             Col::I64(b) => Arc::new(b.finish()),
             Col::F32(b) => Arc::new(b.finish()),
             Col::F64(b) => Arc::new(b.finish()),
-            Col::Str(b) => Arc::new(b.finish()),
+            Col::Str(b) => Arc::new(
+                StringArray::try_from_binary(b.finish()).expect("string columns hold only UTF-8 text"),
+            ),
             Col::Bin(b) => Arc::new(b.finish()),
             Col::Date(b) => Arc::new(b.finish()),
             Col::TimeMs(b) => Arc::new(b.finish()),
