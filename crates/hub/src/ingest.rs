@@ -12,8 +12,10 @@ use watershed_event::{parse_rfc3339_micros, AccountId, Reason, TimestampMicros};
 use watershed_lake::{
     DeadLetter, DeadLetterBuilder, EventMeta, PartitionKey, TableBuilder, TableLayout, DEAD_LETTERS,
 };
-use watershed_protect::{BatchProtector, Keyring};
-use watershed_schema::{validate_at, validate_json, Limits, Registry, Tape, Violation};
+use watershed_protect::{BatchProtector, Keyring, Noted};
+use watershed_schema::{
+    validate_append, validate_json_append, Limits, Registry, Slot, SubjectEntry, Tape, Version, Violation,
+};
 
 use crate::dedupe::Dedupe;
 use crate::envelope;
@@ -67,6 +69,8 @@ pub struct Ingestor {
     pub(crate) dedupe: Arc<Dedupe>,
     limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
+    /// Tapes of finished requests, kept for their buffers.
+    tapes: std::sync::Mutex<Vec<Tape>>,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -78,6 +82,29 @@ impl std::fmt::Debug for Ingestor {
 enum Builder {
     Table(Box<TableBuilder>),
     Dead(Box<DeadLetterBuilder>),
+}
+
+/// Who sent a request, through which collector, and when it arrived.
+type At<'a> = (&'a AccountId, Option<&'a str>, TimestampMicros);
+
+/// What a request produced so far besides rows.
+struct Outcome {
+    wal: RecordEncoder,
+    response: IngestResponse,
+    claimed: Vec<u64>,
+}
+
+/// An event that passed validation: its envelope, route, and the root of
+/// its values in the batch's tape.
+struct Valid<'r, 'g> {
+    raw: &'r [u8],
+    env: envelope::Envelope<'r>,
+    si: usize,
+    subject: &'g SubjectEntry,
+    version: &'g Version,
+    event_time: TimestampMicros,
+    root: Slot,
+    noted: Noted,
 }
 
 /// The late-event threshold for the `events_late` metric.
@@ -129,10 +156,15 @@ impl Ingestor {
         metrics: Arc<Metrics>,
     ) -> Self {
         let layouts = registry.subjects().iter().map(TableLayout::new).collect();
-        Self { registry, layouts, keyring, dedupe, limits, metrics }
+        Self { registry, layouts, keyring, dedupe, limits, metrics, tapes: std::sync::Mutex::default() }
     }
 
     /// Process a request's events for `account`.
+    ///
+    /// Three passes: every event is decoded and validated into one tape;
+    /// the data-subject keys of the valid ones are fetched in one call to
+    /// the keyring; then each is protected, checked against the dedupe
+    /// window, logged and added to its partition's rows, in request order.
     #[must_use]
     pub fn process(
         &self,
@@ -142,75 +174,113 @@ impl Ingestor {
         events: &[&[u8]],
     ) -> Processed {
         let mut batch = Batch {
-            tape: Tape::new(),
+            tape: self.tape(),
             protector: BatchProtector::new(&*self.keyring),
             builders: Builders::default(),
         };
         // Each event's bytes plus its framing and id (a uuid is 36 bytes).
         let size = events.iter().map(|e| e.len() + 48).sum();
-        let mut wal = RecordEncoder::new(account, received_at, collector, size);
-        let mut response = IngestResponse::default();
-        let mut claimed = Vec::new();
+        // Decoded values take about the space of their JSON.
+        batch.tape.reserve(size);
+        let mut out = Outcome {
+            wal: RecordEncoder::new(account, received_at, collector, size),
+            response: IngestResponse::default(),
+            claimed: Vec::new(),
+        };
         let label = AccountLabel { account: account.to_string() };
+        let at = (account, collector, received_at);
+        let mut valid = Vec::with_capacity(events.len());
         for (index, raw) in events.iter().enumerate() {
-            let outcome = self.accept(
-                account,
-                collector,
-                received_at,
-                raw,
-                &mut batch,
-                Some((&mut claimed, &mut wal)),
-                None,
-            );
-            match outcome {
-                Ok(true) => response.accepted += 1,
-                Ok(false) => response.duplicates += 1,
-                Err((v, partial)) => {
-                    let id = partial.id.clone();
-                    // A retried reject is reported again but stored once.
-                    let first = id.as_deref().is_none_or(|id| {
-                        let k = self.dedupe.dead_key(account.as_str(), id);
-                        let fresh = self.dedupe.claim(k);
-                        if fresh {
-                            claimed.push(k);
-                        }
-                        fresh
-                    });
-                    if first {
-                        self.dead_letter(
-                            account,
-                            collector,
-                            received_at,
-                            raw,
-                            &v,
-                            &partial,
-                            &mut batch,
-                            None,
-                        );
-                        wal.rejected(id.as_deref().unwrap_or(""), v.reason.as_str(), &v.path, &v.detail, raw);
-                    }
-                    self.metrics
-                        .rejected
-                        .get_or_create(&RejectLabel {
-                            account: account.to_string(),
-                            reason: v.reason.as_str().into(),
-                        })
-                        .inc();
-                    response.rejected.push(Rejection {
-                        index,
-                        id,
-                        reason: v.reason.as_str(),
-                        path: v.path,
-                        detail: v.detail,
-                    });
-                }
+            match self.validate(at, raw, &mut batch, None) {
+                Ok(Some(v)) => valid.push((index, v)),
+                // Only replay skips events.
+                Ok(None) => {}
+                Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
             }
         }
+        let fetched = batch.protector.fetch(account);
+        if let Err(e) = &fetched {
+            tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
+        }
+        for (index, v) in valid {
+            let raw = v.raw;
+            match self.store(at, v, &mut batch, Some((&mut out.claimed, &mut out.wal))) {
+                Ok(true) => out.response.accepted += 1,
+                Ok(false) => out.response.duplicates += 1,
+                Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
+            }
+        }
+        // Refusals at protection come after the others; report in order.
+        out.response.rejected.sort_by_key(|r| r.index);
+        let Outcome { wal, response, claimed } = out;
         self.metrics.accepted.get_or_create(&label).inc_by(response.accepted as u64);
         if response.duplicates > 0 {
             self.metrics.duplicates.get_or_create(&label).inc_by(response.duplicates as u64);
         }
+        self.give_back(batch.tape);
         Processed { response, wal, parts: finish(batch.builders), claimed }
+    }
+
+    /// An empty tape, with the buffers of an earlier request when one is
+    /// free: a request's tape holds all its events, and growing one from
+    /// nothing per request copies it several times over.
+    fn tape(&self) -> Tape {
+        self.tapes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default()
+    }
+
+    /// Keep `tape` for a later request, unless it is unusually large (a
+    /// maximal request) or enough are kept already.
+    fn give_back(&self, mut tape: Tape) {
+        const KEEP_BYTES: usize = 16 << 20;
+        const KEEP: usize = 16;
+        if tape.capacity_bytes() > KEEP_BYTES {
+            return;
+        }
+        tape.clear();
+        let mut pool = self.tapes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < KEEP {
+            pool.push(tape);
+        }
+    }
+
+    /// Record a refused event: a dead letter (once per event id within the
+    /// dedupe window), a WAL entry, a metric and a line of the response.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        (account, collector, received_at): At<'_>,
+        index: usize,
+        raw: &[u8],
+        v: Violation,
+        partial: &envelope::Partial,
+        batch: &mut Batch<'_>,
+        out: &mut Outcome,
+    ) {
+        let id = partial.id.clone();
+        // A retried reject is reported again but stored once.
+        let first = id.as_deref().is_none_or(|id| {
+            let k = self.dedupe.dead_key(account.as_str(), id);
+            let fresh = self.dedupe.claim(k);
+            if fresh {
+                out.claimed.push(k);
+            }
+            fresh
+        });
+        if first {
+            self.dead_letter(account, collector, received_at, raw, &v, partial, batch, None);
+            out.wal.rejected(id.as_deref().unwrap_or(""), v.reason.as_str(), &v.path, &v.detail, raw);
+        }
+        self.metrics
+            .rejected
+            .get_or_create(&RejectLabel { account: account.to_string(), reason: v.reason.as_str().into() })
+            .inc();
+        out.response.rejected.push(Rejection {
+            index,
+            id,
+            reason: v.reason.as_str(),
+            path: v.path,
+            detail: v.detail,
+        });
     }
 
     /// Make the keys created while protecting durable. Call before the
@@ -236,6 +306,7 @@ impl Ingestor {
             builders: Builders::default(),
         };
         let (account, collector, at) = (&record.account, record.collector.as_deref(), record.received_at);
+        let mut valid = Vec::new();
         for e in &record.events {
             if let Some((reason, path, detail)) = &e.rejected {
                 if !e.id.is_empty() {
@@ -256,30 +327,55 @@ impl Ingestor {
             self.dedupe.claim(self.dedupe.key(account.as_str(), &e.id));
             // Accepted before the crash; if the registry changed since and
             // now refuses it, it becomes a dead letter, never lost.
-            if let Err((v, p)) =
-                self.accept(account, collector, at, &e.raw, &mut batch, None, Some(committed))
-            {
-                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
+            match self.validate((account, collector, at), &e.raw, &mut batch, Some(committed)) {
+                Ok(Some(v)) => valid.push(v),
+                Ok(None) => {}
+                Err((v, p)) => {
+                    self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
+                }
+            }
+        }
+        if let Err(e) = batch.protector.fetch(account) {
+            tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
+        }
+        for v in valid {
+            let raw = v.raw;
+            if let Err((v, p)) = self.store((account, collector, at), v, &mut batch, None) {
+                self.dead_letter(account, collector, at, raw, &v, &p, &mut batch, Some(committed));
             }
         }
         finish(batch.builders)
     }
 
-    /// Ok(true) stored (and added to `live`'s WAL record), Ok(false) a
-    /// duplicate, Err rejected. `live` is `None` on replay (no dedupe
-    /// check, nothing to log again).
+    /// The first pass over an event: decode the envelope, bind the
+    /// account, route, and validate the payload into the batch's tape.
+    /// `Ok(None)` means `skip` (replay) found its partition committed. A
+    /// refused event leaves the tape as it was.
     // The error is per-event data on the reject path, not a hot return.
-    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
-    fn accept(
+    #[allow(clippy::result_large_err)]
+    fn validate<'r>(
         &self,
-        account: &AccountId,
-        collector: Option<&str>,
-        received_at: TimestampMicros,
-        raw: &[u8],
+        at: At<'_>,
+        raw: &'r [u8],
         batch: &mut Batch<'_>,
-        live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
         skip: Option<&dyn Fn(&PartitionKey) -> bool>,
-    ) -> Result<bool, (Violation, envelope::Partial)> {
+    ) -> Result<Option<Valid<'r, '_>>, (Violation, envelope::Partial)> {
+        let mark = batch.tape.mark();
+        let r = self.validate_inner(at, raw, batch, skip);
+        if !matches!(r, Ok(Some(_))) {
+            batch.tape.truncate(mark);
+        }
+        r
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn validate_inner<'r>(
+        &self,
+        (account, _, received_at): At<'_>,
+        raw: &'r [u8],
+        batch: &mut Batch<'_>,
+        skip: Option<&dyn Fn(&PartitionKey) -> bool>,
+    ) -> Result<Option<Valid<'r, '_>>, (Violation, envelope::Partial)> {
         let partial = || envelope::partial(raw);
         if raw.len() > self.limits.max_event_bytes {
             let v = Violation::new(
@@ -289,12 +385,16 @@ impl Ingestor {
             return Err((v, partial()));
         }
         // Validate `detail` in the envelope pass when the route comes first.
+        let mark = batch.tape.mark();
+        let mut inline_root = None;
         let (registry, limits, tape) = (&self.registry, self.limits, &mut batch.tape);
         let mut inline = |source: &str, dt: &str, json: &[u8], start: usize| {
             let si = registry.route(source, dt)?;
             let (subject, version) = registry.resolve_index(si, None).ok()?;
-            let end =
-                validate_at(&version.node, json, start, subject.config.unknown_fields, limits, tape).ok()?;
+            let (root, end) =
+                validate_append(&version.node, json, start, subject.config.unknown_fields, limits, tape)
+                    .ok()?;
+            inline_root = Some(root);
             Some((end, (si, version.version)))
         };
         let env = envelope::decode_with(raw, &mut inline).map_err(|v| (v, partial()))?;
@@ -345,25 +445,56 @@ impl Ingestor {
         // any validation work.
         if let Some(committed) = skip {
             if committed(&PartitionKey::at(&subject.table, account, event_time)) {
-                return Ok(true);
+                return Ok(None);
             }
         }
-        if env.prevalidated != Some((si, version.version)) {
-            validate_json(
-                &version.node,
-                env.payload,
-                subject.config.unknown_fields,
-                self.limits,
-                &mut batch.tape,
-            )
-            .map_err(|v| fail(v.under(env.payload_path)))?;
-        }
-        batch.protector.protect(account, &version.protect, &mut batch.tape).map_err(|e| {
+        let root = match inline_root {
+            Some(root) if env.prevalidated == Some((si, version.version)) => root,
+            _ => {
+                // Validated as another version in the envelope pass, or not
+                // at all: start this event's values over.
+                batch.tape.truncate(mark);
+                validate_json_append(
+                    &version.node,
+                    env.payload,
+                    subject.config.unknown_fields,
+                    self.limits,
+                    &mut batch.tape,
+                )
+                .map_err(|v| fail(v.under(env.payload_path)))?
+            }
+        };
+        let noted = batch.protector.note(&version.protect, &batch.tape, root);
+        Ok(Some(Valid { raw, env, si, subject, version, event_time, root, noted }))
+    }
+
+    /// The last pass over a valid event: protect it with its fetched key,
+    /// claim its id in the dedupe window, and add it to its partition's
+    /// rows and (`live`) the WAL record. Ok(true) stored, Ok(false) a
+    /// duplicate, Err refused. `live` is `None` on replay (no dedupe check,
+    /// nothing to log again).
+    #[allow(clippy::result_large_err)]
+    fn store(
+        &self,
+        (account, collector, received_at): At<'_>,
+        v: Valid<'_, '_>,
+        batch: &mut Batch<'_>,
+        live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
+    ) -> Result<bool, (Violation, envelope::Partial)> {
+        let Valid { raw, env, si, subject, version, event_time, root, noted } = v;
+        batch.protector.protect_noted(account, &version.protect, &mut batch.tape, root, noted).map_err(|e| {
             tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
-            fail(Violation::new(
-                Reason::ProtectFailed,
-                "the event's protected fields could not be protected; retry later",
-            ))
+            (
+                Violation::new(
+                    Reason::ProtectFailed,
+                    "the event's protected fields could not be protected; retry later",
+                ),
+                envelope::Partial {
+                    id: Some(env.id.to_string()),
+                    source: Some(env.source.to_string()),
+                    detail_type: Some(env.detail_type.to_string()),
+                },
+            )
         })?;
         let wal = if let Some((claimed, wal)) = live {
             let k = self.dedupe.key(account.as_str(), &env.id);
@@ -396,7 +527,7 @@ impl Ingestor {
             )
         });
         if let Builder::Table(t) = b {
-            t.append(&meta, env.resources.iter().map(|r| r.as_ref()), &batch.tape);
+            t.append(&meta, env.resources.iter().map(|r| r.as_ref()), &batch.tape, root);
         }
         if let Some(wal) = wal {
             wal.accepted(&env.id, raw);

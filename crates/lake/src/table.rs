@@ -10,7 +10,7 @@ use arrow::array::{
 };
 use arrow::datatypes::SchemaRef;
 use watershed_event::TimestampMicros;
-use watershed_schema::{SchemaVersion, SubjectEntry, Tape};
+use watershed_schema::{SchemaVersion, Slot, SubjectEntry, Tape};
 
 use crate::columns::{project, Col, Proj};
 use crate::error::{Error, Result};
@@ -112,12 +112,14 @@ impl TableBuilder {
         self.rows
     }
 
-    /// Append one validated, protected event.
+    /// Append one validated, protected event: the one rooted at `root`
+    /// in `tape`.
     pub fn append<'r>(
         &mut self,
         meta: &EventMeta<'_>,
         resources: impl IntoIterator<Item = &'r str>,
         tape: &Tape,
+        root: Slot,
     ) {
         self.event_id.append_value(meta.event_id);
         self.source.append_value(meta.source);
@@ -132,7 +134,7 @@ impl TableBuilder {
         self.schema_version.append_value(i32::try_from(meta.schema_version).unwrap_or(i32::MAX));
         self.collector.append_option(meta.collector);
         let proj = self.layout.projections.get(&meta.schema_version).unwrap_or(&Proj::Scalar);
-        self.detail.append(tape, tape.root(), proj);
+        self.detail.append(tape, root, proj);
         self.rows += 1;
     }
 

@@ -254,13 +254,44 @@ impl Hot {
         u128::from(self.seeds.0.hash_one(pair)) << 64 | u128::from(self.seeds.1.hash_one(pair))
     }
 
-    fn shard(&self, key: u128) -> &HotShard {
+    fn shard_of(key: u128) -> usize {
         // The table uses the low word; the shard comes from the high one.
-        &self.shards[usize::try_from(key >> 124).unwrap_or(0) % HOT_SHARDS]
+        usize::try_from(key >> 124).unwrap_or(0) % HOT_SHARDS
+    }
+
+    fn shard(&self, key: u128) -> &HotShard {
+        &self.shards[Self::shard_of(key)]
     }
 
     fn get(&self, k: u128) -> Option<Arc<DataCipher>> {
         lock(self.shard(k)).get(&k).cloned()
+    }
+
+    /// Fill the empty entries of `out` with the ciphers of `keys` found in
+    /// the index: one lock per shard, and the entries of a shard read
+    /// before any is cloned, so the memory they live in is fetched in
+    /// parallel rather than one cache miss after another.
+    fn get_many(&self, keys: &[u128], out: &mut [Option<Arc<DataCipher>>]) {
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); HOT_SHARDS];
+        for (i, &k) in keys.iter().enumerate() {
+            if out[i].is_none() {
+                by_shard[Self::shard_of(k)].push(i);
+            }
+        }
+        for (shard, idx) in self.shards.iter().zip(&by_shard) {
+            if idx.is_empty() {
+                continue;
+            }
+            let m = lock(shard);
+            let found: Vec<Option<&Arc<DataCipher>>> = idx.iter().map(|&i| m.get(&keys[i])).collect();
+            // Plain loads of each entry's reference count: independent,
+            // so they overlap; the clones below then find it cached.
+            let touched: usize = found.iter().flatten().map(|c| Arc::strong_count(c)).sum();
+            std::hint::black_box(touched);
+            for (&i, c) in idx.iter().zip(&found) {
+                out[i] = c.cloned();
+            }
+        }
     }
 
     fn insert(&self, k: u128, c: Arc<DataCipher>) {
@@ -498,6 +529,54 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         };
         self.master.unwrap(&rec.wrapped, &dek_context(&id))
     }
+
+    /// The current key of (account, subject), created if there is none,
+    /// with the state locked and the log checked: the slow path of a
+    /// lookup. `subject` carries its index key; `created` is the creation
+    /// time to record (now, when `None`).
+    fn locked_cipher(
+        &self,
+        st: &mut Loaded,
+        account: &AccountId,
+        subject: Option<(&str, u128)>,
+        created: Option<&str>,
+    ) -> Result<Arc<DataCipher>> {
+        let hot_key = subject.map(|(_, k)| k);
+        // Another request, or an earlier event of this batch, may have
+        // filled the entry meanwhile.
+        if let Some(c) = hot_key.and_then(|k| self.hot.get(k)) {
+            return Ok(c);
+        }
+        let sref = subject.map(|(s, _)| Self::subject_ref(st, account, s));
+        if let Some(id) = Self::current(st, account, sref.as_ref()) {
+            let c = self.cipher_cached(st, id)?;
+            if let Some(k) = hot_key {
+                self.hot.insert(k, c.clone());
+            }
+            return Ok(c);
+        }
+        let mut raw = [0u8; 16];
+        st.rng.fill_bytes(&mut raw);
+        let id = KeyId(raw);
+        let (k, wrapped) = self.master.generate(&dek_context(&id))?;
+        queue(
+            st,
+            Line::DataKey {
+                id: id.to_hex(),
+                account: account.to_string(),
+                subject_ref: sref.map(|r| hex(&r)),
+                current: true,
+                wrapped,
+                created: created.map_or_else(|| chrono::Utc::now().to_rfc3339(), str::to_owned),
+            },
+        );
+        let c = Arc::new(DataCipher::new(id, &k));
+        st.cache.insert(id, c.clone());
+        if let Some(k) = hot_key {
+            self.hot.insert(k, c.clone());
+        }
+        Ok(c)
+    }
 }
 
 impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
@@ -530,42 +609,34 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             }
         }
         let mut st = lock(&self.state);
-        // Check the log (which may empty the index), then look again: the
-        // fast path may have been skipped, or another request may have
-        // filled the entry meanwhile.
+        // Check the log (which may empty the index) before looking again.
         self.refresh(&mut st)?;
-        if let Some(c) = hot_key.and_then(|k| self.hot.get(k)) {
-            return Ok(c);
-        }
-        let sref = subject.map(|s| Self::subject_ref(&st, account, s));
-        if let Some(id) = Self::current(&st, account, sref.as_ref()) {
-            let c = self.cipher_cached(&mut st, id)?;
-            if let Some(k) = hot_key {
-                self.hot.insert(k, c.clone());
-            }
-            return Ok(c);
-        }
-        let mut raw = [0u8; 16];
-        st.rng.fill_bytes(&mut raw);
-        let id = KeyId(raw);
-        let (k, wrapped) = self.master.generate(&dek_context(&id))?;
-        queue(
+        self.locked_cipher(
             &mut st,
-            Line::DataKey {
-                id: id.to_hex(),
-                account: account.to_string(),
-                subject_ref: sref.map(|r| hex(&r)),
-                current: true,
-                wrapped,
-                created: chrono::Utc::now().to_rfc3339(),
-            },
-        );
-        let c = Arc::new(DataCipher::new(id, &k));
-        st.cache.insert(id, c.clone());
-        if let Some(k) = hot_key {
-            self.hot.insert(k, c.clone());
+            account,
+            subject.map(|s| (s, hot_key.expect("set with the subject"))),
+            None,
+        )
+    }
+
+    fn data_ciphers(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Arc<DataCipher>>> {
+        let keys: Vec<u128> = subjects.iter().map(|s| self.hot.key(account, s)).collect();
+        let mut out: Vec<Option<Arc<DataCipher>>> = vec![None; subjects.len()];
+        if self.hot.fresh() {
+            self.hot.get_many(&keys, &mut out);
         }
-        Ok(c)
+        if out.iter().any(Option::is_none) {
+            let mut st = lock(&self.state);
+            self.refresh(&mut st)?;
+            // One timestamp for the keys this batch creates.
+            let created = chrono::Utc::now().to_rfc3339();
+            for ((slot, s), k) in out.iter_mut().zip(subjects).zip(&keys) {
+                if slot.is_none() {
+                    *slot = Some(self.locked_cipher(&mut st, account, Some((s, *k)), Some(&created))?);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     fn sync(&self) -> Result<()> {

@@ -33,6 +33,10 @@ pub enum Error {
         /// What is wrong.
         detail: &'static str,
     },
+    /// An event's subject key was not fetched with its batch (the fetch
+    /// failed, or the event was not noted before it).
+    #[error("key_not_fetched: the data subject's key was not fetched for this batch")]
+    KeyNotFetched,
     /// There is no data key for this (account, subject) to forget.
     #[error("no data key for account {account} and that subject (nothing was erased)")]
     NothingToForget {

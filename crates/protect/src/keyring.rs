@@ -79,6 +79,17 @@ pub trait Keyring: Send + Sync + Debug {
     /// When the key cannot be created or unwrapped.
     fn data_cipher(&self, account: &AccountId, subject: Option<&str>) -> Result<Arc<DataCipher>>;
 
+    /// The current data keys of many subjects of one account, in order (a
+    /// subject may repeat), created on first use: what a batch of events
+    /// needs, in one call. Keyrings with an index to search override this
+    /// to search it once per batch rather than once per event.
+    ///
+    /// # Errors
+    /// When a key cannot be created or unwrapped.
+    fn data_ciphers(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Arc<DataCipher>>> {
+        subjects.iter().map(|s| self.data_cipher(account, Some(s))).collect()
+    }
+
     /// Make every key created so far durable. Call before acknowledging
     /// events protected with new keys.
     ///

@@ -34,5 +34,5 @@ pub use keyring::{Audited, Erasure, Keyring, MasterKey, Wrapped};
 #[cfg(feature = "kms")]
 pub use kms::KmsMasterKey;
 pub use local::LocalMasterKey;
-pub use protector::{mask, tokenize, BatchProtector, TOKEN_BYTES};
+pub use protector::{mask, tokenize, BatchProtector, Noted, TOKEN_BYTES};
 pub use secret::{Plaintext, SecretKey};

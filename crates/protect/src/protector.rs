@@ -5,6 +5,12 @@
 //! and reuses its buffers, so the per-value cost is one MAC or one AEAD
 //! operation plus base64. The data subject is read before any field is
 //! changed, so a data-subject field may itself be protected.
+//!
+//! A batch's subject keys can be fetched together: [`BatchProtector::note`]
+//! each event's data subject, [`BatchProtector::fetch`] their keys in one
+//! call to the keyring (one pass over its index, new keys created under
+//! one lock), then [`BatchProtector::protect_noted`] each event. With many
+//! data subjects this is what keeps key lookups off the per-event path.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,11 +36,28 @@ pub struct BatchProtector<'k> {
     keyring: &'k dyn Keyring,
     tokens: HashMap<String, Hmac<Sha256>>,
     account_keys: HashMap<String, Arc<DataCipher>>,
-    subject_key: Option<Arc<DataCipher>>,
     rng: ChaCha20Rng,
     targets: Vec<u32>,
     buf: Vec<u8>,
     subject: String,
+    /// Noted subjects, one after another; `ends[i]` closes the i-th.
+    noted: String,
+    ends: Vec<usize>,
+    /// Keys of the noted subjects, in order, after [`BatchProtector::fetch`].
+    noted_keys: Vec<Arc<DataCipher>>,
+}
+
+/// An event's place in its batch's subject-key fetch (see
+/// [`BatchProtector::note`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Noted(Option<u32>);
+
+impl Noted {
+    /// Whether the event needs a subject key.
+    #[must_use]
+    pub fn needs_key(self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl std::fmt::Debug for BatchProtector<'_> {
@@ -51,34 +74,144 @@ impl<'k> BatchProtector<'k> {
             keyring,
             tokens: HashMap::new(),
             account_keys: HashMap::new(),
-            subject_key: None,
             rng: ChaCha20Rng::from_entropy(),
             targets: Vec::new(),
             buf: Vec::new(),
             subject: String::new(),
+            noted: String::new(),
+            ends: Vec::new(),
+            noted_keys: Vec::new(),
         }
     }
 
-    /// Protect one event of `account` in place.
+    /// Note the data subject of the event rooted at `root` whose fields
+    /// `plan` encrypts, for [`BatchProtector::fetch`]. Events that encrypt
+    /// nothing, or have no subject (which use the account's key), need no
+    /// subject key.
+    pub fn note(&mut self, plan: &ProtectPlan, tape: &Tape, root: Slot) -> Noted {
+        let encrypts = plan.actions.iter().any(|a| a.action == Protect::Encrypt);
+        let Some((path, _)) = plan.data_subject.as_ref().filter(|_| encrypts) else {
+            return Noted(None);
+        };
+        if !read_subject(tape, root, path, &mut self.subject) {
+            return Noted(None);
+        }
+        self.noted.push_str(&self.subject);
+        self.ends.push(self.noted.len());
+        Noted(Some(u32::try_from(self.ends.len() - 1).unwrap_or(u32::MAX)))
+    }
+
+    /// Fetch the keys of every subject noted since the last fetch, in one
+    /// call to the keyring.
+    ///
+    /// # Errors
+    /// When a key cannot be fetched or created; the noted events must then
+    /// be refused, not stored unprotected.
+    pub fn fetch(&mut self, account: &AccountId) -> Result<()> {
+        self.noted_keys.clear();
+        let mut start = 0;
+        let subjects: Vec<&str> = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let s = &self.noted[start..end];
+                start = end;
+                s
+            })
+            .collect();
+        let keys = self.keyring.data_ciphers(account, &subjects);
+        self.noted.clear();
+        self.ends.clear();
+        self.noted_keys = keys?;
+        // Read each key's id now, in one pass: independent loads whose
+        // cache misses overlap, instead of one miss per event later.
+        let ids = self.noted_keys.iter().fold(0u8, |a, c| a ^ c.id().0[0]);
+        std::hint::black_box(ids);
+        Ok(())
+    }
+
+    /// Protect one event of `account` in place, with the subject key
+    /// [`BatchProtector::fetch`] got for `noted`.
+    ///
+    /// # Errors
+    /// When a key cannot be fetched or created (including a noted key the
+    /// last fetch did not get); the event must then be dead-lettered, not
+    /// stored unprotected.
+    pub fn protect_noted(
+        &mut self,
+        account: &AccountId,
+        plan: &ProtectPlan,
+        tape: &mut Tape,
+        root: Slot,
+        noted: Noted,
+    ) -> Result<()> {
+        let keys = std::mem::take(&mut self.noted_keys);
+        let r = match noted.0 {
+            None => self.apply(account, plan, tape, root, None),
+            Some(i) => match keys.get(i as usize) {
+                Some(c) => self.apply(account, plan, tape, root, Some(c)),
+                None => Err(crate::Error::KeyNotFetched),
+            },
+        };
+        self.noted_keys = keys;
+        r
+    }
+
+    /// Protect one event of `account` in place (a tape holding one event).
     ///
     /// # Errors
     /// Only when a key cannot be fetched or created; the event must then be
     /// dead-lettered, not stored unprotected.
     pub fn protect(&mut self, account: &AccountId, plan: &ProtectPlan, tape: &mut Tape) -> Result<()> {
+        self.protect_at(account, plan, tape, tape.root())
+    }
+
+    /// Protect the event rooted at `root` in place, fetching its subject
+    /// key on its own.
+    ///
+    /// # Errors
+    /// As [`BatchProtector::protect`].
+    pub fn protect_at(
+        &mut self,
+        account: &AccountId,
+        plan: &ProtectPlan,
+        tape: &mut Tape,
+        root: Slot,
+    ) -> Result<()> {
         if plan.actions.is_empty() {
             return Ok(());
         }
-        self.subject_key = None;
         let has_subject = match &plan.data_subject {
-            Some((path, _)) => read_subject(tape, path, &mut self.subject),
+            Some((path, _)) => read_subject(tape, root, path, &mut self.subject),
             None => false,
+        };
+        let subject_key = if has_subject && plan.actions.iter().any(|a| a.action == Protect::Encrypt) {
+            Some(self.keyring.data_cipher(account, Some(&self.subject))?)
+        } else {
+            None
+        };
+        self.apply(account, plan, tape, root, subject_key.as_deref())
+    }
+
+    /// Apply `plan`, encrypting under `subject_key` when the event has a
+    /// data subject, else under the account's key.
+    fn apply(
+        &mut self,
+        account: &AccountId,
+        plan: &ProtectPlan,
+        tape: &mut Tape,
+        root: Slot,
+        subject_key: Option<&DataCipher>,
+    ) -> Result<()> {
+        let Slot::Record(rec) = root else {
+            return Ok(());
         };
         for fa in &plan.actions {
             self.targets.clear();
             // Redaction nulls the field itself (a redacted array is null, not
             // a list of nulls); the other actions rewrite each string in it.
             let whole = fa.action == Protect::Redact;
-            collect(tape, 0, &fa.path, whole, &mut self.targets);
+            collect(tape, rec, &fa.path, whole, &mut self.targets);
             if self.targets.is_empty() {
                 continue;
             }
@@ -107,14 +240,16 @@ impl<'k> BatchProtector<'k> {
                     }
                 }
                 Protect::Encrypt => {
-                    let subject = has_subject.then_some(self.subject.as_str());
-                    let cipher = cipher_for(
-                        self.keyring,
-                        &mut self.account_keys,
-                        &mut self.subject_key,
-                        account,
-                        subject,
-                    )?;
+                    let cipher = match subject_key {
+                        Some(c) => c,
+                        None => {
+                            if !self.account_keys.contains_key(account.as_str()) {
+                                self.account_keys
+                                    .insert(account.to_string(), self.keyring.data_cipher(account, None)?);
+                            }
+                            &self.account_keys[account.as_str()]
+                        }
+                    };
                     let (rng, buf) = (&mut self.rng, &mut self.buf);
                     for &i in &self.targets {
                         tape.rewrite_str(i, |old, out| cipher.encrypt_into(old, rng, buf, out));
@@ -123,31 +258,6 @@ impl<'k> BatchProtector<'k> {
             }
         }
         Ok(())
-    }
-}
-
-fn cipher_for<'a>(
-    keyring: &dyn Keyring,
-    account_keys: &'a mut HashMap<String, Arc<DataCipher>>,
-    subject_key: &'a mut Option<Arc<DataCipher>>,
-    account: &AccountId,
-    subject: Option<&str>,
-) -> Result<&'a DataCipher> {
-    match subject {
-        None => {
-            if !account_keys.contains_key(account.as_str()) {
-                account_keys.insert(account.to_string(), keyring.data_cipher(account, None)?);
-            }
-            Ok(&account_keys[account.as_str()])
-        }
-        // The keyring's own index is the cache: one HMAC and one lookup
-        // per event, however many fields it encrypts.
-        Some(s) => {
-            if subject_key.is_none() {
-                *subject_key = Some(keyring.data_cipher(account, Some(s))?);
-            }
-            Ok(subject_key.as_ref().expect("set above"))
-        }
     }
 }
 
@@ -176,10 +286,13 @@ pub fn tokenize(mac: &Hmac<Sha256>, value: &[u8], out: &mut Vec<u8>) {
     out.truncate(start + n);
 }
 
-/// Copy the data subject's value into `out`; false when absent or null.
-fn read_subject(tape: &Tape, path: &FieldPath, out: &mut String) -> bool {
+/// Copy the data subject's value of the event rooted at `root` into
+/// `out`; false when absent or null.
+fn read_subject(tape: &Tape, root: Slot, path: &FieldPath, out: &mut String) -> bool {
     out.clear();
-    let mut rec = 0u32;
+    let Slot::Record(mut rec) = root else {
+        return false;
+    };
     for (depth, &i) in path.iter().enumerate() {
         let slot = tape.slot(rec + u32::try_from(i).unwrap_or(u32::MAX));
         if depth + 1 == path.len() {

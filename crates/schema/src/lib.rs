@@ -28,5 +28,7 @@ pub use subject::{
     default_table_name, is_valid_table_name, Compatibility, SchemaVersion, Subject, SubjectConfig,
     UnknownFields,
 };
-pub use tape::{Slot, Tape};
-pub use validate::{decode_value, validate_at, validate_json, Limits, Violation};
+pub use tape::{Mark, Slot, Tape};
+pub use validate::{
+    decode_value, validate_append, validate_at, validate_json, validate_json_append, Limits, Violation,
+};

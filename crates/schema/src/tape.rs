@@ -6,6 +6,10 @@
 //! next event, so the steady state allocates nothing per event, and a
 //! rejected event leaves no partial rows behind in any column builder.
 //!
+//! A tape can also hold many events one after another (a request's, say):
+//! [`crate::validate_append`] adds one event and returns its root slot, and
+//! leaves the tape as it was when the event is refused.
+//!
 //! Layout: a record with `n` fields owns `n` consecutive slots, in schema
 //! field order, whatever order the JSON keys came in. Arrays and maps own a
 //! run of consecutive slots (maps alternate key and value). Text and bytes
@@ -64,7 +68,15 @@ pub enum Slot {
     },
 }
 
-/// A decoded event; see the module docs for the layout.
+/// A position in a [`Tape`] (see [`Tape::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    slots: usize,
+    bytes: usize,
+    decimals: usize,
+}
+
+/// Decoded events; see the module docs for the layout.
 #[derive(Debug, Default, Clone)]
 pub struct Tape {
     pub(crate) slots: Vec<Slot>,
@@ -89,10 +101,43 @@ impl Tape {
         self.decimals.clear();
     }
 
-    /// The root record's slot (valid after a successful validation).
+    /// The root record's slot of a tape holding one event (valid after a
+    /// successful [`crate::validate_json`]).
     #[must_use]
     pub fn root(&self) -> Slot {
         Slot::Record(0)
+    }
+
+    /// Make room for about `json_bytes` of JSON's values (text and
+    /// slots), so a tape filled with a whole request grows at most once.
+    pub fn reserve(&mut self, json_bytes: usize) {
+        self.bytes.reserve(json_bytes.saturating_sub(self.bytes.len()));
+        // About one value per 16 bytes of JSON.
+        let slots = json_bytes / 16;
+        self.slots.reserve(slots.saturating_sub(self.slots.len()));
+    }
+
+    /// Bytes allocated by the tape's buffers.
+    #[must_use]
+    pub fn capacity_bytes(&self) -> usize {
+        self.bytes.capacity()
+            + self.scratch.capacity()
+            + (self.slots.capacity() + self.pending.capacity()) * std::mem::size_of::<Slot>()
+            + self.decimals.capacity() * std::mem::size_of::<i128>()
+    }
+
+    /// The current length, to return to with [`Tape::truncate`].
+    #[must_use]
+    pub fn mark(&self) -> Mark {
+        Mark { slots: self.slots.len(), bytes: self.bytes.len(), decimals: self.decimals.len() }
+    }
+
+    /// Forget everything written after `mark`.
+    pub fn truncate(&mut self, mark: Mark) {
+        self.slots.truncate(mark.slots);
+        self.bytes.truncate(mark.bytes);
+        self.decimals.truncate(mark.decimals);
+        self.pending.clear();
     }
 
     /// The slot at `index`.

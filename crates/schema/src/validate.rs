@@ -79,17 +79,7 @@ pub fn validate_json(
     tape: &mut Tape,
 ) -> Result<(), Violation> {
     tape.clear();
-    if json.len() > limits.max_event_bytes {
-        return Err(Violation::new(
-            Reason::TooLarge,
-            format!("payload is {} bytes; the limit is {}", json.len(), limits.max_event_bytes),
-        ));
-    }
-    let mut ctx = Ctx::new(json, tape, unknown, limits);
-    match ctx.value(node).and_then(|_| ctx.end()) {
-        Ok(()) => Ok(()),
-        Err(()) => Err(ctx.violation()),
-    }
+    validate_json_append(node, json, unknown, limits, tape).map(|_| ())
 }
 
 /// Validate the payload that starts at byte `start` of `json` (inside a
@@ -109,11 +99,64 @@ pub fn validate_at(
     tape: &mut Tape,
 ) -> Result<usize, Violation> {
     tape.clear();
+    validate_append(node, json, start, unknown, limits, tape).map(|(_, end)| end)
+}
+
+/// [`validate_at`] without clearing: the payload's values are added to
+/// `tape` after the events already there, and its root slot is returned
+/// with the offset just past it. A refused payload leaves `tape` as it
+/// was, so one tape can collect a whole request's valid events.
+///
+/// # Errors
+/// A [`Violation`] as [`validate_at`] reports it.
+pub fn validate_append(
+    node: &Node,
+    json: &[u8],
+    start: usize,
+    unknown: UnknownFields,
+    limits: Limits,
+    tape: &mut Tape,
+) -> Result<(Slot, usize), Violation> {
+    let mark = tape.mark();
     let mut ctx = Ctx::new(json, tape, unknown, limits);
     ctx.sc.pos = start;
     match ctx.value(node) {
-        Ok(_) => Ok(ctx.sc.pos),
-        Err(()) => Err(ctx.violation()),
+        Ok(root) => Ok((root, ctx.sc.pos)),
+        Err(()) => {
+            let v = ctx.violation();
+            tape.truncate(mark);
+            Err(v)
+        }
+    }
+}
+
+/// [`validate_json`] without clearing, as [`validate_append`] does: the
+/// whole of `json` is the payload.
+///
+/// # Errors
+/// A [`Violation`] as [`validate_json`] reports it.
+pub fn validate_json_append(
+    node: &Node,
+    json: &[u8],
+    unknown: UnknownFields,
+    limits: Limits,
+    tape: &mut Tape,
+) -> Result<Slot, Violation> {
+    if json.len() > limits.max_event_bytes {
+        return Err(Violation::new(
+            Reason::TooLarge,
+            format!("payload is {} bytes; the limit is {}", json.len(), limits.max_event_bytes),
+        ));
+    }
+    let mark = tape.mark();
+    let mut ctx = Ctx::new(json, tape, unknown, limits);
+    match ctx.value(node).and_then(|root| ctx.end().map(|()| root)) {
+        Ok(root) => Ok(root),
+        Err(()) => {
+            let v = ctx.violation();
+            tape.truncate(mark);
+            Err(v)
+        }
     }
 }
 
