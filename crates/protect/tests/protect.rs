@@ -286,3 +286,57 @@ proptest! {
         }
     }
 }
+
+/// A batch's subject keys fetched in one call: the same keys one-by-one
+/// lookups give, created once per subject (repeats included), and the
+/// events protected with them read back; a forgotten subject gets a new
+/// key in the next batch.
+#[test]
+fn batched_subject_keys_match_single_lookups() {
+    let (reg, _dir, kr) = payments();
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let account = acct("111111111111");
+    let customers = ["c-1", "c-2", "c-1", "c-3", "c-2"];
+    let mut tape = Tape::new();
+    let mut p = BatchProtector::new(&kr);
+    let mut events = Vec::new();
+    for c in customers {
+        let json = payment(c, "4111111111111111", &format!("Holder {c}"));
+        let root = watershed_schema::validate_json_append(
+            &v.node,
+            json.as_bytes(),
+            UnknownFields::Reject,
+            Limits::default(),
+            &mut tape,
+        )
+        .unwrap();
+        let noted = p.note(&v.protect, &tape, root);
+        assert!(noted.needs_key());
+        events.push((c, root, noted));
+    }
+    p.fetch(&account).unwrap();
+    kr.sync().unwrap();
+    let mut holders = Vec::new();
+    for &(c, root, noted) in &events {
+        p.protect_noted(&account, &v.protect, &mut tape, root, noted).unwrap();
+        let Slot::Record(r) = root else { panic!("record") };
+        let Slot::Record(card) = tape.slot(r + 4) else { panic!("card") };
+        let holder = tape.str(tape.slot(card + 1)).to_owned();
+        let out = Decryptor::new(&kr).decrypt(&access(), &[&holder]).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().expose(), format!("Holder {c}"));
+        holders.push((c, holder));
+    }
+    let ids: HashSet<_> = kr.data_ciphers(&account, &customers).unwrap().iter().map(|c| c.id()).collect();
+    assert_eq!(ids.len(), 3, "one key per subject");
+    let before = kr.data_ciphers(&account, &["c-2"]).unwrap()[0].id();
+    kr.forget(&account, "c-2").unwrap();
+    // Each event was encrypted under its own subject's key: forgetting one
+    // subject shreds exactly that subject's values.
+    for (c, holder) in &holders {
+        let out = Decryptor::new(&kr).decrypt(&access(), &[holder]).unwrap();
+        assert_eq!(out[0].is_ok(), *c != "c-2", "{c}");
+    }
+    let after = kr.data_ciphers(&account, &["c-1", "c-2"]).unwrap();
+    assert_ne!(after[1].id(), before, "a forgotten subject starts over");
+    assert_eq!(after[0].id(), kr.data_cipher(&account, Some("c-1")).unwrap().id());
+}

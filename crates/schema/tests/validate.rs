@@ -192,3 +192,40 @@ fn example_schemas_accept_their_sample_events() {
     assert_eq!(tape.slot(9), Slot::Null);
     assert_eq!(tape.slot(10), Slot::Enum(0));
 }
+
+#[test]
+fn one_tape_holds_many_events_and_a_refused_one_leaves_no_trace() {
+    use watershed_schema::{validate_append, validate_json_append};
+    let reg = registry();
+    let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
+    let mut tape = Tape::new();
+    let first =
+        validate_json_append(&v.node, VALID.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape)
+            .unwrap();
+    let mark = tape.mark();
+    // Refused deep inside (after many values were written): the tape is
+    // as it was.
+    let bad = with("rec", r#"{"x": 1, "deep": [{"a": "no"}]}"#);
+    assert!(validate_json_append(
+        &v.node,
+        bad.as_bytes(),
+        UnknownFields::Reject,
+        Limits::default(),
+        &mut tape
+    )
+    .is_err());
+    assert_eq!(tape.mark(), mark);
+    // A payload inside a larger document, appended after the first.
+    let doc = format!(r#"{{"detail": {}, "x": 1}}"#, with("s", r#""second""#));
+    let start = doc.find(": ").unwrap() + 2;
+    let (second, end) =
+        validate_append(&v.node, doc.as_bytes(), start, UnknownFields::Reject, Limits::default(), &mut tape)
+            .unwrap();
+    assert_eq!(&doc[end..], r#", "x": 1}"#);
+    let (Slot::Record(a), Slot::Record(b)) = (first, second) else { panic!("records") };
+    assert_eq!(a, 0);
+    assert!(b > a);
+    assert_eq!(tape.str(tape.slot(a + 5)), "héllo");
+    assert_eq!(tape.str(tape.slot(b + 5)), "second");
+    assert_eq!(tape.slot(b + 1), Slot::Int(-5));
+}
