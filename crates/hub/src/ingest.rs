@@ -198,8 +198,8 @@ impl Ingestor {
                 Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
             }
         }
-        let fetched = batch.protector.fetch(account);
-        if let Err(e) = &fetched {
+        // On failure the events that needed a key are refused below.
+        if let Err(e) = batch.protector.fetch(account) {
             tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
         }
         for (index, v) in valid {
@@ -229,10 +229,11 @@ impl Ingestor {
     }
 
     /// Keep `tape` for a later request, unless it is unusually large (a
-    /// maximal request) or enough are kept already.
+    /// maximal request) or enough are kept already: at most 32 MiB of
+    /// tapes wait between requests.
     fn give_back(&self, mut tape: Tape) {
-        const KEEP_BYTES: usize = 16 << 20;
-        const KEEP: usize = 16;
+        const KEEP_BYTES: usize = 8 << 20;
+        const KEEP: usize = 4;
         if tape.capacity_bytes() > KEEP_BYTES {
             return;
         }
