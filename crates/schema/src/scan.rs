@@ -493,6 +493,21 @@ mod props {
 
     use super::*;
 
+    /// Up to `max` bytes: printable ASCII (weighted `plain`) mixed with
+    /// every kind of byte that ends a string's fast path.
+    fn string_bytes(plain: u32, max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                plain => 0x20u8..0x7f,
+                1 => Just(b'\\'),
+                1 => Just(b'"'),
+                1 => 0u8..0x20,
+                1 => 0x80u8..=0xff,
+            ],
+            0..max,
+        )
+    }
+
     proptest! {
         /// Any string serde_json writes, the scanner reads back unchanged.
         #[test]
@@ -508,15 +523,7 @@ mod props {
         /// when serde_json does (control characters, bad UTF-8, bad
         /// escapes), and reads the same string, short or long.
         #[test]
-        fn string_bytes_agree_with_serde_json(
-            body in proptest::collection::vec(prop_oneof![
-                4 => 0x20u8..0x7f,
-                1 => Just(b'\\'),
-                1 => Just(b'"'),
-                1 => 0u8..0x20,
-                1 => 0x80u8..=0xff,
-            ], 0..80)
-        ) {
+        fn string_bytes_agree_with_serde_json(body in string_bytes(4, 80)) {
             let mut doc = vec![b'"'];
             doc.extend_from_slice(&body);
             doc.push(b'"');
@@ -532,15 +539,7 @@ mod props {
         /// byte-at-a-time one does, wherever the stopping byte falls in a
         /// word.
         #[test]
-        fn plain_run_matches_bytewise(
-            s in proptest::collection::vec(prop_oneof![
-                16 => 0x20u8..0x7f,
-                1 => Just(b'\\'),
-                1 => Just(b'"'),
-                1 => 0u8..0x20,
-                1 => 0x80u8..=0xff,
-            ], 0..64)
-        ) {
+        fn plain_run_matches_bytewise(s in string_bytes(16, 64)) {
             let bytewise =
                 s.iter().take_while(|&&c| c != b'"' && c != b'\\' && (0x20..0x80).contains(&c)).count();
             prop_assert_eq!(plain_run(&s), bytewise);

@@ -117,17 +117,7 @@ pub fn validate_append(
     limits: Limits,
     tape: &mut Tape,
 ) -> Result<(Slot, usize), Violation> {
-    let mark = tape.mark();
-    let mut ctx = Ctx::new(json, tape, unknown, limits);
-    ctx.sc.pos = start;
-    match ctx.value(node) {
-        Ok(root) => Ok((root, ctx.sc.pos)),
-        Err(()) => {
-            let v = ctx.violation();
-            tape.truncate(mark);
-            Err(v)
-        }
-    }
+    append(node, json, start, false, unknown, limits, tape)
 }
 
 /// [`validate_json`] without clearing, as [`validate_append`] does: the
@@ -148,10 +138,27 @@ pub fn validate_json_append(
             format!("payload is {} bytes; the limit is {}", json.len(), limits.max_event_bytes),
         ));
     }
+    append(node, json, 0, true, unknown, limits, tape).map(|(root, _)| root)
+}
+
+/// Validate the value at `start` (followed only by whitespace, with
+/// `whole`) and append it to `tape`; a refused value leaves the tape as it
+/// was.
+fn append(
+    node: &Node,
+    json: &[u8],
+    start: usize,
+    whole: bool,
+    unknown: UnknownFields,
+    limits: Limits,
+    tape: &mut Tape,
+) -> Result<(Slot, usize), Violation> {
     let mark = tape.mark();
     let mut ctx = Ctx::new(json, tape, unknown, limits);
-    match ctx.value(node).and_then(|root| ctx.end().map(|()| root)) {
-        Ok(root) => Ok(root),
+    ctx.sc.pos = start;
+    let read = ctx.value(node).and_then(|root| if whole { ctx.end().map(|()| root) } else { Ok(root) });
+    match read {
+        Ok(root) => Ok((root, ctx.sc.pos)),
         Err(()) => {
             let v = ctx.violation();
             tape.truncate(mark);
