@@ -28,6 +28,10 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// What must be durable before a WAL record (new protection keys)
+    /// could not be made so; the record was not written.
+    #[error("{0}")]
+    BeforeWal(String),
     /// The schema directory failed to load.
     #[error(transparent)]
     Schema(#[from] watershed_schema::Error),

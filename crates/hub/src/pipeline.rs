@@ -21,7 +21,7 @@ use crate::dedupe::Dedupe;
 use crate::error::{Error, Result};
 use crate::ingest::{IngestResponse, Ingestor};
 use crate::metrics::Metrics;
-use crate::wal::{Pending, Wal, WalOptions};
+use crate::wal::{BeforeWrite, Pending, Wal, WalOptions};
 
 /// Why a request was refused as a whole.
 #[derive(Debug)]
@@ -136,7 +136,14 @@ impl Hub {
         };
         let (wal, replayed) = tokio::task::spawn_blocking(move || {
             let mut replayed = 0usize;
-            let wal = Wal::open(&wal_dir, opts, pending.clone(), |seq, record| {
+            // New protection keys are made durable by the WAL thread,
+            // once per group commit and before the group's write: an
+            // acknowledged event's ciphertext never outlives its key.
+            let keys = replay_ingestor.clone();
+            let before_write: BeforeWrite = Box::new(move || {
+                keys.sync_keys().map_err(|e| format!("cannot store new protection keys: {e}"))
+            });
+            let wal = Wal::open(&wal_dir, opts, pending.clone(), Some(before_write), |seq, record| {
                 let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
                 let parts = replay_ingestor.replay(&record, &is_committed);
                 if parts.is_empty() {
@@ -208,12 +215,7 @@ impl Hub {
             let decoded =
                 body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
             let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
-            let processed = ingestor.process(&account_c, collector_c.as_deref(), received_at, &events);
-            if let Err(e) = ingestor.sync_keys() {
-                ingestor.dedupe.release(&processed.claimed);
-                return Err(Refused::Failed(format!("cannot store new protection keys: {e}")));
-            }
-            Ok(processed)
+            Ok(ingestor.process(&account_c, collector_c.as_deref(), received_at, &events))
         })
         .await
         .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))??;

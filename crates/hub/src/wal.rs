@@ -6,7 +6,9 @@
 //!   negative level) by the request handler, framed as
 //!   `len u32 | crc32 u32 | seq u64 | payload`.
 //! - **Group commit.** One thread writes every record waiting in its
-//!   bounded queue, then fsyncs once and answers them all.
+//!   bounded queue, then fsyncs once and answers them all. Before the
+//!   write it runs the [`BeforeWrite`] hook once for the group: the hub
+//!   makes its new protection keys durable there, off the request path.
 //! - **Segments** (`<first seq>.wal`) roll by size. A segment is deleted
 //!   once every record in it is committed to the lake *and* newer segments
 //!   still hold the dedupe window.
@@ -277,8 +279,20 @@ struct Append {
     payload: Vec<u8>,
     events: u32,
     parts: u32,
-    reply: oneshot::Sender<Result<u64, String>>,
+    reply: oneshot::Sender<Result<u64, Failed>>,
 }
+
+/// Why a group was not written.
+#[derive(Clone)]
+enum Failed {
+    BeforeWrite(String),
+    Io(String),
+}
+
+/// Run by the WAL thread before it writes a group of records, for state
+/// that must be durable before any of them is. A failure fails the whole
+/// group, written or not, with the hook's message.
+pub type BeforeWrite = Box<dyn FnMut() -> std::result::Result<(), String> + Send>;
 
 /// Handle to the WAL writer thread.
 #[derive(Debug, Clone)]
@@ -300,7 +314,8 @@ pub struct WalOptions {
 impl Wal {
     /// Open the WAL in `dir`: read every record (passing each to `replay`,
     /// oldest first), truncate a torn tail, and start the writer thread.
-    /// `pending` decides which records are still needed.
+    /// `pending` decides which records are still needed; `before_write`
+    /// runs before each group is written.
     ///
     /// # Errors
     /// [`Error::Io`], or [`Error::WalCorrupt`] for damage before the tail.
@@ -308,6 +323,7 @@ impl Wal {
         dir: &Path,
         opts: WalOptions,
         pending: Arc<Pending>,
+        before_write: Option<BeforeWrite>,
         mut replay: impl FnMut(u64, WalRecord) -> Result<()>,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -329,8 +345,16 @@ impl Wal {
         }
         let size = Arc::new(AtomicU64::new(segments.iter().map(|s| s.bytes).sum()));
         let (tx, rx) = mpsc::channel(1024);
-        let mut w =
-            Writer { dir: dir.to_owned(), opts, segments, file: None, next, pending, size: size.clone() };
+        let mut w = Writer {
+            dir: dir.to_owned(),
+            opts,
+            segments,
+            file: None,
+            next,
+            pending,
+            size: size.clone(),
+            before_write,
+        };
         w.open_segment()?;
         std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
         Ok(Self { tx, size })
@@ -342,7 +366,7 @@ impl Wal {
     ///
     /// # Errors
     /// [`Error::Stopped`] if the writer thread is gone, [`Error::Io`] text
-    /// if the write failed.
+    /// if the write failed, [`Error::BeforeWal`] if the hook failed.
     pub async fn append(&self, payload: Vec<u8>, events: u32, parts: u32) -> Result<u64> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -351,7 +375,10 @@ impl Wal {
             .map_err(|_| Error::Stopped("wal writer"))?;
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(Error::Io { path: PathBuf::from("wal"), source: std::io::Error::other(e) }),
+            Ok(Err(Failed::Io(e))) => {
+                Err(Error::Io { path: PathBuf::from("wal"), source: std::io::Error::other(e) })
+            }
+            Ok(Err(Failed::BeforeWrite(e))) => Err(Error::BeforeWal(e)),
             Err(_) => Err(Error::Stopped("wal writer")),
         }
     }
@@ -415,6 +442,7 @@ struct Writer {
     next: u64,
     pending: Arc<Pending>,
     size: Arc<AtomicU64>,
+    before_write: Option<BeforeWrite>,
 }
 
 impl Writer {
@@ -457,10 +485,12 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_batch(&batch);
+            let result = match self.before_write.as_mut().map_or(Ok(()), |f| f()) {
+                Ok(()) => self.write_batch(&batch).map_err(|e| Failed::Io(e.to_string())),
+                Err(e) => Err(Failed::BeforeWrite(e)),
+            };
             for (i, a) in batch.drain(..).enumerate() {
-                let _ =
-                    a.reply.send(result.as_ref().map(|first| first + i as u64).map_err(ToString::to_string));
+                let _ = a.reply.send(result.as_ref().map(|first| first + i as u64).map_err(Clone::clone));
             }
             if let Err(e) = self.truncate() {
                 tracing::error!(error = %e, "cannot delete committed WAL segments");
@@ -547,7 +577,7 @@ mod tests {
         let a = AccountId::new("111111111111").unwrap();
         let opts = WalOptions { segment_bytes: 256, retain_events: 0 };
         let pending = Arc::new(Pending::default());
-        let wal = Wal::open(dir.path(), opts, pending.clone(), |_, _| Ok(())).unwrap();
+        let wal = Wal::open(dir.path(), opts, pending.clone(), None, |_, _| Ok(())).unwrap();
         let mut handles = Vec::new();
         for i in 0..20 {
             let wal = wal.clone();
@@ -575,7 +605,7 @@ mod tests {
         let len = std::fs::metadata(last).unwrap().len();
         OpenOptions::new().write(true).open(last).unwrap().set_len(len - 3).unwrap();
         let mut seen = Vec::new();
-        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), |seq, r| {
+        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
             seen.push((seq, r.events[0].id.clone()));
             Ok(())
         })
@@ -584,5 +614,43 @@ mod tests {
         assert_eq!(seen[0].0, 1);
         let next = wal.append(RecordEncoder::new(&a, 0, None, 0).finish(), 0, 0).await.unwrap();
         assert_eq!(next, 20, "seqs continue after the torn record");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_before_write_hook_fails_its_group_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        // The hook fails on its second call only.
+        let hook: BeforeWrite = Box::new(move || match counted.fetch_add(1, Ordering::SeqCst) {
+            1 => Err("cannot store new protection keys: disk full".into()),
+            _ => Ok(()),
+        });
+        let wal =
+            Wal::open(dir.path(), opts, Arc::new(Pending::default()), Some(hook), |_, _| Ok(())).unwrap();
+        let record = |id: &str| {
+            let mut e = RecordEncoder::new(&a, 0, None, 0);
+            e.accepted(id, b"{}");
+            e.finish()
+        };
+        assert_eq!(wal.append(record("id-1"), 1, 1).await.unwrap(), 1);
+        let err = wal.append(record("id-2"), 1, 1).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::BeforeWal(m) if m == "cannot store new protection keys: disk full"),
+            "{err:?}"
+        );
+        assert_eq!(wal.append(record("id-3"), 1, 1).await.unwrap(), 2, "the failed record took no seq");
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "once per group");
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut seen = Vec::new();
+        Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
+            seen.push((seq, r.events[0].id.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(1, "id-1".to_string()), (2, "id-3".to_string())]);
     }
 }

@@ -3,8 +3,11 @@
 //! `keys.log` (mode 0600).
 //!
 //! - **Creating keys is cheap.** A new key is one appended line; the
-//!   hub calls [`Keyring::sync`] once per batch, before it acknowledges,
-//!   so a batch of a thousand new data subjects costs one fsync.
+//!   hub calls [`Keyring::sync`] once per WAL group commit, before the WAL
+//!   write, so a batch of a thousand new data subjects costs one fsync.
+//!   The fsync runs without the state lock: lookups and new keys go on
+//!   meanwhile, and one sync at a time means a sync that returns has seen
+//!   every line queued before it began reach the disk.
 //! - **Erasing keys is thorough.** `forget` appends an erasure and then
 //!   compacts: the log is rewritten without the erased keys' material and
 //!   atomically replaces the old one, so the wrapped key bytes are gone
@@ -158,7 +161,7 @@ impl State {
 struct Loaded {
     state: State,
     stamp: Option<Stamp>,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// Keys created here and not yet written: written and fsynced by
     /// [`Keyring::sync`], once per batch, and re-applied after a reload.
     pending: Vec<Line>,
@@ -176,6 +179,8 @@ pub struct EnvelopeKeyring<M: MasterKey> {
     master: M,
     audit: AuditLog,
     state: Mutex<Loaded>,
+    /// Held through a whole [`Keyring::sync`], fsync included.
+    syncing: Mutex<()>,
     hot: Hot,
 }
 
@@ -372,6 +377,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 index: None,
                 cache: HashMap::new(),
             }),
+            syncing: Mutex::new(()),
             hot: Hot::new(),
         };
         {
@@ -450,32 +456,45 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     }
 
     /// Write the pending lines in one append and fsync; the caller holds
-    /// the file lock.
+    /// the file lock (and the state).
     fn flush_pending(&self, st: &mut Loaded) -> Result<()> {
+        let Some((file, lines)) = self.write_pending(st)? else { return Ok(()) };
+        file.sync_data().map_err(|e| {
+            st.pending.splice(0..0, lines);
+            self.io()(e)
+        })
+    }
+
+    /// Append the pending lines without fsync; the caller holds the file
+    /// lock. Returns the file and the lines taken from `pending`, to be
+    /// given back if the fsync fails.
+    fn write_pending(&self, st: &mut Loaded) -> Result<Option<(Arc<File>, Vec<Line>)>> {
         if st.pending.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         if stamp(&self.path) != st.stamp {
             self.reload(st, true)?;
         }
-        if st.file.is_none() {
-            let mut opts = OpenOptions::new();
-            opts.create(true).append(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            st.file = Some(opts.open(&self.path).map_err(self.io())?);
-        }
+        let file = match &st.file {
+            Some(f) => f.clone(),
+            None => {
+                let mut opts = OpenOptions::new();
+                opts.create(true).append(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let f = Arc::new(opts.open(&self.path).map_err(self.io())?);
+                st.file = Some(f.clone());
+                f
+            }
+        };
         let mut buf = Vec::new();
         for l in &st.pending {
             serde_json::to_writer(&mut buf, l).expect("serialisable");
             buf.push(b'\n');
         }
-        let f = st.file.as_mut().expect("opened above");
-        f.write_all(&buf).map_err(self.io())?;
-        f.sync_data().map_err(self.io())?;
-        st.pending.clear();
+        (&*file).write_all(&buf).map_err(self.io())?;
         st.stamp = stamp(&self.path);
-        Ok(())
+        Ok(Some((file, std::mem::take(&mut st.pending))))
     }
 
     /// Rewrite the log from the current state; erased material is gone.
@@ -640,12 +659,23 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     }
 
     fn sync(&self) -> Result<()> {
-        let mut st = lock(&self.state);
-        if st.pending.is_empty() {
-            return Ok(());
-        }
-        let _guard = self.lock_file()?;
-        self.flush_pending(&mut st)
+        let _one = lock(&self.syncing);
+        let written = {
+            let mut st = lock(&self.state);
+            if st.pending.is_empty() {
+                return Ok(());
+            }
+            let _guard = self.lock_file()?;
+            self.write_pending(&mut st)?
+        };
+        let Some((file, lines)) = written else { return Ok(()) };
+        // The slow part, with the state unlocked.
+        file.sync_data().map_err(|e| {
+            // A failed fsync may have dropped the lines from the page
+            // cache: write them again at the next sync.
+            lock(&self.state).pending.splice(0..0, lines);
+            self.io()(e)
+        })
     }
 
     fn cipher_by_id(&self, id: &KeyId) -> Result<Arc<DataCipher>> {

@@ -340,3 +340,38 @@ fn batched_subject_keys_match_single_lookups() {
     assert_ne!(after[1].id(), before, "a forgotten subject starts over");
     assert_eq!(after[0].id(), kr.data_cipher(&account, Some("c-1")).unwrap().id());
 }
+
+/// Keys created on several threads while others sync (the hub's request
+/// threads and its WAL thread) are all in the log once every sync that
+/// followed their creation has returned: a second keyring over the same
+/// directory finds each subject's key, not a new one.
+#[test]
+fn keys_created_while_other_threads_sync_are_all_durable() {
+    let (_, dir, kr) = payments();
+    let a = acct("111111111111");
+    let made: Vec<(String, [u8; 16])> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let (kr, a) = (&kr, &a);
+                s.spawn(move || {
+                    (0..200)
+                        .map(|i| {
+                            let subject = format!("subject-{t}-{i}");
+                            let id = kr.data_cipher(a, Some(&subject)).unwrap().id();
+                            if i % 7 == 0 {
+                                kr.sync().unwrap();
+                            }
+                            (subject, id.0)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    kr.sync().unwrap();
+    let other = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    for (subject, id) in &made {
+        assert_eq!(other.data_cipher(&a, Some(subject)).unwrap().id().0, *id, "{subject} lost its key");
+    }
+}
