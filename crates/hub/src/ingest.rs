@@ -20,7 +20,7 @@ use watershed_schema::{
 use crate::dedupe::Dedupe;
 use crate::envelope;
 use crate::metrics::{AccountLabel, Metrics, RejectLabel};
-use crate::wal::{RecordEncoder, WalRecord};
+use crate::wal::{BufferPool, RecordEncoder, WalRecord};
 
 /// One rejected event in a response.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -53,12 +53,22 @@ pub struct IngestResponse {
 pub struct Processed {
     /// The response to send after the WAL write.
     pub response: IngestResponse,
-    /// The WAL record (empty when nothing needs storing).
-    pub wal: RecordEncoder,
+    /// The WAL record, compressed (none when nothing needs storing).
+    pub wal: Option<WalPayload>,
     /// Rows per partition.
     pub parts: Vec<(PartitionKey, RecordBatch)>,
     /// Dedupe keys claimed (released if the WAL write fails).
     pub claimed: Vec<u64>,
+}
+
+/// A request's WAL record, ready for [`crate::wal::Wal::append`].
+#[derive(Debug)]
+pub struct WalPayload {
+    /// The compressed record; give its buffer back with
+    /// [`Ingestor::reuse`] once written.
+    pub bytes: Vec<u8>,
+    /// Events in it.
+    pub events: u32,
 }
 
 /// The hub's per-event pipeline, shared by HTTP ingest and WAL replay.
@@ -71,6 +81,8 @@ pub struct Ingestor {
     pub(crate) metrics: Arc<Metrics>,
     /// Tapes of finished requests, kept for their buffers.
     tapes: std::sync::Mutex<Vec<Tape>>,
+    /// WAL record buffers, kept for reuse.
+    buffers: BufferPool,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -156,7 +168,16 @@ impl Ingestor {
         metrics: Arc<Metrics>,
     ) -> Self {
         let layouts = registry.subjects().iter().map(TableLayout::new).collect();
-        Self { registry, layouts, keyring, dedupe, limits, metrics, tapes: std::sync::Mutex::default() }
+        Self {
+            registry,
+            layouts,
+            keyring,
+            dedupe,
+            limits,
+            metrics,
+            tapes: std::sync::Mutex::default(),
+            buffers: BufferPool::default(),
+        }
     }
 
     /// Process a request's events for `account`.
@@ -183,7 +204,7 @@ impl Ingestor {
         // Decoded values take about the space of their JSON.
         batch.tape.reserve(size);
         let mut out = Outcome {
-            wal: RecordEncoder::new(account, received_at, collector, size),
+            wal: RecordEncoder::in_buffer(self.buffers.take(size + 256), account, received_at, collector),
             response: IngestResponse::default(),
             claimed: Vec::new(),
         };
@@ -218,7 +239,18 @@ impl Ingestor {
             self.metrics.duplicates.get_or_create(&label).inc_by(response.duplicates as u64);
         }
         self.give_back(batch.tape);
+        let wal = if wal.is_empty() {
+            self.buffers.give(wal.into_buffer());
+            None
+        } else {
+            Some(WalPayload { events: wal.len(), bytes: wal.finish_pooled(&self.buffers) })
+        };
         Processed { response, wal, parts: finish(batch.builders), claimed }
+    }
+
+    /// Keep a written WAL payload's buffer for a later request.
+    pub fn reuse(&self, buffer: Vec<u8>) {
+        self.buffers.give(buffer);
     }
 
     /// An empty tape, with the buffers of an earlier request when one is

@@ -219,14 +219,15 @@ impl Hub {
         })
         .await
         .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))??;
-        if processed.wal.is_empty() {
+        let Some(payload) = processed.wal else {
             return Ok(processed.response);
-        }
-        let events = processed.wal.len();
+        };
         let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
-        let payload = processed.wal.finish();
-        let seq = match self.wal.append(payload, events, nparts).await {
-            Ok(seq) => seq,
+        let seq = match self.wal.append(payload.bytes, payload.events, nparts).await {
+            Ok(appended) => {
+                self.ingestor.reuse(appended.buffer);
+                appended.seq
+            }
             Err(e) => {
                 self.ingestor.dedupe.release(&processed.claimed);
                 return Err(Refused::Failed(e.to_string()));
