@@ -65,10 +65,24 @@ enum Line {
 
 struct DataKeyRecord {
     account: String,
-    subject_ref: Option<String>,
+    subject_ref: Option<[u8; 16]>,
     current: bool,
     wrapped: Wrapped,
-    created: String,
+    /// Shared by the keys created together.
+    created: Arc<str>,
+}
+
+/// A new data key's line, written from borrowed parts (the same JSON as
+/// [`Line::DataKey`]).
+#[derive(Serialize)]
+#[serde(tag = "op", rename = "data_key")]
+struct DataKeyLine<'a> {
+    id: &'a str,
+    account: &'a str,
+    subject_ref: Option<&'a str>,
+    current: bool,
+    wrapped: &'a Wrapped,
+    created: &'a str,
 }
 
 #[derive(Default)]
@@ -92,26 +106,11 @@ impl State {
             }
             Line::DataKey { id, account, subject_ref, current, wrapped, created } => {
                 let Some(id) = KeyId::from_hex(&id) else { return };
-                if self.erased.contains_key(&id) {
-                    return;
-                }
-                let sref = subject_ref.as_deref().and_then(ref_from_hex);
-                match (current, sref) {
-                    (true, Some(r)) => {
-                        self.current_subject.insert(r, id);
-                    }
-                    (true, None) => {
-                        self.current_account.insert(account.clone(), id);
-                    }
-                    (false, Some(r)) if self.current_subject.get(&r) == Some(&id) => {
-                        self.current_subject.remove(&r);
-                    }
-                    (false, None) if self.current_account.get(&account) == Some(&id) => {
-                        self.current_account.remove(&account);
-                    }
-                    (false, _) => {}
-                }
-                self.data_keys.insert(id, DataKeyRecord { account, subject_ref, current, wrapped, created });
+                let subject_ref = subject_ref.as_deref().and_then(ref_from_hex);
+                self.add_data_key(
+                    id,
+                    DataKeyRecord { account, subject_ref, current, wrapped, created: created.into() },
+                );
             }
             Line::Erased { ids, account, subject_ref, erased_at } => {
                 for hex in ids {
@@ -123,6 +122,30 @@ impl State {
                 self.current_subject.retain(|_, id| !self.erased.contains_key(id));
             }
         }
+    }
+
+    /// Index a data key (unless erased) and make it current or not.
+    fn add_data_key(&mut self, id: KeyId, rec: DataKeyRecord) {
+        if self.erased.contains_key(&id) {
+            return;
+        }
+        let account = &rec.account;
+        match (rec.current, rec.subject_ref) {
+            (true, Some(r)) => {
+                self.current_subject.insert(r, id);
+            }
+            (true, None) => {
+                self.current_account.insert(account.clone(), id);
+            }
+            (false, Some(r)) if self.current_subject.get(&r) == Some(&id) => {
+                self.current_subject.remove(&r);
+            }
+            (false, None) if self.current_account.get(account) == Some(&id) => {
+                self.current_account.remove(account);
+            }
+            (false, _) => {}
+        }
+        self.data_keys.insert(id, rec);
     }
 
     /// The whole state as log lines (for compaction).
@@ -149,10 +172,10 @@ impl State {
         out.extend(keys.into_iter().map(|(id, r)| Line::DataKey {
             id: id.to_hex(),
             account: r.account.clone(),
-            subject_ref: r.subject_ref.clone(),
+            subject_ref: r.subject_ref.as_ref().map(|r| hex(r)),
             current: r.current,
             wrapped: r.wrapped.clone(),
-            created: r.created.clone(),
+            created: r.created.to_string(),
         }));
         out
     }
@@ -162,9 +185,10 @@ struct Loaded {
     state: State,
     stamp: Option<Stamp>,
     file: Option<Arc<File>>,
-    /// Keys created here and not yet written: written and fsynced by
-    /// [`Keyring::sync`], once per batch, and re-applied after a reload.
-    pending: Vec<Line>,
+    /// Lines of keys created here and not yet written, as JSON lines:
+    /// written and fsynced by [`Keyring::sync`], and re-applied after a
+    /// reload.
+    pending: Vec<u8>,
     /// Key ids and key material for new keys (seeded from the OS).
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
@@ -316,16 +340,38 @@ impl Hot {
 
 /// Apply a new line now and write it at the next sync.
 fn queue(st: &mut Loaded, line: Line) {
-    st.state.apply(line.clone());
-    st.pending.push(line);
+    push_line(&mut st.pending, &line);
+    st.state.apply(line);
+}
+
+/// Put lines whose fsync failed back in front of the pending ones: a
+/// failed fsync may have dropped them from the page cache, so they are
+/// written again at the next sync (applying a line twice is harmless).
+fn give_back(st: &mut Loaded, mut lines: Vec<u8>) {
+    lines.extend_from_slice(&st.pending);
+    st.pending = lines;
+}
+
+/// Append `line` and a newline to `buf`.
+fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) {
+    serde_json::to_writer(&mut *buf, line).expect("key log lines serialise");
+    buf.push(b'\n');
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn dek_context(id: &KeyId) -> Vec<u8> {
-    format!("dek:{}", id.to_hex()).into_bytes()
+/// `dek:` and the key id in hex: what a data key's wrap is bound to.
+fn dek_context(id: &KeyId) -> [u8; 36] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    out[..4].copy_from_slice(b"dek:");
+    for (i, b) in id.0.iter().enumerate() {
+        out[4 + 2 * i] = DIGITS[usize::from(b >> 4)];
+        out[5 + 2 * i] = DIGITS[usize::from(b & 15)];
+    }
+    out
 }
 
 fn token_context(account: &str) -> Vec<u8> {
@@ -444,8 +490,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.io()(e)),
         }
-        for l in &st.pending {
-            state.apply(l.clone());
+        for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
+            state.apply(l.expect("pending lines were serialised here"));
         }
         st.cache.retain(|id, _| state.data_keys.contains_key(id));
         self.hot.clear();
@@ -460,7 +506,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     fn flush_pending(&self, st: &mut Loaded) -> Result<()> {
         let Some((file, lines)) = self.write_pending(st)? else { return Ok(()) };
         file.sync_data().map_err(|e| {
-            st.pending.splice(0..0, lines);
+            give_back(st, lines);
             self.io()(e)
         })
     }
@@ -468,7 +514,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     /// Append the pending lines without fsync; the caller holds the file
     /// lock. Returns the file and the lines taken from `pending`, to be
     /// given back if the fsync fails.
-    fn write_pending(&self, st: &mut Loaded) -> Result<Option<(Arc<File>, Vec<Line>)>> {
+    fn write_pending(&self, st: &mut Loaded) -> Result<Option<(Arc<File>, Vec<u8>)>> {
         if st.pending.is_empty() {
             return Ok(None);
         }
@@ -487,12 +533,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 f
             }
         };
-        let mut buf = Vec::new();
-        for l in &st.pending {
-            serde_json::to_writer(&mut buf, l).expect("serialisable");
-            buf.push(b'\n');
-        }
-        (&*file).write_all(&buf).map_err(self.io())?;
+        (&*file).write_all(&st.pending).map_err(self.io())?;
         st.stamp = stamp(&self.path);
         Ok(Some((file, std::mem::take(&mut st.pending))))
     }
@@ -501,8 +542,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     fn compact(&self, st: &mut Loaded) -> Result<()> {
         let mut buf = Vec::new();
         for l in st.state.snapshot() {
-            serde_json::to_writer(&mut buf, &l).expect("serialisable");
-            buf.push(b'\n');
+            push_line(&mut buf, &l);
         }
         write_atomic(&self.path, &buf)?;
         st.file = None;
@@ -558,7 +598,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         st: &mut Loaded,
         account: &AccountId,
         subject: Option<(&str, u128)>,
-        created: Option<&str>,
+        created: Option<&Arc<str>>,
     ) -> Result<Arc<DataCipher>> {
         let hot_key = subject.map(|(_, k)| k);
         // Another request, or an earlier event of this batch, may have
@@ -577,16 +617,32 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         let mut raw = [0u8; 16];
         st.rng.fill_bytes(&mut raw);
         let id = KeyId(raw);
-        let (k, wrapped) = self.master.generate(&dek_context(&id))?;
-        queue(
-            st,
-            Line::DataKey {
-                id: id.to_hex(),
+        let context = dek_context(&id);
+        let (k, wrapped) = self.master.generate(&context)?;
+        let created = created.cloned().unwrap_or_else(|| chrono::Utc::now().to_rfc3339().into());
+        // The line is written straight from these parts, and the record
+        // indexed without parsing it back.
+        let id_hex = std::str::from_utf8(&context[4..]).expect("hex digits");
+        let sref_hex = sref.map(|r| hex(&r));
+        push_line(
+            &mut st.pending,
+            &DataKeyLine {
+                id: id_hex,
+                account: account.as_str(),
+                subject_ref: sref_hex.as_deref(),
+                current: true,
+                wrapped: &wrapped,
+                created: &created,
+            },
+        );
+        st.state.add_data_key(
+            id,
+            DataKeyRecord {
                 account: account.to_string(),
-                subject_ref: sref.map(|r| hex(&r)),
+                subject_ref: sref,
                 current: true,
                 wrapped,
-                created: created.map_or_else(|| chrono::Utc::now().to_rfc3339(), str::to_owned),
+                created,
             },
         );
         let c = Arc::new(DataCipher::new(id, &k));
@@ -648,7 +704,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             let mut st = lock(&self.state);
             self.refresh(&mut st)?;
             // One timestamp for the keys this batch creates.
-            let created = chrono::Utc::now().to_rfc3339();
+            let created: Arc<str> = chrono::Utc::now().to_rfc3339().into();
             for ((slot, s), k) in out.iter_mut().zip(subjects).zip(&keys) {
                 if slot.is_none() {
                     *slot = Some(self.locked_cipher(&mut st, account, Some((s, *k)), Some(&created))?);
@@ -673,7 +729,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         file.sync_data().map_err(|e| {
             // A failed fsync may have dropped the lines from the page
             // cache: write them again at the next sync.
-            lock(&self.state).pending.splice(0..0, lines);
+            give_back(&mut lock(&self.state), lines);
             self.io()(e)
         })
     }
@@ -690,12 +746,13 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         let mut st = lock(&self.state);
         let _guard = self.lock_file()?;
         self.reload(&mut st, true)?;
-        let sref = hex(&Self::subject_ref(&st, account, subject));
+        let sref_bytes = Self::subject_ref(&st, account, subject);
+        let sref = hex(&sref_bytes);
         let mut ids: Vec<KeyId> = st
             .state
             .data_keys
             .iter()
-            .filter(|(_, r)| r.account == account.as_str() && r.subject_ref.as_deref() == Some(sref.as_str()))
+            .filter(|(_, r)| r.account == account.as_str() && r.subject_ref == Some(sref_bytes))
             .map(|(id, _)| *id)
             .collect();
         if ids.is_empty() {
