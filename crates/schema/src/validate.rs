@@ -616,10 +616,9 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
                 fail(ctx, Reason::BadTimestamp, "expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z")
             }
         },
-        Kind::Date => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
-            #[allow(clippy::cast_possible_truncation)]
-            Ok(d) => Ok(Slot::Int((d - chrono::NaiveDate::default()).num_days() as i32)),
-            Err(_) => fail(ctx, Reason::BadDate, "expected a date like 2024-05-01"),
+        Kind::Date => match parse_date(v) {
+            Some(days) => Ok(Slot::Int(days)),
+            None => fail(ctx, Reason::BadDate, "expected a date like 2024-05-01"),
         },
         Kind::TimeMillis | Kind::TimeMicros => match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
             Ok(t) => {
@@ -722,9 +721,49 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
+/// Days since 1970-01-01 of a `%Y-%m-%d` date. The common form (four-digit
+/// year, two-digit month and day) is read directly; anything else is left
+/// to chrono's parser, which gives the same answer for the common form.
+fn parse_date(v: &str) -> Option<i32> {
+    let b = v.as_bytes();
+    let digits = |r: std::ops::Range<usize>| {
+        b[r].iter().try_fold(0u32, |n, &c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    let common = (b.len() == 10 && b[4] == b'-' && b[7] == b'-')
+        .then(|| {
+            let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+            chrono::NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d)
+        })
+        .flatten();
+    let d = match common {
+        Some(d) => d,
+        None => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?,
+    };
+    i32::try_from((d - chrono::NaiveDate::default()).num_days()).ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_decimal;
+    use super::{parse_date, parse_decimal};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Dates read directly agree with chrono's `%Y-%m-%d` on
+        /// well-formed, out-of-range and malformed input alike.
+        #[test]
+        fn dates_agree_with_chrono(
+            y in 0u32..10_000, m in 0u32..14, d in 0u32..33,
+            junk in proptest::sample::select(vec!["", " ", "x", "+", "-"]),
+            at in 0usize..11,
+        ) {
+            let mut s = format!("{y:04}-{m:02}-{d:02}");
+            s.insert_str(at.min(s.len()), junk);
+            let chrono = chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d")
+                .ok()
+                .map(|d| i32::try_from((d - chrono::NaiveDate::default()).num_days()).unwrap());
+            prop_assert_eq!(parse_date(&s), chrono, "{}", s);
+        }
+    }
 
     #[test]
     fn decimals_parse_exactly() {
