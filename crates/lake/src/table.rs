@@ -45,7 +45,7 @@ pub struct TableLayout {
     /// The Arrow schema of its files.
     pub schema: SchemaRef,
     detail: watershed_schema::Node,
-    projections: HashMap<SchemaVersion, Proj>,
+    projections: HashMap<SchemaVersion, Proj, ahash::RandomState>,
 }
 
 impl TableLayout {

@@ -34,8 +34,8 @@ pub const TOKEN_BYTES: usize = 16;
 /// Protects events for one batch; see the module docs.
 pub struct BatchProtector<'k> {
     keyring: &'k dyn Keyring,
-    tokens: HashMap<String, Hmac<Sha256>>,
-    account_keys: HashMap<String, Arc<DataCipher>>,
+    tokens: HashMap<String, Hmac<Sha256>, ahash::RandomState>,
+    account_keys: HashMap<String, Arc<DataCipher>, ahash::RandomState>,
     rng: ChaCha20Rng,
     targets: Vec<u32>,
     buf: Vec<u8>,
@@ -72,8 +72,8 @@ impl<'k> BatchProtector<'k> {
     pub fn new(keyring: &'k dyn Keyring) -> Self {
         Self {
             keyring,
-            tokens: HashMap::new(),
-            account_keys: HashMap::new(),
+            tokens: HashMap::default(),
+            account_keys: HashMap::default(),
             rng: ChaCha20Rng::from_entropy(),
             targets: Vec::new(),
             buf: Vec::new(),

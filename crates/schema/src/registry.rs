@@ -72,7 +72,8 @@ impl SubjectEntry {
 pub struct Registry {
     subjects: Vec<SubjectEntry>,
     /// source → detail type → subject index (looked up without allocating).
-    by_source: HashMap<String, HashMap<String, usize>>,
+    /// Looked up per event: keyed with ahash, not SipHash.
+    by_source: HashMap<String, HashMap<String, usize, ahash::RandomState>, ahash::RandomState>,
     by_id: HashMap<SchemaId, (usize, usize)>,
 }
 
