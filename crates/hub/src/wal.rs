@@ -193,7 +193,7 @@ impl BufferPool {
     /// Buffers kept at most.
     pub const KEEP: usize = 8;
     /// Larger buffers (a maximal request's) are dropped, not kept.
-    pub const KEEP_BYTES: usize = 16 << 20;
+    pub const KEEP_BYTES: usize = 8 << 20;
 
     /// An empty buffer with room for `capacity` bytes: a kept one when
     /// there is one (the first large enough, else the largest).
