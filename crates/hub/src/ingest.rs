@@ -155,6 +155,12 @@ impl Builders {
 }
 
 const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// Events per chunk of a request's passes: about 100 KB of JSON and as
+/// much decoded, which stays in a core's L2 cache between the passes,
+/// while one key fetch still covers enough subjects for their cache
+/// misses to overlap.
+const CHUNK_EVENTS: usize = 128;
 const DEAD: usize = usize::MAX;
 
 impl Ingestor {
@@ -200,9 +206,7 @@ impl Ingestor {
             builders: Builders::default(),
         };
         // Each event's bytes plus its framing and id (a uuid is 36 bytes).
-        let size = events.iter().map(|e| e.len() + 48).sum();
-        // Decoded values take about the space of their JSON.
-        batch.tape.reserve(size);
+        let size: usize = events.iter().map(|e| e.len() + 48).sum();
         let mut out = Outcome {
             wal: RecordEncoder::in_buffer(self.buffers.take(size + 256), account, received_at, collector),
             response: IngestResponse::default(),
@@ -210,25 +214,34 @@ impl Ingestor {
         };
         let label = AccountLabel { account: account.to_string() };
         let at = (account, collector, received_at);
-        let mut valid = Vec::with_capacity(events.len());
-        for (index, raw) in events.iter().enumerate() {
-            match self.validate(at, raw, &mut batch, None) {
-                Ok(Some(v)) => valid.push((index, v)),
-                // Only replay skips events.
-                Ok(None) => {}
-                Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
+        let mut valid = Vec::with_capacity(events.len().min(CHUNK_EVENTS));
+        // The passes run over chunks of the request, so that an event's
+        // bytes and decoded values are still in cache when pass 3 reads
+        // them; the tape holds one chunk at a time.
+        for (c, chunk) in events.chunks(CHUNK_EVENTS).enumerate() {
+            let first = c * CHUNK_EVENTS;
+            batch.tape.clear();
+            // Decoded values take about the space of their JSON.
+            batch.tape.reserve(chunk.iter().map(|e| e.len() + 48).sum());
+            for (i, raw) in chunk.iter().enumerate() {
+                match self.validate(at, raw, &mut batch, None) {
+                    Ok(Some(v)) => valid.push((first + i, v)),
+                    // Only replay skips events.
+                    Ok(None) => {}
+                    Err((v, partial)) => self.refuse(at, first + i, raw, v, &partial, &mut batch, &mut out),
+                }
             }
-        }
-        // On failure the events that needed a key are refused below.
-        if let Err(e) = batch.protector.fetch(account) {
-            tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
-        }
-        for (index, v) in valid {
-            let raw = v.raw;
-            match self.store(at, v, &mut batch, Some((&mut out.claimed, &mut out.wal))) {
-                Ok(true) => out.response.accepted += 1,
-                Ok(false) => out.response.duplicates += 1,
-                Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
+            // On failure the events that needed a key are refused below.
+            if let Err(e) = batch.protector.fetch(account) {
+                tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
+            }
+            for (index, v) in valid.drain(..) {
+                let raw = v.raw;
+                match self.store(at, v, &mut batch, Some((&mut out.claimed, &mut out.wal))) {
+                    Ok(true) => out.response.accepted += 1,
+                    Ok(false) => out.response.duplicates += 1,
+                    Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
+                }
             }
         }
         // Refusals at protection come after the others; report in order.

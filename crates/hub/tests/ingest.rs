@@ -74,3 +74,46 @@ fn inline_and_deferred_validation_agree() {
         );
     }
 }
+
+/// A request is processed in chunks of events (the tape holds one chunk
+/// at a time): rejects on both sides of chunk boundaries, a duplicate of
+/// an event from an earlier chunk, and subjects recurring across chunks
+/// give the same outcome as events judged one by one.
+#[test]
+fn outcomes_do_not_depend_on_chunk_boundaries() {
+    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
+    let ingestor = Ingestor::new(
+        reg,
+        keyring,
+        Arc::new(Dedupe::new(10_000)),
+        Limits::default(),
+        Arc::new(Metrics::default()),
+    );
+    let account = AccountId::new("111111111111").unwrap();
+    let bad_at = [0usize, 127, 128, 255, 256, 399];
+    let events: Vec<String> = (0..400)
+        .map(|i| {
+            // Event 300 repeats event 10's id: a duplicate across chunks.
+            let id = if i == 300 { "e10".to_string() } else { format!("e{i}") };
+            let detail = DETAIL.replace("c-1", &format!("c-{}", i % 7));
+            let detail = if bad_at.contains(&i) { detail.replace("EUR", "DOGE") } else { detail };
+            event(&id, &detail, "", i % 2 == 0)
+        })
+        .collect();
+    let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+    let out = ingestor.process(&account, None, 0, &refs);
+    let rejected: Vec<(usize, &str)> = out.response.rejected.iter().map(|r| (r.index, r.reason)).collect();
+    assert_eq!(rejected, bad_at.iter().map(|&i| (i, "bad_enum")).collect::<Vec<_>>());
+    assert_eq!((out.response.accepted, out.response.duplicates), (400 - bad_at.len() - 1, 1));
+    let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
+    let ids = batch.column_by_name("event_id").unwrap().as_string::<i32>();
+    let expected: Vec<String> =
+        (0..400).filter(|i| !bad_at.contains(i) && *i != 300).map(|i| format!("e{i}")).collect();
+    assert_eq!((0..batch.num_rows()).map(|i| ids.value(i).to_owned()).collect::<Vec<_>>(), expected);
+    // Every row's holder name is a ciphertext under its subject's key.
+    let holders = batch.column_by_name("detail").unwrap().as_struct().column_by_name("card").unwrap();
+    let holders = holders.as_struct().column_by_name("holder_name").unwrap().as_string::<i32>();
+    assert_eq!(holders.iter().filter(|h| h.is_some_and(|h| h.starts_with("wse1."))).count(), expected.len());
+}
