@@ -27,18 +27,18 @@ fn event(id: &str, detail: &str, version: &str, detail_last: bool) -> String {
     }
 }
 
-#[test]
-fn inline_and_deferred_validation_agree() {
+/// An ingestor over the repository's schemas and a fresh local keyring.
+fn ingestor() -> (tempfile::TempDir, Ingestor) {
     let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
-    let ingestor = Ingestor::new(
-        reg,
-        keyring,
-        Arc::new(Dedupe::new(1000)),
-        Limits::default(),
-        Arc::new(Metrics::default()),
-    );
+    let dedupe = Arc::new(Dedupe::new(10_000));
+    (dir, Ingestor::new(reg, keyring, dedupe, Limits::default(), Arc::new(Metrics::default())))
+}
+
+#[test]
+fn inline_and_deferred_validation_agree() {
+    let (_dir, ingestor) = ingestor();
     let account = AccountId::new("111111111111").unwrap();
     let bad = DETAIL.replace("EUR", "DOGE");
     for detail_last in [true, false] {
@@ -81,16 +81,7 @@ fn inline_and_deferred_validation_agree() {
 /// give the same outcome as events judged one by one.
 #[test]
 fn outcomes_do_not_depend_on_chunk_boundaries() {
-    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
-    let ingestor = Ingestor::new(
-        reg,
-        keyring,
-        Arc::new(Dedupe::new(10_000)),
-        Limits::default(),
-        Arc::new(Metrics::default()),
-    );
+    let (_dir, ingestor) = ingestor();
     let account = AccountId::new("111111111111").unwrap();
     let bad_at = [0usize, 127, 128, 255, 256, 399];
     let events: Vec<String> = (0..400)
