@@ -58,13 +58,18 @@ impl KeyId {
 /// Lowercase hex of `b`.
 #[must_use]
 pub(crate) fn hex(b: &[u8]) -> String {
+    let mut out = vec![0; b.len() * 2];
+    hex_into(b, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Lowercase hex of `b` into `out`, which holds twice as many bytes.
+pub(crate) fn hex_into(b: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for &x in b {
-        s.push(char::from(DIGITS[usize::from(x >> 4)]));
-        s.push(char::from(DIGITS[usize::from(x & 15)]));
+    for (&x, pair) in b.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(x >> 4)];
+        pair[1] = DIGITS[usize::from(x & 15)];
     }
-    s
 }
 
 fn nibble(c: u8) -> Option<u8> {

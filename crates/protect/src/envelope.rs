@@ -34,7 +34,7 @@ use watershed_event::prehashed::BuildPrehashed;
 use watershed_event::AccountId;
 
 use crate::audit::AuditLog;
-use crate::cipher::hex;
+use crate::cipher::{hex, hex_into};
 use crate::cipher::{DataCipher, KeyId};
 use crate::error::{Error, Result};
 use crate::fsutil::{ensure_dir, stamp, write_atomic, Stamp};
@@ -364,13 +364,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// `dek:` and the key id in hex: what a data key's wrap is bound to.
 fn dek_context(id: &KeyId) -> [u8; 36] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 36];
     out[..4].copy_from_slice(b"dek:");
-    for (i, b) in id.0.iter().enumerate() {
-        out[4 + 2 * i] = DIGITS[usize::from(b >> 4)];
-        out[5 + 2 * i] = DIGITS[usize::from(b & 15)];
-    }
+    hex_into(&id.0, &mut out[4..]);
     out
 }
 
