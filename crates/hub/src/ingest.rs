@@ -188,10 +188,11 @@ impl Ingestor {
 
     /// Process a request's events for `account`.
     ///
-    /// Three passes: every event is decoded and validated into one tape;
-    /// the data-subject keys of the valid ones are fetched in one call to
-    /// the keyring; then each is protected, checked against the dedupe
-    /// window, logged and added to its partition's rows, in request order.
+    /// Three passes over each chunk of 128 events: every
+    /// event is decoded and validated into one tape; the data-subject keys
+    /// of the valid ones are fetched in one call to the keyring; then each
+    /// is protected, checked against the dedupe window, logged and added
+    /// to its partition's rows, in request order.
     #[must_use]
     pub fn process(
         &self,
@@ -267,8 +268,8 @@ impl Ingestor {
     }
 
     /// An empty tape, with the buffers of an earlier request when one is
-    /// free: a request's tape holds all its events, and growing one from
-    /// nothing per request copies it several times over.
+    /// free: a tape holds a chunk of events, and growing one from nothing
+    /// per request copies it several times over.
     fn tape(&self) -> Tape {
         self.tapes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default()
     }
