@@ -418,3 +418,29 @@ fn mixed_versions_share_a_file_and_send_reports_rejects() {
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&cols[..4], ["payments", "1", "1", "6"], "{line}");
 }
+
+/// The README's first command: `watershed demo` starts a hub, sends every
+/// event it was asked for, and each accepted one is in the lake and each
+/// rejected one in `_dead_letters`.
+#[test]
+fn the_demo_lands_every_event_it_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let out = run(&["demo", "--events", "1001", "--data-dir", data.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("sent ")).unwrap_or_else(|| panic!("{stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let number = |after: &str| -> usize {
+        let i = words.iter().position(|w| w.trim_end_matches(',') == after).unwrap();
+        words[i - 1].trim_end_matches(':').parse().unwrap()
+    };
+    assert_eq!(words[1], "1001", "{line}");
+    let (accepted, rejected) = (number("accepted"), number("rejected"));
+    assert_eq!(accepted + rejected, 1001, "{line}");
+    assert!(rejected > 0, "the demo sends some invalid events: {line}");
+    let ids = ids_by_table(&data.join("lake"));
+    let stored: usize = ids.iter().filter(|(t, _)| *t != "_dead_letters").map(|(_, v)| v.len()).sum();
+    assert_eq!(stored, accepted);
+    assert_eq!(ids["_dead_letters"].len(), rejected);
+}

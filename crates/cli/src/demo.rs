@@ -54,8 +54,9 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/events");
     let mut sends = Vec::new();
-    let per_account = args.events / ACCOUNTS.len();
     for (i, (account, token)) in ACCOUNTS.iter().zip(&tokens).enumerate() {
+        // The first accounts take the remainder: exactly `--events` in all.
+        let per_account = args.events / ACCOUNTS.len() + usize::from(i < args.events % ACCOUNTS.len());
         let (client, url, token) = (client.clone(), url.clone(), token.clone());
         let account = (*account).to_owned();
         sends.push(tokio::spawn(async move {
