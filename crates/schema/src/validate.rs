@@ -565,7 +565,7 @@ fn integer(node: &Node, ctx: &mut Ctx<'_, '_>, v: i128) -> R<Slot> {
         Kind::Decimal { precision, scale } => {
             let unscaled = v.checked_mul(10i128.pow(u32::from(*scale)));
             match unscaled {
-                Some(u) if digits(u) <= u32::from(*precision) => Ok(ctx.tape.push_decimal(u)),
+                Some(u) if fits_precision(u, *precision) => Ok(ctx.tape.push_decimal(u)),
                 _ => {
                     ctx.fail(Reason::OutOfRange, format!("{v} does not fit decimal({precision},{scale})"));
                     Err(())
@@ -650,7 +650,7 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
 /// fraction digits than `scale` is an error, never a silent rounding.
 fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slot> {
     match parse_decimal(text, scale) {
-        Some(u) if digits(u) <= u32::from(precision) => Ok(ctx.tape.push_decimal(u)),
+        Some(u) if fits_precision(u, precision) => Ok(ctx.tape.push_decimal(u)),
         Some(_) => {
             ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})"));
             Err(())
@@ -668,6 +668,10 @@ fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slo
 /// Parse `-?digits(.digits)?([eE][+-]?digits)?` exactly into an unscaled
 /// value at `scale`, or `None` when that would need rounding.
 pub(crate) fn parse_decimal(text: &str, scale: u8) -> Option<i128> {
+    plain_decimal(text.as_bytes(), scale).or_else(|| general_decimal(text, scale))
+}
+
+fn general_decimal(text: &str, scale: u8) -> Option<i128> {
     let (mantissa, exp) = match text.find(['e', 'E']) {
         Some(i) => (&text[..i], text[i + 1..].parse::<i32>().ok()?),
         None => (text, 0),
@@ -702,14 +706,45 @@ pub(crate) fn parse_decimal(text: &str, scale: u8) -> Option<i128> {
     Some(if neg { -value } else { value })
 }
 
-fn digits(v: i128) -> u32 {
-    let mut v = v.unsigned_abs();
-    let mut n = 1;
-    while v >= 10 {
-        v /= 10;
-        n += 1;
+/// The common case of [`parse_decimal`] in one pass: `-?digits(.digits)?`
+/// in at most 18 characters, with no more fraction digits than `scale`.
+/// `None` sends anything else to the general parser.
+fn plain_decimal(b: &[u8], scale: u8) -> Option<i128> {
+    let (neg, b) = match b.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, b),
+    };
+    // Eighteen characters hold at most eighteen digits: no i64 overflow.
+    if b.is_empty() || b.len() > 18 {
+        return None;
     }
-    n
+    let (mut value, mut frac, mut point, mut int_digits) = (0i64, 0u32, false, 0u32);
+    for &c in b {
+        match c {
+            b'0'..=b'9' => {
+                value = value * 10 + i64::from(c - b'0');
+                if point {
+                    frac += 1;
+                } else {
+                    int_digits += 1;
+                }
+            }
+            b'.' if !point => point = true,
+            _ => return None,
+        }
+    }
+    if int_digits == 0 || (point && frac == 0) || frac > u32::from(scale) {
+        return None;
+    }
+    let value = i128::from(value).checked_mul(10i128.checked_pow(u32::from(scale) - frac)?)?;
+    Some(if neg { -value } else { value })
+}
+
+/// Whether `v` has at most `precision` digits: one multiply chain, not a
+/// 128-bit division per digit.
+fn fits_precision(v: i128, precision: u8) -> bool {
+    // Past 10^38 nothing an i128 holds is too long.
+    10u128.checked_pow(u32::from(precision)).is_none_or(|limit| v.unsigned_abs() < limit)
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -744,7 +779,7 @@ fn parse_date(v: &str) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_date, parse_decimal};
+    use super::{fits_precision, general_decimal, parse_date, parse_decimal, plain_decimal};
     use proptest::prelude::*;
 
     proptest! {
@@ -766,6 +801,18 @@ mod tests {
     }
 
     #[test]
+    fn precision_counts_digits() {
+        assert!(fits_precision(0, 1));
+        assert!(fits_precision(9, 1));
+        assert!(!fits_precision(10, 1));
+        assert!(fits_precision(-99_999, 5));
+        assert!(!fits_precision(-100_000, 5));
+        assert!(fits_precision(i128::MAX, 39));
+        assert!(!fits_precision(i128::MIN, 38));
+        assert!(fits_precision(10i128.pow(38) - 1, 38));
+    }
+
+    #[test]
     fn decimals_parse_exactly() {
         assert_eq!(parse_decimal("12.34", 2), Some(1234));
         assert_eq!(parse_decimal("-0.5", 2), Some(-50));
@@ -775,5 +822,25 @@ mod tests {
         assert_eq!(parse_decimal("1.", 2), None);
         assert_eq!(parse_decimal("abc", 2), None);
         assert_eq!(parse_decimal("", 2), None);
+        assert_eq!(parse_decimal("-", 2), None);
+        assert_eq!(parse_decimal(".5", 2), None);
+        assert_eq!(parse_decimal("1.2.3", 2), None);
+        assert_eq!(parse_decimal("007", 0), Some(7));
+        assert_eq!(parse_decimal("999999999999999999", 0), Some(999_999_999_999_999_999));
+        assert_eq!(parse_decimal("9999999999999999999", 0), Some(9_999_999_999_999_999_999));
+        assert_eq!(parse_decimal("-12.3", 3), Some(-12_300));
+    }
+
+    proptest::proptest! {
+        /// The one-pass reading agrees with the general one wherever it
+        /// answers.
+        #[test]
+        fn plain_decimals_agree(int in "-?[0-9]{1,12}", frac in proptest::option::of("[0-9]{0,8}"), scale in 0u8..12) {
+            let text = match &frac { Some(f) => format!("{int}.{f}"), None => int.clone() };
+            if let Some(fast) = plain_decimal(text.as_bytes(), scale) {
+                proptest::prop_assert_eq!(Some(fast), general_decimal(&text, scale));
+            }
+            proptest::prop_assert_eq!(parse_decimal(&text, scale), general_decimal(&text, scale));
+        }
     }
 }
