@@ -93,9 +93,12 @@ impl FileEncoder {
         let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
         let mut builder = WriterProperties::builder();
         // Ciphertexts and event ids never repeat: a dictionary would only
-        // cost time.
+        // cost time. The min and max of random ciphertexts prune nothing
+        // either, so ciphertext columns carry no statistics.
         for path in encrypted_columns(schema) {
-            builder = builder.set_column_dictionary_enabled(ColumnPath::new(path), false);
+            builder = builder
+                .set_column_dictionary_enabled(ColumnPath::new(path.clone()), false)
+                .set_column_statistics_enabled(ColumnPath::new(path), EnabledStatistics::None);
         }
         if schema.field_with_name(UNIQUE_COLUMN).is_ok() {
             builder =
@@ -178,4 +181,54 @@ fn encrypted_columns(schema: &SchemaRef) -> Vec<Vec<String>> {
         walk(f, &mut Vec::new(), &mut out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, StringArray, StructArray};
+    use arrow::datatypes::{DataType, Field, Fields, Schema};
+    use bytes::Bytes;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    /// Every column carries chunk statistics except ciphertexts, and only
+    /// near-unique columns go without a dictionary.
+    #[test]
+    fn statistics_everywhere_but_ciphertexts() {
+        let secret = Field::new("card", DataType::Utf8, false)
+            .with_metadata(HashMap::from([(PROTECT_KEY.to_owned(), "encrypt".to_owned())]));
+        let detail = Fields::from(vec![Field::new("amount", DataType::Int64, false), secret]);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(UNIQUE_COLUMN, DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("detail", DataType::Struct(detail.clone()), false),
+        ]));
+        let ids: ArrayRef = Arc::new(StringArray::from(vec!["b", "a", "c"]));
+        let sources: ArrayRef = Arc::new(StringArray::from(vec!["s", "s", "s"]));
+        let amounts: ArrayRef = Arc::new(Int64Array::from(vec![5, -2, 9]));
+        let cards: ArrayRef = Arc::new(StringArray::from(vec!["wse1.x", "wse1.y", "wse1.z"]));
+        let detail = Arc::new(StructArray::new(detail, vec![amounts, cards], None));
+        let batch = RecordBatch::try_new(schema.clone(), vec![ids, sources, detail]).unwrap();
+        let file = encode("t.parquet", &schema, &[batch], Vec::new(), EncodeOptions::default()).unwrap();
+        let reader = SerializedFileReader::new(Bytes::from(file)).unwrap();
+        let rg = reader.metadata().row_group(0);
+        let column = |path: &str| {
+            (0..rg.num_columns()).map(|i| rg.column(i)).find(|c| c.column_path().string() == path).unwrap()
+        };
+        for path in [UNIQUE_COLUMN, "source", "detail.amount"] {
+            assert!(column(path).statistics().is_some(), "{path} has statistics");
+        }
+        let amount = column("detail.amount").statistics().cloned().unwrap();
+        assert_eq!(amount.min_bytes_opt(), Some(&(-2i64).to_le_bytes()[..]));
+        assert_eq!(amount.max_bytes_opt(), Some(&9i64.to_le_bytes()[..]));
+        assert!(column("detail.card").statistics().is_none(), "ciphertexts carry no statistics");
+        let dictionary = |path: &str| column(path).dictionary_page_offset().is_some();
+        assert!(dictionary("source"));
+        assert!(!dictionary(UNIQUE_COLUMN));
+        assert!(!dictionary("detail.card"));
+    }
 }
