@@ -417,6 +417,24 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// Consume the object key `name` and its `:` when they come next
+    /// written exactly `"name":` (true); otherwise leave the position
+    /// after any whitespace (false), for [`Scanner::key`]. `name` must
+    /// need no escaping in JSON (Avro names never do).
+    #[inline]
+    pub fn key_eq(&mut self, name: &[u8]) -> bool {
+        debug_assert!(!name.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20));
+        self.ws();
+        let (at, n) = (self.pos, name.len());
+        let Some(w) = self.b.get(at..at + n + 3) else { return false };
+        if w[0] == b'"' && w[n + 1] == b'"' && w[n + 2] == b':' && crate::node::short_eq(&w[1..=n], name) {
+            self.pos = at + n + 3;
+            true
+        } else {
+            false
+        }
+    }
+
     /// An object key and its `:`.
     #[inline]
     pub fn key<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Res<&'s [u8]>
@@ -460,6 +478,24 @@ mod tests {
         assert!(s("\"a\u{1}\"").is_err());
         assert!(s(r#""abc"#).is_err());
         assert!(s(r#""\q""#).is_err());
+    }
+
+    #[test]
+    fn keys_matched_in_place() {
+        let eq = |j: &str, name: &str| {
+            let mut sc = Scanner::new(j.as_bytes());
+            let hit = sc.key_eq(name.as_bytes());
+            (hit, sc.pos)
+        };
+        assert_eq!(eq(r#" "amount":1"#, "amount"), (true, 10));
+        // Anything but the exact spelling falls back to a full key read,
+        // positioned after leading whitespace.
+        assert_eq!(eq(r#" "amount" :1"#, "amount"), (false, 1));
+        assert_eq!(eq(r#""amounts":1"#, "amount"), (false, 0));
+        assert_eq!(eq(r#""amoun":1"#, "amount"), (false, 0));
+        assert_eq!(eq(r#""am\u006funt":1"#, "amount"), (false, 0));
+        assert_eq!(eq(r#""amount""#, "amount"), (false, 0));
+        assert_eq!(eq(r#""a":"#, "a"), (true, 4));
     }
 
     #[test]

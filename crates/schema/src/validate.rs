@@ -405,15 +405,24 @@ impl<'a, 't> Ctx<'a, 't> {
         let mut hint = 0;
         if !self.sc.eat(b'}') {
             loop {
-                let mut kb = std::mem::take(&mut self.kbuf);
-                let found = match self.sc.key(&mut kb) {
-                    Ok(key) => r.index_of(key, hint).ok_or_else(|| String::from_utf8_lossy(key).into_owned()),
-                    Err(e) => {
-                        self.syntax(e);
-                        return Err(());
-                    }
+                // Producers usually write fields in schema order: the
+                // expected key is matched in place before any scanning.
+                let found = if r.fields.get(hint).is_some_and(|f| self.sc.key_eq(f.name.as_bytes())) {
+                    Ok(hint)
+                } else {
+                    let mut kb = std::mem::take(&mut self.kbuf);
+                    let found = match self.sc.key(&mut kb) {
+                        Ok(key) => {
+                            r.index_of(key, hint).ok_or_else(|| String::from_utf8_lossy(key).into_owned())
+                        }
+                        Err(e) => {
+                            self.syntax(e);
+                            return Err(());
+                        }
+                    };
+                    self.kbuf = kb;
+                    found
                 };
-                self.kbuf = kb;
                 match found {
                     Err(name) => {
                         if self.unknown == UnknownFields::Drop {
