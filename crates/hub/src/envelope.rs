@@ -156,6 +156,10 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
     })
 }
 
+/// The keys of an EventBridge event in the order EventBridge writes them.
+const EVENTBRIDGE_ORDER: [&[u8]; 9] =
+    [b"version", b"id", b"detail-type", b"source", b"account", b"time", b"region", b"resources", b"detail"];
+
 /// Read the envelope's fields in one pass; the payload is located, not
 /// parsed (the validator reads it with its schema).
 fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Bad> {
@@ -167,6 +171,7 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
     let mut f = Fields::default();
     let mut scratch = Vec::new();
     let mut key_scratch = Vec::new();
+    let mut expect = 0;
     if sc.eat(b'}') {
         sc.end()?;
         return Ok(f);
@@ -176,11 +181,23 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
         if sc.peek()? != Peek::String {
             return Err(Bad::Syntax(SyntaxError { what: "expected a string key", at: sc.pos }));
         }
-        // Keys are compared as bytes: no UTF-8 check for the known ones.
-        let key: &[u8] = sc.bytes(&mut key_scratch)?;
-        if !sc.eat(b':') {
-            return Err(Bad::Syntax(SyntaxError { what: "expected ':'", at: sc.pos }));
-        }
+        // EventBridge writes its keys in one order: the expected one is
+        // matched in place. Others are read and compared as bytes (no
+        // UTF-8 check for the known ones).
+        let key: &[u8] = match EVENTBRIDGE_ORDER.get(expect) {
+            Some(&k) if sc.key_eq(k) => {
+                expect += 1;
+                k
+            }
+            _ => {
+                let key = sc.bytes(&mut key_scratch)?;
+                if !sc.eat(b':') {
+                    return Err(Bad::Syntax(SyntaxError { what: "expected ':'", at: sc.pos }));
+                }
+                expect = EVENTBRIDGE_ORDER.iter().position(|&k| k == key).map_or(usize::MAX, |i| i + 1);
+                key
+            }
+        };
         let text_slot = match key {
             b"id" => Some(("id", &mut f.id)),
             b"source" => Some(("source", &mut f.source)),
@@ -328,5 +345,55 @@ mod tests {
         assert!(matches!(e.id, Cow::Owned(_)));
         let e = decode(br#"{"id":"plain","source":"s","detail-type":"T","detail":{}}"#).unwrap();
         assert!(matches!(e.id, Cow::Borrowed("plain")), "strings without escapes are borrowed");
+    }
+
+    /// Keys matched in place in EventBridge's order read the same as keys
+    /// in any other order, spacing or spelling.
+    #[test]
+    fn key_order_and_spelling_do_not_matter() {
+        let members = [
+            r#""version":"0""#,
+            r#""id":"1""#,
+            r#""detail-type":"T""#,
+            r#""source":"s""#,
+            r#""account":"123""#,
+            r#""time":"2024-05-01T00:00:00Z""#,
+            r#""region":"eu-west-1""#,
+            r#""resources":["arn:x"]"#,
+            r#""detail":{"a":1}"#,
+        ];
+        let fields = |doc: &str| {
+            let e = decode(doc.as_bytes()).unwrap_or_else(|v| panic!("{doc}: {v}"));
+            let text = |c: &Option<Cow<'_, str>>| c.as_deref().map(str::to_owned);
+            (
+                e.id.into_owned(),
+                e.detail_type.into_owned(),
+                e.source.into_owned(),
+                text(&e.account),
+                text(&e.time),
+                text(&e.region),
+                e.resources.len(),
+                e.payload.to_vec(),
+            )
+        };
+        let expected = fields(&format!("{{{}}}", members.join(",")));
+        let mut reversed = members;
+        reversed.reverse();
+        let spaced = members.map(|m| m.replacen("\":", "\" : ", 1));
+        let escaped = members.map(|m| m.replacen("\"detail\"", "\"d\\u0065tail\"", 1));
+        for doc in [
+            format!("{{{}}}", reversed.join(",")),
+            format!("{{ {} }}", spaced.join(" , ")),
+            format!("{{{}}}", escaped.join(",")),
+            format!("{{{},{}}}", members[1..].join(","), members[0]),
+        ] {
+            assert_eq!(fields(&doc), expected, "{doc}");
+        }
+        // A key seen in place and then again is still a duplicate.
+        let twice = format!("{{{},{}}}", members[..3].join(","), members[1]);
+        assert_eq!(
+            decode(twice.as_bytes()).unwrap_err().detail,
+            "not an event envelope: the field appears twice"
+        );
     }
 }
