@@ -28,10 +28,15 @@ impl Clock for SystemClock {
 /// fraction and offset) into UTC microseconds. Sub-microsecond digits are
 /// truncated.
 #[must_use]
-pub fn parse_rfc3339_micros(s: &str) -> Option<TimestampMicros> {
-    // The common shape is read directly; anything else (lowercase `t`,
-    // leap seconds, ...) goes to chrono, which decides.
-    canonical(s.as_bytes()).or_else(|| DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros()))
+pub fn parse_rfc3339_micros(s: impl AsRef<[u8]>) -> Option<TimestampMicros> {
+    // The common shape is read directly (from text or from bytes not yet
+    // known to be UTF-8); anything else (lowercase `t`, leap seconds, ...)
+    // goes to chrono, which decides.
+    let b = s.as_ref();
+    canonical(b).or_else(|| {
+        let s = std::str::from_utf8(b).ok()?;
+        DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_micros())
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)` with fields in range, else

@@ -384,7 +384,7 @@ impl<'a> Scanner<'a> {
             return self.err("nesting too deep");
         }
         match self.peek()? {
-            Peek::String => self.string(scratch).map(drop),
+            Peek::String => self.bytes(scratch).map(drop),
             Peek::Number => self.number().map(drop),
             Peek::True => self.literal(b"true"),
             Peek::False => self.literal(b"false"),

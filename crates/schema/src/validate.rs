@@ -609,26 +609,42 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
         }
         _ => {}
     }
-    let v = std::str::from_utf8(b).unwrap_or_default();
+    // Uuids, timestamps, dates and plain decimals are ASCII shapes read as
+    // bytes; the rest need the text.
     match &node.kind {
         Kind::Uuid => {
-            if is_uuid(v) {
-                Ok(ctx.tape.push_str(v))
+            if is_uuid(b) {
+                Ok(ctx.tape.push_utf8(b))
             } else {
                 fail(ctx, Reason::BadUuid, "expected a uuid like 123e4567-e89b-12d3-a456-426614174000")
             }
         }
-        Kind::TimestampMillis | Kind::TimestampMicros => match parse_rfc3339_micros(v) {
+        Kind::TimestampMillis | Kind::TimestampMicros => match parse_rfc3339_micros(b) {
             Some(us) if node.kind == Kind::TimestampMicros => Ok(Slot::Long(us)),
             Some(us) => Ok(Slot::Long(us.div_euclid(1000))),
             None => {
                 fail(ctx, Reason::BadTimestamp, "expected an RFC 3339 timestamp like 2024-05-01T12:00:00Z")
             }
         },
-        Kind::Date => match parse_date(v) {
+        Kind::Date => match parse_date(b) {
             Some(days) => Ok(Slot::Int(days)),
             None => fail(ctx, Reason::BadDate, "expected a date like 2024-05-01"),
         },
+        Kind::Decimal { precision, scale } => match plain_decimal(b, *scale) {
+            Some(u) => unscaled(ctx, u, b, *precision, *scale),
+            None => text(node, ctx, std::str::from_utf8(b).unwrap_or_default()),
+        },
+        _ => text(node, ctx, std::str::from_utf8(b).unwrap_or_default()),
+    }
+}
+
+/// The rest of [`string`]: JSON strings read as text.
+fn text(node: &Node, ctx: &mut Ctx<'_, '_>, v: &str) -> R<Slot> {
+    let fail = |ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str| {
+        ctx.fail(reason, detail.to_owned());
+        Err(())
+    };
+    match &node.kind {
         Kind::TimeMillis | Kind::TimeMicros => match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
             Ok(t) => {
                 let us = (t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0);
@@ -659,11 +675,7 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
 /// fraction digits than `scale` is an error, never a silent rounding.
 fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slot> {
     match parse_decimal(text, scale) {
-        Some(u) if fits_precision(u, precision) => Ok(ctx.tape.push_decimal(u)),
-        Some(_) => {
-            ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})"));
-            Err(())
-        }
+        Some(u) => unscaled(ctx, u, text.as_bytes(), precision, scale),
         None => {
             ctx.fail(
                 Reason::BadDecimal,
@@ -671,6 +683,17 @@ fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slo
             );
             Err(())
         }
+    }
+}
+
+/// A decimal's unscaled value `u`, read from `text`, if it fits.
+fn unscaled(ctx: &mut Ctx<'_, '_>, u: i128, text: &[u8], precision: u8, scale: u8) -> R<Slot> {
+    if fits_precision(u, precision) {
+        Ok(ctx.tape.push_decimal(u))
+    } else {
+        let text = String::from_utf8_lossy(text);
+        ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})"));
+        Err(())
     }
 }
 
@@ -756,8 +779,7 @@ fn fits_precision(v: i128, precision: u8) -> bool {
     10u128.checked_pow(u32::from(precision)).is_none_or(|limit| v.unsigned_abs() < limit)
 }
 
-fn is_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
+fn is_uuid(b: &[u8]) -> bool {
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {
             8 | 13 | 18 | 23 => *c == b'-',
@@ -768,8 +790,7 @@ fn is_uuid(s: &str) -> bool {
 /// Days since 1970-01-01 of a `%Y-%m-%d` date. The common form (four-digit
 /// year, two-digit month and day) is read directly; anything else is left
 /// to chrono's parser, which gives the same answer for the common form.
-fn parse_date(v: &str) -> Option<i32> {
-    let b = v.as_bytes();
+fn parse_date(b: &[u8]) -> Option<i32> {
     let digits = |r: std::ops::Range<usize>| {
         b[r].iter().try_fold(0u32, |n, &c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
     };
@@ -781,7 +802,7 @@ fn parse_date(v: &str) -> Option<i32> {
         .flatten();
     let d = match common {
         Some(d) => d,
-        None => chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?,
+        None => chrono::NaiveDate::parse_from_str(std::str::from_utf8(b).ok()?, "%Y-%m-%d").ok()?,
     };
     i32::try_from((d - chrono::NaiveDate::default()).num_days()).ok()
 }
@@ -805,7 +826,7 @@ mod tests {
             let chrono = chrono::NaiveDate::parse_from_str(&s, "%Y-%m-%d")
                 .ok()
                 .map(|d| i32::try_from((d - chrono::NaiveDate::default()).num_days()).unwrap());
-            prop_assert_eq!(parse_date(&s), chrono, "{}", s);
+            prop_assert_eq!(parse_date(s.as_bytes()), chrono, "{}", s);
         }
     }
 
