@@ -94,6 +94,9 @@ fn plain_run(s: &[u8]) -> usize {
 /// A pull scanner over one JSON document.
 pub struct Scanner<'a> {
     b: &'a [u8],
+    /// `b` as text, when the caller knows it is valid UTF-8 throughout:
+    /// [`Scanner::cow`] then slices strings from it without a check.
+    text: Option<&'a str>,
     /// The current byte offset.
     pub pos: usize,
 }
@@ -102,7 +105,14 @@ impl<'a> Scanner<'a> {
     /// A scanner at the start of `b`.
     #[must_use]
     pub fn new(b: &'a [u8]) -> Self {
-        Self { b, pos: 0 }
+        Self { b, text: None, pos: 0 }
+    }
+
+    /// A scanner at the start of `text`, whose strings need no UTF-8 check
+    /// of their own.
+    #[must_use]
+    pub fn from_text(text: &'a str) -> Self {
+        Self { b: text.as_bytes(), text: Some(text), pos: 0 }
     }
 
     /// A syntax error at the current position.
@@ -216,7 +226,7 @@ impl<'a> Scanner<'a> {
             if s.iter().any(|&c| c < 0x20) {
                 return self.err("control character in string");
             }
-            if rest[n] != b'\\' && std::str::from_utf8(s).is_err() {
+            if rest[n] != b'\\' && self.text.is_none() && std::str::from_utf8(s).is_err() {
                 return self.err("invalid UTF-8 in string");
             }
         }
@@ -250,9 +260,11 @@ impl<'a> Scanner<'a> {
         let owned = (b.len() != self.pos - start - 1).then(|| String::from_utf8_lossy(b).into_owned());
         Ok(match owned {
             Some(s) => std::borrow::Cow::Owned(s),
-            None => std::borrow::Cow::Borrowed(
-                std::str::from_utf8(&self.b[start..self.pos - 1]).unwrap_or_default(),
-            ),
+            None => std::borrow::Cow::Borrowed(match self.text {
+                // Just inside the quotes: character boundaries.
+                Some(t) => t.get(start..self.pos - 1).unwrap_or_default(),
+                None => std::str::from_utf8(&self.b[start..self.pos - 1]).unwrap_or_default(),
+            }),
         })
     }
 
@@ -478,6 +490,18 @@ mod tests {
         assert!(s("\"a\u{1}\"").is_err());
         assert!(s(r#""abc"#).is_err());
         assert!(s(r#""\q""#).is_err());
+    }
+
+    #[test]
+    fn strings_from_known_text_are_sliced() {
+        for j in ["\"h\u{e9}llo\"", "\"plain\""] {
+            let want = Scanner::new(j.as_bytes()).cow().unwrap();
+            let got = Scanner::from_text(j).cow().unwrap();
+            assert!(matches!(got, std::borrow::Cow::Borrowed(_)));
+            assert_eq!(got, want);
+        }
+        assert_eq!(Scanner::from_text(r#""a\nb""#).cow().unwrap(), "a\nb");
+        assert!(Scanner::from_text("\"a\u{1}\"").cow().is_err(), "control characters still fail");
     }
 
     #[test]
