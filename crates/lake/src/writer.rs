@@ -558,7 +558,7 @@ impl LakeWriter {
 
 /// The end of a partition's hour, in microseconds.
 fn partition_end(key: &PartitionKey) -> TimestampMicros {
-    watershed_event::parse_rfc3339_micros(&format!("{}T{:02}:59:59.999999Z", key.date, key.hour)).unwrap_or(0)
+    watershed_event::parse_rfc3339_micros(format!("{}T{:02}:59:59.999999Z", key.date, key.hour)).unwrap_or(0)
 }
 
 struct FlushCtx {
