@@ -15,8 +15,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -280,10 +278,7 @@ pub fn tokenize(mac: &Hmac<Sha256>, value: &[u8], out: &mut Vec<u8>) {
     let mut m = mac.clone();
     m.update(value);
     let d = m.finalize().into_bytes();
-    let start = out.len();
-    out.resize(start + 22, 0);
-    let n = URL_SAFE_NO_PAD.encode_slice(&d[..TOKEN_BYTES], &mut out[start..]).expect("22 bytes fit");
-    out.truncate(start + n);
+    base64_simd::URL_SAFE_NO_PAD.encode_append(&d[..TOKEN_BYTES], out);
 }
 
 /// Copy the data subject's value of the event rooted at `root` into
@@ -353,5 +348,26 @@ fn leaves(tape: &Tape, idx: u32, out: &mut Vec<u32>) {
         Slot::Map { start, len } => (0..len).for_each(|i| leaves(tape, start + 2 * i + 1, out)),
         Slot::Null | Slot::Unset => {}
         _ => out.push(idx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use hmac::Mac as _;
+
+    use super::*;
+
+    #[test]
+    fn tokens_are_base64url_of_the_mac_prefix() {
+        let mac = Hmac::<Sha256>::new_from_slice(&[9; 32]).unwrap();
+        let mut out = b"x".to_vec();
+        tokenize(&mac, b"cus_000001", &mut out);
+        let mut m = mac.clone();
+        m.update(b"cus_000001");
+        let want = URL_SAFE_NO_PAD.encode(&m.finalize().into_bytes()[..TOKEN_BYTES]);
+        assert_eq!(want.len(), 22);
+        assert_eq!(std::str::from_utf8(&out[1..]).unwrap(), want);
     }
 }
