@@ -145,8 +145,10 @@ fn mixed_batches_from_three_accounts_land_exactly() {
                 json!(["unknown_subject", 3])
             ]
         );
-        let rows = duckdb(&py, &lake, "SELECT date, hour, detail.merchant.mcc, detail.amount::VARCHAR, typeof(event_time) FROM read_parquet('{lake}/payments/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) LIMIT 1");
-        assert_eq!(rows[0], json!(["2024-05-01", 12, 5411, "19.99", "TIMESTAMP WITH TIME ZONE"]));
+        let rows = duckdb(&py, &lake, "SELECT date, hour, detail.merchant.mcc, detail.amount::VARCHAR, typeof(event_time), epoch_ms(event_time), epoch_ms(detail.authorized_at) FROM read_parquet('{lake}/payments/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) LIMIT 1");
+        // Event times are delta-encoded: DuckDB reads them back exactly.
+        let t = 1_714_566_896_000_i64; // 2024-05-01T12:34:56Z
+        assert_eq!(rows[0], json!(["2024-05-01", 12, 5411, "19.99", "TIMESTAMP WITH TIME ZONE", t, t]));
     }
 }
 
