@@ -588,12 +588,14 @@ fn integer(node: &Node, ctx: &mut Ctx<'_, '_>, v: i128) -> R<Slot> {
     }
 }
 
+/// Record `reason` and `detail` as the failure.
+fn fail(ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str) -> R<Slot> {
+    ctx.fail(reason, detail.to_owned());
+    Err(())
+}
+
 /// A JSON string (as checked UTF-8 bytes) for `node`.
 fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
-    let fail = |ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str| {
-        ctx.fail(reason, detail.to_owned());
-        Err(())
-    };
     match &node.kind {
         Kind::String => return Ok(ctx.tape.push_utf8(b)),
         Kind::Enum { symbols } => {
@@ -640,10 +642,6 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
 
 /// The rest of [`string`]: JSON strings read as text.
 fn text(node: &Node, ctx: &mut Ctx<'_, '_>, v: &str) -> R<Slot> {
-    let fail = |ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str| {
-        ctx.fail(reason, detail.to_owned());
-        Err(())
-    };
     match &node.kind {
         Kind::TimeMillis | Kind::TimeMicros => match chrono::NaiveTime::parse_from_str(v, "%H:%M:%S%.f") {
             Ok(t) => {
