@@ -50,13 +50,23 @@ impl Dedupe {
     }
 
     /// The key of a rejected event: its own key space, so a corrected
-    /// resend with the same id is still accepted.
+    /// resend with the same id is still accepted. An event without an id
+    /// (or with an empty one) is known by its exact bytes, so a retried
+    /// request does not store its id-less rejects twice either.
     #[must_use]
-    pub fn dead_key(&self, account: &str, id: &str) -> u64 {
+    pub fn dead_key(&self, account: &str, id: Option<&str>, raw: &[u8]) -> u64 {
         let mut h = self.hasher.build_hasher();
         account.hash(&mut h);
-        id.hash(&mut h);
-        0xdead_u16.hash(&mut h);
+        match id.filter(|id| !id.is_empty()) {
+            Some(id) => {
+                id.hash(&mut h);
+                0xdead_u16.hash(&mut h);
+            }
+            None => {
+                raw.hash(&mut h);
+                0xdeaf_u16.hash(&mut h);
+            }
+        }
         h.finish()
     }
 
@@ -127,5 +137,16 @@ mod tests {
         d.release(&[a]);
         assert!(d.claim(a));
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn rejects_are_known_by_id_else_by_bytes() {
+        let d = Dedupe::new(100);
+        let k = |account, id, raw: &[u8]| d.dead_key(account, id, raw);
+        assert_eq!(k("1", Some("x"), b"a"), k("1", Some("x"), b"b"), "an id names the event");
+        assert_ne!(k("1", Some("x"), b"a"), d.key("1", "x"), "rejects have their own key space");
+        assert_eq!(k("1", None, b"a"), k("1", Some(""), b"a"), "an empty id is no id");
+        assert_ne!(k("1", None, b"a"), k("1", None, b"b"));
+        assert_ne!(k("1", None, b"a"), k("2", None, b"a"), "keys are per account");
     }
 }

@@ -305,15 +305,9 @@ impl Ingestor {
     ) {
         let id = partial.id.clone();
         // A retried reject is reported again but stored once.
-        let first = id.as_deref().is_none_or(|id| {
-            let k = self.dedupe.dead_key(account.as_str(), id);
-            let fresh = self.dedupe.claim(k);
-            if fresh {
-                out.claimed.push(k);
-            }
-            fresh
-        });
-        if first {
+        let k = self.dedupe.dead_key(account.as_str(), id.as_deref(), raw);
+        if self.dedupe.claim(k) {
+            out.claimed.push(k);
             self.dead_letter(account, collector, received_at, raw, &v, partial, batch, None);
             out.wal.rejected(id.as_deref().unwrap_or(""), v.reason.as_str(), &v.path, &v.detail, raw);
         }
@@ -356,9 +350,7 @@ impl Ingestor {
         let mut valid = Vec::new();
         for e in &record.events {
             if let Some((reason, path, detail)) = &e.rejected {
-                if !e.id.is_empty() {
-                    self.dedupe.claim(self.dedupe.dead_key(account.as_str(), &e.id));
-                }
+                self.dedupe.claim(self.dedupe.dead_key(account.as_str(), Some(&e.id), &e.raw));
                 let v = Violation {
                     reason: Reason::ALL
                         .into_iter()
