@@ -29,6 +29,4 @@ pub use subject::{
     UnknownFields,
 };
 pub use tape::{Mark, Slot, Tape};
-pub use validate::{
-    decode_value, validate_append, validate_at, validate_json, validate_json_append, Limits, Violation,
-};
+pub use validate::{decode_value, validate_append, validate_json, validate_json_append, Limits, Violation};

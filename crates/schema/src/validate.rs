@@ -83,32 +83,16 @@ pub fn validate_json(
 }
 
 /// Validate the payload that starts at byte `start` of `json` (inside a
-/// larger document, such as an event envelope) into `tape` (cleared
-/// first), and return the byte offset just past it. This lets a caller
-/// validate a payload in the same pass that reads its envelope.
+/// larger document, such as an event envelope), so a caller can validate
+/// a payload in the same pass that reads its envelope. The payload's
+/// values are added to `tape` after the events already there, and its
+/// root slot is returned with the offset just past it. A refused payload
+/// leaves `tape` as it was, so one tape can collect a whole request's
+/// valid events.
 ///
 /// # Errors
 /// A [`Violation`] as [`validate_json`] reports it, with paths relative to
 /// the payload.
-pub fn validate_at(
-    node: &Node,
-    json: &[u8],
-    start: usize,
-    unknown: UnknownFields,
-    limits: Limits,
-    tape: &mut Tape,
-) -> Result<usize, Violation> {
-    tape.clear();
-    validate_append(node, json, start, unknown, limits, tape).map(|(_, end)| end)
-}
-
-/// [`validate_at`] without clearing: the payload's values are added to
-/// `tape` after the events already there, and its root slot is returned
-/// with the offset just past it. A refused payload leaves `tape` as it
-/// was, so one tape can collect a whole request's valid events.
-///
-/// # Errors
-/// A [`Violation`] as [`validate_at`] reports it.
 pub fn validate_append(
     node: &Node,
     json: &[u8],
