@@ -37,6 +37,19 @@ pub struct Envelope<'a> {
     pub prevalidated: Option<Prevalidated>,
 }
 
+impl Envelope<'_> {
+    /// The id, source and type, for the dead-letter row of an event
+    /// refused after its envelope was read.
+    #[must_use]
+    pub fn partial(&self) -> Partial {
+        Partial {
+            id: Some(self.id.to_string()),
+            source: Some(self.source.to_string()),
+            detail_type: Some(self.detail_type.to_string()),
+        }
+    }
+}
+
 /// A caller's note of how a payload was validated in the envelope pass:
 /// (subject index, schema version).
 pub type Prevalidated = (usize, SchemaVersion);

@@ -290,8 +290,9 @@ impl Ingestor {
         }
     }
 
-    /// Record a refused event: a dead letter (once per event id within the
-    /// dedupe window), a WAL entry, a metric and a line of the response.
+    /// Record a refused event: a dead letter and a WAL entry (once per
+    /// event id, or per exact bytes for an event without one, within the
+    /// dedupe window), a metric and a line of the response.
     #[allow(clippy::too_many_arguments)]
     fn refuse(
         &self,
@@ -437,16 +438,7 @@ impl Ingestor {
             Some((end, (si, version.version)))
         };
         let env = envelope::decode_with(raw, &mut inline).map_err(|v| (v, partial()))?;
-        let fail = |v: Violation| {
-            (
-                v,
-                envelope::Partial {
-                    id: Some(env.id.to_string()),
-                    source: Some(env.source.to_string()),
-                    detail_type: Some(env.detail_type.to_string()),
-                },
-            )
-        };
+        let fail = |v: Violation| (v, env.partial());
         if let Some(claimed_account) = env.account.as_deref() {
             if claimed_account != account.as_str() {
                 return Err(fail(Violation {
@@ -528,11 +520,7 @@ impl Ingestor {
                     Reason::ProtectFailed,
                     "the event's protected fields could not be protected; retry later",
                 ),
-                envelope::Partial {
-                    id: Some(env.id.to_string()),
-                    source: Some(env.source.to_string()),
-                    detail_type: Some(env.detail_type.to_string()),
-                },
+                env.partial(),
             )
         })?;
         let wal = if let Some((claimed, wal)) = live {
