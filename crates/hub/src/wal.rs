@@ -435,6 +435,7 @@ impl Wal {
             size: size.clone(),
             before_write,
             frames: Vec::new(),
+            broken: None,
         };
         w.open_segment()?;
         std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
@@ -515,6 +516,24 @@ fn parse_frame(b: &[u8]) -> Option<(u64, &[u8], usize)> {
     (h.finalize() == crc).then_some((seq, payload, FRAME_HEADER + len))
 }
 
+/// Write `frames` to a segment.
+#[cfg(not(test))]
+fn write_frames(file: &mut File, path: &Path, frames: &[u8]) -> Result<()> {
+    file.write_all(frames).map_err(io(path))
+}
+
+/// [`write_frames`], failing on demand: after [`tests::tear_next_write`],
+/// the next write into that directory stops after a few bytes with an
+/// error, as a full disk would.
+#[cfg(test)]
+fn write_frames(file: &mut File, path: &Path, frames: &[u8]) -> Result<()> {
+    if let Some(keep) = tests::torn_write(path) {
+        file.write_all(&frames[..keep.min(frames.len())]).map_err(io(path))?;
+        return Err(io(path)(std::io::Error::other("no space left on device (simulated)")));
+    }
+    file.write_all(frames).map_err(io(path))
+}
+
 struct Writer {
     dir: PathBuf,
     opts: WalOptions,
@@ -526,6 +545,18 @@ struct Writer {
     before_write: Option<BeforeWrite>,
     /// The frames of a group, reused.
     frames: Vec<u8>,
+    /// Why the log stopped taking records: an fsync failed (what reached
+    /// the disk is unknown), or a failed write could not be cut back. It
+    /// answers every later append with an error until a restart recovers
+    /// from what is on disk.
+    broken: Option<String>,
+}
+
+/// Frames gathered for the open segment and not yet written.
+#[derive(Default)]
+struct Chunk {
+    records: u64,
+    events: u64,
 }
 
 impl Writer {
@@ -541,9 +572,10 @@ impl Writer {
     }
 
     fn roll(&mut self) -> Result<()> {
-        if let Some(f) = self.file.take() {
+        if let Some(f) = &self.file {
             f.sync_data().map_err(io(&self.dir))?;
         }
+        self.file = None;
         let path = self.dir.join(format!("{:020}.wal", self.next));
         let mut opts = OpenOptions::new();
         opts.create(true).append(true);
@@ -590,38 +622,49 @@ impl Writer {
 
     /// Write all, fsync once; returns the first seq. The group's frames
     /// are gathered in one buffer and written with one call per segment.
+    ///
+    /// A record is counted (its seq taken, its bytes added to the segment)
+    /// only once its frame is written. A write that fails is cut back off
+    /// the segment, so no torn frame is ever followed by later records
+    /// (recovery would take it for the torn tail and drop them); when the
+    /// cut, a roll or the fsync fails, the log is marked broken instead.
     fn write_batch(&mut self, batch: &[Append]) -> Result<u64> {
+        if let Some(why) = &self.broken {
+            let why =
+                format!("the write-ahead log stopped after an earlier failure ({why}); restart the hub");
+            return Err(Error::Io { path: self.dir.clone(), source: std::io::Error::other(why) });
+        }
         let first = self.next;
         let mut frames = std::mem::take(&mut self.frames);
         frames.clear();
         let result = (|| {
+            let mut chunk = Chunk::default();
             for a in batch {
-                if self.segments.last().is_some_and(|s| s.bytes >= self.opts.segment_bytes) {
-                    self.write_out(&frames)?;
-                    frames.clear();
-                    self.roll()?;
+                let open = self.segments.last().map_or(0, |s| s.bytes) + frames.len() as u64;
+                if open >= self.opts.segment_bytes {
+                    self.write_chunk(&mut frames, &mut chunk)?;
+                    self.roll().inspect_err(|e| self.broken = Some(e.to_string()))?;
                 }
-                let seq = self.next;
+                let seq = self.next + chunk.records;
                 let mut h = crc32fast::Hasher::new();
                 h.update(&seq.to_le_bytes());
                 h.update(&a.payload);
-                let len = FRAME_HEADER + a.payload.len();
                 frames.extend_from_slice(
                     &u32::try_from(a.payload.len()).expect("bodies are capped").to_le_bytes(),
                 );
                 frames.extend_from_slice(&h.finalize().to_le_bytes());
                 frames.extend_from_slice(&seq.to_le_bytes());
                 frames.extend_from_slice(&a.payload);
-                let seg = self.segments.last_mut().expect("a segment is open");
-                seg.bytes += len as u64;
-                seg.events += u64::from(a.events);
-                seg.last = Some(seq);
-                self.size.fetch_add(len as u64, Ordering::Relaxed);
-                self.next += 1;
+                chunk.records += 1;
+                chunk.events += u64::from(a.events);
             }
-            self.write_out(&frames)?;
+            self.write_chunk(&mut frames, &mut chunk)?;
             let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
-            self.file.as_ref().expect("a segment is open").sync_data().map_err(io(&path))
+            let synced = self.file.as_ref().expect("a segment is open").sync_data().map_err(io(&path));
+            if let Err(e) = &synced {
+                self.broken = Some(e.to_string());
+            }
+            synced
         })();
         // Kept for the next group, unless one huge group grew it.
         if frames.capacity() <= BufferPool::KEEP_BYTES {
@@ -636,10 +679,28 @@ impl Writer {
         Ok(first)
     }
 
-    /// Write `frames` to the open segment.
-    fn write_out(&mut self, frames: &[u8]) -> Result<()> {
-        let seg = self.segments.last().expect("a segment is open");
-        self.file.as_mut().expect("a segment is open").write_all(frames).map_err(io(&seg.path))
+    /// Write the gathered `frames` to the open segment and count them, or
+    /// cut the segment back to its last whole record.
+    fn write_chunk(&mut self, frames: &mut Vec<u8>, chunk: &mut Chunk) -> Result<()> {
+        let seg = self.segments.last_mut().expect("a segment is open");
+        let file = self.file.as_mut().expect("a segment is open");
+        let written = write_frames(file, &seg.path, frames);
+        if let Err(e) = written {
+            if let Err(cut) = file.set_len(seg.bytes) {
+                self.broken = Some(format!("{e}; cutting the segment back failed: {cut}"));
+            }
+            return Err(e);
+        }
+        seg.bytes += frames.len() as u64;
+        seg.events += chunk.events;
+        if chunk.records > 0 {
+            seg.last = Some(self.next + chunk.records - 1);
+        }
+        self.size.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        self.next += chunk.records;
+        frames.clear();
+        *chunk = Chunk::default();
+        Ok(())
     }
 
     /// Delete sealed segments that are fully committed and outside the
@@ -665,6 +726,54 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Directories whose next segment write is torn after so many bytes.
+    static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Make the next write into a segment of `dir` stop after `keep`
+    /// bytes with an error.
+    fn tear_next_write(dir: &Path, keep: usize) {
+        TORN.lock().unwrap().push((dir.to_owned(), keep));
+    }
+
+    /// Whether the write to segment `path` is to be torn, and after how
+    /// many bytes (once).
+    pub(super) fn torn_write(path: &Path) -> Option<usize> {
+        let mut torn = TORN.lock().unwrap();
+        let i = torn.iter().position(|(dir, _)| path.parent() == Some(dir.as_path()))?;
+        Some(torn.swap_remove(i).1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_is_cut_back_and_later_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let record = |id: &str| {
+            let mut e = RecordEncoder::new(&a, 0, None, 0);
+            e.accepted(id, &[b'x'; 100]);
+            e.finish()
+        };
+        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(())).unwrap();
+        assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
+        tear_next_write(dir.path(), 10);
+        assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
+        // The log goes on, with the failed record's seq unused.
+        assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut seen = Vec::new();
+        Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
+            seen.push((seq, r.events[0].id.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(1, "a".to_owned()), (2, "c".to_owned())],
+            "no torn frame hides an acknowledged record"
+        );
+    }
 
     #[test]
     fn records_round_trip() {
