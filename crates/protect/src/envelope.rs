@@ -352,6 +352,24 @@ fn give_back(st: &mut Loaded, mut lines: Vec<u8>) {
     st.pending = lines;
 }
 
+/// Append `lines` to the key log.
+#[cfg(not(test))]
+fn write_lines(file: &File, _path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    (&*file).write_all(lines)
+}
+
+/// [`write_lines`], failing on demand: after [`tests::tear_next_write`],
+/// the next write to that log stops after a few bytes with an error, as a
+/// full disk would.
+#[cfg(test)]
+fn write_lines(file: &File, path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    if let Some(keep) = tests::torn_write(path) {
+        (&*file).write_all(&lines[..keep.min(lines.len())])?;
+        return Err(std::io::Error::other("no space left on device (simulated)"));
+    }
+    (&*file).write_all(lines)
+}
+
 /// Append `line` and a newline to `buf`.
 fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) {
     serde_json::to_writer(&mut *buf, line).expect("key log lines serialise");
@@ -529,7 +547,18 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 f
             }
         };
-        (&*file).write_all(&st.pending).map_err(self.io())?;
+        // A failed write is cut back off the log, so the lines written
+        // again at the next sync never follow a torn one (which would
+        // make the log unreadable).
+        let before = file.metadata().map_err(self.io())?.len();
+        if let Err(e) = write_lines(&file, &self.path, &st.pending) {
+            return Err(match file.set_len(before) {
+                Ok(()) => self.io()(e),
+                Err(cut) => self.io()(std::io::Error::other(format!(
+                    "{e}; cutting the key log back to {before} bytes failed: {cut}"
+                ))),
+            });
+        }
         st.stamp = stamp(&self.path);
         Ok(Some((file, std::mem::take(&mut st.pending))))
     }
@@ -829,5 +858,42 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
 impl<M: MasterKey> crate::keyring::Audited for EnvelopeKeyring<M> {
     fn audit_log(&self) -> &AuditLog {
         &self.audit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Key logs whose next write is torn after so many bytes.
+    static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    fn tear_next_write(log: &Path, keep: usize) {
+        TORN.lock().unwrap().push((log.to_owned(), keep));
+    }
+
+    /// Whether the write to `path` is to be torn, and after how many bytes
+    /// (once).
+    pub(super) fn torn_write(path: &Path) -> Option<usize> {
+        let mut torn = TORN.lock().unwrap();
+        let i = torn.iter().position(|(p, _)| p == path)?;
+        Some(torn.swap_remove(i).1)
+    }
+
+    #[test]
+    fn a_failed_key_log_write_is_cut_back_and_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let kr = LocalKeyring::open_local(dir.path()).unwrap();
+        let first = kr.data_cipher(&a, Some("s-1")).unwrap().id();
+        kr.sync().unwrap();
+        let second = kr.data_cipher(&a, Some("s-2")).unwrap().id();
+        tear_next_write(&kr.path, 20);
+        assert!(kr.sync().is_err(), "the torn write fails the sync");
+        kr.sync().unwrap();
+        // The log reads back whole, with both keys.
+        let other = LocalKeyring::open_local(dir.path()).unwrap();
+        assert_eq!(other.data_cipher(&a, Some("s-1")).unwrap().id(), first);
+        assert_eq!(other.data_cipher(&a, Some("s-2")).unwrap().id(), second);
     }
 }
