@@ -780,7 +780,7 @@ mod tests {
         let a = AccountId::new("111111111111").unwrap();
         let mut e = RecordEncoder::new(&a, 42, Some("col-1"), 0);
         e.accepted("id-1", b"{\"x\":1}");
-        e.rejected("id-2", "bad_enum", "$.detail.e", "\"Z\" is not one of A", b"{}");
+        e.rejected("id-2", "bad_enum", "$.detail.e", "the value is not one of A", b"{}");
         let r = decode_record(&e.finish()).unwrap();
         assert_eq!(r.account, a);
         assert_eq!((r.received_at, r.collector.as_deref()), (42, Some("col-1")));

@@ -490,7 +490,7 @@ fn float(node: &Node, ctx: &mut Ctx<'_, '_>, v: f64, text: &str) -> R<Slot> {
             if f.is_finite() {
                 Ok(Slot::Float(f))
             } else {
-                ctx.fail(Reason::OutOfRange, format!("{v} does not fit a float"));
+                ctx.fail(Reason::OutOfRange, "the number does not fit a float".into());
                 Err(())
             }
         }
@@ -503,7 +503,7 @@ fn float(node: &Node, ctx: &mut Ctx<'_, '_>, v: f64, text: &str) -> R<Slot> {
         | Kind::TimestampMillis
         | Kind::TimestampMicros => {
             if !text.contains(['.', 'e', 'E']) {
-                ctx.fail(Reason::OutOfRange, format!("{text} does not fit {}", node.kind.name()));
+                ctx.fail(Reason::OutOfRange, format!("the number does not fit {}", node.kind.name()));
                 return Err(());
             }
             #[allow(clippy::cast_possible_truncation)]
@@ -527,7 +527,7 @@ fn integer(node: &Node, ctx: &mut Ctx<'_, '_>, v: i128) -> R<Slot> {
         if (lo..=hi).contains(&v) {
             Ok(v)
         } else {
-            ctx.fail(Reason::OutOfRange, format!("{v} does not fit {what}"));
+            ctx.fail(Reason::OutOfRange, format!("the number does not fit {what}"));
             Err(())
         }
     };
@@ -560,7 +560,10 @@ fn integer(node: &Node, ctx: &mut Ctx<'_, '_>, v: i128) -> R<Slot> {
             match unscaled {
                 Some(u) if fits_precision(u, *precision) => Ok(ctx.tape.push_decimal(u)),
                 _ => {
-                    ctx.fail(Reason::OutOfRange, format!("{v} does not fit decimal({precision},{scale})"));
+                    ctx.fail(
+                        Reason::OutOfRange,
+                        format!("the number does not fit decimal({precision},{scale})"),
+                    );
                     Err(())
                 }
             }
@@ -587,8 +590,7 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
                 #[allow(clippy::cast_possible_truncation)]
                 Some(i) => Ok(Slot::Enum(i as u32)),
                 None => {
-                    let detail =
-                        format!("{:?} is not one of {}", String::from_utf8_lossy(b), symbols.join(", "));
+                    let detail = format!("the value is not one of {}", symbols.join(", "));
                     fail(ctx, Reason::BadEnum, &detail)
                 }
             };
@@ -617,7 +619,7 @@ fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
             None => fail(ctx, Reason::BadDate, "expected a date like 2024-05-01"),
         },
         Kind::Decimal { precision, scale } => match plain_decimal(b, *scale) {
-            Some(u) => unscaled(ctx, u, b, *precision, *scale),
+            Some(u) => unscaled(ctx, u, *precision, *scale),
             None => text(node, ctx, std::str::from_utf8(b).unwrap_or_default()),
         },
         _ => text(node, ctx, std::str::from_utf8(b).unwrap_or_default()),
@@ -657,7 +659,7 @@ fn text(node: &Node, ctx: &mut Ctx<'_, '_>, v: &str) -> R<Slot> {
 /// fraction digits than `scale` is an error, never a silent rounding.
 fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slot> {
     match parse_decimal(text, scale) {
-        Some(u) => unscaled(ctx, u, text.as_bytes(), precision, scale),
+        Some(u) => unscaled(ctx, u, precision, scale),
         None => {
             ctx.fail(
                 Reason::BadDecimal,
@@ -668,13 +670,12 @@ fn decimal(ctx: &mut Ctx<'_, '_>, text: &str, precision: u8, scale: u8) -> R<Slo
     }
 }
 
-/// A decimal's unscaled value `u`, read from `text`, if it fits.
-fn unscaled(ctx: &mut Ctx<'_, '_>, u: i128, text: &[u8], precision: u8, scale: u8) -> R<Slot> {
+/// A decimal's unscaled value `u`, if it fits.
+fn unscaled(ctx: &mut Ctx<'_, '_>, u: i128, precision: u8, scale: u8) -> R<Slot> {
     if fits_precision(u, precision) {
         Ok(ctx.tape.push_decimal(u))
     } else {
-        let text = String::from_utf8_lossy(text);
-        ctx.fail(Reason::OutOfRange, format!("{text} does not fit decimal({precision},{scale})"));
+        ctx.fail(Reason::OutOfRange, format!("the number does not fit decimal({precision},{scale})"));
         Err(())
     }
 }
