@@ -73,6 +73,21 @@ impl Harness {
         self.tx.send(Msg::Parts(vec![Part { key, batch, record }])).await.unwrap();
     }
 
+    /// Wait until no file has been committed for 300 ms (at most 10 s):
+    /// flushes of evicted partitions finish on their own time, after the
+    /// message that evicted them.
+    async fn settle(&self) {
+        let mut last = (self.sink.1.load(Ordering::Relaxed), std::time::Instant::now());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while last.1.elapsed() < Duration::from_millis(300) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let n = self.sink.1.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, std::time::Instant::now());
+            }
+        }
+    }
+
     fn flushed(&self) -> Vec<String> {
         self.sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect()
     }
@@ -117,6 +132,7 @@ async fn late_partitions_are_bounded_and_coalesce() {
         );
     }
     // Two minutes later the current partition has rolled, late ones have not.
+    w.settle().await;
     let before = w.flushed().len();
     w.clock.0.store(now + 120_000_000, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(1200)).await;
