@@ -27,7 +27,12 @@ pub fn bin() -> PathBuf {
 /// The repository root.
 #[must_use]
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_owned()
+    // Cargo sets the variable when it runs a test; the compile-time value
+    // can name another checkout when a shared target directory holds a
+    // build made there.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().expect("repo root").to_owned()
 }
 
 /// Run `watershed ARGS` to completion.
