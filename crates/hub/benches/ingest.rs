@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
     for _ in 0..10 {
         let b = next_batch();
         let refs: Vec<&[u8]> = b.iter().map(|e| e.as_bytes()).collect();
-        let _ = ingestor.process(&account, None, 0, &refs);
+        let _ = ingestor.process(&account, None, 0, &refs).unwrap();
     }
     keyring.sync().unwrap();
 
@@ -53,14 +53,14 @@ fn bench(c: &mut Criterion) {
             &mut next_batch,
             |batch| {
                 let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
-                black_box(ingestor.process(&account, None, 0, &refs))
+                black_box(ingestor.process(&account, None, 0, &refs).unwrap())
             },
             criterion::BatchSize::LargeInput,
         );
     });
     let batch = next_batch();
     let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
-    let processed = ingestor.process(&account, None, 0, &refs);
+    let processed = ingestor.process(&account, None, 0, &refs).unwrap();
     g.bench_function("wal record/1000 events", |b| {
         b.iter(|| {
             let mut w = watershed_hub::wal::RecordEncoder::new(&account, 0, None, 700_000);
@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
     for _ in 0..50 {
         let batch = next_batch();
         let refs: Vec<&[u8]> = batch.iter().map(|e| e.as_bytes()).collect();
-        for (k, b) in ingestor.process(&account, None, 0, &refs).parts {
+        for (k, b) in ingestor.process(&account, None, 0, &refs).unwrap().parts {
             parts.entry(k.dir()).or_default().push(b);
         }
     }

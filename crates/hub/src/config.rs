@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use watershed_lake::{EncodeOptions, WriterConfig};
 
 use crate::error::{Error, Result};
+use crate::ingest::DeadLetterRaw;
 
 /// The whole hub configuration. Every field has a default, so no file is
 /// needed for the embedded hub.
@@ -31,6 +32,8 @@ pub struct HubConfig {
     pub memory: MemoryConfig,
     /// Write-ahead log settings.
     pub wal: WalConfig,
+    /// Dead-letter settings.
+    pub dead_letters: DeadLettersConfig,
     /// Seconds to drain on SIGTERM/SIGINT before giving up.
     pub shutdown_timeout_secs: u64,
 }
@@ -45,6 +48,7 @@ impl Default for HubConfig {
             limits: LimitsConfig::default(),
             memory: MemoryConfig::default(),
             wal: WalConfig::default(),
+            dead_letters: DeadLettersConfig::default(),
             shutdown_timeout_secs: 30,
         }
     }
@@ -144,6 +148,16 @@ impl Default for WalConfig {
     fn default() -> Self {
         Self { segment_bytes: 64 << 20, dedupe_window: 1_000_000 }
     }
+}
+
+/// `[dead_letters]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLettersConfig {
+    /// How the `raw` column holds a refused event: `encrypt` (the default:
+    /// a ciphertext under the event's data-subject key, else the
+    /// account's) or `plain`.
+    pub raw: DeadLetterRaw,
 }
 
 /// `WATERSHED_*` variables that are not configuration keys: the log
@@ -294,6 +308,13 @@ mod tests {
         let env = vec![("WATERSHED_MEMORY__BUDGET_BYTES".to_owned(), "lots".to_owned())];
         let e = HubConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("budget_bytes"), "{e}");
+        let env = vec![("WATERSHED_DEAD_LETTERS__RAW".to_owned(), "plain".to_owned())];
+        let c = HubConfig::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(c.dead_letters.raw, DeadLetterRaw::Plain);
+        assert_eq!(HubConfig::default().dead_letters.raw, DeadLetterRaw::Encrypt, "encrypted by default");
+        let env = vec![("WATERSHED_DEAD_LETTERS__RAW".to_owned(), "clear".to_owned())];
+        let e = HubConfig::load(None, env, &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("clear") && e.contains("raw"), "{e}");
         let o = Overrides { listen: Some("nowhere".into()), ..Overrides::default() };
         let e = HubConfig::load(None, vec![], &o).unwrap_err().to_string();
         assert!(e.starts_with("invalid configuration: listen:"), "{e}");

@@ -327,9 +327,45 @@ pub fn partial(raw: &[u8]) -> Partial {
     }
 }
 
+/// The data subject of a refused event, as far as it can be read: the
+/// value at the first of the dotted `paths` found under the payload
+/// (`data` for a CloudEvent, else `detail`), taken as protection takes it
+/// (a string, or an integer in decimal).
+#[must_use]
+pub fn raw_subject(raw: &[u8], paths: &[&str]) -> Option<String> {
+    use serde_json::Value;
+    if paths.is_empty() {
+        return None;
+    }
+    let event: Value = serde_json::from_slice(raw).ok()?;
+    let payload = if event.get("specversion").is_some() { event.get("data") } else { event.get("detail") }?;
+    paths.iter().find_map(|path| {
+        let value = path.split('.').try_fold(payload, |v, name| v.get(name))?;
+        match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => n.as_i64().map(|n| n.to_string()),
+            _ => None,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subjects_of_refused_events() {
+        let eb = br#"{"source":"s","detail":{"customer":{"id":"alice"},"n":7,"f":1.5},"data":{"customer":{"id":"no"}}}"#;
+        assert_eq!(raw_subject(eb, &["customer.id"]).as_deref(), Some("alice"));
+        assert_eq!(raw_subject(eb, &["missing", "n"]).as_deref(), Some("7"), "first path found");
+        assert_eq!(raw_subject(eb, &["f"]), None, "only strings and integers name subjects");
+        assert_eq!(raw_subject(eb, &["customer"]), None);
+        assert_eq!(raw_subject(eb, &[]), None);
+        let ce = br#"{"specversion":"1.0","detail":{"id":"no"},"data":{"id":"bob"}}"#;
+        assert_eq!(raw_subject(ce, &["id"]).as_deref(), Some("bob"), "a CloudEvent's payload is data");
+        assert_eq!(raw_subject(b"{\"detail\":{\"id\":\"x\"", &["id"]), None, "malformed");
+        assert_eq!(raw_subject(br#"{"detail":{"id":null}}"#, &["id"]), None);
+    }
 
     #[test]
     fn eventbridge_and_cloudevents() {

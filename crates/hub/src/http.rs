@@ -63,6 +63,11 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) ->
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             r
         }
+        Err(Refused::Unavailable(m)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m);
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
         Err(Refused::Failed(m)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m),
     }
 }

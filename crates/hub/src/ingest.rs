@@ -71,6 +71,21 @@ pub struct WalPayload {
     pub events: u32,
 }
 
+/// How a dead letter's `raw` column holds the refused event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterRaw {
+    /// A `wse1.` ciphertext under the event's data-subject key when its
+    /// subject can be read, else under the account's key: a refused event's
+    /// sensitive fields are never stored in plaintext, are read through
+    /// audited decryption, and are erased with their subject.
+    #[default]
+    Encrypt,
+    /// The event as received, in plaintext. Only for lakes whose
+    /// `_dead_letters` table is guarded like the producers' raw data.
+    Plain,
+}
+
 /// The hub's per-event pipeline, shared by HTTP ingest and WAL replay.
 pub struct Ingestor {
     pub(crate) registry: Arc<Registry>,
@@ -78,6 +93,7 @@ pub struct Ingestor {
     keyring: Arc<dyn Keyring>,
     pub(crate) dedupe: Arc<Dedupe>,
     limits: Limits,
+    raw: DeadLetterRaw,
     pub(crate) metrics: Arc<Metrics>,
     /// Tapes of finished requests, kept for their buffers.
     tapes: std::sync::Mutex<Vec<Tape>>,
@@ -180,10 +196,18 @@ impl Ingestor {
             keyring,
             dedupe,
             limits,
+            raw: DeadLetterRaw::default(),
             metrics,
             tapes: std::sync::Mutex::default(),
             buffers: BufferPool::default(),
         }
+    }
+
+    /// Store dead letters' raw events as `raw` says (encrypted by default).
+    #[must_use]
+    pub fn with_dead_letter_raw(mut self, raw: DeadLetterRaw) -> Self {
+        self.raw = raw;
+        self
     }
 
     /// Process a request's events for `account`.
@@ -193,14 +217,18 @@ impl Ingestor {
     /// of the valid ones are fetched in one call to the keyring; then each
     /// is protected, checked against the dedupe window, logged and added
     /// to its partition's rows, in request order.
-    #[must_use]
+    ///
+    /// # Errors
+    /// When a refused event's raw bytes cannot be encrypted for its dead
+    /// letter (the keyring failed). Nothing of the request is kept then:
+    /// its dedupe claims are released, and the client should retry.
     pub fn process(
         &self,
         account: &AccountId,
         collector: Option<&str>,
         received_at: TimestampMicros,
         events: &[&[u8]],
-    ) -> Processed {
+    ) -> Result<Processed, watershed_protect::Error> {
         let mut batch = Batch {
             tape: self.tape(),
             protector: BatchProtector::new(&*self.keyring),
@@ -213,8 +241,41 @@ impl Ingestor {
             response: IngestResponse::default(),
             claimed: Vec::new(),
         };
+        let passes = self.passes((account, collector, received_at), events, &mut batch, &mut out);
+        self.give_back(batch.tape);
+        let Outcome { wal, response, claimed } = out;
+        if let Err(e) = passes {
+            self.dedupe.release(&claimed);
+            self.buffers.give(wal.into_buffer());
+            return Err(e);
+        }
         let label = AccountLabel { account: account.to_string() };
-        let at = (account, collector, received_at);
+        self.metrics.accepted.get_or_create(&label).inc_by(response.accepted as u64);
+        if response.duplicates > 0 {
+            self.metrics.duplicates.get_or_create(&label).inc_by(response.duplicates as u64);
+        }
+        for r in &response.rejected {
+            let label = RejectLabel { account: label.account.clone(), reason: r.reason.into() };
+            self.metrics.rejected.get_or_create(&label).inc();
+        }
+        let wal = if wal.is_empty() {
+            self.buffers.give(wal.into_buffer());
+            None
+        } else {
+            Some(WalPayload { events: wal.len(), bytes: wal.finish_pooled(&self.buffers) })
+        };
+        Ok(Processed { response, wal, parts: finish(batch.builders), claimed })
+    }
+
+    /// The passes of [`Ingestor::process`] over each chunk of a request.
+    fn passes(
+        &self,
+        at: At<'_>,
+        events: &[&[u8]],
+        batch: &mut Batch<'_>,
+        out: &mut Outcome,
+    ) -> Result<(), watershed_protect::Error> {
+        let account = at.0;
         let mut valid = Vec::with_capacity(events.len().min(CHUNK_EVENTS));
         // The passes run over chunks of the request, so that an event's
         // bytes and decoded values are still in cache when pass 3 reads
@@ -225,11 +286,11 @@ impl Ingestor {
             // Decoded values take about the space of their JSON.
             batch.tape.reserve(chunk.iter().map(|e| e.len() + 48).sum());
             for (i, raw) in chunk.iter().enumerate() {
-                match self.validate(at, raw, &mut batch, None) {
+                match self.validate(at, raw, batch, None) {
                     Ok(Some(v)) => valid.push((first + i, v)),
                     // Only replay skips events.
                     Ok(None) => {}
-                    Err((v, partial)) => self.refuse(at, first + i, raw, v, &partial, &mut batch, &mut out),
+                    Err((v, partial)) => self.refuse(at, first + i, raw, v, &partial, batch, out)?,
                 }
             }
             // On failure the events that needed a key are refused below.
@@ -238,28 +299,16 @@ impl Ingestor {
             }
             for (index, v) in valid.drain(..) {
                 let raw = v.raw;
-                match self.store(at, v, &mut batch, Some((&mut out.claimed, &mut out.wal))) {
+                match self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal))) {
                     Ok(true) => out.response.accepted += 1,
                     Ok(false) => out.response.duplicates += 1,
-                    Err((v, partial)) => self.refuse(at, index, raw, v, &partial, &mut batch, &mut out),
+                    Err((v, partial)) => self.refuse(at, index, raw, v, &partial, batch, out)?,
                 }
             }
         }
         // Refusals at protection come after the others; report in order.
         out.response.rejected.sort_by_key(|r| r.index);
-        let Outcome { wal, response, claimed } = out;
-        self.metrics.accepted.get_or_create(&label).inc_by(response.accepted as u64);
-        if response.duplicates > 0 {
-            self.metrics.duplicates.get_or_create(&label).inc_by(response.duplicates as u64);
-        }
-        self.give_back(batch.tape);
-        let wal = if wal.is_empty() {
-            self.buffers.give(wal.into_buffer());
-            None
-        } else {
-            Some(WalPayload { events: wal.len(), bytes: wal.finish_pooled(&self.buffers) })
-        };
-        Processed { response, wal, parts: finish(batch.builders), claimed }
+        Ok(())
     }
 
     /// Keep a written WAL payload's buffer for a later request.
@@ -292,7 +341,10 @@ impl Ingestor {
 
     /// Record a refused event: a dead letter and a WAL entry (once per
     /// event id, or per exact bytes for an event without one, within the
-    /// dedupe window), a metric and a line of the response.
+    /// dedupe window) and a line of the response.
+    ///
+    /// # Errors
+    /// When the dead letter's raw event cannot be encrypted.
     #[allow(clippy::too_many_arguments)]
     fn refuse(
         &self,
@@ -303,19 +355,15 @@ impl Ingestor {
         partial: &envelope::Partial,
         batch: &mut Batch<'_>,
         out: &mut Outcome,
-    ) {
+    ) -> Result<(), watershed_protect::Error> {
         let id = partial.id.clone();
         // A retried reject is reported again but stored once.
         let k = self.dedupe.dead_key(account.as_str(), id.as_deref(), raw);
         if self.dedupe.claim(k) {
             out.claimed.push(k);
-            self.dead_letter(account, collector, received_at, raw, &v, partial, batch, None);
+            self.dead_letter(account, collector, received_at, raw, &v, partial, batch, None)?;
             out.wal.rejected(id.as_deref().unwrap_or(""), v.reason.as_str(), &v.path, &v.detail, raw);
         }
-        self.metrics
-            .rejected
-            .get_or_create(&RejectLabel { account: account.to_string(), reason: v.reason.as_str().into() })
-            .inc();
         out.response.rejected.push(Rejection {
             index,
             id,
@@ -323,6 +371,7 @@ impl Ingestor {
             path: v.path,
             detail: v.detail,
         });
+        Ok(())
     }
 
     /// Make the keys created while protecting durable. Call before the
@@ -336,12 +385,15 @@ impl Ingestor {
 
     /// Rebuild the rows of a WAL record, skipping the partitions that
     /// `committed` says are in the lake already.
-    #[must_use]
+    ///
+    /// # Errors
+    /// When a dead letter's raw event cannot be encrypted; the record then
+    /// stays in the WAL for the next start.
     pub fn replay(
         &self,
         record: &WalRecord,
         committed: &dyn Fn(&PartitionKey) -> bool,
-    ) -> Vec<(PartitionKey, RecordBatch)> {
+    ) -> Result<Vec<(PartitionKey, RecordBatch)>, watershed_protect::Error> {
         let mut batch = Batch {
             tape: Tape::new(),
             protector: BatchProtector::new(&*self.keyring),
@@ -361,7 +413,7 @@ impl Ingestor {
                     detail: detail.clone(),
                 };
                 let p = envelope::partial(&e.raw);
-                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
+                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed))?;
                 continue;
             }
             self.dedupe.claim(self.dedupe.key(account.as_str(), &e.id));
@@ -371,7 +423,7 @@ impl Ingestor {
                 Ok(Some(v)) => valid.push(v),
                 Ok(None) => {}
                 Err((v, p)) => {
-                    self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed));
+                    self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed))?;
                 }
             }
         }
@@ -381,10 +433,10 @@ impl Ingestor {
         for v in valid {
             let raw = v.raw;
             if let Err((v, p)) = self.store((account, collector, at), v, &mut batch, None) {
-                self.dead_letter(account, collector, at, raw, &v, &p, &mut batch, Some(committed));
+                self.dead_letter(account, collector, at, raw, &v, &p, &mut batch, Some(committed))?;
             }
         }
-        finish(batch.builders)
+        Ok(finish(batch.builders))
     }
 
     /// The first pass over an event: decode the envelope, bind the
@@ -562,6 +614,11 @@ impl Ingestor {
         Ok(true)
     }
 
+    /// Add a refused event to its account's dead letters, its raw bytes
+    /// protected as [`DeadLetterRaw`] says.
+    ///
+    /// # Errors
+    /// When the raw event cannot be encrypted; nothing is added then.
     #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &self,
@@ -573,12 +630,22 @@ impl Ingestor {
         p: &envelope::Partial,
         batch: &mut Batch<'_>,
         skip: Option<&dyn Fn(&PartitionKey) -> bool>,
-    ) {
+    ) -> Result<(), watershed_protect::Error> {
         if let Some(committed) = skip {
             if committed(&PartitionKey::at(DEAD_LETTERS, account, received_at)) {
-                return;
+                return Ok(());
             }
         }
+        let text = String::from_utf8_lossy(raw);
+        let stored = match self.raw {
+            DeadLetterRaw::Plain => text,
+            DeadLetterRaw::Encrypt => {
+                let subject = self.raw_subject(p, raw);
+                let mut out = Vec::with_capacity(text.len() * 4 / 3 + 64);
+                batch.protector.encrypt_whole(account, subject.as_deref(), text.as_bytes(), &mut out)?;
+                std::borrow::Cow::Owned(String::from_utf8(out).expect("ciphertexts are ASCII"))
+            }
+        };
         let b = batch.builders.get_or_insert((DEAD, received_at.div_euclid(HOUR_MICROS)), || {
             (PartitionKey::at(DEAD_LETTERS, account, received_at), Builder::Dead(Box::default()))
         });
@@ -592,9 +659,24 @@ impl Ingestor {
                 detail: &v.detail,
                 received_at,
                 collector,
-                raw: &String::from_utf8_lossy(raw),
+                raw: &stored,
             });
         }
+        Ok(())
+    }
+
+    /// The data subject of a refused event, when its route is known and
+    /// the field that names the subject in any version of its schema can
+    /// be read.
+    fn raw_subject(&self, p: &envelope::Partial, raw: &[u8]) -> Option<String> {
+        let si = self.registry.route(p.source.as_deref()?, p.detail_type.as_deref()?)?;
+        let paths: Vec<&str> = self.registry.subjects()[si]
+            .versions
+            .iter()
+            .rev()
+            .filter_map(|v| v.protect.data_subject.as_ref().map(|(_, name)| name.as_str()))
+            .collect();
+        envelope::raw_subject(raw, &paths)
     }
 }
 

@@ -32,6 +32,8 @@ pub enum Refused {
     BadRequest(String),
     /// 503: the memory budget is spent.
     Busy,
+    /// 503: a dependency (the keyring) failed; nothing was stored.
+    Unavailable(String),
     /// 500: the pipeline failed (the WAL could not be written).
     Failed(String),
 }
@@ -112,7 +114,10 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let dedupe = Arc::new(Dedupe::new(config.wal.dedupe_window));
         let limits = Limits { max_event_bytes: config.limits.max_event_bytes, ..Limits::default() };
-        let ingestor = Arc::new(Ingestor::new(registry, keyring, dedupe, limits, metrics.clone()));
+        let ingestor = Arc::new(
+            Ingestor::new(registry, keyring, dedupe, limits, metrics.clone())
+                .with_dead_letter_raw(config.dead_letters.raw),
+        );
         let pending = Arc::new(Pending::default());
         let writer_stats = Arc::new(WriterStats::default());
         let (writer_tx, writer_rx) = mpsc::channel(64);
@@ -145,7 +150,7 @@ impl Hub {
             });
             let wal = Wal::open(&wal_dir, opts, pending.clone(), Some(before_write), |seq, record| {
                 let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
-                let parts = replay_ingestor.replay(&record, &is_committed);
+                let parts = replay_ingestor.replay(&record, &is_committed)?;
                 if parts.is_empty() {
                     return Ok(());
                 }
@@ -215,7 +220,12 @@ impl Hub {
             let decoded =
                 body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
             let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
-            Ok(ingestor.process(&account_c, collector_c.as_deref(), received_at, &events))
+            ingestor.process(&account_c, collector_c.as_deref(), received_at, &events).map_err(|e| {
+                tracing::error!(account = %account_c, error = %e, "cannot protect a dead letter");
+                Refused::Unavailable(format!(
+                    "a refused event could not be encrypted for the dead-letter table ({e}); nothing was stored"
+                ))
+            })
         })
         .await
         .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))??;

@@ -57,7 +57,7 @@ fn inline_and_deferred_validation_agree() {
             ),
         ];
         let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-        let out = ingestor.process(&account, None, 0, &refs);
+        let out = ingestor.process(&account, None, 0, &refs).unwrap();
         assert_eq!(out.response.accepted, 4, "detail_last={detail_last}: {:?}", out.response);
         let r = &out.response.rejected;
         assert_eq!((r.len(), r[0].reason, r[0].path.as_str()), (1, "bad_enum", "$.detail.currency"));
@@ -94,7 +94,7 @@ fn outcomes_do_not_depend_on_chunk_boundaries() {
         })
         .collect();
     let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-    let out = ingestor.process(&account, None, 0, &refs);
+    let out = ingestor.process(&account, None, 0, &refs).unwrap();
     let rejected: Vec<(usize, &str)> = out.response.rejected.iter().map(|r| (r.index, r.reason)).collect();
     assert_eq!(rejected, bad_at.iter().map(|&i| (i, "bad_enum")).collect::<Vec<_>>());
     assert_eq!((out.response.accepted, out.response.duplicates), (400 - bad_at.len() - 1, 1));
@@ -107,4 +107,153 @@ fn outcomes_do_not_depend_on_chunk_boundaries() {
     let holders = batch.column_by_name("detail").unwrap().as_struct().column_by_name("card").unwrap();
     let holders = holders.as_struct().column_by_name("holder_name").unwrap().as_string::<i32>();
     assert_eq!(holders.iter().filter(|h| h.is_some_and(|h| h.starts_with("wse1."))).count(), expected.len());
+}
+
+/// The `raw` column of the dead letters of `out`.
+fn dead_letters(out: &watershed_hub::ingest::Processed) -> Vec<String> {
+    let (_, batch) = out.parts.iter().find(|(k, _)| k.table == watershed_lake::DEAD_LETTERS).unwrap();
+    let raw = batch.column_by_name("raw").unwrap().as_string::<i32>();
+    raw.iter().map(|r| r.unwrap().to_owned()).collect()
+}
+
+/// A refused event's raw bytes are stored encrypted: under its data
+/// subject's key when the subject can be read (so forgetting the subject
+/// erases its dead letters too), else under the account's key. With
+/// `raw = "plain"` they are stored as received.
+#[test]
+fn dead_letters_are_encrypted_and_erased_with_their_subject() {
+    use watershed_protect::{Access, Decryptor, Error, Keyring};
+    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
+    let new = |raw| {
+        Ingestor::new(
+            reg.clone(),
+            keyring.clone(),
+            Arc::new(Dedupe::new(10_000)),
+            Limits::default(),
+            Arc::new(Metrics::default()),
+        )
+        .with_dead_letter_raw(raw)
+    };
+    let account = AccountId::new("111111111111").unwrap();
+    let bad = DETAIL.replace("EUR", "DOGE");
+    let events = [
+        event("alice-bad", &bad.replace("c-1", "alice"), "", true),
+        event("bob-bad", &bad.replace("c-1", "bob"), "", false),
+        // Refused before its payload is read: no subject, the account's key.
+        event("unrouted", DETAIL, "", true).replace("PaymentAuthorized", "PaymentRefunded"),
+        r#"{"id":"torn","detail":{"card":{"pan":"4111111111111111""#.to_owned(),
+    ];
+    let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+    let out = new(watershed_hub::ingest::DeadLetterRaw::Encrypt).process(&account, None, 0, &refs).unwrap();
+    let dead = dead_letters(&out);
+    assert_eq!(dead.len(), 4);
+    for raw in &dead {
+        assert!(raw.starts_with("wse1.") && !raw.contains("4111"), "{raw}");
+    }
+    let decrypt = |raw: &str| {
+        let access = Access { principal: "auditor".into(), purpose: "case-1".into() };
+        Decryptor::new(&*keyring).decrypt(&access, &[raw]).unwrap().pop().unwrap()
+    };
+    for (raw, sent) in dead.iter().zip(&events) {
+        assert_eq!(decrypt(raw).unwrap().expose(), sent.as_str(), "decrypts to the event as received");
+    }
+    keyring.forget(&account, "alice").unwrap();
+    assert!(matches!(decrypt(&dead[0]), Err(Error::KeyErased { .. })), "erased with its subject");
+    for raw in &dead[1..] {
+        assert!(decrypt(raw).is_ok(), "other subjects and the account's key stay readable");
+    }
+
+    let out = new(watershed_hub::ingest::DeadLetterRaw::Plain).process(&account, None, 0, &refs).unwrap();
+    assert_eq!(dead_letters(&out), events);
+}
+
+/// A keyring that fails every key request while `down` is set.
+#[derive(Debug)]
+struct Flaky {
+    inner: LocalKeyring,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> watershed_protect::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(watershed_protect::Error::Io {
+                path: "kms".into(),
+                source: std::io::Error::other("the key service is unreachable"),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl watershed_protect::Keyring for Flaky {
+    fn token_key(&self, account: &AccountId) -> watershed_protect::Result<watershed_protect::SecretKey> {
+        self.check()?;
+        self.inner.token_key(account)
+    }
+    fn data_cipher(
+        &self,
+        account: &AccountId,
+        subject: Option<&str>,
+    ) -> watershed_protect::Result<Arc<watershed_protect::DataCipher>> {
+        self.check()?;
+        self.inner.data_cipher(account, subject)
+    }
+    fn sync(&self) -> watershed_protect::Result<()> {
+        self.inner.sync()
+    }
+    fn cipher_by_id(
+        &self,
+        id: &watershed_protect::KeyId,
+    ) -> watershed_protect::Result<Arc<watershed_protect::DataCipher>> {
+        self.inner.cipher_by_id(id)
+    }
+    fn forget(
+        &self,
+        account: &AccountId,
+        subject: &str,
+    ) -> watershed_protect::Result<watershed_protect::Erasure> {
+        self.inner.forget(account, subject)
+    }
+    fn rotate(&self) -> watershed_protect::Result<String> {
+        self.inner.rotate()
+    }
+}
+
+/// When the keyring fails, a refused event cannot be stored without its
+/// plaintext, so the request fails as a whole: nothing is kept, its
+/// dedupe claims are released, and the same request succeeds once the
+/// keyring is back.
+#[test]
+fn a_keyring_failure_stores_nothing_and_the_retry_succeeds() {
+    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = Arc::new(Flaky {
+        inner: LocalKeyring::open_local(dir.path()).unwrap(),
+        down: std::sync::atomic::AtomicBool::new(true),
+    });
+    let ingestor = Ingestor::new(
+        reg,
+        keyring.clone(),
+        Arc::new(Dedupe::new(10_000)),
+        Limits::default(),
+        Arc::new(Metrics::default()),
+    );
+    let account = AccountId::new("111111111111").unwrap();
+    let events = [
+        event("ok-1", DETAIL, "", true),
+        event("bad", &DETAIL.replace("EUR", "DOGE"), "", true),
+        "not json".to_owned(),
+        event("ok-2", DETAIL, "", false),
+    ];
+    let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+    let e = ingestor.process(&account, None, 0, &refs).unwrap_err();
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    keyring.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let out = ingestor.process(&account, None, 0, &refs).unwrap();
+    assert_eq!((out.response.accepted, out.response.duplicates, out.response.rejected.len()), (2, 0, 2));
+    assert_eq!(dead_letters(&out).len(), 2, "each reject stored once the keyring is back");
 }

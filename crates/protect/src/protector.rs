@@ -191,6 +191,36 @@ impl<'k> BatchProtector<'k> {
         self.apply(account, plan, tape, root, subject_key.as_deref())
     }
 
+    /// Encrypt a whole value (a dead letter's raw event) into `out`: under
+    /// the key of `subject` when the value's data subject is known, so
+    /// that forgetting the subject erases it too, else under the account's
+    /// key.
+    ///
+    /// # Errors
+    /// When the key cannot be fetched or created; the value must then not
+    /// be stored at all.
+    pub fn encrypt_whole(
+        &mut self,
+        account: &AccountId,
+        subject: Option<&str>,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let cipher = match subject {
+            Some(s) => self.keyring.data_cipher(account, Some(s))?,
+            None => match self.account_keys.get(account.as_str()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.keyring.data_cipher(account, None)?;
+                    self.account_keys.insert(account.to_string(), c.clone());
+                    c
+                }
+            },
+        };
+        cipher.encrypt_into(plain, &mut self.rng, &mut self.buf, out);
+        Ok(())
+    }
+
     /// Apply `plan`, encrypting under `subject_key` when the event has a
     /// data subject, else under the account's key.
     fn apply(
