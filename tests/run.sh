@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command. On a fresh machine it installs what the tests need
-# (a Python virtualenv with DuckDB and pyarrow, cached under
+# (a Python virtualenv with DuckDB, pyarrow and moto, cached under
 # ~/.cache/watershed), builds the workspace, and runs every test:
 # unit, property, CLI and end-to-end tests against the real `watershed`
-# binary on loopback ports.
+# binary on loopback ports, and the AWS KMS master key against moto.
 #
 #   WATERSHED_TEST_CACHE   cache directory (default ~/.cache/watershed)
 #   CARGO_TARGET_DIR  build directory (default $WATERSHED_TEST_CACHE/target)
@@ -15,8 +15,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 mkdir -p "$cache"
 
 venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import duckdb, pyarrow' 2>/dev/null; then
-    echo "==> creating the test virtualenv (DuckDB, pyarrow) in $venv"
+if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server' 2>/dev/null; then
+    echo "==> creating the test virtualenv (DuckDB, pyarrow, moto) in $venv"
     if ! python3 -m venv "$venv" 2>/dev/null; then
         echo "==> python3 -m venv failed; installing python3-venv"
         apt-get update -qq && apt-get install -y -qq python3-venv
@@ -32,8 +32,8 @@ cargo build --locked --workspace --all-targets
 echo "==> checking the example schemas"
 "$CARGO_TARGET_DIR/debug/watershed" schema check schemas
 
-echo "==> checking the AWS KMS keyring path compiles"
-cargo check --locked -p watershed-protect --features kms
-
 echo "==> running the tests"
 cargo test --locked --workspace
+
+echo "==> testing the AWS KMS master key against moto"
+cargo test --locked -p watershed-protect --features kms --test kms

@@ -6,7 +6,9 @@
 //! backing keys), so [`MasterKey::rotate`] only reports the key id.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::DataKeySpec;
 use base64::engine::general_purpose::STANDARD;
@@ -70,6 +72,29 @@ impl KmsMasterKey {
     }
 }
 
+/// A KMS request's failure: the service's error code and message, or what
+/// kept the request from the service (connection, timeout, credentials).
+fn failed<E, R>(op: &str, e: &SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    Error::Kms(match e.as_service_error() {
+        Some(se) => {
+            format!("{op}: {}: {}", se.code().unwrap_or("error"), se.message().unwrap_or("no message"))
+        }
+        None => {
+            let mut text = format!("{op}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                let _ = write!(text, ": {s}");
+                source = s.source();
+            }
+            text
+        }
+    })
+}
+
 fn context_map(context: &[u8]) -> HashMap<String, String> {
     HashMap::from([("watershed".to_owned(), String::from_utf8_lossy(context).into_owned())])
 }
@@ -82,8 +107,7 @@ impl MasterKey for KmsMasterKey {
             .key_id(&self.key_id)
             .plaintext(Blob::new(key.expose().to_vec()))
             .set_encryption_context(Some(context_map(context)));
-        let out =
-            self.run(async move { req.send().await })?.map_err(|e| Error::Kms(format!("Encrypt: {e}")))?;
+        let out = self.run(async move { req.send().await })?.map_err(|e| failed("Encrypt", &e))?;
         let blob =
             out.ciphertext_blob().ok_or_else(|| Error::Kms("Encrypt returned no ciphertext".into()))?;
         Ok(Wrapped { master: self.key_id.clone(), blob: STANDARD.encode(blob.as_ref()) })
@@ -96,9 +120,7 @@ impl MasterKey for KmsMasterKey {
             .key_id(&self.key_id)
             .key_spec(DataKeySpec::Aes256)
             .set_encryption_context(Some(context_map(context)));
-        let out = self
-            .run(async move { req.send().await })?
-            .map_err(|e| Error::Kms(format!("GenerateDataKey: {e}")))?;
+        let out = self.run(async move { req.send().await })?.map_err(|e| failed("GenerateDataKey", &e))?;
         let plain = out
             .plaintext()
             .and_then(|b| SecretKey::from_slice(b.as_ref()))
@@ -117,8 +139,7 @@ impl MasterKey for KmsMasterKey {
             .decrypt()
             .ciphertext_blob(Blob::new(blob))
             .set_encryption_context(Some(context_map(context)));
-        let out =
-            self.run(async move { req.send().await })?.map_err(|e| Error::Kms(format!("Decrypt: {e}")))?;
+        let out = self.run(async move { req.send().await })?.map_err(|e| failed("Decrypt", &e))?;
         out.plaintext()
             .and_then(|b| SecretKey::from_slice(b.as_ref()))
             .ok_or_else(|| Error::Kms("Decrypt returned no 32-byte key".into()))
