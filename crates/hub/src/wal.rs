@@ -534,6 +534,23 @@ fn write_frames(file: &mut File, path: &Path, frames: &[u8]) -> Result<()> {
     file.write_all(frames).map_err(io(path))
 }
 
+/// Make a segment's written data durable.
+#[cfg(not(test))]
+fn sync_segment(file: &File, path: &Path) -> Result<()> {
+    file.sync_data().map_err(io(path))
+}
+
+/// [`sync_segment`], failing on demand: after [`tests::fail_next_sync`],
+/// the next fsync in that directory fails, as it does after a device
+/// error.
+#[cfg(test)]
+fn sync_segment(file: &File, path: &Path) -> Result<()> {
+    if tests::sync_fails(path) {
+        return Err(io(path)(std::io::Error::other("input/output error (simulated)")));
+    }
+    file.sync_data().map_err(io(path))
+}
+
 struct Writer {
     dir: PathBuf,
     opts: WalOptions,
@@ -660,7 +677,7 @@ impl Writer {
             }
             self.write_chunk(&mut frames, &mut chunk)?;
             let path = self.segments.last().map(|s| s.path.clone()).unwrap_or_default();
-            let synced = self.file.as_ref().expect("a segment is open").sync_data().map_err(io(&path));
+            let synced = sync_segment(self.file.as_ref().expect("a segment is open"), &path);
             if let Err(e) = &synced {
                 self.broken = Some(e.to_string());
             }
@@ -742,6 +759,60 @@ mod tests {
         let mut torn = TORN.lock().unwrap();
         let i = torn.iter().position(|(dir, _)| path.parent() == Some(dir.as_path()))?;
         Some(torn.swap_remove(i).1)
+    }
+
+    /// Directories whose next segment fsync fails.
+    static FAILING_SYNC: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    fn fail_next_sync(dir: &Path) {
+        FAILING_SYNC.lock().unwrap().push(dir.to_owned());
+    }
+
+    /// Whether the fsync of segment `path` is to fail (once).
+    pub(super) fn sync_fails(path: &Path) -> bool {
+        let mut failing = FAILING_SYNC.lock().unwrap();
+        match failing.iter().position(|dir| path.parent() == Some(dir.as_path())) {
+            Some(i) => {
+                failing.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// After a failed fsync nobody knows what reached the disk, so the log
+    /// refuses every later append (nothing more is acknowledged) until a
+    /// restart recovers from what is on disk; then it takes records again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fsync_stops_the_log_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let record = |id: &str| {
+            let mut e = RecordEncoder::new(&a, 0, None, 0);
+            e.accepted(id, &[b'x'; 100]);
+            e.finish()
+        };
+        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(())).unwrap();
+        assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
+        fail_next_sync(dir.path());
+        let e = wal.append(record("b"), 1, 1).await.unwrap_err().to_string();
+        assert!(e.contains("input/output error"), "{e}");
+        let e = wal.append(record("c"), 1, 1).await.unwrap_err().to_string();
+        assert!(e.contains("stopped after an earlier failure") && e.contains("restart"), "{e}");
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The restart replays what is on disk: the acknowledged "a", and
+        // "b", whose frame is whole (its client got an error and retries;
+        // the dedupe window keeps the retry from storing it twice).
+        let mut seen = Vec::new();
+        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
+            seen.push((seq, r.events[0].id.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [(1, "a".to_owned()), (2, "b".to_owned())]);
+        assert_eq!(wal.append(record("d"), 1, 1).await.unwrap().seq, 3, "appends again after the restart");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
