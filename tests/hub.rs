@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use watershed_tests::{
-    add_account, detail_strings, duckdb, ids_by_table, post, python, read_table, run, strings, Server,
+    add_account, bin, detail_strings, duckdb, ids_by_table, post, python, read_table, run, strings, Server,
 };
 
 const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
@@ -233,7 +233,7 @@ fn protection_as_analysts_see_it() {
     assert_eq!(sent, refused, "the dead letter decrypts to the event as sent");
     let out = run(&["keys", "forget", "--account", A[0], "--subject", "alice", "--data-dir", data_s]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for value in [holder("a1"), holder("a2"), dead_raw] {
+    for value in [holder("a1"), holder("a2"), dead_raw.clone()] {
         let out = dec(&value);
         assert!(!out.status.success());
         assert!(
@@ -245,6 +245,23 @@ fn protection_as_analysts_see_it() {
     for id in ["a3", "b1"] {
         assert!(dec(&holder(id)).status.success(), "{id} must stay readable");
     }
+    // Many values at once, from stdin (a query's output), one JSON line each.
+    let mut child = std::process::Command::new(bin())
+        .args(["keys", "decrypt", "--principal", "auditor", "--purpose", "case-7", "--data-dir", data_s, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{}\n\n{}\n", holder("a3"), dead_raw);
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "one value is erased");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "one line per value: {lines:?}");
+    assert_eq!(lines[0], json!({"plaintext": "Ada Lovelace"}));
+    assert!(lines[1]["error"].as_str().unwrap().starts_with("key_erased"), "{lines:?}");
 
     // The login's redacted session id and encrypted ip, read by DuckDB.
     if let Some(py) = python() {

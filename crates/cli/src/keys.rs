@@ -1,5 +1,6 @@
 //! `watershed keys forget|rotate|decrypt`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,6 +47,12 @@ pub(crate) enum KeysCmd {
         keyring: KeyringArgs,
     },
     /// Decrypt values read from the lake. Audited per call.
+    ///
+    /// With ciphertexts as arguments, prints each plaintext on its own line.
+    /// With `-`, reads ciphertexts from stdin, one per line (such as a
+    /// query's output of `_dead_letters.raw`; blank lines are skipped), and
+    /// prints one JSON object per value, in order: `{"plaintext": …}` or
+    /// `{"error": …}`, so plaintexts with line breaks stay one line each.
     Decrypt {
         /// Who is decrypting (recorded in the audit log).
         #[arg(long)]
@@ -53,7 +60,7 @@ pub(crate) enum KeysCmd {
         /// Why (recorded in the audit log), such as a case number.
         #[arg(long)]
         purpose: String,
-        /// Ciphertexts (`wse1.…`).
+        /// Ciphertexts (`wse1.…`), or `-` to read them from stdin.
         #[arg(required = true)]
         values: Vec<String>,
         #[command(flatten)]
@@ -83,20 +90,41 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         KeysCmd::Decrypt { principal, purpose, values, keyring } => {
+            let from_stdin = values == ["-"];
+            let values = if from_stdin {
+                let mut lines = Vec::new();
+                for line in std::io::stdin().lines() {
+                    let line = line.context("reading ciphertexts from stdin")?;
+                    let line = line.trim();
+                    if !line.is_empty() {
+                        lines.push(line.to_owned());
+                    }
+                }
+                lines
+            } else {
+                values
+            };
             let kr = keyring.open()?;
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             let results = Decryptor::new(&kr).decrypt(&Access { principal, purpose }, &refs)?;
-            let mut failed = false;
-            for r in results {
-                match r {
-                    Ok(p) => println!("{}", p.expose()),
-                    Err(e) => {
-                        failed = true;
-                        eprintln!("error: {e}");
-                    }
+            let mut failed = 0usize;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for r in &results {
+                if r.is_err() {
+                    failed += 1;
+                }
+                match (r, from_stdin) {
+                    (Ok(p), false) => writeln!(out, "{}", p.expose())?,
+                    (Err(e), false) => eprintln!("error: {e}"),
+                    (Ok(p), true) => writeln!(out, "{}", serde_json::json!({ "plaintext": p.expose() }))?,
+                    (Err(e), true) => writeln!(out, "{}", serde_json::json!({ "error": e.to_string() }))?,
                 }
             }
-            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            out.flush()?;
+            if from_stdin && failed > 0 {
+                eprintln!("{failed} of {} value(s) could not be decrypted", results.len());
+            }
+            Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
 }
