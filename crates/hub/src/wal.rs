@@ -780,19 +780,32 @@ mod tests {
         }
     }
 
+    /// A record of one accepted event `id` of 100 bytes.
+    fn record(id: &str) -> Vec<u8> {
+        let mut e = RecordEncoder::new(&AccountId::new("111111111111").unwrap(), 0, None, 0);
+        e.accepted(id, &[b'x'; 100]);
+        e.finish()
+    }
+
+    /// Open the WAL in `dir` again (a restart): the log and the (seq, first
+    /// event id) of every record it replayed.
+    fn reopen(dir: &Path, opts: WalOptions) -> (Wal, Vec<(u64, String)>) {
+        let mut seen = Vec::new();
+        let wal = Wal::open(dir, opts, Arc::new(Pending::default()), None, |seq, r| {
+            seen.push((seq, r.events[0].id.clone()));
+            Ok(())
+        })
+        .unwrap();
+        (wal, seen)
+    }
+
     /// After a failed fsync nobody knows what reached the disk, so the log
     /// refuses every later append (nothing more is acknowledged) until a
     /// restart recovers from what is on disk; then it takes records again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fsync_stops_the_log_until_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let a = AccountId::new("111111111111").unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
-        let record = |id: &str| {
-            let mut e = RecordEncoder::new(&a, 0, None, 0);
-            e.accepted(id, &[b'x'; 100]);
-            e.finish()
-        };
         let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(())).unwrap();
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         fail_next_sync(dir.path());
@@ -805,12 +818,7 @@ mod tests {
         // The restart replays what is on disk: the acknowledged "a", and
         // "b", whose frame is whole (its client got an error and retries;
         // the dedupe window keeps the retry from storing it twice).
-        let mut seen = Vec::new();
-        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
-            seen.push((seq, r.events[0].id.clone()));
-            Ok(())
-        })
-        .unwrap();
+        let (wal, seen) = reopen(dir.path(), opts);
         assert_eq!(seen, [(1, "a".to_owned()), (2, "b".to_owned())]);
         assert_eq!(wal.append(record("d"), 1, 1).await.unwrap().seq, 3, "appends again after the restart");
     }
@@ -818,13 +826,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_is_cut_back_and_later_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let a = AccountId::new("111111111111").unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
-        let record = |id: &str| {
-            let mut e = RecordEncoder::new(&a, 0, None, 0);
-            e.accepted(id, &[b'x'; 100]);
-            e.finish()
-        };
         let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(())).unwrap();
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         tear_next_write(dir.path(), 10);
@@ -833,12 +835,7 @@ mod tests {
         assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut seen = Vec::new();
-        Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |seq, r| {
-            seen.push((seq, r.events[0].id.clone()));
-            Ok(())
-        })
-        .unwrap();
+        let (_, seen) = reopen(dir.path(), opts);
         assert_eq!(
             seen,
             [(1, "a".to_owned()), (2, "c".to_owned())],
