@@ -100,6 +100,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                         lines.push(line.to_owned());
                     }
                 }
+                anyhow::ensure!(!lines.is_empty(), "no ciphertexts on stdin");
                 lines
             } else {
                 values

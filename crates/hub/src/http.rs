@@ -54,22 +54,17 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) ->
             &format!("the body exceeds {n} bytes; send smaller batches"),
         ),
         Err(Refused::BadRequest(m)) => error(StatusCode::BAD_REQUEST, "bad_request", &m),
-        Err(Refused::Busy) => {
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "the hub is at its memory budget; retry after the delay",
-            );
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            r
-        }
-        Err(Refused::Unavailable(m)) => {
-            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m);
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            r
-        }
+        Err(Refused::Busy) => retry_later("busy", "the hub is at its memory budget; retry after the delay"),
+        Err(Refused::Unavailable(m)) => retry_later("unavailable", &m),
         Err(Refused::Failed(m)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m),
     }
+}
+
+/// 503 with `Retry-After: 1`: nothing was stored, and a retry is safe.
+fn retry_later(code: &str, message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
 }
 
 async fn ready(State(hub): State<Arc<Hub>>) -> Response {
