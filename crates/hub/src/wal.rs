@@ -744,40 +744,51 @@ impl Writer {
 mod tests {
     use super::*;
 
-    /// Directories whose next segment write is torn after so many bytes.
-    static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+    /// A failure to provoke once in a directory's segments.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        /// The next write stops after so many bytes with an error.
+        Tear(usize),
+        /// The next fsync fails.
+        Sync,
+    }
+
+    /// Faults waiting for their directory's next write or fsync.
+    static FAULTS: Mutex<Vec<(PathBuf, Fault)>> = Mutex::new(Vec::new());
+
+    fn inject(dir: &Path, fault: Fault) {
+        FAULTS.lock().unwrap().push((dir.to_owned(), fault));
+    }
+
+    /// Take the first fault of segment `path`'s directory that `kind` picks.
+    fn take(path: &Path, kind: impl Fn(Fault) -> bool) -> Option<Fault> {
+        let mut faults = FAULTS.lock().unwrap();
+        let i = faults.iter().position(|(dir, f)| path.parent() == Some(dir.as_path()) && kind(*f))?;
+        Some(faults.swap_remove(i).1)
+    }
 
     /// Make the next write into a segment of `dir` stop after `keep`
     /// bytes with an error.
     fn tear_next_write(dir: &Path, keep: usize) {
-        TORN.lock().unwrap().push((dir.to_owned(), keep));
+        inject(dir, Fault::Tear(keep));
+    }
+
+    fn fail_next_sync(dir: &Path) {
+        inject(dir, Fault::Sync);
     }
 
     /// Whether the write to segment `path` is to be torn, and after how
     /// many bytes (once).
     pub(super) fn torn_write(path: &Path) -> Option<usize> {
-        let mut torn = TORN.lock().unwrap();
-        let i = torn.iter().position(|(dir, _)| path.parent() == Some(dir.as_path()))?;
-        Some(torn.swap_remove(i).1)
-    }
-
-    /// Directories whose next segment fsync fails.
-    static FAILING_SYNC: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-    fn fail_next_sync(dir: &Path) {
-        FAILING_SYNC.lock().unwrap().push(dir.to_owned());
+        match take(path, |f| matches!(f, Fault::Tear(_)))? {
+            Fault::Tear(keep) => Some(keep),
+            Fault::Sync => None,
+        }
     }
 
     /// Whether the fsync of segment `path` is to fail (once).
     pub(super) fn sync_fails(path: &Path) -> bool {
-        let mut failing = FAILING_SYNC.lock().unwrap();
-        match failing.iter().position(|dir| path.parent() == Some(dir.as_path())) {
-            Some(i) => {
-                failing.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+        take(path, |f| f == Fault::Sync).is_some()
     }
 
     /// A record of one accepted event `id` of 100 bytes.
