@@ -5,41 +5,11 @@
 
 use serde_json::{json, Value};
 use watershed_tests::{
-    add_account, bin, detail_strings, duckdb, ids_by_table, post, python, read_table, run, strings, Server,
+    add_account, bin, detail_strings, duckdb, ids_by_table, login, ndjson, payment, post, python, read_table,
+    run, strings, Server,
 };
 
 const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
-
-fn payment(id: &str, account: Option<&str>, customer: &str, pan: &str, holder: &str) -> Value {
-    let mut e = json!({
-        "version": "0", "id": id, "detail-type": "PaymentAuthorized", "source": "com.example.payments",
-        "time": "2024-05-01T12:34:56Z", "region": "eu-west-1", "resources": ["arn:aws:payments:eu-west-1:1:p/1"],
-        "detail": {
-            "payment_id": format!("pay-{id}"), "customer_id": customer, "amount": "19.99", "currency": "EUR",
-            "card": {"pan": pan, "holder_name": holder, "brand": "VISA", "expiry": "12/29"},
-            "merchant": {"id": "m-1", "name": "Shop", "mcc": 5411, "country": "DE"},
-            "authorized_at": "2024-05-01T12:34:56Z", "risk_score": 0.12, "three_ds": true
-        }
-    });
-    if let Some(a) = account {
-        e["account"] = json!(a);
-    }
-    e
-}
-
-fn login(id: &str, user: &str) -> Value {
-    json!({
-        "specversion": "1.0", "id": id, "type": "UserLogin", "source": "com.example.identity",
-        "time": "2024-05-01T13:00:00Z",
-        "data": {"user_id": user, "username": format!("{user}@example.com"), "ip_address": "203.0.113.9",
-                 "user_agent": "curl", "outcome": "SUCCESS", "logged_in_at": "2024-05-01T13:00:00Z", "attempt": 1,
-                 "session_id": "sess-secret"}
-    })
-}
-
-fn ndjson(events: &[Value]) -> Vec<u8> {
-    events.iter().map(|e| format!("{e}\n")).collect::<String>().into_bytes()
-}
 
 #[test]
 fn mixed_batches_from_three_accounts_land_exactly() {

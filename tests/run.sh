@@ -3,7 +3,8 @@
 # (a Python virtualenv with DuckDB, pyarrow and moto, cached under
 # ~/.cache/watershed), builds the workspace, and runs every test:
 # unit, property, CLI and end-to-end tests against the real `watershed`
-# binary on loopback ports, and the AWS KMS master key against moto.
+# binary on loopback ports, and AWS KMS (master keys, `serve`, `keys seal`)
+# against moto.
 #
 #   WATERSHED_TEST_CACHE   cache directory (default ~/.cache/watershed)
 #   CARGO_TARGET_DIR  build directory (default $WATERSHED_TEST_CACHE/target)
@@ -32,8 +33,5 @@ cargo build --locked --workspace --all-targets
 echo "==> checking the example schemas"
 "$CARGO_TARGET_DIR/debug/watershed" schema check schemas
 
-echo "==> running the tests"
+echo "==> running the tests (the KMS ones against moto)"
 cargo test --locked --workspace
-
-echo "==> testing the AWS KMS master key against moto"
-cargo test --locked -p watershed-protect --features kms --test kms

@@ -103,6 +103,51 @@ impl Server {
     }
 }
 
+/// An EventBridge payment event (`payments.payment_authorized`): the
+/// customer id is tokenized, the card's pan masked, its holder encrypted
+/// and its expiry redacted.
+#[must_use]
+pub fn payment(
+    id: &str,
+    account: Option<&str>,
+    customer: &str,
+    pan: &str,
+    holder: &str,
+) -> serde_json::Value {
+    let mut e = serde_json::json!({
+        "version": "0", "id": id, "detail-type": "PaymentAuthorized", "source": "com.example.payments",
+        "time": "2024-05-01T12:34:56Z", "region": "eu-west-1", "resources": ["arn:aws:payments:eu-west-1:1:p/1"],
+        "detail": {
+            "payment_id": format!("pay-{id}"), "customer_id": customer, "amount": "19.99", "currency": "EUR",
+            "card": {"pan": pan, "holder_name": holder, "brand": "VISA", "expiry": "12/29"},
+            "merchant": {"id": "m-1", "name": "Shop", "mcc": 5411, "country": "DE"},
+            "authorized_at": "2024-05-01T12:34:56Z", "risk_score": 0.12, "three_ds": true
+        }
+    });
+    if let Some(a) = account {
+        e["account"] = serde_json::json!(a);
+    }
+    e
+}
+
+/// A CloudEvents login event (`identity.user_login`).
+#[must_use]
+pub fn login(id: &str, user: &str) -> serde_json::Value {
+    serde_json::json!({
+        "specversion": "1.0", "id": id, "type": "UserLogin", "source": "com.example.identity",
+        "time": "2024-05-01T13:00:00Z",
+        "data": {"user_id": user, "username": format!("{user}@example.com"), "ip_address": "203.0.113.9",
+                 "user_agent": "curl", "outcome": "SUCCESS", "logged_in_at": "2024-05-01T13:00:00Z", "attempt": 1,
+                 "session_id": "sess-secret"}
+    })
+}
+
+/// Events as an NDJSON body.
+#[must_use]
+pub fn ndjson(events: &[serde_json::Value]) -> Vec<u8> {
+    events.iter().map(|e| format!("{e}\n")).collect::<String>().into_bytes()
+}
+
 /// Create an account and return its token (the last word printed).
 #[must_use]
 pub fn add_account(data: &Path, account: &str) -> String {
@@ -224,4 +269,88 @@ pub fn duckdb(python: &Path, lake: &Path, sql: &str) -> Vec<serde_json::Value> {
     let out = Command::new(python).arg(script).arg(lake).arg(sql).output().expect("python runs");
     assert!(out.status.success(), "duckdb query failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json rows")
+}
+
+/// A moto server (AWS APIs: KMS here) on a free loopback port, started
+/// from the test virtualenv and stopped on drop.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    python: PathBuf,
+}
+
+impl Moto {
+    /// Start moto, or `None` (said loudly) when `WATERSHED_TEST_SKIP_MOTO=1`.
+    /// Without the virtualenv and without that variable, the test fails.
+    #[must_use]
+    pub fn start() -> Option<Self> {
+        let python = match std::env::var_os("WATERSHED_TEST_PYTHON") {
+            Some(p) => PathBuf::from(p),
+            None if std::env::var("WATERSHED_TEST_SKIP_MOTO").as_deref() == Ok("1") => {
+                eprintln!("SKIPPED: tests against moto (WATERSHED_TEST_SKIP_MOTO=1)");
+                return None;
+            }
+            None => panic!(
+                "WATERSHED_TEST_PYTHON is not set: run the tests through tests/run.sh, which makes the \
+                 virtualenv with moto, or set WATERSHED_TEST_SKIP_MOTO=1 to skip the tests against moto loudly"
+            ),
+        };
+        let port = free_port();
+        let child = Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start moto with {}: {e}", python.display()));
+        let moto = Self { child, url: format!("http://127.0.0.1:{port}"), python };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not listen on port {port} within 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(moto)
+    }
+
+    /// A new symmetric KMS key's id (created with boto3, moto's client).
+    #[must_use]
+    pub fn create_key(&self) -> String {
+        let script = format!(
+            "import boto3; k = boto3.client('kms', endpoint_url='{}', region_name='{REGION}', \
+             aws_access_key_id='testing', aws_secret_access_key='testing'); \
+             print(k.create_key(Description='watershed test')['KeyMetadata']['KeyId'])",
+            self.url
+        );
+        let out = Command::new(&self.python).args(["-c", &script]).output().expect("python runs");
+        assert!(out.status.success(), "CreateKey: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    }
+
+    /// The AWS settings that point the SDK at this server with test
+    /// credentials (and no instance metadata lookups).
+    #[must_use]
+    pub fn aws_env() -> [(&'static str, &'static str); 4] {
+        [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_REGION", REGION),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The region the moto tests use.
+pub const REGION: &str = "us-east-1";
+
+/// A loopback port that was free a moment ago.
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }

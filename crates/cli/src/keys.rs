@@ -1,4 +1,4 @@
-//! `watershed keys forget|rotate|decrypt`.
+//! `watershed keys forget|rotate|decrypt|seal`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -7,22 +7,37 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use watershed_event::AccountId;
-use watershed_protect::{Access, Decryptor, Keyring, LocalKeyring};
+use watershed_hub::config::KeysConfig;
+use watershed_hub::{HubConfig, Overrides};
+use watershed_protect::{Access, Audited as _, Decryptor, Keyring, LocalKeyring, LocalMasterKey};
 
 #[derive(Args, Debug)]
 pub(crate) struct KeyringArgs {
-    /// The hub's data directory; the keyring is `DATA_DIR/keyring`.
-    #[arg(long, default_value_os_t = crate::default_data_dir())]
-    data_dir: PathBuf,
+    /// The hub's configuration file: its `data_dir` and `[keys]` (then
+    /// WATERSHED_* variables, then flags), as `serve` reads them.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The hub's data directory (default ./watershed-data); the keyring is
+    /// `DATA_DIR/keyring`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// The keyring directory, when it is not under the data directory.
     #[arg(long)]
     keyring: Option<PathBuf>,
 }
 
 impl KeyringArgs {
+    /// The keyring directory and its `[keys]` settings.
+    fn settings(&self) -> anyhow::Result<(PathBuf, KeysConfig)> {
+        let overrides = Overrides { data_dir: self.data_dir.clone(), ..Overrides::default() };
+        let config = HubConfig::load(self.config.as_deref(), std::env::vars().collect(), &overrides)?;
+        let dir = self.keyring.clone().unwrap_or_else(|| config.data_dir.join("keyring"));
+        Ok((dir, config.keys))
+    }
+
     fn open(&self) -> anyhow::Result<LocalKeyring> {
-        let dir = self.keyring.clone().unwrap_or_else(|| self.data_dir.join("keyring"));
-        LocalKeyring::open_local(&dir).with_context(|| format!("opening keyring {}", dir.display()))
+        let (dir, keys) = self.settings()?;
+        keys.open(&dir).with_context(|| format!("opening keyring {}", dir.display()))
     }
 }
 
@@ -66,6 +81,15 @@ pub(crate) enum KeysCmd {
         #[command(flatten)]
         keyring: KeyringArgs,
     },
+    /// Seal the keyring's plaintext master keys with the AWS KMS key of
+    /// `[keys]` (`master = "kms"`, `kms_key_id`): afterwards the keyring
+    /// opens only with that KMS key. Run `keys rotate` next, so every data
+    /// key is rewrapped under a master key never stored in plaintext.
+    /// Audited.
+    Seal {
+        #[command(flatten)]
+        keyring: KeyringArgs,
+    },
 }
 
 pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
@@ -86,6 +110,34 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             let id = kr.rotate()?;
             println!(
                 "rotated: new master key {id}; existing data keys rewrapped, new data keys for new events"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCmd::Seal { keyring } => {
+            let (dir, keys) = keyring.settings()?;
+            anyhow::ensure!(
+                dir.join("master.json").exists(),
+                "no keyring in {}: there is nothing to seal (`serve` with keys.master = \"kms\" creates \
+                 a sealed one)",
+                dir.display()
+            );
+            let sealer = keys.sealer()?;
+            let n = LocalMasterKey::seal(&dir, &*sealer)
+                .with_context(|| format!("sealing the master keys in {}", dir.display()))?;
+            // The keyring must open sealed before this reports success.
+            let kr = keys.open(&dir).with_context(|| format!("opening keyring {}", dir.display()))?;
+            let by = keys.kms_key_id.unwrap_or_default();
+            if n == 0 {
+                println!("{}: the master keys are sealed already", dir.join("master.json").display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            kr.audit_log().append(&serde_json::json!({
+                "action": "seal", "sealed_by": by, "master_keys_sealed": n,
+            }))?;
+            println!(
+                "sealed {n} master key(s) in {} with KMS key {by}; now run `watershed keys rotate` with \
+                 the same settings to rewrap every data key under a new master key",
+                dir.join("master.json").display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -34,6 +34,8 @@ pub struct HubConfig {
     pub wal: WalConfig,
     /// Dead-letter settings.
     pub dead_letters: DeadLettersConfig,
+    /// Keyring settings.
+    pub keys: KeysConfig,
     /// Seconds to drain on SIGTERM/SIGINT before giving up.
     pub shutdown_timeout_secs: u64,
 }
@@ -49,6 +51,7 @@ impl Default for HubConfig {
             memory: MemoryConfig::default(),
             wal: WalConfig::default(),
             dead_letters: DeadLettersConfig::default(),
+            keys: KeysConfig::default(),
             shutdown_timeout_secs: 30,
         }
     }
@@ -160,6 +163,85 @@ pub struct DeadLettersConfig {
     pub raw: DeadLetterRaw,
 }
 
+/// `[keys]`: where the keyring's master keys come from.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// `local` (the default: master keys in plaintext in
+    /// `<data_dir>/keyring/master.json`, mode 0600) or `kms` (the same
+    /// file, its keys sealed by the AWS KMS key `kms_key_id` and unsealed
+    /// once at start).
+    pub master: MasterKind,
+    /// The KMS key (id, ARN or alias) that seals the master keys.
+    pub kms_key_id: Option<String>,
+    /// The KMS key's region; the AWS region chain (`AWS_REGION`, the
+    /// profile) when unset.
+    pub kms_region: Option<String>,
+    /// A KMS endpoint other than the region's (a VPC endpoint, or a local
+    /// KMS-compatible server).
+    pub kms_endpoint: Option<String>,
+}
+
+/// Where the keyring's master keys come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterKind {
+    /// Plaintext in the keyring directory.
+    #[default]
+    Local,
+    /// Sealed by an AWS KMS key.
+    Kms,
+}
+
+impl KeysConfig {
+    /// Open the keyring in `dir` with the configured master key.
+    ///
+    /// # Errors
+    /// [`Error::Protect`] when the keyring cannot be opened (for KMS, when
+    /// a master key cannot be unsealed); [`Error::Config`] when KMS is
+    /// asked of a build without it.
+    pub fn open(&self, dir: &Path) -> Result<watershed_protect::LocalKeyring> {
+        match self.master {
+            MasterKind::Local => watershed_protect::LocalKeyring::open_local(dir).map_err(|e| match e {
+                watershed_protect::Error::Sealed { path, by } => Error::Config(format!(
+                    "keys.master: the master keys in {} are sealed by KMS key {by}; set keys.master = \
+                     \"kms\" and keys.kms_key_id = \"{by}\"",
+                    path.display()
+                )),
+                e => e.into(),
+            }),
+            MasterKind::Kms => Ok(watershed_protect::LocalKeyring::open_sealed(dir, self.sealer()?)?),
+        }
+    }
+
+    /// The KMS master key that seals the master keys.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the master is not `kms` or this build has no
+    /// KMS support; [`Error::Protect`] when the KMS client cannot start.
+    #[cfg(feature = "kms")]
+    pub fn sealer(&self) -> Result<Box<dyn watershed_protect::MasterKey>> {
+        let Some(key_id) = self.kms_key_id.clone().filter(|_| self.master == MasterKind::Kms) else {
+            return Err(Error::Config("keys.master: set to \"kms\" with keys.kms_key_id to seal".into()));
+        };
+        let kms =
+            watershed_protect::KmsMasterKey::new(key_id, self.kms_region.clone(), self.kms_endpoint.clone())?;
+        Ok(Box::new(kms))
+    }
+
+    /// The KMS master key that seals the master keys.
+    ///
+    /// # Errors
+    /// Always [`Error::Config`]: this build has no KMS support.
+    #[cfg(not(feature = "kms"))]
+    pub fn sealer(&self) -> Result<Box<dyn watershed_protect::MasterKey>> {
+        Err(Error::Config(NO_KMS.into()))
+    }
+}
+
+#[cfg(not(feature = "kms"))]
+const NO_KMS: &str = "keys.master: \"kms\" needs a build with KMS support (the `kms` feature)";
+
 /// `WATERSHED_*` variables that are not configuration keys: the log
 /// filter, `send`'s token, and the test harness's settings.
 pub const NOT_CONFIG: [&str; 3] = ["WATERSHED_LOG", "WATERSHED_TOKEN", "WATERSHED_TEST_"];
@@ -260,6 +342,21 @@ impl HubConfig {
         if self.wal.segment_bytes < 4096 {
             return bad("wal.segment_bytes", "must be at least 4096");
         }
+        match self.keys.master {
+            MasterKind::Local => {
+                if self.keys.kms_key_id.is_some() {
+                    return bad("keys.kms_key_id", "is set, but keys.master is \"local\"; set it to \"kms\"");
+                }
+            }
+            MasterKind::Kms => {
+                #[cfg(not(feature = "kms"))]
+                return Err(Error::Config(NO_KMS.into()));
+                #[cfg(feature = "kms")]
+                if self.keys.kms_key_id.as_deref().is_none_or(str::is_empty) {
+                    return bad("keys.kms_key_id", "is required when keys.master is \"kms\"");
+                }
+            }
+        }
         Ok(())
     }
 
@@ -318,5 +415,29 @@ mod tests {
         let o = Overrides { listen: Some("nowhere".into()), ..Overrides::default() };
         let e = HubConfig::load(None, vec![], &o).unwrap_err().to_string();
         assert!(e.starts_with("invalid configuration: listen:"), "{e}");
+    }
+
+    #[test]
+    fn keys_settings_name_their_keys() {
+        let load = |vars: &[(&str, &str)]| {
+            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            HubConfig::load(None, env, &Overrides::default()).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&[]).unwrap().keys.master, MasterKind::Local, "local by default");
+        let e = load(&[("WATERSHED_KEYS__MASTER", "vault")]).unwrap_err();
+        assert!(e.contains("vault") && e.contains("master"), "{e}");
+        let e = load(&[("WATERSHED_KEYS__KMS_KEY_ID", "alias/w")]).unwrap_err();
+        assert!(e.starts_with("invalid configuration: keys.kms_key_id:"), "{e}");
+        let e = load(&[("WATERSHED_KEYS__MASTER", "kms")]).unwrap_err();
+        #[cfg(feature = "kms")]
+        assert!(e.starts_with("invalid configuration: keys.kms_key_id: is required"), "{e}");
+        #[cfg(not(feature = "kms"))]
+        assert!(e.contains("`kms` feature"), "{e}");
+        #[cfg(feature = "kms")]
+        {
+            let c = load(&[("WATERSHED_KEYS__MASTER", "kms"), ("WATERSHED_KEYS__KMS_KEY_ID", "alias/w")])
+                .unwrap();
+            assert_eq!((c.keys.master, c.keys.kms_key_id.as_deref()), (MasterKind::Kms, Some("alias/w")));
+        }
     }
 }

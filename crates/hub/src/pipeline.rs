@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use watershed_event::{AccountId, Clock, SystemClock};
 use watershed_lake::{CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterStats};
-use watershed_protect::{Keyring, LocalKeyring};
+use watershed_protect::Keyring;
 use watershed_schema::{Limits, Registry};
 
 use crate::body::{self, BodyError};
@@ -90,7 +90,7 @@ impl Hub {
         let started = Instant::now();
         let registry = Arc::new(Registry::load(&config.schemas)?);
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
-        let keyring: Arc<dyn Keyring> = Arc::new(LocalKeyring::open_local(&config.data_dir.join("keyring"))?);
+        let keyring: Arc<dyn Keyring> = Arc::new(config.keys.open(&config.data_dir.join("keyring"))?);
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
         let concurrency = config.lake.flush_concurrency * 2;
         let mut lake = Lake::local(&config.lake_dir(), concurrency)?;

@@ -227,6 +227,16 @@ impl LocalKeyring {
         let master = LocalMasterKey::open(dir)?;
         Self::open(dir, master)
     }
+
+    /// Open the keyring in `dir` with its master keys sealed by `sealer`
+    /// (see [`LocalMasterKey::open_sealed`]), creating it on first use.
+    ///
+    /// # Errors
+    /// As [`LocalKeyring::open_local`], and the sealer's errors.
+    pub fn open_sealed(dir: &Path, sealer: Box<dyn MasterKey>) -> Result<Self> {
+        let master = LocalMasterKey::open_sealed(dir, sealer)?;
+        Self::open(dir, master)
+    }
 }
 
 /// Entries of the hot index before it starts over (about 32 bytes each;

@@ -73,6 +73,25 @@ pub enum Error {
         /// The master key id.
         master_id: String,
     },
+    /// The master keys are sealed, and the keyring was opened without the
+    /// key that seals them.
+    #[error("{path}: the master keys are sealed by KMS key {by}; open the keyring with that KMS key")]
+    Sealed {
+        /// The master key file.
+        path: PathBuf,
+        /// The sealing key's id.
+        by: String,
+    },
+    /// The keyring was opened with a KMS key to unseal its master keys, but
+    /// they are in plaintext.
+    #[error(
+        "{path}: the master keys are in plaintext, not sealed by the configured KMS key; seal them \
+         first (`watershed keys seal`)"
+    )]
+    NotSealed {
+        /// The master key file.
+        path: PathBuf,
+    },
     /// AWS KMS refused or failed a request.
     #[error("kms: {0}")]
     Kms(String),

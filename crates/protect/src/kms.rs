@@ -22,7 +22,17 @@ use crate::secret::SecretKey;
 pub struct KmsMasterKey {
     key_id: String,
     client: aws_sdk_kms::Client,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for KmsMasterKey {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for KmsMasterKey {
@@ -32,32 +42,46 @@ impl std::fmt::Debug for KmsMasterKey {
 }
 
 impl KmsMasterKey {
-    /// Use KMS key `key_id` (id, ARN or alias) in `region`, optionally at
-    /// `endpoint` (a local KMS-compatible server). Credentials come from the
-    /// standard AWS provider chain.
+    /// Use KMS key `key_id` (id, ARN or alias) in `region` (when `None`,
+    /// the standard AWS region chain: `AWS_REGION`, the profile),
+    /// optionally at `endpoint` (a VPC endpoint or a local KMS-compatible
+    /// server). Credentials come from the standard AWS provider chain.
     ///
     /// # Errors
-    /// [`Error::Kms`] when the runtime cannot start.
-    pub fn new(
-        key_id: impl Into<String>,
-        region: impl Into<String>,
-        endpoint: Option<String>,
-    ) -> Result<Self> {
+    /// [`Error::Kms`] when the runtime cannot start or no region is known.
+    pub fn new(key_id: impl Into<String>, region: Option<String>, endpoint: Option<String>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("watershed-kms")
             .enable_all()
             .build()
             .map_err(|e| Error::Kms(format!("cannot start the KMS runtime: {e}")))?;
-        let region = aws_config::Region::new(region.into());
-        let config = rt.block_on(async {
-            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
-            if let Some(ep) = endpoint {
-                loader = loader.endpoint_url(ep);
-            }
-            loader.load().await
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r));
+        }
+        if let Some(ep) = endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        // Not `block_on`: this may be called from inside another runtime.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(loader.load().await);
         });
-        Ok(Self { key_id: key_id.into(), client: aws_sdk_kms::Client::new(&config), rt })
+        let config = rx.recv();
+        let failed = match &config {
+            Err(_) => Some("loading the AWS configuration stopped"),
+            Ok(c) if c.region().is_none() => {
+                Some("no AWS region: configure the KMS key's region or set AWS_REGION")
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = failed {
+            rt.shutdown_background();
+            return Err(Error::Kms(why.into()));
+        }
+        let config = config.expect("checked above");
+        Ok(Self { key_id: key_id.into(), client: aws_sdk_kms::Client::new(&config), rt: Some(rt) })
     }
 
     fn run<T: Send + 'static>(
@@ -65,7 +89,7 @@ impl KmsMasterKey {
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt.spawn(async move {
+        self.rt.as_ref().expect("present until dropped").spawn(async move {
             let _ = tx.send(fut.await);
         });
         rx.recv().map_err(|_| Error::Kms("the KMS request task stopped".into()))

@@ -1,6 +1,12 @@
 //! The local master key: AES-256-GCM key-wrapping keys kept in
 //! `master.json` (mode 0600) in the keyring directory. Rotation adds a key
 //! and makes it active; old keys stay to unwrap what they wrapped.
+//!
+//! The file holds the keys in plaintext, or *sealed*: wrapped by another
+//! master key (AWS KMS), bound to their ids, and unsealed once when the
+//! keyring opens. Data keys are then wrapped and unwrapped locally, so a
+//! new data subject costs no KMS request, while the keyring on disk is
+//! unreadable without the KMS key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -31,11 +37,16 @@ struct MasterFile {
 #[serde(deny_unknown_fields)]
 struct MasterRecord {
     id: String,
-    key: String,
+    /// The key in plaintext (base64), in an unsealed file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    /// The key wrapped by the sealing master key, in a sealed file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<Wrapped>,
     created: String,
 }
 
-/// Master keys in a local file.
+/// Master keys in a local file, optionally sealed by another master key.
 pub struct LocalMasterKey {
     path: PathBuf,
     state: Mutex<Vec<(String, Aes256Gcm)>>,
@@ -43,62 +54,141 @@ pub struct LocalMasterKey {
     /// Nonces and new keys: ChaCha20 seeded from the OS, so creating a
     /// key costs no system call.
     rng: Mutex<ChaCha20Rng>,
+    /// What seals the file's keys, if anything.
+    sealer: Option<Box<dyn MasterKey>>,
 }
 
 impl std::fmt::Debug for LocalMasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LocalMasterKey({}, **REDACTED**)", self.path.display())
+        match &self.sealer {
+            None => write!(f, "LocalMasterKey({}, **REDACTED**)", self.path.display()),
+            Some(s) => write!(f, "LocalMasterKey({}, sealed by {s:?}, **REDACTED**)", self.path.display()),
+        }
     }
+}
+
+/// What a master key's seal is bound to: its id.
+fn seal_context(id: &str) -> Vec<u8> {
+    format!("master:{id}").into_bytes()
 }
 
 impl LocalMasterKey {
     /// Open `dir/master.json`, creating it (0600) with one fresh key on
-    /// first use.
+    /// first use. The file must hold its keys in plaintext.
     ///
     /// # Errors
-    /// [`Error::Io`] or [`Error::Corrupt`] when the file cannot be used.
+    /// [`Error::Io`] or [`Error::Corrupt`] when the file cannot be used;
+    /// [`Error::Sealed`] when its keys are sealed.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, None)
+    }
+
+    /// Open `dir/master.json` with its keys sealed by `sealer`, creating it
+    /// (0600) with one fresh sealed key on first use. Each key is unsealed
+    /// here, once.
+    ///
+    /// # Errors
+    /// As [`LocalMasterKey::open`]; [`Error::NotSealed`] when the file
+    /// holds plaintext keys (see [`LocalMasterKey::seal`]), and the
+    /// sealer's errors (for KMS, [`Error::Kms`]) when a key cannot be
+    /// sealed or unsealed.
+    pub fn open_sealed(dir: &Path, sealer: Box<dyn MasterKey>) -> Result<Self> {
+        Self::open_with(dir, Some(sealer))
+    }
+
+    fn open_with(dir: &Path, sealer: Option<Box<dyn MasterKey>>) -> Result<Self> {
         ensure_dir(dir)?;
         let path = dir.join("master.json");
-        if !path.exists() {
-            let file = MasterFile { format: 1, active: String::new(), keys: Vec::new() };
-            let mk = Self {
-                path,
-                state: Mutex::new(Vec::new()),
-                active: Mutex::new(String::new()),
-                rng: Mutex::new(ChaCha20Rng::from_entropy()),
-            };
-            mk.add_key(file)?;
+        let mk = Self {
+            path,
+            state: Mutex::new(Vec::new()),
+            active: Mutex::new(String::new()),
+            rng: Mutex::new(ChaCha20Rng::from_entropy()),
+            sealer,
+        };
+        if !mk.path.exists() {
+            mk.add_key(MasterFile { format: 1, active: String::new(), keys: Vec::new() })?;
             return Ok(mk);
         }
-        let file = read(&path)?;
+        let file = read(&mk.path)?;
         let mut keys = Vec::new();
         for r in &file.keys {
-            keys.push((r.id.clone(), cipher(&path, r)?));
+            keys.push((r.id.clone(), mk.unseal(r)?));
         }
         if !keys.iter().any(|(id, _)| *id == file.active) {
             return Err(Error::Corrupt {
-                path,
+                path: mk.path,
                 detail: format!("active master key {} is missing", file.active),
             });
         }
-        Ok(Self {
-            path,
-            state: Mutex::new(keys),
-            active: Mutex::new(file.active),
-            rng: Mutex::new(ChaCha20Rng::from_entropy()),
-        })
+        *lock(&mk.state) = keys;
+        *lock(&mk.active) = file.active;
+        Ok(mk)
+    }
+
+    /// Seal the plaintext keys of `dir/master.json` with `sealer`, in place
+    /// (written to a new file, then renamed over the old). Returns how many
+    /// keys were sealed: 0 when the file was sealed already.
+    ///
+    /// The plaintext file is replaced, not wiped: copies in backups or in
+    /// the disk's free blocks remain. Rotating the master key afterwards
+    /// wraps new data keys under a key that was never on disk in
+    /// plaintext.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Corrupt`] for the file; the sealer's
+    /// errors when a key cannot be sealed.
+    pub fn seal(dir: &Path, sealer: &dyn MasterKey) -> Result<usize> {
+        let path = dir.join("master.json");
+        let mut file = read(&path)?;
+        let mut sealed = 0;
+        for r in &mut file.keys {
+            if let Some(plain) = r.key.take() {
+                let key = decode_key(&path, &r.id, &plain)?;
+                r.sealed = Some(sealer.wrap(&key, &seal_context(&r.id))?);
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serialisable"))?;
+        }
+        Ok(sealed)
+    }
+
+    /// The cipher of record `r`, unsealing it when the file is sealed.
+    fn unseal(&self, r: &MasterRecord) -> Result<Aes256Gcm> {
+        let key = match (&r.key, &r.sealed, &self.sealer) {
+            (Some(plain), None, None) => decode_key(&self.path, &r.id, plain)?,
+            (None, Some(w), Some(sealer)) => sealer.unwrap(w, &seal_context(&r.id))?,
+            (None, Some(w), None) => {
+                return Err(Error::Sealed { path: self.path.clone(), by: w.master.clone() });
+            }
+            (Some(_), None, Some(_)) => return Err(Error::NotSealed { path: self.path.clone() }),
+            _ => {
+                return Err(Error::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("master key {} needs exactly one of `key` and `sealed`", r.id),
+                })
+            }
+        };
+        Ok(Aes256Gcm::new(key.expose().into()))
     }
 
     fn add_key(&self, mut file: MasterFile) -> Result<String> {
         let id = format!("mk-{}", file.keys.len() + 1);
-        let key = SecretKey::random();
-        let record = MasterRecord {
-            id: id.clone(),
-            key: STANDARD.encode(key.expose()),
-            created: chrono::Utc::now().to_rfc3339(),
+        let created = chrono::Utc::now().to_rfc3339();
+        let (key, record) = match &self.sealer {
+            None => {
+                let key = SecretKey::random();
+                let plain = STANDARD.encode(key.expose());
+                (key, MasterRecord { id: id.clone(), key: Some(plain), sealed: None, created })
+            }
+            Some(sealer) => {
+                let (key, w) = sealer.generate(&seal_context(&id))?;
+                (key, MasterRecord { id: id.clone(), key: None, sealed: Some(w), created })
+            }
         };
-        let c = cipher(&self.path, &record)?;
+        let c = Aes256Gcm::new(key.expose().into());
         file.keys.push(record);
         file.active = id.clone();
         let bytes = serde_json::to_vec_pretty(&file).expect("serialisable");
@@ -119,14 +209,11 @@ fn read(path: &Path) -> Result<MasterFile> {
         .map_err(|e| Error::Corrupt { path: path.to_owned(), detail: e.to_string() })
 }
 
-fn cipher(path: &Path, r: &MasterRecord) -> Result<Aes256Gcm> {
-    let raw = STANDARD.decode(&r.key).ok().and_then(|b| SecretKey::from_slice(&b)).ok_or_else(|| {
-        Error::Corrupt {
-            path: path.to_owned(),
-            detail: format!("master key {} is not 32 bytes of base64", r.id),
-        }
-    })?;
-    Ok(Aes256Gcm::new(raw.expose().into()))
+fn decode_key(path: &Path, id: &str, plain: &str) -> Result<SecretKey> {
+    STANDARD.decode(plain).ok().and_then(|b| SecretKey::from_slice(&b)).ok_or_else(|| Error::Corrupt {
+        path: path.to_owned(),
+        detail: format!("master key {id} is not 32 bytes of base64"),
+    })
 }
 
 impl MasterKey for LocalMasterKey {
