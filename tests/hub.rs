@@ -255,8 +255,8 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     assert_eq!((s, r["error"].as_str()), (401, Some("unauthenticated")));
     let (s, r, _) = post(&server.url, Some("wsh_forged"), ndjson(&[good("g0")]), &[]);
     assert_eq!((s, r["error"].as_str()), (401, Some("bad_credentials")));
-    let (s, _, _) = post(&server.url, Some(&token), vec![b' '; 300_000], &[]);
-    assert_eq!(s, 413, "oversized body");
+    let (s, r, _) = post(&server.url, Some(&token), vec![b' '; 300_000], &[]);
+    assert_eq!((s, r["error"].as_str()), (413, Some("too_large")), "oversized body: {r}");
     let (s, r, _) =
         post(&server.url, Some(&token), b"[{\"id\": 1}, ".to_vec(), &[("content-type", "application/json")]);
     assert_eq!((s, r["error"].as_str()), (400, Some("bad_request")), "{r}");
@@ -264,8 +264,8 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     // A gzip bomb is refused by its decompressed size.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     std::io::Write::write_all(&mut gz, &vec![b'\n'; 5_000_000]).unwrap();
-    let (s, _, _) = post(&server.url, Some(&token), gz.finish().unwrap(), &[("content-encoding", "gzip")]);
-    assert_eq!(s, 413);
+    let (s, r, _) = post(&server.url, Some(&token), gz.finish().unwrap(), &[("content-encoding", "gzip")]);
+    assert_eq!((s, r["error"].as_str()), (413, Some("too_large")), "{r}");
 
     let mut huge = good("huge");
     huge["detail"]["merchant"]["name"] = json!("x".repeat(30_000));
@@ -311,6 +311,12 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
         "{metrics}"
     );
     assert!(metrics.contains("watershed_events_duplicate_total{account=\"111111111111\"} 3"), "{metrics}");
+    // Requests refused as a whole, by the error code they were answered with.
+    for (reason, n) in [("unauthenticated", 1), ("bad_credentials", 1), ("too_large", 2), ("bad_request", 1)]
+    {
+        let line = format!("watershed_requests_refused_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     assert!(metrics.contains("watershed_ack_latency_seconds_bucket"));
     assert_eq!(reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap().status(), 200);
     assert!(server.stop().success());
@@ -360,6 +366,9 @@ fn backpressure_answers_503_with_retry_after() {
     }
     assert!(statuses.contains(&503), "a slow store and a tiny budget must push back: {statuses:?}");
     let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
+    let busy = statuses.iter().filter(|&&s| s == 503).count();
+    let line = format!("watershed_requests_refused_total{{reason=\"busy\"}} {busy}");
+    assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     let used: f64 =
         metrics.lines().find_map(|l| l.strip_prefix("watershed_memory_bytes ")).unwrap().parse().unwrap();
     assert!(used < 262_144.0 * 4.0, "memory stays near the budget, not unbounded: {used}");

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::metrics::RefusedLabel;
 use crate::pipeline::{Hub, Refused};
 
 /// The router over a running hub.
@@ -31,7 +33,31 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (status, code, message) = match authenticate_and_ingest(&hub, &headers, body).await {
+        Ok(resp) => return (StatusCode::OK, Json(resp)).into_response(),
+        Err(e) => e,
+    };
+    hub.metrics.refused.get_or_create(&RefusedLabel { reason: code.into() }).inc();
+    let mut r = error(status, code, &message);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Nothing was stored, and a retry is safe.
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// Authenticate and ingest; a request refused as a whole gets its status,
+/// error code and message.
+async fn authenticate_and_ingest(
+    hub: &Hub,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<crate::ingest::IngestResponse, (StatusCode, &'static str, String)> {
     let _ = hub.accounts.reload();
     let token = headers
         .get(header::AUTHORIZATION)
@@ -39,32 +65,43 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Bytes) ->
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return error(StatusCode::UNAUTHORIZED, "unauthenticated", "send Authorization: Bearer <token>");
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send Authorization: Bearer <token>".into(),
+        ));
     };
     let Some(account) = hub.accounts.authenticate(token) else {
-        return error(StatusCode::UNAUTHORIZED, "bad_credentials", "the token is not valid for any account");
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "bad_credentials",
+            "the token is not valid for any account".into(),
+        ));
     };
-    let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
-    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
-    match hub.ingest(&account, collector, encoding, body).await {
-        Ok(resp) => (StatusCode::OK, Json(resp)).into_response(),
-        Err(Refused::TooLarge(n)) => error(
+    let too_large = |n: usize| {
+        (
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            &format!("the body exceeds {n} bytes; send smaller batches"),
+            format!("the body exceeds {n} bytes; send smaller batches"),
+        )
+    };
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(hub.config.limits.max_body_bytes),
+        status => (status, "bad_request", e.body_text()),
+    })?;
+    let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    hub.ingest(&account, collector, encoding, body).await.map_err(|e| match e {
+        Refused::TooLarge(n) => too_large(n),
+        Refused::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+        Refused::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the hub is at its memory budget; retry after the delay".into(),
         ),
-        Err(Refused::BadRequest(m)) => error(StatusCode::BAD_REQUEST, "bad_request", &m),
-        Err(Refused::Busy) => retry_later("busy", "the hub is at its memory budget; retry after the delay"),
-        Err(Refused::Unavailable(m)) => retry_later("unavailable", &m),
-        Err(Refused::Failed(m)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &m),
-    }
-}
-
-/// 503 with `Retry-After: 1`: nothing was stored, and a retry is safe.
-fn retry_later(code: &str, message: &str) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
-    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    r
+        Refused::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        Refused::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+    })
 }
 
 async fn ready(State(hub): State<Arc<Hub>>) -> Response {

@@ -27,6 +27,15 @@ pub struct RejectLabel {
     pub reason: String,
 }
 
+/// Labels by a refused request's error code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// The `error` code of the response (`busy`, `unavailable`,
+    /// `too_large`, `bad_request`, `unauthenticated`, `bad_credentials`,
+    /// `internal`).
+    pub reason: String,
+}
+
 /// Every metric the hub exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -41,8 +50,9 @@ pub struct Metrics {
     pub bytes: Counter,
     /// Requests (batches).
     pub batches: Counter,
-    /// Requests refused with 503.
-    pub backpressure: Counter,
+    /// Requests refused as a whole (4xx, 503, 500), by error code; 503
+    /// `busy` is backpressure.
+    pub refused: Family<RefusedLabel, Counter>,
     /// Events whose time is more than an hour before receipt.
     pub late: Counter,
     /// Ingest-to-ack latency, seconds.
@@ -72,7 +82,7 @@ impl Default for Metrics {
             duplicates: Family::default(),
             bytes: Counter::default(),
             batches: Counter::default(),
-            backpressure: Counter::default(),
+            refused: Family::default(),
             late: Counter::default(),
             ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             wal_bytes: Gauge::default(),
@@ -89,7 +99,11 @@ impl Default for Metrics {
         registry.register("events_duplicate", "Redelivered events dropped by dedupe", m.duplicates.clone());
         registry.register("ingest_bytes", "Request body bytes received", m.bytes.clone());
         registry.register("ingest_batches", "Ingest requests", m.batches.clone());
-        registry.register("ingest_backpressure", "Requests answered 503", m.backpressure.clone());
+        registry.register(
+            "requests_refused",
+            "Ingest requests refused as a whole, by error code (busy is backpressure)",
+            m.refused.clone(),
+        );
         registry.register("events_late", "Events more than an hour older than receipt", m.late.clone());
         registry.register("ack_latency_seconds", "Ingest-to-ack latency", m.ack_latency.clone());
         registry.register("wal_bytes", "Write-ahead log bytes on disk", m.wal_bytes.clone());

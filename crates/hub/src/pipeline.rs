@@ -199,7 +199,6 @@ impl Hub {
     ) -> Result<IngestResponse, Refused> {
         let started = Instant::now();
         if self.memory.full() {
-            self.metrics.backpressure.inc();
             return Err(Refused::Busy);
         }
         self.metrics.batches.inc();
