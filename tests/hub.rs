@@ -380,6 +380,65 @@ fn backpressure_answers_503_with_retry_after() {
     assert_eq!(got, accepted, "everything acknowledged before the 503s is in the lake");
 }
 
+/// Raw events stay in the WAL only until their rows are committed; what
+/// the dedupe window needs of them (their ids) outlives them, so a retry
+/// after a restart is still recognised.
+#[test]
+fn committed_events_leave_the_wal_and_retries_after_a_restart_are_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let env = [("WATERSHED_LAKE__ROLL_AGE_SECS", "1"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1")];
+    let server = Server::start(&data, &env);
+    let mut refused = payment("p-refused", None, "alice", "4111111111111111", "Ada Lovelace");
+    refused["detail"]["currency"] = json!("DOGE");
+    let body = || {
+        let mut b = ndjson(&[
+            payment("p-1", None, "alice", "4111111111111111", "Ada Lovelace"),
+            payment("p-2", None, "bob", "4111111111111111", "Ada Lovelace"),
+            refused.clone(),
+        ]);
+        b.extend_from_slice(b"{\"no id\": \"4111111111111111\"}\n");
+        b
+    };
+    let (s, r, _) = post(&server.url, Some(&token), body(), &[]);
+    assert_eq!(
+        (s, r["accepted"].as_u64(), r["rejected"].as_array().map(Vec::len)),
+        (200, Some(2), Some(2)),
+        "{r}"
+    );
+    // Rolled after a second and committed; then the WAL holds no event.
+    let wal = data.join("wal");
+    let files = |ext: &str| -> Vec<u64> {
+        std::fs::read_dir(&wal)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while files("wal").iter().any(|&n| n > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "committed events still in the WAL: {:?}",
+            files("wal")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(files("ids").iter().any(|&n| n > 0), "the ids of the committed events are kept");
+    assert!(server.stop().success());
+
+    // After a restart the same request is recognised: nothing is stored twice.
+    let server = Server::start(&data, &env);
+    let (s, r, _) = post(&server.url, Some(&token), body(), &[]);
+    assert_eq!((s, r["accepted"].as_u64(), r["duplicates"].as_u64()), (200, Some(0), Some(2)), "{r}");
+    assert!(server.stop().success());
+    let ids = ids_by_table(&data.join("lake"));
+    let count = |table: &str| ids[table].len();
+    assert_eq!((count("payments"), count("_dead_letters")), (2, 2), "{ids:?}");
+}
+
 #[test]
 fn mixed_versions_share_a_file_and_send_reports_rejects() {
     let dir = tempfile::tempdir().unwrap();

@@ -142,8 +142,9 @@ impl Default for MemoryConfig {
 pub struct WalConfig {
     /// Roll WAL segments at this size.
     pub segment_bytes: u64,
-    /// Keep committed segments until at least this many newer events exist:
-    /// the dedupe window that survives restarts.
+    /// Keep the ids of committed events (not the events) until at least
+    /// this many newer events exist: the dedupe window that survives
+    /// restarts.
     pub dedupe_window: usize,
 }
 

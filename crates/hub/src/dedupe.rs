@@ -3,8 +3,9 @@
 //! [`SHARDS`] independently locked shards of `window / SHARDS` entries
 //! each (oldest evicted first within a shard), so concurrent requests do
 //! not contend; the window therefore holds about the last `window` events.
-//! It is rebuilt on start from the write-ahead log, which keeps at least
-//! `window` events, so a client retry after a restart is still caught.
+//! It is rebuilt on start from the write-ahead log's segments and id
+//! files, which keep the identities of at least `window` events, so a
+//! client retry after a restart is still caught.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -24,6 +25,14 @@ pub struct Dedupe {
     /// collide.
     hasher: ahash::RandomState,
     shards: Vec<Mutex<(Keys, VecDeque<u64>)>>,
+}
+
+/// What an event without an id is deduplicated by: the SHA-256 of its
+/// bytes.
+#[must_use]
+pub fn raw_digest(raw: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(raw).into()
 }
 
 /// Independently locked parts of the window.
@@ -51,23 +60,46 @@ impl Dedupe {
 
     /// The key of a rejected event: its own key space, so a corrected
     /// resend with the same id is still accepted. An event without an id
-    /// (or with an empty one) is known by its exact bytes, so a retried
+    /// (or with an empty one) is known by its exact bytes (their SHA-256,
+    /// which the WAL keeps after the event itself is gone), so a retried
     /// request does not store its id-less rejects twice either.
     #[must_use]
     pub fn dead_key(&self, account: &str, id: Option<&str>, raw: &[u8]) -> u64 {
+        match id.filter(|id| !id.is_empty()) {
+            Some(id) => self.dead_id_key(account, id),
+            None => self.dead_bytes_key(account, &raw_digest(raw)),
+        }
+    }
+
+    /// [`Dedupe::dead_key`] of a rejected event with an id.
+    #[must_use]
+    pub fn dead_id_key(&self, account: &str, id: &str) -> u64 {
         let mut h = self.hasher.build_hasher();
         account.hash(&mut h);
-        match id.filter(|id| !id.is_empty()) {
-            Some(id) => {
-                id.hash(&mut h);
-                0xdead_u16.hash(&mut h);
-            }
-            None => {
-                raw.hash(&mut h);
-                0xdeaf_u16.hash(&mut h);
-            }
-        }
+        id.hash(&mut h);
+        0xdead_u16.hash(&mut h);
         h.finish()
+    }
+
+    /// [`Dedupe::dead_key`] of a rejected event without an id, by the
+    /// [`raw_digest`] of its bytes.
+    #[must_use]
+    pub fn dead_bytes_key(&self, account: &str, digest: &[u8; 32]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        account.hash(&mut h);
+        digest.hash(&mut h);
+        0xdeaf_u16.hash(&mut h);
+        h.finish()
+    }
+
+    /// Claim the key of an event the WAL retired (on start).
+    pub fn remember(&self, account: &str, r: crate::wal::Retired<'_>) {
+        use crate::wal::Retired;
+        self.claim(match r {
+            Retired::Accepted(id) => self.key(account, id),
+            Retired::Rejected(id) => self.dead_id_key(account, id),
+            Retired::RejectedBytes(d) => self.dead_bytes_key(account, d),
+        });
     }
 
     /// Claim `key`; false if it is already in the window.

@@ -20,7 +20,7 @@ use watershed_schema::{
 use crate::dedupe::Dedupe;
 use crate::envelope;
 use crate::metrics::{AccountLabel, Metrics, RejectLabel};
-use crate::wal::{BufferPool, RecordEncoder, WalRecord};
+use crate::wal::{BufferPool, Finished, RecordEncoder, WalRecord};
 
 /// One rejected event in a response.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -64,9 +64,9 @@ pub struct Processed {
 /// A request's WAL record, ready for [`crate::wal::Wal::append`].
 #[derive(Debug)]
 pub struct WalPayload {
-    /// The compressed record; give its buffer back with
+    /// The record; give its payload's buffer back with
     /// [`Ingestor::reuse`] once written.
-    pub bytes: Vec<u8>,
+    pub record: Finished,
     /// Events in it.
     pub events: u32,
 }
@@ -262,7 +262,7 @@ impl Ingestor {
             self.buffers.give(wal.into_buffer());
             None
         } else {
-            Some(WalPayload { events: wal.len(), bytes: wal.finish_pooled(&self.buffers) })
+            Some(WalPayload { events: wal.len(), record: wal.finish_pooled(&self.buffers) })
         };
         Ok(Processed { response, wal, parts: finish(batch.builders), claimed })
     }

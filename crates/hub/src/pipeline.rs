@@ -145,21 +145,30 @@ impl Hub {
             // once per group commit and before the group's write: an
             // acknowledged event's ciphertext never outlives its key.
             let keys = replay_ingestor.clone();
+            let remember = replay_ingestor.dedupe.clone();
             let before_write: BeforeWrite = Box::new(move || {
                 keys.sync_keys().map_err(|e| format!("cannot store new protection keys: {e}"))
             });
-            let wal = Wal::open(&wal_dir, opts, pending.clone(), Some(before_write), |seq, record| {
-                let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
-                let parts = replay_ingestor.replay(&record, &is_committed)?;
-                if parts.is_empty() {
-                    return Ok(());
-                }
-                replay_ingestor.sync_keys()?;
-                replayed += parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
-                replay_pending.register(seq, u32::try_from(parts.len()).expect("few partitions per record"));
-                let parts = to_parts(parts, seq, &replay_memory);
-                replay_tx.blocking_send(Msg::Parts(parts)).map_err(|_| Error::Stopped("lake writer"))
-            })?;
+            let wal = Wal::open(
+                &wal_dir,
+                opts,
+                pending.clone(),
+                Some(before_write),
+                |seq, record| {
+                    let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
+                    let parts = replay_ingestor.replay(&record, &is_committed)?;
+                    if parts.is_empty() {
+                        return Ok(());
+                    }
+                    replay_ingestor.sync_keys()?;
+                    replayed += parts.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+                    replay_pending
+                        .register(seq, u32::try_from(parts.len()).expect("few partitions per record"));
+                    let parts = to_parts(parts, seq, &replay_memory);
+                    replay_tx.blocking_send(Msg::Parts(parts)).map_err(|_| Error::Stopped("lake writer"))
+                },
+                |account, r| remember.remember(account, r),
+            )?;
             Ok::<_, Error>((wal, replayed))
         })
         .await
@@ -232,7 +241,7 @@ impl Hub {
             return Ok(processed.response);
         };
         let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
-        let seq = match self.wal.append(payload.bytes, payload.events, nparts).await {
+        let seq = match self.wal.append(payload.record, payload.events, nparts).await {
             Ok(appended) => {
                 self.ingestor.reuse(appended.buffer);
                 appended.seq
