@@ -184,6 +184,24 @@ fn land_a_payment(server: &Server, token: &str, id: &str) {
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(1)), "{resp}");
 }
 
+/// A hub in `data`, started with `env`, that took one payment and stopped:
+/// the account's token and the payment's encrypted card holder.
+fn hub_with_a_payment(data: &Path, env: &[(&str, &str)]) -> (String, String) {
+    let token = add_account(data, ACCOUNT);
+    let server = Server::start(data, env);
+    land_a_payment(&server, &token, "p-1");
+    assert!(server.stop().success());
+    (token, holders(data).pop().unwrap())
+}
+
+/// `watershed keys decrypt` of `value` with the keyring of `data`.
+fn cli_decrypt(data: &Path, value: &str, env: &[(&str, &str)]) -> Output {
+    let data = data.to_str().unwrap();
+    let args =
+        ["keys", "decrypt", "--principal", "auditor", "--purpose", "case-9", "--data-dir", data, value];
+    watershed(&args, env)
+}
+
 /// The encrypted card holders of the lake's payments.
 fn holders(data: &Path) -> Vec<String> {
     read_table(&data.join("lake"), "payments")
@@ -209,20 +227,15 @@ fn serve_and_keys_with_a_kms_sealed_keyring() {
     // A hub whose keyring is sealed from the start.
     let data = dir.path().join("sealed");
     let data_s = data.to_str().unwrap();
-    let token = add_account(&data, ACCOUNT);
-    let server = Server::start(&data, &kms);
-    land_a_payment(&server, &token, "p-1");
-    assert!(server.stop().success());
+    let (_, holder) = hub_with_a_payment(&data, &kms);
     assert!(master_records(&data.join("keyring")).iter().all(|r| r.get("key").is_none()));
-    let holder = holders(&data).pop().unwrap();
-    let decrypt = ["keys", "decrypt", "--principal", "auditor", "--purpose", "case-9", "--data-dir", data_s];
-    let out = watershed(&[&decrypt[..], &[&holder]].concat(), &kms);
+    let out = cli_decrypt(&data, &holder, &kms);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");
     // Without the KMS settings neither the CLI nor the hub opens it, and
     // both say which settings it needs.
     let needs = format!("set keys.master = \"kms\" and keys.kms_key_id = \"{key_id}\"");
-    let out = watershed(&[&decrypt[..], &[&holder]].concat(), &aws);
+    let out = cli_decrypt(&data, &holder, &aws);
     assert!(!out.status.success() && stderr(&out).contains(&needs), "{}", stderr(&out));
     let serve = ["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir", data_s];
     let out = watershed(&serve, &aws);
@@ -239,11 +252,7 @@ fn serve_and_keys_with_a_kms_sealed_keyring() {
     // A plaintext keyring, sealed in place, then rotated.
     let data = dir.path().join("plain");
     let data_s = data.to_str().unwrap();
-    let token = add_account(&data, ACCOUNT);
-    let server = Server::start(&data, &aws);
-    land_a_payment(&server, &token, "p-1");
-    assert!(server.stop().success());
-    let holder = holders(&data).pop().unwrap();
+    let (token, holder) = hub_with_a_payment(&data, &aws);
     let seal = ["keys", "seal", "--data-dir", data_s];
     let out = watershed(&seal, &aws);
     assert!(!out.status.success() && stderr(&out).contains("keys.master"), "{}", stderr(&out));
@@ -259,12 +268,10 @@ fn serve_and_keys_with_a_kms_sealed_keyring() {
     assert!(records.iter().all(|r| r.get("key").is_none()), "{records:?}");
     let audit = std::fs::read_to_string(data.join("keyring/audit.log")).unwrap();
     assert!(audit.contains(r#""action":"seal""#) && audit.contains(r#""action":"rotate""#), "{audit}");
-    let data_s = data.to_str().unwrap();
-    let decrypt = ["keys", "decrypt", "--principal", "auditor", "--purpose", "case-9", "--data-dir", data_s];
-    let out = watershed(&[&decrypt[..], &[&holder]].concat(), &kms);
+    let out = cli_decrypt(&data, &holder, &kms);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");
-    let out = watershed(&[&decrypt[..], &[&holder]].concat(), &aws);
+    let out = cli_decrypt(&data, &holder, &aws);
     assert!(stderr(&out).contains("sealed by KMS key"), "{}", stderr(&out));
     // The hub runs on with the sealed keyring.
     let server = Server::start(&data, &kms);

@@ -215,7 +215,8 @@ impl RecordEncoder {
         }
         let count_at = buf.len();
         buf.extend_from_slice(&0u32.to_le_bytes());
-        let mut ids = Vec::new();
+        // An event's identity is about a sixteenth of its bytes.
+        let mut ids = Vec::with_capacity(buf.capacity() / 16);
         ids_start(&mut ids, account.as_str());
         Self { buf, count_at, count: 0, ids }
     }
@@ -1369,19 +1370,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3, "once per group");
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut seen = Vec::new();
-        Wal::open(
-            dir.path(),
-            opts,
-            Arc::new(Pending::default()),
-            None,
-            |seq, r| {
-                seen.push((seq, r.events[0].id.clone()));
-                Ok(())
-            },
-            |_, _| {},
-        )
-        .unwrap();
+        let (_, seen) = reopen(dir.path(), opts);
         assert_eq!(seen, vec![(1, "id-1".to_string()), (2, "id-3".to_string())]);
     }
 
