@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -648,58 +648,23 @@ impl Wal {
     }
 }
 
-fn read_segment(
+/// Read the frames of `path`, oldest first, passing each (seq, payload,
+/// offset) to `each`; returns the bytes of whole frames. A bad frame ends
+/// the file when `tail` (the newest file, whose unacknowledged last write
+/// may be torn: it is cut off); elsewhere it is corruption.
+fn read_frames(
     path: &Path,
-    first: u64,
-    last_segment: bool,
-    next: &mut u64,
-    replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
-) -> Result<Segment> {
+    tail: bool,
+    mut each: impl FnMut(u64, &[u8], usize) -> Result<()>,
+) -> Result<u64> {
     let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
     let mut data = Vec::new();
     f.read_to_end(&mut data).map_err(io(path))?;
     let mut off = 0usize;
-    let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned(), ids: Vec::new() };
-    let corrupt = |detail: String| Error::WalCorrupt { path: path.to_owned(), detail };
     while off < data.len() {
-        let frame = parse_frame(&data[off..]);
-        let Some((seq, payload, len)) = frame else {
-            if last_segment {
-                tracing::warn!(segment = %path.display(), offset = off, "truncating a torn WAL tail (unacknowledged writes)");
-                f.set_len(off as u64).map_err(io(path))?;
-                f.sync_all().map_err(io(path))?;
-                break;
-            }
-            return Err(corrupt(format!("bad frame at offset {off} in a sealed segment")));
-        };
-        let record = decode_record(payload).ok_or_else(|| corrupt(format!("undecodable record {seq}")))?;
-        seg.events += record.events.len() as u64;
-        seg.last = Some(seq);
-        *next = seq + 1;
-        ids_of(&record, &mut seg.ids);
-        replay(seq, record)?;
-        off += len;
-    }
-    seg.bytes = off as u64;
-    f.seek(SeekFrom::End(0)).map_err(io(path))?;
-    Ok(seg)
-}
-
-/// Read an id file: its frames (as a segment's; the seq is the last
-/// record's), passing each identity to `remember`. A torn tail of the
-/// newest file is cut off: the segments it came from were deleted only
-/// after it was fsynced, so it held nothing they needed.
-fn read_ids_file(path: &Path, newest: bool, remember: &mut impl FnMut(&str, Retired<'_>)) -> Result<IdsFile> {
-    let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
-    let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(io(path))?;
-    let mut file = IdsFile { last: 0, events: 0, bytes: 0, path: path.to_owned() };
-    let mut off = 0usize;
-    while off < data.len() {
-        let frame = parse_frame(&data[off..]);
-        let Some((last, ids, len)) = frame else {
-            if newest {
-                tracing::warn!(file = %path.display(), offset = off, "truncating a torn id file tail");
+        let Some((seq, payload, len)) = parse_frame(&data[off..]) else {
+            if tail {
+                tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
                 f.set_len(off as u64).map_err(io(path))?;
                 f.sync_all().map_err(io(path))?;
                 break;
@@ -709,23 +674,67 @@ fn read_ids_file(path: &Path, newest: bool, remember: &mut impl FnMut(&str, Reti
                 detail: format!("bad frame at offset {off}"),
             });
         };
-        let mut events = 0u64;
+        each(seq, payload, off)?;
+        off += len;
+    }
+    Ok(off as u64)
+}
+
+fn read_segment(
+    path: &Path,
+    first: u64,
+    last_segment: bool,
+    next: &mut u64,
+    replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
+) -> Result<Segment> {
+    let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned(), ids: Vec::new() };
+    seg.bytes = read_frames(path, last_segment, |seq, payload, _| {
+        let record = decode_record(payload).ok_or_else(|| Error::WalCorrupt {
+            path: path.to_owned(),
+            detail: format!("undecodable record {seq}"),
+        })?;
+        seg.events += record.events.len() as u64;
+        seg.last = Some(seq);
+        *next = seq + 1;
+        ids_of(&record, &mut seg.ids);
+        replay(seq, record)
+    })?;
+    Ok(seg)
+}
+
+/// Read an id file: its frames (as a segment's; the seq is the last
+/// record's), passing each identity to `remember`. A torn tail of the
+/// newest file is cut off: the segments it came from were deleted only
+/// after it was fsynced, so it held nothing they needed.
+fn read_ids_file(path: &Path, newest: bool, remember: &mut impl FnMut(&str, Retired<'_>)) -> Result<IdsFile> {
+    let mut file = IdsFile { last: 0, events: 0, bytes: 0, path: path.to_owned() };
+    file.bytes = read_frames(path, newest, |last, ids, off| {
         let ok = read_ids(ids, &mut |account, r| {
-            events += 1;
+            file.events += 1;
             remember(account, r);
         });
         if !ok {
-            return Err(Error::WalCorrupt {
-                path: path.to_owned(),
-                detail: format!("undecodable ids at offset {off}"),
-            });
+            let detail = format!("undecodable ids at offset {off}");
+            return Err(Error::WalCorrupt { path: path.to_owned(), detail });
         }
         file.last = last;
-        file.events += events;
-        off += len;
-    }
-    file.bytes = off as u64;
+        Ok(())
+    })?;
     Ok(file)
+}
+
+/// Append a frame of `payload` under `seq` to `out`: the inverse of
+/// [`parse_frame`].
+fn push_frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    out.extend_from_slice(
+        &u32::try_from(payload.len()).expect("frames are capped far below 4 GiB").to_le_bytes(),
+    );
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
 }
 
 fn parse_frame(b: &[u8]) -> Option<(u64, &[u8], usize)> {
@@ -908,16 +917,7 @@ impl Writer {
                     self.write_chunk(&mut frames, &mut chunk)?;
                     self.roll().inspect_err(|e| self.broken = Some(e.to_string()))?;
                 }
-                let seq = self.next + chunk.records;
-                let mut h = crc32fast::Hasher::new();
-                h.update(&seq.to_le_bytes());
-                h.update(&a.payload);
-                frames.extend_from_slice(
-                    &u32::try_from(a.payload.len()).expect("bodies are capped").to_le_bytes(),
-                );
-                frames.extend_from_slice(&h.finalize().to_le_bytes());
-                frames.extend_from_slice(&seq.to_le_bytes());
-                frames.extend_from_slice(&a.payload);
+                push_frame(&mut frames, self.next + chunk.records, &a.payload);
                 chunk.records += 1;
                 chunk.events += u64::from(a.events);
                 chunk.ids.extend_from_slice(&a.ids);
@@ -1017,13 +1017,7 @@ impl Writer {
         }
         let f = self.ids_files.last_mut().expect("one was just ensured");
         let mut frame = Vec::with_capacity(FRAME_HEADER + ids.len());
-        let mut h = crc32fast::Hasher::new();
-        h.update(&last.to_le_bytes());
-        h.update(ids);
-        frame.extend_from_slice(&u32::try_from(ids.len()).expect("a segment's ids fit u32").to_le_bytes());
-        frame.extend_from_slice(&h.finalize().to_le_bytes());
-        frame.extend_from_slice(&last.to_le_bytes());
-        frame.extend_from_slice(ids);
+        push_frame(&mut frame, last, ids);
         let new = f.bytes == 0;
         let mut opts = OpenOptions::new();
         opts.create(true).append(true);
