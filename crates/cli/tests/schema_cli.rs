@@ -3,12 +3,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// This crate's directory. Cargo sets it when it runs the binary; the
+/// compile-time value can name another checkout that shared the target
+/// directory.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
 fn watershed(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_watershed")).args(args).current_dir(cwd).output().expect("runs")
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    manifest_dir().join("../..")
 }
 
 fn text(o: &Output) -> String {

@@ -6,17 +6,23 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
-use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use watershed_event::AccountId;
 use watershed_protect::{BatchProtector, DataCipher, KeyId, LocalKeyring, SecretKey};
 use watershed_schema::{validate_json, Limits, Registry, Tape};
 
+/// This crate's directory. Cargo sets it when it runs the binary; the
+/// compile-time value can name another checkout that shared the target
+/// directory.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
+
 const PAYMENT: &str = r#"{"payment_id":"pay_8c1f2e7a9b","customer_id":"cus_51HqLyJ2eZvKYlo2C","amount":"149.99","currency":"EUR","card":{"pan":"4111111111111111","holder_name":"Ada Lovelace","brand":"VISA","expiry":"12/29"},"merchant":{"id":"mer_0042","name":"Example Books GmbH","mcc":5942,"country":"DE"},"authorized_at":"2024-05-01T12:00:00.123Z","risk_score":0.0731,"three_ds":true,"acquirer_ref":"ACQ-7781-2231","channel":"WEB"}"#;
 
 fn bench(c: &mut Criterion) {
-    let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
+    let reg = Registry::load(&manifest_dir().join("../../schemas")).unwrap();
     let (s, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kr = LocalKeyring::open_local(dir.path()).unwrap();
