@@ -383,6 +383,120 @@ fn backpressure_answers_503_with_retry_after() {
 /// Raw events stay in the WAL only until their rows are committed; what
 /// the dedupe window needs of them (their ids) outlives them, so a retry
 /// after a restart is still recognised.
+/// `keys forget` while a subject's events are acknowledged but not yet
+/// committed, then `kill -9`: the restart replays them from the WAL, and
+/// their encrypted values (and dead letters) must be as unreadable as if
+/// they had been committed before the erasure. Another subject's stay
+/// readable, and the subject's events received after the erasure get a
+/// new key.
+#[test]
+fn a_subject_forgotten_before_a_crash_stays_erased_after_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap();
+    let token = add_account(&data, A[0]);
+    // Nothing rolls on its own, and the erasure does not commit the open
+    // partitions: the events stay in the WAL until the crash.
+    let hold = [
+        ("WATERSHED_LAKE__ROLL_AGE_SECS", "3600"),
+        ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "3600"),
+        ("WATERSHED_KEYS__ERASURE_CHECK_MS", "0"),
+    ];
+    let server = Server::start(&data, &hold);
+    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
+    let mut refused = ev("a-refused", "alice");
+    refused["detail"]["currency"] = json!("DOGE");
+    let body = ndjson(&[ev("a1", "alice"), ev("b1", "bob"), refused]);
+    let (status, resp, _) = post(&server.url, Some(&token), body, &[]);
+    assert_eq!((status, resp["accepted"].as_u64()), (200, Some(2)), "{resp}");
+    let out = run(&["keys", "forget", "--account", A[0], "--subject", "alice", "--data-dir", data_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.kill9();
+    assert!(read_table(&data.join("lake"), "payments").is_empty(), "nothing was committed before the crash");
+
+    let server = Server::start(&data, &[]);
+    let (status, resp, _) = post(&server.url, Some(&token), ndjson(&[ev("a2", "alice")]), &[]);
+    assert_eq!((status, resp["accepted"].as_u64()), (200, Some(1)), "{resp}");
+    assert!(server.stop().success());
+
+    let lake = data.join("lake");
+    let mut holder = std::collections::HashMap::new();
+    for (_, b) in read_table(&lake, "payments") {
+        let (ids, h) = (strings(&b, "event_id"), detail_strings(&b, &["card", "holder_name"]));
+        for i in 0..b.num_rows() {
+            holder.insert(ids[i].clone().unwrap(), h[i].clone().unwrap());
+        }
+    }
+    let dead = read_table(&lake, "_dead_letters");
+    let dead_raw = strings(&dead[0].1, "raw")[0].clone().unwrap();
+    let dec = |v: &str| {
+        run(&["keys", "decrypt", "--principal", "auditor", "--purpose", "case-9", "--data-dir", data_s, v])
+    };
+    for (what, value) in [("a1", &holder["a1"]), ("a-refused", &dead_raw)] {
+        let out = dec(value);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("key_erased"), "{what} must stay erased: {err}");
+    }
+    for id in ["b1", "a2"] {
+        let out = dec(&holder[id]);
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");
+    }
+}
+
+/// Segment sizes in the WAL directory of `data`.
+fn wal_segments(data: &std::path::Path) -> Vec<u64> {
+    std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect()
+}
+
+/// A running hub notices `keys forget` (run beside it) within about a
+/// second and commits its open partitions, so the WAL drops the raw
+/// events at once instead of after the roll age (an hour here).
+#[test]
+fn forgetting_a_subject_commits_what_the_wal_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let hold = [("WATERSHED_LAKE__ROLL_AGE_SECS", "3600"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "3600")];
+    let server = Server::start(&data, &hold);
+    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
+    let (status, resp, _) =
+        post(&server.url, Some(&token), ndjson(&[ev("a1", "alice"), ev("b1", "bob")]), &[]);
+    assert_eq!((status, resp["accepted"].as_u64()), (200, Some(2)), "{resp}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(wal_segments(&data).iter().any(|&n| n > 0), "the events wait in the WAL for the roll age");
+    assert!(read_table(&data.join("lake"), "payments").is_empty());
+
+    let out = run(&[
+        "keys",
+        "forget",
+        "--account",
+        A[0],
+        "--subject",
+        "alice",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while wal_segments(&data).iter().any(|&n| n > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "raw events still in the WAL: {:?}",
+            wal_segments(&data)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ids = ids_by_table(&data.join("lake"));
+    assert_eq!(ids["payments"].len(), 2, "both events were committed: {ids:?}");
+    assert!(server.stop().success());
+}
+
 #[test]
 fn committed_events_leave_the_wal_and_retries_after_a_restart_are_duplicates() {
     let dir = tempfile::tempdir().unwrap();

@@ -164,8 +164,9 @@ pub struct DeadLettersConfig {
     pub raw: DeadLetterRaw,
 }
 
-/// `[keys]`: where the keyring's master keys come from.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// `[keys]`: where the keyring's master keys come from, and how soon an
+/// erasure reaches the write-ahead log.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// `local` (the default: master keys in plaintext in
@@ -181,6 +182,24 @@ pub struct KeysConfig {
     /// A KMS endpoint other than the region's (a VPC endpoint, or a local
     /// KMS-compatible server).
     pub kms_endpoint: Option<String>,
+    /// How often, in milliseconds, the hub looks for erasures (`keys
+    /// forget`, usually run by another process). On finding one it
+    /// commits every open partition and retires the write-ahead log, so
+    /// the forgotten subject's raw events leave the disk within about
+    /// this long; 0 leaves them to the lake's roll ages.
+    pub erasure_check_ms: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            master: MasterKind::default(),
+            kms_key_id: None,
+            kms_region: None,
+            kms_endpoint: None,
+            erasure_check_ms: 1000,
+        }
+    }
 }
 
 /// Where the keyring's master keys come from.

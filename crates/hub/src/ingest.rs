@@ -394,9 +394,11 @@ impl Ingestor {
         record: &WalRecord,
         committed: &dyn Fn(&PartitionKey) -> bool,
     ) -> Result<Vec<(PartitionKey, RecordBatch)>, watershed_protect::Error> {
+        // Keys as of the receive time: a subject forgotten since stays
+        // unreadable (see `Keyring::data_ciphers_received`).
         let mut batch = Batch {
             tape: Tape::new(),
-            protector: BatchProtector::new(&*self.keyring),
+            protector: BatchProtector::replaying(&*self.keyring, record.received_at),
             builders: Builders::default(),
         };
         let (account, collector, at) = (&record.account, record.collector.as_deref(), record.received_at);

@@ -54,6 +54,9 @@ pub struct Hub {
     wal: Wal,
     writer_tx: mpsc::Sender<Msg>,
     writer_task: tokio::task::JoinHandle<()>,
+    /// Commits what the WAL holds after each erasure (see
+    /// [`watch_erasures`]).
+    erasure_watch: Option<tokio::task::JoinHandle<()>>,
     memory: Arc<Memory>,
     /// Writer counters.
     pub writer_stats: Arc<WriterStats>,
@@ -91,6 +94,7 @@ impl Hub {
         let registry = Arc::new(Registry::load(&config.schemas)?);
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
         let keyring: Arc<dyn Keyring> = Arc::new(config.keys.open(&config.data_dir.join("keyring"))?);
+        let watched = keyring.clone();
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
         let concurrency = config.lake.flush_concurrency * 2;
         let mut lake = Lake::local(&config.lake_dir(), concurrency)?;
@@ -173,6 +177,10 @@ impl Hub {
         })
         .await
         .map_err(|_| Error::Stopped("wal replay"))??;
+        let erasure_watch = (config.keys.erasure_check_ms > 0).then(|| {
+            let every = std::time::Duration::from_millis(config.keys.erasure_check_ms);
+            tokio::spawn(watch_erasures(watched, wal.downgrade(), writer_tx.downgrade(), every))
+        });
         tracing::info!(
             replayed_rows = replayed,
             dedupe_window = ingestor.dedupe.len(),
@@ -185,6 +193,7 @@ impl Hub {
             wal,
             writer_tx,
             writer_task,
+            erasure_watch,
             memory,
             writer_stats,
             metrics,
@@ -291,10 +300,77 @@ impl Hub {
     /// # Errors
     /// [`Error::Stopped`] if the writer failed.
     pub async fn shutdown(self) -> Result<()> {
+        if let Some(watch) = &self.erasure_watch {
+            watch.abort();
+        }
         self.flush().await?;
         drop(self.writer_tx);
         drop(self.wal);
         self.writer_task.await.map_err(|_| Error::Stopped("lake writer"))
+    }
+}
+
+/// Every `every`, ask the keyring how many keys are erased; when the count
+/// grew (a `keys forget`, usually by another process), seal the WAL's open
+/// segment and commit every open partition. The sealed segments then hold
+/// only committed records and are retired, so the forgotten subject's
+/// raw events leave the disk within about `every` instead of the lake's
+/// roll ages (up to `late_roll_age_secs` for late partitions). Its rows
+/// were encrypted under the erased key on the way in; the flush only
+/// commits them sooner. Ends when the WAL or the lake writer is gone.
+async fn watch_erasures(
+    keyring: Arc<dyn Keyring>,
+    wal: crate::wal::WeakWal,
+    writer: mpsc::WeakSender<Msg>,
+    every: std::time::Duration,
+) {
+    let erased = || {
+        let keyring = keyring.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || keyring.erased_keys()).await {
+                Ok(Ok(n)) => Some(n),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the key log to look for erasures");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    let mut seen = erased().await.unwrap_or(0);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(now) = erased().await else { continue };
+        if now == seen {
+            continue;
+        }
+        // A restored key log may also shrink the count: only growth is
+        // an erasure, but either way the new count is the baseline.
+        let grew = now > seen;
+        seen = now;
+        if !grew {
+            continue;
+        }
+        let started = Instant::now();
+        if wal.seal().await.is_err() {
+            return;
+        }
+        let Some(tx) = writer.upgrade() else { return };
+        let (done, committed) = oneshot::channel();
+        if tx.send(Msg::FlushAll(done)).await.is_err() {
+            return;
+        }
+        drop(tx);
+        if committed.await.is_err() {
+            return;
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis(),
+            "a data subject was forgotten: open partitions committed, so the write-ahead log drops its raw events"
+        );
     }
 }
 

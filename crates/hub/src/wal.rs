@@ -9,8 +9,10 @@
 //!   bounded queue, then fsyncs once and answers them all. Before the
 //!   write it runs the [`BeforeWrite`] hook once for the group: the hub
 //!   makes its new protection keys durable there, off the request path.
-//! - **Segments** (`<first seq>.wal`) roll by size, and as soon as every
-//!   record in the open segment is committed to the lake. A sealed segment
+//! - **Segments** (`<first seq>.wal`) roll by size, once the open
+//!   segment's first record is committed to the lake (so under steady load
+//!   a segment spans about one roll age of the lake's partitions), and on
+//!   [`WeakWal::seal`]. A sealed segment
 //!   whose records are all committed is *retired*: the dedupe identities
 //!   of its events (account and event id; a digest of the bytes of a
 //!   refused event without an id) are appended to an id file
@@ -503,6 +505,8 @@ enum Msg {
     Append(Append),
     /// Retire what is committed.
     Retire,
+    /// Seal the open segment (if it holds records), then answer.
+    Seal(oneshot::Sender<()>),
 }
 
 #[derive(Debug)]
@@ -541,6 +545,28 @@ pub struct Wal {
     tx: mpsc::Sender<Msg>,
     /// Bytes on disk, for metrics.
     pub size: Arc<AtomicU64>,
+}
+
+/// A [`Wal`] handle that does not keep its writer thread alive.
+#[derive(Debug, Clone)]
+pub struct WeakWal {
+    tx: mpsc::WeakSender<Msg>,
+}
+
+impl WeakWal {
+    /// Seal the open segment, so that every record acknowledged so far
+    /// is in a sealed segment, retired (deleted) as soon as its records
+    /// are committed. Returns once sealed.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] if the writer thread is gone.
+    pub async fn seal(&self) -> Result<()> {
+        let tx = self.tx.upgrade().ok_or(Error::Stopped("wal writer"))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::Seal(reply)).await.map_err(|_| Error::Stopped("wal writer"))?;
+        drop(tx);
+        rx.await.map_err(|_| Error::Stopped("wal writer"))
+    }
 }
 
 /// WAL settings.
@@ -621,6 +647,12 @@ impl Wal {
         w.open_segment()?;
         std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
         Ok(Self { tx, size })
+    }
+
+    /// A handle that does not keep the writer thread alive.
+    #[must_use]
+    pub fn downgrade(&self) -> WeakWal {
+        WeakWal { tx: self.tx.downgrade() }
     }
 
     /// Append a record (from [`RecordEncoder::finish`]) holding
@@ -855,15 +887,18 @@ impl Writer {
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut batch = Vec::with_capacity(256);
+        let mut seals = Vec::new();
         // A `Retire` only wakes the loop: it retires after every message.
+        let take = |m, batch: &mut Vec<Append>, seals: &mut Vec<oneshot::Sender<()>>| match m {
+            Msg::Append(a) => batch.push(a),
+            Msg::Retire => {}
+            Msg::Seal(reply) => seals.push(reply),
+        };
         while let Some(first) = rx.blocking_recv() {
-            if let Msg::Append(a) = first {
-                batch.push(a);
-            }
+            take(first, &mut batch, &mut seals);
             while batch.len() < 1024 {
                 match rx.try_recv() {
-                    Ok(Msg::Append(a)) => batch.push(a),
-                    Ok(Msg::Retire) => {}
+                    Ok(m) => take(m, &mut batch, &mut seals),
                     Err(_) => break,
                 }
             }
@@ -878,6 +913,20 @@ impl Writer {
                         .map(|first| Appended { seq: first + i as u64, buffer: a.payload })
                         .map_err(Clone::clone);
                     let _ = a.reply.send(reply);
+                }
+            }
+            // Sealed after the group: every record acknowledged before the
+            // request is in a sealed segment.
+            if !seals.is_empty() {
+                let open = self.segments.last().is_some_and(|s| s.last.is_some());
+                if open && self.broken.is_none() {
+                    if let Err(e) = self.roll() {
+                        tracing::error!(error = %e, "cannot seal the open WAL segment");
+                        self.broken = Some(e.to_string());
+                    }
+                }
+                for reply in seals.drain(..) {
+                    let _ = reply.send(());
                 }
             }
             if let Err(e) = self.retire() {
@@ -968,15 +1017,19 @@ impl Writer {
         Ok(())
     }
 
-    /// Retire what is committed: seal the open segment once all its
-    /// records are committed; move the identities of sealed, committed
+    /// Retire what is committed: seal the open segment once its first
+    /// record is committed; move the identities of sealed, committed
     /// segments to the id file (fsynced) and delete the segments; delete
     /// the oldest id files while newer events alone fill the dedupe
     /// window.
     fn retire(&mut self) -> Result<()> {
         let watermark = self.pending.low_watermark().unwrap_or(self.next);
-        let open_done = self.segments.last().is_some_and(|s| s.last.is_some_and(|l| l < watermark));
-        if open_done && self.broken.is_none() {
+        // Waiting for every record of the open segment to be committed
+        // would, under steady load, never happen: sealing once its first
+        // one is bounds how long a raw event stays on disk to about two
+        // roll ages.
+        let open_started = self.segments.last().is_some_and(|s| s.last.is_some() && s.first < watermark);
+        if open_started && self.broken.is_none() {
             self.roll().inspect_err(|e| self.broken = Some(e.to_string()))?;
         }
         while self.segments.len() > 1 {
@@ -1234,6 +1287,50 @@ mod tests {
         let newest: Vec<String> = (161..=200).map(|i| format!("id-{i}")).collect();
         assert!(newest.iter().all(|id| remembered.contains(id)), "{remembered:?}");
         assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 201, "seqs go on after the id files");
+    }
+
+    /// Under steady load the open segment is never wholly committed: it is
+    /// sealed once its first record is, and retired once its last is. A
+    /// seal on request puts every acknowledged record in a sealed segment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_seal_once_their_first_record_is_committed_and_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let pending = Arc::new(Pending::default());
+        let wal = Wal::open(dir.path(), opts, pending.clone(), None, |_, _| Ok(()), |_, _| {}).unwrap();
+        let segments = || {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".wal"))
+                .collect();
+            v.sort();
+            v
+        };
+        let wait_for = |want: &[&str]| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while segments() != want {
+                assert!(std::time::Instant::now() < deadline, "segments {:?}, expected {want:?}", segments());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        let seg = |first: u64| format!("{first:020}.wal");
+        for i in 1..=3 {
+            wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
+        }
+        wait_for(&[&seg(1)]);
+        // The first record is committed, the later ones not: sealed, kept.
+        pending.committed(&[1]);
+        wait_for(&[&seg(1), &seg(4)]);
+        wal.append(record("r4"), 1, 1).await.unwrap();
+        pending.committed(&[2, 3]);
+        wait_for(&[&seg(4)]);
+        // Sealed on request while r4 is pending; gone once it is committed.
+        wal.downgrade().seal().await.unwrap();
+        wait_for(&[&seg(4), &seg(5)]);
+        pending.committed(&[4]);
+        wait_for(&[&seg(5)]);
+        drop(wal);
     }
 
     #[test]

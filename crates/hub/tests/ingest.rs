@@ -3,7 +3,6 @@
 //! validated in the envelope pass, and on the same events with the keys
 //! in other orders: the outcomes must be identical.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{AsArray, Int32Array};
@@ -13,6 +12,13 @@ use watershed_hub::ingest::Ingestor;
 use watershed_hub::metrics::Metrics;
 use watershed_protect::LocalKeyring;
 use watershed_schema::{Limits, Registry};
+
+/// This crate's directory. Cargo sets it when it runs the binary; the
+/// compile-time value can name another checkout that shared the target
+/// directory.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
 
 const DETAIL: &str = r#"{"payment_id":"p","customer_id":"c-1","amount":"1.00","currency":"EUR","card":{"pan":"4111111111111111","holder_name":"Ada","brand":"VISA","expiry":"1/30"},"merchant":{"id":"m","name":"n","mcc":1,"country":"DE"},"authorized_at":"2024-05-01T00:00:00Z","risk_score":0.5,"three_ds":true}"#;
 
@@ -29,7 +35,7 @@ fn event(id: &str, detail: &str, version: &str, detail_last: bool) -> String {
 
 /// An ingestor over the repository's schemas and a fresh local keyring.
 fn ingestor() -> (tempfile::TempDir, Ingestor) {
-    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let reg = Arc::new(Registry::load(&manifest_dir().join("../../schemas")).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
     let dedupe = Arc::new(Dedupe::new(10_000));
@@ -123,7 +129,7 @@ fn dead_letters(out: &watershed_hub::ingest::Processed) -> Vec<String> {
 #[test]
 fn dead_letters_are_encrypted_and_erased_with_their_subject() {
     use watershed_protect::{Access, Decryptor, Error, Keyring};
-    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let reg = Arc::new(Registry::load(&manifest_dir().join("../../schemas")).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let keyring = Arc::new(LocalKeyring::open_local(dir.path()).unwrap());
     let new = |raw| {
@@ -202,6 +208,15 @@ impl watershed_protect::Keyring for Flaky {
         self.check()?;
         self.inner.data_cipher(account, subject)
     }
+    fn data_ciphers_received(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        received_at: i64,
+    ) -> watershed_protect::Result<Vec<Arc<watershed_protect::DataCipher>>> {
+        self.check()?;
+        self.inner.data_ciphers_received(account, subjects, received_at)
+    }
     fn sync(&self) -> watershed_protect::Result<()> {
         self.inner.sync()
     }
@@ -210,6 +225,9 @@ impl watershed_protect::Keyring for Flaky {
         id: &watershed_protect::KeyId,
     ) -> watershed_protect::Result<Arc<watershed_protect::DataCipher>> {
         self.inner.cipher_by_id(id)
+    }
+    fn erased_keys(&self) -> watershed_protect::Result<usize> {
+        self.inner.erased_keys()
     }
     fn forget(
         &self,
@@ -229,7 +247,7 @@ impl watershed_protect::Keyring for Flaky {
 /// keyring is back.
 #[test]
 fn a_keyring_failure_stores_nothing_and_the_retry_succeeds() {
-    let reg = Arc::new(Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap());
+    let reg = Arc::new(Registry::load(&manifest_dir().join("../../schemas")).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let keyring = Arc::new(Flaky {
         inner: LocalKeyring::open_local(dir.path()).unwrap(),

@@ -31,7 +31,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use watershed_event::prehashed::BuildPrehashed;
-use watershed_event::AccountId;
+use watershed_event::{AccountId, TimestampMicros};
 
 use crate::audit::AuditLog;
 use crate::cipher::{hex, hex_into};
@@ -95,6 +95,9 @@ struct State {
     /// Current key per subject reference (which covers the account).
     current_subject: HashMap<[u8; 16], KeyId>,
     erased: HashMap<KeyId, (String, Option<String>, String)>,
+    /// The latest erasure per subject reference: when, and one of the
+    /// keys it erased.
+    erasures: HashMap<[u8; 16], (TimestampMicros, KeyId)>,
 }
 
 impl State {
@@ -113,10 +116,18 @@ impl State {
                 );
             }
             Line::Erased { ids, account, subject_ref, erased_at } => {
+                let at = chrono::DateTime::parse_from_rfc3339(&erased_at).map(|t| t.timestamp_micros());
+                let sref = subject_ref.as_deref().and_then(ref_from_hex);
                 for hex in ids {
                     let Some(id) = KeyId::from_hex(&hex) else { continue };
                     self.data_keys.remove(&id);
                     self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
+                    if let (Some(r), Ok(at)) = (sref, at) {
+                        let e = self.erasures.entry(r).or_insert((at, id));
+                        if at > e.0 {
+                            *e = (at, id);
+                        }
+                    }
                 }
                 self.current_account.retain(|_, id| !self.erased.contains_key(id));
                 self.current_subject.retain(|_, id| !self.erased.contains_key(id));
@@ -749,6 +760,43 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         Ok(out.into_iter().flatten().collect())
     }
 
+    fn data_ciphers_received(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        received_at: TimestampMicros,
+    ) -> Result<Vec<Arc<DataCipher>>> {
+        let mut st = lock(&self.state);
+        // Replay is not the hot path: always see the newest log.
+        self.reload(&mut st, false)?;
+        let created: Arc<str> = chrono::Utc::now().to_rfc3339().into();
+        let mut shredded = 0usize;
+        let out = subjects
+            .iter()
+            .map(|s| {
+                let sref = Self::subject_ref(&st, account, s);
+                match st.state.erasures.get(&sref) {
+                    Some(&(erased_at, id)) if received_at <= erased_at => {
+                        shredded += 1;
+                        Ok(Arc::new(DataCipher::new(id, &SecretKey::random())))
+                    }
+                    _ => {
+                        let hot = self.hot.key(account, s);
+                        self.locked_cipher(&mut st, account, Some((s, hot)), Some(&created))
+                    }
+                }
+            })
+            .collect();
+        if shredded > 0 {
+            tracing::info!(
+                account = %account,
+                events = shredded,
+                "events received before their data subject was forgotten are stored under the erased key"
+            );
+        }
+        out
+    }
+
     fn sync(&self) -> Result<()> {
         let _one = lock(&self.syncing);
         let written = {
@@ -775,6 +823,12 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         // another process is honoured at once.
         self.reload(&mut st, false)?;
         self.cipher_cached(&mut st, *id)
+    }
+
+    fn erased_keys(&self) -> Result<usize> {
+        let mut st = lock(&self.state);
+        self.reload(&mut st, false)?;
+        Ok(st.state.erased.len())
     }
 
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure> {

@@ -3,10 +3,9 @@
 //! key file, or AWS KMS).
 
 use std::fmt::Debug;
-
-use watershed_event::AccountId;
-
 use std::sync::Arc;
+
+use watershed_event::{AccountId, TimestampMicros};
 
 use crate::cipher::{DataCipher, KeyId};
 use crate::error::Result;
@@ -90,6 +89,27 @@ pub trait Keyring: Send + Sync + Debug {
         subjects.iter().map(|s| self.data_cipher(account, Some(s))).collect()
     }
 
+    /// The keys to encrypt events of many subjects of one account with
+    /// when they were received at `received_at` but are protected only
+    /// now (replayed from the write-ahead log after a restart), in order.
+    ///
+    /// Like [`Keyring::data_ciphers`], except for a subject whose keys
+    /// were erased at or after `received_at`: had the event been stored
+    /// before the restart, its values would be under an erased key, so
+    /// they must not be readable now either. Such a subject gets a
+    /// *shredded* cipher: a throwaway key, never stored, under the id of
+    /// one of its erased keys, so its values decrypt as
+    /// [`crate::Error::KeyErased`]. No new key is created for it.
+    ///
+    /// # Errors
+    /// When a key cannot be created or unwrapped.
+    fn data_ciphers_received(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        received_at: TimestampMicros,
+    ) -> Result<Vec<Arc<DataCipher>>>;
+
     /// Make every key created so far durable. Call before acknowledging
     /// events protected with new keys.
     ///
@@ -103,6 +123,15 @@ pub trait Keyring: Send + Sync + Debug {
     /// [`crate::Error::KeyErased`] after `forget`, [`crate::Error::UnknownKey`]
     /// for ids this keyring never had.
     fn cipher_by_id(&self, id: &KeyId) -> Result<Arc<DataCipher>>;
+
+    /// How many data keys are known to be erased, after re-reading the
+    /// key log if another process changed it. It grows with every
+    /// [`Keyring::forget`]; the hub watches it to commit, soon after an
+    /// erasure, the raw events its write-ahead log still holds.
+    ///
+    /// # Errors
+    /// When the key log cannot be read.
+    fn erased_keys(&self) -> Result<usize>;
 
     /// Crypto-shred: delete every data key of (account, subject) and record
     /// the erasure in the audit log.

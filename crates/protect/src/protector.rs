@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::Sha256;
-use watershed_event::AccountId;
+use watershed_event::{AccountId, TimestampMicros};
 use watershed_schema::{FieldPath, Protect, ProtectPlan, Slot, Tape};
 
 use crate::cipher::DataCipher;
@@ -43,6 +43,9 @@ pub struct BatchProtector<'k> {
     ends: Vec<usize>,
     /// Keys of the noted subjects, in order, after [`BatchProtector::fetch`].
     noted_keys: Vec<Arc<DataCipher>>,
+    /// When the batch's events were received, if they are protected only
+    /// now (see [`BatchProtector::replaying`]).
+    received_at: Option<TimestampMicros>,
 }
 
 /// An event's place in its batch's subject-key fetch (see
@@ -79,6 +82,32 @@ impl<'k> BatchProtector<'k> {
             noted: String::new(),
             ends: Vec::new(),
             noted_keys: Vec::new(),
+            received_at: None,
+        }
+    }
+
+    /// A protector for events received at `received_at` and protected
+    /// only now (replayed from the write-ahead log): subject keys come
+    /// from [`Keyring::data_ciphers_received`], so the events of a subject
+    /// forgotten since they arrived stay unreadable.
+    #[must_use]
+    pub fn replaying(keyring: &'k dyn Keyring, received_at: TimestampMicros) -> Self {
+        Self { received_at: Some(received_at), ..Self::new(keyring) }
+    }
+
+    /// The keys of `subjects` of `account`, for this batch.
+    fn subject_ciphers(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Arc<DataCipher>>> {
+        match self.received_at {
+            None => self.keyring.data_ciphers(account, subjects),
+            Some(at) => self.keyring.data_ciphers_received(account, subjects, at),
+        }
+    }
+
+    /// The key of one subject of `account`, for this batch.
+    fn subject_cipher(&self, account: &AccountId, subject: &str) -> Result<Arc<DataCipher>> {
+        match self.received_at {
+            None => self.keyring.data_cipher(account, Some(subject)),
+            Some(_) => self.subject_ciphers(account, &[subject])?.pop().ok_or(crate::Error::KeyNotFetched),
         }
     }
 
@@ -117,7 +146,7 @@ impl<'k> BatchProtector<'k> {
                 s
             })
             .collect();
-        let keys = self.keyring.data_ciphers(account, &subjects);
+        let keys = self.subject_ciphers(account, &subjects);
         self.noted.clear();
         self.ends.clear();
         self.noted_keys = keys?;
@@ -184,7 +213,7 @@ impl<'k> BatchProtector<'k> {
             None => false,
         };
         let subject_key = if has_subject && plan.actions.iter().any(|a| a.action == Protect::Encrypt) {
-            Some(self.keyring.data_cipher(account, Some(&self.subject))?)
+            Some(self.subject_cipher(account, &self.subject)?)
         } else {
             None
         };
@@ -207,7 +236,7 @@ impl<'k> BatchProtector<'k> {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let cipher = match subject {
-            Some(s) => self.keyring.data_cipher(account, Some(s))?,
+            Some(s) => self.subject_cipher(account, s)?,
             None => match self.account_keys.get(account.as_str()) {
                 Some(c) => c.clone(),
                 None => {

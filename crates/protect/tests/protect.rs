@@ -2,12 +2,18 @@
 //! uniqueness, crypto-shredding, rotation, and the keyring's file rules.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use proptest::prelude::*;
 use watershed_event::AccountId;
 use watershed_protect::{Access, BatchProtector, Decryptor, Error, Keyring, LocalKeyring};
 use watershed_schema::{validate_json, Limits, Registry, Slot, Tape, UnknownFields};
+
+/// This crate's directory. Cargo sets it when it runs the binary; the
+/// compile-time value can name another checkout that shared the target
+/// directory.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}
 
 fn acct(s: &str) -> AccountId {
     AccountId::new(s).unwrap()
@@ -18,7 +24,7 @@ fn access() -> Access {
 }
 
 fn payments() -> (Registry, tempfile::TempDir, LocalKeyring) {
-    let reg = Registry::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")).unwrap();
+    let reg = Registry::load(&manifest_dir().join("../../schemas")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kr = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
     (reg, dir, kr)
@@ -135,6 +141,63 @@ fn a_running_keyring_stops_using_an_erased_key() {
     assert_ne!(fresh, alice, "the erased key is not used again");
     assert_eq!(kr.data_cipher(&a, Some("bob")).unwrap().id(), bob, "other subjects keep their keys");
     kr.sync().unwrap();
+}
+
+/// Events received before their subject was forgotten, but protected
+/// only after it (replayed from the WAL after a crash), are as unreadable
+/// as if they had been stored in time: a replaying protector encrypts them
+/// under an erased key's id and creates no new key. Events received after
+/// the erasure get a new, readable key; other subjects are untouched.
+#[test]
+fn replayed_events_of_a_forgotten_subject_stay_erased() {
+    let (reg, dir, kr) = payments();
+    let a = acct("111111111111");
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let erased = kr.data_cipher(&a, Some("alice")).unwrap().id();
+    kr.data_cipher(&a, Some("bob")).unwrap();
+    kr.sync().unwrap();
+    let received = chrono::Utc::now().timestamp_micros();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    cli.forget(&a, "alice").unwrap();
+    let later = chrono::Utc::now().timestamp_micros() + 1;
+
+    // Protect two payments of alice's and one of bob's as replay does.
+    let replay = |received_at: i64, customer: &str| {
+        let mut tape = Tape::new();
+        let json = payment(customer, "4111111111111111", "Ada Lovelace");
+        validate_json(&v.node, json.as_bytes(), UnknownFields::Reject, Limits::default(), &mut tape).unwrap();
+        let root = tape.root();
+        let mut p = BatchProtector::replaying(&kr, received_at);
+        let noted = p.note(&v.protect, &tape, root);
+        p.fetch(&a).unwrap();
+        p.protect_noted(&a, &v.protect, &mut tape, root, noted).unwrap();
+        let Slot::Record(card) = tape.slot(4) else { panic!("card") };
+        let holder = tape.str(tape.slot(card + 1)).to_owned();
+        // A dead letter of the same subject, encrypted whole.
+        let mut whole = Vec::new();
+        p.encrypt_whole(&a, Some(customer), json.as_bytes(), &mut whole).unwrap();
+        (holder, String::from_utf8(whole).unwrap())
+    };
+    let (before, before_whole) = replay(received, "alice");
+    kr.sync().unwrap();
+    let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
+    assert!(
+        matches!(cli.forget(&a, "alice"), Err(Error::NothingToForget { .. })),
+        "replaying an event received before the erasure created a key"
+    );
+    let (after, _) = replay(later, "alice");
+    let (bob, _) = replay(received, "bob");
+    kr.sync().unwrap();
+    let out = Decryptor::new(&kr).decrypt(&access(), &[&before, &before_whole, &after, &bob]).unwrap();
+    for (i, o) in out[..2].iter().enumerate() {
+        match o {
+            Err(Error::KeyErased { key_id, .. }) => assert_eq!(*key_id, erased.to_hex(), "value {i}"),
+            other => panic!("value {i}: expected key_erased, got {other:?}"),
+        }
+    }
+    assert_eq!(out[2].as_ref().unwrap().expose(), "Ada Lovelace", "received after the erasure");
+    assert_eq!(out[3].as_ref().unwrap().expose(), "Ada Lovelace", "another subject");
 }
 
 #[test]
