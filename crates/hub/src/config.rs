@@ -188,6 +188,10 @@ pub struct KeysConfig {
     /// the forgotten subject's raw events leave the disk within about
     /// this long; 0 leaves them to the lake's roll ages.
     pub erasure_check_ms: u64,
+    /// Data keys kept unwrapped in memory (about 1 KiB each, up to twice
+    /// that with the per-subject index); others are unwrapped again when
+    /// used, a few µs each.
+    pub cached_keys: usize,
 }
 
 impl Default for KeysConfig {
@@ -198,6 +202,7 @@ impl Default for KeysConfig {
             kms_region: None,
             kms_endpoint: None,
             erasure_check_ms: 1000,
+            cached_keys: watershed_protect::CACHED_KEYS,
         }
     }
 }
@@ -221,7 +226,7 @@ impl KeysConfig {
     /// a master key cannot be unsealed); [`Error::Config`] when KMS is
     /// asked of a build without it.
     pub fn open(&self, dir: &Path) -> Result<watershed_protect::LocalKeyring> {
-        match self.master {
+        let keyring = match self.master {
             MasterKind::Local => watershed_protect::LocalKeyring::open_local(dir).map_err(|e| match e {
                 watershed_protect::Error::Sealed { path, by } => Error::Config(format!(
                     "keys.master: the master keys in {} are sealed by KMS key {by}; set keys.master = \
@@ -231,7 +236,8 @@ impl KeysConfig {
                 e => e.into(),
             }),
             MasterKind::Kms => Ok(watershed_protect::LocalKeyring::open_sealed(dir, self.sealer()?)?),
-        }
+        }?;
+        Ok(keyring.with_cached_keys(self.cached_keys))
     }
 
     /// The KMS master key that seals the master keys.
@@ -343,6 +349,9 @@ impl HubConfig {
         }
         if self.memory.budget_bytes < (1 << 16) {
             return bad("memory.budget_bytes", "must be at least 65536");
+        }
+        if self.keys.cached_keys == 0 {
+            return bad("keys.cached_keys", "must be positive");
         }
         if self.lake.roll_bytes == 0 {
             return bad("lake.roll_bytes", "must be positive");
@@ -459,5 +468,10 @@ mod tests {
                 .unwrap();
             assert_eq!((c.keys.master, c.keys.kms_key_id.as_deref()), (MasterKind::Kms, Some("alias/w")));
         }
+        let c = load(&[("WATERSHED_KEYS__CACHED_KEYS", "5000"), ("WATERSHED_KEYS__ERASURE_CHECK_MS", "0")])
+            .unwrap();
+        assert_eq!((c.keys.cached_keys, c.keys.erasure_check_ms), (5000, 0));
+        let e = load(&[("WATERSHED_KEYS__CACHED_KEYS", "0")]).unwrap_err();
+        assert!(e.starts_with("invalid configuration: keys.cached_keys:"), "{e}");
     }
 }

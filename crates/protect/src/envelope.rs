@@ -203,8 +203,54 @@ struct Loaded {
     /// Key ids and key material for new keys (seeded from the OS).
     rng: ChaCha20Rng,
     index: Option<Hmac<Sha256>>,
-    cache: HashMap<KeyId, Arc<DataCipher>>,
+    cache: CipherCache,
 }
+
+/// Unwrapped data keys, keyed for AES (about 1 KiB each), bounded: two
+/// generations, the younger taking new and recently used keys; when it is
+/// full the older one is dropped and the younger takes its place. A key
+/// not held is unwrapped and keyed again when used (a few µs).
+struct CipherCache {
+    young: HashMap<KeyId, Arc<DataCipher>>,
+    old: HashMap<KeyId, Arc<DataCipher>>,
+    /// Keys per generation.
+    half: usize,
+}
+
+impl CipherCache {
+    fn new(limit: usize) -> Self {
+        Self { young: HashMap::new(), old: HashMap::new(), half: (limit / 2).max(1) }
+    }
+
+    fn get(&mut self, id: &KeyId) -> Option<Arc<DataCipher>> {
+        if let Some(c) = self.young.get(id) {
+            return Some(c.clone());
+        }
+        let c = self.old.remove(id)?;
+        self.insert(*id, c.clone());
+        Some(c)
+    }
+
+    fn insert(&mut self, id: KeyId, c: Arc<DataCipher>) {
+        if self.young.len() >= self.half {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(id, c);
+    }
+
+    fn retain(&mut self, keep: impl Fn(&KeyId) -> bool) {
+        self.young.retain(|id, _| keep(id));
+        self.old.retain(|id, _| keep(id));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+}
+
+/// Data keys kept unwrapped by default (see [`EnvelopeKeyring::with_cached_keys`]).
+pub const CACHED_KEYS: usize = 100_000;
 
 /// Envelope-encrypted keys in a local key log. See the module docs.
 pub struct EnvelopeKeyring<M: MasterKey> {
@@ -250,10 +296,6 @@ impl LocalKeyring {
     }
 }
 
-/// Entries of the hot index before it starts over (about 32 bytes each;
-/// the ciphers themselves are shared with the key cache).
-const HOT_MAX: usize = 1 << 20;
-
 /// One shard of [`Hot`].
 type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildPrehashed>>;
 
@@ -262,7 +304,9 @@ type HotShard = Mutex<HashMap<u128, Arc<DataCipher>, BuildPrehashed>>;
 /// with no MAC on a hit. Entries are keyed by a 128-bit keyed hash of the
 /// pair (seeded per process), so a lookup compares two words instead of
 /// chasing a string. Cleared whenever the state is reloaded, erased or
-/// rotated; a shard starts over at [`HOT_MAX`] / [`HOT_SHARDS`] entries.
+/// rotated; a shard starts over at `per_shard` entries (the cached keys
+/// spread over the shards: its entries keep their ciphers alive, so it is
+/// bounded like the cache).
 /// It answers only while the log was checked for changes within
 /// [`REFRESH_EVERY`]; otherwise the caller takes the locked path, which
 /// checks.
@@ -272,6 +316,7 @@ struct Hot {
     base: Instant,
     /// Milliseconds after `base` of the last check of the log.
     checked_ms: AtomicU64,
+    per_shard: usize,
 }
 
 const HOT_SHARDS: usize = 16;
@@ -283,6 +328,7 @@ impl Hot {
             seeds: (ahash::RandomState::new(), ahash::RandomState::new()),
             base: Instant::now(),
             checked_ms: AtomicU64::new(0),
+            per_shard: (CACHED_KEYS / HOT_SHARDS).max(1),
         }
     }
 
@@ -346,7 +392,7 @@ impl Hot {
 
     fn insert(&self, k: u128, c: Arc<DataCipher>) {
         let mut m = lock(self.shard(k));
-        if m.len() >= HOT_MAX / HOT_SHARDS {
+        if m.len() >= self.per_shard {
             m.clear();
         }
         m.insert(k, c);
@@ -456,7 +502,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 pending: Vec::new(),
                 rng: ChaCha20Rng::from_entropy(),
                 index: None,
-                cache: HashMap::new(),
+                cache: CipherCache::new(CACHED_KEYS),
             }),
             syncing: Mutex::new(()),
             hot: Hot::new(),
@@ -476,6 +522,18 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             st.index = Some(<Hmac<Sha256> as Mac>::new_from_slice(k.expose()).expect("any key length"));
         }
         Ok(kr)
+    }
+
+    /// Keep at most about `keys` data keys unwrapped in memory (default
+    /// [`CACHED_KEYS`]; about 1 KiB each, and the per-subject index may
+    /// hold as many again). Keys beyond are unwrapped again when used.
+    #[must_use]
+    pub fn with_cached_keys(mut self, keys: usize) -> Self {
+        let st = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.cache = CipherCache::new(keys);
+        self.hot.per_shard = (keys / HOT_SHARDS).max(1);
+        self.hot.clear();
+        self
     }
 
     fn lock_file(&self) -> Result<FileLock<'_>> {
@@ -528,7 +586,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
             state.apply(l.expect("pending lines were serialised here"));
         }
-        st.cache.retain(|id, _| state.data_keys.contains_key(id));
+        st.cache.retain(|id| state.data_keys.contains_key(id));
         self.hot.clear();
         st.state = state;
         st.stamp = now;
@@ -855,7 +913,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             subject_ref: Some(sref.clone()),
             erased_at: chrono::Utc::now().to_rfc3339(),
         });
-        st.cache.retain(|id, _| !ids.contains(id));
+        st.cache.retain(|id| !ids.contains(id));
         self.hot.clear();
         self.compact(&mut st)?;
         drop(_guard);
@@ -942,6 +1000,38 @@ mod tests {
         let mut torn = TORN.lock().unwrap();
         let i = torn.iter().position(|(p, _)| p == path)?;
         Some(torn.swap_remove(i).1)
+    }
+
+    /// However many subjects pass through, at most the configured number
+    /// of keys stay unwrapped (and in the per-subject index); keys dropped
+    /// from memory are unwrapped again, the same keys, when used.
+    #[test]
+    fn unwrapped_keys_in_memory_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let kr = LocalKeyring::open_local(dir.path()).unwrap().with_cached_keys(64);
+        let mut ids = Vec::new();
+        for i in 0..1000 {
+            ids.push(kr.data_cipher(&a, Some(&format!("s-{i}"))).unwrap().id());
+            let held = lock(&kr.state).cache.len();
+            assert!(held <= 64, "{held} keys held after {i} subjects");
+            let hot: usize = kr.hot.shards.iter().map(|s| lock(s).len()).sum();
+            assert!(hot <= 64, "{hot} index entries after {i} subjects");
+        }
+        kr.sync().unwrap();
+        let batch: Vec<String> = (0..1000).map(|i| format!("s-{i}")).collect();
+        let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+        let again: Vec<KeyId> = kr.data_ciphers(&a, &batch).unwrap().iter().map(|c| c.id()).collect();
+        assert_eq!(again, ids, "the same keys, unwrapped again");
+        assert!(lock(&kr.state).cache.len() <= 64);
+        let c = kr.cipher_by_id(&ids[0]).unwrap();
+        let mut rng = ChaCha20Rng::from_entropy();
+        let (mut buf, mut out) = (Vec::new(), Vec::new());
+        c.encrypt_into(b"plain", &mut rng, &mut buf, &mut out);
+        let d = crate::Decryptor::new(&kr);
+        let access = crate::Access { principal: "p".into(), purpose: "test".into() };
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(d.decrypt(&access, &[&text]).unwrap()[0].as_ref().unwrap().expose(), "plain");
     }
 
     #[test]

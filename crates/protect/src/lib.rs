@@ -28,7 +28,7 @@ mod secret;
 pub use audit::AuditLog;
 pub use cipher::{DataCipher, KeyId};
 pub use decrypt::{Access, Decryptor};
-pub use envelope::{EnvelopeKeyring, LocalKeyring};
+pub use envelope::{EnvelopeKeyring, LocalKeyring, CACHED_KEYS};
 pub use error::{Error, Result};
 pub use keyring::{Audited, Erasure, Keyring, MasterKey, Wrapped};
 #[cfg(feature = "kms")]
