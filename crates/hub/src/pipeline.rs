@@ -44,6 +44,9 @@ impl CommitSink for Sink {
     fn committed(&self, _partition: &PartitionKey, records: &[u64]) {
         self.0.committed(records);
     }
+    fn oldest_needed(&self) -> u64 {
+        self.0.oldest_segment()
+    }
 }
 
 /// A running hub pipeline (without the HTTP listener).

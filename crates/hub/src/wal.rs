@@ -428,6 +428,9 @@ pub struct Pending {
     /// The WAL thread, told when records are fully committed so it
     /// retires their segments without waiting for the next append.
     retire: Mutex<Option<mpsc::WeakSender<Msg>>>,
+    /// The first record of the oldest segment on disk (0 until the WAL
+    /// is open): nothing before it can be replayed.
+    oldest: AtomicU64,
 }
 
 impl Pending {
@@ -459,6 +462,13 @@ impl Pending {
                 let _ = tx.try_send(Msg::Retire);
             }
         }
+    }
+
+    /// The first record of the oldest WAL segment: what a restart could
+    /// replay starts there (0 while the WAL is not open yet).
+    #[must_use]
+    pub fn oldest_segment(&self) -> u64 {
+        self.oldest.load(Ordering::Acquire)
     }
 
     /// The lowest record seq still waiting, if any.
@@ -645,6 +655,7 @@ impl Wal {
             broken: None,
         };
         w.open_segment()?;
+        w.note_oldest();
         std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
         Ok(Self { tx, size })
     }
@@ -1042,6 +1053,7 @@ impl Writer {
                 self.append_ids(last, &ids)?;
             }
             let s = self.segments.remove(0);
+            self.note_oldest();
             std::fs::remove_file(&s.path).map_err(io(&s.path))?;
             self.size.fetch_sub(s.bytes, Ordering::Relaxed);
             tracing::debug!(segment = %s.path.display(), first = s.first, "retired a committed WAL segment");
@@ -1057,6 +1069,12 @@ impl Writer {
             self.size.fetch_sub(f.bytes, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Publish the first record of the oldest segment.
+    fn note_oldest(&self) {
+        let oldest = self.segments.first().map_or(self.next, |s| s.first);
+        self.pending.oldest.store(oldest, Ordering::Release);
     }
 
     /// Append the identities of a segment whose last record is `last` to
@@ -1319,6 +1337,7 @@ mod tests {
             wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
         }
         wait_for(&[&seg(1)]);
+        assert_eq!(pending.oldest_segment(), 1, "what a restart could replay starts there");
         // The first record is committed, the later ones not: sealed, kept.
         pending.committed(&[1]);
         wait_for(&[&seg(1), &seg(4)]);
@@ -1330,6 +1349,7 @@ mod tests {
         wait_for(&[&seg(4), &seg(5)]);
         pending.committed(&[4]);
         wait_for(&[&seg(5)]);
+        assert_eq!(pending.oldest_segment(), 5);
         drop(wal);
     }
 

@@ -30,7 +30,14 @@ enum Line {
 pub struct CommitLog {
     path: PathBuf,
     file: File,
+    /// Its size now, and after the last compaction.
+    bytes: u64,
+    compacted: u64,
 }
+
+/// A running log is compacted once it is this large and twice its size
+/// after the last compaction.
+const COMPACT_AT: u64 = 16 << 20;
 
 /// What recovery learned: which (partition, WAL record) pairs are in the
 /// lake already.
@@ -52,6 +59,29 @@ impl Committed {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
+}
+
+/// Replace the log at `path` with `lines` (a temporary file, fsynced, then
+/// renamed over it, and the directory fsynced); returns the new log open
+/// for appending, and its size.
+fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
+    let tmp = path.with_extension("tmp");
+    let mut buf = Vec::new();
+    for l in lines {
+        serde_json::to_writer(&mut buf, l).expect("serialisable");
+        buf.push(b'\n');
+    }
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&buf).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
+    Ok((file, buf.len() as u64))
 }
 
 impl CommitLog {
@@ -100,23 +130,59 @@ impl CommitLog {
             }
             out.files += 1;
         }
-        let tmp = path.with_extension("tmp");
-        {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            for l in &keep {
-                writeln!(f, "{}", serde_json::to_string(l).expect("serialisable")).map_err(io(&tmp))?;
+        let (file, bytes) = rewrite(path, &keep)?;
+        Ok((Self { path: path.to_owned(), file, bytes, compacted: bytes }, out))
+    }
+
+    /// Whether the log has grown enough since its last compaction for
+    /// [`CommitLog::compact`] to be worth its cost.
+    #[must_use]
+    pub fn wants_compaction(&self) -> bool {
+        self.bytes >= COMPACT_AT.max(2 * self.compacted)
+    }
+
+    /// Rewrite the log while running, keeping every intent not yet
+    /// committed (a put in flight) and the committed files that hold a
+    /// record at or after `oldest_record`, the oldest WAL record a restart
+    /// could replay. Without it the log grows for as long as the hub runs.
+    ///
+    /// # Errors
+    /// [`Error::Io`]; the log is left as it was then.
+    pub fn compact(&mut self, oldest_record: u64) -> Result<()> {
+        let mut intents: Vec<(String, String, Vec<u64>)> = Vec::new();
+        let mut committed: HashSet<String> = HashSet::new();
+        let f = File::open(&self.path).map_err(io(&self.path))?;
+        for line in BufReader::new(f).lines() {
+            match serde_json::from_str::<Line>(&line.map_err(io(&self.path))?) {
+                Ok(Line::Intent { path, partition, records }) => intents.push((path, partition, records)),
+                Ok(Line::Commit { path }) => {
+                    committed.insert(path);
+                }
+                Err(_) => {}
             }
-            f.sync_all().map_err(io(&tmp))?;
         }
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        let file = OpenOptions::new().append(true).open(path).map_err(io(path))?;
-        Ok((Self { path: path.to_owned(), file }, out))
+        let mut keep = Vec::new();
+        for (file, partition, records) in intents {
+            let done = committed.contains(&file);
+            if !done || records.iter().any(|&r| r >= oldest_record) {
+                keep.push(Line::Intent { path: file.clone(), partition, records });
+                if done {
+                    keep.push(Line::Commit { path: file });
+                }
+            }
+        }
+        let before = self.bytes;
+        let (file, bytes) = rewrite(&self.path, &keep)?;
+        (self.file, self.bytes, self.compacted) = (file, bytes, bytes);
+        tracing::info!(log = %self.path.display(), before, after = bytes, "compacted the commit log");
+        Ok(())
     }
 
     fn append(&mut self, line: &Line) -> Result<()> {
         let mut s = serde_json::to_string(line).expect("serialisable");
         s.push('\n');
         self.file.write_all(s.as_bytes()).map_err(io(&self.path))?;
+        self.bytes += s.len() as u64;
         self.file.sync_data().map_err(io(&self.path))
     }
 
@@ -138,5 +204,62 @@ impl CommitLog {
     /// [`Error::Io`].
     pub fn commit(&mut self, path: &LakePath) -> Result<()> {
         self.append(&Line::Commit { path: path.0.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    /// Compaction while running keeps what a restart needs: puts in flight
+    /// and the files holding records it could replay; appends go on in
+    /// the new log. It is wanted once the log passes 16 MiB.
+    #[tokio::test]
+    async fn a_running_log_compacts_to_what_a_restart_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let path = dir.path().join("commits.log");
+        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
+        log.intent(&file(1), "t/p", &[1, 2]).unwrap();
+        log.commit(&file(1)).unwrap();
+        log.intent(&file(3), "t/p", &[2, 3, 4]).unwrap();
+        log.commit(&file(3)).unwrap();
+        log.intent(&file(5), "t/p", &[5]).unwrap();
+        assert!(!log.wants_compaction(), "a small log is left alone");
+
+        log.compact(3).unwrap();
+        let kept = lines(&path);
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(kept.iter().all(|l| !l.contains("wal-1.")), "file 1 holds only records before 3");
+        assert!(kept.iter().any(|l| l.contains("intent") && l.contains("wal-5.")), "the put in flight");
+        assert!(!kept.iter().any(|l| l.contains("commit") && l.contains("wal-5.")));
+        // The put in flight finishes after the compaction.
+        lake.put_create(&file(5), bytes::Bytes::from_static(b"x")).await.unwrap();
+        log.commit(&file(5)).unwrap();
+        drop(log);
+        let (_, committed) = CommitLog::open(&path, &lake, 3).await.unwrap();
+        for r in [2, 3, 4, 5] {
+            assert!(committed.contains("t/p", r), "record {r}");
+        }
+        assert!(!committed.contains("t/p", 1));
+
+        // Past 16 MiB (and twice the size after the last compaction).
+        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let records: Vec<u64> = (1_000_000..1_100_000).collect();
+        let mut n = 100;
+        while !log.wants_compaction() {
+            log.intent(&file(n), "t/p", &records).unwrap();
+            log.commit(&file(n)).unwrap();
+            n += 1;
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() >= COMPACT_AT);
+        log.compact(2_000_000).unwrap();
+        assert!(!log.wants_compaction());
+        assert!(std::fs::metadata(&path).unwrap().len() < 1024, "{:?}", lines(&path));
     }
 }

@@ -148,6 +148,10 @@ pub enum Msg {
 pub trait CommitSink: Send + Sync {
     /// `records` of `partition` are now in the lake.
     fn committed(&self, partition: &PartitionKey, records: &[u64]);
+
+    /// The oldest WAL record a restart could still replay: commit-log
+    /// entries wholly before it are dropped when the log is compacted.
+    fn oldest_needed(&self) -> u64;
 }
 
 /// Counters the writer keeps for metrics.
@@ -678,8 +682,26 @@ impl FlushCtx {
         if put == Put::AlreadyExists {
             tracing::info!(path = %path, "file already committed by an earlier run; keeping it");
         }
-        self.log.lock().expect("commit log lock").commit(path)?;
+        let compact = {
+            let mut log = self.log.lock().expect("commit log lock");
+            log.commit(path)?;
+            log.wants_compaction()
+        };
         self.sink.committed(key, records);
+        if compact {
+            let (log, oldest) = (self.log.clone(), self.sink.oldest_needed());
+            // Reading and rewriting the log is blocking work; a failure
+            // leaves it whole, to be tried again after a later commit.
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut log = log.lock().expect("commit log lock");
+                if log.wants_compaction() {
+                    if let Err(e) = log.compact(oldest) {
+                        tracing::warn!(error = %e, "cannot compact the commit log");
+                    }
+                }
+            })
+            .await;
+        }
         tracing::info!(path = %path, rows, bytes = size, "committed parquet file");
         Ok(())
     }
@@ -733,6 +755,9 @@ mod tests {
         impl CommitSink for NoCommits {
             fn committed(&self, partition: &PartitionKey, _: &[u64]) {
                 panic!("{partition} must not be reported committed");
+            }
+            fn oldest_needed(&self) -> u64 {
+                0
             }
         }
         let dir = tempfile::tempdir().unwrap();
