@@ -444,6 +444,18 @@ fn a_subject_forgotten_before_a_crash_stays_erased_after_the_replay() {
     }
 }
 
+/// A SIGTERM the moment the hub reports its address stops it cleanly:
+/// the handlers are installed before it listens.
+#[test]
+fn sigterm_right_after_start_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for _ in 0..5 {
+        let status = Server::start(&data, &[]).stop();
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 /// Segment sizes in the WAL directory of `data`.
 fn wal_segments(data: &std::path::Path) -> Vec<u64> {
     std::fs::read_dir(data.join("wal"))

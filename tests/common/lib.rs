@@ -89,6 +89,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
+                if !s.success() {
+                    eprintln!("[hub] exited with {s:?}");
+                }
                 return s;
             }
             assert!(Instant::now() < deadline, "the hub did not stop within 40 s of SIGTERM");
