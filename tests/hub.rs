@@ -456,14 +456,27 @@ fn sigterm_right_after_start_exits_cleanly() {
     }
 }
 
-/// Segment sizes in the WAL directory of `data`.
-fn wal_segments(data: &std::path::Path) -> Vec<u64> {
+/// Sizes of the files named `*.<ext>` in the WAL directory of `data`.
+fn wal_files(data: &std::path::Path, ext: &str) -> Vec<u64> {
     std::fs::read_dir(data.join("wal"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .map(|p| std::fs::metadata(p).unwrap().len())
         .collect()
+}
+
+/// Wait (at most `secs`) until no WAL segment of `data` holds an event.
+fn wait_for_an_empty_wal(data: &std::path::Path, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while wal_files(data, "wal").iter().any(|&n| n > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "raw events still in the WAL after {secs} s: {:?}",
+            wal_files(data, "wal")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A running hub notices `keys forget` (run beside it) within about a
@@ -481,7 +494,7 @@ fn forgetting_a_subject_commits_what_the_wal_holds() {
         post(&server.url, Some(&token), ndjson(&[ev("a1", "alice"), ev("b1", "bob")]), &[]);
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(2)), "{resp}");
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert!(wal_segments(&data).iter().any(|&n| n > 0), "the events wait in the WAL for the roll age");
+    assert!(wal_files(&data, "wal").iter().any(|&n| n > 0), "the events wait in the WAL for the roll age");
     assert!(read_table(&data.join("lake"), "payments").is_empty());
 
     let out = run(&[
@@ -495,15 +508,7 @@ fn forgetting_a_subject_commits_what_the_wal_holds() {
         data.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while wal_segments(&data).iter().any(|&n| n > 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "raw events still in the WAL: {:?}",
-            wal_segments(&data)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_an_empty_wal(&data, 15);
     let ids = ids_by_table(&data.join("lake"));
     assert_eq!(ids["payments"].len(), 2, "both events were committed: {ids:?}");
     assert!(server.stop().success());
@@ -534,25 +539,8 @@ fn committed_events_leave_the_wal_and_retries_after_a_restart_are_duplicates() {
         "{r}"
     );
     // Rolled after a second and committed; then the WAL holds no event.
-    let wal = data.join("wal");
-    let files = |ext: &str| -> Vec<u64> {
-        std::fs::read_dir(&wal)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == ext))
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .collect()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while files("wal").iter().any(|&n| n > 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "committed events still in the WAL: {:?}",
-            files("wal")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(files("ids").iter().any(|&n| n > 0), "the ids of the committed events are kept");
+    wait_for_an_empty_wal(&data, 30);
+    assert!(wal_files(&data, "ids").iter().any(|&n| n > 0), "the ids of the committed events are kept");
     assert!(server.stop().success());
 
     // After a restart the same request is recognised: nothing is stored twice.
