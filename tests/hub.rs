@@ -11,6 +11,18 @@ use watershed_tests::{
 
 const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
 
+/// A payment of `customer`'s, card holder Ada Lovelace.
+fn ada(id: &str, customer: &str) -> Value {
+    payment(id, None, customer, "4111111111111111", "Ada Lovelace")
+}
+
+/// `watershed keys forget` of `subject` in `account`, beside a running hub.
+fn forget(data: &std::path::Path, account: &str, subject: &str) {
+    let data = data.to_str().unwrap();
+    let out = run(&["keys", "forget", "--account", account, "--subject", subject, "--data-dir", data]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn mixed_batches_from_three_accounts_land_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,12 +145,11 @@ fn protection_as_analysts_see_it() {
     let t1 = add_account(&data, A[0]);
     let t2 = add_account(&data, A[1]);
     let server = Server::start(&data, &[]);
-    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
     for (token, prefix) in [(&t1, "a"), (&t2, "b")] {
         let body = ndjson(&[
-            ev(&format!("{prefix}1"), "alice"),
-            ev(&format!("{prefix}2"), "alice"),
-            ev(&format!("{prefix}3"), "bob"),
+            ada(&format!("{prefix}1"), "alice"),
+            ada(&format!("{prefix}2"), "alice"),
+            ada(&format!("{prefix}3"), "bob"),
         ]);
         let (status, resp, _) = post(&server.url, Some(token), body, &[]);
         assert_eq!((status, resp["accepted"].as_u64()), (200, Some(3)), "{resp}");
@@ -146,7 +157,7 @@ fn protection_as_analysts_see_it() {
     let (status, resp, _) = post(&server.url, Some(&t1), ndjson(&[login("l1", "u-1")]), &[]);
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(1)));
     // A refused payment of alice's: its dead letter is hers to erase too.
-    let mut refused = ev("a-refused", "alice");
+    let mut refused = ada("a-refused", "alice");
     refused["detail"]["currency"] = json!("DOGE");
     let (status, resp, _) = post(&server.url, Some(&t1), ndjson(&[refused.clone()]), &[]);
     assert_eq!((status, resp["rejected"][0]["reason"].as_str()), (200, Some("bad_enum")), "{resp}");
@@ -201,8 +212,7 @@ fn protection_as_analysts_see_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let sent: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sent, refused, "the dead letter decrypts to the event as sent");
-    let out = run(&["keys", "forget", "--account", A[0], "--subject", "alice", "--data-dir", data_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    forget(&data, A[0], "alice");
     for value in [holder("a1"), holder("a2"), dead_raw.clone()] {
         let out = dec(&value);
         assert!(!out.status.success());
@@ -403,19 +413,17 @@ fn a_subject_forgotten_before_a_crash_stays_erased_after_the_replay() {
         ("WATERSHED_KEYS__ERASURE_CHECK_MS", "0"),
     ];
     let server = Server::start(&data, &hold);
-    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
-    let mut refused = ev("a-refused", "alice");
+    let mut refused = ada("a-refused", "alice");
     refused["detail"]["currency"] = json!("DOGE");
-    let body = ndjson(&[ev("a1", "alice"), ev("b1", "bob"), refused]);
+    let body = ndjson(&[ada("a1", "alice"), ada("b1", "bob"), refused]);
     let (status, resp, _) = post(&server.url, Some(&token), body, &[]);
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(2)), "{resp}");
-    let out = run(&["keys", "forget", "--account", A[0], "--subject", "alice", "--data-dir", data_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    forget(&data, A[0], "alice");
     server.kill9();
     assert!(read_table(&data.join("lake"), "payments").is_empty(), "nothing was committed before the crash");
 
     let server = Server::start(&data, &[]);
-    let (status, resp, _) = post(&server.url, Some(&token), ndjson(&[ev("a2", "alice")]), &[]);
+    let (status, resp, _) = post(&server.url, Some(&token), ndjson(&[ada("a2", "alice")]), &[]);
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(1)), "{resp}");
     assert!(server.stop().success());
 
@@ -489,25 +497,14 @@ fn forgetting_a_subject_commits_what_the_wal_holds() {
     let token = add_account(&data, A[0]);
     let hold = [("WATERSHED_LAKE__ROLL_AGE_SECS", "3600"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "3600")];
     let server = Server::start(&data, &hold);
-    let ev = |id: &str, customer: &str| payment(id, None, customer, "4111111111111111", "Ada Lovelace");
     let (status, resp, _) =
-        post(&server.url, Some(&token), ndjson(&[ev("a1", "alice"), ev("b1", "bob")]), &[]);
+        post(&server.url, Some(&token), ndjson(&[ada("a1", "alice"), ada("b1", "bob")]), &[]);
     assert_eq!((status, resp["accepted"].as_u64()), (200, Some(2)), "{resp}");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(wal_files(&data, "wal").iter().any(|&n| n > 0), "the events wait in the WAL for the roll age");
     assert!(read_table(&data.join("lake"), "payments").is_empty());
 
-    let out = run(&[
-        "keys",
-        "forget",
-        "--account",
-        A[0],
-        "--subject",
-        "alice",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    forget(&data, A[0], "alice");
     wait_for_an_empty_wal(&data, 15);
     let ids = ids_by_table(&data.join("lake"));
     assert_eq!(ids["payments"].len(), 2, "both events were committed: {ids:?}");
@@ -521,14 +518,10 @@ fn committed_events_leave_the_wal_and_retries_after_a_restart_are_duplicates() {
     let token = add_account(&data, A[0]);
     let env = [("WATERSHED_LAKE__ROLL_AGE_SECS", "1"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1")];
     let server = Server::start(&data, &env);
-    let mut refused = payment("p-refused", None, "alice", "4111111111111111", "Ada Lovelace");
+    let mut refused = ada("p-refused", "alice");
     refused["detail"]["currency"] = json!("DOGE");
     let body = || {
-        let mut b = ndjson(&[
-            payment("p-1", None, "alice", "4111111111111111", "Ada Lovelace"),
-            payment("p-2", None, "bob", "4111111111111111", "Ada Lovelace"),
-            refused.clone(),
-        ]);
+        let mut b = ndjson(&[ada("p-1", "alice"), ada("p-2", "bob"), refused.clone()]);
         b.extend_from_slice(b"{\"no id\": \"4111111111111111\"}\n");
         b
     };

@@ -1174,6 +1174,11 @@ mod tests {
         e.finish()
     }
 
+    /// Open the WAL in `dir` with no hook, ignoring what it replays.
+    fn open_empty(dir: &Path, opts: WalOptions, pending: Arc<Pending>) -> Wal {
+        Wal::open(dir, opts, pending, None, |_, _| Ok(()), |_, _| {}).unwrap()
+    }
+
     /// Open the WAL in `dir` again (a restart): the log and the (seq, first
     /// event id) of every record it replayed.
     fn reopen(dir: &Path, opts: WalOptions) -> (Wal, Vec<(u64, String)>) {
@@ -1200,8 +1205,7 @@ mod tests {
     async fn a_failed_fsync_stops_the_log_until_restart() {
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
-        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
-            .unwrap();
+        let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         fail_next_sync(dir.path());
         let e = wal.append(record("b"), 1, 1).await.unwrap_err().to_string();
@@ -1222,8 +1226,7 @@ mod tests {
     async fn a_failed_write_is_cut_back_and_later_records_survive() {
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
-        let wal = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
-            .unwrap();
+        let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         tear_next_write(dir.path(), 10);
         assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
@@ -1247,7 +1250,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions { segment_bytes: 4096, retain_events: 40 };
         let pending = Arc::new(Pending::default());
-        let wal = Wal::open(dir.path(), opts, pending.clone(), None, |_, _| Ok(()), |_, _| {}).unwrap();
+        let wal = open_empty(dir.path(), opts, pending.clone());
         let a = AccountId::new("111111111111").unwrap();
         let mut e = RecordEncoder::new(&a, 0, None, 0);
         e.accepted("ok-1", b"{\"pan\":\"SECRET-4111\"}");
@@ -1315,7 +1318,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
         let pending = Arc::new(Pending::default());
-        let wal = Wal::open(dir.path(), opts, pending.clone(), None, |_, _| Ok(()), |_, _| {}).unwrap();
+        let wal = open_empty(dir.path(), opts, pending.clone());
         let segments = || {
             let mut v: Vec<String> = std::fs::read_dir(dir.path())
                 .unwrap()
@@ -1397,7 +1400,7 @@ mod tests {
         let a = AccountId::new("111111111111").unwrap();
         let opts = WalOptions { segment_bytes: 256, retain_events: 1000 };
         let pending = Arc::new(Pending::default());
-        let wal = Wal::open(dir.path(), opts, pending.clone(), None, |_, _| Ok(()), |_, _| {}).unwrap();
+        let wal = open_empty(dir.path(), opts, pending.clone());
         let mut handles = Vec::new();
         for i in 0..20 {
             let wal = wal.clone();
