@@ -250,6 +250,67 @@ fn protection_as_analysts_see_it() {
     }
 }
 
+/// An erasure job: many subjects in one `keys forget`, from a file and
+/// from stdin. Their values read as `key_erased`, the others' still
+/// decrypt, and a subject with no key fails the command by its position
+/// (never by its id).
+#[test]
+fn an_erasure_job_forgets_many_subjects_in_one_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    let who = ["alice", "bob", "carol", "dave", "erin"];
+    let events: Vec<Value> = who.iter().map(|c| ada(&format!("{c}-1"), c)).collect();
+    let (status, resp, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+    assert_eq!((status, resp["accepted"].as_u64()), (200, Some(5)), "{resp}");
+    assert!(server.stop().success());
+    let mut holder = std::collections::HashMap::new();
+    for (_, b) in read_table(&data.join("lake"), "payments") {
+        for (id, h) in strings(&b, "event_id").into_iter().zip(detail_strings(&b, &["card", "holder_name"])) {
+            holder.insert(id.unwrap(), h.unwrap());
+        }
+    }
+    let data_s = data.to_str().unwrap();
+    let keys = |args: &[&str], stdin: &str| {
+        let mut child = std::process::Command::new(bin())
+            .args(["keys", "forget", "--account", A[0], "--data-dir", data_s])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let list = dir.path().join("subjects.txt");
+    std::fs::write(&list, "alice\nnobody\n\ncarol\r\n").unwrap();
+    let out = keys(&["--subjects-from", list.to_str().unwrap()], "");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "a subject had no key");
+    assert!(stdout.contains("erased 2 data key(s) of 2 subject(s)"), "{stdout}");
+    assert!(stderr.contains("1 subject(s)") && stderr.contains("number(s) 2 "), "{stderr}");
+    assert!(!stderr.contains("nobody"), "subject ids are not printed: {stderr}");
+    let out = keys(&["--subject", "erin", "--subjects-from", "-"], "dave\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("erased 2 data key(s) of 2 subject(s)"));
+    for c in who {
+        let out =
+            run(&["keys", "decrypt", "--principal", "auditor", "--purpose", "job-1", "--data-dir", data_s]
+                .into_iter()
+                .chain([holder[&format!("{c}-1")].as_str()])
+                .collect::<Vec<_>>());
+        if c == "bob" {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace", "bob stays readable");
+        } else {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("key_erased"), "{c} must be erased");
+        }
+    }
+    let audit = std::fs::read_to_string(data.join("keyring/audit.log")).unwrap();
+    assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 4);
+}
+
 #[test]
 fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     let dir = tempfile::tempdir().unwrap();

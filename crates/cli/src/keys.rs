@@ -43,15 +43,23 @@ impl KeyringArgs {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum KeysCmd {
-    /// Crypto-shred a data subject: delete every data key of (account,
+    /// Crypto-shred data subjects: delete every data key of (account,
     /// subject). Their ciphertexts become unreadable everywhere. Audited.
+    ///
+    /// Many subjects (an erasure job) go in one call, with `--subject`
+    /// repeated or `--subjects-from`: one pass over the keyring and one
+    /// fsync for all. Exits non-zero if any subject had no key.
     Forget {
         /// The member account.
         #[arg(long)]
         account: AccountId,
-        /// The data subject's id (the value of its data-subject field).
-        #[arg(long)]
-        subject: String,
+        /// A data subject's id (the value of its data-subject field).
+        #[arg(long, required_unless_present = "subjects_from")]
+        subject: Vec<String>,
+        /// A file of data subject ids, one per line (`-`: stdin); blank
+        /// lines are skipped.
+        #[arg(long, value_name = "FILE")]
+        subjects_from: Option<PathBuf>,
         #[command(flatten)]
         keyring: KeyringArgs,
     },
@@ -92,18 +100,65 @@ pub(crate) enum KeysCmd {
     },
 }
 
+/// Subject ids, one per line, from `path` (`-`: stdin).
+fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = if path == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading subjects from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading subjects from {}", path.display()))?
+    };
+    // Ids are taken as they are (no trimming), without a CRLF's CR.
+    Ok(text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::Forget { account, subject, keyring } => {
+        KeysCmd::Forget { account, subject, subjects_from, keyring } => {
+            let mut subjects = subject;
+            if let Some(path) = subjects_from {
+                subjects.extend(read_subjects(&path)?);
+            }
+            anyhow::ensure!(!subjects.is_empty(), "no data subjects to forget");
             let kr = keyring.open()?;
-            let erasure = kr.forget(&account, &subject)?;
+            let log = watershed_protect::Audited::audit_log(&kr).path().to_owned();
+            if let [one] = &subjects[..] {
+                let erasure = kr.forget(&account, one)?;
+                println!(
+                    "erased {} data key(s) of account {account}, subject ref {}; logged to {}",
+                    erasure.key_ids.len(),
+                    erasure.subject_ref,
+                    log.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+            let out = kr.forget_subjects(&account, &refs)?;
+            let keys: usize = out.iter().flatten().map(|e| e.key_ids.len()).sum();
+            let missing: Vec<usize> =
+                out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i + 1).collect();
             println!(
-                "erased {} data key(s) of account {account}, subject ref {}; logged to {}",
-                erasure.key_ids.len(),
-                erasure.subject_ref,
-                watershed_protect::Audited::audit_log(&kr).path().display()
+                "erased {keys} data key(s) of {} subject(s) of account {account}; logged to {}",
+                out.len() - missing.len(),
+                log.display()
             );
-            Ok(ExitCode::SUCCESS)
+            if missing.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Positions, not ids: subject ids are personal data.
+            let shown: Vec<String> = missing.iter().take(20).map(ToString::to_string).collect();
+            eprintln!(
+                "error: {} subject(s) of account {account} had no data key (never seen, or forgotten \
+                 already): number(s) {}{} in the order given",
+                missing.len(),
+                shown.join(", "),
+                if missing.len() > shown.len() { ", …" } else { "" }
+            );
+            Ok(ExitCode::FAILURE)
         }
         KeysCmd::Rotate { keyring } => {
             let kr = keyring.open()?;

@@ -8,10 +8,15 @@
 //!   The fsync runs without the state lock: lookups and new keys go on
 //!   meanwhile, and one sync at a time means a sync that returns has seen
 //!   every line queued before it began reach the disk.
-//! - **Erasing keys is thorough.** `forget` appends an erasure and then
-//!   compacts: the log is rewritten without the erased keys' material and
-//!   atomically replaces the old one, so the wrapped key bytes are gone
-//!   from the file, not just marked.
+//! - **Erasing keys is thorough, and costs what the subject holds.**
+//!   `forget` appends an erasure, then overwrites each erased key's line
+//!   in place with a `shredded` line of the same length, so the wrapped
+//!   key bytes are gone from the file, not just marked, without rewriting
+//!   the log. Once shredded lines would be half the log it is compacted
+//!   instead (rewritten, atomically replacing the old one). Opening the
+//!   keyring finishes a shredding a crash interrupted.
+//! - **Readers read what is new.** A log that grew in place is read from
+//!   where the last read stopped; a replaced one, from the start.
 //! - **Processes cooperate.** Every write holds an exclusive lock on
 //!   `keys.lock`; a writer or reader that sees a replaced or grown log
 //!   re-reads it, so `keys forget` from the command line takes effect in a
@@ -61,6 +66,17 @@ enum Line {
     },
     /// Data keys erased by `forget`.
     Erased { ids: Vec<String>, account: String, subject_ref: Option<String>, erased_at: String },
+    /// The line of an erased data key, overwritten in place: `{"op":"shredded"`,
+    /// spaces, `}`, as long as the line it replaced.
+    Shredded {},
+}
+
+/// Where a line sits in the key log: its offset and its length without
+/// the newline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LineAt {
+    offset: u64,
+    len: u32,
 }
 
 struct DataKeyRecord {
@@ -70,6 +86,9 @@ struct DataKeyRecord {
     wrapped: Wrapped,
     /// Shared by the keys created together.
     created: Arc<str>,
+    /// Its line in the log, once read from there (keys this process
+    /// created are written without being read back).
+    at: Option<LineAt>,
 }
 
 /// A new data key's line, written from borrowed parts (the same JSON as
@@ -98,10 +117,19 @@ struct State {
     /// The latest erasure per subject reference: when, and one of the
     /// keys it erased.
     erasures: HashMap<[u8; 16], (TimestampMicros, KeyId)>,
+    /// Earlier lines of a key written more than once (a write repeated
+    /// after a failed fsync): shredded with the key.
+    repeated: HashMap<KeyId, Vec<LineAt>>,
+    /// Lines in the log that still hold the material of erased keys.
+    unshredded: Vec<LineAt>,
+    /// Bytes of shredded lines in the log (newlines included).
+    shredded_bytes: u64,
 }
 
 impl State {
-    fn apply(&mut self, line: Line) {
+    /// Apply `line`, read from `at` in the log (`None`: not read from
+    /// the log).
+    fn apply(&mut self, line: Line, at: Option<LineAt>) {
         match line {
             Line::IndexKey { wrapped } => self.index_key = Some(wrapped),
             Line::TokenKey { account, wrapped } => {
@@ -112,15 +140,21 @@ impl State {
                 let subject_ref = subject_ref.as_deref().and_then(ref_from_hex);
                 self.add_data_key(
                     id,
-                    DataKeyRecord { account, subject_ref, current, wrapped, created: created.into() },
+                    DataKeyRecord { account, subject_ref, current, wrapped, created: created.into(), at },
                 );
+            }
+            Line::Shredded {} => {
+                self.shredded_bytes += at.map_or(0, |a| u64::from(a.len) + 1);
             }
             Line::Erased { ids, account, subject_ref, erased_at } => {
                 let at = chrono::DateTime::parse_from_rfc3339(&erased_at).map(|t| t.timestamp_micros());
                 let sref = subject_ref.as_deref().and_then(ref_from_hex);
                 for hex in ids {
                     let Some(id) = KeyId::from_hex(&hex) else { continue };
-                    self.data_keys.remove(&id);
+                    if let Some(rec) = self.data_keys.remove(&id) {
+                        self.unshredded.extend(rec.at);
+                    }
+                    self.unshredded.extend(self.repeated.remove(&id).unwrap_or_default());
                     self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
                     if let (Some(r), Ok(at)) = (sref, at) {
                         let e = self.erasures.entry(r).or_insert((at, id));
@@ -135,10 +169,19 @@ impl State {
         }
     }
 
-    /// Index a data key (unless erased) and make it current or not.
-    fn add_data_key(&mut self, id: KeyId, rec: DataKeyRecord) {
+    /// Index a data key (unless erased: then its line is one to shred)
+    /// and make it current or not.
+    fn add_data_key(&mut self, id: KeyId, mut rec: DataKeyRecord) {
         if self.erased.contains_key(&id) {
+            self.unshredded.extend(rec.at);
             return;
+        }
+        if let Some(old) = self.data_keys.get(&id) {
+            match (old.at, rec.at) {
+                (Some(o), Some(n)) if o != n => self.repeated.entry(id).or_default().push(o),
+                (Some(o), None) => rec.at = Some(o),
+                _ => {}
+            }
         }
         let account = &rec.account;
         match (rec.current, rec.subject_ref) {
@@ -195,6 +238,9 @@ impl State {
 struct Loaded {
     state: State,
     stamp: Option<Stamp>,
+    /// The log's bytes applied to `state`, up to the end of a whole line:
+    /// when the log grows in place, only what follows is read.
+    read_len: u64,
     file: Option<Arc<File>>,
     /// Lines of keys created here and not yet written, as JSON lines:
     /// written and fsynced by [`Keyring::sync`], and re-applied after a
@@ -257,6 +303,9 @@ pub struct EnvelopeKeyring<M: MasterKey> {
     path: PathBuf,
     lock_path: PathBuf,
     lock_fd: File,
+    /// Whether this process holds `keys.lock` (always with the state
+    /// locked, so one flag serves).
+    locked: std::sync::atomic::AtomicBool,
     master: M,
     audit: AuditLog,
     state: Mutex<Loaded>,
@@ -408,7 +457,7 @@ impl Hot {
 /// Apply a new line now and write it at the next sync.
 fn queue(st: &mut Loaded, line: Line) {
     push_line(&mut st.pending, &line);
-    st.state.apply(line);
+    st.state.apply(line, None);
 }
 
 /// Put lines whose fsync failed back in front of the pending ones: a
@@ -461,6 +510,9 @@ fn token_context(account: &str) -> Vec<u8> {
 
 const INDEX_CONTEXT: &[u8] = b"idx";
 
+/// How a shredded line starts (then spaces, then `}`).
+const SHREDDED: &[u8] = br#"{"op":"shredded""#;
+
 /// How often the encryption path looks for changes by other processes.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
@@ -469,10 +521,11 @@ fn ref_from_hex(s: &str) -> Option<[u8; 16]> {
 }
 
 /// Holds `keys.lock` exclusively while alive.
-struct FileLock<'a>(&'a File);
+struct FileLock<'a>(&'a File, &'a std::sync::atomic::AtomicBool);
 
 impl Drop for FileLock<'_> {
     fn drop(&mut self) {
+        self.1.store(false, Ordering::Release);
         let _ = self.0.unlock();
     }
 }
@@ -493,11 +546,13 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 .write(true)
                 .open(dir.join("keys.lock"))
                 .map_err(|source| Error::Io { path: dir.join("keys.lock"), source })?,
+            locked: std::sync::atomic::AtomicBool::new(false),
             audit: AuditLog::open(&dir.join("audit.log"))?,
             master,
             state: Mutex::new(Loaded {
                 state: State::default(),
                 stamp: None,
+                read_len: 0,
                 file: None,
                 pending: Vec::new(),
                 rng: ChaCha20Rng::from_entropy(),
@@ -511,6 +566,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             let mut st = lock(&kr.state);
             let _guard = kr.lock_file()?;
             kr.reload(&mut st, true)?;
+            kr.cut_torn_tail(&mut st)?;
+            // Erasures whose shredding a crash interrupted.
+            kr.shred(&mut st)?;
             if st.state.index_key.is_none() {
                 let k = SecretKey::random();
                 let w = kr.master.wrap(&k, INDEX_CONTEXT)?;
@@ -538,7 +596,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
 
     fn lock_file(&self) -> Result<FileLock<'_>> {
         self.lock_fd.lock().map_err(|source| Error::Io { path: self.lock_path.clone(), source })?;
-        Ok(FileLock(&self.lock_fd))
+        self.locked.store(true, Ordering::Release);
+        Ok(FileLock(&self.lock_fd, &self.locked))
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -558,40 +617,122 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         Ok(())
     }
 
-    /// Re-read the log if it changed (or always, with `force`).
+    /// Re-read the log if it changed (or always, with `force`). A log
+    /// that grew in place is read from where the last read stopped; a
+    /// replaced one (compacted, by this process or another) from the
+    /// start.
     fn reload(&self, st: &mut Loaded, force: bool) -> Result<()> {
         let now = stamp(&self.path);
         if !force && now.is_some() && now == st.stamp {
             return Ok(());
         }
-        let mut state = State::default();
+        let grown = matches!((now, st.stamp), (Some(n), Some(s))
+            if n.ino == s.ino && st.read_len > 0 && n.len >= st.read_len);
+        if grown {
+            match self.read_log(st, st.read_len) {
+                Ok(true) => {
+                    st.stamp = now;
+                    return Ok(());
+                }
+                // Not whole lines from there on (the log was cut back and
+                // written again by another process): read it all.
+                Ok(false) | Err(Error::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self.read_log(st, 0) {
+            // A line being shredded by another process reads as neither
+            // JSON nor torn: read again once that process is done.
+            Err(Error::Corrupt { .. }) if !self.locked.load(Ordering::Acquire) => {
+                let _guard = self.lock_file()?;
+                self.read_log(st, 0)?;
+            }
+            r => {
+                r?;
+            }
+        }
+        st.stamp = now;
+        st.file = None;
+        Ok(())
+    }
+
+    /// Apply the log's lines from byte `from` on: to a new state when
+    /// `from` is 0, else to the current one. Returns `false` when a line
+    /// from a tail read does not parse: the caller then reads the whole
+    /// log into a new state.
+    fn read_log(&self, st: &mut Loaded, from: u64) -> Result<bool> {
+        use std::io::{Seek, SeekFrom};
+        let mut state = if from == 0 { State::default() } else { std::mem::take(&mut st.state) };
+        let mut applied = false;
+        let mut pos = from;
         match File::open(&self.path) {
-            Ok(f) => {
-                for line in BufReader::new(f).lines() {
-                    let line = line.map_err(self.io())?;
-                    match serde_json::from_str::<Line>(&line) {
-                        Ok(l) => state.apply(l),
+            Ok(mut f) => {
+                f.seek(SeekFrom::Start(from)).map_err(self.io())?;
+                let mut r = BufReader::with_capacity(1 << 16, f);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    let n = r.read_until(b'\n', &mut buf).map_err(self.io())?;
+                    if n == 0 {
+                        break;
+                    }
+                    let whole = buf.last() == Some(&b'\n');
+                    let text = if whole { &buf[..n - 1] } else { &buf[..] };
+                    let at = LineAt { offset: pos, len: u32::try_from(text.len()).unwrap_or(u32::MAX) };
+                    match serde_json::from_slice::<Line>(text) {
+                        Ok(l) => {
+                            state.apply(l, Some(at));
+                            applied = true;
+                        }
                         // A torn last line: a key created but never synced,
                         // so never used by an acknowledged event.
-                        Err(_) if !line.ends_with('}') => {}
+                        Err(_) if !whole && !text.ends_with(b"}") => {}
+                        Err(_) if from > 0 => {
+                            st.state = state;
+                            return Ok(false);
+                        }
                         Err(e) => {
                             return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() })
                         }
+                    }
+                    if whole {
+                        pos += n as u64;
                     }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(self.io()(e)),
         }
-        for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
-            state.apply(l.expect("pending lines were serialised here"));
+        if from == 0 || applied {
+            for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
+                state.apply(l.expect("pending lines were serialised here"), None);
+            }
+            st.cache.retain(|id| state.data_keys.contains_key(id));
+            self.hot.clear();
         }
-        st.cache.retain(|id| state.data_keys.contains_key(id));
-        self.hot.clear();
         st.state = state;
-        st.stamp = now;
-        st.file = None;
-        Ok(())
+        st.read_len = pos;
+        Ok(true)
+    }
+
+    /// Cut off a torn last line (a write a crash interrupted: its keys
+    /// were never synced, so never used), so that the next append starts a
+    /// line of its own. The caller holds the file lock.
+    fn cut_torn_tail(&self, st: &mut Loaded) -> Result<()> {
+        let Some(now) = stamp(&self.path) else { return Ok(()) };
+        if now.len <= st.read_len {
+            return Ok(());
+        }
+        tracing::warn!(
+            path = %self.path.display(),
+            bytes = now.len - st.read_len,
+            "cutting off a torn last line of the key log"
+        );
+        let f = OpenOptions::new().write(true).open(&self.path).map_err(self.io())?;
+        f.set_len(st.read_len).and_then(|()| f.sync_data()).map_err(self.io())?;
+        // Read it all again: the torn line may have been applied.
+        st.read_len = 0;
+        self.reload(st, true)
     }
 
     /// Write the pending lines in one append and fsync; the caller holds
@@ -639,20 +780,87 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             });
         }
         st.stamp = stamp(&self.path);
+        // These lines need no reading back (they are applied already).
+        if st.read_len == before {
+            st.read_len = before + st.pending.len() as u64;
+        }
         Ok(Some((file, std::mem::take(&mut st.pending))))
     }
 
-    /// Rewrite the log from the current state; erased material is gone.
+    /// Rewrite the log from the current state; erased material and
+    /// shredded lines are gone. The caller holds the file lock.
     fn compact(&self, st: &mut Loaded) -> Result<()> {
         let mut buf = Vec::new();
         for l in st.state.snapshot() {
             push_line(&mut buf, &l);
         }
         write_atomic(&self.path, &buf)?;
-        st.file = None;
         st.pending.clear();
+        // Read back: the lines' places changed.
+        self.reload(st, true)
+    }
+
+    /// [`Self::shred`] where lines cannot be written in place: compact.
+    #[cfg(not(unix))]
+    fn shred(&self, st: &mut Loaded) -> Result<()> {
+        if st.state.unshredded.is_empty() {
+            return Ok(());
+        }
+        self.compact(st)
+    }
+
+    /// Overwrite the lines of erased keys in place (`{"op":"shredded"}`
+    /// padded to the same length) and fsync: their wrapped key bytes are
+    /// gone from the log, at a cost that does not grow with the log. Once
+    /// shredded lines are half the log, the log is compacted instead. The
+    /// caller holds the file lock, and the erasures are in the log already
+    /// (a crash in between leaves lines that the next open shreds).
+    #[cfg(unix)]
+    fn shred(&self, st: &mut Loaded) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if st.state.unshredded.is_empty() {
+            return Ok(());
+        }
+        let len = stamp(&self.path).map_or(0, |s| s.len);
+        let lines: u64 = st.state.unshredded.iter().map(|a| u64::from(a.len) + 1).sum();
+        if (st.state.shredded_bytes + lines) * 2 > len {
+            return self.compact(st);
+        }
+        let f = OpenOptions::new().read(true).write(true).open(&self.path).map_err(self.io())?;
+        let mut line = Vec::new();
+        for at in std::mem::take(&mut st.state.unshredded) {
+            // Only a data key's line is overwritten: anything else there
+            // means the places are stale, and a compaction is the safe way.
+            line.resize(at.len as usize, 0);
+            f.read_exact_at(&mut line, at.offset).map_err(self.io())?;
+            if !line.starts_with(br#"{"op":"data_key","#) || !line.ends_with(b"}") {
+                tracing::warn!(offset = at.offset, "a key log line to shred is not a data key: compacting");
+                return self.compact(st);
+            }
+            line.fill(b' ');
+            line[..SHREDDED.len()].copy_from_slice(SHREDDED);
+            *line.last_mut().expect("longer than the marker") = b'}';
+            f.write_all_at(&line, at.offset).map_err(self.io())?;
+            st.state.shredded_bytes += u64::from(at.len) + 1;
+        }
+        f.sync_data().map_err(self.io())?;
         st.stamp = stamp(&self.path);
         Ok(())
+    }
+
+    /// The data keys of `srefs` (subjects of `account`), by subject: one
+    /// pass over the keys, however many subjects.
+    fn keys_of(st: &Loaded, account: &AccountId, srefs: &[[u8; 16]]) -> HashMap<[u8; 16], Vec<KeyId>> {
+        let wanted: std::collections::HashSet<&[u8; 16]> = srefs.iter().collect();
+        let mut out: HashMap<[u8; 16], Vec<KeyId>> = HashMap::new();
+        for (id, r) in &st.state.data_keys {
+            if let Some(sref) = r.subject_ref.as_ref().filter(|s| wanted.contains(s)) {
+                if r.account == account.as_str() {
+                    out.entry(*sref).or_default().push(*id);
+                }
+            }
+        }
+        out
     }
 
     fn subject_ref(st: &Loaded, account: &AccountId, subject: &str) -> [u8; 16] {
@@ -747,6 +955,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 current: true,
                 wrapped,
                 created,
+                at: None,
             },
         );
         let c = Arc::new(DataCipher::new(id, &k));
@@ -890,32 +1099,59 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     }
 
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure> {
+        self.forget_subjects(account, &[subject])?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::NothingToForget { account: account.to_string() })
+    }
+
+    fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
         let mut st = lock(&self.state);
         let _guard = self.lock_file()?;
+        // Keys this process created must be in the log before it records
+        // their erasure.
+        self.flush_pending(&mut st)?;
         self.reload(&mut st, true)?;
-        let sref_bytes = Self::subject_ref(&st, account, subject);
-        let sref = hex(&sref_bytes);
-        let mut ids: Vec<KeyId> = st
-            .state
-            .data_keys
-            .iter()
-            .filter(|(_, r)| r.account == account.as_str() && r.subject_ref == Some(sref_bytes))
-            .map(|(id, _)| *id)
-            .collect();
-        if ids.is_empty() {
-            return Err(Error::NothingToForget { account: account.to_string() });
+        let srefs: Vec<[u8; 16]> = subjects.iter().map(|s| Self::subject_ref(&st, account, s)).collect();
+        let mut keys = Self::keys_of(&st, account, &srefs);
+        // Keys created here were written but not read back, so their
+        // lines' places are unknown: read the whole log for them.
+        if keys.values().flatten().any(|id| st.state.data_keys[id].at.is_none()) {
+            st.read_len = 0;
+            self.reload(&mut st, true)?;
+            keys = Self::keys_of(&st, account, &srefs);
         }
-        ids.sort();
-        let hex: Vec<String> = ids.iter().map(KeyId::to_hex).collect();
-        st.state.apply(Line::Erased {
-            ids: hex.clone(),
-            account: account.to_string(),
-            subject_ref: Some(sref.clone()),
-            erased_at: chrono::Utc::now().to_rfc3339(),
-        });
-        st.cache.retain(|id| !ids.contains(id));
+        let erased_at = chrono::Utc::now().to_rfc3339();
+        let mut out = Vec::with_capacity(subjects.len());
+        let mut all: Vec<KeyId> = Vec::new();
+        for sref in &srefs {
+            let Some(mut ids) = keys.remove(sref) else {
+                out.push(None);
+                continue;
+            };
+            ids.sort();
+            let subject_ref = hex(sref);
+            queue(
+                &mut st,
+                Line::Erased {
+                    ids: ids.iter().map(KeyId::to_hex).collect(),
+                    account: account.to_string(),
+                    subject_ref: Some(subject_ref.clone()),
+                    erased_at: erased_at.clone(),
+                },
+            );
+            all.extend(&ids);
+            out.push(Some(Erasure { key_ids: ids, subject_ref }));
+        }
+        if all.is_empty() {
+            return Ok(out);
+        }
+        // The erasures are durable before any material is overwritten.
+        self.flush_pending(&mut st)?;
+        let all: std::collections::HashSet<KeyId> = all.into_iter().collect();
+        st.cache.retain(|id| !all.contains(id));
         self.hot.clear();
-        self.compact(&mut st)?;
+        self.shred(&mut st)?;
         drop(_guard);
         drop(st);
         #[derive(Serialize)]
@@ -925,14 +1161,17 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             subject_ref: &'a str,
             key_ids: &'a [String],
         }
-        self.audit.append(&Rec {
-            action: "forget",
-            account: account.as_str(),
-            subject_ref: &sref,
-            key_ids: &hex,
-        })?;
-        tracing::info!(account = %account, subject_ref = %sref, keys = ids.len(), "erased data subject keys");
-        Ok(Erasure { key_ids: ids, subject_ref: sref })
+        for e in out.iter().flatten() {
+            let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
+            self.audit.append(&Rec {
+                action: "forget",
+                account: account.as_str(),
+                subject_ref: &e.subject_ref,
+                key_ids: &ids,
+            })?;
+            tracing::info!(account = %account, subject_ref = %e.subject_ref, keys = ids.len(), "erased data subject keys");
+        }
+        Ok(out)
     }
 
     fn rotate(&self) -> Result<String> {
@@ -1032,6 +1271,193 @@ mod tests {
         let access = crate::Access { principal: "p".into(), purpose: "test".into() };
         let text = String::from_utf8(out).unwrap();
         assert_eq!(d.decrypt(&access, &[&text]).unwrap()[0].as_ref().unwrap().expose(), "plain");
+    }
+
+    fn log_lines(kr: &LocalKeyring) -> Vec<String> {
+        std::fs::read_to_string(&kr.path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    fn ino(path: &Path) -> u64 {
+        stamp(path).unwrap().ino
+    }
+
+    /// Keys of `n` subjects `s-0`… of one account, synced; the keyring and
+    /// each key's line.
+    fn subjects(dir: &Path, n: usize) -> (LocalKeyring, Vec<(KeyId, String)>) {
+        let a = AccountId::new("111111111111").unwrap();
+        let kr = LocalKeyring::open_local(dir).unwrap();
+        let ids: Vec<KeyId> =
+            (0..n).map(|i| kr.data_cipher(&a, Some(&format!("s-{i}"))).unwrap().id()).collect();
+        kr.sync().unwrap();
+        let lines = log_lines(&kr);
+        let keys = ids
+            .into_iter()
+            .map(|id| {
+                let l = lines.iter().find(|l| l.contains(&id.to_hex())).unwrap().clone();
+                (id, l)
+            })
+            .collect();
+        (kr, keys)
+    }
+
+    fn blob(line: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["wrapped"]["blob"].as_str().unwrap().to_owned()
+    }
+
+    /// `forget` overwrites the subject's key lines where they are, the same
+    /// length, and appends the erasure: the log is not rewritten, its
+    /// other lines stay where they were, and every reader (this keyring,
+    /// a new one) sees the erasure and the other keys.
+    #[test]
+    fn forget_shreds_the_subjects_lines_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 20);
+        let (before, ino_before) = (log_lines(&kr), ino(&kr.path));
+        let e = kr.forget(&a, "s-3").unwrap();
+        assert_eq!(e.key_ids, vec![keys[3].0]);
+        let after = log_lines(&kr);
+        assert_eq!(ino(&kr.path), ino_before, "the log was rewritten");
+        assert_eq!(after.len(), before.len() + 1, "one erasure line appended");
+        let shredded: Vec<(&String, &String)> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+        assert_eq!(shredded.len(), 1, "exactly the subject's line changed");
+        let (old, new) = shredded[0];
+        assert_eq!(old.len(), new.len());
+        assert!(
+            new.starts_with(r#"{"op":"shredded""#) && new.trim_end_matches('}').trim_end().len() == 16,
+            "{new}"
+        );
+        let text = std::fs::read_to_string(&kr.path).unwrap();
+        assert!(!text.contains(&blob(&keys[3].1)), "the wrapped key is still in the log");
+        assert!(text.contains(&blob(&keys[4].1)));
+        for reader in [&kr, &LocalKeyring::open_local(dir.path()).unwrap()] {
+            assert!(matches!(reader.cipher_by_id(&keys[3].0), Err(Error::KeyErased { .. })));
+            assert_eq!(reader.cipher_by_id(&keys[4].0).unwrap().id(), keys[4].0);
+            assert_eq!(reader.data_cipher(&a, Some("s-5")).unwrap().id(), keys[5].0);
+        }
+        assert!(matches!(kr.forget(&a, "s-3"), Err(Error::NothingToForget { .. })));
+    }
+
+    /// A keyring beside the one that forgets reads only what was appended
+    /// to the log (its own keys, never read back, stay unplaced), and
+    /// still sees the erasure.
+    #[test]
+    fn a_running_keyring_reads_only_the_appended_erasure() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (hub, keys) = subjects(dir.path(), 5);
+        let cli = LocalKeyring::open_local(dir.path()).unwrap();
+        cli.forget(&a, "s-1").unwrap();
+        assert!(matches!(hub.cipher_by_id(&keys[1].0), Err(Error::KeyErased { .. })));
+        let st = lock(&hub.state);
+        assert_eq!(st.read_len, std::fs::metadata(&hub.path).unwrap().len());
+        assert!(st.state.data_keys[&keys[0].0].at.is_none(), "the whole log was read again");
+    }
+
+    /// Many subjects in one call: one erasure line each, every line
+    /// shredded, unknown subjects answered `None`, one audit record per
+    /// subject erased.
+    #[test]
+    fn forgetting_many_subjects_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 30);
+        let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9"]).unwrap();
+        let ids: Vec<Option<Vec<KeyId>>> =
+            out.iter().map(|e| e.as_ref().map(|e| e.key_ids.clone())).collect();
+        assert_eq!(ids, vec![Some(vec![keys[2].0]), None, Some(vec![keys[7].0]), Some(vec![keys[9].0])]);
+        let text = std::fs::read_to_string(&kr.path).unwrap();
+        for i in [2, 7, 9] {
+            assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");
+        }
+        assert_eq!(log_lines(&kr).iter().filter(|l| l.contains(r#""op":"erased""#)).count(), 3);
+        let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 3);
+        let other = LocalKeyring::open_local(dir.path()).unwrap();
+        assert!(matches!(other.cipher_by_id(&keys[7].0), Err(Error::KeyErased { .. })));
+        assert_eq!(other.cipher_by_id(&keys[8].0).unwrap().id(), keys[8].0);
+    }
+
+    /// Once shredded lines would be half the log, `forget` compacts it
+    /// instead: the log never holds more shredded bytes than live ones.
+    #[test]
+    fn the_log_is_compacted_once_half_of_it_is_shredded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 40);
+        let first = ino(&kr.path);
+        let mut compacted = false;
+        for i in 0..30 {
+            kr.forget(&a, &format!("s-{i}")).unwrap();
+            let text = std::fs::read_to_string(&kr.path).unwrap();
+            let shredded: usize =
+                text.lines().filter(|l| l.starts_with(r#"{"op":"shredded""#)).map(|l| l.len() + 1).sum();
+            assert!(shredded * 2 <= text.len(), "{shredded} of {} bytes shredded", text.len());
+            compacted |= ino(&kr.path) != first;
+        }
+        assert!(compacted, "never compacted");
+        let other = LocalKeyring::open_local(dir.path()).unwrap();
+        assert!(matches!(other.cipher_by_id(&keys[29].0), Err(Error::KeyErased { .. })));
+        assert_eq!(other.cipher_by_id(&keys[35].0).unwrap().id(), keys[35].0);
+        // Still shredded in place after the compaction.
+        let before = ino(&kr.path);
+        kr.forget(&a, "s-39").unwrap();
+        assert_eq!(ino(&kr.path), before);
+    }
+
+    /// A crash after the erasure was written but before the key's line
+    /// was shredded: the next open shreds it. A key written twice (a write
+    /// repeated after a failed fsync) loses both lines.
+    #[test]
+    fn lines_left_by_a_crash_are_shredded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kr, keys) = subjects(dir.path(), 10);
+        let path = kr.path.clone();
+        drop(kr);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        // The line of s-4 written again, then the erasure of s-4 and s-6.
+        writeln!(f, "{}", keys[4].1).unwrap();
+        for i in [4, 6] {
+            let v: serde_json::Value = serde_json::from_str(&keys[i].1).unwrap();
+            let line = Line::Erased {
+                ids: vec![keys[i].0.to_hex()],
+                account: "111111111111".into(),
+                subject_ref: v["subject_ref"].as_str().map(str::to_owned),
+                erased_at: chrono::Utc::now().to_rfc3339(),
+            };
+            writeln!(f, "{}", serde_json::to_string(&line).unwrap()).unwrap();
+        }
+        drop(f);
+        let kr = LocalKeyring::open_local(dir.path()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for i in [4, 6] {
+            assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");
+            assert!(matches!(kr.cipher_by_id(&keys[i].0), Err(Error::KeyErased { .. })));
+        }
+        assert_eq!(kr.cipher_by_id(&keys[5].0).unwrap().id(), keys[5].0);
+    }
+
+    /// A last line torn by a crash is cut off at open, so the next key is
+    /// a line of its own and the log reads back whole.
+    #[test]
+    fn a_torn_last_line_is_cut_off_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 3);
+        let path = kr.path.clone();
+        drop(kr);
+        let whole = std::fs::read(&path).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"op":"data_key","id":"00112233"#).unwrap();
+        drop(f);
+        let kr = LocalKeyring::open_local(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole, "the torn line is still there");
+        let new = kr.data_cipher(&a, Some("s-new")).unwrap().id();
+        kr.sync().unwrap();
+        let again = LocalKeyring::open_local(dir.path()).unwrap();
+        assert_eq!(again.data_cipher(&a, Some("s-new")).unwrap().id(), new);
+        assert_eq!(again.data_cipher(&a, Some("s-1")).unwrap().id(), keys[1].0);
     }
 
     #[test]

@@ -48,8 +48,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Stamp {
     modified_ns: i128,
-    len: u64,
-    ino: u64,
+    pub(crate) len: u64,
+    pub(crate) ino: u64,
 }
 
 pub(crate) fn stamp(path: &Path) -> Option<Stamp> {

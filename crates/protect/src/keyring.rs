@@ -140,6 +140,24 @@ pub trait Keyring: Send + Sync + Debug {
     /// [`crate::Error::NothingToForget`] when there is no such key.
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure>;
 
+    /// [`Keyring::forget`] for many subjects of one account at once (an
+    /// erasure job): one pass and one fsync for all of them. A subject with
+    /// no key gets `None`.
+    ///
+    /// # Errors
+    /// When the keyring cannot be read or written; then nothing may have
+    /// been erased, or some of the subjects.
+    fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+        subjects
+            .iter()
+            .map(|s| match self.forget(account, s) {
+                Ok(e) => Ok(Some(e)),
+                Err(crate::Error::NothingToForget { .. }) => Ok(None),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
     /// Rotate: new master key, every data key rewrapped under it, and new
     /// data keys for new events. Old data keys stay for decryption.
     ///
