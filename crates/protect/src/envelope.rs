@@ -153,6 +153,18 @@ impl State {
                     let Some(id) = KeyId::from_hex(&hex) else { continue };
                     if let Some(rec) = self.data_keys.remove(&id) {
                         self.unshredded.extend(rec.at);
+                        // No longer current (looked up by its own entry:
+                        // a pass over every key per erasure made reading
+                        // a log of many erasures quadratic).
+                        match rec.subject_ref {
+                            Some(r) if self.current_subject.get(&r) == Some(&id) => {
+                                self.current_subject.remove(&r);
+                            }
+                            None if self.current_account.get(&rec.account) == Some(&id) => {
+                                self.current_account.remove(&rec.account);
+                            }
+                            _ => {}
+                        }
                     }
                     self.unshredded.extend(self.repeated.remove(&id).unwrap_or_default());
                     self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
@@ -163,8 +175,6 @@ impl State {
                         }
                     }
                 }
-                self.current_account.retain(|_, id| !self.erased.contains_key(id));
-                self.current_subject.retain(|_, id| !self.erased.contains_key(id));
             }
         }
     }
@@ -1337,6 +1347,11 @@ mod tests {
             assert_eq!(reader.data_cipher(&a, Some("s-5")).unwrap().id(), keys[5].0);
         }
         assert!(matches!(kr.forget(&a, "s-3"), Err(Error::NothingToForget { .. })));
+        // New events of the subject get a new key, here and in a new reader.
+        let other = LocalKeyring::open_local(dir.path()).unwrap();
+        let new = other.data_cipher(&a, Some("s-3")).unwrap().id();
+        assert_ne!(new, keys[3].0);
+        assert_ne!(kr.data_cipher(&a, Some("s-3")).unwrap().id(), keys[3].0);
     }
 
     /// A keyring beside the one that forgets reads only what was appended
