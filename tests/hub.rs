@@ -292,7 +292,7 @@ fn an_erasure_job_forgets_many_subjects_in_one_call() {
     assert!(stdout.contains("erased 2 data key(s) of 2 subject(s)"), "{stdout}");
     assert!(stderr.contains("1 subject(s)") && stderr.contains("number(s) 2 "), "{stderr}");
     assert!(!stderr.contains("nobody"), "subject ids are not printed: {stderr}");
-    let out = keys(&["--subject", "erin", "--subjects-from", "-"], "dave\n");
+    let out = keys(&["--subject", "erin", "--subjects-from", "-"], "dave\nerin\n");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("erased 2 data key(s) of 2 subject(s)"));
     for c in who {

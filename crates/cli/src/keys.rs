@@ -138,12 +138,15 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             }
             let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
             let out = kr.forget_subjects(&account, &refs)?;
-            let keys: usize = out.iter().flatten().map(|e| e.key_ids.len()).sum();
+            // A subject named twice is erased (and counted) once.
+            let erased: std::collections::HashMap<&str, usize> =
+                out.iter().flatten().map(|e| (e.subject_ref.as_str(), e.key_ids.len())).collect();
             let missing: Vec<usize> =
                 out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i + 1).collect();
             println!(
-                "erased {keys} data key(s) of {} subject(s) of account {account}; logged to {}",
-                out.len() - missing.len(),
+                "erased {} data key(s) of {} subject(s) of account {account}; logged to {}",
+                erased.values().sum::<usize>(),
+                erased.len(),
                 log.display()
             );
             if missing.is_empty() {

@@ -1132,9 +1132,16 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             keys = Self::keys_of(&st, account, &srefs);
         }
         let erased_at = chrono::Utc::now().to_rfc3339();
-        let mut out = Vec::with_capacity(subjects.len());
+        let mut out: Vec<Option<Erasure>> = Vec::with_capacity(subjects.len());
         let mut all: Vec<KeyId> = Vec::new();
+        let mut first: HashMap<[u8; 16], usize> = HashMap::new();
         for sref in &srefs {
+            // A subject named twice is erased once, and answered alike.
+            if let Some(&i) = first.get(sref) {
+                out.push(out[i].clone());
+                continue;
+            }
+            first.insert(*sref, out.len());
             let Some(mut ids) = keys.remove(sref) else {
                 out.push(None);
                 continue;
@@ -1171,7 +1178,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             subject_ref: &'a str,
             key_ids: &'a [String],
         }
-        for e in out.iter().flatten() {
+        for (i, e) in out.iter().enumerate() {
+            let Some(e) = e.as_ref().filter(|_| first.get(&srefs[i]) == Some(&i)) else { continue };
             let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
             self.audit.append(&Rec {
                 action: "forget",
@@ -1378,10 +1386,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
         let (kr, keys) = subjects(dir.path(), 30);
-        let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9"]).unwrap();
+        let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9", "s-7"]).unwrap();
         let ids: Vec<Option<Vec<KeyId>>> =
             out.iter().map(|e| e.as_ref().map(|e| e.key_ids.clone())).collect();
-        assert_eq!(ids, vec![Some(vec![keys[2].0]), None, Some(vec![keys[7].0]), Some(vec![keys[9].0])]);
+        let seven = Some(vec![keys[7].0]);
+        assert_eq!(ids, vec![Some(vec![keys[2].0]), None, seven.clone(), Some(vec![keys[9].0]), seven]);
         let text = std::fs::read_to_string(&kr.path).unwrap();
         for i in [2, 7, 9] {
             assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");

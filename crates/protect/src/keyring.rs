@@ -141,21 +141,29 @@ pub trait Keyring: Send + Sync + Debug {
     fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure>;
 
     /// [`Keyring::forget`] for many subjects of one account at once (an
-    /// erasure job): one pass and one fsync for all of them. A subject with
-    /// no key gets `None`.
+    /// erasure job; the key log's keyring does it in one pass and one
+    /// fsync). A subject with no key gets `None`; a subject named again
+    /// gets the answer of its first mention.
     ///
     /// # Errors
     /// When the keyring cannot be read or written; then nothing may have
     /// been erased, or some of the subjects.
     fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
-        subjects
-            .iter()
-            .map(|s| match self.forget(account, s) {
-                Ok(e) => Ok(Some(e)),
-                Err(crate::Error::NothingToForget { .. }) => Ok(None),
-                Err(e) => Err(e),
-            })
-            .collect()
+        let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut out: Vec<Option<Erasure>> = Vec::with_capacity(subjects.len());
+        for s in subjects {
+            if let Some(&i) = first.get(s) {
+                out.push(out[i].clone());
+                continue;
+            }
+            first.insert(s, out.len());
+            out.push(match self.forget(account, s) {
+                Ok(e) => Some(e),
+                Err(crate::Error::NothingToForget { .. }) => None,
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(out)
     }
 
     /// Rotate: new master key, every data key rewrapped under it, and new
