@@ -671,48 +671,22 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     /// from a tail read does not parse: the caller then reads the whole
     /// log into a new state.
     fn read_log(&self, st: &mut Loaded, from: u64) -> Result<bool> {
-        use std::io::{Seek, SeekFrom};
         let mut state = if from == 0 { State::default() } else { std::mem::take(&mut st.state) };
-        let mut applied = false;
-        let mut pos = from;
-        match File::open(&self.path) {
-            Ok(mut f) => {
-                f.seek(SeekFrom::Start(from)).map_err(self.io())?;
-                let mut r = BufReader::with_capacity(1 << 16, f);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    let n = r.read_until(b'\n', &mut buf).map_err(self.io())?;
-                    if n == 0 {
-                        break;
-                    }
-                    let whole = buf.last() == Some(&b'\n');
-                    let text = if whole { &buf[..n - 1] } else { &buf[..] };
-                    let at = LineAt { offset: pos, len: u32::try_from(text.len()).unwrap_or(u32::MAX) };
-                    match serde_json::from_slice::<Line>(text) {
-                        Ok(l) => {
-                            state.apply(l, Some(at));
-                            applied = true;
-                        }
-                        // A torn last line: a key created but never synced,
-                        // so never used by an acknowledged event.
-                        Err(_) if !whole && !text.ends_with(b"}") => {}
-                        Err(_) if from > 0 => {
-                            st.state = state;
-                            return Ok(false);
-                        }
-                        Err(e) => {
-                            return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() })
-                        }
-                    }
-                    if whole {
-                        pos += n as u64;
-                    }
-                }
+        let (pos, applied) = match self.read_lines(&mut state, from) {
+            Ok(Some(read)) => read,
+            // A tail read keeps what it applied (lines in order, so a state
+            // behind the log, not a wrong one); a full read keeps nothing.
+            Ok(None) => {
+                st.state = state;
+                return Ok(false);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(self.io()(e)),
-        }
+            Err(e) => {
+                if from > 0 {
+                    st.state = state;
+                }
+                return Err(e);
+            }
+        };
         if from == 0 || applied {
             for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
                 state.apply(l.expect("pending lines were serialised here"), None);
@@ -723,6 +697,45 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         st.state = state;
         st.read_len = pos;
         Ok(true)
+    }
+
+    /// Apply to `state` the log's lines from byte `from` on. Returns where
+    /// the last whole line ends and whether any line was applied, or
+    /// `None` when a line of a tail read (`from` > 0) does not parse.
+    fn read_lines(&self, state: &mut State, from: u64) -> Result<Option<(u64, bool)>> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some((0, false))),
+            Err(e) => return Err(self.io()(e)),
+        };
+        f.seek(SeekFrom::Start(from)).map_err(self.io())?;
+        let mut r = BufReader::with_capacity(1 << 16, f);
+        let (mut buf, mut pos, mut applied) = (Vec::new(), from, false);
+        loop {
+            buf.clear();
+            let n = r.read_until(b'\n', &mut buf).map_err(self.io())?;
+            if n == 0 {
+                return Ok(Some((pos, applied)));
+            }
+            let whole = buf.last() == Some(&b'\n');
+            let text = if whole { &buf[..n - 1] } else { &buf[..] };
+            let at = LineAt { offset: pos, len: u32::try_from(text.len()).unwrap_or(u32::MAX) };
+            match serde_json::from_slice::<Line>(text) {
+                Ok(l) => {
+                    state.apply(l, Some(at));
+                    applied = true;
+                }
+                // A torn last line: a key created but never synced, so
+                // never used by an acknowledged event.
+                Err(_) if !whole && !text.ends_with(b"}") => {}
+                Err(_) if from > 0 => return Ok(None),
+                Err(e) => return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() }),
+            }
+            if whole {
+                pos += n as u64;
+            }
+        }
     }
 
     /// Cut off a torn last line (a write a crash interrupted: its keys
