@@ -871,6 +871,76 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         Ok(())
     }
 
+    /// [`Keyring::forget_subjects`] for subjects named once each.
+    fn forget_distinct(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+        let mut st = lock(&self.state);
+        let _guard = self.lock_file()?;
+        // Keys this process created must be in the log before it records
+        // their erasure.
+        self.flush_pending(&mut st)?;
+        self.reload(&mut st, true)?;
+        let srefs: Vec<[u8; 16]> = subjects.iter().map(|s| Self::subject_ref(&st, account, s)).collect();
+        let mut keys = Self::keys_of(&st, account, &srefs);
+        // Keys created here were written but not read back, so their
+        // lines' places are unknown: read the whole log for them.
+        if keys.values().flatten().any(|id| st.state.data_keys[id].at.is_none()) {
+            st.read_len = 0;
+            self.reload(&mut st, true)?;
+            keys = Self::keys_of(&st, account, &srefs);
+        }
+        let erased_at = chrono::Utc::now().to_rfc3339();
+        let mut out: Vec<Option<Erasure>> = Vec::with_capacity(subjects.len());
+        let mut all: Vec<KeyId> = Vec::new();
+        for sref in &srefs {
+            let Some(mut ids) = keys.remove(sref) else {
+                out.push(None);
+                continue;
+            };
+            ids.sort();
+            let subject_ref = hex(sref);
+            queue(
+                &mut st,
+                Line::Erased {
+                    ids: ids.iter().map(KeyId::to_hex).collect(),
+                    account: account.to_string(),
+                    subject_ref: Some(subject_ref.clone()),
+                    erased_at: erased_at.clone(),
+                },
+            );
+            all.extend(&ids);
+            out.push(Some(Erasure { key_ids: ids, subject_ref }));
+        }
+        if all.is_empty() {
+            return Ok(out);
+        }
+        // The erasures are durable before any material is overwritten.
+        self.flush_pending(&mut st)?;
+        let all: std::collections::HashSet<KeyId> = all.into_iter().collect();
+        st.cache.retain(|id| !all.contains(id));
+        self.hot.clear();
+        self.shred(&mut st)?;
+        drop(_guard);
+        drop(st);
+        #[derive(Serialize)]
+        struct Rec<'a> {
+            action: &'static str,
+            account: &'a str,
+            subject_ref: &'a str,
+            key_ids: &'a [String],
+        }
+        for e in out.iter().flatten() {
+            let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
+            self.audit.append(&Rec {
+                action: "forget",
+                account: account.as_str(),
+                subject_ref: &e.subject_ref,
+                key_ids: &ids,
+            })?;
+            tracing::info!(account = %account, subject_ref = %e.subject_ref, keys = ids.len(), "erased data subject keys");
+        }
+        Ok(out)
+    }
+
     /// The data keys of `srefs` (subjects of `account`), by subject: one
     /// pass over the keys, however many subjects.
     fn keys_of(st: &Loaded, account: &AccountId, srefs: &[[u8; 16]]) -> HashMap<[u8; 16], Vec<KeyId>> {
@@ -1129,80 +1199,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
     }
 
     fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
-        let mut st = lock(&self.state);
-        let _guard = self.lock_file()?;
-        // Keys this process created must be in the log before it records
-        // their erasure.
-        self.flush_pending(&mut st)?;
-        self.reload(&mut st, true)?;
-        let srefs: Vec<[u8; 16]> = subjects.iter().map(|s| Self::subject_ref(&st, account, s)).collect();
-        let mut keys = Self::keys_of(&st, account, &srefs);
-        // Keys created here were written but not read back, so their
-        // lines' places are unknown: read the whole log for them.
-        if keys.values().flatten().any(|id| st.state.data_keys[id].at.is_none()) {
-            st.read_len = 0;
-            self.reload(&mut st, true)?;
-            keys = Self::keys_of(&st, account, &srefs);
-        }
-        let erased_at = chrono::Utc::now().to_rfc3339();
-        let mut out: Vec<Option<Erasure>> = Vec::with_capacity(subjects.len());
-        let mut all: Vec<KeyId> = Vec::new();
-        let mut first: HashMap<[u8; 16], usize> = HashMap::new();
-        for sref in &srefs {
-            // A subject named twice is erased once, and answered alike.
-            if let Some(&i) = first.get(sref) {
-                out.push(out[i].clone());
-                continue;
-            }
-            first.insert(*sref, out.len());
-            let Some(mut ids) = keys.remove(sref) else {
-                out.push(None);
-                continue;
-            };
-            ids.sort();
-            let subject_ref = hex(sref);
-            queue(
-                &mut st,
-                Line::Erased {
-                    ids: ids.iter().map(KeyId::to_hex).collect(),
-                    account: account.to_string(),
-                    subject_ref: Some(subject_ref.clone()),
-                    erased_at: erased_at.clone(),
-                },
-            );
-            all.extend(&ids);
-            out.push(Some(Erasure { key_ids: ids, subject_ref }));
-        }
-        if all.is_empty() {
-            return Ok(out);
-        }
-        // The erasures are durable before any material is overwritten.
-        self.flush_pending(&mut st)?;
-        let all: std::collections::HashSet<KeyId> = all.into_iter().collect();
-        st.cache.retain(|id| !all.contains(id));
-        self.hot.clear();
-        self.shred(&mut st)?;
-        drop(_guard);
-        drop(st);
-        #[derive(Serialize)]
-        struct Rec<'a> {
-            action: &'static str,
-            account: &'a str,
-            subject_ref: &'a str,
-            key_ids: &'a [String],
-        }
-        for (i, e) in out.iter().enumerate() {
-            let Some(e) = e.as_ref().filter(|_| first.get(&srefs[i]) == Some(&i)) else { continue };
-            let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
-            self.audit.append(&Rec {
-                action: "forget",
-                account: account.as_str(),
-                subject_ref: &e.subject_ref,
-                key_ids: &ids,
-            })?;
-            tracing::info!(account = %account, subject_ref = %e.subject_ref, keys = ids.len(), "erased data subject keys");
-        }
-        Ok(out)
+        crate::keyring::per_distinct(subjects, |distinct| self.forget_distinct(account, distinct))
     }
 
     fn rotate(&self) -> Result<String> {
@@ -1331,6 +1328,20 @@ mod tests {
         (kr, keys)
     }
 
+    /// Through `kr`, the keys numbered `erased` read as erased and those
+    /// numbered `kept` unwrap.
+    fn assert_keys(kr: &LocalKeyring, keys: &[(KeyId, String)], erased: &[usize], kept: &[usize]) {
+        for &i in erased {
+            assert!(
+                matches!(kr.cipher_by_id(&keys[i].0), Err(Error::KeyErased { .. })),
+                "s-{i} is not erased"
+            );
+        }
+        for &i in kept {
+            assert_eq!(kr.cipher_by_id(&keys[i].0).unwrap().id(), keys[i].0, "s-{i}");
+        }
+    }
+
     fn blob(line: &str) -> String {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         v["wrapped"]["blob"].as_str().unwrap().to_owned()
@@ -1363,8 +1374,7 @@ mod tests {
         assert!(!text.contains(&blob(&keys[3].1)), "the wrapped key is still in the log");
         assert!(text.contains(&blob(&keys[4].1)));
         for reader in [&kr, &LocalKeyring::open_local(dir.path()).unwrap()] {
-            assert!(matches!(reader.cipher_by_id(&keys[3].0), Err(Error::KeyErased { .. })));
-            assert_eq!(reader.cipher_by_id(&keys[4].0).unwrap().id(), keys[4].0);
+            assert_keys(reader, &keys, &[3], &[4]);
             assert_eq!(reader.data_cipher(&a, Some("s-5")).unwrap().id(), keys[5].0);
         }
         assert!(matches!(kr.forget(&a, "s-3"), Err(Error::NothingToForget { .. })));
@@ -1385,7 +1395,7 @@ mod tests {
         let (hub, keys) = subjects(dir.path(), 5);
         let cli = LocalKeyring::open_local(dir.path()).unwrap();
         cli.forget(&a, "s-1").unwrap();
-        assert!(matches!(hub.cipher_by_id(&keys[1].0), Err(Error::KeyErased { .. })));
+        assert_keys(&hub, &keys, &[1], &[]);
         let st = lock(&hub.state);
         assert_eq!(st.read_len, std::fs::metadata(&hub.path).unwrap().len());
         assert!(st.state.data_keys[&keys[0].0].at.is_none(), "the whole log was read again");
@@ -1411,9 +1421,7 @@ mod tests {
         assert_eq!(log_lines(&kr).iter().filter(|l| l.contains(r#""op":"erased""#)).count(), 3);
         let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 3);
-        let other = LocalKeyring::open_local(dir.path()).unwrap();
-        assert!(matches!(other.cipher_by_id(&keys[7].0), Err(Error::KeyErased { .. })));
-        assert_eq!(other.cipher_by_id(&keys[8].0).unwrap().id(), keys[8].0);
+        assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[7], &[8]);
     }
 
     /// Once shredded lines would be half the log, `forget` compacts it
@@ -1434,9 +1442,7 @@ mod tests {
             compacted |= ino(&kr.path) != first;
         }
         assert!(compacted, "never compacted");
-        let other = LocalKeyring::open_local(dir.path()).unwrap();
-        assert!(matches!(other.cipher_by_id(&keys[29].0), Err(Error::KeyErased { .. })));
-        assert_eq!(other.cipher_by_id(&keys[35].0).unwrap().id(), keys[35].0);
+        assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[29], &[35]);
         // Still shredded in place after the compaction.
         let before = ino(&kr.path);
         kr.forget(&a, "s-39").unwrap();
@@ -1470,9 +1476,8 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         for i in [4, 6] {
             assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");
-            assert!(matches!(kr.cipher_by_id(&keys[i].0), Err(Error::KeyErased { .. })));
         }
-        assert_eq!(kr.cipher_by_id(&keys[5].0).unwrap().id(), keys[5].0);
+        assert_keys(&kr, &keys, &[4, 6], &[5]);
     }
 
     /// A last line torn by a crash is cut off at open, so the next key is

@@ -149,21 +149,16 @@ pub trait Keyring: Send + Sync + Debug {
     /// When the keyring cannot be read or written; then nothing may have
     /// been erased, or some of the subjects.
     fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
-        let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut out: Vec<Option<Erasure>> = Vec::with_capacity(subjects.len());
-        for s in subjects {
-            if let Some(&i) = first.get(s) {
-                out.push(out[i].clone());
-                continue;
-            }
-            first.insert(s, out.len());
-            out.push(match self.forget(account, s) {
-                Ok(e) => Some(e),
-                Err(crate::Error::NothingToForget { .. }) => None,
-                Err(e) => return Err(e),
-            });
-        }
-        Ok(out)
+        per_distinct(subjects, |distinct| {
+            distinct
+                .iter()
+                .map(|s| match self.forget(account, s) {
+                    Ok(e) => Ok(Some(e)),
+                    Err(crate::Error::NothingToForget { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                })
+                .collect()
+        })
     }
 
     /// Rotate: new master key, every data key rewrapped under it, and new
@@ -172,6 +167,28 @@ pub trait Keyring: Send + Sync + Debug {
     /// # Errors
     /// When the keyring cannot be written.
     fn rotate(&self) -> Result<String>;
+}
+
+/// Answer `subjects`, which may name one twice, by answering each distinct
+/// subject once with `answer` (in order of first mention); a repeat gets
+/// the answer of its first mention.
+pub(crate) fn per_distinct<T: Clone>(
+    subjects: &[&str],
+    answer: impl FnOnce(&[&str]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let slots: Vec<usize> = subjects
+        .iter()
+        .map(|s| {
+            *first.entry(s).or_insert_with(|| {
+                distinct.push(*s);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    let answers = answer(&distinct)?;
+    Ok(slots.into_iter().map(|i| answers[i].clone()).collect())
 }
 
 /// Access to a keyring's audit log (for decryptors).
