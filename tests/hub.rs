@@ -5,8 +5,8 @@
 
 use serde_json::{json, Value};
 use watershed_tests::{
-    add_account, bin, detail_strings, duckdb, ids_by_table, login, ndjson, payment, post, python, read_table,
-    run, strings, Server,
+    add_account, detail_strings, duckdb, ids_by_table, login, ndjson, payment, post, python, read_table, run,
+    run_with_stdin, strings, Server,
 };
 
 const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
@@ -226,16 +226,10 @@ fn protection_as_analysts_see_it() {
         assert!(dec(&holder(id)).status.success(), "{id} must stay readable");
     }
     // Many values at once, from stdin (a query's output), one JSON line each.
-    let mut child = std::process::Command::new(bin())
-        .args(["keys", "decrypt", "--principal", "auditor", "--purpose", "case-7", "--data-dir", data_s, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = format!("{}\n\n{}\n", holder("a3"), dead_raw);
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        &["keys", "decrypt", "--principal", "auditor", "--purpose", "case-7", "--data-dir", data_s, "-"],
+        &format!("{}\n\n{}\n", holder("a3"), dead_raw),
+    );
     assert!(!out.status.success(), "one value is erased");
     let lines: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -273,16 +267,8 @@ fn an_erasure_job_forgets_many_subjects_in_one_call() {
     }
     let data_s = data.to_str().unwrap();
     let keys = |args: &[&str], stdin: &str| {
-        let mut child = std::process::Command::new(bin())
-            .args(["keys", "forget", "--account", A[0], "--data-dir", data_s])
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
+        let forget = ["keys", "forget", "--account", A[0], "--data-dir", data_s];
+        run_with_stdin(&[&forget[..], args].concat(), stdin)
     };
     let list = dir.path().join("subjects.txt");
     std::fs::write(&list, "alice\nnobody\n\ncarol\r\n").unwrap();

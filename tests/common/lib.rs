@@ -41,6 +41,23 @@ pub fn run(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).current_dir(repo()).output().expect("watershed runs")
 }
 
+/// Run `watershed ARGS` to completion with `input` on its stdin.
+#[must_use]
+pub fn run_with_stdin(args: &[&str], input: &str) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watershed runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("piped"), input.as_bytes())
+        .expect("stdin written");
+    child.wait_with_output().expect("watershed runs")
+}
+
 /// A running hub process.
 pub struct Server {
     /// The process.
