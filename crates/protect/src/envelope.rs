@@ -22,9 +22,11 @@
 //!   re-reads it, so `keys forget` from the command line takes effect in a
 //!   running hub at its next key lookup, and no update is lost.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -76,19 +78,122 @@ enum Line {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LineAt {
     offset: u64,
-    len: u32,
+    /// Never 0 (a line that parses is not empty), so that an
+    /// `Option<LineAt>` takes no more room than a `LineAt`.
+    len: NonZeroU32,
 }
 
+/// A data key as held in memory: a million of them must fit in a few
+/// hundred megabytes, so repeated strings (the account, the master key
+/// id) are interned and the creation time is kept as an instant.
 struct DataKeyRecord {
-    account: String,
     subject_ref: Option<[u8; 16]>,
     current: bool,
-    wrapped: Wrapped,
-    /// Shared by the keys created together.
-    created: Arc<str>,
+    /// In [`State::accounts`].
+    account: u32,
+    /// In [`State::masters`]: which master key wrapped it.
+    master: u32,
+    /// Nanoseconds since the epoch, UTC ([`ODD_CREATED`] when the log's
+    /// text was not RFC 3339: the text is then in [`State::odd_created`]).
+    created: i64,
     /// Its line in the log, once read from there (keys this process
     /// created are written without being read back).
     at: Option<LineAt>,
+    /// The wrapped key bytes, base64, as in the log.
+    blob: Box<str>,
+}
+
+/// [`DataKeyRecord::created`] for a creation time that is not RFC 3339.
+const ODD_CREATED: i64 = i64::MIN;
+
+/// A creation time: the text written in the log, and its instant.
+#[derive(Clone)]
+struct Created {
+    text: Arc<str>,
+    nanos: i64,
+}
+
+impl Created {
+    fn now() -> Self {
+        let now = chrono::Utc::now();
+        Self { text: now.to_rfc3339().into(), nanos: now.timestamp_nanos_opt().unwrap_or(ODD_CREATED) }
+    }
+}
+
+/// RFC 3339 text as nanoseconds since the epoch.
+fn parse_nanos(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text).ok()?.timestamp_nanos_opt()
+}
+
+/// Strings that many records repeat, each held once and named by its
+/// number.
+#[derive(Default)]
+struct Interned {
+    names: Vec<Box<str>>,
+    index: Map<Box<str>, u32>,
+}
+
+impl Interned {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names");
+        self.names.push(name.into());
+        self.index.insert(name.into(), i);
+        i
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    fn name(&self, i: u32) -> &str {
+        &self.names[i as usize]
+    }
+}
+
+/// A data key's line as read from the log, borrowing from it: the lines
+/// of a large log are nearly all data keys, so they skip the buffering of
+/// [`Line`]'s tagged enum and the copies of its owned strings. Accepts
+/// exactly what [`Line::DataKey`] accepts; anything else is parsed as a
+/// [`Line`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataKeyRef<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    account: Cow<'a, str>,
+    #[serde(borrow)]
+    subject_ref: Option<Cow<'a, str>>,
+    current: bool,
+    #[serde(borrow)]
+    wrapped: WrappedRef<'a>,
+    #[serde(borrow)]
+    created: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrappedRef<'a> {
+    #[serde(borrow)]
+    master: Cow<'a, str>,
+    #[serde(borrow)]
+    blob: Cow<'a, str>,
+}
+
+/// A data key line's parts, however they were read.
+struct DataKeyParts<'a> {
+    id: &'a str,
+    account: &'a str,
+    subject_ref: Option<&'a str>,
+    current: bool,
+    master: &'a str,
+    blob: Box<str>,
+    created: &'a str,
 }
 
 /// A new data key's line, written from borrowed parts (the same JSON as
@@ -108,23 +213,36 @@ struct DataKeyLine<'a> {
 struct State {
     index_key: Option<Wrapped>,
     token_keys: HashMap<String, Wrapped>,
-    data_keys: HashMap<KeyId, DataKeyRecord>,
-    /// Current account-wide key per account.
-    current_account: HashMap<String, KeyId>,
+    data_keys: Map<KeyId, DataKeyRecord>,
+    accounts: Interned,
+    masters: Interned,
+    /// Creation times that were not RFC 3339, kept as written.
+    odd_created: Map<KeyId, Box<str>>,
+    /// Current account-wide key per account (in `accounts`).
+    current_account: HashMap<u32, KeyId>,
     /// Current key per subject reference (which covers the account).
-    current_subject: HashMap<[u8; 16], KeyId>,
-    erased: HashMap<KeyId, (String, Option<String>, String)>,
+    current_subject: Map<[u8; 16], KeyId>,
+    /// Erased keys: the account, the subject reference and when, as
+    /// written in the erasure (shared by the keys it erased).
+    erased: Map<KeyId, ErasedKey>,
     /// The latest erasure per subject reference: when, and one of the
     /// keys it erased.
-    erasures: HashMap<[u8; 16], (TimestampMicros, KeyId)>,
+    erasures: Map<[u8; 16], (TimestampMicros, KeyId)>,
     /// Earlier lines of a key written more than once (a write repeated
     /// after a failed fsync): shredded with the key.
-    repeated: HashMap<KeyId, Vec<LineAt>>,
+    repeated: Map<KeyId, Vec<LineAt>>,
     /// Lines in the log that still hold the material of erased keys.
     unshredded: Vec<LineAt>,
     /// Bytes of shredded lines in the log (newlines included).
     shredded_bytes: u64,
 }
+
+type ErasedKey = Arc<(String, Option<String>, String)>;
+
+/// The maps of key ids and subject references: ahash (seeded per
+/// process) hashes a 16-byte key several times faster than SipHash, which
+/// counts when a log of a million keys is read.
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 
 impl State {
     /// Apply `line`, read from `at` in the log (`None`: not read from
@@ -136,23 +254,29 @@ impl State {
                 self.token_keys.insert(account, wrapped);
             }
             Line::DataKey { id, account, subject_ref, current, wrapped, created } => {
-                let Some(id) = KeyId::from_hex(&id) else { return };
-                let subject_ref = subject_ref.as_deref().and_then(ref_from_hex);
-                self.add_data_key(
-                    id,
-                    DataKeyRecord { account, subject_ref, current, wrapped, created: created.into(), at },
-                );
+                let parts = DataKeyParts {
+                    id: &id,
+                    account: &account,
+                    subject_ref: subject_ref.as_deref(),
+                    current,
+                    master: &wrapped.master,
+                    blob: wrapped.blob.into_boxed_str(),
+                    created: &created,
+                };
+                self.apply_data_key(parts, at);
             }
             Line::Shredded {} => {
-                self.shredded_bytes += at.map_or(0, |a| u64::from(a.len) + 1);
+                self.shredded_bytes += at.map_or(0, |a| u64::from(a.len.get()) + 1);
             }
             Line::Erased { ids, account, subject_ref, erased_at } => {
                 let at = chrono::DateTime::parse_from_rfc3339(&erased_at).map(|t| t.timestamp_micros());
                 let sref = subject_ref.as_deref().and_then(ref_from_hex);
+                let erasure: ErasedKey = Arc::new((account, subject_ref, erased_at));
                 for hex in ids {
                     let Some(id) = KeyId::from_hex(&hex) else { continue };
                     if let Some(rec) = self.data_keys.remove(&id) {
                         self.unshredded.extend(rec.at);
+                        self.odd_created.remove(&id);
                         // No longer current (looked up by its own entry:
                         // a pass over every key per erasure made reading
                         // a log of many erasures quadratic).
@@ -167,7 +291,7 @@ impl State {
                         }
                     }
                     self.unshredded.extend(self.repeated.remove(&id).unwrap_or_default());
-                    self.erased.insert(id, (account.clone(), subject_ref.clone(), erased_at.clone()));
+                    self.erased.insert(id, erasure.clone());
                     if let (Some(r), Ok(at)) = (sref, at) {
                         let e = self.erasures.entry(r).or_insert((at, id));
                         if at > e.0 {
@@ -179,11 +303,32 @@ impl State {
         }
     }
 
+    /// Apply a data key's line, read from `at` in the log (`None`: not
+    /// read from the log).
+    fn apply_data_key(&mut self, p: DataKeyParts<'_>, at: Option<LineAt>) {
+        let Some(id) = KeyId::from_hex(p.id) else { return };
+        let created = parse_nanos(p.created).unwrap_or(ODD_CREATED);
+        if created == ODD_CREATED {
+            self.odd_created.insert(id, p.created.into());
+        }
+        let rec = DataKeyRecord {
+            subject_ref: p.subject_ref.and_then(ref_from_hex),
+            current: p.current,
+            account: self.accounts.id(p.account),
+            master: self.masters.id(p.master),
+            created,
+            at,
+            blob: p.blob,
+        };
+        self.add_data_key(id, rec);
+    }
+
     /// Index a data key (unless erased: then its line is one to shred)
     /// and make it current or not.
     fn add_data_key(&mut self, id: KeyId, mut rec: DataKeyRecord) {
         if self.erased.contains_key(&id) {
             self.unshredded.extend(rec.at);
+            self.odd_created.remove(&id);
             return;
         }
         if let Some(old) = self.data_keys.get(&id) {
@@ -193,23 +338,45 @@ impl State {
                 _ => {}
             }
         }
-        let account = &rec.account;
+        let account = rec.account;
         match (rec.current, rec.subject_ref) {
             (true, Some(r)) => {
                 self.current_subject.insert(r, id);
             }
             (true, None) => {
-                self.current_account.insert(account.clone(), id);
+                self.current_account.insert(account, id);
             }
             (false, Some(r)) if self.current_subject.get(&r) == Some(&id) => {
                 self.current_subject.remove(&r);
             }
-            (false, None) if self.current_account.get(account) == Some(&id) => {
-                self.current_account.remove(account);
+            (false, None) if self.current_account.get(&account) == Some(&id) => {
+                self.current_account.remove(&account);
             }
             (false, _) => {}
         }
         self.data_keys.insert(id, rec);
+    }
+
+    /// A data key's wrapped bytes, as the master key takes them.
+    fn wrapped(&self, rec: &DataKeyRecord) -> Wrapped {
+        Wrapped { master: self.masters.name(rec.master).to_owned(), blob: rec.blob.to_string() }
+    }
+
+    /// Replace a data key's wrapped bytes.
+    fn rewrap(&mut self, id: &KeyId, wrapped: Wrapped) {
+        let master = self.masters.id(&wrapped.master);
+        if let Some(rec) = self.data_keys.get_mut(id) {
+            rec.master = master;
+            rec.blob = wrapped.blob.into_boxed_str();
+        }
+    }
+
+    /// A data key's creation time as written in its line.
+    fn created_text(&self, id: &KeyId, rec: &DataKeyRecord) -> String {
+        match self.odd_created.get(id) {
+            Some(text) => text.to_string(),
+            None => chrono::DateTime::from_timestamp_nanos(rec.created).to_rfc3339(),
+        }
     }
 
     /// The whole state as log lines (for compaction).
@@ -223,23 +390,28 @@ impl State {
         out.extend(
             tokens.into_iter().map(|(a, w)| Line::TokenKey { account: a.clone(), wrapped: w.clone() }),
         );
-        let mut erased: HashMap<(String, Option<String>, String), Vec<String>> = HashMap::new();
-        for (id, (a, s, at)) in &self.erased {
-            erased.entry((a.clone(), s.clone(), at.clone())).or_default().push(id.to_hex());
+        let mut erased: HashMap<&(String, Option<String>, String), Vec<String>> = HashMap::new();
+        for (id, e) in &self.erased {
+            erased.entry(&**e).or_default().push(id.to_hex());
         }
         for ((account, subject_ref, erased_at), mut ids) in erased {
             ids.sort();
-            out.push(Line::Erased { ids, account, subject_ref, erased_at });
+            out.push(Line::Erased {
+                ids,
+                account: account.clone(),
+                subject_ref: subject_ref.clone(),
+                erased_at: erased_at.clone(),
+            });
         }
         let mut keys: Vec<_> = self.data_keys.iter().collect();
         keys.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(b.0)));
         out.extend(keys.into_iter().map(|(id, r)| Line::DataKey {
             id: id.to_hex(),
-            account: r.account.clone(),
+            account: self.accounts.name(r.account).to_owned(),
             subject_ref: r.subject_ref.as_ref().map(|r| hex(r)),
             current: r.current,
-            wrapped: r.wrapped.clone(),
-            created: r.created.to_string(),
+            wrapped: self.wrapped(r),
+            created: self.created_text(id, r),
         }));
         out
     }
@@ -464,6 +636,26 @@ impl Hot {
     }
 }
 
+/// A key log line, parsed.
+enum Parsed<'a> {
+    DataKey(DataKeyRef<'a>),
+    Line(Line),
+}
+
+/// Parse a key log line: a data key's by the borrowing fast path, any
+/// other (or one the fast path refuses) as a [`Line`], whose error is
+/// the one reported.
+fn parse_line(text: &[u8]) -> serde_json::Result<Parsed<'_>> {
+    if text.starts_with(br#"{"op":"data_key","#) {
+        if let Ok(d) = serde_json::from_slice::<DataKeyRef<'_>>(text) {
+            if d.op == "data_key" {
+                return Ok(Parsed::DataKey(d));
+            }
+        }
+    }
+    serde_json::from_slice::<Line>(text).map(Parsed::Line)
+}
+
 /// Apply a new line now and write it at the next sync.
 fn queue(st: &mut Loaded, line: Line) {
     push_line(&mut st.pending, &line);
@@ -519,6 +711,10 @@ fn token_context(account: &str) -> Vec<u8> {
 }
 
 const INDEX_CONTEXT: &[u8] = b"idx";
+
+/// About the length of a data key's line wrapped by a local master key
+/// (under KMS they are longer).
+const DATA_KEY_LINE_BYTES: u64 = 300;
 
 /// How a shredded line starts (then spaces, then `}`).
 const SHREDDED: &[u8] = br#"{"op":"shredded""#;
@@ -709,6 +905,15 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some((0, false))),
             Err(e) => return Err(self.io()(e)),
         };
+        if from == 0 {
+            // Room for the keys up front: growing the maps by doubling
+            // would rehash a large log's keys several times, holding two
+            // tables at once each time.
+            let len = f.metadata().map_err(self.io())?.len();
+            let lines = usize::try_from(len / DATA_KEY_LINE_BYTES).unwrap_or(usize::MAX);
+            state.data_keys.reserve(lines);
+            state.current_subject.reserve(lines);
+        }
         f.seek(SeekFrom::Start(from)).map_err(self.io())?;
         let mut r = BufReader::with_capacity(1 << 16, f);
         let (mut buf, mut pos, mut applied) = (Vec::new(), from, false);
@@ -720,10 +925,24 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             }
             let whole = buf.last() == Some(&b'\n');
             let text = if whole { &buf[..n - 1] } else { &buf[..] };
-            let at = LineAt { offset: pos, len: u32::try_from(text.len()).unwrap_or(u32::MAX) };
-            match serde_json::from_slice::<Line>(text) {
-                Ok(l) => {
-                    state.apply(l, Some(at));
+            let at = NonZeroU32::new(u32::try_from(text.len()).unwrap_or(u32::MAX))
+                .map(|len| LineAt { offset: pos, len });
+            match parse_line(text) {
+                Ok(Parsed::DataKey(d)) => {
+                    let parts = DataKeyParts {
+                        id: &d.id,
+                        account: &d.account,
+                        subject_ref: d.subject_ref.as_deref(),
+                        current: d.current,
+                        master: &d.wrapped.master,
+                        blob: d.wrapped.blob.as_ref().into(),
+                        created: &d.created,
+                    };
+                    state.apply_data_key(parts, at);
+                    applied = true;
+                }
+                Ok(Parsed::Line(l)) => {
+                    state.apply(l, at);
                     applied = true;
                 }
                 // A torn last line: a key created but never synced, so
@@ -845,7 +1064,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             return Ok(());
         }
         let len = stamp(&self.path).map_or(0, |s| s.len);
-        let lines: u64 = st.state.unshredded.iter().map(|a| u64::from(a.len) + 1).sum();
+        let lines: u64 = st.state.unshredded.iter().map(|a| u64::from(a.len.get()) + 1).sum();
         if (st.state.shredded_bytes + lines) * 2 > len {
             return self.compact(st);
         }
@@ -854,7 +1073,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         for at in std::mem::take(&mut st.state.unshredded) {
             // Only a data key's line is overwritten: anything else there
             // means the places are stale, and a compaction is the safe way.
-            line.resize(at.len as usize, 0);
+            line.resize(at.len.get() as usize, 0);
             f.read_exact_at(&mut line, at.offset).map_err(self.io())?;
             if !line.starts_with(br#"{"op":"data_key","#) || !line.ends_with(b"}") {
                 tracing::warn!(offset = at.offset, "a key log line to shred is not a data key: compacting");
@@ -864,7 +1083,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             line[..SHREDDED.len()].copy_from_slice(SHREDDED);
             *line.last_mut().expect("longer than the marker") = b'}';
             f.write_all_at(&line, at.offset).map_err(self.io())?;
-            st.state.shredded_bytes += u64::from(at.len) + 1;
+            st.state.shredded_bytes += u64::from(at.len.get()) + 1;
         }
         f.sync_data().map_err(self.io())?;
         st.stamp = stamp(&self.path);
@@ -946,9 +1165,10 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     fn keys_of(st: &Loaded, account: &AccountId, srefs: &[[u8; 16]]) -> HashMap<[u8; 16], Vec<KeyId>> {
         let wanted: std::collections::HashSet<&[u8; 16]> = srefs.iter().collect();
         let mut out: HashMap<[u8; 16], Vec<KeyId>> = HashMap::new();
+        let Some(account) = st.state.accounts.get(account.as_str()) else { return out };
         for (id, r) in &st.state.data_keys {
             if let Some(sref) = r.subject_ref.as_ref().filter(|s| wanted.contains(s)) {
-                if r.account == account.as_str() {
+                if r.account == account {
                     out.entry(*sref).or_default().push(*id);
                 }
             }
@@ -970,7 +1190,10 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     fn current(st: &Loaded, account: &AccountId, sref: Option<&[u8; 16]>) -> Option<KeyId> {
         match sref {
             Some(r) => st.state.current_subject.get(r).copied(),
-            None => st.state.current_account.get(account.as_str()).copied(),
+            None => {
+                let a = st.state.accounts.get(account.as_str())?;
+                st.state.current_account.get(&a).copied()
+            }
         }
     }
 
@@ -987,11 +1210,11 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     fn unwrap_key(&self, st: &Loaded, id: KeyId) -> Result<SecretKey> {
         let Some(rec) = st.state.data_keys.get(&id) else {
             return Err(match st.state.erased.get(&id) {
-                Some((_, _, at)) => Error::KeyErased { key_id: id.to_hex(), erased_at: at.clone() },
+                Some(e) => Error::KeyErased { key_id: id.to_hex(), erased_at: e.2.clone() },
                 None => Error::UnknownKey { key_id: id.to_hex() },
             });
         };
-        self.master.unwrap(&rec.wrapped, &dek_context(&id))
+        self.master.unwrap(&st.state.wrapped(rec), &dek_context(&id))
     }
 
     /// The current key of (account, subject), created if there is none,
@@ -1003,7 +1226,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         st: &mut Loaded,
         account: &AccountId,
         subject: Option<(&str, u128)>,
-        created: Option<&Arc<str>>,
+        created: Option<&Created>,
     ) -> Result<Arc<DataCipher>> {
         let hot_key = subject.map(|(_, k)| k);
         // Another request, or an earlier event of this batch, may have
@@ -1024,7 +1247,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         let id = KeyId(raw);
         let context = dek_context(&id);
         let (k, wrapped) = self.master.generate(&context)?;
-        let created = created.cloned().unwrap_or_else(|| chrono::Utc::now().to_rfc3339().into());
+        let created = created.cloned().unwrap_or_else(Created::now);
         // The line is written straight from these parts, and the record
         // indexed without parsing it back.
         let id_hex = std::str::from_utf8(&context[4..]).expect("hex digits");
@@ -1037,20 +1260,22 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 subject_ref: sref_hex.as_deref(),
                 current: true,
                 wrapped: &wrapped,
-                created: &created,
+                created: &created.text,
             },
         );
-        st.state.add_data_key(
-            id,
-            DataKeyRecord {
-                account: account.to_string(),
-                subject_ref: sref,
-                current: true,
-                wrapped,
-                created,
-                at: None,
-            },
-        );
+        let rec = DataKeyRecord {
+            subject_ref: sref,
+            current: true,
+            account: st.state.accounts.id(account.as_str()),
+            master: st.state.masters.id(&wrapped.master),
+            created: created.nanos,
+            at: None,
+            blob: wrapped.blob.into_boxed_str(),
+        };
+        if created.nanos == ODD_CREATED {
+            st.state.odd_created.insert(id, created.text.as_ref().into());
+        }
+        st.state.add_data_key(id, rec);
         let c = Arc::new(DataCipher::new(id, &k));
         st.cache.insert(id, c.clone());
         if let Some(k) = hot_key {
@@ -1110,7 +1335,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             let mut st = lock(&self.state);
             self.refresh(&mut st)?;
             // One timestamp for the keys this batch creates.
-            let created: Arc<str> = chrono::Utc::now().to_rfc3339().into();
+            let created = Created::now();
             for ((slot, s), k) in out.iter_mut().zip(subjects).zip(&keys) {
                 if slot.is_none() {
                     *slot = Some(self.locked_cipher(&mut st, account, Some((s, *k)), Some(&created))?);
@@ -1129,7 +1354,7 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         let mut st = lock(&self.state);
         // Replay is not the hot path: always see the newest log.
         self.reload(&mut st, false)?;
-        let created: Arc<str> = chrono::Utc::now().to_rfc3339().into();
+        let created = Created::now();
         let mut shredded = 0usize;
         let out = subjects
             .iter()
@@ -1210,10 +1435,11 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         let mut n = 0usize;
         let ids: Vec<KeyId> = st.state.data_keys.keys().copied().collect();
         for id in ids {
-            let rec = st.state.data_keys.get_mut(&id).expect("listed above");
-            let k = self.master.unwrap(&rec.wrapped, &dek_context(&id))?;
-            rec.wrapped = self.master.wrap(&k, &dek_context(&id))?;
-            rec.current = false;
+            let rec = &st.state.data_keys[&id];
+            let k = self.master.unwrap(&st.state.wrapped(rec), &dek_context(&id))?;
+            let wrapped = self.master.wrap(&k, &dek_context(&id))?;
+            st.state.rewrap(&id, wrapped);
+            st.state.data_keys.get_mut(&id).expect("listed above").current = false;
             n += 1;
         }
         st.state.current_account.clear();
@@ -1500,6 +1726,89 @@ mod tests {
         let again = LocalKeyring::open_local(dir.path()).unwrap();
         assert_eq!(again.data_cipher(&a, Some("s-new")).unwrap().id(), new);
         assert_eq!(again.data_cipher(&a, Some("s-1")).unwrap().id(), keys[1].0);
+    }
+
+    /// Key lines as written by hand (an escaped account, creation times
+    /// in other forms) read like the lines the keyring writes, and
+    /// compaction keeps every key: the same fields, the same instant of
+    /// creation, and a creation time that is not RFC 3339 as it was.
+    #[test]
+    fn hand_written_key_lines_read_alike_and_survive_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 3);
+        let path = kr.path.clone();
+        drop(kr);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let created = |l: &str| -> String {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["created"].as_str().unwrap().to_owned()
+        };
+        let zulu = created(&keys[0].1).replace("+00:00", "Z");
+        let edited = keys[0]
+            .1
+            .replace(r#""account":"111111111111""#, r#""account":"11111111111\u0031""#)
+            .replace(&created(&keys[0].1), &zulu);
+        let odd = keys[1].1.replace(&created(&keys[1].1), "the day before launch");
+        let text = text.replace(&keys[0].1, &edited).replace(&keys[1].1, &odd);
+        std::fs::write(&path, text).unwrap();
+
+        let kr = LocalKeyring::open_local(dir.path()).unwrap();
+        assert_keys(&kr, &keys, &[], &[0, 1, 2]);
+        assert_eq!(kr.data_cipher(&a, Some("s-0")).unwrap().id(), keys[0].0);
+        let before = log_lines(&kr);
+        {
+            let mut st = lock(&kr.state);
+            let _guard = kr.lock_file().unwrap();
+            kr.compact(&mut st).unwrap();
+        }
+        let after = log_lines(&kr);
+        let data_keys = |lines: &[String]| -> Vec<serde_json::Value> {
+            let mut v: Vec<serde_json::Value> = lines
+                .iter()
+                .filter(|l| l.contains(r#""op":"data_key""#))
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            v.sort_by_key(|k| k["id"].as_str().unwrap().to_owned());
+            v
+        };
+        let (before, after) = (data_keys(&before), data_keys(&after));
+        assert_eq!(before.len(), 3);
+        for (b, c) in before.iter().zip(&after) {
+            let instant = |v: &serde_json::Value| {
+                let t = v["created"].as_str().unwrap();
+                chrono::DateTime::parse_from_rfc3339(t).map_or_else(|_| t.to_owned(), |t| t.to_rfc3339())
+            };
+            assert_eq!(instant(b), instant(c));
+            let strip = |v: &serde_json::Value| {
+                let mut v = v.clone();
+                v.as_object_mut().unwrap().remove("created");
+                v
+            };
+            assert_eq!(strip(b), strip(c));
+        }
+        assert!(after.iter().any(|k| k["created"] == "the day before launch"));
+        // The escaped account is the account: its subject is forgotten.
+        assert_eq!(kr.forget(&a, "s-0").unwrap().key_ids, vec![keys[0].0]);
+        assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[0], &[1, 2]);
+    }
+
+    /// A data key line with a field the keyring does not know is an
+    /// error, as any other line that does not read (the fast path for
+    /// data key lines accepts nothing more).
+    #[test]
+    fn a_key_line_with_an_unknown_field_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kr, keys) = subjects(dir.path(), 2);
+        let path = kr.path.clone();
+        drop(kr);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let extra = keys[1].1.replace(r#""current":"#, r#""colour":"blue","current":"#);
+        std::fs::write(&path, text.replace(&keys[1].1, &extra)).unwrap();
+        match LocalKeyring::open_local(dir.path()) {
+            Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("colour"), "{detail}"),
+            other => panic!("opened: {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
