@@ -423,6 +423,11 @@ struct Loaded {
     /// The log's bytes applied to `state`, up to the end of a whole line:
     /// when the log grows in place, only what follows is read.
     read_len: u64,
+    /// The line that ends at `read_len`, newline included (empty at 0): a
+    /// tail read first checks that it is still there, so a log cut back
+    /// and written again with a line boundary at the same place is read
+    /// whole rather than from a place that now means something else.
+    last_line: Vec<u8>,
     file: Option<Arc<File>>,
     /// Lines of keys created here and not yet written, as JSON lines:
     /// written and fsynced by [`Keyring::sync`], and re-applied after a
@@ -759,6 +764,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 state: State::default(),
                 stamp: None,
                 read_len: 0,
+                last_line: Vec::new(),
                 file: None,
                 pending: Vec::new(),
                 rng: ChaCha20Rng::from_entropy(),
@@ -868,7 +874,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     /// log into a new state.
     fn read_log(&self, st: &mut Loaded, from: u64) -> Result<bool> {
         let mut state = if from == 0 { State::default() } else { std::mem::take(&mut st.state) };
-        let (pos, applied) = match self.read_lines(&mut state, from) {
+        let mut last = if from == 0 { Vec::new() } else { st.last_line.clone() };
+        let (pos, applied) = match self.read_lines(&mut state, from, &mut last) {
             Ok(Some(read)) => read,
             // A tail read keeps what it applied (lines in order, so a state
             // behind the log, not a wrong one); a full read keeps nothing.
@@ -892,14 +899,17 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         }
         st.state = state;
         st.read_len = pos;
+        st.last_line = last;
         Ok(true)
     }
 
     /// Apply to `state` the log's lines from byte `from` on. Returns where
     /// the last whole line ends and whether any line was applied, or
-    /// `None` when a line of a tail read (`from` > 0) does not parse.
-    fn read_lines(&self, state: &mut State, from: u64) -> Result<Option<(u64, bool)>> {
-        use std::io::{Seek, SeekFrom};
+    /// `None` when a tail read (`from` > 0) does not follow `last` (the
+    /// line ending at `from` when the log was last read) or one of its
+    /// lines does not parse. `last` ends as the last whole line read.
+    fn read_lines(&self, state: &mut State, from: u64, last: &mut Vec<u8>) -> Result<Option<(u64, bool)>> {
+        use std::io::{Read, Seek, SeekFrom};
         let mut f = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some((0, false))),
@@ -914,9 +924,14 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             state.data_keys.reserve(lines);
             state.current_subject.reserve(lines);
         }
-        f.seek(SeekFrom::Start(from)).map_err(self.io())?;
+        let before = from.checked_sub(last.len() as u64).unwrap_or(from);
+        f.seek(SeekFrom::Start(before)).map_err(self.io())?;
         let mut r = BufReader::with_capacity(1 << 16, f);
-        let (mut buf, mut pos, mut applied) = (Vec::new(), from, false);
+        let mut buf = vec![0; usize::try_from(from - before).expect("one line")];
+        if r.read_exact(&mut buf).is_err() || buf != *last {
+            return Ok(None);
+        }
+        let (mut pos, mut applied) = (from, false);
         loop {
             buf.clear();
             let n = r.read_until(b'\n', &mut buf).map_err(self.io())?;
@@ -953,6 +968,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             }
             if whole {
                 pos += n as u64;
+                std::mem::swap(last, &mut buf);
             }
         }
     }
@@ -1025,6 +1041,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         // These lines need no reading back (they are applied already).
         if st.read_len == before {
             st.read_len = before + st.pending.len() as u64;
+            let body = &st.pending[..st.pending.len() - 1];
+            let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            st.last_line = st.pending[start..].to_vec();
         }
         Ok(Some((file, std::mem::take(&mut st.pending))))
     }
@@ -1726,6 +1745,43 @@ mod tests {
         let again = LocalKeyring::open_local(dir.path()).unwrap();
         assert_eq!(again.data_cipher(&a, Some("s-new")).unwrap().id(), new);
         assert_eq!(again.data_cipher(&a, Some("s-1")).unwrap().id(), keys[1].0);
+    }
+
+    /// A log cut back and written again with a line boundary where a
+    /// reader stopped (a failed write cut back, then another process's
+    /// append): the reader sees that the line it read last is not there
+    /// any more and reads the whole log, instead of reading on from a
+    /// place whose lines it never saw.
+    #[test]
+    fn a_log_rewritten_under_a_reader_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (reader, _) = subjects(dir.path(), 3);
+        let other = LocalKeyring::open_local(dir.path()).unwrap();
+        let gone = other.data_cipher(&a, Some("s-gone")).unwrap().id();
+        other.sync().unwrap();
+        drop(other);
+        assert_eq!(reader.cipher_by_id(&gone).unwrap().id(), gone);
+        let lines = log_lines(&reader);
+        let line = lines.last().unwrap();
+        assert!(line.contains(&gone.to_hex()));
+        // The same length, another key, where the read stopped.
+        let replaced = KeyId::random();
+        let text = std::fs::read_to_string(&reader.path).unwrap();
+        let cut = text.len() - line.len() - 1;
+        let f = OpenOptions::new().write(true).open(&reader.path).unwrap();
+        f.set_len(cut as u64).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&reader.path).unwrap();
+        writeln!(f, "{}", line.replace(&gone.to_hex(), &replaced.to_hex())).unwrap();
+        drop(f);
+        let later = LocalKeyring::open_local(dir.path()).unwrap();
+        let next = later.data_cipher(&a, Some("s-next")).unwrap().id();
+        later.sync().unwrap();
+        assert_eq!(reader.cipher_by_id(&next).unwrap().id(), next);
+        assert!(
+            matches!(reader.cipher_by_id(&gone), Err(Error::UnknownKey { .. })),
+            "a key no longer in the log is still known"
+        );
     }
 
     /// Key lines as written by hand (an escaped account, creation times
