@@ -623,7 +623,25 @@ impl Wal {
         let mut ids_files = Vec::new();
         let count = id_paths.len();
         for (i, (_, path)) in id_paths.into_iter().enumerate() {
-            ids_files.push(read_ids_file(&path, i + 1 == count, &mut remember)?);
+            match read_ids_file(&path, i + 1 == count, &mut remember) {
+                Ok(f) => ids_files.push(f),
+                // Id files are the dedupe window's memory, not data (their
+                // events are in the lake): damage to one must not keep the
+                // hub from starting. What it held before the damage is
+                // remembered; the file is kept aside for inspection.
+                Err(Error::WalCorrupt { detail, .. }) => {
+                    let aside = path.with_extension("ids.damaged");
+                    tracing::error!(
+                        file = %path.display(),
+                        %detail,
+                        kept_as = %aside.display(),
+                        "a WAL id file is damaged: the event ids after the damage are out of the dedupe \
+                         window, so a client's retry of one of those events would be stored again"
+                    );
+                    std::fs::rename(&path, &aside).map_err(io(&path))?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let paths = numbered(".wal")?;
         let mut segments = Vec::new();
@@ -703,7 +721,7 @@ fn read_frames(
     let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
     let mut data = Vec::new();
     f.read_to_end(&mut data).map_err(io(path))?;
-    let mut off = 0usize;
+    let (mut off, mut frames) = (0usize, 0usize);
     while off < data.len() {
         let Some((seq, payload, len)) = parse_frame(&data[off..]) else {
             if tail {
@@ -714,11 +732,16 @@ fn read_frames(
             }
             return Err(Error::WalCorrupt {
                 path: path.to_owned(),
-                detail: format!("bad frame at offset {off}"),
+                detail: format!(
+                    "bad frame at offset {off} of {} bytes, after {frames} readable frames; \
+                     the rest of the file cannot be read",
+                    data.len()
+                ),
             });
         };
         each(seq, payload, off)?;
         off += len;
+        frames += 1;
     }
     Ok(off as u64)
 }
@@ -741,6 +764,17 @@ fn read_segment(
         *next = seq + 1;
         ids_of(&record, &mut seg.ids);
         replay(seq, record)
+    })
+    .map_err(|e| match e {
+        Error::WalCorrupt { path, detail } => Error::WalCorrupt {
+            detail: format!(
+                "{detail}. The hub does not start without the records of a damaged segment: \
+                 restore the file from a copy, or move it out of the WAL directory to start \
+                 without all of its records (those not yet committed to the lake are then lost)"
+            ),
+            path,
+        },
+        e => e,
     })?;
     Ok(seg)
 }
@@ -1308,6 +1342,90 @@ mod tests {
         let newest: Vec<String> = (161..=200).map(|i| format!("id-{i}")).collect();
         assert!(newest.iter().all(|id| remembered.contains(id)), "{remembered:?}");
         assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 201, "seqs go on after the id files");
+    }
+
+    /// Damage to a segment other than the newest (whose torn tail is cut
+    /// off) stops the start with an error that names the file, where the
+    /// damage is, and what the operator can do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_segment_stops_the_start_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 0 };
+        let wal = open_empty(dir.path(), opts, Arc::default());
+        for i in 1..=100u64 {
+            wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
+        }
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 2, "{segs:?}");
+        let mut bytes = std::fs::read(&segs[0]).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&segs[0], bytes).unwrap();
+        let Err(e) =
+            Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
+        else {
+            panic!("a damaged segment did not stop the start");
+        };
+        let e = e.to_string();
+        let name = segs[0].file_name().unwrap().to_str().unwrap();
+        for part in [name, "bad frame at offset", "readable frames", "restore the file", "move it out"] {
+            assert!(e.contains(part), "{part:?} not in: {e}");
+        }
+    }
+
+    /// A damaged id file (not the newest, whose torn tail is cut off) does
+    /// not stop the start: the ids before the damage and those of the other
+    /// files are remembered, the file is kept aside, and the log goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_id_file_is_set_aside_and_the_log_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 1000 };
+        let pending = Arc::new(Pending::default());
+        let wal = open_empty(dir.path(), opts, pending.clone());
+        for i in 1..=200u64 {
+            assert_eq!(wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap().seq, i);
+            pending.committed(&[i]);
+        }
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut ids: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "ids"))
+            .collect();
+        ids.sort();
+        assert!(ids.len() >= 2, "{ids:?}");
+        let mut bytes = std::fs::read(&ids[0]).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&ids[0], bytes).unwrap();
+        let mut remembered = Vec::new();
+        let wal = Wal::open(
+            dir.path(),
+            opts,
+            Arc::new(Pending::default()),
+            None,
+            |_, _| Ok(()),
+            |_, r| {
+                if let Retired::Accepted(id) = r {
+                    remembered.push(id.to_owned());
+                }
+            },
+        )
+        .expect("a damaged id file does not stop the start");
+        assert!(remembered.contains(&"id-1".to_owned()), "the ids before the damage are kept");
+        assert!(remembered.contains(&"id-200".to_owned()), "the other files are read");
+        assert!(remembered.len() < 200, "the damaged file's tail is not read");
+        assert!(!ids[0].exists());
+        assert!(ids[0].with_extension("ids.damaged").exists(), "the damaged file is kept aside");
+        assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 201);
     }
 
     /// Under steady load the open segment is never wholly committed: it is
