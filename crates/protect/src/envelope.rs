@@ -237,6 +237,8 @@ struct State {
     shredded_bytes: u64,
 }
 
+/// An erasure as its line names it (account, subject reference, when),
+/// shared by the keys it erased.
 type ErasedKey = Arc<(String, Option<String>, String)>;
 
 /// The maps of key ids and subject references: ahash (seeded per
