@@ -534,6 +534,79 @@ fn wait_for_an_empty_wal(data: &std::path::Path, secs: u64) {
     }
 }
 
+/// Damage to a WAL segment other than the newest (a bit flipped on disk)
+/// stops the start with an error naming the file and the way out; started
+/// with `WATERSHED_WAL__SALVAGE=true`, the hub replays the segment's
+/// records up to the damage and every later segment, keeps a copy of the
+/// damaged file, and commits what it replayed exactly once.
+#[test]
+fn a_damaged_wal_segment_stops_the_start_until_salvaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let env = [
+        ("WATERSHED_LAKE__ROLL_AGE_SECS", "3600"),
+        ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "3600"),
+        ("WATERSHED_WAL__SEGMENT_BYTES", "4096"),
+    ];
+    let server = Server::start(&data, &env);
+    for r in 0..12 {
+        let events: Vec<Value> = (0..5).map(|e| ada(&format!("r{r}-e{e}"), &format!("c{e}"))).collect();
+        let (status, resp, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+        assert_eq!((status, resp["accepted"].as_u64()), (200, Some(5)), "{resp}");
+    }
+    server.kill9();
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&segments[0], &bytes).unwrap();
+
+    let mut hub = std::process::Command::new(watershed_tests::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
+        .arg(&data)
+        .current_dir(watershed_tests::repo())
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while hub.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            hub.kill().unwrap();
+            panic!("the hub started on a damaged WAL segment");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = hub.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = segments[0].file_name().unwrap().to_str().unwrap();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(name) && err.contains("WATERSHED_WAL__SALVAGE=true"), "{err}");
+
+    let mut salvage = env.to_vec();
+    salvage.push(("WATERSHED_WAL__SALVAGE", "true"));
+    let server = Server::start(&data, &salvage);
+    assert!(server.stop().success());
+    assert_eq!(std::fs::read(segments[0].with_extension("wal.damaged")).unwrap(), bytes);
+    let mut ids: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|(_, id)| id.clone()).collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an event stored twice");
+    assert!(ids.contains(&"r0-e0".to_owned()), "the records before the damage are replayed: {ids:?}");
+    assert!(ids.contains(&"r11-e4".to_owned()), "the later segments are replayed: {ids:?}");
+    assert!(n < 60, "the records after the damage are gone: {ids:?}");
+}
+
 /// A running hub notices `keys forget` (run beside it) within about a
 /// second and commits its open partitions, so the WAL drops the raw
 /// events at once instead of after the roll age (an hour here).

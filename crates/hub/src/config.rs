@@ -146,11 +146,17 @@ pub struct WalConfig {
     /// this many newer events exist: the dedupe window that survives
     /// restarts.
     pub dedupe_window: usize,
+    /// Start even when a WAL segment other than the newest is damaged:
+    /// replay its records up to the damage, keep a copy as
+    /// `<name>.damaged`, and cut the rest off, losing its records not yet
+    /// committed to the lake. Off by default: such damage stops the start
+    /// with an error saying so. Meant for one start, after that error.
+    pub salvage: bool,
 }
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { segment_bytes: 64 << 20, dedupe_window: 1_000_000 }
+        Self { segment_bytes: 64 << 20, dedupe_window: 1_000_000, salvage: false }
     }
 }
 

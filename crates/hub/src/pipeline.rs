@@ -145,6 +145,7 @@ impl Hub {
         let opts = WalOptions {
             segment_bytes: config.wal.segment_bytes,
             retain_events: config.wal.dedupe_window as u64,
+            salvage: config.wal.salvage,
         };
         let (wal, replayed) = tokio::task::spawn_blocking(move || {
             let mut replayed = 0usize;

@@ -587,6 +587,12 @@ pub struct WalOptions {
     /// Keep the ids of at least this many newer events before deleting an
     /// id file (the dedupe window).
     pub retain_events: u64,
+    /// Start even when a segment other than the newest is damaged: replay
+    /// its records up to the damage, keep a copy of the file as
+    /// `<name>.damaged`, and cut the rest off (its records not yet
+    /// committed to the lake are lost). Otherwise such damage stops the
+    /// start.
+    pub salvage: bool,
 }
 
 impl Wal {
@@ -651,7 +657,12 @@ impl Wal {
         }
         let count = paths.len();
         for (i, (first, path)) in paths.into_iter().enumerate() {
-            let seg = read_segment(&path, first, i + 1 == count, &mut next, &mut replay)?;
+            let on_bad = match (i + 1 == count, opts.salvage) {
+                (true, _) => OnBad::CutTail,
+                (false, true) => OnBad::Salvage,
+                (false, false) => OnBad::Fail,
+            };
+            let seg = read_segment(&path, first, on_bad, &mut next, &mut replay)?;
             segments.push(seg);
         }
         let size = Arc::new(AtomicU64::new(
@@ -709,13 +720,26 @@ impl Wal {
     }
 }
 
+/// What a bad frame in a file means.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OnBad {
+    /// The newest file, whose unacknowledged last write may be torn: it
+    /// is cut off there.
+    CutTail,
+    /// Damage: an error.
+    Fail,
+    /// Damage the operator chose to start without: a copy of the file is
+    /// kept as `<name>.damaged`, then it is cut off there.
+    Salvage,
+}
+
 /// Read the frames of `path`, oldest first, passing each (seq, payload,
-/// offset) to `each`; returns the bytes of whole frames. A bad frame ends
-/// the file when `tail` (the newest file, whose unacknowledged last write
-/// may be torn: it is cut off); elsewhere it is corruption.
+/// offset) to `each`; returns the bytes of whole frames. A bad frame is
+/// handled as `on_bad` says; under [`OnBad::Salvage`] so is a frame that
+/// `each` finds undecodable ([`Error::WalCorrupt`]).
 fn read_frames(
     path: &Path,
-    tail: bool,
+    on_bad: OnBad,
     mut each: impl FnMut(u64, &[u8], usize) -> Result<()>,
 ) -> Result<u64> {
     let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
@@ -723,24 +747,44 @@ fn read_frames(
     f.read_to_end(&mut data).map_err(io(path))?;
     let (mut off, mut frames) = (0usize, 0usize);
     while off < data.len() {
-        let Some((seq, payload, len)) = parse_frame(&data[off..]) else {
-            if tail {
-                tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
-                f.set_len(off as u64).map_err(io(path))?;
-                f.sync_all().map_err(io(path))?;
-                break;
-            }
-            return Err(Error::WalCorrupt {
-                path: path.to_owned(),
-                detail: format!(
-                    "bad frame at offset {off} of {} bytes, after {frames} readable frames; \
-                     the rest of the file cannot be read",
-                    data.len()
-                ),
-            });
+        let frame = parse_frame(&data[off..]);
+        let bad = match frame {
+            Some((seq, payload, _)) => match each(seq, payload, off) {
+                Ok(()) => None,
+                Err(Error::WalCorrupt { detail, .. }) if on_bad == OnBad::Salvage => Some(detail),
+                Err(e) => return Err(e),
+            },
+            None => Some(format!(
+                "bad frame at offset {off} of {} bytes, after {frames} readable frames; \
+                 the rest of the file cannot be read",
+                data.len()
+            )),
         };
-        each(seq, payload, off)?;
-        off += len;
+        if let Some(detail) = bad {
+            match on_bad {
+                OnBad::CutTail => {
+                    tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
+                }
+                OnBad::Fail => return Err(Error::WalCorrupt { path: path.to_owned(), detail }),
+                OnBad::Salvage => {
+                    let aside = path.with_extension("wal.damaged");
+                    std::fs::copy(path, &aside).map_err(io(&aside))?;
+                    tracing::error!(
+                        file = %path.display(),
+                        %detail,
+                        frames_replayed = frames,
+                        bytes_lost = data.len() - off,
+                        kept_as = %aside.display(),
+                        "salvaging a damaged WAL segment: its records after the damage are cut off, \
+                         and those not yet committed to the lake are lost"
+                    );
+                }
+            }
+            f.set_len(off as u64).map_err(io(path))?;
+            f.sync_all().map_err(io(path))?;
+            break;
+        }
+        off += frame.map_or(0, |(_, _, len)| len);
         frames += 1;
     }
     Ok(off as u64)
@@ -749,12 +793,12 @@ fn read_frames(
 fn read_segment(
     path: &Path,
     first: u64,
-    last_segment: bool,
+    on_bad: OnBad,
     next: &mut u64,
     replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
 ) -> Result<Segment> {
     let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned(), ids: Vec::new() };
-    seg.bytes = read_frames(path, last_segment, |seq, payload, _| {
+    seg.bytes = read_frames(path, on_bad, |seq, payload, _| {
         let record = decode_record(payload).ok_or_else(|| Error::WalCorrupt {
             path: path.to_owned(),
             detail: format!("undecodable record {seq}"),
@@ -769,8 +813,11 @@ fn read_segment(
         Error::WalCorrupt { path, detail } => Error::WalCorrupt {
             detail: format!(
                 "{detail}. The hub does not start without the records of a damaged segment: \
-                 restore the file from a copy, or move it out of the WAL directory to start \
-                 without all of its records (those not yet committed to the lake are then lost)"
+                 restore the file from a copy, or start once with wal.salvage = true \
+                 (WATERSHED_WAL__SALVAGE=true) to replay its records up to the damage, keep \
+                 the file as {}.damaged and cut the rest off (its records not yet committed \
+                 to the lake are then lost)",
+                path.display()
             ),
             path,
         },
@@ -785,7 +832,8 @@ fn read_segment(
 /// after it was fsynced, so it held nothing they needed.
 fn read_ids_file(path: &Path, newest: bool, remember: &mut impl FnMut(&str, Retired<'_>)) -> Result<IdsFile> {
     let mut file = IdsFile { last: 0, events: 0, bytes: 0, path: path.to_owned() };
-    file.bytes = read_frames(path, newest, |last, ids, off| {
+    let on_bad = if newest { OnBad::CutTail } else { OnBad::Fail };
+    file.bytes = read_frames(path, on_bad, |last, ids, off| {
         let ok = read_ids(ids, &mut |account, r| {
             file.events += 1;
             remember(account, r);
@@ -1238,7 +1286,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fsync_stops_the_log_until_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         fail_next_sync(dir.path());
@@ -1259,7 +1307,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_is_cut_back_and_later_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         tear_next_write(dir.path(), 10);
@@ -1282,7 +1330,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn committed_records_leave_only_their_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 40 };
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 40, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let a = AccountId::new("111111111111").unwrap();
@@ -1350,7 +1398,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_segment_stops_the_start_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 0 };
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false };
         let wal = open_empty(dir.path(), opts, Arc::default());
         for i in 1..=100u64 {
             wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
@@ -1367,7 +1415,8 @@ mod tests {
         let mut bytes = std::fs::read(&segs[0]).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
-        std::fs::write(&segs[0], bytes).unwrap();
+        std::fs::write(&segs[0], &bytes).unwrap();
+        let damaged = bytes;
         let Err(e) =
             Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
         else {
@@ -1375,9 +1424,29 @@ mod tests {
         };
         let e = e.to_string();
         let name = segs[0].file_name().unwrap().to_str().unwrap();
-        for part in [name, "bad frame at offset", "readable frames", "restore the file", "move it out"] {
+        for part in
+            [name, "bad frame at offset", "readable frames", "restore the file", "WATERSHED_WAL__SALVAGE"]
+        {
             assert!(e.contains(part), "{part:?} not in: {e}");
         }
+        assert_eq!(std::fs::read(&segs[0]).unwrap(), damaged, "a failed start changes nothing");
+
+        // Salvaged: the records before the damage and every later segment
+        // replay once, the damaged file is kept aside, and the log goes on.
+        let (wal, seen) = reopen(dir.path(), WalOptions { salvage: true, ..opts });
+        let ids: Vec<&str> = seen.iter().map(|(_, id)| id.as_str()).collect();
+        assert!(ids.contains(&"id-1") && ids.contains(&"id-100"), "{ids:?}");
+        assert!(ids.len() < 100, "the records after the damage are cut off: {ids:?}");
+        let mut sorted = ids.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "a record replayed twice");
+        assert_eq!(std::fs::read(segs[0].with_extension("wal.damaged")).unwrap(), damaged);
+        assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 101);
+        drop(wal);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // The segment now ends where the damage was: no salvage needed.
+        let (_, again) = reopen(dir.path(), opts);
+        assert!(again.iter().all(|(_, id)| id == "next" || ids.contains(&id.as_str())), "{again:?}");
     }
 
     /// A damaged id file (not the newest, whose torn tail is cut off) does
@@ -1386,7 +1455,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_id_file_is_set_aside_and_the_log_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 1000 };
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 1000, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         for i in 1..=200u64 {
@@ -1434,7 +1503,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn segments_seal_once_their_first_record_is_committed_and_on_request() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let segments = || {
@@ -1516,7 +1585,7 @@ mod tests {
     async fn group_commit_recovery_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts = WalOptions { segment_bytes: 256, retain_events: 1000 };
+        let opts = WalOptions { segment_bytes: 256, retain_events: 1000, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let mut handles = Vec::new();
@@ -1576,7 +1645,7 @@ mod tests {
     async fn a_failed_before_write_hook_fails_its_group_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0 };
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
         let calls = Arc::new(AtomicU64::new(0));
         let counted = calls.clone();
         // The hook fails on its second call only.
