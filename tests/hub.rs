@@ -511,14 +511,20 @@ fn sigterm_right_after_start_exits_cleanly() {
     }
 }
 
-/// Sizes of the files named `*.<ext>` in the WAL directory of `data`.
-fn wal_files(data: &std::path::Path, ext: &str) -> Vec<u64> {
-    std::fs::read_dir(data.join("wal"))
+/// The files named `*.<ext>` in the WAL directory of `data`, oldest first.
+fn wal_paths(data: &std::path::Path, ext: &str) -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("wal"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == ext))
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .collect()
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Sizes of the files named `*.<ext>` in the WAL directory of `data`.
+fn wal_files(data: &std::path::Path, ext: &str) -> Vec<u64> {
+    wal_paths(data, ext).iter().map(|p| std::fs::metadata(p).unwrap().len()).collect()
 }
 
 /// Wait (at most `secs`) until no WAL segment of `data` holds an event.
@@ -556,12 +562,7 @@ fn a_damaged_wal_segment_stops_the_start_until_salvaged() {
         assert_eq!((status, resp["accepted"].as_u64()), (200, Some(5)), "{resp}");
     }
     server.kill9();
-    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    segments.sort();
+    let segments = wal_paths(&data, "wal");
     assert!(segments.len() >= 2, "{segments:?}");
     let mut bytes = std::fs::read(&segments[0]).unwrap();
     let mid = bytes.len() / 2;

@@ -1392,6 +1392,24 @@ mod tests {
         assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 201, "seqs go on after the id files");
     }
 
+    /// Flip a byte in the middle of the oldest of the (at least two)
+    /// `*.<ext>` files in `dir`, as bad blocks would; returns the files,
+    /// oldest first, and the damaged file's new bytes.
+    fn damage_the_oldest(dir: &Path, ext: &str) -> (Vec<PathBuf>, Vec<u8>) {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == ext))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 2, "{files:?}");
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&files[0], &bytes).unwrap();
+        (files, bytes)
+    }
+
     /// Damage to a segment other than the newest (whose torn tail is cut
     /// off) stops the start with an error that names the file, where the
     /// damage is, and what the operator can do.
@@ -1405,18 +1423,7 @@ mod tests {
         }
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-            .collect();
-        segs.sort();
-        assert!(segs.len() >= 2, "{segs:?}");
-        let mut bytes = std::fs::read(&segs[0]).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
-        std::fs::write(&segs[0], &bytes).unwrap();
-        let damaged = bytes;
+        let (segs, damaged) = damage_the_oldest(dir.path(), "wal");
         let Err(e) =
             Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
         else {
@@ -1464,17 +1471,7 @@ mod tests {
         }
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut ids: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "ids"))
-            .collect();
-        ids.sort();
-        assert!(ids.len() >= 2, "{ids:?}");
-        let mut bytes = std::fs::read(&ids[0]).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
-        std::fs::write(&ids[0], bytes).unwrap();
+        let (ids, _) = damage_the_oldest(dir.path(), "ids");
         let mut remembered = Vec::new();
         let wal = Wal::open(
             dir.path(),
