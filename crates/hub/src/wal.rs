@@ -1264,6 +1264,15 @@ mod tests {
     /// Open the WAL in `dir` again (a restart): the log and the (seq, first
     /// event id) of every record it replayed.
     fn reopen(dir: &Path, opts: WalOptions) -> (Wal, Vec<(u64, String)>) {
+        reopen_remembering(dir, opts, |_, _| {})
+    }
+
+    /// [`reopen`], passing the identities from the id files to `remember`.
+    fn reopen_remembering(
+        dir: &Path,
+        opts: WalOptions,
+        remember: impl FnMut(&str, Retired<'_>),
+    ) -> (Wal, Vec<(u64, String)>) {
         let mut seen = Vec::new();
         let wal = Wal::open(
             dir,
@@ -1274,7 +1283,7 @@ mod tests {
                 seen.push((seq, r.events[0].id.clone()));
                 Ok(())
             },
-            |_, _| {},
+            remember,
         )
         .unwrap();
         (wal, seen)
@@ -1362,28 +1371,17 @@ mod tests {
         }
         drop(wal);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let (mut replayed, mut remembered) = (0, Vec::new());
-        let wal = Wal::open(
-            dir.path(),
-            opts,
-            Arc::new(Pending::default()),
-            None,
-            |_, _| {
-                replayed += 1;
-                Ok(())
-            },
-            |_, r| {
-                remembered.push(match r {
-                    Retired::Accepted(id) | Retired::Rejected(id) => id.to_owned(),
-                    Retired::RejectedBytes(d) => {
-                        assert_eq!(*d, crate::dedupe::raw_digest(b"SECRET-{"));
-                        "digest".to_owned()
-                    }
-                });
-            },
-        )
-        .unwrap();
-        assert_eq!(replayed, 0, "everything was committed");
+        let mut remembered = Vec::new();
+        let (wal, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
+            remembered.push(match r {
+                Retired::Accepted(id) | Retired::Rejected(id) => id.to_owned(),
+                Retired::RejectedBytes(d) => {
+                    assert_eq!(*d, crate::dedupe::raw_digest(b"SECRET-{"));
+                    "digest".to_owned()
+                }
+            });
+        });
+        assert_eq!(replayed.len(), 0, "everything was committed");
         assert!(remembered.len() >= 40, "the window is kept: {remembered:?}");
         assert!(remembered.len() < 120, "the oldest ids were deleted: {remembered:?}");
         assert!(!remembered.contains(&"ok-1".to_owned()), "{remembered:?}");
@@ -1473,19 +1471,12 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let (ids, _) = damage_the_oldest(dir.path(), "ids");
         let mut remembered = Vec::new();
-        let wal = Wal::open(
-            dir.path(),
-            opts,
-            Arc::new(Pending::default()),
-            None,
-            |_, _| Ok(()),
-            |_, r| {
-                if let Retired::Accepted(id) = r {
-                    remembered.push(id.to_owned());
-                }
-            },
-        )
-        .expect("a damaged id file does not stop the start");
+        // (`reopen_remembering` fails the test if the start fails.)
+        let (wal, _) = reopen_remembering(dir.path(), opts, |_, r| {
+            if let Retired::Accepted(id) = r {
+                remembered.push(id.to_owned());
+            }
+        });
         assert!(remembered.contains(&"id-1".to_owned()), "the ids before the damage are kept");
         assert!(remembered.contains(&"id-200".to_owned()), "the other files are read");
         assert!(remembered.len() < 200, "the damaged file's tail is not read");
@@ -1615,19 +1606,10 @@ mod tests {
         let last = segs.last().unwrap();
         let len = std::fs::metadata(last).unwrap().len();
         OpenOptions::new().write(true).open(last).unwrap().set_len(len - 3).unwrap();
-        let (mut seen, mut remembered) = (Vec::new(), Vec::new());
-        let wal = Wal::open(
-            dir.path(),
-            opts,
-            Arc::new(Pending::default()),
-            None,
-            |seq, r| {
-                seen.push((seq, r.events[0].id.clone()));
-                Ok(())
-            },
-            |account, r| remembered.push((account.to_owned(), format!("{r:?}"))),
-        )
-        .unwrap();
+        let mut remembered = Vec::new();
+        let (wal, seen) = reopen_remembering(dir.path(), opts, |account, r| {
+            remembered.push((account.to_owned(), format!("{r:?}")));
+        });
         // Segments whose records were all committed were retired: their
         // events are remembered by identity only; the rest replay.
         assert!(!remembered.is_empty() && seen.len() < 19, "{seen:?}");
