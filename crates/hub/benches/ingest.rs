@@ -75,6 +75,23 @@ fn bench(c: &mut Criterion) {
             black_box(w.finish())
         });
     });
+    // The WAL record's codec against the alternatives, on the same raw
+    // events (what a record holds of a request).
+    let raw: Vec<u8> = refs.iter().flat_map(|e| e.iter().copied().chain([b'\n'])).collect();
+    for level in [-5, -1, 1] {
+        let mut z = zstd::bulk::Compressor::new(level).unwrap();
+        let ratio = raw.len() as f64 / z.compress(&raw).unwrap().len() as f64;
+        g.bench_function(format!("wal codec/zstd {level} ({ratio:.2}x)"), |b| {
+            b.iter(|| black_box(z.compress(&raw).unwrap()));
+        });
+    }
+    for acceleration in [1, 4, 8] {
+        let mode = Some(lz4::block::CompressionMode::FAST(acceleration));
+        let ratio = raw.len() as f64 / lz4::block::compress(&raw, mode, false).unwrap().len() as f64;
+        g.bench_function(format!("wal codec/lz4 fast {acceleration} ({ratio:.2}x)"), |b| {
+            b.iter(|| black_box(lz4::block::compress(&raw, mode, false).unwrap()));
+        });
+    }
     g.bench_function("parquet encode/1000 events", |b| {
         b.iter(|| {
             for (k, batch) in &processed.parts {
