@@ -629,13 +629,15 @@ impl Wal {
         let mut ids_files = Vec::new();
         let count = id_paths.len();
         for (i, (_, path)) in id_paths.into_iter().enumerate() {
-            match read_ids_file(&path, i + 1 == count, &mut remember) {
+            let newest = i + 1 == count;
+            match read_ids_file(&path, newest, &mut remember) {
                 Ok(f) => ids_files.push(f),
                 // Id files are the dedupe window's memory, not data (their
                 // events are in the lake): damage to one must not keep the
                 // hub from starting. What it held before the damage is
-                // remembered; the file is kept aside for inspection.
-                Err(Error::WalCorrupt { detail, .. }) => {
+                // remembered; the file is kept aside for inspection. Not
+                // the newest: its last seq is where seqs go on.
+                Err(Error::WalCorrupt { detail, .. }) if !newest => {
                     let aside = path.with_extension("ids.damaged");
                     tracing::error!(
                         file = %path.display(),
@@ -768,7 +770,10 @@ fn read_frames(
                 OnBad::Fail => return Err(Error::WalCorrupt { path: path.to_owned(), detail }),
                 OnBad::Salvage => {
                     let aside = path.with_extension("wal.damaged");
-                    std::fs::copy(path, &aside).map_err(io(&aside))?;
+                    // The copy is durable before the original is cut.
+                    std::fs::copy(path, &aside)
+                        .and_then(|_| File::open(&aside)?.sync_all())
+                        .map_err(io(&aside))?;
                     tracing::error!(
                         file = %path.display(),
                         %detail,
@@ -1443,6 +1448,7 @@ mod tests {
         assert!(ids.contains(&"id-1") && ids.contains(&"id-100"), "{ids:?}");
         assert!(ids.len() < 100, "the records after the damage are cut off: {ids:?}");
         let mut sorted = ids.clone();
+        sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), ids.len(), "a record replayed twice");
         assert_eq!(std::fs::read(segs[0].with_extension("wal.damaged")).unwrap(), damaged);
