@@ -79,6 +79,10 @@ fn mixed_batches_from_three_accounts_land_exactly() {
         assert_eq!(resp["rejected"][0]["index"], 21);
     }
     assert!(server.stop().success(), "clean exit on SIGTERM");
+    // A clean stop commits every event and retires the WAL segments that
+    // held them: no raw event stays on disk.
+    assert!(wal_files(&data, "wal").iter().all(|&n| n == 0), "{:?}", wal_files(&data, "wal"));
+    assert!(wal_files(&data, "ids").iter().any(|&n| n > 0), "their ids are kept for dedupe");
 
     let lake = data.join("lake");
     let ids = ids_by_table(&lake);

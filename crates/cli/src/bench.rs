@@ -222,7 +222,16 @@ fn report(rows: &[(String, f64, Value)], events: usize, bytes: u64) {
     println!();
     println!(
         "{:<42} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "run (median)", "events/s", "MB/s", "vs floor", "vs best", "p50 ms", "p99 ms", "max ms", "RSS MB", "CPU us/ev"
+        "run (median)",
+        "events/s",
+        "MB/s",
+        "vs floor",
+        "vs best",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "RSS MB",
+        "CPU us/ev"
     );
     for (name, secs, extra) in rows {
         let e = eps(*secs);

@@ -299,7 +299,9 @@ impl Hub {
         !self.memory.full() && !self.writer_task.is_finished()
     }
 
-    /// Stop: flush and commit everything, then stop the writer.
+    /// Stop: flush and commit everything, stop the writer, then stop the
+    /// WAL once it has retired every committed segment (so no raw event
+    /// whose rows are committed stays on disk after a clean stop).
     ///
     /// # Errors
     /// [`Error::Stopped`] if the writer failed.
@@ -309,8 +311,9 @@ impl Hub {
         }
         self.flush().await?;
         drop(self.writer_tx);
-        drop(self.wal);
-        self.writer_task.await.map_err(|_| Error::Stopped("lake writer"))
+        let written = self.writer_task.await.map_err(|_| Error::Stopped("lake writer"));
+        self.wal.close().await;
+        written
     }
 }
 

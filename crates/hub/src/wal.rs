@@ -18,20 +18,24 @@
 //!   refused event without an id) are appended to an id file
 //!   (`<first seq>.ids`) and fsynced, then the segment is deleted. Raw
 //!   events therefore stay on disk only until their rows are committed.
+//!   Retiring runs on a thread of its own (`watershed-wal-retire`): a
+//!   segment's ids are tens of megabytes under load, and writing them on
+//!   the WAL thread held up every acknowledgement meanwhile. An id file
+//!   that cannot be written keeps its segment on disk and is retried.
 //! - **Id files** hold the dedupe window across restarts; the oldest is
 //!   deleted once newer events alone fill the window.
 //! - **Recovery** reads every id file (the dedupe window) and every
 //!   segment, truncates a torn tail of the last of each, and hands each
 //!   record to the hub, which re-buffers what no committed file covers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use watershed_event::{AccountId, TimestampMicros};
 
 use crate::error::{io, Error, Result};
@@ -41,6 +45,20 @@ const FRAME_HEADER: usize = 16;
 /// An id file takes frames until it is a quarter of a segment (at least
 /// this); then a new one starts.
 const IDS_FILE_MIN_BYTES: u64 = 1 << 10;
+
+/// The most identities (in bytes) the retire thread writes per frame and
+/// fsync: small enough that the WAL's group commits are not stuck behind
+/// them on a slow disk (1 MiB is about 10 ms at 100 MB/s).
+#[cfg(not(test))]
+const IDS_FRAME_BYTES: usize = 1 << 20;
+/// Small in tests, so that every retirement of more than a few records
+/// takes several frames.
+#[cfg(test)]
+const IDS_FRAME_BYTES: usize = 64;
+
+/// How long the retire thread waits before trying a failed retirement
+/// again.
+const RETIRE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One event in a WAL record.
 #[derive(Debug, Clone, PartialEq)]
@@ -555,6 +573,8 @@ pub struct Wal {
     tx: mpsc::Sender<Msg>,
     /// Bytes on disk, for metrics.
     pub size: Arc<AtomicU64>,
+    /// Turns true when the writer thread (and its retire thread) ended.
+    stopped: watch::Receiver<bool>,
 }
 
 /// A [`Wal`] handle that does not keep its writer thread alive.
@@ -672,11 +692,20 @@ impl Wal {
         ));
         let (tx, rx) = mpsc::channel(1024);
         *pending.retire.lock().expect("pending lock") = Some(tx.downgrade());
+        let (retire_tx, retire_rx) = std::sync::mpsc::channel();
+        let retirer = Retirer {
+            dir: dir.to_owned(),
+            opts,
+            ids_files,
+            pending: pending.clone(),
+            size: size.clone(),
+            queue: VecDeque::new(),
+            live: 0,
+        };
         let mut w = Writer {
             dir: dir.to_owned(),
             opts,
             segments,
-            ids_files,
             file: None,
             next,
             pending,
@@ -684,11 +713,38 @@ impl Wal {
             before_write,
             frames: Vec::new(),
             broken: None,
+            retire: retire_tx,
         };
         w.open_segment()?;
         w.note_oldest();
-        std::thread::Builder::new().name("watershed-wal".into()).spawn(move || w.run(rx)).map_err(io(dir))?;
-        Ok(Self { tx, size })
+        let retiring = std::thread::Builder::new()
+            .name("watershed-wal-retire".into())
+            .spawn(move || retirer.run(&retire_rx))
+            .map_err(io(dir))?;
+        let (stopped_tx, stopped) = watch::channel(false);
+        std::thread::Builder::new()
+            .name("watershed-wal".into())
+            .spawn(move || {
+                // Hands the last retirements over and drops its sender.
+                w.run(rx);
+                if retiring.join().is_err() {
+                    tracing::error!("the WAL retire thread panicked");
+                }
+                let _ = stopped_tx.send(true);
+            })
+            .map_err(io(dir))?;
+        Ok(Self { tx, size, stopped })
+    }
+
+    /// Wait until the writer thread has stopped: once every handle is
+    /// dropped (this one is consumed here), it writes what is queued,
+    /// retires the segments whose records are committed, and waits for
+    /// the retire thread to write their ids and delete them.
+    pub async fn close(self) {
+        let mut stopped = self.stopped.clone();
+        drop(self);
+        // An error means the thread is gone without saying so (a panic).
+        let _ = stopped.wait_for(|s| *s).await;
     }
 
     /// A handle that does not keep the writer thread alive.
@@ -916,12 +972,27 @@ fn sync_segment(file: &File, path: &Path) -> Result<()> {
     file.sync_data().map_err(io(path))
 }
 
+/// Make an id file's written frame durable.
+#[cfg(not(test))]
+fn sync_ids(file: &File, path: &Path) -> Result<()> {
+    file.sync_data().map_err(io(path))
+}
+
+/// [`sync_ids`], failing on demand: after [`tests::fail_next_ids_sync`],
+/// the next fsync of an id file in that directory fails.
+#[cfg(test)]
+fn sync_ids(file: &File, path: &Path) -> Result<()> {
+    tests::hold_ids_write(path);
+    if tests::ids_sync_fails(path) {
+        return Err(io(path)(std::io::Error::other("input/output error (simulated)")));
+    }
+    file.sync_data().map_err(io(path))
+}
+
 struct Writer {
     dir: PathBuf,
     opts: WalOptions,
     segments: Vec<Segment>,
-    /// Oldest first; the last one takes new frames until it is large.
-    ids_files: Vec<IdsFile>,
     file: Option<File>,
     next: u64,
     pending: Arc<Pending>,
@@ -934,6 +1005,44 @@ struct Writer {
     /// answers every later append with an error until a restart recovers
     /// from what is on disk.
     broken: Option<String>,
+    /// Sealed, committed segments go to the retire thread.
+    retire: std::sync::mpsc::Sender<RetireJob>,
+}
+
+/// A sealed segment whose records are all committed, handed to the
+/// retire thread: its ids go to an id file, then it is deleted.
+struct RetireJob {
+    /// Its last record (none: it held no record, so no ids either).
+    last: Option<u64>,
+    ids: Vec<u8>,
+    path: PathBuf,
+    bytes: u64,
+    /// The first record of the next segment: the oldest one on disk once
+    /// this segment is deleted.
+    then_oldest: u64,
+    /// Events in the segments the WAL still held when this one was
+    /// handed over (the newest events, for the id files' retention).
+    live: u64,
+    /// Bytes of `ids` already durable in an id file (a failed try
+    /// resumes there, so no id is written twice).
+    ids_durable: usize,
+}
+
+/// The retire thread: writes retired segments' ids to id files, deletes
+/// the segments, and deletes the id files the dedupe window no longer
+/// needs. Jobs are done in order; one that fails is retried, and later
+/// ones wait for it, so a segment is never deleted before the ids of
+/// every older one are durable.
+struct Retirer {
+    dir: PathBuf,
+    opts: WalOptions,
+    /// Oldest first; the last one takes new frames until it is large.
+    ids_files: Vec<IdsFile>,
+    pending: Arc<Pending>,
+    size: Arc<AtomicU64>,
+    queue: VecDeque<RetireJob>,
+    /// [`RetireJob::live`] of the latest job done.
+    live: u64,
 }
 
 /// Frames gathered for the open segment and not yet written.
@@ -1116,10 +1225,9 @@ impl Writer {
     }
 
     /// Retire what is committed: seal the open segment once its first
-    /// record is committed; move the identities of sealed, committed
-    /// segments to the id file (fsynced) and delete the segments; delete
-    /// the oldest id files while newer events alone fill the dedupe
-    /// window.
+    /// record is committed, and hand the sealed segments whose records
+    /// are all committed to the retire thread (which writes their ids,
+    /// then deletes them).
     fn retire(&mut self) -> Result<()> {
         let watermark = self.pending.low_watermark().unwrap_or(self.next);
         // Waiting for every record of the open segment to be committed
@@ -1130,30 +1238,32 @@ impl Writer {
         if open_started && self.broken.is_none() {
             self.roll().inspect_err(|e| self.broken = Some(e.to_string()))?;
         }
-        while self.segments.len() > 1 {
-            let s = &self.segments[0];
-            if s.last.is_some_and(|l| l >= watermark) {
-                break;
-            }
-            if let Some(last) = s.last {
-                let ids = std::mem::take(&mut self.segments[0].ids);
-                self.append_ids(last, &ids)?;
-            }
-            let s = self.segments.remove(0);
-            self.note_oldest();
-            std::fs::remove_file(&s.path).map_err(io(&s.path))?;
-            self.size.fetch_sub(s.bytes, Ordering::Relaxed);
-            tracing::debug!(segment = %s.path.display(), first = s.first, "retired a committed WAL segment");
+        let done = self
+            .segments
+            .iter()
+            .take(self.segments.len().saturating_sub(1))
+            .take_while(|s| s.last.is_none_or(|l| l < watermark))
+            .count();
+        if done == 0 {
+            return Ok(());
         }
-        let live: u64 = self.segments.iter().map(|s| s.events).sum();
-        while !self.ids_files.is_empty() {
-            let newer = live + self.ids_files[1..].iter().map(|f| f.events).sum::<u64>();
-            if newer < self.opts.retain_events {
-                break;
+        let live: u64 = self.segments[done..].iter().map(|s| s.events).sum();
+        let then_oldest: Vec<u64> = self.segments[1..=done].iter().map(|s| s.first).collect();
+        for (s, then_oldest) in self.segments.drain(..done).zip(then_oldest) {
+            let job = RetireJob {
+                last: s.last,
+                ids: s.ids,
+                path: s.path,
+                bytes: s.bytes,
+                then_oldest,
+                live,
+                ids_durable: 0,
+            };
+            // The retire thread outlives this one; a send fails only if
+            // it panicked, and the segment then stays for the next start.
+            if self.retire.send(job).is_err() {
+                return Err(Error::Stopped("wal retire thread"));
             }
-            let f = self.ids_files.remove(0);
-            std::fs::remove_file(&f.path).map_err(io(&f.path))?;
-            self.size.fetch_sub(f.bytes, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1163,44 +1273,205 @@ impl Writer {
         let oldest = self.segments.first().map_or(self.next, |s| s.first);
         self.pending.oldest.store(oldest, Ordering::Release);
     }
+}
 
-    /// Append the identities of a segment whose last record is `last` to
-    /// the newest id file (a new one when it is large), and fsync.
-    fn append_ids(&mut self, last: u64, ids: &[u8]) -> Result<()> {
-        let full = (self.opts.segment_bytes / 4).max(IDS_FILE_MIN_BYTES);
-        if self.ids_files.last().is_none_or(|f| f.bytes >= full) {
-            let path = self.dir.join(format!("{last:020}.ids"));
-            self.ids_files.push(IdsFile { last, events: 0, bytes: 0, path });
-            // The new name is made durable with the first frame below.
+impl Retirer {
+    fn run(mut self, rx: &std::sync::mpsc::Receiver<RetireJob>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            // With a failed job waiting, wake to retry it.
+            let next = if self.queue.is_empty() {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(RETIRE_RETRY)
+            };
+            match next {
+                Ok(job) => self.queue.push_back(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.queue.extend(rx.try_iter());
+            self.work();
         }
-        let f = self.ids_files.last_mut().expect("one was just ensured");
-        let mut frame = Vec::with_capacity(FRAME_HEADER + ids.len());
-        push_frame(&mut frame, last, ids);
-        let new = f.bytes == 0;
-        let mut opts = OpenOptions::new();
-        opts.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut file = opts.open(&f.path).map_err(io(&f.path))?;
-        let written = file.write_all(&frame).and_then(|()| file.sync_data());
-        if let Err(e) = written {
-            // Cut a torn frame off, so later frames stay readable.
-            let _ = file.set_len(f.bytes);
-            return Err(io(&f.path)(e));
+        // The WAL thread stopped: one last try.
+        self.work();
+        if let Some(job) = self.queue.front() {
+            tracing::error!(
+                segments = self.queue.len(),
+                oldest = %job.path.display(),
+                "committed WAL segments could not be retired; the next start retires them"
+            );
         }
-        if new {
-            if let Ok(d) = File::open(&self.dir) {
-                let _ = d.sync_all();
+    }
+
+    /// Do the queued jobs in order, up to the first that fails (logged;
+    /// it stays queued), then drop the id files no longer needed.
+    fn work(&mut self) {
+        while let Some(job) = self.queue.front_mut() {
+            let job_path = job.path.clone();
+            let (started, id_bytes) = (std::time::Instant::now(), job.ids.len());
+            match Self::retire(&self.dir, self.opts, &mut self.ids_files, &self.size, job) {
+                Ok(()) => {
+                    let job = self.queue.pop_front().expect("the job just done");
+                    self.live = job.live;
+                    // Only now can nothing before it be replayed.
+                    self.pending.oldest.store(job.then_oldest, Ordering::Release);
+                    tracing::debug!(
+                        segment = %job_path.display(),
+                        id_bytes,
+                        ms = started.elapsed().as_millis(),
+                        "retired a committed WAL segment"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(
+                        segment = %job_path.display(),
+                        error = %e,
+                        "cannot retire a committed WAL segment; it stays on disk and is retried"
+                    );
+                    return;
+                }
             }
         }
-        f.bytes += frame.len() as u64;
-        f.last = last;
-        let mut events = 0u64;
-        read_ids(ids, &mut |_, _| events += 1);
-        f.events += events;
-        self.size.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.drop_old_ids() {
+            tracing::error!(error = %e, "cannot delete a WAL id file the dedupe window no longer needs");
+        }
+    }
+
+    /// Make `job`'s ids durable, then delete its segment.
+    fn retire(
+        dir: &Path,
+        opts: WalOptions,
+        ids_files: &mut Vec<IdsFile>,
+        size: &AtomicU64,
+        job: &mut RetireJob,
+    ) -> Result<()> {
+        if let Some(last) = job.last {
+            // A segment's ids are tens of megabytes under load. Written
+            // and fsynced at once, they would sit in front of the WAL's
+            // own fsyncs for as long as the disk takes to write them (on
+            // ext4 a journal commit waits for other files' new data too),
+            // so they go in frames of about `IDS_FRAME_BYTES`, each
+            // fsynced before the next.
+            while job.ids_durable < job.ids.len() {
+                let rest = &job.ids[job.ids_durable..];
+                let n = ids_prefix(rest, IDS_FRAME_BYTES);
+                append_ids(dir, opts, ids_files, size, last, &rest[..n])?;
+                job.ids_durable += n;
+            }
+            job.ids = Vec::new();
+        }
+        match std::fs::remove_file(&job.path) {
+            Ok(()) => {}
+            // Deleted by an earlier try whose result was lost.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&job.path)(e)),
+        }
+        size.fetch_sub(job.bytes, Ordering::Relaxed);
         Ok(())
     }
+
+    /// Delete the oldest id files while newer events alone fill the
+    /// dedupe window.
+    fn drop_old_ids(&mut self) -> Result<()> {
+        // Jobs still queued hold events that are in neither count: the
+        // window is then kept a little longer, never shorter.
+        while !self.ids_files.is_empty() {
+            let newer = self.live + self.ids_files[1..].iter().map(|f| f.events).sum::<u64>();
+            if newer < self.opts.retain_events {
+                break;
+            }
+            let f = self.ids_files.remove(0);
+            std::fs::remove_file(&f.path).map_err(io(&f.path))?;
+            self.size.fetch_sub(f.bytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The length of the longest run of whole records' identities at the
+/// start of `ids` that fits in `max` bytes (at least one record).
+fn ids_prefix(ids: &[u8], max: usize) -> usize {
+    let mut end = 0;
+    while end < ids.len() {
+        let Some(len) = ids_record_len(&ids[end..]) else {
+            // Not parseable: written whole, as it was before.
+            return ids.len();
+        };
+        if end > 0 && end + len > max {
+            break;
+        }
+        end += len;
+    }
+    end
+}
+
+/// The bytes of the first record's identities in `ids`.
+fn ids_record_len(ids: &[u8]) -> Option<usize> {
+    let u16_at = |at: usize| Some(usize::from(u16::from_le_bytes(ids.get(at..at + 2)?.try_into().ok()?)));
+    let mut at = 2 + u16_at(0)?;
+    let count = u32::from_le_bytes(ids.get(at..at + 4)?.try_into().ok()?);
+    at += 4;
+    for _ in 0..count {
+        at += match ids.get(at)? {
+            0 | 1 => 3 + u16_at(at + 1)?,
+            2 => 33,
+            _ => return None,
+        };
+    }
+    (at <= ids.len()).then_some(at)
+}
+
+/// Append the identities `ids` (whole records') of a segment whose last
+/// record is `last` to the newest of `files` (a new one when it is
+/// large) as one frame, and fsync. A failed write is cut back, so later
+/// frames stay readable.
+fn append_ids(
+    dir: &Path,
+    opts: WalOptions,
+    files: &mut Vec<IdsFile>,
+    size: &AtomicU64,
+    last: u64,
+    ids: &[u8],
+) -> Result<()> {
+    let full = (opts.segment_bytes / 4).max(IDS_FILE_MIN_BYTES);
+    if files.last().is_none_or(|f| f.bytes >= full) {
+        let path = dir.join(format!("{last:020}.ids"));
+        files.push(IdsFile { last, events: 0, bytes: 0, path });
+        // The new name is made durable with the first frame below.
+    }
+    let f = files.last_mut().expect("one was just ensured");
+    let mut frame = Vec::with_capacity(FRAME_HEADER + ids.len());
+    push_frame(&mut frame, last, ids);
+    let new = f.bytes == 0;
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&f.path).map_err(io(&f.path))?;
+    let written = file.write_all(&frame).map_err(io(&f.path)).and_then(|()| sync_ids(&file, &f.path));
+    if let Err(e) = written {
+        let _ = file.set_len(f.bytes);
+        if new {
+            // Not a file yet: the next try starts it again.
+            drop(file);
+            let _ = std::fs::remove_file(&f.path);
+            files.pop();
+        }
+        return Err(e);
+    }
+    if new {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    f.bytes += frame.len() as u64;
+    f.last = last;
+    let mut events = 0u64;
+    read_ids(ids, &mut |_, _| events += 1);
+    f.events += events;
+    size.fetch_add(frame.len() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1214,6 +1485,8 @@ mod tests {
         Tear(usize),
         /// The next fsync fails.
         Sync,
+        /// The fsync of an id file after this many more fails.
+        SyncIds(usize),
     }
 
     /// Faults waiting for their directory's next write or fsync.
@@ -1240,12 +1513,58 @@ mod tests {
         inject(dir, Fault::Sync);
     }
 
+    /// Make the id file fsync after `skip` more in `dir` fail.
+    fn fail_ids_sync_after(dir: &Path, skip: usize) {
+        inject(dir, Fault::SyncIds(skip));
+    }
+
+    /// Whether the fsync of id file `path` is to fail (once).
+    pub(super) fn ids_sync_fails(path: &Path) -> bool {
+        let mut faults = FAULTS.lock().unwrap();
+        let Some(i) = faults
+            .iter()
+            .position(|(dir, f)| path.parent() == Some(dir.as_path()) && matches!(f, Fault::SyncIds(_)))
+        else {
+            return false;
+        };
+        match faults[i].1 {
+            Fault::SyncIds(0) => {
+                faults.swap_remove(i);
+                true
+            }
+            Fault::SyncIds(n) => {
+                faults[i].1 = Fault::SyncIds(n - 1);
+                false
+            }
+            _ => unreachable!("picked above"),
+        }
+    }
+
+    /// Directories whose id file writes are held up (a slow disk).
+    static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Hold up id file writes in `dir` until [`release_ids_writes`].
+    fn hold_ids_writes(dir: &Path) {
+        HELD.lock().unwrap().push(dir.to_owned());
+    }
+
+    fn release_ids_writes(dir: &Path) {
+        HELD.lock().unwrap().retain(|d| d != dir);
+    }
+
+    /// Wait while id file writes in `path`'s directory are held up.
+    pub(super) fn hold_ids_write(path: &Path) {
+        while HELD.lock().unwrap().iter().any(|d| path.parent() == Some(d.as_path())) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Whether the write to segment `path` is to be torn, and after how
     /// many bytes (once).
     pub(super) fn torn_write(path: &Path) -> Option<usize> {
         match take(path, |f| matches!(f, Fault::Tear(_)))? {
             Fault::Tear(keep) => Some(keep),
-            Fault::Sync => None,
+            Fault::Sync | Fault::SyncIds(_) => None,
         }
     }
 
@@ -1308,8 +1627,7 @@ mod tests {
         assert!(e.contains("input/output error"), "{e}");
         let e = wal.append(record("c"), 1, 1).await.unwrap_err().to_string();
         assert!(e.contains("stopped after an earlier failure") && e.contains("restart"), "{e}");
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        wal.close().await;
         // The restart replays what is on disk: the acknowledged "a", and
         // "b", whose frame is whole (its client got an error and retries;
         // the dedupe window keeps the retry from storing it twice).
@@ -1328,8 +1646,7 @@ mod tests {
         assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
         // The log goes on, with the failed record's seq unused.
         assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        wal.close().await;
         let (_, seen) = reopen(dir.path(), opts);
         assert_eq!(
             seen,
@@ -1374,8 +1691,7 @@ mod tests {
             assert_eq!(wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap().seq, i);
             pending.committed(&[i]);
         }
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wal.close().await;
         let mut remembered = Vec::new();
         let (wal, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
             remembered.push(match r {
@@ -1424,8 +1740,7 @@ mod tests {
         for i in 1..=100u64 {
             wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
         }
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wal.close().await;
         let (segs, damaged) = damage_the_oldest(dir.path(), "wal");
         let Err(e) =
             Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
@@ -1453,8 +1768,7 @@ mod tests {
         assert_eq!(sorted.len(), ids.len(), "a record replayed twice");
         assert_eq!(std::fs::read(segs[0].with_extension("wal.damaged")).unwrap(), damaged);
         assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 101);
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wal.close().await;
         // The segment now ends where the damage was: no salvage needed.
         let (_, again) = reopen(dir.path(), opts);
         assert!(again.iter().all(|(_, id)| id == "next" || ids.contains(&id.as_str())), "{again:?}");
@@ -1473,8 +1787,7 @@ mod tests {
             assert_eq!(wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap().seq, i);
             pending.committed(&[i]);
         }
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wal.close().await;
         let (ids, _) = damage_the_oldest(dir.path(), "ids");
         let mut remembered = Vec::new();
         // (`reopen_remembering` fails the test if the start fails.)
@@ -1535,6 +1848,141 @@ mod tests {
         wait_for(&[&seg(5)]);
         assert_eq!(pending.oldest_segment(), 5);
         drop(wal);
+    }
+
+    /// The `.wal` files in `dir`, by name.
+    fn segment_names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Wait (up to 5 s) until `done`.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "still waiting: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A retiring segment's ids are tens of megabytes under load: while
+    /// their write is held up (a slow disk), appends are still written
+    /// and acknowledged, the segment stays until its ids are durable, and
+    /// the oldest replayable record moves only once it is deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_id_file_write_holds_up_no_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let pending = Arc::new(Pending::default());
+        let wal = open_empty(dir.path(), opts, pending.clone());
+        let seg = |first: u64| format!("{first:020}.wal");
+        assert_eq!(wal.append(record("r1"), 1, 1).await.unwrap().seq, 1);
+        hold_ids_writes(dir.path());
+        // Committed: sealed, and handed over to be retired.
+        pending.committed(&[1]);
+        wait_until("segment 1 sealed", || segment_names(dir.path()) == [seg(1), seg(2)]);
+        for i in 2..=20u64 {
+            let appended = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                wal.append(record(&format!("r{i}")), 1, 1),
+            )
+            .await
+            .expect("an append is acknowledged while a retirement waits for the disk");
+            assert_eq!(appended.unwrap().seq, i);
+        }
+        assert_eq!(segment_names(dir.path()), [seg(1), seg(2)], "kept until its ids are durable");
+        assert_eq!(pending.oldest_segment(), 1, "its records could still be replayed");
+        release_ids_writes(dir.path());
+        wait_until("segment 1 retired", || segment_names(dir.path()) == [seg(2)]);
+        assert_eq!(pending.oldest_segment(), 2);
+        wal.close().await;
+        let mut remembered = Vec::new();
+        let (_, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
+            if let Retired::Accepted(id) = r {
+                remembered.push(id.to_owned());
+            }
+        });
+        assert_eq!(remembered, ["r1"]);
+        assert_eq!(replayed.len(), 19, "the uncommitted records are replayed: {replayed:?}");
+    }
+
+    /// An id file that cannot be written keeps its segment until a later
+    /// try succeeds; the try resumes after the frames already durable, so
+    /// every id is kept exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_id_file_write_keeps_its_segment_until_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let pending = Arc::new(Pending::default());
+        let wal = open_empty(dir.path(), opts, pending.clone());
+        let seg = |first: u64| format!("{first:020}.wal");
+        for i in 1..=6u64 {
+            assert_eq!(wal.append(record(&format!("r{i}")), 1, 1).await.unwrap().seq, i);
+        }
+        // The segment's ids take three frames; the second one fails.
+        fail_ids_sync_after(dir.path(), 1);
+        pending.committed(&[1, 2, 3, 4, 5, 6]);
+        let fault_taken = || !FAULTS.lock().unwrap().iter().any(|(d, _)| d == dir.path());
+        wait_until("the id file write tried", fault_taken);
+        assert!(segment_names(dir.path()).contains(&seg(1)), "the segment stays after the failure");
+        // Retried about a second later.
+        wait_until("segment 1 retired", || segment_names(dir.path()) == [seg(7)]);
+        wal.close().await;
+        let mut remembered = Vec::new();
+        let (wal, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
+            if let Retired::Accepted(id) = r {
+                remembered.push(id.to_owned());
+            }
+        });
+        assert_eq!(remembered, ["r1", "r2", "r3", "r4", "r5", "r6"], "every id once");
+        assert!(replayed.is_empty(), "{replayed:?}");
+        assert_eq!(wal.append(record("r7"), 1, 1).await.unwrap().seq, 7);
+    }
+
+    /// Retirement writes a segment's ids in frames of whole records.
+    #[test]
+    fn ids_split_into_frames_of_whole_records() {
+        let a = AccountId::new("111111111111").unwrap();
+        let mut all = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..200 {
+            let mut e = RecordEncoder::new(&a, 0, None, 0);
+            for j in 0..i % 4 {
+                let id = format!("id-{i}-{j}");
+                if j % 2 == 0 {
+                    e.accepted(&id, b"{}");
+                } else {
+                    e.rejected(&id, "bad_enum", "$", "", b"{}");
+                }
+                want.push(id);
+            }
+            e.rejected("", "malformed_json", "$", "", format!("raw {i}").as_bytes());
+            want.push("digest".into());
+            all.extend_from_slice(&e.finish().ids);
+        }
+        for max in [1, 64, 1000, usize::MAX] {
+            let (mut rest, mut got) = (&all[..], Vec::new());
+            while !rest.is_empty() {
+                let n = ids_prefix(rest, max);
+                assert!(n > 0);
+                let one_record = ids_record_len(rest) == Some(n);
+                assert!(n <= max || one_record, "a frame is over {max} bytes only for one record");
+                assert!(
+                    read_ids(&rest[..n], &mut |_, r| got.push(match r {
+                        Retired::Accepted(id) | Retired::Rejected(id) => id.to_owned(),
+                        Retired::RejectedBytes(_) => "digest".into(),
+                    })),
+                    "each frame reads on its own"
+                );
+                rest = &rest[n..];
+            }
+            assert_eq!(got, want, "max {max}");
+        }
     }
 
     #[test]
@@ -1600,8 +2048,7 @@ mod tests {
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
         assert_eq!(pending.len(), 20);
         pending.committed(&(1..=10).collect::<Vec<_>>());
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        wal.close().await;
         // Tear the tail of the newest segment.
         let mut segs: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -1654,8 +2101,7 @@ mod tests {
         );
         assert_eq!(wal.append(record("id-3"), 1, 1).await.unwrap().seq, 2, "the failed record took no seq");
         assert_eq!(calls.load(Ordering::SeqCst), 3, "once per group");
-        drop(wal);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        wal.close().await;
         let (_, seen) = reopen(dir.path(), opts);
         assert_eq!(seen, vec![(1, "id-1".to_string()), (2, "id-3".to_string())]);
     }
