@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPayload};
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
@@ -43,13 +43,20 @@ impl Lake {
 
     /// A lake in a local directory (created if missing).
     ///
+    /// A put returns once the file, and every directory entry leading to
+    /// it (new partition directories included), is fsynced: as with S3, a
+    /// file that was put survives a power loss. Without it the commit log
+    /// could record a file whose data was still only in the page cache,
+    /// and the WAL segment holding its events would then be deleted.
+    ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`] when the directory is unusable.
     pub fn local(dir: &std::path::Path, concurrency: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(store_err(&dir.display().to_string()))?
-            .with_automatic_cleanup(true);
+            .with_automatic_cleanup(true)
+            .with_fsync(true);
         Ok(Self::new(Arc::new(fs), concurrency))
     }
 
@@ -103,5 +110,24 @@ impl Lake {
         let _permit = self.permits.acquire().await.expect("semaphore is never closed");
         let r = self.store.get(&ObjPath::from(path)).await.map_err(store_err(path))?;
         r.bytes().await.map_err(store_err(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local lake's puts are fsynced (file and directories) before they
+    /// return, as the commit log relies on.
+    #[tokio::test]
+    async fn a_local_lake_fsyncs_its_puts() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(dir.path(), 1).unwrap();
+        let store = format!("{:?}", lake.store());
+        assert!(store.contains("fsync: true"), "{store}");
+        let path = LakePath("t/account=1/date=2024-01-01/hour=00/a.parquet".into());
+        assert_eq!(lake.put_create(&path, Bytes::from_static(b"x")).await.unwrap(), Put::Created);
+        assert_eq!(lake.put_create(&path, Bytes::from_static(b"y")).await.unwrap(), Put::AlreadyExists);
+        assert_eq!(&lake.get(&path.0).await.unwrap()[..], b"x");
     }
 }
