@@ -136,6 +136,10 @@ impl Accounts {
             f.sync_all().map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The token is printed once: the account must outlive a power loss.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        }
         Ok(token)
     }
 }

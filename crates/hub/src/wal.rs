@@ -1367,6 +1367,11 @@ impl Retirer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&job.path)(e)),
         }
+        // The deletion is made durable before the first replayable record
+        // moves past the segment (the commit log is then compacted past
+        // its records): a segment that came back after a power loss would
+        // be replayed into the lake again.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         size.fetch_sub(job.bytes, Ordering::Relaxed);
         Ok(())
     }
