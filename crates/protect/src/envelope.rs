@@ -1018,11 +1018,19 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         let file = match &st.file {
             Some(f) => f.clone(),
             None => {
+                let new = !self.path.exists();
                 let mut opts = OpenOptions::new();
                 opts.create(true).append(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
                 let f = Arc::new(opts.open(&self.path).map_err(self.io())?);
+                if new {
+                    // The log's name, not only its lines, must survive a
+                    // power loss: every ciphertext depends on it.
+                    if let Some(dir) = self.path.parent() {
+                        File::open(dir).and_then(|d| d.sync_all()).map_err(self.io())?;
+                    }
+                }
                 st.file = Some(f.clone());
                 f
             }
