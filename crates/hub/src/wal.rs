@@ -13,15 +13,16 @@
 //!   segment's first record is committed to the lake (so under steady load
 //!   a segment spans about one roll age of the lake's partitions), and on
 //!   [`WeakWal::seal`]. A sealed segment
-//!   whose records are all committed is *retired*: the dedupe identities
-//!   of its events (account and event id; a digest of the bytes of a
-//!   refused event without an id) are appended to an id file
-//!   (`<first seq>.ids`) and fsynced, then the segment is deleted. Raw
-//!   events therefore stay on disk only until their rows are committed.
-//!   Retiring runs on a thread of its own (`watershed-wal-retire`): a
-//!   segment's ids are tens of megabytes under load, and writing them on
-//!   the WAL thread held up every acknowledgement meanwhile. An id file
-//!   that cannot be written keeps its segment on disk and is retried.
+//!   whose records are all committed is *retired*: once the dedupe
+//!   identities of its events (account and event id; a digest of the
+//!   bytes of a refused event without an id) are durable in an id file
+//!   (`<n>.ids`), the segment is deleted. Raw events therefore stay on
+//!   disk only until their rows are committed. A thread of its own
+//!   (`watershed-wal-retire`) appends each fsynced group's ids to the id
+//!   file as they come (none waits in memory for its segment to retire),
+//!   fsyncs it before deleting a segment, and deletes. A segment's ids
+//!   are tens of megabytes under load; on the WAL thread they held up
+//!   every acknowledgement while they were written.
 //! - **Id files** hold the dedupe window across restarts; the oldest is
 //!   deleted once newer events alone fill the window.
 //! - **Recovery** reads every id file (the dedupe window) and every
@@ -45,16 +46,6 @@ const FRAME_HEADER: usize = 16;
 /// An id file takes frames until it is a quarter of a segment (at least
 /// this); then a new one starts.
 const IDS_FILE_MIN_BYTES: u64 = 1 << 10;
-
-/// The most identities (in bytes) the retire thread writes per frame and
-/// fsync: small enough that the WAL's group commits are not stuck behind
-/// them on a slow disk (1 MiB is about 10 ms at 100 MB/s).
-#[cfg(not(test))]
-const IDS_FRAME_BYTES: usize = 1 << 20;
-/// Small in tests, so that every retirement of more than a few records
-/// takes several frames.
-#[cfg(test)]
-const IDS_FRAME_BYTES: usize = 64;
 
 /// How long the retire thread waits before trying a failed retirement
 /// again.
@@ -514,12 +505,13 @@ struct Segment {
     events: u64,
     bytes: u64,
     path: PathBuf,
-    /// The identities of its events, written to an id file when it retires.
-    ids: Vec<u8>,
 }
 
 /// An id file: the identities of retired segments' events.
 struct IdsFile {
+    /// The number in its name (names sort in the order files started).
+    name: u64,
+    /// The last record whose ids it holds.
     last: u64,
     events: u64,
     bytes: u64,
@@ -648,9 +640,9 @@ impl Wal {
         let id_paths = numbered(".ids")?;
         let mut ids_files = Vec::new();
         let count = id_paths.len();
-        for (i, (_, path)) in id_paths.into_iter().enumerate() {
+        for (i, (name, path)) in id_paths.into_iter().enumerate() {
             let newest = i + 1 == count;
-            match read_ids_file(&path, newest, &mut remember) {
+            match read_ids_file(&path, name, newest, &mut remember) {
                 Ok(f) => ids_files.push(f),
                 // Id files are the dedupe window's memory, not data (their
                 // events are in the lake): damage to one must not keep the
@@ -678,13 +670,24 @@ impl Wal {
             next = next.max(*first);
         }
         let count = paths.len();
+        // The ids of the records still in segments that the id files do
+        // not hold yet (a torn tail of the newest was cut off): appended
+        // again, before any of those segments can be deleted.
+        let ids_through = ids_files.iter().map(|f| f.last).max().unwrap_or(0);
+        // The newest id file may hold appends a crashed process never
+        // fsynced (still in the page cache): durable before it is relied on.
+        if let Some(f) = ids_files.last() {
+            File::open(&f.path).and_then(|f| f.sync_all()).map_err(io(&f.path))?;
+        }
+        let mut missing_ids = Vec::new();
         for (i, (first, path)) in paths.into_iter().enumerate() {
             let on_bad = match (i + 1 == count, opts.salvage) {
                 (true, _) => OnBad::CutTail,
                 (false, true) => OnBad::Salvage,
                 (false, false) => OnBad::Fail,
             };
-            let seg = read_segment(&path, first, on_bad, &mut next, &mut replay)?;
+            let seg =
+                read_segment(&path, first, on_bad, &mut next, &mut replay, (ids_through, &mut missing_ids))?;
             segments.push(seg);
         }
         let size = Arc::new(AtomicU64::new(
@@ -699,8 +702,11 @@ impl Wal {
             ids_files,
             pending: pending.clone(),
             size: size.clone(),
-            queue: VecDeque::new(),
-            live: 0,
+            queue: missing_ids.into_iter().map(|(through, ids)| RetireMsg::Ids { through, ids }).collect(),
+            file: None,
+            appended_through: ids_through,
+            durable_through: ids_through,
+            broken: None,
         };
         let mut w = Writer {
             dir: dir.to_owned(),
@@ -714,6 +720,7 @@ impl Wal {
             frames: Vec::new(),
             broken: None,
             retire: retire_tx,
+            written_ids: Vec::new(),
         };
         w.open_segment()?;
         w.note_oldest();
@@ -851,14 +858,17 @@ fn read_frames(
     Ok(off as u64)
 }
 
+/// Read a segment, passing each record to `replay`, and the ids of each
+/// record after `ids_through` to `ids`.
 fn read_segment(
     path: &Path,
     first: u64,
     on_bad: OnBad,
     next: &mut u64,
     replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
+    (ids_through, ids): (u64, &mut Vec<(u64, Vec<u8>)>),
 ) -> Result<Segment> {
-    let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned(), ids: Vec::new() };
+    let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned() };
     seg.bytes = read_frames(path, on_bad, |seq, payload, _| {
         let record = decode_record(payload).ok_or_else(|| Error::WalCorrupt {
             path: path.to_owned(),
@@ -867,7 +877,11 @@ fn read_segment(
         seg.events += record.events.len() as u64;
         seg.last = Some(seq);
         *next = seq + 1;
-        ids_of(&record, &mut seg.ids);
+        if seq > ids_through {
+            let mut one = Vec::new();
+            ids_of(&record, &mut one);
+            ids.push((seq, one));
+        }
         replay(seq, record)
     })
     .map_err(|e| match e {
@@ -891,8 +905,13 @@ fn read_segment(
 /// record's), passing each identity to `remember`. A torn tail of the
 /// newest file is cut off: the segments it came from were deleted only
 /// after it was fsynced, so it held nothing they needed.
-fn read_ids_file(path: &Path, newest: bool, remember: &mut impl FnMut(&str, Retired<'_>)) -> Result<IdsFile> {
-    let mut file = IdsFile { last: 0, events: 0, bytes: 0, path: path.to_owned() };
+fn read_ids_file(
+    path: &Path,
+    name: u64,
+    newest: bool,
+    remember: &mut impl FnMut(&str, Retired<'_>),
+) -> Result<IdsFile> {
+    let mut file = IdsFile { name, last: 0, events: 0, bytes: 0, path: path.to_owned() };
     let on_bad = if newest { OnBad::CutTail } else { OnBad::Fail };
     file.bytes = read_frames(path, on_bad, |last, ids, off| {
         let ok = read_ids(ids, &mut |account, r| {
@@ -1005,34 +1024,41 @@ struct Writer {
     /// answers every later append with an error until a restart recovers
     /// from what is on disk.
     broken: Option<String>,
-    /// Sealed, committed segments go to the retire thread.
-    retire: std::sync::mpsc::Sender<RetireJob>,
+    /// Written records' ids and sealed, committed segments go to the
+    /// retire thread.
+    retire: std::sync::mpsc::Sender<RetireMsg>,
+    /// The ids of the group's records written so far, sent once fsynced.
+    written_ids: Vec<(u64, Vec<u8>)>,
 }
 
-/// A sealed segment whose records are all committed, handed to the
-/// retire thread: its ids go to an id file, then it is deleted.
+/// What the WAL thread hands the retire thread, done in order.
+enum RetireMsg {
+    /// The identities of the events of the records up to `through`, as
+    /// they were written to a segment.
+    Ids { through: u64, ids: Vec<u8> },
+    /// A sealed segment whose records are all committed.
+    Retire(RetireJob),
+}
+
+/// A sealed segment whose records are all committed: once the ids of its
+/// events are durable in an id file, it is deleted.
 struct RetireJob {
-    /// Its last record (none: it held no record, so no ids either).
+    /// Its last record (none: it held no record).
     last: Option<u64>,
-    ids: Vec<u8>,
     path: PathBuf,
     bytes: u64,
     /// The first record of the next segment: the oldest one on disk once
     /// this segment is deleted.
     then_oldest: u64,
-    /// Events in the segments the WAL still held when this one was
-    /// handed over (the newest events, for the id files' retention).
-    live: u64,
-    /// Bytes of `ids` already durable in an id file (a failed try
-    /// resumes there, so no id is written twice).
-    ids_durable: usize,
 }
 
-/// The retire thread: writes retired segments' ids to id files, deletes
-/// the segments, and deletes the id files the dedupe window no longer
-/// needs. Jobs are done in order; one that fails is retried, and later
-/// ones wait for it, so a segment is never deleted before the ids of
-/// every older one are durable.
+/// The retire thread. It appends the identities of every record written
+/// to the WAL to the newest id file as they come (so none is held in
+/// memory while its segment waits for the lake), fsyncs that file before
+/// a segment is deleted (and before a new one starts), deletes committed
+/// segments, and deletes the id files the dedupe window no longer needs.
+/// Messages are done in order; one that fails is retried, and later ones
+/// wait for it, so a segment is never deleted before its ids are durable.
 struct Retirer {
     dir: PathBuf,
     opts: WalOptions,
@@ -1040,9 +1066,16 @@ struct Retirer {
     ids_files: Vec<IdsFile>,
     pending: Arc<Pending>,
     size: Arc<AtomicU64>,
-    queue: VecDeque<RetireJob>,
-    /// [`RetireJob::live`] of the latest job done.
-    live: u64,
+    queue: VecDeque<RetireMsg>,
+    /// The newest id file, open for appends.
+    file: Option<File>,
+    /// The last record whose ids are appended, and durable.
+    appended_through: u64,
+    durable_through: u64,
+    /// Why no segment is deleted until a restart: an id file fsync
+    /// failed (what reached the disk is unknown). The restart rebuilds
+    /// the ids of every segment still on disk.
+    broken: Option<String>,
 }
 
 /// Frames gathered for the open segment and not yet written.
@@ -1080,14 +1113,7 @@ impl Writer {
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        self.segments.push(Segment {
-            first: self.next,
-            last: None,
-            events: 0,
-            bytes: 0,
-            path,
-            ids: Vec::new(),
-        });
+        self.segments.push(Segment { first: self.next, last: None, events: 0, bytes: 0, path });
         self.file = Some(f);
         Ok(())
     }
@@ -1190,7 +1216,21 @@ impl Writer {
         if frames.capacity() <= BufferPool::KEEP_BYTES {
             self.frames = frames;
         }
+        if result.is_err() {
+            // Whether these records reached the disk is unknown: a restart
+            // finds out, and rebuilds the ids of those that did.
+            self.written_ids.clear();
+        }
         result?;
+        // On to the id file, once durable (the id of a record a power
+        // loss could still take must not be remembered: the client's
+        // retry would be taken for a duplicate). A segment's ids are thus
+        // not held in memory while it waits for the lake (up to a late
+        // partition's roll age). A send fails only if the retire thread
+        // panicked; the segment then stays, and a restart rebuilds its ids.
+        for (through, ids) in self.written_ids.drain(..) {
+            let _ = self.retire.send(RetireMsg::Ids { through, ids });
+        }
         // Registered before the ack, so the lake cannot commit parts of a
         // record the WAL does not know is pending.
         for (i, a) in batch.iter().enumerate() {
@@ -1213,9 +1253,10 @@ impl Writer {
         }
         seg.bytes += frames.len() as u64;
         seg.events += chunk.events;
-        seg.ids.append(&mut chunk.ids);
         if chunk.records > 0 {
-            seg.last = Some(self.next + chunk.records - 1);
+            let through = self.next + chunk.records - 1;
+            seg.last = Some(through);
+            self.written_ids.push((through, std::mem::take(&mut chunk.ids)));
         }
         self.size.fetch_add(frames.len() as u64, Ordering::Relaxed);
         self.next += chunk.records;
@@ -1247,21 +1288,12 @@ impl Writer {
         if done == 0 {
             return Ok(());
         }
-        let live: u64 = self.segments[done..].iter().map(|s| s.events).sum();
         let then_oldest: Vec<u64> = self.segments[1..=done].iter().map(|s| s.first).collect();
         for (s, then_oldest) in self.segments.drain(..done).zip(then_oldest) {
-            let job = RetireJob {
-                last: s.last,
-                ids: s.ids,
-                path: s.path,
-                bytes: s.bytes,
-                then_oldest,
-                live,
-                ids_durable: 0,
-            };
+            let job = RetireJob { last: s.last, path: s.path, bytes: s.bytes, then_oldest };
             // The retire thread outlives this one; a send fails only if
             // it panicked, and the segment then stays for the next start.
-            if self.retire.send(job).is_err() {
+            if self.retire.send(RetireMsg::Retire(job)).is_err() {
                 return Err(Error::Stopped("wal retire thread"));
             }
         }
@@ -1276,61 +1308,85 @@ impl Writer {
 }
 
 impl Retirer {
-    fn run(mut self, rx: &std::sync::mpsc::Receiver<RetireJob>) {
+    fn run(mut self, rx: &std::sync::mpsc::Receiver<RetireMsg>) {
         use std::sync::mpsc::RecvTimeoutError;
         loop {
-            // With a failed job waiting, wake to retry it.
+            // With a failed message waiting, wake to retry it.
             let next = if self.queue.is_empty() {
                 rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
                 rx.recv_timeout(RETIRE_RETRY)
             };
             match next {
-                Ok(job) => self.queue.push_back(job),
+                Ok(m) => self.queue.push_back(m),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.queue.extend(rx.try_iter());
             self.work();
         }
-        // The WAL thread stopped: one last try.
+        // The WAL thread stopped: one last try, and what was appended
+        // made durable.
         self.work();
-        if let Some(job) = self.queue.front() {
+        if self.queue.is_empty() {
+            // Failures are logged; the next start rebuilds what is missing.
+            let _ = self.sync();
+        } else {
             tracing::error!(
-                segments = self.queue.len(),
-                oldest = %job.path.display(),
+                waiting = self.queue.len(),
                 "committed WAL segments could not be retired; the next start retires them"
             );
         }
     }
 
-    /// Do the queued jobs in order, up to the first that fails (logged;
-    /// it stays queued), then drop the id files no longer needed.
+    /// Do the queued messages in order, up to the first that fails
+    /// (logged; it stays queued), then drop the id files no longer needed.
     fn work(&mut self) {
-        while let Some(job) = self.queue.front_mut() {
-            let job_path = job.path.clone();
-            let (started, id_bytes) = (std::time::Instant::now(), job.ids.len());
-            match Self::retire(&self.dir, self.opts, &mut self.ids_files, &self.size, job) {
-                Ok(()) => {
-                    let job = self.queue.pop_front().expect("the job just done");
-                    self.live = job.live;
-                    // Only now can nothing before it be replayed.
-                    self.pending.oldest.store(job.then_oldest, Ordering::Release);
-                    tracing::debug!(
-                        segment = %job_path.display(),
-                        id_bytes,
-                        ms = started.elapsed().as_millis(),
-                        "retired a committed WAL segment"
-                    );
+        if self.broken.is_some() {
+            // Nothing more is deleted: the segments stay for the restart.
+            self.queue.clear();
+            return;
+        }
+        while let Some(msg) = self.queue.pop_front() {
+            let failed = match msg {
+                RetireMsg::Ids { through, ids } => match self.append(through, &ids) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        self.queue.push_front(RetireMsg::Ids { through, ids });
+                        Some(e)
+                    }
+                },
+                RetireMsg::Retire(job) => {
+                    let started = std::time::Instant::now();
+                    match self.retire(&job) {
+                        Ok(()) => {
+                            // Only now can nothing before it be replayed.
+                            self.pending.oldest.store(job.then_oldest, Ordering::Release);
+                            tracing::debug!(
+                                segment = %job.path.display(),
+                                ms = started.elapsed().as_millis(),
+                                "retired a committed WAL segment"
+                            );
+                            None
+                        }
+                        Err(e) => {
+                            self.queue.push_front(RetireMsg::Retire(job));
+                            Some(e)
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(
-                        segment = %job_path.display(),
-                        error = %e,
-                        "cannot retire a committed WAL segment; it stays on disk and is retried"
-                    );
-                    return;
-                }
+            };
+            if self.broken.is_some() {
+                self.queue.clear();
+                return;
+            }
+            if let Some(e) = failed {
+                tracing::error!(
+                    error = %e,
+                    "cannot write the WAL's id file or delete a committed segment; \
+                     the segment stays on disk and this is retried"
+                );
+                return;
             }
         }
         if let Err(e) = self.drop_old_ids() {
@@ -1338,28 +1394,77 @@ impl Retirer {
         }
     }
 
-    /// Make `job`'s ids durable, then delete its segment.
-    fn retire(
-        dir: &Path,
-        opts: WalOptions,
-        ids_files: &mut Vec<IdsFile>,
-        size: &AtomicU64,
-        job: &mut RetireJob,
-    ) -> Result<()> {
-        if let Some(last) = job.last {
-            // A segment's ids are tens of megabytes under load. Written
-            // and fsynced at once, they would sit in front of the WAL's
-            // own fsyncs for as long as the disk takes to write them (on
-            // ext4 a journal commit waits for other files' new data too),
-            // so they go in frames of about `IDS_FRAME_BYTES`, each
-            // fsynced before the next.
-            while job.ids_durable < job.ids.len() {
-                let rest = &job.ids[job.ids_durable..];
-                let n = ids_prefix(rest, IDS_FRAME_BYTES);
-                append_ids(dir, opts, ids_files, size, last, &rest[..n])?;
-                job.ids_durable += n;
-            }
-            job.ids = Vec::new();
+    /// Append the ids of the records up to `through` to the newest id
+    /// file (a new one when it is large; the old one is fsynced first),
+    /// without fsync. A failed write is cut back, so later frames stay
+    /// readable.
+    fn append(&mut self, through: u64, ids: &[u8]) -> Result<()> {
+        let full = (self.opts.segment_bytes / 4).max(IDS_FILE_MIN_BYTES);
+        let newest_full = self.ids_files.last().is_none_or(|f| f.bytes >= full);
+        if self.file.is_none() && !newest_full {
+            let f = self.ids_files.last().expect("not full, so there is one");
+            self.file = Some(OpenOptions::new().append(true).open(&f.path).map_err(io(&f.path))?);
+        }
+        if newest_full {
+            self.sync()?;
+            // Names sort in the order the files were started.
+            let name = self.ids_files.last().map_or(through, |f| f.name.max(through - 1) + 1);
+            let path = self.dir.join(format!("{name:020}.ids"));
+            let mut options = OpenOptions::new();
+            options.create(true).append(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let file = options.open(&path).map_err(io(&path))?;
+            // Its name is made durable with its first fsync.
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+            self.ids_files.push(IdsFile { name, last: 0, events: 0, bytes: 0, path });
+            self.file = Some(file);
+        }
+        let f = self.ids_files.last_mut().expect("one was just ensured");
+        let file = self.file.as_mut().expect("opened above");
+        let mut frame = Vec::with_capacity(FRAME_HEADER + ids.len());
+        push_frame(&mut frame, through, ids);
+        if let Err(e) = file.write_all(&frame) {
+            let _ = file.set_len(f.bytes);
+            return Err(io(&f.path)(e));
+        }
+        f.bytes += frame.len() as u64;
+        f.last = through;
+        let mut events = 0u64;
+        read_ids(ids, &mut |_, _| events += 1);
+        f.events += events;
+        self.size.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.appended_through = through;
+        Ok(())
+    }
+
+    /// Make what was appended to the newest id file durable. Written
+    /// without fsync as they come, the ids reach the disk in the
+    /// background; only this fsync, before a segment is deleted, waits. If
+    /// it fails, nobody knows what reached the disk: no segment is deleted
+    /// until a restart, which rebuilds the ids of those still on disk.
+    fn sync(&mut self) -> Result<()> {
+        let (Some(file), Some(f)) = (&self.file, self.ids_files.last()) else { return Ok(()) };
+        if self.appended_through <= self.durable_through {
+            return Ok(());
+        }
+        if let Err(e) = sync_ids(file, &f.path) {
+            tracing::error!(
+                file = %f.path.display(),
+                error = %e,
+                "cannot fsync the WAL id file: committed WAL segments are kept until a restart"
+            );
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        self.durable_through = self.appended_through;
+        Ok(())
+    }
+
+    /// Make the ids of `job`'s records durable, then delete it.
+    fn retire(&mut self, job: &RetireJob) -> Result<()> {
+        if job.last.is_some_and(|l| l > self.durable_through) {
+            self.sync()?;
         }
         match std::fs::remove_file(&job.path) {
             Ok(()) => {}
@@ -1371,18 +1476,17 @@ impl Retirer {
         // moves past the segment (the commit log is then compacted past
         // its records): a segment that came back after a power loss would
         // be replayed into the lake again.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        size.fetch_sub(job.bytes, Ordering::Relaxed);
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        self.size.fetch_sub(job.bytes, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Delete the oldest id files while newer events alone fill the
-    /// dedupe window.
+    /// Delete the oldest id files (never the newest, which takes appends)
+    /// while newer ones alone hold the dedupe window. They may also hold
+    /// the ids of records still in segments; a restart rebuilds those.
     fn drop_old_ids(&mut self) -> Result<()> {
-        // Jobs still queued hold events that are in neither count: the
-        // window is then kept a little longer, never shorter.
-        while !self.ids_files.is_empty() {
-            let newer = self.live + self.ids_files[1..].iter().map(|f| f.events).sum::<u64>();
+        while self.ids_files.len() > 1 {
+            let newer = self.ids_files[1..].iter().map(|f| f.events).sum::<u64>();
             if newer < self.opts.retain_events {
                 break;
             }
@@ -1392,91 +1496,6 @@ impl Retirer {
         }
         Ok(())
     }
-}
-
-/// The length of the longest run of whole records' identities at the
-/// start of `ids` that fits in `max` bytes (at least one record).
-fn ids_prefix(ids: &[u8], max: usize) -> usize {
-    let mut end = 0;
-    while end < ids.len() {
-        let Some(len) = ids_record_len(&ids[end..]) else {
-            // Not parseable: written whole, as it was before.
-            return ids.len();
-        };
-        if end > 0 && end + len > max {
-            break;
-        }
-        end += len;
-    }
-    end
-}
-
-/// The bytes of the first record's identities in `ids`.
-fn ids_record_len(ids: &[u8]) -> Option<usize> {
-    let u16_at = |at: usize| Some(usize::from(u16::from_le_bytes(ids.get(at..at + 2)?.try_into().ok()?)));
-    let mut at = 2 + u16_at(0)?;
-    let count = u32::from_le_bytes(ids.get(at..at + 4)?.try_into().ok()?);
-    at += 4;
-    for _ in 0..count {
-        at += match ids.get(at)? {
-            0 | 1 => 3 + u16_at(at + 1)?,
-            2 => 33,
-            _ => return None,
-        };
-    }
-    (at <= ids.len()).then_some(at)
-}
-
-/// Append the identities `ids` (whole records') of a segment whose last
-/// record is `last` to the newest of `files` (a new one when it is
-/// large) as one frame, and fsync. A failed write is cut back, so later
-/// frames stay readable.
-fn append_ids(
-    dir: &Path,
-    opts: WalOptions,
-    files: &mut Vec<IdsFile>,
-    size: &AtomicU64,
-    last: u64,
-    ids: &[u8],
-) -> Result<()> {
-    let full = (opts.segment_bytes / 4).max(IDS_FILE_MIN_BYTES);
-    if files.last().is_none_or(|f| f.bytes >= full) {
-        let path = dir.join(format!("{last:020}.ids"));
-        files.push(IdsFile { last, events: 0, bytes: 0, path });
-        // The new name is made durable with the first frame below.
-    }
-    let f = files.last_mut().expect("one was just ensured");
-    let mut frame = Vec::with_capacity(FRAME_HEADER + ids.len());
-    push_frame(&mut frame, last, ids);
-    let new = f.bytes == 0;
-    let mut options = OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&f.path).map_err(io(&f.path))?;
-    let written = file.write_all(&frame).map_err(io(&f.path)).and_then(|()| sync_ids(&file, &f.path));
-    if let Err(e) = written {
-        let _ = file.set_len(f.bytes);
-        if new {
-            // Not a file yet: the next try starts it again.
-            drop(file);
-            let _ = std::fs::remove_file(&f.path);
-            files.pop();
-        }
-        return Err(e);
-    }
-    if new {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    f.bytes += frame.len() as u64;
-    f.last = last;
-    let mut events = 0u64;
-    read_ids(ids, &mut |_, _| events += 1);
-    f.events += events;
-    size.fetch_add(frame.len() as u64, Ordering::Relaxed);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1851,7 +1870,8 @@ mod tests {
         wait_for(&[&seg(4), &seg(5)]);
         pending.committed(&[4]);
         wait_for(&[&seg(5)]);
-        assert_eq!(pending.oldest_segment(), 5);
+        // Moved just after the deletion is durable.
+        wait_until("the oldest replayable record moved", || pending.oldest_segment() == 5);
         drop(wal);
     }
 
@@ -1912,31 +1932,51 @@ mod tests {
                 remembered.push(id.to_owned());
             }
         });
-        assert_eq!(remembered, ["r1"]);
+        // Every acknowledged record's id is in the id files (those still
+        // in a segment as well, written ahead), each once.
+        let want: Vec<String> = (1..=20).map(|i| format!("r{i}")).collect();
+        assert_eq!(remembered, want);
         assert_eq!(replayed.len(), 19, "the uncommitted records are replayed: {replayed:?}");
     }
 
-    /// An id file that cannot be written keeps its segment until a later
-    /// try succeeds; the try resumes after the frames already durable, so
-    /// every id is kept exactly once.
+    /// After an id file fsync fails nobody knows what reached the disk:
+    /// no committed segment is deleted until a restart (appends go on),
+    /// which keeps every id once and then retires them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_id_file_write_keeps_its_segment_until_retried() {
+    async fn a_failed_id_file_fsync_keeps_the_segments_until_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let seg = |first: u64| format!("{first:020}.wal");
-        for i in 1..=6u64 {
+        for i in 1..=3u64 {
             assert_eq!(wal.append(record(&format!("r{i}")), 1, 1).await.unwrap().seq, i);
         }
-        // The segment's ids take three frames; the second one fails.
-        fail_ids_sync_after(dir.path(), 1);
-        pending.committed(&[1, 2, 3, 4, 5, 6]);
+        fail_ids_sync_after(dir.path(), 0);
+        pending.committed(&[1, 2, 3]);
         let fault_taken = || !FAULTS.lock().unwrap().iter().any(|(d, _)| d == dir.path());
-        wait_until("the id file write tried", fault_taken);
-        assert!(segment_names(dir.path()).contains(&seg(1)), "the segment stays after the failure");
-        // Retried about a second later.
-        wait_until("segment 1 retired", || segment_names(dir.path()) == [seg(7)]);
+        wait_until("the id file fsync tried", fault_taken);
+        assert_eq!(wal.append(record("r4"), 1, 1).await.unwrap().seq, 4, "appends go on");
+        pending.committed(&[4]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(segment_names(dir.path()).contains(&seg(1)), "kept: {:?}", segment_names(dir.path()));
+        wal.close().await;
+        // The restart retires them once committed; every id is kept once.
+        let pending = Arc::new(Pending::default());
+        let wal = Wal::open(
+            dir.path(),
+            opts,
+            pending.clone(),
+            None,
+            |seq, _| {
+                pending.register(seq, 1);
+                Ok(())
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        pending.committed(&[1, 2, 3, 4]);
+        wait_until("retired after the restart", || !segment_names(dir.path()).contains(&seg(1)));
         wal.close().await;
         let mut remembered = Vec::new();
         let (wal, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
@@ -1944,50 +1984,52 @@ mod tests {
                 remembered.push(id.to_owned());
             }
         });
-        assert_eq!(remembered, ["r1", "r2", "r3", "r4", "r5", "r6"], "every id once");
+        assert_eq!(remembered, ["r1", "r2", "r3", "r4"], "every id once");
         assert!(replayed.is_empty(), "{replayed:?}");
-        assert_eq!(wal.append(record("r7"), 1, 1).await.unwrap().seq, 7);
+        assert_eq!(wal.append(record("r5"), 1, 1).await.unwrap().seq, 5);
     }
 
-    /// Retirement writes a segment's ids in frames of whole records.
-    #[test]
-    fn ids_split_into_frames_of_whole_records() {
-        let a = AccountId::new("111111111111").unwrap();
-        let mut all = Vec::new();
-        let mut want = Vec::new();
-        for i in 0..200 {
-            let mut e = RecordEncoder::new(&a, 0, None, 0);
-            for j in 0..i % 4 {
-                let id = format!("id-{i}-{j}");
-                if j % 2 == 0 {
-                    e.accepted(&id, b"{}");
-                } else {
-                    e.rejected(&id, "bad_enum", "$", "", b"{}");
-                }
-                want.push(id);
-            }
-            e.rejected("", "malformed_json", "$", "", format!("raw {i}").as_bytes());
-            want.push("digest".into());
-            all.extend_from_slice(&e.finish().ids);
+    /// Ids the id files lost (a torn tail) are rebuilt at the start from
+    /// the segments still on disk, before those can be deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ids_missing_from_the_id_files_are_rebuilt_from_the_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let wal = open_empty(dir.path(), opts, Arc::default());
+        for i in 1..=3u64 {
+            wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
         }
-        for max in [1, 64, 1000, usize::MAX] {
-            let (mut rest, mut got) = (&all[..], Vec::new());
-            while !rest.is_empty() {
-                let n = ids_prefix(rest, max);
-                assert!(n > 0);
-                let one_record = ids_record_len(rest) == Some(n);
-                assert!(n <= max || one_record, "a frame is over {max} bytes only for one record");
-                assert!(
-                    read_ids(&rest[..n], &mut |_, r| got.push(match r {
-                        Retired::Accepted(id) | Retired::Rejected(id) => id.to_owned(),
-                        Retired::RejectedBytes(_) => "digest".into(),
-                    })),
-                    "each frame reads on its own"
-                );
-                rest = &rest[n..];
+        wal.close().await;
+        for p in std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()) {
+            if p.extension().is_some_and(|e| e == "ids") {
+                std::fs::remove_file(p).unwrap();
             }
-            assert_eq!(got, want, "max {max}");
         }
+        let pending = Arc::new(Pending::default());
+        let wal = Wal::open(
+            dir.path(),
+            opts,
+            pending.clone(),
+            None,
+            |seq, _| {
+                pending.register(seq, 1);
+                Ok(())
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        pending.committed(&[1, 2, 3]);
+        wait_until("the replayed segment retired", || {
+            !segment_names(dir.path()).contains(&format!("{:020}.wal", 1))
+        });
+        wal.close().await;
+        let mut remembered = Vec::new();
+        let _ = reopen_remembering(dir.path(), opts, |_, r| {
+            if let Retired::Accepted(id) = r {
+                remembered.push(id.to_owned());
+            }
+        });
+        assert_eq!(remembered, ["r1", "r2", "r3"]);
     }
 
     #[test]
@@ -2068,11 +2110,14 @@ mod tests {
         let (wal, seen) = reopen_remembering(dir.path(), opts, |account, r| {
             remembered.push((account.to_owned(), format!("{r:?}")));
         });
-        // Segments whose records were all committed were retired: their
-        // events are remembered by identity only; the rest replay.
-        assert!(!remembered.is_empty() && seen.len() < 19, "{seen:?}");
-        assert_eq!(seen.len() + remembered.len(), 19, "the torn record is dropped, the rest replay");
-        assert!(remembered.len() <= 10, "only committed records retire: {remembered:?}");
+        // Segments whose records were all committed were retired; every
+        // uncommitted record but the torn one replays. Every record's id
+        // went to the id files once it was fsynced.
+        assert!(seen.len() < 19, "committed segments retired: {seen:?}");
+        let seen_seqs: Vec<u64> = seen.iter().map(|(seq, _)| *seq).collect();
+        assert!((11..=19).all(|s| seen_seqs.contains(&s)), "the uncommitted records replay: {seen_seqs:?}");
+        assert!(!seen_seqs.contains(&20), "the torn record is dropped");
+        assert_eq!(remembered.len(), 20, "{remembered:?}");
         assert!(remembered.iter().all(|(account, r)| account == "111111111111" && r.starts_with("Accepted")));
         let next = wal.append(RecordEncoder::new(&a, 0, None, 0).finish(), 0, 0).await.unwrap().seq;
         assert_eq!(next, 20, "seqs continue after the torn record");
