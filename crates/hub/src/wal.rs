@@ -1637,6 +1637,30 @@ mod tests {
         (wal, seen)
     }
 
+    /// Open the WAL in `dir` again, with every replayed record pending
+    /// (one lake part each), as the hub re-buffers them.
+    fn reopen_pending(dir: &Path, opts: WalOptions) -> (Wal, Arc<Pending>) {
+        let pending = Arc::new(Pending::default());
+        let registered = pending.clone();
+        let replay = move |seq, _| {
+            registered.register(seq, 1);
+            Ok(())
+        };
+        (Wal::open(dir, opts, pending.clone(), None, replay, |_, _| {}).unwrap(), pending)
+    }
+
+    /// Open the WAL in `dir` again: the log, the accepted event ids its id
+    /// files remember (in order) and the records it replayed.
+    fn reopen_accepted_ids(dir: &Path, opts: WalOptions) -> (Wal, Vec<String>, Vec<(u64, String)>) {
+        let mut remembered = Vec::new();
+        let (wal, replayed) = reopen_remembering(dir, opts, |_, r| {
+            if let Retired::Accepted(id) = r {
+                remembered.push(id.to_owned());
+            }
+        });
+        (wal, remembered, replayed)
+    }
+
     /// After a failed fsync nobody knows what reached the disk, so the log
     /// refuses every later append (nothing more is acknowledged) until a
     /// restart recovers from what is on disk; then it takes records again.
@@ -1926,12 +1950,7 @@ mod tests {
         wait_until("segment 1 retired", || segment_names(dir.path()) == [seg(2)]);
         assert_eq!(pending.oldest_segment(), 2);
         wal.close().await;
-        let mut remembered = Vec::new();
-        let (_, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
-            if let Retired::Accepted(id) = r {
-                remembered.push(id.to_owned());
-            }
-        });
+        let (_, remembered, replayed) = reopen_accepted_ids(dir.path(), opts);
         // Every acknowledged record's id is in the id files (those still
         // in a segment as well, written ahead), each once.
         let want: Vec<String> = (1..=20).map(|i| format!("r{i}")).collect();
@@ -1962,28 +1981,11 @@ mod tests {
         assert!(segment_names(dir.path()).contains(&seg(1)), "kept: {:?}", segment_names(dir.path()));
         wal.close().await;
         // The restart retires them once committed; every id is kept once.
-        let pending = Arc::new(Pending::default());
-        let wal = Wal::open(
-            dir.path(),
-            opts,
-            pending.clone(),
-            None,
-            |seq, _| {
-                pending.register(seq, 1);
-                Ok(())
-            },
-            |_, _| {},
-        )
-        .unwrap();
+        let (wal, pending) = reopen_pending(dir.path(), opts);
         pending.committed(&[1, 2, 3, 4]);
         wait_until("retired after the restart", || !segment_names(dir.path()).contains(&seg(1)));
         wal.close().await;
-        let mut remembered = Vec::new();
-        let (wal, replayed) = reopen_remembering(dir.path(), opts, |_, r| {
-            if let Retired::Accepted(id) = r {
-                remembered.push(id.to_owned());
-            }
-        });
+        let (wal, remembered, replayed) = reopen_accepted_ids(dir.path(), opts);
         assert_eq!(remembered, ["r1", "r2", "r3", "r4"], "every id once");
         assert!(replayed.is_empty(), "{replayed:?}");
         assert_eq!(wal.append(record("r5"), 1, 1).await.unwrap().seq, 5);
@@ -2005,30 +2007,13 @@ mod tests {
                 std::fs::remove_file(p).unwrap();
             }
         }
-        let pending = Arc::new(Pending::default());
-        let wal = Wal::open(
-            dir.path(),
-            opts,
-            pending.clone(),
-            None,
-            |seq, _| {
-                pending.register(seq, 1);
-                Ok(())
-            },
-            |_, _| {},
-        )
-        .unwrap();
+        let (wal, pending) = reopen_pending(dir.path(), opts);
         pending.committed(&[1, 2, 3]);
         wait_until("the replayed segment retired", || {
             !segment_names(dir.path()).contains(&format!("{:020}.wal", 1))
         });
         wal.close().await;
-        let mut remembered = Vec::new();
-        let _ = reopen_remembering(dir.path(), opts, |_, r| {
-            if let Retired::Accepted(id) = r {
-                remembered.push(id.to_owned());
-            }
-        });
+        let (_, remembered, _) = reopen_accepted_ids(dir.path(), opts);
         assert_eq!(remembered, ["r1", "r2", "r3"]);
     }
 
