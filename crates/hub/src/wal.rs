@@ -991,14 +991,14 @@ fn sync_segment(file: &File, path: &Path) -> Result<()> {
     file.sync_data().map_err(io(path))
 }
 
-/// Make an id file's written frame durable.
+/// Make the frames appended to an id file durable.
 #[cfg(not(test))]
 fn sync_ids(file: &File, path: &Path) -> Result<()> {
     file.sync_data().map_err(io(path))
 }
 
-/// [`sync_ids`], failing on demand: after [`tests::fail_next_ids_sync`],
-/// the next fsync of an id file in that directory fails.
+/// [`sync_ids`], held up or failing on demand (`tests::hold_ids_writes`,
+/// `tests::fail_ids_sync_after`), as a slow or failing disk would.
 #[cfg(test)]
 fn sync_ids(file: &File, path: &Path) -> Result<()> {
     tests::hold_ids_write(path);
