@@ -702,7 +702,7 @@ impl Wal {
             ids_files,
             pending: pending.clone(),
             size: size.clone(),
-            queue: missing_ids.into_iter().map(|(through, ids)| RetireMsg::Ids { through, ids }).collect(),
+            queue: missing_ids.into_iter().map(RetireMsg::Ids).collect(),
             file: None,
             appended_through: ids_through,
             durable_through: ids_through,
@@ -866,7 +866,7 @@ fn read_segment(
     on_bad: OnBad,
     next: &mut u64,
     replay: &mut impl FnMut(u64, WalRecord) -> Result<()>,
-    (ids_through, ids): (u64, &mut Vec<(u64, Vec<u8>)>),
+    (ids_through, ids): (u64, &mut Vec<WrittenIds>),
 ) -> Result<Segment> {
     let mut seg = Segment { first, last: None, events: 0, bytes: 0, path: path.to_owned() };
     seg.bytes = read_frames(path, on_bad, |seq, payload, _| {
@@ -880,7 +880,7 @@ fn read_segment(
         if seq > ids_through {
             let mut one = Vec::new();
             ids_of(&record, &mut one);
-            ids.push((seq, one));
+            ids.push(WrittenIds { through: seq, events: record.events.len() as u64, ids: one });
         }
         replay(seq, record)
     })
@@ -1028,14 +1028,20 @@ struct Writer {
     /// retire thread.
     retire: std::sync::mpsc::Sender<RetireMsg>,
     /// The ids of the group's records written so far, sent once fsynced.
-    written_ids: Vec<(u64, Vec<u8>)>,
+    written_ids: Vec<WrittenIds>,
+}
+
+/// The identities of the `events` events of the records up to `through`,
+/// as they were written to a segment.
+struct WrittenIds {
+    through: u64,
+    events: u64,
+    ids: Vec<u8>,
 }
 
 /// What the WAL thread hands the retire thread, done in order.
 enum RetireMsg {
-    /// The identities of the events of the records up to `through`, as
-    /// they were written to a segment.
-    Ids { through: u64, ids: Vec<u8> },
+    Ids(WrittenIds),
     /// A sealed segment whose records are all committed.
     Retire(RetireJob),
 }
@@ -1228,8 +1234,8 @@ impl Writer {
         // not held in memory while it waits for the lake (up to a late
         // partition's roll age). A send fails only if the retire thread
         // panicked; the segment then stays, and a restart rebuilds its ids.
-        for (through, ids) in self.written_ids.drain(..) {
-            let _ = self.retire.send(RetireMsg::Ids { through, ids });
+        for w in self.written_ids.drain(..) {
+            let _ = self.retire.send(RetireMsg::Ids(w));
         }
         // Registered before the ack, so the lake cannot commit parts of a
         // record the WAL does not know is pending.
@@ -1256,7 +1262,11 @@ impl Writer {
         if chunk.records > 0 {
             let through = self.next + chunk.records - 1;
             seg.last = Some(through);
-            self.written_ids.push((through, std::mem::take(&mut chunk.ids)));
+            self.written_ids.push(WrittenIds {
+                through,
+                events: chunk.events,
+                ids: std::mem::take(&mut chunk.ids),
+            });
         }
         self.size.fetch_add(frames.len() as u64, Ordering::Relaxed);
         self.next += chunk.records;
@@ -1349,10 +1359,10 @@ impl Retirer {
         }
         while let Some(msg) = self.queue.pop_front() {
             let failed = match msg {
-                RetireMsg::Ids { through, ids } => match self.append(through, &ids) {
+                RetireMsg::Ids(w) => match self.append(&w) {
                     Ok(()) => None,
                     Err(e) => {
-                        self.queue.push_front(RetireMsg::Ids { through, ids });
+                        self.queue.push_front(RetireMsg::Ids(w));
                         Some(e)
                     }
                 },
@@ -1394,11 +1404,11 @@ impl Retirer {
         }
     }
 
-    /// Append the ids of the records up to `through` to the newest id
-    /// file (a new one when it is large; the old one is fsynced first),
-    /// without fsync. A failed write is cut back, so later frames stay
-    /// readable.
-    fn append(&mut self, through: u64, ids: &[u8]) -> Result<()> {
+    /// Append `written` to the newest id file (a new one when it is
+    /// large; the old one is fsynced first), without fsync. A failed
+    /// write is cut back, so later frames stay readable.
+    fn append(&mut self, written: &WrittenIds) -> Result<()> {
+        let WrittenIds { through, events, ref ids } = *written;
         let full = (self.opts.segment_bytes / 4).max(IDS_FILE_MIN_BYTES);
         let newest_full = self.ids_files.last().is_none_or(|f| f.bytes >= full);
         if self.file.is_none() && !newest_full {
@@ -1415,7 +1425,7 @@ impl Retirer {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let file = options.open(&path).map_err(io(&path))?;
-            // Its name is made durable with its first fsync.
+            // Its name is durable before any segment relies on it.
             File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
             self.ids_files.push(IdsFile { name, last: 0, events: 0, bytes: 0, path });
             self.file = Some(file);
@@ -1430,8 +1440,6 @@ impl Retirer {
         }
         f.bytes += frame.len() as u64;
         f.last = through;
-        let mut events = 0u64;
-        read_ids(ids, &mut |_, _| events += 1);
         f.events += events;
         self.size.fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.appended_through = through;
