@@ -1869,23 +1869,10 @@ mod tests {
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
-        let segments = || {
-            let mut v: Vec<String> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .filter(|n| n.ends_with(".wal"))
-                .collect();
-            v.sort();
-            v
-        };
         let wait_for = |want: &[&str]| {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while segments() != want {
-                assert!(std::time::Instant::now() < deadline, "segments {:?}, expected {want:?}", segments());
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            let what = format!("segments {want:?}");
+            wait_until(&what, || segment_names(dir.path()) == want);
         };
-        let seg = |first: u64| format!("{first:020}.wal");
         for i in 1..=3 {
             wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
         }
@@ -1905,6 +1892,11 @@ mod tests {
         // Moved just after the deletion is durable.
         wait_until("the oldest replayable record moved", || pending.oldest_segment() == 5);
         drop(wal);
+    }
+
+    /// The name of the segment whose first record is `first`.
+    fn seg(first: u64) -> String {
+        format!("{first:020}.wal")
     }
 
     /// The `.wal` files in `dir`, by name.
@@ -1937,7 +1929,6 @@ mod tests {
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
-        let seg = |first: u64| format!("{first:020}.wal");
         assert_eq!(wal.append(record("r1"), 1, 1).await.unwrap().seq, 1);
         hold_ids_writes(dir.path());
         // Committed: sealed, and handed over to be retired.
@@ -1975,7 +1966,6 @@ mod tests {
         let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
-        let seg = |first: u64| format!("{first:020}.wal");
         for i in 1..=3u64 {
             assert_eq!(wal.append(record(&format!("r{i}")), 1, 1).await.unwrap().seq, i);
         }
@@ -2017,9 +2007,7 @@ mod tests {
         }
         let (wal, pending) = reopen_pending(dir.path(), opts);
         pending.committed(&[1, 2, 3]);
-        wait_until("the replayed segment retired", || {
-            !segment_names(dir.path()).contains(&format!("{:020}.wal", 1))
-        });
+        wait_until("the replayed segment retired", || !segment_names(dir.path()).contains(&seg(1)));
         wal.close().await;
         let (_, remembered, _) = reopen_accepted_ids(dir.path(), opts);
         assert_eq!(remembered, ["r1", "r2", "r3"]);
