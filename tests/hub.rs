@@ -441,6 +441,118 @@ fn backpressure_answers_503_with_retry_after() {
     assert_eq!(got, accepted, "everything acknowledged before the 503s is in the lake");
 }
 
+/// `/metrics` as text.
+fn metrics(server: &Server) -> String {
+    reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap()
+}
+
+/// The value of the unlabelled metric `name` in `text`.
+fn metric(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    line.unwrap_or_else(|| panic!("{name} in {text}")).parse().unwrap()
+}
+
+/// The WAL bound of the two tests below: sixteen 64 KiB segments.
+const WAL_BOUND: [(&str, &str); 2] =
+    [("WATERSHED_WAL__SEGMENT_BYTES", "65536"), ("WATERSHED_WAL__MAX_RAW_BYTES", "1048576")];
+
+/// 1,000 payments of ten customers (about 40 KiB in the WAL), ids
+/// `<batch>-<n>`; the event time (in 2024) makes their partition a late one.
+fn payments(batch: usize) -> Vec<Value> {
+    (0..1000).map(|n| ada(&format!("{batch}-{n}"), &format!("c{}", n % 10))).collect()
+}
+
+/// A partition still open (a late one waits `late_roll_age_secs` to gather
+/// its trickle; an hour here) would keep every newer WAL segment on disk:
+/// from half of `wal.max_raw_bytes` the partitions holding the oldest
+/// records are committed before their roll age, so the segments stay
+/// under the bound while far more than it passes through, and every
+/// event lands exactly once.
+#[test]
+fn a_late_partition_cannot_keep_the_wal_beyond_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let hold = [("WATERSHED_LAKE__ROLL_AGE_SECS", "3600"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "3600")];
+    let server = Server::start(&data, &[hold.as_slice(), WAL_BOUND.as_slice()].concat());
+    let max = 1_048_576u64;
+    let mut accepted = Vec::new();
+    let mut written = 0u64;
+    for b in 0..120 {
+        let events = payments(b);
+        let before: u64 = wal_files(&data, "wal").iter().sum();
+        let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+        if s == 503 {
+            // The bound reached before the early commits landed: the
+            // client backs off, as `send` does.
+            assert_eq!(r["error"], "busy", "{r}");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            continue;
+        }
+        assert_eq!((s, r["accepted"].as_u64()), (200, Some(1000)), "{r}");
+        accepted.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        let after: u64 = wal_files(&data, "wal").iter().sum();
+        written += after.saturating_sub(before);
+        assert!(after < max + (128 << 10), "segments on disk {after} against a bound of {max}");
+    }
+    assert!(written > 2 * max, "the test wrote {written} bytes to the WAL, over twice its bound");
+    let text = metrics(&server);
+    assert!(metric(&text, "watershed_wal_early_commits") >= 2.0, "{text}");
+    assert!(metric(&text, "watershed_wal_raw_bytes") < max as f64 + 131_072.0, "{text}");
+    assert!(!read_table(&data.join("lake"), "payments").is_empty(), "committed while the hub runs");
+    assert!(server.stop().success());
+    let mut got: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted, "every acknowledged event exactly once");
+}
+
+/// When the lake cannot commit (every put hangs), early commits cannot
+/// free the WAL: ingest answers 503 once its segments hold
+/// `wal.max_raw_bytes`, before they fill the disk, and `/readyz` says
+/// busy. Nothing acknowledged is lost: after a `kill -9` and a restart
+/// with a working store, every acknowledged event is in the lake once.
+#[test]
+fn a_store_that_cannot_commit_stops_ingest_at_the_wal_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let hung = [("WATERSHED_LAKE__PUT_DELAY_MS", "600000")];
+    let server = Server::start(&data, &[hung.as_slice(), WAL_BOUND.as_slice()].concat());
+    let max = 1_048_576f64;
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for b in 0..200 {
+        let events = payments(b);
+        let (s, r, h) = post(&server.url, Some(&token), ndjson(&events), &[]);
+        if s == 503 {
+            refused = Some((r, h));
+            break;
+        }
+        assert_eq!((s, r["accepted"].as_u64()), (200, Some(1000)), "{r}");
+        accepted.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+    }
+    let (r, h) = refused.expect("ingest stops at the WAL bound");
+    assert_eq!(r["error"], "busy", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("write-ahead log"), "{r}");
+    assert_eq!(h.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let ready = reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap().status().as_u16();
+    assert_eq!(ready, 503);
+    let raw = metric(&metrics(&server), "watershed_wal_raw_bytes");
+    assert!((max..max + 131_072.0).contains(&raw), "segments at the bound, not past it: {raw}");
+    server.kill9();
+
+    let server = Server::start(&data, &[]);
+    assert!(server.stop().success());
+    let mut got: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted, "every acknowledged event, once, after the restart");
+}
+
 /// Raw events stay in the WAL only until their rows are committed; what
 /// the dedupe window needs of them (their ids) outlives them, so a retry
 /// after a restart is still recognised.

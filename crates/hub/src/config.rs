@@ -142,6 +142,13 @@ impl Default for MemoryConfig {
 pub struct WalConfig {
     /// Roll WAL segments at this size.
     pub segment_bytes: u64,
+    /// The bound on WAL segment bytes (raw events) on disk. From half of
+    /// it, the partitions holding the oldest records are committed before
+    /// their roll age, until the segments hold a quarter of it; at all of
+    /// it (the lake cannot commit, or committed segments cannot be
+    /// deleted) ingest answers 503. The id files (`dedupe_window`) come on
+    /// top. At least eight segments.
+    pub max_raw_bytes: u64,
     /// Keep the ids of committed events (not the events) until at least
     /// this many newer events exist: the dedupe window that survives
     /// restarts.
@@ -156,7 +163,7 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { segment_bytes: 64 << 20, dedupe_window: 1_000_000, salvage: false }
+        Self { segment_bytes: 64 << 20, max_raw_bytes: 4 << 30, dedupe_window: 1_000_000, salvage: false }
     }
 }
 
@@ -377,6 +384,9 @@ impl HubConfig {
         if self.wal.segment_bytes < 4096 {
             return bad("wal.segment_bytes", "must be at least 4096");
         }
+        if self.wal.max_raw_bytes / 8 < self.wal.segment_bytes {
+            return bad("wal.max_raw_bytes", "must be at least eight times wal.segment_bytes");
+        }
         match self.keys.master {
             MasterKind::Local => {
                 if self.keys.kms_key_id.is_some() {
@@ -479,5 +489,19 @@ mod tests {
         assert_eq!((c.keys.cached_keys, c.keys.erasure_check_ms), (5000, 0));
         let e = load(&[("WATERSHED_KEYS__CACHED_KEYS", "0")]).unwrap_err();
         assert!(e.starts_with("invalid configuration: keys.cached_keys:"), "{e}");
+    }
+
+    #[test]
+    fn the_wal_bound_holds_eight_segments() {
+        let load = |vars: &[(&str, &str)]| {
+            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            HubConfig::load(None, env, &Overrides::default()).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&[]).unwrap().wal.max_raw_bytes, 4 << 30);
+        let e = load(&[("WATERSHED_WAL__MAX_RAW_BYTES", "67108864")]).unwrap_err();
+        assert!(e.starts_with("invalid configuration: wal.max_raw_bytes: must be at least eight"), "{e}");
+        let c =
+            load(&[("WATERSHED_WAL__MAX_RAW_BYTES", "524288"), ("WATERSHED_WAL__SEGMENT_BYTES", "65536")]);
+        assert_eq!(c.unwrap().wal.max_raw_bytes, 524_288);
     }
 }

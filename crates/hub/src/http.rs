@@ -99,6 +99,13 @@ async fn authenticate_and_ingest(
             "busy",
             "the hub is at its memory budget; retry after the delay".into(),
         ),
+        Refused::WalFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the write-ahead log holds wal.max_raw_bytes of events not yet committed to the lake; \
+             retry after the delay"
+                .into(),
+        ),
         Refused::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         Refused::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
     })

@@ -36,6 +36,15 @@ pub struct RefusedLabel {
     pub reason: String,
 }
 
+/// The WAL's bytes on disk.
+#[derive(Debug, Clone, Copy)]
+pub struct WalSize {
+    /// Segments and id files.
+    pub total: u64,
+    /// Segments (raw events).
+    pub raw: u64,
+}
+
 /// Every metric the hub exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -59,6 +68,12 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     /// WAL bytes on disk.
     pub wal_bytes: Gauge,
+    /// WAL segment bytes on disk (raw events), bounded by
+    /// `wal.max_raw_bytes`.
+    pub wal_raw_bytes: Gauge,
+    /// Partitions committed before their roll age because they held the
+    /// WAL's oldest records.
+    pub wal_flushes: Gauge,
     /// Bytes held against the memory budget.
     pub memory_bytes: Gauge,
     /// Open partition buffers.
@@ -86,6 +101,8 @@ impl Default for Metrics {
             late: Counter::default(),
             ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             wal_bytes: Gauge::default(),
+            wal_raw_bytes: Gauge::default(),
+            wal_flushes: Gauge::default(),
             memory_bytes: Gauge::default(),
             open_partitions: Gauge::default(),
             files: Gauge::default(),
@@ -107,6 +124,16 @@ impl Default for Metrics {
         registry.register("events_late", "Events more than an hour older than receipt", m.late.clone());
         registry.register("ack_latency_seconds", "Ingest-to-ack latency", m.ack_latency.clone());
         registry.register("wal_bytes", "Write-ahead log bytes on disk", m.wal_bytes.clone());
+        registry.register(
+            "wal_raw_bytes",
+            "Write-ahead log segment bytes (raw events) on disk, bounded by wal.max_raw_bytes",
+            m.wal_raw_bytes.clone(),
+        );
+        registry.register(
+            "wal_early_commits",
+            "Partitions committed before their roll age because they held the write-ahead log's oldest records",
+            m.wal_flushes.clone(),
+        );
         registry.register("memory_bytes", "Bytes held against the memory budget", m.memory_bytes.clone());
         registry.register("open_partitions", "Open partition buffers", m.open_partitions.clone());
         registry.register("files_written", "Parquet files committed", m.files.clone());
@@ -120,9 +147,11 @@ impl Default for Metrics {
 impl Metrics {
     /// Pull gauges from the pipeline and render the text format.
     #[must_use]
-    pub fn render(&self, wal: u64, memory: usize, writer: &Arc<WriterStats>) -> String {
+    pub fn render(&self, wal: WalSize, memory: usize, writer: &Arc<WriterStats>) -> String {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.wal_bytes.set(g(wal));
+        self.wal_bytes.set(g(wal.total));
+        self.wal_raw_bytes.set(g(wal.raw));
+        self.wal_flushes.set(g(writer.wal_flushes.load(Ordering::Relaxed)));
         self.memory_bytes.set(g(memory as u64));
         self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
         self.files.set(g(writer.files.load(Ordering::Relaxed)));

@@ -32,6 +32,9 @@ pub enum Refused {
     BadRequest(String),
     /// 503: the memory budget is spent.
     Busy,
+    /// 503: the WAL holds `wal.max_raw_bytes` of events the lake has not
+    /// committed (or has not deleted since).
+    WalFull,
     /// 503: a dependency (the keyring) failed; nothing was stored.
     Unavailable(String),
     /// 500: the pipeline failed (the WAL could not be written).
@@ -47,6 +50,9 @@ impl CommitSink for Sink {
     fn oldest_needed(&self) -> u64 {
         self.0.oldest_segment()
     }
+    fn commit_before(&self) -> u64 {
+        self.0.commit_before()
+    }
 }
 
 /// A running hub pipeline (without the HTTP listener).
@@ -61,6 +67,9 @@ pub struct Hub {
     /// [`watch_erasures`]).
     erasure_watch: Option<tokio::task::JoinHandle<()>>,
     memory: Arc<Memory>,
+    /// Shared with the WAL: what it holds, and what it asks the lake to
+    /// commit.
+    pending: Arc<Pending>,
     /// Writer counters.
     pub writer_stats: Arc<WriterStats>,
     /// Metrics.
@@ -146,7 +155,9 @@ impl Hub {
             segment_bytes: config.wal.segment_bytes,
             retain_events: config.wal.dedupe_window as u64,
             salvage: config.wal.salvage,
+            max_raw_bytes: config.wal.max_raw_bytes,
         };
+        let shared = pending.clone();
         let (wal, replayed) = tokio::task::spawn_blocking(move || {
             let mut replayed = 0usize;
             // New protection keys are made durable by the WAL thread,
@@ -199,6 +210,7 @@ impl Hub {
             writer_task,
             erasure_watch,
             memory,
+            pending: shared,
             writer_stats,
             metrics,
             clock,
@@ -222,6 +234,9 @@ impl Hub {
         let started = Instant::now();
         if self.memory.full() {
             return Err(Refused::Busy);
+        }
+        if self.wal_full() {
+            return Err(Refused::WalFull);
         }
         self.metrics.batches.inc();
         self.metrics.bytes.inc_by(body.len() as u64);
@@ -287,7 +302,10 @@ impl Hub {
     #[must_use]
     pub fn render_metrics(&self) -> String {
         self.metrics.render(
-            self.wal.size.load(std::sync::atomic::Ordering::Relaxed),
+            crate::metrics::WalSize {
+                total: self.wal.size.load(std::sync::atomic::Ordering::Relaxed),
+                raw: self.pending.raw_bytes(),
+            },
             self.memory.used(),
             &self.writer_stats,
         )
@@ -296,7 +314,14 @@ impl Hub {
     /// Whether ingest would accept a request now.
     #[must_use]
     pub fn ready(&self) -> bool {
-        !self.memory.full() && !self.writer_task.is_finished()
+        !self.memory.full() && !self.wal_full() && !self.writer_task.is_finished()
+    }
+
+    /// Whether the WAL's segments hold `wal.max_raw_bytes`: the lake is
+    /// not committing (a failing store) or the WAL cannot delete what it
+    /// committed, and taking more would fill the disk.
+    fn wal_full(&self) -> bool {
+        self.pending.raw_bytes() >= self.config.wal.max_raw_bytes
     }
 
     /// Stop: flush and commit everything, stop the writer, then stop the

@@ -430,7 +430,9 @@ fn ids_of(record: &WalRecord, ids: &mut Vec<u8>) {
     ids.extend_from_slice(&one);
 }
 
-/// Records not yet fully committed to the lake: record seq → parts left.
+/// What the WAL and the lake writer share: the records not yet fully
+/// committed to the lake (record seq → parts left), the segment bytes on
+/// disk, and the records the WAL asks to be committed early.
 #[derive(Debug, Default)]
 pub struct Pending {
     map: Mutex<BTreeMap<u64, u32>>,
@@ -440,6 +442,11 @@ pub struct Pending {
     /// The first record of the oldest segment on disk (0 until the WAL
     /// is open): nothing before it can be replayed.
     oldest: AtomicU64,
+    /// Bytes of the segments on disk (raw events not yet deleted).
+    raw_bytes: AtomicU64,
+    /// Records before this one are to be committed now (0: none), so the
+    /// segments holding them can go: see [`WalOptions::max_raw_bytes`].
+    commit_before: AtomicU64,
 }
 
 impl Pending {
@@ -478,6 +485,20 @@ impl Pending {
     #[must_use]
     pub fn oldest_segment(&self) -> u64 {
         self.oldest.load(Ordering::Acquire)
+    }
+
+    /// Bytes of the segments on disk: raw events waiting for the lake, and
+    /// committed ones not yet deleted.
+    #[must_use]
+    pub fn raw_bytes(&self) -> u64 {
+        self.raw_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records before this seq are to be committed now, so the WAL can
+    /// delete its oldest segments (0: nothing is asked).
+    #[must_use]
+    pub fn commit_before(&self) -> u64 {
+        self.commit_before.load(Ordering::Relaxed)
     }
 
     /// The lowest record seq still waiting, if any.
@@ -596,6 +617,12 @@ impl WeakWal {
 pub struct WalOptions {
     /// Roll segments at this size.
     pub segment_bytes: u64,
+    /// The bound on segment bytes on disk. From half of it, the records
+    /// holding the oldest segments are asked to be committed
+    /// ([`Pending::commit_before`]) until the segments left hold a quarter
+    /// of it; the hub refuses new requests while the segments hold all of
+    /// it (the lake cannot commit). At least eight segments.
+    pub max_raw_bytes: u64,
     /// Keep the ids of at least this many newer events before deleting an
     /// id file (the dedupe window).
     pub retain_events: u64,
@@ -690,9 +717,9 @@ impl Wal {
                 read_segment(&path, first, on_bad, &mut next, &mut replay, (ids_through, &mut missing_ids))?;
             segments.push(seg);
         }
-        let size = Arc::new(AtomicU64::new(
-            segments.iter().map(|s| s.bytes).sum::<u64>() + ids_files.iter().map(|f| f.bytes).sum::<u64>(),
-        ));
+        let on_disk = segments.iter().map(|s| s.bytes).sum::<u64>();
+        pending.raw_bytes.store(on_disk, Ordering::Relaxed);
+        let size = Arc::new(AtomicU64::new(on_disk + ids_files.iter().map(|f| f.bytes).sum::<u64>()));
         let (tx, rx) = mpsc::channel(1024);
         *pending.retire.lock().expect("pending lock") = Some(tx.downgrade());
         let (retire_tx, retire_rx) = std::sync::mpsc::channel();
@@ -724,6 +751,7 @@ impl Wal {
         };
         w.open_segment()?;
         w.note_oldest();
+        w.note_pressure();
         let retiring = std::thread::Builder::new()
             .name("watershed-wal-retire".into())
             .spawn(move || retirer.run(&retire_rx))
@@ -1171,6 +1199,7 @@ impl Writer {
             if let Err(e) = self.retire() {
                 tracing::error!(error = %e, "cannot retire committed WAL segments");
             }
+            self.note_pressure();
         }
         if let Err(e) = self.retire() {
             tracing::error!(error = %e, "cannot retire committed WAL segments");
@@ -1269,6 +1298,7 @@ impl Writer {
             });
         }
         self.size.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        self.pending.raw_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
         self.next += chunk.records;
         frames.clear();
         *chunk = Chunk::default();
@@ -1314,6 +1344,46 @@ impl Writer {
     fn note_oldest(&self) {
         let oldest = self.segments.first().map_or(self.next, |s| s.first);
         self.pending.oldest.store(oldest, Ordering::Release);
+    }
+
+    /// Ask for early commits when the segments not yet retired hold half
+    /// of [`WalOptions::max_raw_bytes`] or more: every record before
+    /// the newest segments that fit in a quarter of it is to be committed
+    /// (all records, if the open segment alone is over it; it is then
+    /// sealed once its first record is committed). Without this a late
+    /// partition, which waits `late_roll_age` to collect its trickle, would
+    /// keep every newer segment on disk meanwhile.
+    fn note_pressure(&self) {
+        let max = self.opts.max_raw_bytes;
+        let held: u64 = self.segments.iter().map(|s| s.bytes).sum();
+        let before = if held < max / 2 {
+            0
+        } else {
+            let (mut kept, mut before) = (0u64, self.next);
+            for s in self.segments.iter().rev() {
+                kept += s.bytes;
+                if kept > max / 4 {
+                    break;
+                }
+                before = s.first;
+            }
+            before
+        };
+        let was = self.pending.commit_before.swap(before, Ordering::Relaxed);
+        if was == 0 && before > 0 {
+            tracing::warn!(
+                segment_bytes = held,
+                max_raw_bytes = max,
+                before,
+                "the write-ahead log holds over half of wal.max_raw_bytes: committing the partitions \
+                 that hold its oldest records before their roll age"
+            );
+        } else if was > 0 && before == 0 {
+            tracing::info!(
+                segment_bytes = held,
+                "the write-ahead log is back under half of wal.max_raw_bytes"
+            );
+        }
     }
 }
 
@@ -1486,6 +1556,7 @@ impl Retirer {
         // be replayed into the lake again.
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
         self.size.fetch_sub(job.bytes, Ordering::Relaxed);
+        self.pending.raw_bytes.fetch_sub(job.bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1675,7 +1746,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fsync_stops_the_log_until_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         fail_next_sync(dir.path());
@@ -1695,7 +1767,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_is_cut_back_and_later_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         tear_next_write(dir.path(), 10);
@@ -1717,7 +1790,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn committed_records_leave_only_their_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 40, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 4096, retain_events: 40, salvage: false, max_raw_bytes: u64::MAX };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let a = AccountId::new("111111111111").unwrap();
@@ -1791,7 +1865,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_segment_stops_the_start_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
         let wal = open_empty(dir.path(), opts, Arc::default());
         for i in 1..=100u64 {
             wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
@@ -1836,7 +1911,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_id_file_is_set_aside_and_the_log_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 1000, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 4096, retain_events: 1000, salvage: false, max_raw_bytes: u64::MAX };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         for i in 1..=200u64 {
@@ -1866,7 +1942,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn segments_seal_once_their_first_record_is_committed_and_on_request() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let wait_for = |want: &[&str]| {
@@ -1919,6 +1996,63 @@ mod tests {
         }
     }
 
+    /// Segments retire in order, so a record the lake keeps open (a late
+    /// partition's) holds every newer segment on disk. From half of
+    /// `max_raw_bytes` the WAL asks for every record before its newest
+    /// quarter's worth of segments to be committed, on a restart too;
+    /// once they are, the segments go and it asks for nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn over_half_its_bound_the_wal_asks_for_its_oldest_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 32 << 10;
+        let opts = WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false, max_raw_bytes: max };
+        let pending = Arc::new(Pending::default());
+        let wal = open_empty(dir.path(), opts, pending.clone());
+        let sizes = || -> Vec<(u64, u64)> {
+            segment_names(dir.path())
+                .iter()
+                .map(|n| {
+                    let first = n.strip_suffix(".wal").unwrap().parse().unwrap();
+                    (first, std::fs::metadata(dir.path().join(n)).unwrap().len())
+                })
+                .collect()
+        };
+        let on_disk = || sizes().iter().map(|s| s.1).sum::<u64>();
+        // Record 1 stays pending; every later one is committed at once.
+        let mut n = 0u64;
+        while on_disk() < max / 2 {
+            assert_eq!(pending.commit_before(), 0, "nothing is asked below half the bound");
+            n = wal.append(record(&format!("e{n}")), 1, 1).await.unwrap().seq;
+            if n > 1 {
+                pending.committed(&[n]);
+            }
+        }
+        wait_until("asked for the oldest records", || pending.commit_before() > 0);
+        assert_eq!(pending.raw_bytes(), on_disk());
+        let asked = |before: u64| {
+            let s = sizes();
+            let kept: u64 = s.iter().filter(|x| x.0 >= before).map(|x| x.1).sum();
+            let older = s.iter().rev().find(|x| x.0 < before).map_or(0, |x| x.1);
+            assert!(kept <= max / 4 && kept + older > max / 4, "before {before}: {s:?}");
+            assert!(s.iter().any(|x| x.0 == before), "the first record of a segment: {s:?}");
+        };
+        asked(pending.commit_before());
+        wal.close().await;
+
+        // A restart with the records replayed and pending asks at once.
+        let (wal, pending) = reopen_pending(dir.path(), opts);
+        assert_eq!(pending.raw_bytes(), on_disk());
+        let before = pending.commit_before();
+        asked(before);
+        let records: Vec<u64> = (1..before).collect();
+        pending.committed(&records);
+        wait_until("the committed segments retired", || pending.raw_bytes() <= max / 4);
+        wait_until("nothing asked any more", || pending.commit_before() == 0);
+        assert_eq!(pending.raw_bytes(), on_disk());
+        assert!(sizes()[0].0 >= before, "{:?}", sizes());
+        wal.close().await;
+    }
+
     /// A retiring segment's ids are tens of megabytes under load: while
     /// their write is held up (a slow disk), appends are still written
     /// and acknowledged, the segment stays until its ids are durable, and
@@ -1926,7 +2060,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_id_file_write_holds_up_no_append() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let opts = WalOptions {
+            segment_bytes: 1 << 20,
+            retain_events: 1000,
+            salvage: false,
+            max_raw_bytes: u64::MAX,
+        };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         assert_eq!(wal.append(record("r1"), 1, 1).await.unwrap().seq, 1);
@@ -1963,7 +2102,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_id_file_fsync_keeps_the_segments_until_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let opts = WalOptions {
+            segment_bytes: 1 << 20,
+            retain_events: 1000,
+            salvage: false,
+            max_raw_bytes: u64::MAX,
+        };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         for i in 1..=3u64 {
@@ -1994,7 +2138,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ids_missing_from_the_id_files_are_rebuilt_from_the_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 1000, salvage: false };
+        let opts = WalOptions {
+            segment_bytes: 1 << 20,
+            retain_events: 1000,
+            salvage: false,
+            max_raw_bytes: u64::MAX,
+        };
         let wal = open_empty(dir.path(), opts, Arc::default());
         for i in 1..=3u64 {
             wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
@@ -2055,7 +2204,8 @@ mod tests {
     async fn group_commit_recovery_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts = WalOptions { segment_bytes: 256, retain_events: 1000, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 256, retain_events: 1000, salvage: false, max_raw_bytes: u64::MAX };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let mut handles = Vec::new();
@@ -2108,7 +2258,8 @@ mod tests {
     async fn a_failed_before_write_hook_fails_its_group_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts = WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false };
+        let opts =
+            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
         let calls = Arc::new(AtomicU64::new(0));
         let counted = calls.clone();
         // The hook fails on its second call only.

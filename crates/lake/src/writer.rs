@@ -16,7 +16,10 @@
 //!   without bound);
 //! - a buffer older than `roll_age` flushes; buffers of late partitions
 //!   (event hour older than `late_after`) wait `late_roll_age` instead, so a
-//!   trickle of late events coalesces into few files.
+//!   trickle of late events coalesces into few files;
+//! - a buffer holding a WAL record older than [`CommitSink::commit_before`]
+//!   flushes at once: the WAL is over its bound, and these records keep
+//!   its oldest segments on disk.
 //!
 //! Flushes run concurrently, each file named by the WAL records it covers
 //! and recorded in the commit log.
@@ -152,6 +155,13 @@ pub trait CommitSink: Send + Sync {
     /// The oldest WAL record a restart could still replay: commit-log
     /// entries wholly before it are dropped when the log is compacted.
     fn oldest_needed(&self) -> u64;
+
+    /// Partitions holding a WAL record older than this are to be committed
+    /// now (0: none): the WAL's oldest segments, kept on disk until their
+    /// records are committed, hold more than its bound allows.
+    fn commit_before(&self) -> u64 {
+        0
+    }
 }
 
 /// Counters the writer keeps for metrics.
@@ -170,6 +180,9 @@ pub struct WriterStats {
     /// Flush failures: store failures (each retried) and files that could
     /// not be encoded (their rows stay in the WAL).
     pub failures: AtomicU64,
+    /// Partitions flushed before their roll age or size because they held
+    /// the WAL's oldest records ([`CommitSink::commit_before`]).
+    pub wal_flushes: AtomicU64,
 }
 
 struct Buffer {
@@ -182,6 +195,8 @@ struct Buffer {
     /// The file being encoded, or the chunk being encoded into it.
     encoder: Encoder,
     records: Vec<u64>,
+    /// The oldest of `records` (parts may arrive slightly out of order).
+    oldest_record: u64,
     /// Arrow bytes buffered since the file was opened (the roll measure).
     bytes: usize,
     /// Bytes this buffer holds against the memory budget: the loose
@@ -362,6 +377,7 @@ impl LakeWriter {
                 },
                 _ = tick.tick() => {
                     self.roll_aged().await;
+                    self.release_wal().await;
                     // Chunks skipped while another was encoding, in
                     // partitions that have had no request since.
                     let waiting = self
@@ -395,6 +411,7 @@ impl LakeWriter {
                 loose_bytes: 0,
                 encoder: Encoder::Empty,
                 records: Vec::new(),
+                oldest_record: p.record,
                 bytes: 0,
                 charge: Arc::default(),
                 rows: 0,
@@ -407,6 +424,7 @@ impl LakeWriter {
             if buf.records.last() != Some(&p.record) {
                 buf.records.push(p.record);
             }
+            buf.oldest_record = buf.oldest_record.min(p.record);
             buf.loose_rows += rows;
             buf.loose_bytes += bytes;
             buf.bytes += bytes;
@@ -447,6 +465,7 @@ impl LakeWriter {
     }
 
     async fn enforce(&mut self) {
+        self.release_wal().await;
         let full: Vec<PartitionKey> = self
             .buffers
             .iter()
@@ -522,6 +541,24 @@ impl LakeWriter {
             .map(|(k, _)| k.clone())
             .collect();
         for k in due {
+            self.flush_key(&k).await;
+        }
+    }
+
+    /// Flush the partitions holding WAL records older than the sink's
+    /// [`CommitSink::commit_before`], so the WAL can delete its oldest
+    /// segments (a late partition would otherwise keep every newer segment
+    /// on disk for its roll age).
+    async fn release_wal(&mut self) {
+        let before = self.sink.commit_before();
+        if before == 0 {
+            return;
+        }
+        let due: Vec<PartitionKey> =
+            self.buffers.iter().filter(|(_, b)| b.oldest_record < before).map(|(k, _)| k.clone()).collect();
+        for k in due {
+            tracing::debug!(partition = %k, before, "committing early: the partition holds the WAL's oldest records");
+            self.stats.wal_flushes.fetch_add(1, Ordering::Relaxed);
             self.flush_key(&k).await;
         }
     }
@@ -734,6 +771,7 @@ mod tests {
             loose_bytes: bad_bytes + good_bytes,
             encoder: Encoder::Empty,
             records: vec![1],
+            oldest_record: 1,
             bytes: bad_bytes + good_bytes,
             charge: Arc::new(AtomicUsize::new(bad_bytes + good_bytes)),
             rows: 20,

@@ -23,8 +23,10 @@ impl Clock for TestClock {
     }
 }
 
+/// Committed files (partition, records), their count, and the WAL's
+/// `commit_before` as the test sets it.
 #[derive(Default)]
-struct Sink(Mutex<Vec<(String, Vec<u64>)>>, AtomicU64);
+struct Sink(Mutex<Vec<(String, Vec<u64>)>>, AtomicU64, AtomicU64);
 
 impl CommitSink for Sink {
     fn committed(&self, partition: &PartitionKey, records: &[u64]) {
@@ -33,6 +35,9 @@ impl CommitSink for Sink {
     }
     fn oldest_needed(&self) -> u64 {
         0
+    }
+    fn commit_before(&self) -> u64 {
+        self.2.load(Ordering::Relaxed)
     }
 }
 
@@ -155,6 +160,56 @@ async fn late_partitions_are_bounded_and_coalesce() {
     // but far fewer than events.
     let files = sink.1.load(Ordering::Relaxed);
     assert!(files < record, "{files} files for {record} events");
+}
+
+/// When the WAL asks for its records before some seq to be committed, the
+/// partitions holding any of them flush at once, late or not, whatever
+/// their roll age; partitions holding only newer records stay open.
+#[tokio::test]
+async fn partitions_holding_the_wals_oldest_records_commit_when_it_asks() {
+    let now = 1_000 * HOUR;
+    let cfg = WriterConfig {
+        roll_age: Duration::from_secs(3600),
+        late_roll_age: Duration::from_secs(3600),
+        ..WriterConfig::default()
+    };
+    let w = Harness::start(cfg, 1 << 30, now).await;
+    let account = AccountId::new("111111111111").unwrap();
+    let late = PartitionKey::at("t", &account, now - 48 * HOUR);
+    let current = PartitionKey::at("t", &account, now);
+    let other = PartitionKey::at("u", &account, now);
+    // The late partition took record 1 and, later, 6; the current one 2..=5;
+    // the other table only 7 (parts arrive slightly out of order).
+    w.send(late.clone(), batch(1), 1).await;
+    for r in 2..=5 {
+        w.send(current.clone(), batch(r), r).await;
+    }
+    w.send(other.clone(), batch(7), 7).await;
+    w.send(late.clone(), batch(6), 6).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(w.flushed().is_empty(), "nothing is due by age or size");
+
+    w.sink.2.store(2, Ordering::Relaxed);
+    w.settle().await;
+    assert_eq!(w.flushed(), vec![late.dir()], "only the partition holding record 1");
+    assert_eq!(w.stats.wal_flushes.load(Ordering::Relaxed), 1);
+
+    w.sink.2.store(7, Ordering::Relaxed);
+    w.settle().await;
+    assert_eq!(w.flushed(), vec![late.dir(), current.dir()], "then the one holding 2..=5, not 7's");
+    w.sink.2.store(0, Ordering::Relaxed);
+    // Record 8 reopens the late partition; nothing more is asked for.
+    w.send(late.clone(), batch(8), 8).await;
+    w.settle().await;
+    assert_eq!(w.flushed().len(), 2);
+    let (_dir, sink, stats, _) = w.finish().await;
+    assert_eq!(stats.wal_flushes.load(Ordering::Relaxed), 2);
+    let files = sink.0.lock().unwrap().clone();
+    assert_eq!(files[0].1, vec![1, 6]);
+    assert_eq!(files[1].1, vec![2, 3, 4, 5]);
+    let mut all: Vec<u64> = files.iter().flat_map(|(_, r)| r.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=8).collect::<Vec<_>>(), "every record exactly once");
 }
 
 #[tokio::test]
