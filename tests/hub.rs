@@ -837,6 +837,52 @@ fn mixed_versions_share_a_file_and_send_reports_rejects() {
     assert_eq!(&cols[..4], ["payments", "1", "1", "6"], "{line}");
 }
 
+/// `send` with batches over the hub's body limit: each batch answered 413
+/// is split in halves until it fits, every event lands once, and a
+/// reject is reported by its line in the file. A single event over the
+/// limit stops the send with an error naming it and what was sent.
+#[test]
+fn send_splits_batches_over_the_body_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let limits =
+        [("WATERSHED_LIMITS__MAX_BODY_BYTES", "20000"), ("WATERSHED_LIMITS__MAX_EVENT_BYTES", "10000")];
+    let server = Server::start(&data, &limits);
+    let mut events: Vec<Value> = (0..60).map(|n| ada(&format!("s-{n}"), "c-1")).collect();
+    events[37]["detail"]["three_ds"] = json!("yes");
+    let body = ndjson(&events);
+    assert!(body.len() / 60 * 50 > 20_000, "a batch of 50 is over the limit");
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, &body).unwrap();
+    let send = |file: &std::path::Path| {
+        run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token, "--batch", "50"])
+    };
+    let out = send(&file);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "one reject\n{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 59 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("rejected event 37 (id s-37): type_mismatch"), "{stderr}");
+
+    let mut big = ada("big", "c-1");
+    big["detail"]["card"]["holder_name"] = json!("x".repeat(30_000));
+    let file = dir.path().join("big.ndjson");
+    std::fs::write(&file, ndjson(&[ada("before-big", "c-1"), big])).unwrap();
+    let out = send(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("event 1 alone") && stderr.contains("over the hub's body limit"), "{stderr}");
+    assert!(stderr.contains("events 0..2 were not all sent"), "{stderr}");
+    assert!(server.stop().success());
+    let mut got: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
+    got.sort();
+    let mut want: Vec<String> =
+        (0..60).filter(|&n| n != 37).map(|n| format!("s-{n}")).chain(["before-big".to_owned()]).collect();
+    want.sort();
+    assert_eq!(got, want, "every event sent is in the lake once");
+}
+
 /// The README's first command: `watershed demo` starts a hub, sends every
 /// event it was asked for, and each accepted one is in the lake and each
 /// rejected one in `_dead_letters`.

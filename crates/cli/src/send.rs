@@ -73,8 +73,18 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         }
         if n > 0 && (n >= args.batch || line.is_none()) {
             let body = std::mem::take(&mut batch);
-            let resp =
-                post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries).await?;
+            let resp = post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries)
+                .await
+                .with_context(|| {
+                    format!(
+                        "events {index_base}..{} were not all sent (the {index_base} before them were: \
+                         accepted {}, rejected {}); sending the file again is safe, the hub answers \
+                         what it already has as duplicates",
+                        index_base + n,
+                        totals.accepted,
+                        totals.rejected
+                    )
+                })?;
             totals.accepted += resp["accepted"].as_u64().unwrap_or(0);
             totals.duplicates += resp["duplicates"].as_u64().unwrap_or(0);
             for r in resp["rejected"].as_array().into_iter().flatten() {
@@ -103,8 +113,13 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     Ok(if totals.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
-/// POST one batch, retrying transient failures with exponential backoff
-/// (honouring `Retry-After`).
+/// POST one NDJSON batch and return the hub's answer, `accepted`,
+/// `duplicates` and `rejected` (indexes counted from the start of `body`).
+/// A batch the hub finds over its body limit (413) is split in halves at a
+/// line boundary and each half sent on its own, so any file can be sent
+/// whatever `--batch` and the hub's `limits.max_body_bytes`; only a single
+/// event over the limit is an error. Transient failures are retried (see
+/// [`post_once`]).
 pub(crate) async fn post(
     client: &reqwest::Client,
     url: &str,
@@ -113,6 +128,79 @@ pub(crate) async fn post(
     body: String,
     retries: u32,
 ) -> anyhow::Result<Value> {
+    let mut accepted = 0u64;
+    let mut duplicates = 0u64;
+    let mut rejected = Vec::new();
+    // (index of the part's first event in `body`, the part), next on top.
+    let mut parts = vec![(0usize, body)];
+    while let Some((base, part)) = parts.pop() {
+        match post_once(client, url, token, collector, &part, retries).await? {
+            Answer::Done(r) => {
+                accepted += r["accepted"].as_u64().unwrap_or(0);
+                duplicates += r["duplicates"].as_u64().unwrap_or(0);
+                for mut x in r["rejected"].as_array().cloned().unwrap_or_default() {
+                    let at = x["index"].as_u64().unwrap_or(0) + base as u64;
+                    x["index"] = Value::from(at);
+                    rejected.push(x);
+                }
+            }
+            Answer::TooLarge(limit) => {
+                let lines = part.lines().filter(|l| !l.trim().is_empty()).count();
+                if lines <= 1 {
+                    anyhow::bail!(
+                        "event {base} alone ({} bytes) is over the hub's body limit{limit}; it was not sent",
+                        part.len()
+                    );
+                }
+                let (first, second, first_events) = halves(&part, lines / 2);
+                parts.push((base + first_events, second));
+                parts.push((base, first));
+            }
+        }
+    }
+    Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
+}
+
+/// Split NDJSON `body` after its `events`-th non-blank line: the two
+/// parts and the number of events in the first.
+fn halves(body: &str, events: usize) -> (String, String, usize) {
+    let mut seen = 0;
+    let mut at = body.len();
+    for (i, line) in body.split_inclusive('\n').scan(0usize, |off, l| {
+        let start = *off;
+        *off += l.len();
+        Some((start, l))
+    }) {
+        if seen == events {
+            at = i;
+            break;
+        }
+        if !line.trim().is_empty() {
+            seen += 1;
+        }
+    }
+    (body[..at].to_owned(), body[at..].to_owned(), seen)
+}
+
+/// What the hub answered a batch.
+enum Answer {
+    /// 200: the per-event results.
+    Done(Value),
+    /// 413: the body is over the hub's limit (the limit, as the hub's
+    /// message gives it, for the error).
+    TooLarge(String),
+}
+
+/// POST one batch, retrying transient failures with exponential backoff
+/// (honouring `Retry-After`).
+async fn post_once(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    collector: Option<&str>,
+    body: &str,
+    retries: u32,
+) -> anyhow::Result<Answer> {
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0;
     loop {
@@ -121,12 +209,20 @@ pub(crate) async fn post(
             .post(url)
             .bearer_auth(token)
             .header("content-type", "application/x-ndjson")
-            .body(body.clone());
+            .body(body.to_owned());
         if let Some(c) = collector {
             req = req.header("x-watershed-collector", c);
         }
         let transient = match req.send().await {
-            Ok(r) if r.status().is_success() => return Ok(r.json().await?),
+            Ok(r) if r.status().is_success() => return Ok(Answer::Done(r.json().await?)),
+            Ok(r) if r.status().as_u16() == 413 => {
+                let text = r.text().await.unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(|m| format!(" ({m})")))
+                    .unwrap_or_default();
+                return Ok(Answer::TooLarge(message));
+            }
             Ok(r) if r.status().as_u16() == 503 || r.status().is_server_error() => {
                 if let Some(s) =
                     r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
@@ -148,5 +244,18 @@ pub(crate) async fn post(
         tracing::warn!(attempt, error = %transient, delay_ms = delay.as_millis(), "retrying batch");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::halves;
+
+    #[test]
+    fn halves_split_at_line_boundaries_counting_events() {
+        let body = "a\n\nb\nc\n";
+        assert_eq!(halves(body, 1), ("a\n".into(), "\nb\nc\n".into(), 1));
+        assert_eq!(halves(body, 2), ("a\n\nb\n".into(), "c\n".into(), 2));
+        assert_eq!(halves("a\nb", 1), ("a\n".into(), "b".into(), 1));
     }
 }
