@@ -864,6 +864,18 @@ fn send_splits_batches_over_the_body_limit() {
     assert!(stdout.contains("accepted 59 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
     assert!(stderr.contains("rejected event 37 (id s-37): type_mismatch"), "{stderr}");
 
+    // A line that is not UTF-8 is the hub's to reject, by its index.
+    let mut body = ndjson(&[ada("u-0", "c-1")]);
+    body.extend_from_slice(b"{\"id\": \"\xff\xfe\"}\n");
+    body.extend_from_slice(&ndjson(&[ada("u-2", "c-1")]));
+    let file = dir.path().join("latin1.ndjson");
+    std::fs::write(&file, &body).unwrap();
+    let out = send(&file);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 2 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("rejected event 1 (id ?): malformed"), "{stderr}");
+
     let mut big = ada("big", "c-1");
     big["detail"]["card"]["holder_name"] = json!("x".repeat(30_000));
     let file = dir.path().join("big.ndjson");
@@ -877,8 +889,11 @@ fn send_splits_batches_over_the_body_limit() {
     let mut got: Vec<String> =
         ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
     got.sort();
-    let mut want: Vec<String> =
-        (0..60).filter(|&n| n != 37).map(|n| format!("s-{n}")).chain(["before-big".to_owned()]).collect();
+    let mut want: Vec<String> = (0..60)
+        .filter(|&n| n != 37)
+        .map(|n| format!("s-{n}"))
+        .chain(["u-0", "u-2", "before-big"].map(String::from))
+        .collect();
     want.sort();
     assert_eq!(got, want, "every event sent is in the lake once");
 }

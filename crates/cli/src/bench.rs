@@ -491,7 +491,6 @@ fn http_run(me: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<f64> {
                 loop {
                     let next = queue.lock().expect("queue").next();
                     let Some(body) = next else { break };
-                    let body = String::from_utf8(body.to_vec())?;
                     crate::send::post(&client, &url, &token, None, body, 20).await?;
                 }
                 Ok::<_, anyhow::Error>(())

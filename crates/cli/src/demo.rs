@@ -88,7 +88,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                         &url,
                         &token,
                         Some("demo"),
-                        std::mem::take(&mut batch),
+                        bytes::Bytes::from(std::mem::take(&mut batch)),
                         10,
                     )
                     .await?;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -57,22 +58,24 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
     let mut totals = Totals::default();
-    let mut lines = BufReader::new(reader).lines();
-    let mut batch = String::new();
+    // Lines as bytes: a line that is not UTF-8 is the hub's to reject
+    // (`malformed`, by its index), not a reason to stop the send.
+    let mut lines = BufReader::new(reader).split(b'\n');
+    let mut batch = Vec::new();
     let mut n = 0usize;
     let mut index_base = 0usize;
     loop {
         let line = lines.next().transpose().context("reading input")?;
         if let Some(l) = &line {
-            if !l.trim().is_empty() {
-                batch.push_str(l);
-                batch.push('\n');
+            if !blank(l) {
+                batch.extend_from_slice(l);
+                batch.push(b'\n');
                 n += 1;
             }
             bar.inc(l.len() as u64 + 1);
         }
         if n > 0 && (n >= args.batch || line.is_none()) {
-            let body = std::mem::take(&mut batch);
+            let body = Bytes::from(std::mem::take(&mut batch));
             let resp = post(&client, &url, &args.token, args.collector.as_deref(), body, args.retries)
                 .await
                 .with_context(|| {
@@ -125,7 +128,7 @@ pub(crate) async fn post(
     url: &str,
     token: &str,
     collector: Option<&str>,
-    body: String,
+    body: Bytes,
     retries: u32,
 ) -> anyhow::Result<Value> {
     let mut accepted = 0u64;
@@ -145,7 +148,7 @@ pub(crate) async fn post(
                 }
             }
             Answer::TooLarge(limit) => {
-                let lines = part.lines().filter(|l| !l.trim().is_empty()).count();
+                let lines = part.split(|&b| b == b'\n').filter(|l| !blank(l)).count();
                 if lines <= 1 {
                     anyhow::bail!(
                         "event {base} alone ({} bytes) is over the hub's body limit{limit}; it was not sent",
@@ -161,25 +164,28 @@ pub(crate) async fn post(
     Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
 }
 
+/// Whether an NDJSON line holds no event.
+fn blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Split NDJSON `body` after its `events`-th non-blank line: the two
 /// parts and the number of events in the first.
-fn halves(body: &str, events: usize) -> (String, String, usize) {
+fn halves(body: &Bytes, events: usize) -> (Bytes, Bytes, usize) {
     let mut seen = 0;
     let mut at = body.len();
-    for (i, line) in body.split_inclusive('\n').scan(0usize, |off, l| {
-        let start = *off;
-        *off += l.len();
-        Some((start, l))
-    }) {
+    let mut start = 0;
+    for line in body.split_inclusive(|&b| b == b'\n') {
         if seen == events {
-            at = i;
+            at = start;
             break;
         }
-        if !line.trim().is_empty() {
+        if !blank(line) {
             seen += 1;
         }
+        start += line.len();
     }
-    (body[..at].to_owned(), body[at..].to_owned(), seen)
+    (body.slice(..at), body.slice(at..), seen)
 }
 
 /// What the hub answered a batch.
@@ -198,7 +204,7 @@ async fn post_once(
     url: &str,
     token: &str,
     collector: Option<&str>,
-    body: &str,
+    body: &Bytes,
     retries: u32,
 ) -> anyhow::Result<Answer> {
     let mut delay = Duration::from_millis(100);
@@ -209,7 +215,7 @@ async fn post_once(
             .post(url)
             .bearer_auth(token)
             .header("content-type", "application/x-ndjson")
-            .body(body.to_owned());
+            .body(body.clone());
         if let Some(c) = collector {
             req = req.header("x-watershed-collector", c);
         }
@@ -249,13 +255,16 @@ async fn post_once(
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::halves;
 
     #[test]
     fn halves_split_at_line_boundaries_counting_events() {
-        let body = "a\n\nb\nc\n";
-        assert_eq!(halves(body, 1), ("a\n".into(), "\nb\nc\n".into(), 1));
-        assert_eq!(halves(body, 2), ("a\n\nb\n".into(), "c\n".into(), 2));
-        assert_eq!(halves("a\nb", 1), ("a\n".into(), "b".into(), 1));
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let body = b("a\n \nb\nc\n");
+        assert_eq!(halves(&body, 1), (b("a\n"), b(" \nb\nc\n"), 1));
+        assert_eq!(halves(&body, 2), (b("a\n \nb\n"), b("c\n"), 2));
+        assert_eq!(halves(&b("a\nb"), 1), (b("a\n"), b("b"), 1));
     }
 }
