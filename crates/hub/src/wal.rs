@@ -1676,6 +1676,11 @@ mod tests {
         take(path, |f| f == Fault::Sync).is_some()
     }
 
+    /// Options without a bound on the segments on disk.
+    fn unbounded(segment_bytes: u64, retain_events: u64) -> WalOptions {
+        WalOptions { segment_bytes, retain_events, salvage: false, max_raw_bytes: u64::MAX }
+    }
+
     /// A record of one accepted event `id` of 100 bytes.
     fn record(id: &str) -> Finished {
         let mut e = RecordEncoder::new(&AccountId::new("111111111111").unwrap(), 0, None, 0);
@@ -1746,8 +1751,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_fsync_stops_the_log_until_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(1 << 20, 0);
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         fail_next_sync(dir.path());
@@ -1767,8 +1771,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_is_cut_back_and_later_records_survive() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(1 << 20, 0);
         let wal = open_empty(dir.path(), opts, Arc::default());
         assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
         tear_next_write(dir.path(), 10);
@@ -1790,8 +1793,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn committed_records_leave_only_their_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 4096, retain_events: 40, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(4096, 40);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let a = AccountId::new("111111111111").unwrap();
@@ -1865,8 +1867,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_segment_stops_the_start_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(4096, 0);
         let wal = open_empty(dir.path(), opts, Arc::default());
         for i in 1..=100u64 {
             wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
@@ -1911,8 +1912,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_id_file_is_set_aside_and_the_log_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 4096, retain_events: 1000, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(4096, 1000);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         for i in 1..=200u64 {
@@ -1942,8 +1942,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn segments_seal_once_their_first_record_is_committed_and_on_request() {
         let dir = tempfile::tempdir().unwrap();
-        let opts =
-            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(1 << 20, 0);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let wait_for = |want: &[&str]| {
@@ -2005,7 +2004,7 @@ mod tests {
     async fn over_half_its_bound_the_wal_asks_for_its_oldest_records() {
         let dir = tempfile::tempdir().unwrap();
         let max = 32 << 10;
-        let opts = WalOptions { segment_bytes: 4096, retain_events: 0, salvage: false, max_raw_bytes: max };
+        let opts = WalOptions { max_raw_bytes: max, ..unbounded(4096, 0) };
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let sizes = || -> Vec<(u64, u64)> {
@@ -2060,12 +2059,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_id_file_write_holds_up_no_append() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions {
-            segment_bytes: 1 << 20,
-            retain_events: 1000,
-            salvage: false,
-            max_raw_bytes: u64::MAX,
-        };
+        let opts = unbounded(1 << 20, 1000);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         assert_eq!(wal.append(record("r1"), 1, 1).await.unwrap().seq, 1);
@@ -2102,12 +2096,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_id_file_fsync_keeps_the_segments_until_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions {
-            segment_bytes: 1 << 20,
-            retain_events: 1000,
-            salvage: false,
-            max_raw_bytes: u64::MAX,
-        };
+        let opts = unbounded(1 << 20, 1000);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         for i in 1..=3u64 {
@@ -2138,12 +2127,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ids_missing_from_the_id_files_are_rebuilt_from_the_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WalOptions {
-            segment_bytes: 1 << 20,
-            retain_events: 1000,
-            salvage: false,
-            max_raw_bytes: u64::MAX,
-        };
+        let opts = unbounded(1 << 20, 1000);
         let wal = open_empty(dir.path(), opts, Arc::default());
         for i in 1..=3u64 {
             wal.append(record(&format!("r{i}")), 1, 1).await.unwrap();
@@ -2204,8 +2188,7 @@ mod tests {
     async fn group_commit_recovery_and_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts =
-            WalOptions { segment_bytes: 256, retain_events: 1000, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(256, 1000);
         let pending = Arc::new(Pending::default());
         let wal = open_empty(dir.path(), opts, pending.clone());
         let mut handles = Vec::new();
@@ -2258,8 +2241,7 @@ mod tests {
     async fn a_failed_before_write_hook_fails_its_group_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let a = AccountId::new("111111111111").unwrap();
-        let opts =
-            WalOptions { segment_bytes: 1 << 20, retain_events: 0, salvage: false, max_raw_bytes: u64::MAX };
+        let opts = unbounded(1 << 20, 0);
         let calls = Arc::new(AtomicU64::new(0));
         let counted = calls.clone();
         // The hook fails on its second call only.
