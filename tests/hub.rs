@@ -23,6 +23,15 @@ fn forget(data: &std::path::Path, account: &str, subject: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The event ids in the lake's `payments` table under `data`, sorted (a
+/// duplicate shows twice).
+fn payment_ids(data: &std::path::Path) -> Vec<String> {
+    let mut ids: Vec<String> =
+        ids_by_table(&data.join("lake"))["payments"].iter().map(|(_, id)| id.clone()).collect();
+    ids.sort();
+    ids
+}
+
 #[test]
 fn mixed_batches_from_three_accounts_land_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -434,11 +443,8 @@ fn backpressure_answers_503_with_retry_after() {
         metrics.lines().find_map(|l| l.strip_prefix("watershed_memory_bytes ")).unwrap().parse().unwrap();
     assert!(used < 262_144.0 * 4.0, "memory stays near the budget, not unbounded: {used}");
     assert!(server.stop().success());
-    let mut got: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
-    got.sort();
     accepted.sort();
-    assert_eq!(got, accepted, "everything acknowledged before the 503s is in the lake");
+    assert_eq!(payment_ids(&data), accepted, "everything acknowledged before the 503s is in the lake");
 }
 
 /// `/metrics` as text.
@@ -502,11 +508,8 @@ fn a_late_partition_cannot_keep_the_wal_beyond_its_bound() {
     assert!(metric(&text, "watershed_wal_raw_bytes") < max as f64 + 131_072.0, "{text}");
     assert!(!read_table(&data.join("lake"), "payments").is_empty(), "committed while the hub runs");
     assert!(server.stop().success());
-    let mut got: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
-    got.sort();
     accepted.sort();
-    assert_eq!(got, accepted, "every acknowledged event exactly once");
+    assert_eq!(payment_ids(&data), accepted, "every acknowledged event exactly once");
 }
 
 /// When the lake cannot commit (every put hangs), early commits cannot
@@ -546,16 +549,10 @@ fn a_store_that_cannot_commit_stops_ingest_at_the_wal_bound() {
 
     let server = Server::start(&data, &[]);
     assert!(server.stop().success());
-    let mut got: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
-    got.sort();
     accepted.sort();
-    assert_eq!(got, accepted, "every acknowledged event, once, after the restart");
+    assert_eq!(payment_ids(&data), accepted, "every acknowledged event, once, after the restart");
 }
 
-/// Raw events stay in the WAL only until their rows are committed; what
-/// the dedupe window needs of them (their ids) outlives them, so a retry
-/// after a restart is still recognised.
 /// `keys forget` while a subject's events are acknowledged but not yet
 /// committed, then `kill -9`: the restart replays them from the WAL, and
 /// their encrypted values (and dead letters) must be as unreadable as if
@@ -713,9 +710,7 @@ fn a_damaged_wal_segment_stops_the_start_until_salvaged() {
     let server = Server::start(&data, &salvage);
     assert!(server.stop().success());
     assert_eq!(std::fs::read(segments[0].with_extension("wal.damaged")).unwrap(), bytes);
-    let mut ids: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|(_, id)| id.clone()).collect();
-    ids.sort();
+    let mut ids = payment_ids(&data);
     let n = ids.len();
     ids.dedup();
     assert_eq!(ids.len(), n, "an event stored twice");
@@ -748,6 +743,9 @@ fn forgetting_a_subject_commits_what_the_wal_holds() {
     assert!(server.stop().success());
 }
 
+/// Raw events stay in the WAL only until their rows are committed; what
+/// the dedupe window needs of them (their ids) outlives them, so a retry
+/// after a restart is still recognised.
 #[test]
 fn committed_events_leave_the_wal_and_retries_after_a_restart_are_duplicates() {
     let dir = tempfile::tempdir().unwrap();
@@ -886,9 +884,7 @@ fn send_splits_batches_over_the_body_limit() {
     assert!(stderr.contains("event 1 alone") && stderr.contains("over the hub's body limit"), "{stderr}");
     assert!(stderr.contains("events 0..2 were not all sent"), "{stderr}");
     assert!(server.stop().success());
-    let mut got: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|x| x.1.clone()).collect();
-    got.sort();
+    let got = payment_ids(&data);
     let mut want: Vec<String> = (0..60)
         .filter(|&n| n != 37)
         .map(|n| format!("s-{n}"))
