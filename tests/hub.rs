@@ -835,6 +835,57 @@ fn mixed_versions_share_a_file_and_send_reports_rejects() {
     assert_eq!(&cols[..4], ["payments", "1", "1", "6"], "{line}");
 }
 
+/// A leaked token is revoked beside the running hub: its next request is
+/// refused (401 `bad_credentials`) while the account's other token still
+/// works; revoking the account refuses every token it had, and revoking
+/// what is not there is an error.
+#[test]
+fn a_revoked_token_is_refused_from_its_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap();
+    // (token id, token) from `accounts add`'s "created token ID for ...: TOKEN".
+    let add = || {
+        let out = run(&["accounts", "add", A[0], "--data-dir", data_s]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        (words[2].to_owned(), words.last().unwrap().to_string())
+    };
+    let ((id1, t1), (id2, t2)) = (add(), add());
+    let out = run(&["accounts", "list", "--data-dir", data_s]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for id in [&id1, &id2] {
+        assert!(listed.lines().any(|l| l.starts_with(A[0]) && l.contains(id.as_str())), "{listed}");
+    }
+    assert!(!listed.contains(&t1[4..]) && !listed.contains(&t2[4..]), "tokens are never shown again");
+    let server = Server::start(&data, &[]);
+    let ok = |token: &str, id: &str| {
+        let (s, r, _) = post(&server.url, Some(token), ndjson(&[ada(id, "c-1")]), &[]);
+        (s, r["error"].as_str().map(str::to_owned))
+    };
+    assert_eq!(ok(&t1, "r-1"), (200, None));
+
+    let out = run(&["accounts", "revoke", A[0], "--token", &id1, "--data-dir", data_s]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("revoked token {id1} of account {}", A[0]))
+    );
+    assert_eq!(ok(&t1, "r-2"), (401, Some("bad_credentials".into())), "refused from the next request");
+    assert_eq!(ok(&t2, "r-3"), (200, None), "the other token still works");
+
+    let out = run(&["accounts", "revoke", A[0], "--data-dir", data_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ok(&t2, "r-4"), (401, Some("bad_credentials".into())));
+    let out = run(&["accounts", "revoke", A[0], "--data-dir", data_s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("cannot revoke: account {} has no token", A[0])),
+        "{stderr}"
+    );
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data), ["r-1", "r-3"]);
+}
+
 /// `send` with batches over the hub's body limit: each batch answered 413
 /// is split in halves until it fits, every event lands once, and a
 /// reject is reported by its line in the file. A single event over the

@@ -452,7 +452,7 @@ fn worker_floor(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 fn http_run(me: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<f64> {
     let data = dir.join("http");
     let _ = std::fs::remove_dir_all(&data);
-    let token = watershed_hub::accounts::Accounts::add(&data, &AccountId::new(ACCOUNT)?)?;
+    let (token, _) = watershed_hub::accounts::Accounts::add(&data, &AccountId::new(ACCOUNT)?)?;
     let mut child = Command::new("taskset")
         .args(["-c", "0,1"])
         .arg(me)

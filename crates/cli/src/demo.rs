@@ -33,7 +33,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let config = HubConfig::load(None, Vec::new(), &overrides)?;
     let mut tokens = Vec::new();
     for a in ACCOUNTS {
-        tokens.push(watershed_hub::accounts::Accounts::add(&args.data_dir, &AccountId::new(a)?)?);
+        tokens.push(watershed_hub::accounts::Accounts::add(&args.data_dir, &AccountId::new(a)?)?.0);
     }
     let hub = Hub::start(config).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use watershed_event::AccountId;
+use watershed_hub::accounts::{Accounts, Revoke};
 use watershed_hub::{Hub, HubConfig, Overrides};
 
 /// Options shared by commands that load the hub configuration.
@@ -59,16 +60,53 @@ pub(crate) enum AccountsCmd {
         #[arg(long, default_value_os_t = crate::default_data_dir())]
         data_dir: PathBuf,
     },
+    /// List the stored tokens: account, token id, created. Tokens
+    /// themselves are not stored.
+    List {
+        /// The hub's data directory.
+        #[arg(long, default_value_os_t = crate::default_data_dir())]
+        data_dir: PathBuf,
+    },
+    /// Revoke ACCOUNT_ID's token with `--token ID`, or all its tokens. A
+    /// running hub refuses them (401) from its next request.
+    Revoke {
+        /// The account whose tokens go.
+        account_id: AccountId,
+        /// The token id (as `add` and `list` print it); without it, every
+        /// token of the account.
+        #[arg(long)]
+        token: Option<String>,
+        /// The hub's data directory.
+        #[arg(long, default_value_os_t = crate::default_data_dir())]
+        data_dir: PathBuf,
+    },
 }
 
 pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AccountsCmd::Add { account_id, data_dir } => {
-            let token = watershed_hub::accounts::Accounts::add(&data_dir, &account_id)?;
+            let (token, id) = Accounts::add(&data_dir, &account_id)?;
             println!(
-                "created a token for account {account_id} (stored hashed in {}): {token}",
+                "created token {id} for account {account_id} (stored hashed in {}): {token}",
                 data_dir.join("accounts.json").display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCmd::List { data_dir } => {
+            println!("{:<14} {:<14} created", "account", "token id");
+            for t in Accounts::list(&data_dir)? {
+                println!("{:<14} {:<14} {}", t.account, t.token_id, t.created);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AccountsCmd::Revoke { account_id, token, data_dir } => {
+            let which = match token {
+                Some(id) => Revoke::Token(account_id, id.to_ascii_lowercase()),
+                None => Revoke::Account(account_id),
+            };
+            for t in Accounts::revoke(&data_dir, &which)? {
+                println!("revoked token {} of account {} (created {})", t.token_id, t.account, t.created);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

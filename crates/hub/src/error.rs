@@ -49,6 +49,9 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// `accounts revoke` named no stored token, or not a token id.
+    #[error("cannot revoke: {0}")]
+    Revoke(String),
     /// The HTTP listener failed.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
