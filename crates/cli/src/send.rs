@@ -147,11 +147,11 @@ pub(crate) async fn post(
                     rejected.push(x);
                 }
             }
-            Answer::TooLarge(limit) => {
+            Answer::TooLarge(why) => {
                 let lines = part.split(|&b| b == b'\n').filter(|l| !blank(l)).count();
                 if lines <= 1 {
                     anyhow::bail!(
-                        "event {base} alone ({} bytes) is over the hub's body limit{limit}; it was not sent",
+                        "event {base} alone ({} bytes) is over the hub's body limit{why}; it was not sent",
                         part.len()
                     );
                 }

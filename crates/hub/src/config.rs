@@ -433,6 +433,13 @@ impl HubConfig {
 mod tests {
     use super::*;
 
+    /// The configuration from these `WATERSHED_*` variables alone, or the
+    /// error's text.
+    fn load(vars: &[(&str, &str)]) -> std::result::Result<HubConfig, String> {
+        let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        HubConfig::load(None, env, &Overrides::default()).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn layers_and_key_names() {
         let dir = tempfile::tempdir().unwrap();
@@ -464,10 +471,6 @@ mod tests {
 
     #[test]
     fn keys_settings_name_their_keys() {
-        let load = |vars: &[(&str, &str)]| {
-            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-            HubConfig::load(None, env, &Overrides::default()).map_err(|e| e.to_string())
-        };
         assert_eq!(load(&[]).unwrap().keys.master, MasterKind::Local, "local by default");
         let e = load(&[("WATERSHED_KEYS__MASTER", "vault")]).unwrap_err();
         assert!(e.contains("vault") && e.contains("master"), "{e}");
@@ -493,10 +496,6 @@ mod tests {
 
     #[test]
     fn the_wal_bound_holds_eight_segments() {
-        let load = |vars: &[(&str, &str)]| {
-            let env = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-            HubConfig::load(None, env, &Overrides::default()).map_err(|e| e.to_string())
-        };
         assert_eq!(load(&[]).unwrap().wal.max_raw_bytes, 4 << 30);
         let e = load(&[("WATERSHED_WAL__MAX_RAW_BYTES", "67108864")]).unwrap_err();
         assert!(e.starts_with("invalid configuration: wal.max_raw_bytes: must be at least eight"), "{e}");
