@@ -485,7 +485,14 @@ fn a_late_partition_cannot_keep_the_wal_beyond_its_bound() {
     let max = 1_048_576u64;
     let mut accepted = Vec::new();
     let mut written = 0u64;
-    for b in 0..120 {
+    // Until three times the bound went through the WAL (about 80
+    // requests), however long the early commits take on a slow machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    for b in 0.. {
+        if written > 3 * max {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{written} bytes through the WAL in 120 s");
         let events = payments(b);
         let before: u64 = wal_files(&data, "wal").iter().sum();
         let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
@@ -502,7 +509,6 @@ fn a_late_partition_cannot_keep_the_wal_beyond_its_bound() {
         written += after.saturating_sub(before);
         assert!(after < max + (128 << 10), "segments on disk {after} against a bound of {max}");
     }
-    assert!(written > 2 * max, "the test wrote {written} bytes to the WAL, over twice its bound");
     let text = metrics(&server);
     assert!(metric(&text, "watershed_wal_early_commits") >= 2.0, "{text}");
     assert!(metric(&text, "watershed_wal_raw_bytes") < max as f64 + 131_072.0, "{text}");

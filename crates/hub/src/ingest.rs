@@ -277,9 +277,10 @@ impl Ingestor {
     ) -> Result<(), watershed_protect::Error> {
         let account = at.0;
         let mut valid = Vec::with_capacity(events.len().min(CHUNK_EVENTS));
+        let mut protected = Vec::with_capacity(valid.capacity());
         // The passes run over chunks of the request, so that an event's
-        // bytes and decoded values are still in cache when pass 3 reads
-        // them; the tape holds one chunk at a time.
+        // bytes and decoded values are still in cache when the later
+        // passes read them; the tape holds one chunk at a time.
         for (c, chunk) in events.chunks(CHUNK_EVENTS).enumerate() {
             let first = c * CHUNK_EVENTS;
             batch.tape.clear();
@@ -297,12 +298,22 @@ impl Ingestor {
             if let Err(e) = batch.protector.fetch(account) {
                 tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
             }
+            // Protection, then the rest, each over the whole chunk: one
+            // stage's code at a time stays in the instruction cache (the
+            // per-event path through every stage did not fit).
             for (index, v) in valid.drain(..) {
-                let raw = v.raw;
-                match self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal))) {
-                    Ok(true) => out.response.accepted += 1,
-                    Ok(false) => out.response.duplicates += 1,
-                    Err((v, partial)) => self.refuse(at, index, raw, v, &partial, batch, out)?,
+                match self.protect(account, &v, batch) {
+                    Ok(()) => protected.push((index, v)),
+                    Err((violation, partial)) => {
+                        self.refuse(at, index, v.raw, violation, &partial, batch, out)?
+                    }
+                }
+            }
+            for (_, v) in protected.drain(..) {
+                if self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal))) {
+                    out.response.accepted += 1;
+                } else {
+                    out.response.duplicates += 1;
                 }
             }
         }
@@ -433,9 +444,22 @@ impl Ingestor {
             tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
         }
         for v in valid {
-            let raw = v.raw;
-            if let Err((v, p)) = self.store((account, collector, at), v, &mut batch, None) {
-                self.dead_letter(account, collector, at, raw, &v, &p, &mut batch, Some(committed))?;
+            match self.protect(account, &v, &mut batch) {
+                Ok(()) => {
+                    self.store((account, collector, at), v, &mut batch, None);
+                }
+                Err((violation, p)) => {
+                    self.dead_letter(
+                        account,
+                        collector,
+                        at,
+                        v.raw,
+                        &violation,
+                        &p,
+                        &mut batch,
+                        Some(committed),
+                    )?;
+                }
             }
         }
         Ok(finish(batch.builders))
@@ -553,34 +577,43 @@ impl Ingestor {
         Ok(Some(Valid { raw, env, si, subject, version, event_time, root, noted }))
     }
 
-    /// The last pass over a valid event: protect it with its fetched key,
-    /// claim its id in the dedupe window, and add it to its partition's
-    /// rows and (`live`) the WAL record. Ok(true) stored, Ok(false) a
-    /// duplicate, Err refused. `live` is `None` on replay (no dedupe check,
-    /// nothing to log again).
+    /// Pass 3 over a valid event: protect its fields in the tape with its
+    /// fetched key. Err refused.
     #[allow(clippy::result_large_err)]
+    fn protect(
+        &self,
+        account: &AccountId,
+        v: &Valid<'_, '_>,
+        batch: &mut Batch<'_>,
+    ) -> Result<(), (Violation, envelope::Partial)> {
+        batch.protector.protect_noted(account, &v.version.protect, &mut batch.tape, v.root, v.noted).map_err(|e| {
+            tracing::error!(account = %account, subject = %v.subject.name, error = %e, "cannot protect event");
+            (
+                Violation::new(
+                    Reason::ProtectFailed,
+                    "the event's protected fields could not be protected; retry later",
+                ),
+                v.env.partial(),
+            )
+        })
+    }
+
+    /// The last pass over a protected event: claim its id in the dedupe
+    /// window, and add it to its partition's rows and (`live`) the WAL
+    /// record. Returns whether it was stored (false: a duplicate). `live`
+    /// is `None` on replay (no dedupe check, nothing to log again).
     fn store(
         &self,
         (account, collector, received_at): At<'_>,
         v: Valid<'_, '_>,
         batch: &mut Batch<'_>,
         live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
-    ) -> Result<bool, (Violation, envelope::Partial)> {
-        let Valid { raw, env, si, subject, version, event_time, root, noted } = v;
-        batch.protector.protect_noted(account, &version.protect, &mut batch.tape, root, noted).map_err(|e| {
-            tracing::error!(account = %account, subject = %subject.name, error = %e, "cannot protect event");
-            (
-                Violation::new(
-                    Reason::ProtectFailed,
-                    "the event's protected fields could not be protected; retry later",
-                ),
-                env.partial(),
-            )
-        })?;
+    ) -> bool {
+        let Valid { raw, env, si, subject, version, event_time, root, noted: _ } = v;
         let wal = if let Some((claimed, wal)) = live {
             let k = self.dedupe.key(account.as_str(), &env.id);
             if !self.dedupe.claim(k) {
-                return Ok(false);
+                return false;
             }
             claimed.push(k);
             Some(wal)
@@ -613,7 +646,7 @@ impl Ingestor {
         if let Some(wal) = wal {
             wal.accepted(&env.id, raw);
         }
-        Ok(true)
+        true
     }
 
     /// Add a refused event to its account's dead letters, its raw bytes

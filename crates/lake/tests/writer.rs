@@ -96,6 +96,16 @@ impl Harness {
         }
     }
 
+    /// Wait (at most 10 s) until `n` files are committed, then for quiet:
+    /// work the writer's half-second tick starts lands after it.
+    async fn wait_flushed(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.flushed().len() < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.settle().await;
+    }
+
     fn flushed(&self) -> Vec<String> {
         self.sink.0.lock().unwrap().iter().map(|(p, _)| p.clone()).collect()
     }
@@ -190,12 +200,12 @@ async fn partitions_holding_the_wals_oldest_records_commit_when_it_asks() {
     assert!(w.flushed().is_empty(), "nothing is due by age or size");
 
     w.sink.2.store(2, Ordering::Relaxed);
-    w.settle().await;
+    w.wait_flushed(1).await;
     assert_eq!(w.flushed(), vec![late.dir()], "only the partition holding record 1");
     assert_eq!(w.stats.wal_flushes.load(Ordering::Relaxed), 1);
 
     w.sink.2.store(7, Ordering::Relaxed);
-    w.settle().await;
+    w.wait_flushed(2).await;
     assert_eq!(w.flushed(), vec![late.dir(), current.dir()], "then the one holding 2..=5, not 7's");
     w.sink.2.store(0, Ordering::Relaxed);
     // Record 8 reopens the late partition; nothing more is asked for.
