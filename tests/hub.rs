@@ -630,6 +630,30 @@ fn sigterm_right_after_start_exits_cleanly() {
     }
 }
 
+/// A second hub on a data directory in use would write the same WAL: it
+/// refuses to start, naming the directory and the running hub's pid, and
+/// the running hub is untouched. Once it stops (even by `kill -9`), the
+/// directory is free again.
+#[test]
+fn a_second_hub_on_the_same_data_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    let data_s = data.to_str().unwrap();
+    let out = run(&["serve", "--listen", "127.0.0.1:0", "--data-dir", data_s]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let pid = server.child.id();
+    assert!(stderr.contains(&format!("is in use by another hub (pid {pid})")), "{stderr}");
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&[ada("after", "c-1")]), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    server.kill9();
+    let server = Server::start(&data, &[]);
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data), ["after"], "replayed after the kill");
+}
+
 /// The files named `*.<ext>` in the WAL directory of `data`, oldest first.
 fn wal_paths(data: &std::path::Path, ext: &str) -> Vec<std::path::PathBuf> {
     let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("wal"))

@@ -49,6 +49,17 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// Another hub holds the data directory.
+    #[error(
+        "{dir} is in use by another hub (pid {pid}): two hubs would write the same write-ahead log; \
+         stop that one first, or give this one a data directory of its own"
+    )]
+    DataDirInUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// The process id the other hub wrote into `hub.lock`.
+        pid: String,
+    },
     /// `accounts revoke` named no stored token, or not a token id.
     #[error("cannot revoke: {0}")]
     Revoke(String),

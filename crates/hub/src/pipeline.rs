@@ -79,6 +79,8 @@ pub struct Hub {
     pub lake: Lake,
     /// Accounts and their tokens.
     pub accounts: crate::accounts::Accounts,
+    /// `<data_dir>/hub.lock`, held exclusively while the hub runs.
+    _data_dir_lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Hub {
@@ -105,6 +107,7 @@ impl Hub {
         let started = Instant::now();
         let registry = Arc::new(Registry::load(&config.schemas)?);
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let keyring: Arc<dyn Keyring> = Arc::new(config.keys.open(&config.data_dir.join("keyring"))?);
         let watched = keyring.clone();
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
@@ -216,6 +219,7 @@ impl Hub {
             clock,
             lake,
             accounts,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -418,6 +422,40 @@ fn to_parts(
             Part { key, batch, record }
         })
         .collect()
+}
+
+/// Take `<data_dir>/hub.lock` exclusively (released when the hub is
+/// dropped or its process ends, even by `kill -9`), and write this
+/// process's id into it: a second hub on the same data directory would
+/// append to the same WAL and replay the same records.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join("hub.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(crate::error::io(&path))?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0).map_err(crate::error::io(&path))?;
+            f.rewind().map_err(crate::error::io(&path))?;
+            writeln!(f, "{}", std::process::id()).map_err(crate::error::io(&path))?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = match pid.trim() {
+                "" => "unknown".to_owned(),
+                p => p.to_owned(),
+            };
+            Err(Error::DataDirInUse { dir: dir.to_owned(), pid })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(crate::error::io(&path)(e)),
+    }
 }
 
 /// The first record seq still in the WAL directory (segment names are
