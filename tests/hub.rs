@@ -654,6 +654,31 @@ fn a_second_hub_on_the_same_data_directory_refuses_to_start() {
     assert_eq!(payment_ids(&data), ["after"], "replayed after the kill");
 }
 
+/// Two hubs, each with its own data directory, writing one lake (a
+/// shared `lake.path`): both start their WAL at record 1, so their files
+/// for the same partition must still not share a name (a create-only put
+/// would take the other hub's file for its own and drop its rows).
+#[test]
+fn two_hubs_sharing_a_lake_keep_each_others_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let env = [("WATERSHED_LAKE__PATH", lake.to_str().unwrap())];
+    let mut want = Vec::new();
+    for hub in ["a", "b"] {
+        let data = dir.path().join(hub);
+        let token = add_account(&data, A[0]);
+        let server = Server::start(&data, &env);
+        let events: Vec<Value> = (0..3).map(|n| ada(&format!("{hub}-{n}"), "c-1")).collect();
+        let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+        assert_eq!((s, r["accepted"].as_u64()), (200, Some(3)), "{r}");
+        assert!(server.stop().success());
+        want.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+    }
+    let mut got: Vec<String> = ids_by_table(&lake)["payments"].iter().map(|(_, id)| id.clone()).collect();
+    got.sort();
+    assert_eq!(got, want, "both hubs' events, each once");
+}
+
 /// The files named `*.<ext>` in the WAL directory of `data`, oldest first.
 fn wal_paths(data: &std::path::Path, ext: &str) -> Vec<std::path::PathBuf> {
     let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(data.join("wal"))

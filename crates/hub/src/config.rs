@@ -425,6 +425,7 @@ impl HubConfig {
                 zstd_level: self.lake.zstd_level,
                 row_group_rows: self.lake.row_group_rows,
             },
+            source: "wal".to_owned(),
         }
     }
 }

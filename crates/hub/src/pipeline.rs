@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use watershed_event::{AccountId, Clock, SystemClock};
-use watershed_lake::{CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterStats};
+use watershed_lake::{
+    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterConfig, WriterStats,
+};
 use watershed_protect::Keyring;
 use watershed_schema::{Limits, Registry};
 
@@ -128,6 +130,7 @@ impl Hub {
         let wal_dir = config.data_dir.join("wal");
         std::fs::create_dir_all(&wal_dir).map_err(crate::error::io(&wal_dir))?;
         let oldest = oldest_wal_record(&wal_dir);
+        let source = format!("wal-{}", crate::wal::identity(&wal_dir)?);
         let (log, committed) = CommitLog::open(&wal_dir.join("commits.log"), &lake, oldest).await?;
         let memory = Memory::new(config.memory.budget_bytes);
         let metrics = Arc::new(Metrics::default());
@@ -141,7 +144,7 @@ impl Hub {
         let writer_stats = Arc::new(WriterStats::default());
         let (writer_tx, writer_rx) = mpsc::channel(64);
         let writer = LakeWriter::new(
-            config.writer(),
+            WriterConfig { source, ..config.writer() },
             lake.clone(),
             memory.clone(),
             log,

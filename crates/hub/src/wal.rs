@@ -430,6 +430,41 @@ fn ids_of(record: &WalRecord, ids: &mut Vec<u8>) {
     ids.extend_from_slice(&one);
 }
 
+/// The WAL's identity: 16 hex digits, random, made once per WAL directory
+/// (`log.id`, fsynced) and kept for good. Lake files are named by it and
+/// by the records they hold, so two hubs writing one lake (each numbering
+/// its records from 1) never name two files alike, and a rewrite after a
+/// crash still gets the same name.
+///
+/// # Errors
+/// [`Error::Io`], or [`Error::WalCorrupt`] for a `log.id` that is not
+/// 16 hex digits.
+pub fn identity(dir: &Path) -> Result<String> {
+    let path = dir.join("log.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let id = s.trim();
+            if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id.to_ascii_lowercase());
+            }
+            Err(Error::WalCorrupt { path, detail: format!("{id:?} is not a WAL identity (16 hex digits)") })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore as _;
+            let mut b = [0u8; 8];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let tmp = dir.join("log.id.tmp");
+            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            writeln!(f, "{id}").and_then(|()| f.sync_all()).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+            Ok(id)
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
 /// What the WAL and the lake writer share: the records not yet fully
 /// committed to the lake (record seq → parts left), the segment bytes on
 /// disk, and the records the WAL asks to be committed early.
@@ -1993,6 +2028,20 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "still waiting: {what}");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// A WAL's identity is made once and kept; another directory gets
+    /// another; a damaged one stops the start rather than renaming files.
+    #[test]
+    fn the_identity_is_made_once_and_kept() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = identity(a.path()).unwrap();
+        assert_eq!(id.len(), 16);
+        assert_eq!(identity(a.path()).unwrap(), id, "kept");
+        assert_ne!(identity(b.path()).unwrap(), id, "one per directory");
+        std::fs::write(a.path().join("log.id"), "zz\n").unwrap();
+        let e = identity(a.path()).unwrap_err().to_string();
+        assert!(e.contains("log.id") && e.contains("not a WAL identity"), "{e}");
     }
 
     /// Segments retire in order, so a record the lake keeps open (a late

@@ -42,9 +42,10 @@ impl PartitionKey {
         format!("{}/account={}/date={}/hour={:02}", self.table, self.account, self.date, self.hour)
     }
 
-    /// The path of a file covering WAL records `first..=last`. The name is
-    /// a function of the records only, so a rewrite after a crash produces
-    /// the same name and a create-only put refuses the duplicate.
+    /// The path of a file covering records `first..=last` of `source` (a
+    /// hub's WAL). The name is a function of the source and the records
+    /// only, so a rewrite after a crash produces the same name and a
+    /// create-only put refuses the duplicate.
     #[must_use]
     pub fn file(&self, source: &str, first: u64, last: u64) -> LakePath {
         LakePath(format!("{}/{source}-{first:016x}-{last:016x}.parquet", self.dir()))

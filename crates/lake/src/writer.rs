@@ -72,6 +72,11 @@ pub struct WriterConfig {
     pub flush_concurrency: usize,
     /// Parquet settings.
     pub encode: EncodeOptions,
+    /// What the records' numbers count, in file names
+    /// (`<source>-<first>-<last>.parquet`) and in each file's
+    /// `watershed.source` metadata: the hub uses its WAL's identity, so
+    /// hubs sharing a lake never name two files alike.
+    pub source: String,
 }
 
 impl Default for WriterConfig {
@@ -84,6 +89,7 @@ impl Default for WriterConfig {
             max_open_partitions: 1024,
             flush_concurrency: 2,
             encode: EncodeOptions::default(),
+            source: "wal".to_owned(),
         }
     }
 }
@@ -589,6 +595,7 @@ impl LakeWriter {
             memory: self.memory.clone(),
             stats: self.stats.clone(),
             encode: self.cfg.encode,
+            source: self.cfg.source.clone(),
         };
         self.flushing.spawn(async move {
             let _permit = permit;
@@ -609,6 +616,7 @@ struct FlushCtx {
     memory: Arc<Memory>,
     stats: Arc<WriterStats>,
     encode: EncodeOptions,
+    source: String,
 }
 
 impl FlushCtx {
@@ -618,7 +626,7 @@ impl FlushCtx {
         let started = std::time::Instant::now();
         let first = *buf.records.iter().min().unwrap_or(&0);
         let last = *buf.records.iter().max().unwrap_or(&0);
-        let path = key.file("wal", first, last);
+        let path = key.file(&self.source, first, last);
         let bytes = match self.finish_file(&key, &path, &mut buf).await {
             Ok(b) => bytes::Bytes::from(b),
             Err(e) => {
@@ -676,7 +684,7 @@ impl FlushCtx {
             }
         };
         let meta = vec![
-            ("watershed.source".to_owned(), "wal".to_owned()),
+            ("watershed.source".to_owned(), self.source.clone()),
             (
                 "watershed.records".to_owned(),
                 buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
@@ -809,6 +817,7 @@ mod tests {
             memory: memory.clone(),
             stats: stats.clone(),
             encode: EncodeOptions::default(),
+            source: "wal".into(),
         };
         ctx.flush(key, buf).await;
         assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
