@@ -630,6 +630,66 @@ fn sigterm_right_after_start_exits_cleanly() {
     }
 }
 
+/// Send raw HTTP/1.1 `head` (and `body`) on a new connection, wait at
+/// most `secs` for the answer, and return its status line and the time
+/// it took.
+fn raw_request(url: &str, head: &str, body: &[u8], secs: u64) -> (String, std::time::Duration) {
+    use std::io::{Read as _, Write as _};
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(secs))).unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Up to the end of the status line, or the connection's close.
+    while !answer.contains(&b'\n') {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    (text.lines().next().unwrap_or("").to_owned(), started.elapsed())
+}
+
+/// A client whose body stalls gets 408 once `limits.body_timeout_secs`
+/// has passed, instead of holding its connection and buffer for good; a
+/// request without a valid token is refused (401) on its headers, before
+/// any of its (declared 5 MB) body is read. Other clients are served
+/// meanwhile.
+#[test]
+fn a_stalled_body_times_out_and_bad_tokens_are_refused_before_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[("WATERSHED_LIMITS__BODY_TIMEOUT_SECS", "1")]);
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let head = |auth: &str, length: usize| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
+             Content-Type: application/x-ndjson\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let event = ndjson(&[ada("stalled", "c-1")]);
+    let (status, took) = raw_request(&server.url, &head(&token, event.len() + 100), &event, 10);
+    assert!(status.contains(" 408 "), "{status}");
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
+    let (status, took) = raw_request(&server.url, &head("wsh_not-a-token", 5_000_000), b"", 10);
+    assert!(status.contains(" 401 "), "{status}");
+    assert!(took < std::time::Duration::from_millis(900), "refused on the headers: {took:?}");
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&[ada("fine", "c-1")]), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    let text = metrics(&server);
+    assert!(text.lines().any(|l| l == "watershed_requests_refused_total{reason=\"timeout\"} 1"), "{text}");
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data), ["fine"], "the stalled event was not stored");
+}
+
 /// A second hub on a data directory in use would write the same WAL: it
 /// refuses to start, naming the directory and the running hub's pid, and
 /// the running hub is untouched. Once it stops (even by `kill -9`), the

@@ -113,11 +113,20 @@ pub struct LimitsConfig {
     pub max_event_bytes: usize,
     /// Most events in one request (400 above it).
     pub max_batch_events: usize,
+    /// Longest a request body may take to arrive (408 above it), so a
+    /// stalled or trickling client does not hold its connection and
+    /// buffer for good.
+    pub body_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 10 << 20, max_event_bytes: 1 << 20, max_batch_events: 10_000 }
+        Self {
+            max_body_bytes: 10 << 20,
+            max_event_bytes: 1 << 20,
+            max_batch_events: 10_000,
+            body_timeout_secs: 60,
+        }
     }
 }
 
@@ -359,6 +368,9 @@ impl HubConfig {
         }
         if self.limits.max_batch_events == 0 {
             return bad("limits.max_batch_events", "must be positive");
+        }
+        if self.limits.body_timeout_secs == 0 {
+            return bad("limits.body_timeout_secs", "must be positive");
         }
         if self.memory.budget_bytes < (1 << 16) {
             return bad("memory.budget_bytes", "must be at least 65536");

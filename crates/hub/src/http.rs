@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,15 +16,11 @@ use crate::pipeline::{Hub, Refused};
 
 /// The router over a running hub.
 pub fn router(hub: Arc<Hub>) -> Router {
-    // The compressed body may not exceed the limit either; the decompressed
-    // size is checked while decompressing.
-    let limit = hub.config.limits.max_body_bytes;
     Router::new()
         .route("/v1/events", post(ingest))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(hub)
 }
 
@@ -33,11 +28,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-async fn ingest(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Body) -> Response {
     let (status, code, message) = match authenticate_and_ingest(&hub, &headers, body).await {
         Ok(resp) => return (StatusCode::OK, Json(resp)).into_response(),
         Err(e) => e,
@@ -56,7 +47,7 @@ async fn ingest(
 async fn authenticate_and_ingest(
     hub: &Hub,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<crate::ingest::IngestResponse, (StatusCode, &'static str, String)> {
     let _ = hub.accounts.reload();
     let token = headers
@@ -85,10 +76,27 @@ async fn authenticate_and_ingest(
             format!("the body exceeds {n} bytes; send smaller batches"),
         )
     };
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => too_large(hub.config.limits.max_body_bytes),
-        status => (status, "bad_request", e.body_text()),
-    })?;
+    // Read only once the token is good: an unauthenticated client gets its
+    // 401 before the hub buffers a byte of its body.
+    let limits = &hub.config.limits;
+    let deadline = std::time::Duration::from_secs(limits.body_timeout_secs);
+    let body = match tokio::time::timeout(deadline, read_body(headers, body, limits.max_body_bytes)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(BodyRead::TooLarge)) => return Err(too_large(limits.max_body_bytes)),
+        Ok(Err(BodyRead::Failed(e))) => {
+            return Err((StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the body: {e}")))
+        }
+        Err(_) => {
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the body did not arrive within {} s (limits.body_timeout_secs)",
+                    limits.body_timeout_secs
+                ),
+            ))
+        }
+    };
     let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     hub.ingest(&account, collector, encoding, body).await.map_err(|e| match e {
@@ -109,6 +117,49 @@ async fn authenticate_and_ingest(
         Refused::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         Refused::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
     })
+}
+
+/// Why a body could not be read.
+enum BodyRead {
+    /// Over the limit (by its `Content-Length`, or as it arrived).
+    TooLarge,
+    /// The connection failed.
+    Failed(axum::Error),
+}
+
+/// Read the body, refusing it as soon as its declared or received size
+/// passes `limit` (the compressed body may not exceed the limit either;
+/// the decompressed size is checked while decompressing).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyRead> {
+    use futures::StreamExt as _;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BodyRead::TooLarge);
+    }
+    let mut stream = body.into_data_stream();
+    let first = match stream.next().await {
+        None => return Ok(Bytes::new()),
+        Some(chunk) => chunk.map_err(BodyRead::Failed)?,
+    };
+    let Some(second) = stream.next().await else {
+        // The usual case, one chunk: no copy.
+        return if first.len() > limit { Err(BodyRead::TooLarge) } else { Ok(first) };
+    };
+    let mut all = bytes::BytesMut::with_capacity(declared.unwrap_or(2 * first.len()).min(limit));
+    all.extend_from_slice(&first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
+        let chunk = chunk.map_err(BodyRead::Failed)?;
+        if all.len() + chunk.len() > limit {
+            return Err(BodyRead::TooLarge);
+        }
+        all.extend_from_slice(&chunk);
+        next = stream.next().await;
+    }
+    Ok(all.freeze())
 }
 
 async fn ready(State(hub): State<Arc<Hub>>) -> Response {

@@ -31,7 +31,7 @@ pub struct RejectLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabel {
     /// The `error` code of the response (`busy`, `unavailable`,
-    /// `too_large`, `bad_request`, `unauthenticated`, `bad_credentials`,
+    /// `too_large`, `timeout`, `bad_request`, `unauthenticated`, `bad_credentials`,
     /// `internal`).
     pub reason: String,
 }
