@@ -26,8 +26,12 @@ fn forget(data: &std::path::Path, account: &str, subject: &str) {
 /// The event ids in the lake's `payments` table under `data`, sorted (a
 /// duplicate shows twice).
 fn payment_ids(data: &std::path::Path) -> Vec<String> {
-    let mut ids: Vec<String> =
-        ids_by_table(&data.join("lake"))["payments"].iter().map(|(_, id)| id.clone()).collect();
+    payment_ids_in(&data.join("lake"))
+}
+
+/// The same, of the lake at `lake`.
+fn payment_ids_in(lake: &std::path::Path) -> Vec<String> {
+    let mut ids: Vec<String> = ids_by_table(lake)["payments"].iter().map(|(_, id)| id.clone()).collect();
     ids.sort();
     ids
 }
@@ -734,9 +738,7 @@ fn two_hubs_sharing_a_lake_keep_each_others_files() {
         assert!(server.stop().success());
         want.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
     }
-    let mut got: Vec<String> = ids_by_table(&lake)["payments"].iter().map(|(_, id)| id.clone()).collect();
-    got.sort();
-    assert_eq!(got, want, "both hubs' events, each once");
+    assert_eq!(payment_ids_in(&lake), want, "both hubs' events, each once");
 }
 
 /// The files named `*.<ext>` in the WAL directory of `data`, oldest first.

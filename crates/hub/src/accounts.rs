@@ -84,10 +84,6 @@ fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn read(path: &Path) -> Result<AccountsFile> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
@@ -165,7 +161,7 @@ impl Accounts {
         let mut raw = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw));
-        let token_sha256 = hex(&hash(&token));
+        let token_sha256 = crate::hex(&hash(&token));
         let id = token_sha256[..TOKEN_ID_LEN].to_owned();
         change(data_dir, |file| {
             file.accounts.push(AccountRecord {

@@ -20,3 +20,8 @@ pub mod wal;
 pub use config::{HubConfig, Overrides};
 pub use error::{Error, Result};
 pub use pipeline::{Hub, Refused};
+
+/// Lowercase hex of `b` (token hashes, the WAL's identity).
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

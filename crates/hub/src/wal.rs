@@ -453,7 +453,7 @@ pub fn identity(dir: &Path) -> Result<String> {
             use rand::RngCore as _;
             let mut b = [0u8; 8];
             rand::rngs::OsRng.fill_bytes(&mut b);
-            let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let id = crate::hex(&b);
             let tmp = dir.join("log.id.tmp");
             let mut f = File::create(&tmp).map_err(io(&tmp))?;
             writeln!(f, "{id}").and_then(|()| f.sync_all()).map_err(io(&tmp))?;
