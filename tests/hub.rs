@@ -1087,3 +1087,57 @@ fn the_demo_lands_every_event_it_sends() {
     assert_eq!(stored, accepted);
     assert_eq!(ids["_dead_letters"].len(), rejected);
 }
+
+/// A client that hangs up while its request is in flight (its own
+/// timeout, a crash) must not leave the request half done: events the
+/// hub wrote to its WAL still reach the lake without a restart, so their
+/// segments retire. Otherwise the WAL would keep them until the next
+/// start (and, at its bound, refuse all ingest), while a retry of the same
+/// events was answered as duplicates that were nowhere in the lake.
+#[test]
+fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let env = [("WATERSHED_LAKE__ROLL_AGE_SECS", "1"), ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1")];
+    let server = Server::start(&data, &env);
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut sent = Vec::new();
+    for b in 0..20 {
+        let events = payments(b);
+        let body = ndjson(&events);
+        let head = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        // Hang up at once, without reading the answer; a few at once.
+        std::thread::sleep(std::time::Duration::from_millis([0, 2, 4, 6][b % 4]));
+        drop(s);
+        sent.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+    }
+    // A retry of all of them: whatever the hub kept is a duplicate, the
+    // rest is accepted now.
+    for b in 0..20 {
+        let (s, r, _) = post(&server.url, Some(&token), ndjson(&payments(b)), &[]);
+        assert_eq!(s, 200, "{r}");
+        let stored = r["accepted"].as_u64().unwrap() + r["duplicates"].as_u64().unwrap();
+        assert_eq!(stored, 1000, "{r}");
+    }
+    wait_for_an_empty_wal(&data, 30);
+    sent.sort();
+    let got = payment_ids(&data);
+    let missing: Vec<_> = sent.iter().filter(|i| !got.contains(i)).take(5).collect();
+    assert_eq!(
+        got,
+        sent,
+        "every event in the lake once, before any restart: {} of {}, missing {missing:?}",
+        got.len(),
+        sent.len()
+    );
+    assert!(server.stop().success());
+}

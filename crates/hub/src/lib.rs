@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod body;
+pub mod claims;
 pub mod config;
 pub mod dedupe;
 pub mod envelope;

@@ -18,6 +18,7 @@ use watershed_protect::Keyring;
 use watershed_schema::{Limits, Registry};
 
 use crate::body::{self, BodyError};
+use crate::claims::{Claims, Ticket};
 use crate::config::HubConfig;
 use crate::dedupe::Dedupe;
 use crate::error::{Error, Result};
@@ -81,6 +82,10 @@ pub struct Hub {
     pub lake: Lake,
     /// Accounts and their tokens.
     pub accounts: crate::accounts::Accounts,
+    /// The tasks of requests being ingested (see [`Hub::ingest`]).
+    in_flight: tokio_util::task::TaskTracker,
+    /// Requests whose claimed ids are not durable yet.
+    claims: Arc<Claims>,
     /// `<data_dir>/hub.lock`, held exclusively while the hub runs.
     _data_dir_lock: std::fs::File,
 }
@@ -222,12 +227,24 @@ impl Hub {
             clock,
             lake,
             accounts,
+            in_flight: tokio_util::task::TaskTracker::new(),
+            claims: Arc::default(),
             _data_dir_lock: data_dir_lock,
         })
     }
 
     /// Ingest one request body for an authenticated account. Returns only
     /// after the accepted events are durable in the WAL.
+    ///
+    /// # Cancel safety
+    /// The work runs in a task of its own, which goes on when the
+    /// returned future is dropped (an HTTP client that hangs up): once
+    /// the request's event ids are claimed against duplicates, its events
+    /// reach the WAL and the lake writer. Dropping it half way would leave
+    /// ids claimed for events stored nowhere (a retry answered as
+    /// duplicates), or a WAL record the writer never gets (its segment
+    /// kept until the next start). [`Hub::shutdown`] waits for these
+    /// tasks.
     ///
     /// # Errors
     /// [`Refused`] for requests refused as a whole.
@@ -247,52 +264,28 @@ impl Hub {
         }
         self.metrics.batches.inc();
         self.metrics.bytes.inc_by(body.len() as u64);
-        let ingestor = self.ingestor.clone();
-        let limits = self.config.limits.clone();
-        let received_at = self.clock.now_micros();
-        let (account_c, collector_c, encoding_c) =
-            (account.clone(), collector.map(str::to_owned), encoding.map(str::to_owned));
-        let processed = tokio::task::spawn_blocking(move || -> Result<crate::ingest::Processed, Refused> {
-            let refuse = |e| match e {
-                BodyError::TooLarge(n) => Refused::TooLarge(n),
-                BodyError::Bad(m) => Refused::BadRequest(m),
-                BodyError::TooManyEvents(n) => {
-                    Refused::BadRequest(format!("more than {n} events in one request"))
-                }
-            };
-            let decoded =
-                body::decode(&body, encoding_c.as_deref(), limits.max_body_bytes).map_err(refuse)?;
-            let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
-            ingestor.process(&account_c, collector_c.as_deref(), received_at, &events).map_err(|e| {
-                tracing::error!(account = %account_c, error = %e, "cannot protect a dead letter");
-                Refused::Unavailable(format!(
-                    "a refused event could not be encrypted for the dead-letter table ({e}); nothing was stored"
-                ))
-            })
-        })
-        .await
-        .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))??;
-        let Some(payload) = processed.wal else {
-            return Ok(processed.response);
+        let request = Request {
+            account: account.clone(),
+            collector: collector.map(str::to_owned),
+            encoding: encoding.map(str::to_owned),
+            body,
+            received_at: self.clock.now_micros(),
+            started,
         };
-        let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
-        let seq = match self.wal.append(payload.record, payload.events, nparts).await {
-            Ok(appended) => {
-                self.ingestor.reuse(appended.buffer);
-                appended.seq
-            }
-            Err(e) => {
-                self.ingestor.dedupe.release(&processed.claimed);
-                return Err(Refused::Failed(e.to_string()));
-            }
+        let stages = Stages {
+            ingestor: self.ingestor.clone(),
+            limits: self.config.limits.clone(),
+            wal: self.wal.clone(),
+            writer_tx: self.writer_tx.clone(),
+            memory: self.memory.clone(),
+            metrics: self.metrics.clone(),
         };
-        let parts = to_parts(processed.parts, seq, &self.memory);
-        if self.writer_tx.send(Msg::Parts(parts)).await.is_err() {
-            // The events are durable in the WAL and replay on restart.
-            return Err(Refused::Failed("the lake writer has stopped; events are in the WAL".into()));
-        }
-        self.metrics.ack_latency.observe(started.elapsed().as_secs_f64());
-        Ok(processed.response)
+        // Taken before any id is claimed (see `claims`).
+        let ticket = self.claims.ticket();
+        self.in_flight
+            .spawn(stages.ingest(request, ticket))
+            .await
+            .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))?
     }
 
     /// Flush every open partition and wait for the commits.
@@ -341,6 +334,9 @@ impl Hub {
         if let Some(watch) = &self.erasure_watch {
             watch.abort();
         }
+        // Requests whose callers went away still finish (see `ingest`).
+        self.in_flight.close();
+        self.in_flight.wait().await;
         self.flush().await?;
         drop(self.writer_tx);
         let written = self.writer_task.await.map_err(|_| Error::Stopped("lake writer"));
@@ -410,6 +406,104 @@ async fn watch_erasures(
             elapsed_ms = started.elapsed().as_millis(),
             "a data subject was forgotten: open partitions committed, so the write-ahead log drops its raw events"
         );
+    }
+}
+
+/// One request, as [`Hub::ingest`] hands it to its task.
+struct Request {
+    account: AccountId,
+    collector: Option<String>,
+    encoding: Option<String>,
+    body: bytes::Bytes,
+    received_at: watershed_event::TimestampMicros,
+    started: Instant,
+}
+
+/// What a request's task needs of the hub.
+struct Stages {
+    ingestor: Arc<Ingestor>,
+    limits: crate::config::LimitsConfig,
+    wal: Wal,
+    writer_tx: mpsc::Sender<Msg>,
+    memory: Arc<Memory>,
+    metrics: Arc<Metrics>,
+}
+
+impl Stages {
+    /// Process the request, append its accepted events to the WAL, hand
+    /// its rows to the lake writer.
+    async fn ingest(self, r: Request, ticket: Ticket) -> Result<IngestResponse, Refused> {
+        let Self { ingestor, limits, wal, writer_tx, memory, metrics } = self;
+        let process = ingestor.clone();
+        let processed = tokio::task::spawn_blocking(move || -> Result<crate::ingest::Processed, Refused> {
+            let refuse = |e| match e {
+                BodyError::TooLarge(n) => Refused::TooLarge(n),
+                BodyError::Bad(m) => Refused::BadRequest(m),
+                BodyError::TooManyEvents(n) => {
+                    Refused::BadRequest(format!("more than {n} events in one request"))
+                }
+            };
+            let decoded = body::decode(&r.body, r.encoding.as_deref(), limits.max_body_bytes).map_err(refuse)?;
+            let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
+            process.process(&r.account, r.collector.as_deref(), r.received_at, &events).map_err(|e| {
+                tracing::error!(account = %r.account, error = %e, "cannot protect a dead letter");
+                Refused::Unavailable(format!(
+                    "a refused event could not be encrypted for the dead-letter table ({e}); nothing was stored"
+                ))
+            })
+        })
+        .await
+        .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))?;
+        let processed = match processed {
+            Ok(p) => p,
+            Err(refused) => {
+                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_)) {
+                    // Refused before any id was claimed.
+                    ticket.durable();
+                }
+                return Err(refused);
+            }
+        };
+        // Duplicates are answered as stored only once the requests that
+        // claimed them are durable.
+        let duplicates = processed.response.duplicates > 0;
+        let settle = |ticket: Ticket| async move {
+            if !duplicates {
+                ticket.durable();
+                return Ok(());
+            }
+            ticket.durable_then_wait_for_earlier_claims().await.map_err(|_| {
+                Refused::Unavailable(
+                    "some of these events were claimed by an earlier request that failed before \
+                     they were stored; retry"
+                        .into(),
+                )
+            })
+        };
+        let Some(payload) = processed.wal else {
+            settle(ticket).await?;
+            return Ok(processed.response);
+        };
+        let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
+        let seq = match wal.append(payload.record, payload.events, nparts).await {
+            Ok(appended) => {
+                ingestor.reuse(appended.buffer);
+                appended.seq
+            }
+            Err(e) => {
+                ingestor.dedupe.release(&processed.claimed);
+                return Err(Refused::Failed(e.to_string()));
+            }
+        };
+        let settled = settle(ticket).await;
+        let parts = to_parts(processed.parts, seq, &memory);
+        if writer_tx.send(Msg::Parts(parts)).await.is_err() {
+            // The events are durable in the WAL and replay on restart.
+            return Err(Refused::Failed("the lake writer has stopped; events are in the WAL".into()));
+        }
+        settled?;
+        metrics.ack_latency.observe(r.started.elapsed().as_secs_f64());
+        Ok(processed.response)
     }
 }
 
