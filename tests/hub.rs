@@ -1141,3 +1141,101 @@ fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
     );
     assert!(server.stop().success());
 }
+
+/// Read from `s` until the server closes the connection; what it sent.
+fn read_to_close(s: &mut std::net::TcpStream, secs: u64) -> String {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(secs))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return String::from_utf8_lossy(&answer).into_owned(),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return String::from_utf8_lossy(&answer).into_owned()
+            }
+            Err(e) => panic!("the connection was not closed within {secs} s: {e}"),
+        }
+    }
+}
+
+/// A client that sends its headers slowly (or never), or keeps an idle
+/// connection, is disconnected after `limits.header_timeout_secs`; at most
+/// `limits.max_connections` connections are open, and a client over the
+/// cap is served once one closes instead of being refused or exhausting
+/// the hub's file descriptors.
+#[test]
+fn slow_headers_and_idle_connections_are_closed_and_connections_are_capped() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let env = [("WATERSHED_LIMITS__HEADER_TIMEOUT_SECS", "1"), ("WATERSHED_LIMITS__MAX_CONNECTIONS", "2")];
+    let server = Server::start(&data, &env);
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+
+    // Headers that never end: closed after the header timeout.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    let started = std::time::Instant::now();
+    slow.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ").unwrap();
+    read_to_close(&mut slow, 10);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // Two idle connections fill the cap: a third client waits until the
+    // hub closes them, then is served.
+    let idle: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&[ada("capped", "c-1")]), &[]);
+    let took = started.elapsed();
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    assert!(
+        took >= std::time::Duration::from_millis(500) && took < std::time::Duration::from_secs(8),
+        "served after the idle connections closed: {took:?}"
+    );
+    for mut c in idle {
+        read_to_close(&mut c, 10);
+    }
+    let text = metrics(&server);
+    assert!(metric(&text, "watershed_http_connections") >= 1.0, "{text}");
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data), ["capped"]);
+}
+
+/// SIGTERM while a client is stalled in the middle of its body (well
+/// within `limits.body_timeout_secs`): the hub still exits 0 within
+/// `shutdown_timeout_secs`, closing that connection unanswered after a
+/// third of it, and commits what it acknowledged.
+#[test]
+fn a_stalled_client_does_not_hold_up_shutdown() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let env = [("WATERSHED_SHUTDOWN_TIMEOUT_SECS", "3"), ("WATERSHED_LIMITS__BODY_TIMEOUT_SECS", "120")];
+    let server = Server::start(&data, &env);
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&[ada("before", "c-1")]), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    let body = ndjson(&[ada("stalled", "c-1")]);
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).unwrap();
+    stalled.write_all(&body[..body.len() / 2]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert!(server.stop().success());
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(4), "stopped in {took:?}");
+    assert_eq!(read_to_close(&mut stalled, 5), "", "closed unanswered");
+    assert_eq!(payment_ids(&data), ["before"]);
+}

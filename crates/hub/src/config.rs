@@ -117,6 +117,14 @@ pub struct LimitsConfig {
     /// stalled or trickling client does not hold its connection and
     /// buffer for good.
     pub body_timeout_secs: u64,
+    /// Longest a request's headers may take to arrive, and longest an
+    /// idle connection is kept between requests: the connection is
+    /// closed after it.
+    pub header_timeout_secs: u64,
+    /// Most client connections open at once; further clients wait in the
+    /// listen backlog until one closes. The hub raises its open-file limit
+    /// to fit them beside its own files.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -126,6 +134,8 @@ impl Default for LimitsConfig {
             max_event_bytes: 1 << 20,
             max_batch_events: 10_000,
             body_timeout_secs: 60,
+            header_timeout_secs: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -372,6 +382,12 @@ impl HubConfig {
         if self.limits.body_timeout_secs == 0 {
             return bad("limits.body_timeout_secs", "must be positive");
         }
+        if self.limits.header_timeout_secs == 0 {
+            return bad("limits.header_timeout_secs", "must be positive");
+        }
+        if self.limits.max_connections == 0 {
+            return bad("limits.max_connections", "must be positive");
+        }
         if self.memory.budget_bytes < (1 << 16) {
             return bad("memory.budget_bytes", "must be at least 65536");
         }
@@ -505,6 +521,17 @@ mod tests {
         assert_eq!((c.keys.cached_keys, c.keys.erasure_check_ms), (5000, 0));
         let e = load(&[("WATERSHED_KEYS__CACHED_KEYS", "0")]).unwrap_err();
         assert!(e.starts_with("invalid configuration: keys.cached_keys:"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_name_their_keys() {
+        let c = load(&[]).unwrap();
+        assert_eq!((c.limits.header_timeout_secs, c.limits.max_connections), (30, 1024));
+        for key in ["header_timeout_secs", "max_connections", "body_timeout_secs"] {
+            let var = format!("WATERSHED_LIMITS__{}", key.to_uppercase());
+            let e = load(&[(var.as_str(), "0")]).unwrap_err();
+            assert!(e.starts_with(&format!("invalid configuration: limits.{key}: must be positive")), "{e}");
+        }
     }
 
     #[test]

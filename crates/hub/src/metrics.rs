@@ -86,6 +86,8 @@ pub struct Metrics {
     pub flush_latency: Histogram,
     /// Failed flush attempts (retried).
     pub flush_failures: Gauge,
+    /// Client connections open.
+    pub connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,7 @@ impl Default for Metrics {
             file_size: Histogram::new(exponential_buckets(4096.0, 4.0, 12)),
             flush_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             flush_failures: Gauge::default(),
+            connections: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events accepted", m.accepted.clone());
@@ -116,6 +119,11 @@ impl Default for Metrics {
         registry.register("events_duplicate", "Redelivered events dropped by dedupe", m.duplicates.clone());
         registry.register("ingest_bytes", "Request body bytes received", m.bytes.clone());
         registry.register("ingest_batches", "Ingest requests", m.batches.clone());
+        registry.register(
+            "http_connections",
+            "Client connections open (at most limits.max_connections)",
+            m.connections.clone(),
+        );
         registry.register(
             "requests_refused",
             "Ingest requests refused as a whole, by error code (busy is backpressure)",
