@@ -4,6 +4,8 @@
 //! WAL records it covers, and is fsynced; after the create-only put, a
 //! `commit` line follows. On recovery an intent without a commit is
 //! committed if its file exists (the put is atomic) and dropped otherwise.
+//! An `abandon` line withdraws an intent whose put found another writer's
+//! file under its name.
 //! Recovery then skips, per partition, exactly the WAL records that a
 //! committed file already holds, so a crash never duplicates or loses rows.
 
@@ -23,6 +25,7 @@ use crate::store::Lake;
 enum Line {
     Intent { path: String, partition: String, records: Vec<u64> },
     Commit { path: String },
+    Abandon { path: String },
 }
 
 /// The append-only commit log (one per hub data directory).
@@ -107,6 +110,9 @@ impl CommitLog {
                     Ok(Line::Commit { path }) => {
                         committed.insert(path);
                     }
+                    Ok(Line::Abandon { path }) => {
+                        intents.remove(&path);
+                    }
                     Err(_) => {
                         tracing::warn!(log = %path.display(), "skipping a torn commit-log line")
                     }
@@ -158,6 +164,7 @@ impl CommitLog {
                 Ok(Line::Commit { path }) => {
                     committed.insert(path);
                 }
+                Ok(Line::Abandon { path }) => intents.retain(|(file, _, _)| *file != path),
                 Err(_) => {}
             }
         }
@@ -196,6 +203,16 @@ impl CommitLog {
             partition: partition.to_owned(),
             records: records.to_vec(),
         })
+    }
+
+    /// Withdraw the intent to put `path`: the lake holds a file of
+    /// another writer under that name, which recovery must not take for
+    /// this one's.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn abandon(&mut self, path: &LakePath) -> Result<()> {
+        self.append(&Line::Abandon { path: path.0.clone() })
     }
 
     /// Record that `path` is in the lake.
@@ -261,5 +278,40 @@ mod tests {
         log.compact(2_000_000).unwrap();
         assert!(!log.wants_compaction());
         assert!(std::fs::metadata(&path).unwrap().len() < 1024, "{:?}", lines(&path));
+    }
+
+    /// An abandoned intent is not taken for a commit when its file exists
+    /// (another writer's), in recovery or compaction; a later intent for
+    /// the same name that is committed stands.
+    #[tokio::test]
+    async fn an_abandoned_intent_is_not_recovered_as_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let path = dir.path().join("commits.log");
+        let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
+        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        for n in [1, 2] {
+            lake.put_create(&file(n), bytes::Bytes::from_static(b"theirs")).await.unwrap();
+            log.intent(&file(n), "t/p", &[n]).unwrap();
+            log.abandon(&file(n)).unwrap();
+        }
+        // File 2's name came free and a retry committed it.
+        log.intent(&file(2), "t/p", &[2]).unwrap();
+        log.commit(&file(2)).unwrap();
+        log.compact(0).unwrap();
+        assert!(lines(&path).iter().all(|l| !l.contains("wal-1.")), "{:?}", lines(&path));
+        drop(log);
+        let (_, committed) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        assert!(!committed.contains("t/p", 1), "file 1 is another writer's");
+        assert!(committed.contains("t/p", 2));
+
+        // The same without a compaction in between.
+        std::fs::remove_file(&path).unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        log.intent(&file(1), "t/p", &[1]).unwrap();
+        log.abandon(&file(1)).unwrap();
+        drop(log);
+        let (_, committed) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        assert!(!committed.contains("t/p", 1));
     }
 }

@@ -30,6 +30,17 @@ pub enum Error {
         /// The underlying error.
         source: Box<object_store::Error>,
     },
+    /// A create-only put found a different file under the name it
+    /// chose: another writer uses the same WAL identity.
+    #[error(
+        "the lake already holds a different file at {path}: another hub writes this lake under the same \
+         WAL identity (was its data directory copied from this one's?); the file's rows stay in the \
+         write-ahead log, and the put is retried"
+    )]
+    NameTaken {
+        /// The object path.
+        path: String,
+    },
     /// A local file (the commit log) failed.
     #[error("{path}: {source}")]
     Io {

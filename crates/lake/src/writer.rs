@@ -37,7 +37,7 @@ use watershed_event::{Clock, TimestampMicros};
 
 use crate::commit::CommitLog;
 use crate::encode::{EncodeOptions, FileEncoder};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::partition::{LakePath, PartitionKey};
 use crate::store::{Lake, Put};
 
@@ -723,9 +723,16 @@ impl FlushCtx {
         let size = bytes.len();
         let partition = key.dir();
         self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
-        let put = self.lake.put_create(path, bytes).await?;
+        let put = self.lake.put_create(path, bytes.clone()).await?;
         if put == Put::AlreadyExists {
-            tracing::info!(path = %path, "file already committed by an earlier run; keeping it");
+            // The name carries this hub's WAL identity and records: a put
+            // that reported a failure but landed (and is now retried)
+            // left these very bytes. Anything else is another writer's.
+            if self.lake.get(&path.0).await? != bytes {
+                self.log.lock().expect("commit log lock").abandon(path)?;
+                return Err(Error::NameTaken { path: path.0.clone() });
+            }
+            tracing::info!(path = %path, "file already in the lake from an earlier attempt; keeping it");
         }
         let compact = {
             let mut log = self.log.lock().expect("commit log lock");

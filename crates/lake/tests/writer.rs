@@ -389,3 +389,72 @@ async fn open_partitions_hold_encoded_bytes_and_pressure_encodes_before_it_flush
     let (_dir, _, _, memory) = w.finish().await;
     assert_eq!(memory.used(), 0);
 }
+
+/// The one file a finished writer left in its lake: (path inside the lake,
+/// bytes).
+fn only_file(dir: &tempfile::TempDir) -> (std::path::PathBuf, Vec<u8>) {
+    let lake = dir.path().join("lake");
+    let files = walk(&lake);
+    assert_eq!(files.len(), 1, "{files:?}");
+    (files[0].strip_prefix(&lake).unwrap().to_owned(), std::fs::read(&files[0]).unwrap())
+}
+
+/// A create-only put that finds a file under its name: the same bytes (an
+/// attempt whose put landed though it reported a failure) are kept as this
+/// writer's; another writer's file (a hub running from a copy of this data
+/// directory has the same WAL identity, so the same names) is left alone
+/// and its name not taken for a commit: the rows stay uncommitted (in the
+/// WAL) and the put is retried until the name is free.
+#[tokio::test]
+async fn a_name_taken_by_another_writer_is_never_taken_for_this_ones_file() {
+    let now = 1_000 * HOUR;
+    let account = AccountId::new("111111111111").unwrap();
+    let key = PartitionKey::at("t", &account, now);
+    let written = |n: u64| {
+        let key = key.clone();
+        async move {
+            let w = Harness::start(WriterConfig::default(), 1 << 30, now).await;
+            w.send(key, batch(n), 1).await;
+            only_file(&w.finish().await.0)
+        }
+    };
+    let (name, ours) = written(1).await;
+    let (their_name, theirs) = written(99).await;
+    assert_eq!(name, their_name, "same record, same name");
+    assert_ne!(ours, theirs);
+
+    // The same bytes already there: committed.
+    let w = Harness::start(WriterConfig::default(), 1 << 30, now).await;
+    let at = w.dir.path().join("lake").join(&name);
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::fs::write(&at, &ours).unwrap();
+    w.send(key.clone(), batch(1), 1).await;
+    let (_dir, sink, stats, _) = w.finish().await;
+    assert_eq!((sink.1.load(Ordering::Relaxed), stats.failures.load(Ordering::Relaxed)), (1, 0));
+
+    // Another writer's file: not committed, not overwritten, retried.
+    let w = Harness::start(WriterConfig::default(), 1 << 30, now).await;
+    let at = w.dir.path().join("lake").join(&name);
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::fs::write(&at, &theirs).unwrap();
+    w.send(key.clone(), batch(1), 1).await;
+    let (done, flushed) = tokio::sync::oneshot::channel();
+    w.tx.send(Msg::FlushAll(done)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.stats.failures.load(Ordering::Relaxed) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the name clash is not reported as a failure");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(w.flushed().is_empty(), "their file is not taken for ours");
+    assert_eq!(std::fs::read(&at).unwrap(), theirs, "and is left alone");
+    let log = std::fs::read_to_string(w.dir.path().join("commits.log")).unwrap();
+    assert!(log.contains("\"abandon\""), "{log}");
+    // Once the name is free (the copy given its own identity and its file
+    // moved away), the retry commits this writer's rows.
+    std::fs::remove_file(&at).unwrap();
+    flushed.await.unwrap();
+    assert_eq!(w.flushed(), vec![key.dir()]);
+    assert_eq!(std::fs::read(&at).unwrap(), ours);
+    drop(w.tx);
+    w.task.await.unwrap();
+}
