@@ -1239,3 +1239,43 @@ fn a_stalled_client_does_not_hold_up_shutdown() {
     assert_eq!(read_to_close(&mut stalled, 5), "", "closed unanswered");
     assert_eq!(payment_ids(&data), ["before"]);
 }
+
+/// An event dated further ahead of its receipt than
+/// `limits.max_future_secs` (a wrong clock or time zone) is rejected as
+/// `future_time` into `_dead_letters` instead of opening a partition for
+/// an hour to come; one within the bound is accepted. What was accepted
+/// stays accepted when the WAL is replayed under a tighter bound.
+#[test]
+fn events_dated_too_far_ahead_are_rejected_and_replay_keeps_what_was_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let at = |hours: i64| {
+        (chrono::Utc::now() + chrono::Duration::hours(hours))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let dated = |id: &str, hours: i64| {
+        let mut e = ada(id, "c-1");
+        e["time"] = json!(at(hours));
+        e
+    };
+    let server = Server::start(&data, &[]);
+    let events = [dated("soon", 2), dated("next-week", 24 * 7), dated("now", 0)];
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(2)), "{r}");
+    let rejected = &r["rejected"][0];
+    assert_eq!(
+        (rejected["index"].as_u64(), rejected["reason"].as_str()),
+        (Some(1), Some("future_time")),
+        "{r}"
+    );
+    assert_eq!(rejected["path"], "$.time", "{r}");
+    assert!(rejected["detail"].as_str().unwrap().contains("limits.max_future_secs"), "{r}");
+    // Not committed yet (the roll age is a minute): the WAL holds them.
+    server.kill9();
+    let server = Server::start(&data, &[("WATERSHED_LIMITS__MAX_FUTURE_SECS", "60")]);
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data), ["now", "soon"], "replay keeps what was accepted");
+    let ids = ids_by_table(&data.join("lake"));
+    assert_eq!(ids["_dead_letters"].iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["next-week"]);
+}

@@ -50,11 +50,15 @@ pub enum Reason {
     /// The event's protected fields could not be protected (for example a
     /// key could not be created). The event is kept as a dead letter.
     ProtectFailed,
+    /// The event's time is further ahead of its receipt than the hub
+    /// accepts (a clock or time-zone error): it would open a partition for
+    /// an hour that has not come yet.
+    FutureTime,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::MalformedJson,
         Reason::BadEnvelope,
         Reason::UnknownSubject,
@@ -74,6 +78,7 @@ impl Reason {
         Reason::TooDeep,
         Reason::AccountMismatch,
         Reason::ProtectFailed,
+        Reason::FutureTime,
     ];
 
     /// The stable snake_case code, such as `missing_field`.
@@ -99,6 +104,7 @@ impl Reason {
             Reason::TooDeep => "too_deep",
             Reason::AccountMismatch => "account_mismatch",
             Reason::ProtectFailed => "protect_failed",
+            Reason::FutureTime => "future_time",
         }
     }
 }

@@ -125,6 +125,10 @@ pub struct LimitsConfig {
     /// listen backlog until one closes. The hub raises its open-file limit
     /// to fit them beside its own files.
     pub max_connections: usize,
+    /// Furthest an event's time may be ahead of its receipt (rejected as
+    /// `future_time` beyond it): a wrong clock or time zone must not open
+    /// partitions for hours to come.
+    pub max_future_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -136,6 +140,7 @@ impl Default for LimitsConfig {
             body_timeout_secs: 60,
             header_timeout_secs: 30,
             max_connections: 1024,
+            max_future_secs: 86_400,
         }
     }
 }
@@ -527,6 +532,7 @@ mod tests {
     fn connection_limits_name_their_keys() {
         let c = load(&[]).unwrap();
         assert_eq!((c.limits.header_timeout_secs, c.limits.max_connections), (30, 1024));
+        assert_eq!(c.limits.max_future_secs, 86_400);
         for key in ["header_timeout_secs", "max_connections", "body_timeout_secs"] {
             let var = format!("WATERSHED_LIMITS__{}", key.to_uppercase());
             let e = load(&[(var.as_str(), "0")]).unwrap_err();

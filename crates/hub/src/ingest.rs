@@ -94,6 +94,8 @@ pub struct Ingestor {
     pub(crate) dedupe: Arc<Dedupe>,
     limits: Limits,
     raw: DeadLetterRaw,
+    /// Furthest an event's time may be ahead of its receipt, µs.
+    max_future: i64,
     pub(crate) metrics: Arc<Metrics>,
     /// Tapes of finished requests, kept for their buffers.
     tapes: std::sync::Mutex<Vec<Tape>>,
@@ -134,6 +136,9 @@ struct Valid<'r, 'g> {
     root: Slot,
     noted: Noted,
 }
+
+/// How far ahead of its receipt an event's time may be, by default: a day.
+const DEFAULT_MAX_FUTURE: i64 = 86_400_000_000;
 
 /// The late-event threshold for the `events_late` metric.
 const LATE_MICROS: i64 = 3_600_000_000;
@@ -197,6 +202,7 @@ impl Ingestor {
             dedupe,
             limits,
             raw: DeadLetterRaw::default(),
+            max_future: DEFAULT_MAX_FUTURE,
             metrics,
             tapes: std::sync::Mutex::default(),
             buffers: BufferPool::default(),
@@ -207,6 +213,15 @@ impl Ingestor {
     #[must_use]
     pub fn with_dead_letter_raw(mut self, raw: DeadLetterRaw) -> Self {
         self.raw = raw;
+        self
+    }
+
+    /// Reject events whose time is more than `ahead` after their receipt
+    /// (`future_time`; a day by default). Replay does not check: what was
+    /// accepted stays accepted.
+    #[must_use]
+    pub fn with_max_future(mut self, ahead: std::time::Duration) -> Self {
+        self.max_future = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
         self
     }
 
@@ -550,6 +565,18 @@ impl Ingestor {
                 })
             })?,
         };
+        if skip.is_none() && event_time.saturating_sub(received_at) > self.max_future {
+            return Err(fail(Violation {
+                reason: Reason::FutureTime,
+                path: "$.time".into(),
+                detail: format!(
+                    "the event's time is {} s after the hub received it; at most {} s ahead is accepted \
+                     (limits.max_future_secs)",
+                    event_time.saturating_sub(received_at) / 1_000_000,
+                    self.max_future / 1_000_000
+                ),
+            }));
+        }
         // On replay, rows already in a committed file are skipped before
         // any validation work.
         if let Some(committed) = skip {

@@ -143,7 +143,8 @@ impl Hub {
         let limits = Limits { max_event_bytes: config.limits.max_event_bytes, ..Limits::default() };
         let ingestor = Arc::new(
             Ingestor::new(registry, keyring, dedupe, limits, metrics.clone())
-                .with_dead_letter_raw(config.dead_letters.raw),
+                .with_dead_letter_raw(config.dead_letters.raw)
+                .with_max_future(std::time::Duration::from_secs(config.limits.max_future_secs)),
         );
         let pending = Arc::new(Pending::default());
         let writer_stats = Arc::new(WriterStats::default());

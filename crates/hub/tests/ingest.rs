@@ -20,6 +20,10 @@ fn manifest_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
 
+/// When the requests arrive: 2024-05-02T00:00:00Z, after every event's
+/// time (an event dated more than a day after its receipt is refused).
+const RECEIVED: i64 = 1_714_608_000_000_000;
+
 const DETAIL: &str = r#"{"payment_id":"p","customer_id":"c-1","amount":"1.00","currency":"EUR","card":{"pan":"4111111111111111","holder_name":"Ada","brand":"VISA","expiry":"1/30"},"merchant":{"id":"m","name":"n","mcc":1,"country":"DE"},"authorized_at":"2024-05-01T00:00:00Z","risk_score":0.5,"three_ds":true}"#;
 
 fn event(id: &str, detail: &str, version: &str, detail_last: bool) -> String {
@@ -63,7 +67,7 @@ fn inline_and_deferred_validation_agree() {
             ),
         ];
         let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-        let out = ingestor.process(&account, None, 0, &refs).unwrap();
+        let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
         assert_eq!(out.response.accepted, 4, "detail_last={detail_last}: {:?}", out.response);
         let r = &out.response.rejected;
         assert_eq!((r.len(), r[0].reason, r[0].path.as_str()), (1, "bad_enum", "$.detail.currency"));
@@ -100,7 +104,7 @@ fn outcomes_do_not_depend_on_chunk_boundaries() {
         })
         .collect();
     let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-    let out = ingestor.process(&account, None, 0, &refs).unwrap();
+    let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
     let rejected: Vec<(usize, &str)> = out.response.rejected.iter().map(|r| (r.index, r.reason)).collect();
     assert_eq!(rejected, bad_at.iter().map(|&i| (i, "bad_enum")).collect::<Vec<_>>());
     assert_eq!((out.response.accepted, out.response.duplicates), (400 - bad_at.len() - 1, 1));
@@ -152,7 +156,8 @@ fn dead_letters_are_encrypted_and_erased_with_their_subject() {
         r#"{"id":"torn","detail":{"card":{"pan":"4111111111111111""#.to_owned(),
     ];
     let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-    let out = new(watershed_hub::ingest::DeadLetterRaw::Encrypt).process(&account, None, 0, &refs).unwrap();
+    let out =
+        new(watershed_hub::ingest::DeadLetterRaw::Encrypt).process(&account, None, RECEIVED, &refs).unwrap();
     let dead = dead_letters(&out);
     assert_eq!(dead.len(), 4);
     for raw in &dead {
@@ -171,7 +176,8 @@ fn dead_letters_are_encrypted_and_erased_with_their_subject() {
         assert!(decrypt(raw).is_ok(), "other subjects and the account's key stay readable");
     }
 
-    let out = new(watershed_hub::ingest::DeadLetterRaw::Plain).process(&account, None, 0, &refs).unwrap();
+    let out =
+        new(watershed_hub::ingest::DeadLetterRaw::Plain).process(&account, None, RECEIVED, &refs).unwrap();
     assert_eq!(dead_letters(&out), events);
 }
 
@@ -268,10 +274,10 @@ fn a_keyring_failure_stores_nothing_and_the_retry_succeeds() {
         event("ok-2", DETAIL, "", false),
     ];
     let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
-    let e = ingestor.process(&account, None, 0, &refs).unwrap_err();
+    let e = ingestor.process(&account, None, RECEIVED, &refs).unwrap_err();
     assert!(e.to_string().contains("unreachable"), "{e}");
     keyring.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    let out = ingestor.process(&account, None, 0, &refs).unwrap();
+    let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
     assert_eq!((out.response.accepted, out.response.duplicates, out.response.rejected.len()), (2, 0, 2));
     assert_eq!(dead_letters(&out).len(), 2, "each reject stored once the keyring is back");
 }
