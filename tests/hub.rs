@@ -634,6 +634,15 @@ fn sigterm_right_after_start_exits_cleanly() {
     }
 }
 
+/// The head of an NDJSON `POST /v1/events` to `addr` with `token`,
+/// declaring `length` body bytes.
+fn post_head(addr: &str, token: &str, length: usize) -> String {
+    format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
 /// Send raw HTTP/1.1 `head` (and `body`) on a new connection, wait at
 /// most `secs` for the answer, and return its status line and the time
 /// it took.
@@ -670,12 +679,7 @@ fn a_stalled_body_times_out_and_bad_tokens_are_refused_before_the_body() {
     let token = add_account(&data, A[0]);
     let server = Server::start(&data, &[("WATERSHED_LIMITS__BODY_TIMEOUT_SECS", "1")]);
     let addr = server.url.strip_prefix("http://").unwrap().to_owned();
-    let head = |auth: &str, length: usize| {
-        format!(
-            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\n\
-             Content-Type: application/x-ndjson\r\nContent-Length: {length}\r\n\r\n"
-        )
-    };
+    let head = |auth: &str, length: usize| post_head(&addr, auth, length);
     let event = ndjson(&[ada("stalled", "c-1")]);
     let (status, took) = raw_request(&server.url, &head(&token, event.len() + 100), &event, 10);
     assert!(status.contains(" 408 "), "{status}");
@@ -1107,11 +1111,7 @@ fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
     for b in 0..20 {
         let events = payments(b);
         let body = ndjson(&events);
-        let head = format!(
-            "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-             Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
+        let head = post_head(&addr, &token, body.len());
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(&body).unwrap();
@@ -1224,11 +1224,7 @@ fn a_stalled_client_does_not_hold_up_shutdown() {
     let addr = server.url.strip_prefix("http://").unwrap().to_owned();
     let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
     let body = ndjson(&[ada("stalled", "c-1")]);
-    let head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = post_head(&addr, &token, body.len());
     stalled.write_all(head.as_bytes()).unwrap();
     stalled.write_all(&body[..body.len() / 2]).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
