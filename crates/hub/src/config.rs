@@ -140,7 +140,7 @@ impl Default for LimitsConfig {
             body_timeout_secs: 60,
             header_timeout_secs: 30,
             max_connections: 1024,
-            max_future_secs: 86_400,
+            max_future_secs: crate::ingest::DEFAULT_MAX_FUTURE_SECS,
         }
     }
 }

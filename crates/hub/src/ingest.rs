@@ -137,8 +137,9 @@ struct Valid<'r, 'g> {
     noted: Noted,
 }
 
-/// How far ahead of its receipt an event's time may be, by default: a day.
-const DEFAULT_MAX_FUTURE: i64 = 86_400_000_000;
+/// How far ahead of its receipt an event's time may be, by default: a day
+/// (`limits.max_future_secs`).
+pub const DEFAULT_MAX_FUTURE_SECS: u64 = 86_400;
 
 /// The late-event threshold for the `events_late` metric.
 const LATE_MICROS: i64 = 3_600_000_000;
@@ -202,7 +203,7 @@ impl Ingestor {
             dedupe,
             limits,
             raw: DeadLetterRaw::default(),
-            max_future: DEFAULT_MAX_FUTURE,
+            max_future: i64::try_from(DEFAULT_MAX_FUTURE_SECS * 1_000_000).expect("a day in µs"),
             metrics,
             tapes: std::sync::Mutex::default(),
             buffers: BufferPool::default(),
@@ -565,14 +566,15 @@ impl Ingestor {
                 })
             })?,
         };
-        if skip.is_none() && event_time.saturating_sub(received_at) > self.max_future {
+        let ahead = event_time.saturating_sub(received_at);
+        if skip.is_none() && ahead > self.max_future {
             return Err(fail(Violation {
                 reason: Reason::FutureTime,
                 path: "$.time".into(),
                 detail: format!(
                     "the event's time is {} s after the hub received it; at most {} s ahead is accepted \
                      (limits.max_future_secs)",
-                    event_time.saturating_sub(received_at) / 1_000_000,
+                    ahead / 1_000_000,
                     self.max_future / 1_000_000
                 ),
             }));
