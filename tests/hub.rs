@@ -1275,3 +1275,96 @@ fn events_dated_too_far_ahead_are_rejected_and_replay_keeps_what_was_accepted() 
     let ids = ids_by_table(&data.join("lake"));
     assert_eq!(ids["_dead_letters"].iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["next-week"]);
 }
+
+/// The Parquet files of `table`'s partitions under `data`'s lake.
+fn parquet_files(data: &std::path::Path, table: &str) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data.join("lake").join(table), &mut out);
+    out.sort();
+    out
+}
+
+/// Rounds of 50 payments from one account (one closed partition), each
+/// committed as a file of its own.
+fn payment_rounds(server: &Server, token: &str, data: &std::path::Path, rounds: std::ops::Range<usize>) {
+    for round in rounds {
+        let events: Vec<Value> = (0..50).map(|i| ada(&format!("p-{round}-{i}"), "alice")).collect();
+        let (s, r, _) = post(&server.url, Some(token), ndjson(&events), &[]);
+        assert_eq!((s, r["accepted"].as_u64()), (200, Some(50)), "{r}");
+        wait_for_an_empty_wal(data, 30);
+    }
+}
+
+/// A closed partition's small files are merged into one: by `lake compact`
+/// on a stopped hub (which refuses while the hub runs), and by the running
+/// hub every `lake.compact_every_secs`. DuckDB reads every event exactly
+/// once, protected as before, and the hub still answers retries as
+/// duplicates.
+#[test]
+fn small_files_of_closed_partitions_are_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let token = add_account(&data, A[0]);
+    let mut env = vec![
+        ("WATERSHED_LAKE__ROLL_AGE_SECS", "1"),
+        ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1"),
+        ("WATERSHED_LAKE__COMPACT_EVERY_SECS", "0"),
+    ];
+    let server = Server::start(&data, &env);
+    payment_rounds(&server, &token, &data, 0..4);
+    assert_eq!(parquet_files(&data, "payments").len(), 4);
+    let busy = run(&["lake", "compact", "--data-dir", data_arg]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(server.stop().success());
+
+    let out = run(&["lake", "compact", "--data-dir", data_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 files merged into 1, 200 rows"), "{stdout}");
+    let files = parquet_files(&data, "payments");
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_str().unwrap().ends_with("-merged.parquet"));
+    let ids = payment_ids(&data);
+    assert_eq!(ids.len(), 200);
+    assert_eq!(ids.iter().collect::<std::collections::BTreeSet<_>>().len(), 200);
+
+    // The running hub compacts by itself: three more files join the
+    // merged one within a few passes.
+    env[2].1 = "1";
+    let server = Server::start(&data, &env);
+    payment_rounds(&server, &token, &data, 4..7);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while parquet_files(&data, "payments").len() > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(parquet_files(&data, "payments").len(), 1, "{:?}", parquet_files(&data, "payments"));
+    assert!(metric(&metrics(&server), "watershed_compacted_files") >= 2.0);
+    // A retry of an early round is still a duplicate.
+    let events: Vec<Value> = (0..50).map(|i| ada(&format!("p-0-{i}"), "alice")).collect();
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+    assert_eq!((s, r["accepted"].as_u64(), r["duplicates"].as_u64()), (200, Some(0), Some(50)), "{r}");
+    assert!(server.stop().success());
+
+    assert_eq!(payment_ids(&data).len(), 350);
+    if let Some(py) = python() {
+        let lake = data.join("lake");
+        let rows = duckdb(&py, &lake, "SELECT count(*), count(DISTINCT event_id), count(*) FILTER (WHERE detail.card.holder_name LIKE 'wse1.%'), count(*) FILTER (WHERE detail.card.expiry IS NULL) FROM read_parquet('{lake}/payments/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR})");
+        assert_eq!(rows, vec![json!([350, 350, 350, 350])]);
+    }
+}

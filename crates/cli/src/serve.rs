@@ -1,4 +1,4 @@
-//! `watershed serve`, `watershed accounts add`, `watershed lake ls`.
+//! `watershed serve`, `watershed accounts add`, `watershed lake ls|compact`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,10 +126,39 @@ pub(crate) enum LakeCmd {
         #[arg(long)]
         partitions: bool,
     },
+    /// Merge the small files of closed partitions into files of up to
+    /// `lake.compact_target_bytes`, now. `serve` does this by itself every
+    /// `lake.compact_every_secs`; this is for a hub that is stopped (it
+    /// refuses to run while the hub holds the data directory).
+    Compact {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Treat a partition as closed this many seconds after its hour
+        /// ended (default: `lake.compact_after_secs`).
+        #[arg(long)]
+        after_secs: Option<u64>,
+    },
 }
 
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
-    let LakeCmd::Ls { lake, data_dir, partitions } = cmd;
+    let (lake, data_dir, partitions) = match cmd {
+        LakeCmd::Ls { lake, data_dir, partitions } => (lake, data_dir, partitions),
+        LakeCmd::Compact { config, after_secs } => {
+            let config = config.load()?;
+            let after = after_secs.map(std::time::Duration::from_secs);
+            let r =
+                watershed_hub::pipeline::compact_lake(&config, after).await.context("compacting the lake")?;
+            println!(
+                "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
+                r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out
+            );
+            if r.failures > 0 {
+                eprintln!("watershed: {} merges failed or are unfinished (see the log); the next pass or start retries them", r.failures);
+                return Ok(ExitCode::FAILURE);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let dir = lake.unwrap_or_else(|| data_dir.join("lake"));
     if !dir.exists() {
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use watershed_lake::{EncodeOptions, WriterConfig};
+use watershed_lake::{CompactConfig, EncodeOptions, WriterConfig};
 
 use crate::error::{Error, Result};
 use crate::ingest::DeadLetterRaw;
@@ -79,6 +79,14 @@ pub struct LakeConfig {
     pub zstd_level: i32,
     /// Maximum rows per Parquet row group.
     pub row_group_rows: usize,
+    /// Compaction merges a closed partition's small files into files of up
+    /// to this many bytes (files of at least half of it are left alone).
+    pub compact_target_bytes: u64,
+    /// A partition is closed, and compacted, once its hour ended this
+    /// many seconds ago.
+    pub compact_after_secs: u64,
+    /// Seconds between compaction passes; 0 turns compaction off.
+    pub compact_every_secs: u64,
     /// Latency added to every object-store request, in milliseconds
     /// (object_store's throttling wrapper), for capacity planning and
     /// backpressure drills. 0 in production.
@@ -88,6 +96,7 @@ pub struct LakeConfig {
 impl Default for LakeConfig {
     fn default() -> Self {
         let w = WriterConfig::default();
+        let c = CompactConfig::default();
         Self {
             path: None,
             roll_bytes: w.roll_bytes,
@@ -98,6 +107,9 @@ impl Default for LakeConfig {
             flush_concurrency: w.flush_concurrency,
             zstd_level: w.encode.zstd_level,
             row_group_rows: w.encode.row_group_rows,
+            compact_target_bytes: c.target_bytes,
+            compact_after_secs: c.after.as_secs(),
+            compact_every_secs: 300,
             put_delay_ms: 0,
         }
     }
@@ -405,6 +417,9 @@ impl HubConfig {
         if self.lake.roll_age_secs == 0 {
             return bad("lake.roll_age_secs", "must be positive");
         }
+        if self.lake.compact_target_bytes < (1 << 20) {
+            return bad("lake.compact_target_bytes", "must be at least 1048576 (1 MiB)");
+        }
         if !(1..=22).contains(&self.lake.zstd_level) {
             return bad("lake.zstd_level", "must be 1..=22");
         }
@@ -442,6 +457,20 @@ impl HubConfig {
     #[must_use]
     pub fn lake_dir(&self) -> PathBuf {
         self.lake.path.clone().unwrap_or_else(|| self.data_dir.join("lake"))
+    }
+
+    /// The compactor's settings (its `source` is set by the hub).
+    #[must_use]
+    pub fn compaction(&self) -> CompactConfig {
+        CompactConfig {
+            target_bytes: self.lake.compact_target_bytes,
+            after: Duration::from_secs(self.lake.compact_after_secs),
+            encode: EncodeOptions {
+                zstd_level: self.lake.zstd_level,
+                row_group_rows: self.lake.row_group_rows,
+            },
+            source: "wal".to_owned(),
+        }
     }
 
     /// The writer settings.
@@ -538,6 +567,19 @@ mod tests {
             let e = load(&[(var.as_str(), "0")]).unwrap_err();
             assert!(e.starts_with(&format!("invalid configuration: limits.{key}: must be positive")), "{e}");
         }
+    }
+
+    #[test]
+    fn compaction_defaults_and_bounds() {
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            (c.lake.compact_every_secs, c.lake.compact_after_secs, c.lake.compact_target_bytes),
+            (300, 3600, 128 << 20)
+        );
+        let off = load(&[("WATERSHED_LAKE__COMPACT_EVERY_SECS", "0")]).unwrap();
+        assert_eq!(off.lake.compact_every_secs, 0);
+        let e = load(&[("WATERSHED_LAKE__COMPACT_TARGET_BYTES", "4096")]).unwrap_err();
+        assert!(e.starts_with("invalid configuration: lake.compact_target_bytes: must be at least"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use watershed_lake::WriterStats;
+use watershed_lake::{CompactStats, WriterStats};
 
 /// Labels by account.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +88,12 @@ pub struct Metrics {
     pub flush_failures: Gauge,
     /// Client connections open.
     pub connections: Gauge,
+    /// Merged files written by compaction.
+    pub compactions: Gauge,
+    /// Files replaced by merged files.
+    pub compacted_files: Gauge,
+    /// Failed merges (retried).
+    pub compaction_failures: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,6 +118,9 @@ impl Default for Metrics {
             flush_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             flush_failures: Gauge::default(),
             connections: Gauge::default(),
+            compactions: Gauge::default(),
+            compacted_files: Gauge::default(),
+            compaction_failures: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events accepted", m.accepted.clone());
@@ -148,6 +157,17 @@ impl Default for Metrics {
         registry.register("file_size_bytes", "Committed Parquet file sizes", m.file_size.clone());
         registry.register("flush_seconds", "Time to encode and commit a file", m.flush_latency.clone());
         registry.register("flush_failures", "Failed flush attempts (retried)", m.flush_failures.clone());
+        registry.register("compactions", "Merged files written by compaction", m.compactions.clone());
+        registry.register(
+            "compacted_files",
+            "Small files replaced by merged files",
+            m.compacted_files.clone(),
+        );
+        registry.register(
+            "compaction_failures",
+            "Failed merges (retried on a later pass)",
+            m.compaction_failures.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -155,7 +175,13 @@ impl Default for Metrics {
 impl Metrics {
     /// Pull gauges from the pipeline and render the text format.
     #[must_use]
-    pub fn render(&self, wal: WalSize, memory: usize, writer: &Arc<WriterStats>) -> String {
+    pub fn render(
+        &self,
+        wal: WalSize,
+        memory: usize,
+        writer: &Arc<WriterStats>,
+        compaction: &CompactStats,
+    ) -> String {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.wal_bytes.set(g(wal.total));
         self.wal_raw_bytes.set(g(wal.raw));
@@ -164,6 +190,9 @@ impl Metrics {
         self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
         self.files.set(g(writer.files.load(Ordering::Relaxed)));
         self.flush_failures.set(g(writer.failures.load(Ordering::Relaxed)));
+        self.compactions.set(g(compaction.merges.load(Ordering::Relaxed)));
+        self.compacted_files.set(g(compaction.inputs.load(Ordering::Relaxed)));
+        self.compaction_failures.set(g(compaction.failures.load(Ordering::Relaxed)));
         if let Ok(mut recent) = writer.recent.lock() {
             for (size, secs) in recent.drain(..) {
                 #[allow(clippy::cast_precision_loss)]

@@ -12,7 +12,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use watershed_event::{AccountId, Clock, SystemClock};
 use watershed_lake::{
-    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterConfig, WriterStats,
+    CommitLog, CommitSink, CompactConfig, CompactStats, Compactor, Lake, LakeWriter, Memory, Msg, Part,
+    PartitionKey, WriterConfig, WriterStats,
 };
 use watershed_protect::Keyring;
 use watershed_schema::{Limits, Registry};
@@ -75,6 +76,11 @@ pub struct Hub {
     pending: Arc<Pending>,
     /// Writer counters.
     pub writer_stats: Arc<WriterStats>,
+    /// Compaction counters.
+    pub compact_stats: Arc<CompactStats>,
+    /// The compaction task and its stop request (none when
+    /// `lake.compact_every_secs` is 0).
+    compaction: Option<(tokio::task::JoinHandle<()>, Arc<CompactStop>)>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
@@ -150,7 +156,7 @@ impl Hub {
         let writer_stats = Arc::new(WriterStats::default());
         let (writer_tx, writer_rx) = mpsc::channel(64);
         let writer = LakeWriter::new(
-            WriterConfig { source, ..config.writer() },
+            WriterConfig { source: source.clone(), ..config.writer() },
             lake.clone(),
             memory.clone(),
             log,
@@ -158,6 +164,7 @@ impl Hub {
             clock.clone(),
             writer_stats.clone(),
         );
+        let commit_log = writer.commit_log();
         let writer_task = tokio::spawn(writer.run(writer_rx));
 
         // Replay on the blocking pool: it validates and protects again.
@@ -208,6 +215,19 @@ impl Hub {
             let every = std::time::Duration::from_millis(config.keys.erasure_check_ms);
             tokio::spawn(watch_erasures(watched, wal.downgrade(), writer_tx.downgrade(), every))
         });
+        let compact_stats = Arc::new(CompactStats::default());
+        let compaction = (config.lake.compact_every_secs > 0).then(|| {
+            let compactor = Compactor::new(
+                lake.clone(),
+                commit_log,
+                clock.clone(),
+                CompactConfig { source, ..config.compaction() },
+                compact_stats.clone(),
+            );
+            let stop = Arc::new(CompactStop::default());
+            let every = std::time::Duration::from_secs(config.lake.compact_every_secs);
+            (tokio::spawn(compact_every(compactor, stop.clone(), every)), stop)
+        });
         tracing::info!(
             replayed_rows = replayed,
             dedupe_window = ingestor.dedupe.len(),
@@ -224,6 +244,8 @@ impl Hub {
             memory,
             pending: shared,
             writer_stats,
+            compact_stats,
+            compaction,
             metrics,
             clock,
             lake,
@@ -309,6 +331,7 @@ impl Hub {
             },
             self.memory.used(),
             &self.writer_stats,
+            &self.compact_stats,
         )
     }
 
@@ -331,9 +354,16 @@ impl Hub {
     ///
     /// # Errors
     /// [`Error::Stopped`] if the writer failed.
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(mut self) -> Result<()> {
         if let Some(watch) = &self.erasure_watch {
             watch.abort();
+        }
+        // A pass in progress finishes the merge it is in (a merge cut
+        // short would be finished on the next start anyway).
+        if let Some((task, stop)) = self.compaction.take() {
+            stop.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.wake.notify_one();
+            let _ = task.await;
         }
         // Requests whose callers went away still finish (see `ingest`).
         self.in_flight.close();
@@ -343,6 +373,41 @@ impl Hub {
         let written = self.writer_task.await.map_err(|_| Error::Stopped("lake writer"));
         self.wal.close().await;
         written
+    }
+}
+
+/// A request to stop compacting: the flag ends a pass between merges, the
+/// notification ends the wait between passes.
+#[derive(Debug, Default)]
+struct CompactStop {
+    flag: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Run a compaction pass every `every` until asked to stop.
+async fn compact_every(compactor: Compactor, stop: Arc<CompactStop>, every: std::time::Duration) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.wake.notified() => return,
+        }
+        if stop.flag.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        match compactor.run_once(&stop.flag).await {
+            Ok(r) if r.merges > 0 || r.failures > 0 => tracing::info!(
+                partitions = r.partitions,
+                merged_files = r.merges,
+                replaced_files = r.inputs,
+                rows = r.rows,
+                bytes_in = r.bytes_in,
+                bytes_out = r.bytes_out,
+                failures = r.failures,
+                "compaction pass"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "compaction pass failed; retried on the next"),
+        }
     }
 }
 
@@ -526,6 +591,39 @@ fn to_parts(
 /// dropped or its process ends, even by `kill -9`), and write this
 /// process's id into it: a second hub on the same data directory would
 /// append to the same WAL and replay the same records.
+/// One compaction pass over the lake of a hub that is not running (it
+/// takes the data directory's lock, as `serve` does): the commit log is
+/// opened as at start (finishing any merge cut short), then every closed
+/// partition's small files of this hub are merged. `after` overrides
+/// `lake.compact_after_secs`.
+///
+/// # Errors
+/// [`Error::DataDirInUse`] while the hub runs (it compacts by itself);
+/// failures to open the lake, the WAL's identity or the commit log.
+pub async fn compact_lake(
+    config: &HubConfig,
+    after: Option<std::time::Duration>,
+) -> Result<watershed_lake::CompactReport> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
+    let wal_dir = config.data_dir.join("wal");
+    std::fs::create_dir_all(&wal_dir).map_err(crate::error::io(&wal_dir))?;
+    let source = format!("wal-{}", crate::wal::identity(&wal_dir)?);
+    let (log, _) = CommitLog::open(&wal_dir.join("commits.log"), &lake, oldest_wal_record(&wal_dir)).await?;
+    let mut settings = CompactConfig { source, ..config.compaction() };
+    if let Some(after) = after {
+        settings.after = after;
+    }
+    let compactor = Compactor::new(
+        lake,
+        Arc::new(std::sync::Mutex::new(log)),
+        Arc::new(SystemClock),
+        settings,
+        Arc::default(),
+    );
+    Ok(compactor.run_once(&std::sync::atomic::AtomicBool::new(false)).await?)
+}
+
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     use std::io::{Read as _, Seek as _, Write as _};
     let path = dir.join("hub.lock");

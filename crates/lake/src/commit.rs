@@ -6,6 +6,13 @@
 //! committed if its file exists (the put is atomic) and dropped otherwise.
 //! An `abandon` line withdraws an intent whose put found another writer's
 //! file under its name.
+//!
+//! Compaction ([`crate::Compactor`]) logs a `merge` line (the merged file,
+//! the files it replaces and the WAL records it holds) before its put, and
+//! a `merged` line once the replaced files are deleted. On recovery a
+//! merge without `merged` is finished (the replaced files deleted) if its
+//! file exists and holds those records, and dropped otherwise (its inputs
+//! were never touched).
 //! Recovery then skips, per partition, exactly the WAL records that a
 //! committed file already holds, so a crash never duplicates or loses rows.
 
@@ -26,6 +33,22 @@ enum Line {
     Intent { path: String, partition: String, records: Vec<u64> },
     Commit { path: String },
     Abandon { path: String },
+    Merge { path: String, partition: String, inputs: Vec<String>, records: Vec<u64> },
+    Merged { path: String },
+}
+
+/// A merge logged and not yet finished: its file may be in the lake, and
+/// the files it replaces may not all be deleted yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenMerge {
+    /// The merged file.
+    pub path: String,
+    /// Its partition directory.
+    pub partition: String,
+    /// The files it replaces.
+    pub inputs: Vec<String>,
+    /// The WAL records it holds.
+    pub records: Vec<u64>,
 }
 
 /// The append-only commit log (one per hub data directory).
@@ -36,6 +59,13 @@ pub struct CommitLog {
     /// Its size now, and after the last compaction.
     bytes: u64,
     compacted: u64,
+    /// Intents of this run not yet committed or abandoned: puts in flight.
+    pending: HashSet<String>,
+    /// Merges logged and not yet finished.
+    merges: HashMap<String, OpenMerge>,
+    /// Partition directories that received a committed file since
+    /// [`CommitLog::take_touched`] was last called.
+    touched: HashSet<String>,
 }
 
 /// A running log is compacted once it is this large and twice its size
@@ -97,6 +127,7 @@ impl CommitLog {
     pub async fn open(path: &Path, lake: &Lake, oldest_record: u64) -> Result<(Self, Committed)> {
         let mut intents: HashMap<String, (String, Vec<u64>)> = HashMap::new();
         let mut committed: HashSet<String> = HashSet::new();
+        let mut merges: HashMap<String, OpenMerge> = HashMap::new();
         if path.exists() {
             let f = File::open(path).map_err(io(path))?;
             for line in BufReader::new(f).lines() {
@@ -112,6 +143,13 @@ impl CommitLog {
                     }
                     Ok(Line::Abandon { path }) => {
                         intents.remove(&path);
+                        merges.remove(&path);
+                    }
+                    Ok(Line::Merge { path, partition, inputs, records }) => {
+                        merges.insert(path.clone(), OpenMerge { path, partition, inputs, records });
+                    }
+                    Ok(Line::Merged { path }) => {
+                        merges.remove(&path);
                     }
                     Err(_) => {
                         tracing::warn!(log = %path.display(), "skipping a torn commit-log line")
@@ -136,8 +174,80 @@ impl CommitLog {
             }
             out.files += 1;
         }
+        let mut open_merges = HashMap::new();
+        for m in merges.into_values() {
+            match crate::compact::finish_recovered(lake, &m).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    keep.push(Line::Merge {
+                        path: m.path.clone(),
+                        partition: m.partition.clone(),
+                        inputs: m.inputs.clone(),
+                        records: m.records.clone(),
+                    });
+                    open_merges.insert(m.path.clone(), m);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let (file, bytes) = rewrite(path, &keep)?;
-        Ok((Self { path: path.to_owned(), file, bytes, compacted: bytes }, out))
+        let log = Self {
+            path: path.to_owned(),
+            file,
+            bytes,
+            compacted: bytes,
+            pending: HashSet::new(),
+            merges: open_merges,
+            touched: HashSet::new(),
+        };
+        Ok((log, out))
+    }
+
+    /// Whether `path` was logged as an intent and is not yet committed (or
+    /// abandoned): its put may be in flight, and only the writer may touch
+    /// it.
+    #[must_use]
+    pub fn is_pending(&self, path: &str) -> bool {
+        self.pending.contains(path)
+    }
+
+    /// Partition directories that received a committed file since the
+    /// last call.
+    pub fn take_touched(&mut self) -> HashSet<String> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Merges logged and not finished (their inputs not all deleted yet).
+    #[must_use]
+    pub fn open_merges(&self) -> Vec<OpenMerge> {
+        self.merges.values().cloned().collect()
+    }
+
+    /// Log a merge before its file is put: `path` will hold the rows of
+    /// `inputs` (of `partition`), WAL records `records`.
+    ///
+    /// # Errors
+    /// [`Error::Io`]; the put must not happen then.
+    pub fn merge(&mut self, m: &OpenMerge) -> Result<()> {
+        self.append(&Line::Merge {
+            path: m.path.clone(),
+            partition: m.partition.clone(),
+            inputs: m.inputs.clone(),
+            records: m.records.clone(),
+        })?;
+        self.merges.insert(m.path.clone(), m.clone());
+        Ok(())
+    }
+
+    /// Record that the merge into `path` is finished: its file is in the
+    /// lake and the files it replaces are deleted.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn merged(&mut self, path: &str) -> Result<()> {
+        self.append(&Line::Merged { path: path.to_owned() })?;
+        self.merges.remove(path);
+        Ok(())
     }
 
     /// Whether the log has grown enough since its last compaction for
@@ -165,7 +275,7 @@ impl CommitLog {
                     committed.insert(path);
                 }
                 Ok(Line::Abandon { path }) => intents.retain(|(file, _, _)| *file != path),
-                Err(_) => {}
+                Ok(Line::Merge { .. } | Line::Merged { .. }) | Err(_) => {}
             }
         }
         let mut keep = Vec::new();
@@ -177,6 +287,14 @@ impl CommitLog {
                     keep.push(Line::Commit { path: file });
                 }
             }
+        }
+        for m in self.merges.values() {
+            keep.push(Line::Merge {
+                path: m.path.clone(),
+                partition: m.partition.clone(),
+                inputs: m.inputs.clone(),
+                records: m.records.clone(),
+            });
         }
         let before = self.bytes;
         let (file, bytes) = rewrite(&self.path, &keep)?;
@@ -198,6 +316,7 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`]; the put must not happen then.
     pub fn intent(&mut self, path: &LakePath, partition: &str, records: &[u64]) -> Result<()> {
+        self.pending.insert(path.0.clone());
         self.append(&Line::Intent {
             path: path.0.clone(),
             partition: partition.to_owned(),
@@ -212,7 +331,10 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`].
     pub fn abandon(&mut self, path: &LakePath) -> Result<()> {
-        self.append(&Line::Abandon { path: path.0.clone() })
+        self.append(&Line::Abandon { path: path.0.clone() })?;
+        self.pending.remove(&path.0);
+        self.merges.remove(&path.0);
+        Ok(())
     }
 
     /// Record that `path` is in the lake.
@@ -220,7 +342,12 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`].
     pub fn commit(&mut self, path: &LakePath) -> Result<()> {
-        self.append(&Line::Commit { path: path.0.clone() })
+        self.append(&Line::Commit { path: path.0.clone() })?;
+        self.pending.remove(&path.0);
+        if let Some((dir, _)) = path.0.rsplit_once('/') {
+            self.touched.insert(dir.to_owned());
+        }
+        Ok(())
     }
 }
 

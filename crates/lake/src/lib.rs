@@ -6,12 +6,15 @@
 //! - [`LakeWriter`]: partition buffers under a memory budget, rolled by
 //!   size and age into zstd Parquet, committed create-only with a
 //!   [`CommitLog`] entry naming the WAL records each file covers.
+//! - [`Compactor`]: closed partitions' small files merged into files of a
+//!   target size, crash-safe through the same commit log.
 //! - [`Lake`]: the object store (local directory or S3).
 
 #![forbid(unsafe_code)]
 
 pub mod columns;
 mod commit;
+mod compact;
 mod encode;
 mod error;
 pub mod ls;
@@ -21,10 +24,11 @@ mod store;
 mod table;
 mod writer;
 
-pub use commit::{CommitLog, Committed};
+pub use commit::{CommitLog, Committed, OpenMerge};
+pub use compact::{CompactConfig, CompactReport, CompactStats, Compactor};
 pub use encode::{encode, EncodeOptions, FileEncoder};
 pub use error::{Error, Result};
-pub use partition::{LakePath, PartitionKey, DEAD_LETTERS};
+pub use partition::{dir_hour_end, LakePath, PartitionKey, DEAD_LETTERS};
 pub use store::{Lake, Put};
 pub use table::{DeadLetter, DeadLetterBuilder, EventMeta, TableBuilder, TableLayout};
 pub use writer::{CommitSink, LakeWriter, Memory, Msg, Part, WriterConfig, WriterStats};

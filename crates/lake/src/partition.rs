@@ -52,6 +52,21 @@ impl PartitionKey {
     }
 }
 
+/// The end of the hour a partition directory
+/// (`<table>/account=<id>/date=YYYY-MM-DD/hour=HH`) covers, in
+/// microseconds; `None` for a directory not of that shape.
+#[must_use]
+pub fn dir_hour_end(dir: &str) -> Option<TimestampMicros> {
+    let mut parts = dir.rsplit('/');
+    let hour = parts.next()?.strip_prefix("hour=")?;
+    let date = parts.next()?.strip_prefix("date=")?;
+    parts.next()?.strip_prefix("account=")?;
+    if hour.len() != 2 || !hour.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    watershed_event::parse_rfc3339_micros(format!("{date}T{hour}:59:59.999999Z"))
+}
+
 impl fmt::Display for PartitionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.dir())
@@ -78,6 +93,9 @@ mod tests {
         let t = watershed_event::parse_rfc3339_micros("2024-05-01T07:59:59Z").unwrap();
         let k = PartitionKey::at("orders", &a, t);
         assert_eq!(k.dir(), "orders/account=123456789012/date=2024-05-01/hour=07");
+        assert_eq!(dir_hour_end(&k.dir()), Some(t + 999_999));
+        assert_eq!(dir_hour_end("orders/date=2024-05-01/hour=07"), None);
+        assert_eq!(dir_hour_end("orders/account=1/date=2024-05-01/hour=7x"), None);
         assert_eq!(
             k.file("wal", 1, 255).0,
             "orders/account=123456789012/date=2024-05-01/hour=07/wal-0000000000000001-00000000000000ff.parquet"

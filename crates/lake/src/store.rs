@@ -80,6 +80,18 @@ impl Lake {
         }
     }
 
+    /// Delete a file; one already gone counts as deleted.
+    ///
+    /// # Errors
+    /// [`Error::Store`] on failures other than "not found".
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        match self.store.delete(&ObjPath::from(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(path)(e)),
+        }
+    }
+
     /// Whether a file exists.
     ///
     /// # Errors

@@ -364,6 +364,12 @@ impl LakeWriter {
         }
     }
 
+    /// The commit log it writes, shared with a [`crate::Compactor`].
+    #[must_use]
+    pub fn commit_log(&self) -> Arc<Mutex<CommitLog>> {
+        self.log.clone()
+    }
+
     /// Process messages until the channel closes, then flush everything.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));

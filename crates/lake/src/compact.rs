@@ -1,0 +1,472 @@
+//! Compaction: the small files of a closed partition merged into files of
+//! about a target size, so analysts do not open a file per minute of
+//! data.
+//!
+//! Files roll by age (`lake.roll_age_secs`) to keep the lake fresh, which
+//! at low volume makes many small files per hourly partition. Once a
+//! partition's hour has ended `after` ago, a pass merges its files smaller
+//! than half the target, in WAL order, into files of up to the target
+//! size. Each hub compacts only the files it wrote (their names carry its
+//! WAL identity), so hubs sharing a lake never merge the same file.
+//!
+//! A merge is crash-safe through the commit log: a `merge` line (the new
+//! file, the files it replaces, the WAL records it holds) is fsynced
+//! before the create-only put, the replaced files are deleted after it,
+//! and a `merged` line closes it. Recovery finishes a merge whose file is
+//! in the lake and drops one whose file is not (its inputs were never
+//! touched). The replaced files' own commit entries stay as they were, so
+//! WAL recovery still knows their records are in the lake. A file whose
+//! put may be in flight (an intent not yet committed) is never merged.
+//!
+//! Readers see either the small files or the merged one, except for the
+//! moment between the merged file's put and the deletion of the files it
+//! replaces, when a query listing the partition counts those rows twice
+//! (or fails reading a file just deleted). Plain Hive layouts have no
+//! atomic swap; the window is one put and a few deletes.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use watershed_event::Clock;
+
+use crate::commit::{CommitLog, OpenMerge};
+use crate::encode::{EncodeOptions, FileEncoder};
+use crate::error::{Error, Result};
+use crate::partition::{dir_hour_end, LakePath};
+use crate::store::{Lake, Put};
+
+/// Rows read from an input file per batch.
+const READ_ROWS: usize = 8192;
+
+/// Compaction settings.
+#[derive(Debug, Clone)]
+pub struct CompactConfig {
+    /// Merged files grow up to about this many bytes; files of at least
+    /// half of it are left as they are.
+    pub target_bytes: u64,
+    /// A partition is compacted once its hour ended this long ago.
+    pub after: Duration,
+    /// Parquet settings of merged files (the lake writer's).
+    pub encode: EncodeOptions,
+    /// The WAL identity whose files this compactor merges (the lake
+    /// writer's `source`).
+    pub source: String,
+}
+
+impl Default for CompactConfig {
+    fn default() -> Self {
+        Self {
+            target_bytes: 128 << 20,
+            after: Duration::from_secs(3600),
+            encode: EncodeOptions::default(),
+            source: "wal".to_owned(),
+        }
+    }
+}
+
+/// Counters, for metrics.
+#[derive(Debug, Default)]
+pub struct CompactStats {
+    /// Merged files written.
+    pub merges: AtomicU64,
+    /// Files replaced by merged files.
+    pub inputs: AtomicU64,
+    /// Bytes of the replaced files.
+    pub bytes_in: AtomicU64,
+    /// Bytes of the merged files.
+    pub bytes_out: AtomicU64,
+    /// Merges that failed (retried on a later pass).
+    pub failures: AtomicU64,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Closed partitions looked at.
+    pub partitions: usize,
+    /// Merged files written.
+    pub merges: usize,
+    /// Files they replaced.
+    pub inputs: usize,
+    /// Rows moved.
+    pub rows: u64,
+    /// Bytes of the replaced files.
+    pub bytes_in: u64,
+    /// Bytes of the merged files.
+    pub bytes_out: u64,
+    /// Merges that failed (their inputs are untouched or still to be
+    /// deleted; a later pass retries).
+    pub failures: usize,
+}
+
+/// Merges the small files of closed partitions (see the module docs).
+pub struct Compactor {
+    lake: Lake,
+    log: Arc<Mutex<CommitLog>>,
+    clock: Arc<dyn Clock>,
+    config: CompactConfig,
+    stats: Arc<CompactStats>,
+    /// Whether the whole lake was listed once (after that, only the
+    /// partitions the commit log reports new files in are looked at).
+    scanned: AtomicBool,
+    /// Partitions with new files whose hour is not closed yet.
+    waiting: Mutex<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Compactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compactor").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A small file of this compactor's source.
+struct Small {
+    path: String,
+    size: u64,
+    first: u64,
+    last: u64,
+}
+
+/// A small file read into memory.
+struct Input {
+    path: String,
+    size: u64,
+    first: u64,
+    last: u64,
+    bytes: Bytes,
+    schema: SchemaRef,
+    records: Vec<u64>,
+    rows: u64,
+}
+
+fn parquet_err(path: &str) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
+    move |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) }
+}
+
+/// The WAL records a file's `watershed.records` metadata lists.
+fn records_of(path: &str, builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> Result<Vec<u64>> {
+    let kv = builder.metadata().file_metadata().key_value_metadata();
+    let text = kv
+        .and_then(|kv| kv.iter().find(|k| k.key == "watershed.records"))
+        .and_then(|k| k.value.clone())
+        .unwrap_or_default();
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                parquet_err(path)(parquet::errors::ParquetError::General(format!(
+                    "watershed.records holds {s:?}, not a record number"
+                )))
+            })
+        })
+        .collect()
+}
+
+/// A file's Arrow schema without the file's own key-value metadata (which
+/// the Parquet reader adds to it, and which names each file's records).
+fn file_schema(builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> SchemaRef {
+    let schema = builder.schema();
+    let mut metadata = schema.metadata().clone();
+    metadata.retain(|k, _| !k.starts_with("watershed."));
+    Arc::new(arrow::datatypes::Schema::new_with_metadata(schema.fields().clone(), metadata))
+}
+
+/// `(first, last)` from a file name `<source>-<first>-<last>[-merged].parquet`.
+fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix(source)?.strip_prefix('-')?.strip_suffix(".parquet")?;
+    let rest = rest.strip_suffix("-merged").unwrap_or(rest);
+    let (first, last) = rest.split_once('-')?;
+    if first.len() != 16 || last.len() != 16 {
+        return None;
+    }
+    Some((u64::from_str_radix(first, 16).ok()?, u64::from_str_radix(last, 16).ok()?))
+}
+
+/// Finish a merge found open in the commit log at start (see
+/// [`CommitLog::open`]). Returns whether it is settled: its file was never
+/// put (dropped), or it is in the lake with the records the merge named
+/// and the files it replaces are deleted, or the name holds another
+/// writer's file (dropped; the inputs stay). `false`: deleting an input
+/// failed, and the merge stays open for the compactor.
+pub(crate) async fn finish_recovered(lake: &Lake, m: &OpenMerge) -> Result<bool> {
+    if !lake.exists(&LakePath(m.path.clone())).await? {
+        tracing::info!(path = %m.path, "dropping an unfinished merge; its files stay as they were");
+        return Ok(true);
+    }
+    let bytes = lake.get(&m.path).await?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err(&m.path))?;
+    let mut held = records_of(&m.path, &builder)?;
+    held.sort_unstable();
+    if held != m.records {
+        tracing::warn!(
+            path = %m.path,
+            "the lake holds another writer's file under a merge's name; the merge is dropped and its files stay"
+        );
+        return Ok(true);
+    }
+    Ok(delete_inputs(lake, m).await)
+}
+
+/// Delete the files a merge replaced; whether all are gone.
+async fn delete_inputs(lake: &Lake, m: &OpenMerge) -> bool {
+    let mut all = true;
+    for input in &m.inputs {
+        if let Err(e) = lake.delete(input).await {
+            tracing::warn!(path = %input, merged_into = %m.path, error = %e, "cannot delete a merged file yet; retried later");
+            all = false;
+        }
+    }
+    all
+}
+
+impl Compactor {
+    /// A compactor of `lake`, logging to `log` (the lake writer's, see
+    /// [`crate::LakeWriter::commit_log`]).
+    #[must_use]
+    pub fn new(
+        lake: Lake,
+        log: Arc<Mutex<CommitLog>>,
+        clock: Arc<dyn Clock>,
+        config: CompactConfig,
+        stats: Arc<CompactStats>,
+    ) -> Self {
+        Self {
+            lake,
+            log,
+            clock,
+            config,
+            stats,
+            scanned: AtomicBool::new(false),
+            waiting: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// One pass: finish open merges, then merge the small files of every
+    /// closed partition that may have some (all of them on the first pass,
+    /// then those that received files since). Stops between merges once
+    /// `stop` is set. A failed merge is counted and logged, and the pass
+    /// goes on.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the lake cannot be listed.
+    pub async fn run_once(&self, stop: &AtomicBool) -> Result<CompactReport> {
+        let mut report = CompactReport::default();
+        let open = self.log.lock().expect("commit log lock").open_merges();
+        for m in open {
+            if delete_inputs(&self.lake, &m).await {
+                self.log.lock().expect("commit log lock").merged(&m.path)?;
+            }
+        }
+        let mut candidates: BTreeSet<String> = std::mem::take(&mut *self.waiting.lock().expect("lock"));
+        candidates.extend(self.log.lock().expect("commit log lock").take_touched());
+        if !self.scanned.load(Ordering::Relaxed) {
+            for meta in self.lake.list(None).await? {
+                if let Some((dir, _)) = meta.location.as_ref().rsplit_once('/') {
+                    candidates.insert(dir.to_owned());
+                }
+            }
+            self.scanned.store(true, Ordering::Relaxed);
+        }
+        let now = self.clock.now_micros();
+        let after = i64::try_from(self.config.after.as_micros()).unwrap_or(i64::MAX);
+        for dir in candidates {
+            let Some(end) = dir_hour_end(&dir) else { continue };
+            if end.saturating_add(after) > now {
+                self.waiting.lock().expect("lock").insert(dir);
+                continue;
+            }
+            if stop.load(Ordering::Relaxed) {
+                // Looked at again on the next pass.
+                self.waiting.lock().expect("lock").insert(dir);
+                continue;
+            }
+            report.partitions += 1;
+            if let Err(e) = self.partition(&dir, stop, &mut report).await {
+                report.failures += 1;
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.waiting.lock().expect("lock").insert(dir.clone());
+                tracing::error!(partition = %dir, error = %e, "cannot compact a partition; retried on the next pass");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Merge the small files of one partition.
+    async fn partition(&self, dir: &str, stop: &AtomicBool, report: &mut CompactReport) -> Result<()> {
+        let half = self.config.target_bytes / 2;
+        let mut small: Vec<Small> = Vec::new();
+        for meta in self.lake.list(Some(dir)).await? {
+            let path = meta.location.to_string();
+            let Some((parent, name)) = path.rsplit_once('/') else { continue };
+            let Some((first, last)) = name_range(name, &self.config.source) else { continue };
+            if parent != dir
+                || meta.size >= half
+                || self.log.lock().expect("commit log lock").is_pending(&path)
+            {
+                continue;
+            }
+            small.push(Small { path, size: meta.size, first, last });
+        }
+        small.sort_by_key(|s| (s.first, s.last));
+        // Consecutive files, in WAL order, up to the target size.
+        let mut bins: Vec<Vec<Small>> = Vec::new();
+        let mut bytes = 0;
+        for s in small {
+            match bins.last_mut() {
+                Some(bin) if bytes + s.size <= self.config.target_bytes => {
+                    bytes += s.size;
+                    bin.push(s);
+                }
+                _ => {
+                    bytes = s.size;
+                    bins.push(vec![s]);
+                }
+            }
+        }
+        for bin in bins.into_iter().filter(|b| b.len() > 1) {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let mut runs: Vec<Vec<Input>> = Vec::new();
+            for s in bin {
+                let bytes = self.lake.get(&s.path).await?;
+                let builder =
+                    ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(parquet_err(&s.path))?;
+                let records = records_of(&s.path, &builder)?;
+                let rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+                let input = Input {
+                    path: s.path,
+                    size: s.size,
+                    first: s.first,
+                    last: s.last,
+                    bytes,
+                    schema: file_schema(&builder),
+                    records,
+                    rows,
+                };
+                // Files written under different schema versions of the
+                // table are merged separately.
+                match runs.last_mut() {
+                    Some(run) if run[0].schema == input.schema => run.push(input),
+                    _ => runs.push(vec![input]),
+                }
+            }
+            for run in runs.into_iter().filter(|r| r.len() > 1) {
+                if let Err(e) = self.merge(dir, run, report).await {
+                    report.failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(partition = %dir, error = %e, "cannot merge small files; retried on a later pass");
+                    self.waiting.lock().expect("lock").insert(dir.to_owned());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Merge `run` (files of one schema, in WAL order) into one file:
+    /// encode, log the merge, put, delete the inputs, log it finished.
+    async fn merge(&self, dir: &str, run: Vec<Input>, report: &mut CompactReport) -> Result<()> {
+        let first = run.iter().map(|i| i.first).min().unwrap_or(0);
+        let last = run.iter().map(|i| i.last).max().unwrap_or(0);
+        let path = format!("{dir}/{}-{first:016x}-{last:016x}-merged.parquet", self.config.source);
+        if run.iter().any(|i| i.path == path) {
+            return Ok(());
+        }
+        let mut records: Vec<u64> = run.iter().flat_map(|i| i.records.iter().copied()).collect();
+        records.sort_unstable();
+        records.dedup();
+        let rows: u64 = run.iter().map(|i| i.rows).sum();
+        let bytes_in: u64 = run.iter().map(|i| i.size).sum();
+        let m = OpenMerge {
+            path: path.clone(),
+            partition: dir.to_owned(),
+            inputs: run.iter().map(|i| i.path.clone()).collect(),
+            records,
+        };
+        let meta = vec![
+            ("watershed.source".to_owned(), self.config.source.clone()),
+            (
+                "watershed.records".to_owned(),
+                m.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+            ),
+        ];
+        let (opts, name) = (self.config.encode, path.clone());
+        let bytes = tokio::task::spawn_blocking(move || encode_run(&name, &run, meta, opts, rows))
+            .await
+            .expect("encoding does not panic")?;
+        self.log.lock().expect("commit log lock").merge(&m)?;
+        if self.lake.put_create(&LakePath(path.clone()), bytes.clone()).await? == Put::AlreadyExists
+            && self.lake.get(&path).await? != bytes
+        {
+            self.log.lock().expect("commit log lock").abandon(&LakePath(path.clone()))?;
+            return Err(Error::NameTaken { path });
+        }
+        if delete_inputs(&self.lake, &m).await {
+            self.log.lock().expect("commit log lock").merged(&path)?;
+        } else {
+            // Readers see these rows twice until a later pass (or the
+            // next start) deletes the rest.
+            report.failures += 1;
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = m.inputs.len();
+        tracing::info!(
+            path = %path,
+            files = n,
+            rows,
+            bytes_in,
+            bytes_out = bytes.len(),
+            "merged small files"
+        );
+        report.merges += 1;
+        report.inputs += n;
+        report.rows += rows;
+        report.bytes_in += bytes_in;
+        report.bytes_out += bytes.len() as u64;
+        self.stats.merges.fetch_add(1, Ordering::Relaxed);
+        self.stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Encode the rows of `run`, in order, as one file, and check it holds
+/// exactly their rows.
+fn encode_run(
+    path: &str,
+    run: &[Input],
+    meta: Vec<(String, String)>,
+    opts: EncodeOptions,
+    rows: u64,
+) -> Result<Bytes> {
+    let mut file = FileEncoder::new(path, &run[0].schema, opts)?;
+    for input in run {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(input.bytes.clone())
+            .and_then(|b| b.with_batch_size(READ_ROWS).build())
+            .map_err(parquet_err(&input.path))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| {
+                parquet_err(&input.path)(parquet::errors::ParquetError::ArrowError(e.to_string()))
+            })?;
+            file.write_joined(&[batch])?;
+        }
+    }
+    let out = Bytes::from(file.finish(meta)?);
+    let written = ParquetRecordBatchReaderBuilder::try_new(out.clone())
+        .map_err(parquet_err(path))?
+        .metadata()
+        .file_metadata()
+        .num_rows();
+    if u64::try_from(written).ok() != Some(rows) {
+        return Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
+            "the merged file holds {written} rows, its inputs {rows}"
+        ))));
+    }
+    Ok(out)
+}

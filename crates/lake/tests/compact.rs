@@ -1,0 +1,322 @@
+//! Compaction: a closed partition's small files become one file holding the
+//! same rows in WAL order; other hubs' files, puts in flight, big files and
+//! open hours are left alone; a merge cut short by a crash is finished or
+//! dropped on recovery, never duplicating or losing a row.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use watershed_event::{parse_rfc3339_micros, AccountId, Clock};
+use watershed_lake::{
+    encode, CommitLog, CompactConfig, CompactStats, Compactor, EncodeOptions, Lake, LakePath, OpenMerge,
+    PartitionKey,
+};
+
+#[derive(Debug)]
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now_micros(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+const SOURCE: &str = "wal-00000000000000aa";
+const HOUR: i64 = 3_600_000_000;
+
+fn partition(hour: &str) -> PartitionKey {
+    let t = parse_rfc3339_micros(format!("2024-05-01T{hour}:30:00Z")).unwrap();
+    PartitionKey::at("orders", &AccountId::new("111111111111").unwrap(), t)
+}
+
+/// `rows` rows for WAL record `record`: ids `r<record>-<i>`, values
+/// `record * 1000 + i`; `extra` adds a column (another schema version).
+fn batch(record: u64, rows: usize, extra: bool) -> RecordBatch {
+    let mut fields =
+        vec![Field::new("event_id", DataType::Utf8, false), Field::new("v", DataType::Int64, false)];
+    let ids: Vec<String> = (0..rows).map(|i| format!("r{record}-{i}")).collect();
+    let vals: Vec<i64> =
+        (0..rows).map(|i| i64::try_from(record * 1000).unwrap() + i64::try_from(i).unwrap()).collect();
+    let mut cols: Vec<Arc<dyn Array>> =
+        vec![Arc::new(StringArray::from(ids)), Arc::new(Int64Array::from(vals))];
+    if extra {
+        fields.push(Field::new("w", DataType::Int64, true));
+        cols.push(Arc::new(Int64Array::from(vec![Some(1); rows])));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+}
+
+fn file_bytes(path: &LakePath, source: &str, records: &[u64], rows: usize, extra: bool) -> Bytes {
+    let batches: Vec<RecordBatch> = records.iter().map(|&r| batch(r, rows, extra)).collect();
+    let meta = vec![
+        ("watershed.source".to_owned(), source.to_owned()),
+        ("watershed.records".to_owned(), records.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+    ];
+    Bytes::from(encode(&path.0, &batches[0].schema(), &batches, meta, EncodeOptions::default()).unwrap())
+}
+
+struct Lakeside {
+    dir: tempfile::TempDir,
+    lake: Lake,
+    log: Arc<Mutex<CommitLog>>,
+    clock: Arc<TestClock>,
+}
+
+impl Lakeside {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, 0).await.unwrap();
+        let now = parse_rfc3339_micros("2024-05-01T12:10:00Z").unwrap();
+        Self { dir, lake, log: Arc::new(Mutex::new(log)), clock: Arc::new(TestClock(AtomicI64::new(now))) }
+    }
+
+    /// Write and commit (through the log, as the lake writer does) a file
+    /// of `source` holding `records`.
+    async fn commit(
+        &self,
+        key: &PartitionKey,
+        source: &str,
+        records: &[u64],
+        rows: usize,
+        extra: bool,
+    ) -> LakePath {
+        let path = key.file(source, records[0], *records.last().unwrap());
+        self.log.lock().unwrap().intent(&path, &key.dir(), records).unwrap();
+        self.lake.put_create(&path, file_bytes(&path, source, records, rows, extra)).await.unwrap();
+        if source == SOURCE {
+            self.log.lock().unwrap().commit(&path).unwrap();
+        }
+        path
+    }
+
+    fn compactor(&self, target_bytes: u64) -> Compactor {
+        let config = CompactConfig {
+            target_bytes,
+            after: Duration::from_secs(3600),
+            encode: EncodeOptions::default(),
+            source: SOURCE.to_owned(),
+        };
+        Compactor::new(
+            self.lake.clone(),
+            self.log.clone(),
+            self.clock.clone(),
+            config,
+            Arc::new(CompactStats::default()),
+        )
+    }
+
+    async fn files(&self, key: &PartitionKey) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lake
+            .list(Some(&key.dir()))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn rows(&self, path: &str) -> (Vec<String>, String) {
+        let bytes = self.lake.get(path).await.unwrap();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        let records = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|k| k.key == "watershed.records").and_then(|k| k.value.clone()))
+            .unwrap_or_default();
+        let mut ids = Vec::new();
+        for b in builder.build().unwrap() {
+            let b = b.unwrap();
+            let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            ids.extend(col.iter().map(|v| v.unwrap().to_owned()));
+        }
+        (ids, records)
+    }
+}
+
+fn expected_ids(records: &[u64], rows: usize) -> Vec<String> {
+    records.iter().flat_map(|r| (0..rows).map(move |i| format!("r{r}-{i}"))).collect()
+}
+
+/// Five small files of a closed hour become one, rows in WAL order, with
+/// the union of their records; another hub's file, a put in flight, a big
+/// file and the open hour's files stay; recovery still counts the merged
+/// records as committed; the open hour is merged once it closes.
+#[tokio::test]
+async fn small_files_of_a_closed_partition_are_merged_in_wal_order() {
+    let s = Lakeside::new().await;
+    let closed = partition("07");
+    let open = partition("12");
+    for r in [3, 1, 5, 2, 4] {
+        s.commit(&closed, SOURCE, &[r * 10, r * 10 + 1], 50, false).await;
+    }
+    let theirs = s.commit(&closed, "wal-00000000000000bb", &[7], 50, false).await;
+    // An intent whose commit line has not come yet: a put in flight.
+    let in_flight = closed.file(SOURCE, 90, 90);
+    s.log.lock().unwrap().intent(&in_flight, &closed.dir(), &[90]).unwrap();
+    s.lake.put_create(&in_flight, file_bytes(&in_flight, SOURCE, &[90], 50, false)).await.unwrap();
+    let big = s.commit(&closed, SOURCE, &[100], 20_000, false).await;
+    let big_size = s.lake.get(&big.0).await.unwrap().len() as u64;
+    s.commit(&open, SOURCE, &[200], 10, false).await;
+    s.commit(&open, SOURCE, &[201], 10, false).await;
+
+    // Files of at least half the target are big enough.
+    let target = 2 * big_size;
+    let compactor = s.compactor(target);
+    let stop = AtomicBool::new(false);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.partitions, report.merges, report.inputs, report.rows), (1, 1, 5, 500), "{report:?}");
+    assert_eq!(report.failures, 0);
+
+    let files = s.files(&closed).await;
+    let merged = format!("{}/{SOURCE}-{:016x}-{:016x}-merged.parquet", closed.dir(), 10, 51);
+    assert_eq!(files, {
+        let mut v = vec![merged.clone(), theirs.0.clone(), in_flight.0.clone(), big.0.clone()];
+        v.sort();
+        v
+    });
+    let (ids, records) = s.rows(&merged).await;
+    let order = [10, 11, 20, 21, 30, 31, 40, 41, 50, 51];
+    assert_eq!(ids, expected_ids(&order, 50), "rows in WAL order");
+    assert_eq!(records, "10,11,20,21,30,31,40,41,50,51");
+    assert_eq!(s.files(&open).await.len(), 2, "the open hour is left alone");
+
+    // A second pass finds nothing more to do in the closed hour.
+    let again = compactor.run_once(&stop).await.unwrap();
+    assert_eq!(again.merges, 0, "{again:?}");
+
+    // The log still tells recovery the merged records are in the lake.
+    s.log.lock().unwrap().commit(&in_flight).unwrap();
+    let (_, committed) = CommitLog::open(&s.dir.path().join("commits.log"), &s.lake, 0).await.unwrap();
+    for r in order {
+        assert!(committed.contains(&closed.dir(), r), "record {r}");
+    }
+
+    // Once its hour has ended an hour ago, the open partition is merged
+    // too (it waited from the first pass); the file committed meanwhile in
+    // the closed one joins the merged file there, still in WAL order.
+    s.clock.0.store(parse_rfc3339_micros("2024-05-01T14:00:00Z").unwrap(), Ordering::Relaxed);
+    let later = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((later.merges, later.inputs), (2, 4), "{later:?}");
+    assert_eq!(s.files(&open).await.len(), 1);
+    let remerged = format!("{}/{SOURCE}-{:016x}-{:016x}-merged.parquet", closed.dir(), 10, 90);
+    assert_eq!(s.files(&closed).await, {
+        let mut v = vec![remerged.clone(), theirs.0.clone(), big.0.clone()];
+        v.sort();
+        v
+    });
+    let (ids, records) = s.rows(&remerged).await;
+    let mut order = order.to_vec();
+    order.push(90);
+    assert_eq!(ids, expected_ids(&order, 50));
+    assert!(records.ends_with(",51,90"), "{records}");
+}
+
+/// Files of different schemas (a table's versions) are merged separately,
+/// each run in WAL order; a stop request leaves the rest for later.
+#[tokio::test]
+async fn files_of_different_schemas_are_merged_separately() {
+    let s = Lakeside::new().await;
+    let key = partition("08");
+    for r in [1, 2] {
+        s.commit(&key, SOURCE, &[r], 10, false).await;
+    }
+    for r in [3, 4, 5] {
+        s.commit(&key, SOURCE, &[r], 10, true).await;
+    }
+    let compactor = s.compactor(64 << 20);
+    let stopped = compactor.run_once(&AtomicBool::new(true)).await.unwrap();
+    assert_eq!(stopped.merges, 0);
+    assert_eq!(s.files(&key).await.len(), 5);
+
+    let report = compactor.run_once(&AtomicBool::new(false)).await.unwrap();
+    assert_eq!((report.merges, report.inputs), (2, 5), "{report:?}");
+    let files = s.files(&key).await;
+    assert_eq!(files.len(), 2, "{files:?}");
+    let (a, _) = s.rows(&files[0]).await;
+    let (b, _) = s.rows(&files[1]).await;
+    assert_eq!(a, expected_ids(&[1, 2], 10));
+    assert_eq!(b, expected_ids(&[3, 4, 5], 10));
+}
+
+/// A merge logged before a crash: finished on recovery when its file is in
+/// the lake with the records it named (the replaced files are deleted),
+/// dropped when its file never landed or holds other records (the replaced
+/// files stay). Either way each row is in exactly one file.
+#[tokio::test]
+async fn a_merge_cut_short_is_finished_or_dropped_on_recovery() {
+    for case in ["put", "not put", "another writer's file"] {
+        let s = Lakeside::new().await;
+        let key = partition("09");
+        let a = s.commit(&key, SOURCE, &[1], 10, false).await;
+        let b = s.commit(&key, SOURCE, &[2], 10, false).await;
+        let out = LakePath(format!("{}/{SOURCE}-{:016x}-{:016x}-merged.parquet", key.dir(), 1, 2));
+        let m = OpenMerge {
+            path: out.0.clone(),
+            partition: key.dir(),
+            inputs: vec![a.0.clone(), b.0.clone()],
+            records: vec![1, 2],
+        };
+        s.log.lock().unwrap().merge(&m).unwrap();
+        match case {
+            "put" => {
+                s.lake.put_create(&out, file_bytes(&out, SOURCE, &[1, 2], 10, false)).await.unwrap();
+            }
+            "another writer's file" => {
+                s.lake.put_create(&out, file_bytes(&out, SOURCE, &[7], 10, false)).await.unwrap();
+            }
+            _ => {}
+        }
+        // The crash: the log is dropped with the merge open.
+        let path = s.dir.path().join("commits.log");
+        drop(s.log);
+        let (log, committed) = CommitLog::open(&path, &s.lake, 0).await.unwrap();
+        assert!(log.open_merges().is_empty(), "{case}");
+        assert!(committed.contains(&key.dir(), 1) && committed.contains(&key.dir(), 2), "{case}");
+        let mut files: Vec<String> = s
+            .lake
+            .list(Some(&key.dir()))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        files.sort();
+        let mut want = match case {
+            "put" => vec![out.0.clone()],
+            "not put" => vec![a.0.clone(), b.0.clone()],
+            _ => vec![a.0.clone(), b.0.clone(), out.0.clone()],
+        };
+        want.sort();
+        assert_eq!(files, want, "{case}");
+        let log_text = std::fs::read_to_string(&path).unwrap();
+        assert!(!log_text.contains("\"merge\""), "{case}: settled merges leave the log: {log_text}");
+    }
+}
+
+/// The hour of a partition directory bounds when it is closed: at the
+/// hour's end plus `after`, not before.
+#[tokio::test]
+async fn a_partition_is_compacted_only_after_its_hour_ended_plus_the_delay() {
+    let s = Lakeside::new().await;
+    let key = partition("11");
+    s.commit(&key, SOURCE, &[1], 10, false).await;
+    s.commit(&key, SOURCE, &[2], 10, false).await;
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    // 12:10: the hour ended 10 minutes ago.
+    assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 0);
+    s.clock.0.store(parse_rfc3339_micros("2024-05-01T12:59:59Z").unwrap(), Ordering::Relaxed);
+    assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 0);
+    s.clock.0.fetch_add(HOUR / 3600, Ordering::Relaxed);
+    assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 1);
+}
