@@ -10,6 +10,12 @@ use std::time::Duration;
 use arrow::array::{Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt as _};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use watershed_event::{parse_rfc3339_micros, AccountId, Clock};
 use watershed_lake::{
@@ -67,10 +73,74 @@ struct Lakeside {
     clock: Arc<TestClock>,
 }
 
+/// A local store whose deletes fail while `fail` is set.
+#[derive(Debug)]
+struct FailingDeletes {
+    inner: object_store::local::LocalFileSystem,
+    fail: Arc<AtomicBool>,
+}
+
+impl std::fmt::Display for FailingDeletes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FailingDeletes({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FailingDeletes {
+    async fn put_opts(&self, l: &ObjPath, p: PutPayload, o: PutOptions) -> object_store::Result<PutResult> {
+        self.inner.put_opts(l, p, o).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        l: &ObjPath,
+        o: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(l, o).await
+    }
+    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(l, o).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        if self.fail.load(Ordering::Relaxed) {
+            return locations
+                .map(|_| Err(object_store::Error::Generic { store: "test", source: "deletes fail".into() }))
+                .boxed();
+        }
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(f, t, o).await
+    }
+}
+
 impl Lakeside {
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        Self::with_lake(dir, lake).await
+    }
+
+    /// A lake whose deletes fail while the returned flag is set.
+    async fn failing_deletes() -> (Self, Arc<AtomicBool>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lake")).unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
+        let lake = Lake::new(Arc::new(FailingDeletes { inner, fail: fail.clone() }), 2);
+        (Self::with_lake(dir, lake).await, fail)
+    }
+
+    async fn with_lake(dir: tempfile::TempDir, lake: Lake) -> Self {
         let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, 0).await.unwrap();
         let now = parse_rfc3339_micros("2024-05-01T12:10:00Z").unwrap();
         Self { dir, lake, log: Arc::new(Mutex::new(log)), clock: Arc::new(TestClock(AtomicI64::new(now))) }
@@ -319,4 +389,31 @@ async fn a_partition_is_compacted_only_after_its_hour_ended_plus_the_delay() {
     assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 0);
     s.clock.0.fetch_add(HOUR / 3600, Ordering::Relaxed);
     assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 1);
+}
+
+/// A merge whose inputs cannot be deleted yet stays open (readers see the
+/// rows twice meanwhile, and the pass reports a failure); the next pass
+/// deletes them and closes it.
+#[tokio::test]
+async fn a_merge_whose_inputs_cannot_be_deleted_is_finished_by_the_next_pass() {
+    let (s, fail) = Lakeside::failing_deletes().await;
+    let key = partition("10");
+    for r in [1, 2, 3] {
+        s.commit(&key, SOURCE, &[r], 10, false).await;
+    }
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    fail.store(true, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.failures), (1, 1), "{report:?}");
+    assert_eq!(s.files(&key).await.len(), 4, "the merged file and its inputs");
+    assert_eq!(s.log.lock().unwrap().open_merges().len(), 1);
+
+    fail.store(false, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.failures), (0, 0), "{report:?}");
+    let files = s.files(&key).await;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(s.log.lock().unwrap().open_merges().is_empty());
+    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
 }
