@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use watershed_event::Clock;
 
@@ -265,7 +266,11 @@ impl Compactor {
         let mut candidates: BTreeSet<String> = std::mem::take(&mut *self.waiting.lock().expect("lock"));
         candidates.extend(self.log.lock().expect("commit log lock").take_touched());
         if !self.scanned.load(Ordering::Relaxed) {
-            for meta in self.lake.list(None).await? {
+            // Streamed: a large lake's listing is not held whole.
+            let mut listing = self.lake.store().list(None);
+            while let Some(meta) = listing.next().await {
+                let meta =
+                    meta.map_err(|e| Error::Store { path: "the lake root".to_owned(), source: Box::new(e) })?;
                 if let Some((dir, _)) = meta.location.as_ref().rsplit_once('/') {
                     candidates.insert(dir.to_owned());
                 }
