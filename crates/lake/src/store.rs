@@ -1,7 +1,7 @@
 //! The lake's object store: create-only puts (a rewrite after a crash is
 //! refused, never a silent overwrite), capped concurrency, and listing.
-//! Any `object_store` backend works: the local file system by default, S3
-//! by configuration.
+//! Any `object_store` backend works ([`Lake::new`]); the hub configures
+//! the local file system.
 
 use std::sync::Arc;
 
