@@ -176,9 +176,9 @@ impl CommitLog {
         }
         let mut open_merges = HashMap::new();
         for m in merges.into_values() {
-            match crate::compact::finish_recovered(lake, &m).await {
-                Ok(true) => {}
-                Ok(false) => {
+            match crate::compact::settle(lake, &m).await {
+                Ok(crate::compact::Settled::Finished | crate::compact::Settled::Dropped) => {}
+                Ok(crate::compact::Settled::Open) => {
                     keep.push(Line::Merge {
                         path: m.path.clone(),
                         partition: m.partition.clone(),

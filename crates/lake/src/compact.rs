@@ -188,16 +188,31 @@ fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
     Some((u64::from_str_radix(first, 16).ok()?, u64::from_str_radix(last, 16).ok()?))
 }
 
-/// Finish a merge found open in the commit log at start (see
-/// [`CommitLog::open`]). Returns whether it is settled: its file was never
-/// put (dropped), or it is in the lake with the records the merge named
-/// and the files it replaces are deleted, or the name holds another
-/// writer's file (dropped; the inputs stay). `false`: deleting an input
-/// failed, and the merge stays open for the compactor.
-pub(crate) async fn finish_recovered(lake: &Lake, m: &OpenMerge) -> Result<bool> {
+/// What became of an open merge (see [`settle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Its file is in the lake and the files it replaces are deleted.
+    Finished,
+    /// Its file never landed (or the name holds another writer's file):
+    /// the files it would replace stay, untouched.
+    Dropped,
+    /// Its file is in the lake, but deleting a replaced file failed.
+    Open,
+}
+
+/// Settle a merge left open: by a crash (found by [`CommitLog::open`]), or
+/// by a put or a delete that failed in an earlier pass. A merge whose
+/// file is in the lake holding exactly the records it named is finished
+/// (the files it replaces are deleted); one whose file is not there is
+/// dropped, its inputs untouched; so is one whose name holds a file of
+/// other records (another hub of the same WAL identity).
+///
+/// # Errors
+/// [`Error::Store`] or [`Error::Parquet`] when the file cannot be checked.
+pub(crate) async fn settle(lake: &Lake, m: &OpenMerge) -> Result<Settled> {
     if !lake.exists(&LakePath(m.path.clone())).await? {
         tracing::info!(path = %m.path, "dropping an unfinished merge; its files stay as they were");
-        return Ok(true);
+        return Ok(Settled::Dropped);
     }
     let bytes = lake.get(&m.path).await?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err(&m.path))?;
@@ -208,9 +223,9 @@ pub(crate) async fn finish_recovered(lake: &Lake, m: &OpenMerge) -> Result<bool>
             path = %m.path,
             "the lake holds another writer's file under a merge's name; the merge is dropped and its files stay"
         );
-        return Ok(true);
+        return Ok(Settled::Dropped);
     }
-    Ok(delete_inputs(lake, m).await)
+    Ok(if delete_inputs(lake, m).await { Settled::Finished } else { Settled::Open })
 }
 
 /// Delete the files a merge replaced; whether all are gone.
@@ -259,8 +274,18 @@ impl Compactor {
         let mut report = CompactReport::default();
         let open = self.log.lock().expect("commit log lock").open_merges();
         for m in open {
-            if delete_inputs(&self.lake, &m).await {
-                self.log.lock().expect("commit log lock").merged(&m.path)?;
+            // Never delete a merge's inputs before checking its file: its
+            // put may have failed.
+            match settle(&self.lake, &m).await {
+                Ok(Settled::Finished) => self.log.lock().expect("commit log lock").merged(&m.path)?,
+                Ok(Settled::Dropped) => {
+                    self.log.lock().expect("commit log lock").abandon(&LakePath(m.path.clone()))?;
+                }
+                Ok(Settled::Open) => report.failures += 1,
+                Err(e) => {
+                    report.failures += 1;
+                    tracing::warn!(path = %m.path, error = %e, "cannot settle an open merge yet; retried on the next pass");
+                }
             }
         }
         let mut candidates: BTreeSet<String> = std::mem::take(&mut *self.waiting.lock().expect("lock"));

@@ -73,22 +73,27 @@ struct Lakeside {
     clock: Arc<TestClock>,
 }
 
-/// A local store whose deletes fail while `fail` is set.
+/// A local store whose deletes fail while `fail` is set, and whose puts
+/// fail while `fail_puts` is.
 #[derive(Debug)]
-struct FailingDeletes {
+struct FailingStore {
     inner: object_store::local::LocalFileSystem,
     fail: Arc<AtomicBool>,
+    fail_puts: Arc<AtomicBool>,
 }
 
-impl std::fmt::Display for FailingDeletes {
+impl std::fmt::Display for FailingStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FailingDeletes({})", self.inner)
+        write!(f, "FailingStore({})", self.inner)
     }
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for FailingDeletes {
+impl ObjectStore for FailingStore {
     async fn put_opts(&self, l: &ObjPath, p: PutPayload, o: PutOptions) -> object_store::Result<PutResult> {
+        if self.fail_puts.load(Ordering::Relaxed) {
+            return Err(object_store::Error::Generic { store: "test", source: "puts fail".into() });
+        }
         self.inner.put_opts(l, p, o).await
     }
     async fn put_multipart_opts(
@@ -130,14 +135,16 @@ impl Lakeside {
         Self::with_lake(dir, lake).await
     }
 
-    /// A lake whose deletes fail while the returned flag is set.
-    async fn failing_deletes() -> (Self, Arc<AtomicBool>) {
+    /// A lake whose deletes fail while the first returned flag is set,
+    /// and puts while the second is.
+    async fn failing() -> (Self, Arc<AtomicBool>, Arc<AtomicBool>) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("lake")).unwrap();
-        let fail = Arc::new(AtomicBool::new(false));
+        let (fail, fail_puts) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
-        let lake = Lake::new(Arc::new(FailingDeletes { inner, fail: fail.clone() }), 2);
-        (Self::with_lake(dir, lake).await, fail)
+        let store = FailingStore { inner, fail: fail.clone(), fail_puts: fail_puts.clone() };
+        let lake = Lake::new(Arc::new(store), 2);
+        (Self::with_lake(dir, lake).await, fail, fail_puts)
     }
 
     async fn with_lake(dir: tempfile::TempDir, lake: Lake) -> Self {
@@ -396,7 +403,7 @@ async fn a_partition_is_compacted_only_after_its_hour_ended_plus_the_delay() {
 /// deletes them and closes it.
 #[tokio::test]
 async fn a_merge_whose_inputs_cannot_be_deleted_is_finished_by_the_next_pass() {
-    let (s, fail) = Lakeside::failing_deletes().await;
+    let (s, fail, _) = Lakeside::failing().await;
     let key = partition("10");
     for r in [1, 2, 3] {
         s.commit(&key, SOURCE, &[r], 10, false).await;
@@ -416,4 +423,29 @@ async fn a_merge_whose_inputs_cannot_be_deleted_is_finished_by_the_next_pass() {
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(s.log.lock().unwrap().open_merges().is_empty());
     assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
+}
+
+/// A merge whose put failed leaves its inputs alone: the next pass finds
+/// its file missing, drops it, and merges the files again.
+#[tokio::test]
+async fn a_merge_whose_put_failed_never_deletes_its_inputs() {
+    let (s, _, fail_puts) = Lakeside::failing().await;
+    let key = partition("10");
+    for r in [1, 2, 3] {
+        s.commit(&key, SOURCE, &[r], 10, false).await;
+    }
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    fail_puts.store(true, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.failures), (0, 1), "{report:?}");
+    assert_eq!(s.files(&key).await.len(), 3, "inputs untouched");
+
+    fail_puts.store(false, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.inputs, report.failures), (1, 3, 0), "{report:?}");
+    let files = s.files(&key).await;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
+    assert!(s.log.lock().unwrap().open_merges().is_empty());
 }
