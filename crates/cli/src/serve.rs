@@ -146,8 +146,22 @@ pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
         LakeCmd::Compact { config, after_secs } => {
             let config = config.load()?;
             let after = after_secs.map(std::time::Duration::from_secs);
-            let r =
-                watershed_hub::pipeline::compact_lake(&config, after).await.context("compacting the lake")?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} partitions {msg}",
+                )
+                .expect("a valid template"),
+            );
+            let mut progress = |done: usize, total: usize, r: &watershed_lake::CompactReport| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(format!("{} files merged into {}", r.inputs, r.merges));
+            };
+            let r = watershed_hub::pipeline::compact_lake(&config, after, &mut progress)
+                .await
+                .context("compacting the lake")?;
+            bar.finish_and_clear();
             println!(
                 "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
                 r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out

@@ -595,7 +595,8 @@ fn to_parts(
 /// takes the data directory's lock, as `serve` does): the commit log is
 /// opened as at start (finishing any merge cut short), then every closed
 /// partition's small files of this hub are merged. `after` overrides
-/// `lake.compact_after_secs`.
+/// `lake.compact_after_secs`; `progress` is called after each partition
+/// (see [`Compactor::run_once_with`]).
 ///
 /// # Errors
 /// [`Error::DataDirInUse`] while the hub runs (it compacts by itself);
@@ -603,6 +604,7 @@ fn to_parts(
 pub async fn compact_lake(
     config: &HubConfig,
     after: Option<std::time::Duration>,
+    progress: &mut (dyn FnMut(usize, usize, &watershed_lake::CompactReport) + Send),
 ) -> Result<watershed_lake::CompactReport> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
@@ -621,7 +623,7 @@ pub async fn compact_lake(
         settings,
         Arc::default(),
     );
-    Ok(compactor.run_once(&std::sync::atomic::AtomicBool::new(false)).await?)
+    Ok(compactor.run_once_with(&std::sync::atomic::AtomicBool::new(false), progress).await?)
 }
 
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {

@@ -271,6 +271,20 @@ impl Compactor {
     /// # Errors
     /// [`Error::Store`] when the lake cannot be listed.
     pub async fn run_once(&self, stop: &AtomicBool) -> Result<CompactReport> {
+        self.run_once_with(stop, &mut |_, _, _| {}).await
+    }
+
+    /// [`Compactor::run_once`], calling `progress(done, total, report)`
+    /// after each partition looked at (`total`: the partitions this pass
+    /// may look at).
+    ///
+    /// # Errors
+    /// As [`Compactor::run_once`].
+    pub async fn run_once_with(
+        &self,
+        stop: &AtomicBool,
+        progress: &mut (dyn FnMut(usize, usize, &CompactReport) + Send),
+    ) -> Result<CompactReport> {
         let mut report = CompactReport::default();
         let open = self.log.lock().expect("commit log lock").open_merges();
         for m in open {
@@ -304,7 +318,9 @@ impl Compactor {
         }
         let now = self.clock.now_micros();
         let after = i64::try_from(self.config.after.as_micros()).unwrap_or(i64::MAX);
-        for dir in candidates {
+        let total = candidates.len();
+        for (done, dir) in candidates.into_iter().enumerate() {
+            progress(done, total, &report);
             let Some(end) = dir_hour_end(&dir) else { continue };
             if end.saturating_add(after) > now {
                 self.waiting.lock().expect("lock").insert(dir);
@@ -323,6 +339,7 @@ impl Compactor {
                 tracing::error!(partition = %dir, error = %e, "cannot compact a partition; retried on the next pass");
             }
         }
+        progress(total, total, &report);
         Ok(report)
     }
 

@@ -315,8 +315,13 @@ async fn files_of_different_schemas_are_merged_separately() {
     assert_eq!(stopped.merges, 0);
     assert_eq!(s.files(&key).await.len(), 5);
 
-    let report = compactor.run_once(&AtomicBool::new(false)).await.unwrap();
+    let mut calls = Vec::new();
+    let report = compactor
+        .run_once_with(&AtomicBool::new(false), &mut |done, total, r| calls.push((done, total, r.merges)))
+        .await
+        .unwrap();
     assert_eq!((report.merges, report.inputs), (2, 5), "{report:?}");
+    assert_eq!(calls, vec![(0, 1, 0), (1, 1, 2)], "progress per partition, then the total");
     let files = s.files(&key).await;
     assert_eq!(files.len(), 2, "{files:?}");
     let (a, _) = s.rows(&files[0]).await;
