@@ -403,54 +403,36 @@ async fn a_partition_is_compacted_only_after_its_hour_ended_plus_the_delay() {
     assert_eq!(compactor.run_once(&stop).await.unwrap().merges, 1);
 }
 
-/// A merge whose inputs cannot be deleted yet stays open (readers see the
-/// rows twice meanwhile, and the pass reports a failure); the next pass
-/// deletes them and closes it.
+/// A merge cut short by the store is settled by the next pass, its file
+/// checked before any input is deleted. Deletes failing: the merged file
+/// is in (readers see the rows twice meanwhile, and the pass reports a
+/// failure); the next pass deletes the inputs. The put failing: the
+/// inputs are untouched; the next pass finds no merged file, drops the
+/// merge, and merges the files again.
 #[tokio::test]
-async fn a_merge_whose_inputs_cannot_be_deleted_is_finished_by_the_next_pass() {
-    let (s, fail, _) = Lakeside::failing().await;
-    let key = partition("10");
-    for r in [1, 2, 3] {
-        s.commit(&key, SOURCE, &[r], 10, false).await;
+async fn a_merge_cut_short_by_the_store_is_settled_by_the_next_pass() {
+    for put_fails in [false, true] {
+        let (s, deletes_fail, puts_fail) = Lakeside::failing().await;
+        let key = partition("10");
+        for r in [1, 2, 3] {
+            s.commit(&key, SOURCE, &[r], 10, false).await;
+        }
+        let compactor = s.compactor(64 << 20);
+        let stop = AtomicBool::new(false);
+        let failing = if put_fails { &puts_fail } else { &deletes_fail };
+        failing.store(true, Ordering::Relaxed);
+        let report = compactor.run_once(&stop).await.unwrap();
+        let (merges, files) = if put_fails { (0, 3) } else { (1, 4) };
+        assert_eq!((report.merges, report.failures), (merges, 1), "put fails: {put_fails}: {report:?}");
+        assert_eq!(s.files(&key).await.len(), files, "put fails: {put_fails}");
+        assert_eq!(s.log.lock().unwrap().open_merges().len(), 1, "open until settled");
+
+        failing.store(false, Ordering::Relaxed);
+        let report = compactor.run_once(&stop).await.unwrap();
+        assert_eq!((report.merges, report.failures), (1 - merges, 0), "put fails: {put_fails}: {report:?}");
+        let files = s.files(&key).await;
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(s.log.lock().unwrap().open_merges().is_empty());
+        assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
     }
-    let compactor = s.compactor(64 << 20);
-    let stop = AtomicBool::new(false);
-    fail.store(true, Ordering::Relaxed);
-    let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.failures), (1, 1), "{report:?}");
-    assert_eq!(s.files(&key).await.len(), 4, "the merged file and its inputs");
-    assert_eq!(s.log.lock().unwrap().open_merges().len(), 1);
-
-    fail.store(false, Ordering::Relaxed);
-    let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.failures), (0, 0), "{report:?}");
-    let files = s.files(&key).await;
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert!(s.log.lock().unwrap().open_merges().is_empty());
-    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
-}
-
-/// A merge whose put failed leaves its inputs alone: the next pass finds
-/// its file missing, drops it, and merges the files again.
-#[tokio::test]
-async fn a_merge_whose_put_failed_never_deletes_its_inputs() {
-    let (s, _, fail_puts) = Lakeside::failing().await;
-    let key = partition("10");
-    for r in [1, 2, 3] {
-        s.commit(&key, SOURCE, &[r], 10, false).await;
-    }
-    let compactor = s.compactor(64 << 20);
-    let stop = AtomicBool::new(false);
-    fail_puts.store(true, Ordering::Relaxed);
-    let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.failures), (0, 1), "{report:?}");
-    assert_eq!(s.files(&key).await.len(), 3, "inputs untouched");
-
-    fail_puts.store(false, Ordering::Relaxed);
-    let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.inputs, report.failures), (1, 3, 0), "{report:?}");
-    let files = s.files(&key).await;
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
-    assert!(s.log.lock().unwrap().open_merges().is_empty());
 }
