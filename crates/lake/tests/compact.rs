@@ -189,16 +189,7 @@ impl Lakeside {
     }
 
     async fn files(&self, key: &PartitionKey) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .lake
-            .list(Some(&key.dir()))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
-        v.sort();
-        v
+        files_of(&self.lake, key).await
     }
 
     async fn rows(&self, path: &str) -> (Vec<String>, String) {
@@ -218,6 +209,14 @@ impl Lakeside {
         }
         (ids, records)
     }
+}
+
+/// The files of `key`'s partition, sorted.
+async fn files_of(lake: &Lake, key: &PartitionKey) -> Vec<String> {
+    let mut v: Vec<String> =
+        lake.list(Some(&key.dir())).await.unwrap().into_iter().map(|m| m.location.to_string()).collect();
+    v.sort();
+    v
 }
 
 fn expected_ids(records: &[u64], rows: usize) -> Vec<String> {
@@ -364,15 +363,7 @@ async fn a_merge_cut_short_is_finished_or_dropped_on_recovery() {
         let (log, committed) = CommitLog::open(&path, &s.lake, 0).await.unwrap();
         assert!(log.open_merges().is_empty(), "{case}");
         assert!(committed.contains(&key.dir(), 1) && committed.contains(&key.dir(), 2), "{case}");
-        let mut files: Vec<String> = s
-            .lake
-            .list(Some(&key.dir()))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
-        files.sort();
+        let files = files_of(&s.lake, &key).await;
         let mut want = match case {
             "put" => vec![out.0.clone()],
             "not put" => vec![a.0.clone(), b.0.clone()],
