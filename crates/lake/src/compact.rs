@@ -295,17 +295,21 @@ impl Compactor {
                 Ok(Settled::Dropped) => {
                     self.log.lock().expect("commit log lock").abandon(&LakePath(m.path.clone()))?;
                 }
-                Ok(Settled::Open) => report.failures += 1,
+                Ok(Settled::Open) => {
+                    report.failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => {
                     report.failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %m.path, error = %e, "cannot settle an open merge yet; retried on the next pass");
                 }
             }
         }
-        let mut candidates: BTreeSet<String> = std::mem::take(&mut *self.waiting.lock().expect("lock"));
-        candidates.extend(self.log.lock().expect("commit log lock").take_touched());
+        let mut candidates = BTreeSet::new();
         if !self.scanned.load(Ordering::Relaxed) {
-            // Streamed: a large lake's listing is not held whole.
+            // Streamed: a large lake's listing is not held whole. A
+            // failure leaves the partitions waiting as they were.
             let mut listing = self.lake.store().list(None);
             while let Some(meta) = listing.next().await {
                 let meta =
@@ -316,6 +320,8 @@ impl Compactor {
             }
             self.scanned.store(true, Ordering::Relaxed);
         }
+        candidates.append(&mut self.waiting.lock().expect("lock"));
+        candidates.extend(self.log.lock().expect("commit log lock").take_touched());
         let now = self.clock.now_micros();
         let after = i64::try_from(self.config.after.as_micros()).unwrap_or(i64::MAX);
         let total = candidates.len();
@@ -332,11 +338,18 @@ impl Compactor {
                 continue;
             }
             report.partitions += 1;
-            if let Err(e) = self.partition(&dir, stop, &mut report).await {
-                report.failures += 1;
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                self.waiting.lock().expect("lock").insert(dir.clone());
-                tracing::error!(partition = %dir, error = %e, "cannot compact a partition; retried on the next pass");
+            match self.partition(&dir, stop, &mut report).await {
+                // Stopped half way through it, perhaps.
+                Ok(()) if stop.load(Ordering::Relaxed) => {
+                    self.waiting.lock().expect("lock").insert(dir);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    report.failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(partition = %dir, error = %e, "cannot compact a partition; retried on the next pass");
+                    self.waiting.lock().expect("lock").insert(dir);
+                }
             }
         }
         progress(total, total, &report);
