@@ -37,6 +37,17 @@ enum Line {
     Merged { path: String },
 }
 
+impl From<&OpenMerge> for Line {
+    fn from(m: &OpenMerge) -> Self {
+        Line::Merge {
+            path: m.path.clone(),
+            partition: m.partition.clone(),
+            inputs: m.inputs.clone(),
+            records: m.records.clone(),
+        }
+    }
+}
+
 /// A merge logged and not yet finished: its file may be in the lake, and
 /// the files it replaces may not all be deleted yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,18 +187,9 @@ impl CommitLog {
         }
         let mut open_merges = HashMap::new();
         for m in merges.into_values() {
-            match crate::compact::settle(lake, &m).await {
-                Ok(crate::compact::Settled::Finished | crate::compact::Settled::Dropped) => {}
-                Ok(crate::compact::Settled::Open) => {
-                    keep.push(Line::Merge {
-                        path: m.path.clone(),
-                        partition: m.partition.clone(),
-                        inputs: m.inputs.clone(),
-                        records: m.records.clone(),
-                    });
-                    open_merges.insert(m.path.clone(), m);
-                }
-                Err(e) => return Err(e),
+            if crate::compact::settle(lake, &m).await? == crate::compact::Settled::Open {
+                keep.push(Line::from(&m));
+                open_merges.insert(m.path.clone(), m);
             }
         }
         let (file, bytes) = rewrite(path, &keep)?;
@@ -229,12 +231,7 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`]; the put must not happen then.
     pub fn merge(&mut self, m: &OpenMerge) -> Result<()> {
-        self.append(&Line::Merge {
-            path: m.path.clone(),
-            partition: m.partition.clone(),
-            inputs: m.inputs.clone(),
-            records: m.records.clone(),
-        })?;
+        self.append(&Line::from(m))?;
         self.merges.insert(m.path.clone(), m.clone());
         Ok(())
     }
@@ -289,12 +286,7 @@ impl CommitLog {
             }
         }
         for m in self.merges.values() {
-            keep.push(Line::Merge {
-                path: m.path.clone(),
-                partition: m.partition.clone(),
-                inputs: m.inputs.clone(),
-                records: m.records.clone(),
-            });
+            keep.push(Line::from(m));
         }
         let before = self.bytes;
         let (file, bytes) = rewrite(&self.path, &keep)?;
