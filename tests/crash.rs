@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use watershed_tests::{add_account, ids_by_table, post, Server};
+use watershed_tests::{add_account, ids_by_table, parquet_files, post, Server};
 
 const ACCOUNT: &str = "123456789012";
 
@@ -88,7 +88,7 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     );
     // Compaction has run (during the load, or now) before the check.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !walk_names(&data.join("lake")).iter().any(|n| n.ends_with("-merged.parquet")) {
+    while !parquet_files(&data.join("lake")).iter().any(|p| is_merged(p)) {
         assert!(std::time::Instant::now() < deadline, "no merged file after 30 s");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -105,7 +105,7 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     let missing: Vec<_> = acked.iter().filter(|id| !counts.contains_key(id.as_str())).take(5).collect();
     assert!(missing.is_empty(), "acknowledged but missing: {missing:?} (of {})", acked.len());
     assert!(ids.get("_dead_letters").is_none_or(Vec::is_empty), "no rejects expected");
-    let merged = walk_names(&data.join("lake")).iter().filter(|n| n.ends_with("-merged.parquet")).count();
+    let merged = parquet_files(&data.join("lake")).iter().filter(|p| is_merged(p)).count();
     eprintln!(
         "{} acknowledged events, {} rows, all present exactly once; {merged} merged files",
         acked.len(),
@@ -113,15 +113,6 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     );
 }
 
-fn walk_names(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk_names(&p));
-        } else {
-            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
-        }
-    }
-    out
+fn is_merged(p: &std::path::Path) -> bool {
+    p.to_string_lossy().ends_with("-merged.parquet")
 }

@@ -5,8 +5,8 @@
 
 use serde_json::{json, Value};
 use watershed_tests::{
-    add_account, detail_strings, duckdb, ids_by_table, login, ndjson, payment, post, python, read_table, run,
-    run_with_stdin, strings, Server,
+    add_account, detail_strings, duckdb, ids_by_table, login, ndjson, parquet_files, payment, post, python,
+    read_table, run, run_with_stdin, strings, Server,
 };
 
 const A: [&str; 3] = ["111111111111", "222222222222", "333333333333"];
@@ -1276,24 +1276,6 @@ fn events_dated_too_far_ahead_are_rejected_and_replay_keeps_what_was_accepted() 
     assert_eq!(ids["_dead_letters"].iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["next-week"]);
 }
 
-/// The Parquet files of `table`'s partitions under `data`'s lake.
-fn parquet_files(data: &std::path::Path, table: &str) -> Vec<std::path::PathBuf> {
-    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                out.push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&data.join("lake").join(table), &mut out);
-    out.sort();
-    out
-}
-
 /// Rounds of 50 payments from one account (one closed partition), each
 /// committed as a file of its own.
 fn payment_rounds(server: &Server, token: &str, data: &std::path::Path, rounds: std::ops::Range<usize>) {
@@ -1323,7 +1305,7 @@ fn small_files_of_closed_partitions_are_merged() {
     ];
     let server = Server::start(&data, &env);
     payment_rounds(&server, &token, &data, 0..4);
-    assert_eq!(parquet_files(&data, "payments").len(), 4);
+    assert_eq!(parquet_files(&data.join("lake/payments")).len(), 4);
     let busy = run(&["lake", "compact", "--data-dir", data_arg]);
     assert!(!busy.status.success());
     assert!(
@@ -1337,7 +1319,7 @@ fn small_files_of_closed_partitions_are_merged() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("4 files merged into 1, 200 rows"), "{stdout}");
-    let files = parquet_files(&data, "payments");
+    let files = parquet_files(&data.join("lake/payments"));
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0].to_str().unwrap().ends_with("-merged.parquet"));
     let ids = payment_ids(&data);
@@ -1350,10 +1332,15 @@ fn small_files_of_closed_partitions_are_merged() {
     let server = Server::start(&data, &env);
     payment_rounds(&server, &token, &data, 4..7);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while parquet_files(&data, "payments").len() > 1 && std::time::Instant::now() < deadline {
+    while parquet_files(&data.join("lake/payments")).len() > 1 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert_eq!(parquet_files(&data, "payments").len(), 1, "{:?}", parquet_files(&data, "payments"));
+    assert_eq!(
+        parquet_files(&data.join("lake/payments")).len(),
+        1,
+        "{:?}",
+        parquet_files(&data.join("lake/payments"))
+    );
     assert!(metric(&metrics(&server), "watershed_compacted_files") >= 2.0);
     // A retry of an early round is still a duplicate.
     let events: Vec<Value> = (0..50).map(|i| ada(&format!("p-0-{i}"), "alice")).collect();

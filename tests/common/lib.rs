@@ -200,11 +200,11 @@ pub fn post(
     (status, json, headers)
 }
 
-/// Every batch of every Parquet file under `lake/<table>`.
+/// Every Parquet file under `dir`, at any depth, sorted.
 #[must_use]
-pub fn read_table(lake: &Path, table: &str) -> Vec<(PathBuf, RecordBatch)> {
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![lake.join(table)];
+    let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
@@ -212,15 +212,26 @@ pub fn read_table(lake: &Path, table: &str) -> Vec<(PathBuf, RecordBatch)> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "parquet") {
-                let f = std::fs::File::open(&p).expect("open parquet");
-                let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-                    .expect("parquet footer")
-                    .build()
-                    .expect("reader");
-                for b in r {
-                    out.push((p.clone(), b.expect("batch")));
-                }
+                out.push(p);
             }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every batch of every Parquet file under `lake/<table>`.
+#[must_use]
+pub fn read_table(lake: &Path, table: &str) -> Vec<(PathBuf, RecordBatch)> {
+    let mut out = Vec::new();
+    for p in parquet_files(&lake.join(table)) {
+        let f = std::fs::File::open(&p).expect("open parquet");
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .expect("parquet footer")
+            .build()
+            .expect("reader");
+        for b in r {
+            out.push((p.clone(), b.expect("batch")));
         }
     }
     out

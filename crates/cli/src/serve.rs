@@ -141,44 +141,52 @@ pub(crate) enum LakeCmd {
 }
 
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
-    let (lake, data_dir, partitions) = match cmd {
-        LakeCmd::Ls { lake, data_dir, partitions } => (lake, data_dir, partitions),
-        LakeCmd::Compact { config, after_secs } => {
-            let config = config.load()?;
-            let after = after_secs.map(std::time::Duration::from_secs);
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} partitions {msg}",
-                )
-                .expect("a valid template"),
-            );
-            let mut progress = |done: usize, total: usize, r: &watershed_lake::CompactReport| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-                bar.set_message(format!("{} files merged into {}", r.inputs, r.merges));
-            };
-            let r = watershed_hub::pipeline::compact_lake(&config, after, &mut progress)
-                .await
-                .context("compacting the lake")?;
-            bar.finish_and_clear();
-            println!(
-                "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
-                r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out
-            );
-            if r.failures > 0 {
-                eprintln!("watershed: {} merges failed or are unfinished (see the log); the next pass or start retries them", r.failures);
-                return Ok(ExitCode::FAILURE);
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-    };
+    match cmd {
+        LakeCmd::Ls { lake, data_dir, partitions } => lake_ls(lake, data_dir, partitions).await,
+        LakeCmd::Compact { config, after_secs } => lake_compact(&config, after_secs).await,
+    }
+}
+
+async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> anyhow::Result<ExitCode> {
     let dir = lake.unwrap_or_else(|| data_dir.join("lake"));
     if !dir.exists() {
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
     }
     let l = watershed_lake::Lake::local(&dir, 8)?;
     print_summary(&watershed_lake::ls::summarize(&l).await?, partitions);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn lake_compact(config: &ConfigArgs, after_secs: Option<u64>) -> anyhow::Result<ExitCode> {
+    let config = config.load()?;
+    let after = after_secs.map(std::time::Duration::from_secs);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} partitions {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let mut progress = |done: usize, total: usize, r: &watershed_lake::CompactReport| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("{} files merged into {}", r.inputs, r.merges));
+    };
+    let r = watershed_hub::pipeline::compact_lake(&config, after, &mut progress)
+        .await
+        .context("compacting the lake")?;
+    bar.finish_and_clear();
+    println!(
+        "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
+        r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out
+    );
+    if r.failures > 0 {
+        eprintln!(
+            "watershed: {} merges failed or are unfinished (see the log); the next pass or start retries them",
+            r.failures
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

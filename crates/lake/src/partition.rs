@@ -36,6 +36,12 @@ impl PartitionKey {
         }
     }
 
+    /// The last microsecond of the partition's hour.
+    #[must_use]
+    pub fn hour_end(&self) -> TimestampMicros {
+        hour_end(&self.date, &format!("{:02}", self.hour)).unwrap_or(0)
+    }
+
     /// The partition directory, relative to the lake root.
     #[must_use]
     pub fn dir(&self) -> String {
@@ -64,6 +70,11 @@ pub fn dir_hour_end(dir: &str) -> Option<TimestampMicros> {
     if hour.len() != 2 || !hour.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    hour_end(date, hour)
+}
+
+/// The last microsecond of hour `hour` (`HH`) of `date` (`YYYY-MM-DD`).
+fn hour_end(date: &str, hour: &str) -> Option<TimestampMicros> {
     watershed_event::parse_rfc3339_micros(format!("{date}T{hour}:59:59.999999Z"))
 }
 
@@ -93,7 +104,8 @@ mod tests {
         let t = watershed_event::parse_rfc3339_micros("2024-05-01T07:59:59Z").unwrap();
         let k = PartitionKey::at("orders", &a, t);
         assert_eq!(k.dir(), "orders/account=123456789012/date=2024-05-01/hour=07");
-        assert_eq!(dir_hour_end(&k.dir()), Some(t + 999_999));
+        assert_eq!(k.hour_end(), t + 999_999);
+        assert_eq!(dir_hour_end(&k.dir()), Some(k.hour_end()));
         assert_eq!(dir_hour_end("orders/date=2024-05-01/hour=07"), None);
         assert_eq!(dir_hour_end("orders/account=1/date=2024-05-01/hour=7x"), None);
         assert_eq!(

@@ -429,7 +429,7 @@ impl LakeWriter {
                 rows: 0,
                 opened: now,
                 touched: now,
-                late: partition_end(&p.key) < late_cut,
+                late: p.key.hour_end() < late_cut,
             });
             debug_assert_eq!(buf.schema, p.batch.schema(), "one schema per partition buffer");
             buf.loose.push(p.batch);
@@ -608,11 +608,6 @@ impl LakeWriter {
             ctx.flush(key, buf).await;
         });
     }
-}
-
-/// The end of a partition's hour, in microseconds.
-fn partition_end(key: &PartitionKey) -> TimestampMicros {
-    watershed_event::parse_rfc3339_micros(format!("{}T{:02}:59:59.999999Z", key.date, key.hour)).unwrap_or(0)
 }
 
 struct FlushCtx {
