@@ -379,6 +379,15 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     let (s, r, _) = post(&server.url, Some(&token), array.to_string().into_bytes(), &[]);
     assert_eq!((s, r["accepted"].as_u64(), r["duplicates"].as_u64()), (200, Some(0), Some(3)), "{r}");
 
+    // One event pretty-printed across lines is one event, not one per line.
+    let pretty = serde_json::to_vec_pretty(&good("g4")).unwrap();
+    let (s, r, _) = post(&server.url, Some(&token), pretty, &[("content-type", "application/json")]);
+    assert_eq!(
+        (s, r["accepted"].as_u64(), r["rejected"].as_array().map(Vec::len)),
+        (200, Some(1), Some(0)),
+        "{r}"
+    );
+
     let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
     assert!(
         metrics.contains("watershed_events_rejected_total{account=\"111111111111\",reason=\"too_large\"} 2"),
@@ -397,7 +406,7 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     let ids = ids_by_table(&data.join("lake"));
     let mut p: Vec<String> = ids["payments"].iter().map(|x| x.1.clone()).collect();
     p.sort();
-    assert_eq!(p, ["g1", "g2", "g3"]);
+    assert_eq!(p, ["g1", "g2", "g3", "g4"]);
     // Rejects are stored once however often they are retried: by id, or
     // for the id-less one ("just a string") by its bytes.
     let mut dead: Vec<String> = ids["_dead_letters"].iter().map(|x| x.1.clone()).collect();
@@ -1045,6 +1054,19 @@ fn send_splits_batches_over_the_body_limit() {
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("accepted 2 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
     assert!(stderr.contains("rejected event 1 (id ?): malformed"), "{stderr}");
+
+    // A JSON array or a pretty-printed event is refused before anything
+    // is sent, rather than posted line by line as rejects.
+    for (name, text, hint) in [
+        ("array.json", Value::Array(vec![ada("x-0", "c-1")]).to_string(), "jq -c '.[]'"),
+        ("pretty.json", serde_json::to_string_pretty(&ada("x-1", "c-1")).unwrap(), "jq -c ."),
+    ] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = send(&file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(hint) && stderr.contains(name), "{stderr}");
+    }
 
     let mut big = ada("big", "c-1");
     big["detail"]["card"]["holder_name"] = json!("x".repeat(30_000));

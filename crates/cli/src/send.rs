@@ -67,6 +67,9 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     loop {
         let line = lines.next().transpose().context("reading input")?;
         if let Some(l) = &line {
+            if index_base + n == 0 && !blank(l) {
+                not_a_json_document(l).with_context(|| format!("reading {}", args.input.display()))?;
+            }
             if !blank(l) {
                 batch.extend_from_slice(l);
                 batch.push(b'\n');
@@ -162,6 +165,26 @@ pub(crate) async fn post(
         }
     }
     Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
+}
+
+/// Refuse, before anything is sent, an input that is one JSON document
+/// rather than NDJSON: a JSON array, or an event pretty-printed across
+/// lines. Sent line by line, each of its lines would be a rejected event.
+fn not_a_json_document(first_line: &[u8]) -> anyhow::Result<()> {
+    let line = first_line.trim_ascii();
+    if line.starts_with(b"[") {
+        anyhow::bail!(
+            "the input is a JSON array; send reads NDJSON, one event per line \
+             (convert it with `jq -c '.[]'`)"
+        );
+    }
+    if line == b"{" {
+        anyhow::bail!(
+            "the input is JSON spread across lines; send reads NDJSON, one event per line \
+             (convert it with `jq -c .`)"
+        );
+    }
+    Ok(())
 }
 
 /// Whether an NDJSON line holds no event.

@@ -52,8 +52,10 @@ pub fn decode<'a>(body: &'a [u8], encoding: Option<&str>, limit: usize) -> Resul
 }
 
 /// Split a body into event byte ranges. A body starting with `[` is a JSON
-/// array (it must be well-formed: 400 otherwise); anything else is NDJSON,
-/// one event per non-empty line (a bad line is that event's problem).
+/// array (it must be well-formed: 400 otherwise); a body that is one JSON
+/// object, on one line or across many (a pretty-printed event, a
+/// structured-mode CloudEvent), is one event; anything else is NDJSON, one
+/// event per non-empty line (a bad line is that event's problem).
 ///
 /// # Errors
 /// [`BodyError::Bad`] for a broken array, [`BodyError::TooManyEvents`].
@@ -61,6 +63,8 @@ pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(body.len());
     let events = if body.get(start) == Some(&b'[') {
         split_array(&body[start..])?
+    } else if one_object(&body[start..]) {
+        vec![trim(&body[start..])]
     } else {
         let mut out = Vec::with_capacity(memchr::memchr_iter(b'\n', body).count() + 1);
         let mut at = 0;
@@ -86,24 +90,15 @@ fn split_array(b: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
     let bad = |what: &str| BodyError::Bad(format!("the body is not a JSON array: {what}"));
     let mut out = Vec::new();
     let mut depth = 0usize;
-    let mut in_str = false;
-    let mut esc = false;
+    let mut strings = Strings::default();
     let mut elem_start: Option<usize> = None;
     let mut closed = None;
     for (i, &c) in b.iter().enumerate().skip(1) {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == b'\\' {
-                esc = true;
-            } else if c == b'"' {
-                in_str = false;
-            }
+        if !strings.outside(c) {
             continue;
         }
         match c {
             b'"' => {
-                in_str = true;
                 elem_start.get_or_insert(i);
             }
             b'{' | b'[' => {
@@ -139,6 +134,60 @@ fn split_array(b: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
     Ok(out)
 }
 
+/// Where a byte of JSON text stands: inside a string or not.
+#[derive(Default)]
+struct Strings {
+    in_str: bool,
+    esc: bool,
+}
+
+impl Strings {
+    /// Take the next byte: true when it is outside any string (structure,
+    /// or the quote that opens a string), false inside one (including the
+    /// closing quote).
+    fn outside(&mut self, c: u8) -> bool {
+        if self.in_str {
+            if self.esc {
+                self.esc = false;
+            } else if c == b'\\' {
+                self.esc = true;
+            } else if c == b'"' {
+                self.in_str = false;
+            }
+            return false;
+        }
+        self.in_str = c == b'"';
+        true
+    }
+}
+
+/// Whether `b` is one JSON object and nothing else but whitespace: its
+/// opening brace is matched (outside strings) by a closing one after which
+/// only whitespace follows. For NDJSON the scan stops at the end of the
+/// first event, so the check costs one event's bytes.
+fn one_object(b: &[u8]) -> bool {
+    if b.first() != Some(&b'{') {
+        return false;
+    }
+    let (mut depth, mut strings) = (0usize, Strings::default());
+    for (i, &c) in b.iter().enumerate() {
+        if !strings.outside(c) {
+            continue;
+        }
+        match c {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return b[i + 1..].iter().all(u8::is_ascii_whitespace);
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 fn trim(s: &[u8]) -> &[u8] {
     let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
     &s[..end]
@@ -160,6 +209,18 @@ mod tests {
         let n = b"{\"a\":1}\r\n\n  \n{bad\n";
         assert_eq!(split(n, 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
         assert_eq!(split(b"1\n2\n3", 2), Err(BodyError::TooManyEvents(2)));
+    }
+
+    #[test]
+    fn one_object_across_lines_is_one_event() {
+        let pretty = b"\n {\n  \"id\": \"a}\\\"{\",\n  \"detail\": {\"n\": [1, {\"x\": 2}]}\n}\r\n\n";
+        assert_eq!(split(pretty, 10).unwrap(), vec![&pretty[2..pretty.len() - 3]]);
+        // NDJSON, a first object with text after it, or one that never
+        // closes: lines, each line its own event.
+        assert_eq!(split(b"{\"a\":1}\n{\"b\":2}", 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]);
+        assert_eq!(split(b"{\"a\":1} x", 10).unwrap(), vec![&b"{\"a\":1} x"[..]]);
+        assert_eq!(split(b"{\"a\":\n1", 10).unwrap(), vec![&b"{\"a\":"[..], b"1"]);
+        assert_eq!(split(b"{\"a\":\"}\n", 10).unwrap(), vec![&b"{\"a\":\"}"[..]]);
     }
 
     #[test]
