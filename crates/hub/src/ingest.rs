@@ -137,6 +137,18 @@ struct Valid<'r, 'g> {
     noted: Noted,
 }
 
+/// The count of `key` in [`partition_counts`]' answer (1 when absent).
+fn count_of(counts: &[((usize, i64), usize)], key: (usize, i64)) -> usize {
+    counts.iter().find(|(k, _)| *k == key).map_or(1, |(_, n)| *n)
+}
+
+impl Valid<'_, '_> {
+    /// The partition it goes to among a request's: its schema and hour.
+    fn partition(&self) -> (usize, i64) {
+        (self.si, self.event_time.div_euclid(HOUR_MICROS))
+    }
+}
+
 /// How far ahead of its receipt an event's time may be, by default: a day
 /// (`limits.max_future_secs`).
 pub const DEFAULT_MAX_FUTURE_SECS: u64 = 86_400;
@@ -177,6 +189,22 @@ impl Builders {
 }
 
 const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// The most rows a partition's builders make room for up front.
+const MAX_ROOM: usize = 4096;
+
+/// How many events go to each (schema, hour) partition, from their keys
+/// ([`Valid::partition`]).
+fn partition_counts(keys: impl Iterator<Item = (usize, i64)>) -> Vec<((usize, i64), usize)> {
+    let mut counts: Vec<((usize, i64), usize)> = Vec::new();
+    for key in keys {
+        match counts.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((key, 1)),
+        }
+    }
+    counts
+}
 
 /// Events per chunk of a request's passes: about 100 KB of JSON and as
 /// much decoded, which stays in a core's L2 cache between the passes,
@@ -325,8 +353,14 @@ impl Ingestor {
                     }
                 }
             }
+            // Room for the events each partition gets, estimated from this
+            // chunk (as many again in each chunk to come), for builders
+            // this chunk creates.
+            let later = events.len().div_ceil(CHUNK_EVENTS) - c;
+            let counts = partition_counts(protected.iter().map(|(_, v)| v.partition()));
+            let expect = |key| count_of(&counts, key) * later;
             for (_, v) in protected.drain(..) {
-                if self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal))) {
+                if self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal)), &expect) {
                     out.response.accepted += 1;
                 } else {
                     out.response.duplicates += 1;
@@ -459,10 +493,12 @@ impl Ingestor {
         if let Err(e) = batch.protector.fetch(account) {
             tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
         }
+        let counts = partition_counts(valid.iter().map(Valid::partition));
+        let expect = |key| count_of(&counts, key);
         for v in valid {
             match self.protect(account, &v, &mut batch) {
                 Ok(()) => {
-                    self.store((account, collector, at), v, &mut batch, None);
+                    self.store((account, collector, at), v, &mut batch, None, &expect);
                 }
                 Err((violation, p)) => {
                     self.dead_letter(
@@ -637,7 +673,9 @@ impl Ingestor {
         v: Valid<'_, '_>,
         batch: &mut Batch<'_>,
         live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
+        expect: &dyn Fn((usize, i64)) -> usize,
     ) -> bool {
+        let key = v.partition();
         let Valid { raw, env, si, subject, version, event_time, root, noted: _ } = v;
         let wal = if let Some((claimed, wal)) = live {
             let k = self.dedupe.key(account.as_str(), &env.id);
@@ -663,10 +701,11 @@ impl Ingestor {
             collector,
         };
         let layout = &self.layouts[si];
-        let b = batch.builders.get_or_insert((si, event_time.div_euclid(HOUR_MICROS)), || {
+        let b = batch.builders.get_or_insert(key, || {
+            let rows = expect(key).clamp(1, MAX_ROOM);
             (
                 PartitionKey::at(&subject.table, account, event_time),
-                Builder::Table(Box::new(TableBuilder::new(layout.clone()))),
+                Builder::Table(Box::new(TableBuilder::with_capacity(layout.clone(), rows))),
             )
         });
         if let Builder::Table(t) = b {

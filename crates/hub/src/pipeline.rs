@@ -581,16 +581,12 @@ fn to_parts(
     parts
         .into_iter()
         .map(|(key, batch)| {
-            memory.add(batch.get_array_memory_size());
+            memory.add(watershed_lake::batch_bytes(&batch));
             Part { key, batch, record }
         })
         .collect()
 }
 
-/// Take `<data_dir>/hub.lock` exclusively (released when the hub is
-/// dropped or its process ends, even by `kill -9`), and write this
-/// process's id into it: a second hub on the same data directory would
-/// append to the same WAL and replay the same records.
 /// One compaction pass over the lake of a hub that is not running (it
 /// takes the data directory's lock, as `serve` does): the commit log is
 /// opened as at start (finishing any merge cut short), then every closed
@@ -626,6 +622,10 @@ pub async fn compact_lake(
     Ok(compactor.run_once_with(&std::sync::atomic::AtomicBool::new(false), progress).await?)
 }
 
+/// Take `<data_dir>/hub.lock` exclusively (released when the hub is
+/// dropped or its process ends, even by `kill -9`), and write this
+/// process's id into it: a second hub on the same data directory would
+/// append to the same WAL and replay the same records.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     use std::io::{Read as _, Seek as _, Write as _};
     let path = dir.join("hub.lock");

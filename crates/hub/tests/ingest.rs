@@ -281,3 +281,24 @@ fn a_keyring_failure_stores_nothing_and_the_retry_succeeds() {
     assert_eq!((out.response.accepted, out.response.duplicates, out.response.rejected.len()), (2, 0, 2));
     assert_eq!(dead_letters(&out).len(), 2, "each reject stored once the keyring is back");
 }
+
+/// A request's batches hold their rows, not the builders' room for more:
+/// the memory budget counts these bytes, and an event alone in its
+/// partition (late events, backfills) would otherwise count as ~150 KB.
+#[test]
+fn batches_are_sized_to_their_rows() {
+    let (_dir, ingestor) = ingestor();
+    let account = AccountId::new("111111111111").unwrap();
+    let one = event("one", DETAIL, "", true);
+    let out = ingestor.process(&account, None, RECEIVED, &[one.as_bytes()]).unwrap();
+    let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
+    let size = batch.get_array_memory_size();
+    assert!(size < 8 * 1024, "one event's batch holds {size} bytes");
+
+    let many: Vec<String> = (0..500).map(|i| event(&format!("m{i}"), DETAIL, "", true)).collect();
+    let refs: Vec<&[u8]> = many.iter().map(|e| e.as_bytes()).collect();
+    let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
+    let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
+    let per_row = batch.get_array_memory_size() / batch.num_rows();
+    assert!(per_row < DETAIL.len() * 2, "{per_row} bytes per row");
+}

@@ -160,23 +160,37 @@ impl Col {
     /// An empty column for `node`.
     #[must_use]
     pub fn new(node: &Node) -> Self {
+        Self::with_capacity(node, 1024)
+    }
+
+    /// An empty column for `node` with room for `rows` values (text and
+    /// lists grow as they fill: their sizes are not known ahead).
+    #[must_use]
+    pub fn with_capacity(node: &Node, rows: usize) -> Self {
+        let n = rows;
         match &node.kind {
             Kind::Null => Col::Null(0),
-            Kind::Boolean => Col::Bool(BooleanBuilder::new()),
-            Kind::Int => Col::I32(Int32Builder::new()),
-            Kind::Long => Col::I64(Int64Builder::new()),
-            Kind::Float => Col::F32(Float32Builder::new()),
-            Kind::Double => Col::F64(Float64Builder::new()),
-            Kind::String | Kind::Uuid | Kind::Enum { .. } => Col::Str(BinaryBuilder::new()),
-            Kind::Bytes | Kind::Fixed { .. } => Col::Bin(BinaryBuilder::new()),
-            Kind::Date => Col::Date(Date32Builder::new()),
-            Kind::TimeMillis => Col::TimeMs(Time32MillisecondBuilder::new()),
-            Kind::TimeMicros => Col::TimeUs(Time64MicrosecondBuilder::new()),
-            Kind::TimestampMillis => Col::TsMs(TimestampMillisecondBuilder::new().with_timezone(UTC)),
-            Kind::TimestampMicros => Col::TsUs(TimestampMicrosecondBuilder::new().with_timezone(UTC)),
+            Kind::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),
+            Kind::Int => Col::I32(Int32Builder::with_capacity(n)),
+            Kind::Long => Col::I64(Int64Builder::with_capacity(n)),
+            Kind::Float => Col::F32(Float32Builder::with_capacity(n)),
+            Kind::Double => Col::F64(Float64Builder::with_capacity(n)),
+            Kind::String | Kind::Uuid | Kind::Enum { .. } => {
+                Col::Str(BinaryBuilder::with_capacity(n, n * 16))
+            }
+            Kind::Bytes | Kind::Fixed { .. } => Col::Bin(BinaryBuilder::with_capacity(n, n * 16)),
+            Kind::Date => Col::Date(Date32Builder::with_capacity(n)),
+            Kind::TimeMillis => Col::TimeMs(Time32MillisecondBuilder::with_capacity(n)),
+            Kind::TimeMicros => Col::TimeUs(Time64MicrosecondBuilder::with_capacity(n)),
+            Kind::TimestampMillis => {
+                Col::TsMs(TimestampMillisecondBuilder::with_capacity(n).with_timezone(UTC))
+            }
+            Kind::TimestampMicros => {
+                Col::TsUs(TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC))
+            }
             #[allow(clippy::cast_possible_wrap)]
             Kind::Decimal { precision, scale } => Col::Dec(
-                Decimal128Builder::new()
+                Decimal128Builder::with_capacity(n)
                     .with_precision_and_scale(*precision, *scale as i8)
                     .expect("checked at load"),
                 *precision,
@@ -186,19 +200,19 @@ impl Col {
                 let DataType::List(field) = arrow_type(node) else { unreachable!("array maps to list") };
                 Col::List {
                     field,
-                    offsets: vec![0],
-                    nulls: NullBufferBuilder::new(0),
-                    child: Box::new(Col::new(item)),
+                    offsets: first_offset(n),
+                    nulls: NullBufferBuilder::new(n),
+                    child: Box::new(Col::with_capacity(item, n)),
                 }
             }
             Kind::Map(value) => {
                 let DataType::Map(field, _) = arrow_type(node) else { unreachable!("map maps to map") };
                 Col::Map {
                     field,
-                    offsets: vec![0],
-                    nulls: NullBufferBuilder::new(0),
-                    keys: StringBuilder::new(),
-                    values: Box::new(Col::new(value)),
+                    offsets: first_offset(n),
+                    nulls: NullBufferBuilder::new(n),
+                    keys: StringBuilder::with_capacity(n, n * 16),
+                    values: Box::new(Col::with_capacity(value, n)),
                 }
             }
             Kind::Record(r) => {
@@ -207,8 +221,8 @@ impl Col {
                 };
                 Col::Struct {
                     fields,
-                    children: r.fields.iter().map(|f| Col::new(&f.node)).collect(),
-                    nulls: NullBufferBuilder::new(0),
+                    children: r.fields.iter().map(|f| Col::with_capacity(&f.node, n)).collect(),
+                    nulls: NullBufferBuilder::new(n),
                 }
             }
         }
@@ -372,6 +386,13 @@ impl Col {
             }
         }
     }
+}
+
+/// Offsets with room for `rows`, starting with 0.
+fn first_offset(rows: usize) -> Vec<i32> {
+    let mut v = Vec::with_capacity(rows + 1);
+    v.push(0);
+    v
 }
 
 fn take_offsets(offsets: &mut Vec<i32>) -> OffsetBuffer<i32> {

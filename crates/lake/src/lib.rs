@@ -31,4 +31,4 @@ pub use error::{Error, Result};
 pub use partition::{dir_hour_end, LakePath, PartitionKey, DEAD_LETTERS};
 pub use store::{Lake, Put};
 pub use table::{DeadLetter, DeadLetterBuilder, EventMeta, TableBuilder, TableLayout};
-pub use writer::{CommitSink, LakeWriter, Memory, Msg, Part, WriterConfig, WriterStats};
+pub use writer::{batch_bytes, CommitSink, LakeWriter, Memory, Msg, Part, WriterConfig, WriterStats};

@@ -13,7 +13,10 @@
 //!   until open buffers hold less than the low mark;
 //! - when more than `max_open_partitions` buffers are open, the least
 //!   recently written ones flush (late events cannot open partitions
-//!   without bound);
+//!   without bound; each one flushed early is a small file, so the bound
+//!   is high and the memory budget, which charges each partition its
+//!   rows, its batches' arrays and [`PARTITION_BYTES`], is what usually
+//!   decides; see [`batch_bytes`]);
 //! - a buffer older than `roll_age` flushes; buffers of late partitions
 //!   (event hour older than `late_after`) wait `late_roll_age` instead, so a
 //!   trickle of late events coalesces into few files;
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use watershed_event::{Clock, TimestampMicros};
@@ -49,6 +52,21 @@ const CHUNK_ROWS: usize = 2048;
 
 /// The same, in Arrow bytes, for tables with wide rows.
 const CHUNK_BYTES: usize = 8 << 20;
+
+/// What a partition's buffer costs beyond its rows (its entry, key and
+/// bookkeeping), counted against the memory budget so that the budget
+/// bounds how many partitions can be open, whatever their size.
+const PARTITION_BYTES: usize = 1024;
+
+/// A partition's newest unencoded batch is joined with the one before it
+/// when that one holds fewer rows than this and not more than twice the
+/// newest's: each batch costs about half a kilobyte per array beyond its
+/// rows, which an event or two per partition and request (late events,
+/// backfills) would otherwise multiply. Joining like with like keeps the
+/// batches few (about the logarithm of the rows) and copies each row a
+/// few times at most; batches of requests that bring a partition many
+/// rows at once are left alone.
+const JOIN_ROWS: usize = 64;
 
 /// Under memory pressure, partitions with at least this many unencoded
 /// bytes are encoded before any file is flushed early (below it, an
@@ -86,8 +104,8 @@ impl Default for WriterConfig {
             roll_age: Duration::from_secs(60),
             late_roll_age: Duration::from_secs(600),
             late_after: Duration::from_secs(3600),
-            max_open_partitions: 1024,
-            flush_concurrency: 2,
+            max_open_partitions: 8192,
+            flush_concurrency: 4,
             encode: EncodeOptions::default(),
             source: "wal".to_owned(),
         }
@@ -131,6 +149,29 @@ impl Memory {
     pub fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
     }
+}
+
+/// What an array costs beyond the buffers `get_array_memory_size`
+/// counts: its own structures, its buffers' headers and the allocator's
+/// rounding of small buffers. Measured on the reference tables: a
+/// one-event payment batch (30 arrays) adds 18.3 KB to the process's
+/// resident memory where its buffers count 3.7 KB.
+const ARRAY_BYTES: usize = 480;
+
+/// The bytes `batch` holds, as the memory budget counts them: its
+/// buffers plus [`ARRAY_BYTES`] per array, so that many small batches
+/// (an event or two per partition and request) count what they take.
+#[must_use]
+pub fn batch_bytes(batch: &RecordBatch) -> usize {
+    fn arrays(t: &DataType) -> usize {
+        1 + match t {
+            DataType::Struct(fields) => fields.iter().map(|f| arrays(f.data_type())).sum(),
+            DataType::List(f) | DataType::LargeList(f) | DataType::Map(f, _) => arrays(f.data_type()),
+            _ => 0,
+        }
+    }
+    let n: usize = batch.schema_ref().fields().iter().map(|f| arrays(f.data_type())).sum();
+    batch.get_array_memory_size() + n * ARRAY_BYTES
 }
 
 /// One partition's rows from one WAL record.
@@ -240,6 +281,30 @@ impl Buffer {
     /// Whether four chunks' worth wait: the writer then waits to encode.
     fn chunk_overdue(&self) -> bool {
         self.loose_rows >= 4 * CHUNK_ROWS || self.loose_bytes >= 4 * CHUNK_BYTES
+    }
+
+    /// Join the newest unencoded batches while they are small and alike
+    /// (see [`JOIN_ROWS`]), charging the joined batch's size instead of
+    /// theirs.
+    fn join_small(&mut self, memory: &Memory) {
+        while let [.., older, newer] = &self.loose[..] {
+            let (o, n) = (older.num_rows(), newer.num_rows());
+            if o >= JOIN_ROWS || o > 2 * n {
+                return;
+            }
+            let Ok(joined) = arrow::compute::concat_batches(&self.schema, [older, newer]) else {
+                return; // one schema per buffer: only a bug gets here; keep the batches
+            };
+            let before = batch_bytes(older) + batch_bytes(newer);
+            let after = batch_bytes(&joined);
+            self.loose.truncate(self.loose.len() - 2);
+            self.loose.push(joined);
+            memory.add(after);
+            memory.release(before);
+            self.loose_bytes = self.loose_bytes + after - before;
+            self.charge.fetch_add(after, Ordering::Relaxed);
+            self.charge.fetch_sub(before, Ordering::Relaxed);
+        }
     }
 
     /// Wait for the chunk in flight, if any, and take the encoder (`None`
@@ -411,25 +476,32 @@ impl LakeWriter {
         let late_cut = now - i64::try_from(self.cfg.late_after.as_micros()).unwrap_or(i64::MAX);
         let mut ready = Vec::new();
         for p in parts {
-            let bytes = p.batch.get_array_memory_size();
+            let bytes = batch_bytes(&p.batch);
             let rows = p.batch.num_rows();
             // A table's layout is fixed for the writer's lifetime (the
             // registry is loaded once at start), so one buffer, and one
             // file, has one schema.
-            let buf = self.buffers.entry(p.key.clone()).or_insert_with(|| Buffer {
-                schema: p.batch.schema(),
-                loose: Vec::new(),
-                loose_rows: 0,
-                loose_bytes: 0,
-                encoder: Encoder::Empty,
-                records: Vec::new(),
-                oldest_record: p.record,
-                bytes: 0,
-                charge: Arc::default(),
-                rows: 0,
-                opened: now,
-                touched: now,
-                late: p.key.hour_end() < late_cut,
+            let memory = &self.memory;
+            let buf = self.buffers.entry(p.key.clone()).or_insert_with(|| {
+                // The partition's own cost is charged with its unencoded
+                // rows, so the first encoded chunk (whose file's memory
+                // is then counted instead) or the flush releases it.
+                memory.add(PARTITION_BYTES);
+                Buffer {
+                    schema: p.batch.schema(),
+                    loose: Vec::new(),
+                    loose_rows: 0,
+                    loose_bytes: PARTITION_BYTES,
+                    encoder: Encoder::Empty,
+                    records: Vec::new(),
+                    oldest_record: p.record,
+                    bytes: 0,
+                    charge: Arc::new(AtomicUsize::new(PARTITION_BYTES)),
+                    rows: 0,
+                    opened: now,
+                    touched: now,
+                    late: p.key.hour_end() < late_cut,
+                }
             });
             debug_assert_eq!(buf.schema, p.batch.schema(), "one schema per partition buffer");
             buf.loose.push(p.batch);
@@ -443,6 +515,7 @@ impl LakeWriter {
             buf.rows += rows;
             buf.touched = now;
             buf.charge.fetch_add(bytes, Ordering::Relaxed);
+            buf.join_small(&self.memory);
             if buf.chunk_ready() {
                 ready.push(p.key);
             }

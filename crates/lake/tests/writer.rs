@@ -1,7 +1,8 @@
 //! The writer's policies with an injected clock: partition count is
 //! bounded, late partitions wait longer before rolling, every row reaches a
 //! committed file exactly once and in order, open partitions hold encoded
-//! pages, and memory pressure encodes before it flushes.
+//! pages, memory pressure encodes before it flushes, and partitions fed an
+//! event at a time are charged what they hold.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,8 @@ use arrow::array::{Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use watershed_event::{AccountId, Clock};
 use watershed_lake::{
-    CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterConfig, WriterStats,
+    batch_bytes, CommitLog, CommitSink, Lake, LakeWriter, Memory, Msg, Part, PartitionKey, WriterConfig,
+    WriterStats,
 };
 
 #[derive(Debug)]
@@ -77,7 +79,7 @@ impl Harness {
     /// Hand over one partition's rows, counted against the budget as the
     /// pipeline does.
     async fn send(&self, key: PartitionKey, batch: RecordBatch, record: u64) {
-        self.memory.add(batch.get_array_memory_size());
+        self.memory.add(batch_bytes(&batch));
         self.tx.send(Msg::Parts(vec![Part { key, batch, record }])).await.unwrap();
     }
 
@@ -279,6 +281,51 @@ async fn many_small_batches_are_encoded_in_chunks_without_losing_or_reordering_r
     assert_eq!(next, requests * rows, "every row is in the file");
 }
 
+/// A backfill scattered over many partitions brings each an event or two
+/// per request. Their one-row batches are joined as they arrive, so the
+/// budget (which charges each batch its arrays' overhead) holds hundreds
+/// of rows per partition rather than a few dozen batches, and joining
+/// keeps every row, in order.
+#[tokio::test]
+async fn partitions_fed_an_event_at_a_time_hold_joined_batches() {
+    let now = 1_000 * HOUR;
+    let w = Harness::start(WriterConfig::default(), 1 << 30, now).await;
+    let account = AccountId::new("111111111111").unwrap();
+    let (partitions, per_partition) = (20u64, 300u64);
+    let one_row = batch_bytes(&batch(0));
+    for r in 0..per_partition {
+        for p in 0..partitions {
+            let key = PartitionKey::at("t", &account, now - (48 + i64::try_from(p).unwrap()) * HOUR);
+            w.send(key, batch(r * partitions + p), r * partitions + p + 1).await;
+        }
+    }
+    w.settle().await;
+    let (held, sent) = (w.memory.used(), usize::try_from(partitions * per_partition).unwrap() * one_row);
+    assert!(held < sent / 4, "{held} bytes held for {sent} sent as one-row batches");
+    assert_eq!(w.flushed().len(), 0, "nothing flushed early");
+
+    let (dir, _, stats, memory) = w.finish().await;
+    assert_eq!(memory.used(), 0, "every buffered byte is released exactly once");
+    assert_eq!(stats.rows.load(Ordering::Relaxed), partitions * per_partition);
+    for file in walk(dir.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")) {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&file).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let values: Vec<i64> = reader
+            .flat_map(|b| {
+                b.unwrap().column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()
+            })
+            .collect();
+        assert_eq!(values.len(), usize::try_from(per_partition).unwrap(), "{}", file.display());
+        let p = values[0];
+        let want: Vec<i64> = (0..per_partition).map(|r| i64::try_from(r * partitions).unwrap() + p).collect();
+        assert_eq!(values, want, "rows keep their order in {}", file.display());
+    }
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -336,7 +383,7 @@ async fn open_partitions_hold_encoded_bytes_and_pressure_encodes_before_it_flush
     let mut arrow_bytes = 0;
     for r in 0..30u64 {
         let b = text_batch(&schema, r * 1000, 1000, 120);
-        arrow_bytes += b.get_array_memory_size();
+        arrow_bytes += batch_bytes(&b);
         w.send(big.clone(), b, r + 1).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
