@@ -472,6 +472,48 @@ fn metric(text: &str, name: &str) -> f64 {
     line.unwrap_or_else(|| panic!("{name} in {text}")).parse().unwrap()
 }
 
+/// A backfill scattered over hours: 2,000 hourly partitions, each brought
+/// one event by each of three rounds of requests. They stay open, each
+/// charged what it holds, and each makes one file: no file per visit (an
+/// open-partition bound of 1,024 made one per event), and what the
+/// budget counts stays under it.
+#[test]
+fn a_backfill_over_thousands_of_hours_makes_one_file_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let budget = 256u64 << 20;
+    let server = Server::start(&data, &[("WATERSHED_MEMORY__BUDGET_BYTES", &budget.to_string())]);
+    let (hours, rounds) = (2000i64, 3);
+    let start = chrono::DateTime::parse_from_rfc3339("2024-01-01T00:30:00Z").unwrap();
+    let mut peak = 0f64;
+    for round in 0..rounds {
+        for first in (0..hours).step_by(1000) {
+            let events: Vec<Value> = (first..first + 1000)
+                .map(|h| {
+                    let mut e = ada(&format!("b{round}-{h}"), &format!("c{h}"));
+                    let time = start - chrono::Duration::hours(h);
+                    e["time"] = json!(time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    e
+                })
+                .collect();
+            let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
+            assert_eq!((s, r["accepted"].as_u64()), (200, Some(1000)), "{r}");
+            peak = peak.max(metric(&metrics(&server), "watershed_memory_bytes"));
+        }
+    }
+    let text = metrics(&server);
+    assert_eq!(metric(&text, "watershed_open_partitions"), 2000.0, "{text}");
+    assert_eq!(metric(&text, "watershed_files_written"), 0.0, "nothing flushed early: {text}");
+    assert!(peak < budget as f64 / 2.0, "the budget counted {peak} bytes at most");
+    assert!(server.stop().success());
+    assert_eq!(parquet_files(&data.join("lake").join("payments")).len(), 2000);
+    let ids = payment_ids(&data);
+    let mut distinct = ids.clone();
+    distinct.dedup();
+    assert_eq!((ids.len(), distinct.len()), (6000, 6000));
+}
+
 /// The WAL bound of the two tests below: sixteen 64 KiB segments.
 const WAL_BOUND: [(&str, &str); 2] =
     [("WATERSHED_WAL__SEGMENT_BYTES", "65536"), ("WATERSHED_WAL__MAX_RAW_BYTES", "1048576")];
