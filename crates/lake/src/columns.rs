@@ -157,12 +157,6 @@ pub enum Col {
 }
 
 impl Col {
-    /// An empty column for `node`.
-    #[must_use]
-    pub fn new(node: &Node) -> Self {
-        Self::with_capacity(node, 1024)
-    }
-
     /// An empty column for `node` with room for `rows` values (text and
     /// lists grow as they fill: their sizes are not known ahead).
     #[must_use]

@@ -86,12 +86,6 @@ fn ts() -> TimestampMicrosecondBuilder {
 }
 
 impl TableBuilder {
-    /// An empty builder.
-    #[must_use]
-    pub fn new(layout: Arc<TableLayout>) -> Self {
-        Self::with_capacity(layout, 1024)
-    }
-
     /// An empty builder with room for about `rows` events: a request
     /// scattered over many partitions then allocates for the events each
     /// one gets, not for a thousand each.
