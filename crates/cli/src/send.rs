@@ -67,10 +67,10 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     loop {
         let line = lines.next().transpose().context("reading input")?;
         if let Some(l) = &line {
-            if index_base + n == 0 && !blank(l) {
-                not_a_json_document(l).with_context(|| format!("reading {}", args.input.display()))?;
-            }
             if !blank(l) {
+                if index_base + n == 0 {
+                    not_a_json_document(l).with_context(|| format!("reading {}", args.input.display()))?;
+                }
                 batch.extend_from_slice(l);
                 batch.push(b'\n');
                 n += 1;

@@ -137,11 +137,6 @@ struct Valid<'r, 'g> {
     noted: Noted,
 }
 
-/// The count of `key` in [`partition_counts`]' answer (1 when absent).
-fn count_of(counts: &[((usize, i64), usize)], key: (usize, i64)) -> usize {
-    counts.iter().find(|(k, _)| *k == key).map_or(1, |(_, n)| *n)
-}
-
 impl Valid<'_, '_> {
     /// The partition it goes to among a request's: its schema and hour.
     fn partition(&self) -> (usize, i64) {
@@ -204,6 +199,11 @@ fn partition_counts(keys: impl Iterator<Item = (usize, i64)>) -> Vec<((usize, i6
         }
     }
     counts
+}
+
+/// The count of `key` in [`partition_counts`]' answer (1 when absent).
+fn count_of(counts: &[((usize, i64), usize)], key: (usize, i64)) -> usize {
+    counts.iter().find(|(k, _)| *k == key).map_or(1, |(_, n)| *n)
 }
 
 /// Events per chunk of a request's passes: about 100 KB of JSON and as
@@ -702,7 +702,7 @@ impl Ingestor {
         };
         let layout = &self.layouts[si];
         let b = batch.builders.get_or_insert(key, || {
-            let rows = expect(key).clamp(1, MAX_ROOM);
+            let rows = expect(key).min(MAX_ROOM);
             (
                 PartitionKey::at(&subject.table, account, event_time),
                 Builder::Table(Box::new(TableBuilder::with_capacity(layout.clone(), rows))),

@@ -157,11 +157,10 @@ pub enum Col {
 }
 
 impl Col {
-    /// An empty column for `node` with room for `rows` values (text and
+    /// An empty column for `node` with room for `n` values (text and
     /// lists grow as they fill: their sizes are not known ahead).
     #[must_use]
-    pub fn with_capacity(node: &Node, rows: usize) -> Self {
-        let n = rows;
+    pub fn with_capacity(node: &Node, n: usize) -> Self {
         match &node.kind {
             Kind::Null => Col::Null(0),
             Kind::Boolean => Col::Bool(BooleanBuilder::with_capacity(n)),

@@ -81,17 +81,16 @@ pub struct TableBuilder {
     rows: usize,
 }
 
-fn ts() -> TimestampMicrosecondBuilder {
-    TimestampMicrosecondBuilder::new().with_timezone(UTC)
+fn ts(rows: usize) -> TimestampMicrosecondBuilder {
+    TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(UTC)
 }
 
 impl TableBuilder {
-    /// An empty builder with room for about `rows` events: a request
+    /// An empty builder with room for about `n` events: a request
     /// scattered over many partitions then allocates for the events each
     /// one gets, not for a thousand each.
     #[must_use]
-    pub fn with_capacity(layout: Arc<TableLayout>, rows: usize) -> Self {
-        let n = rows;
+    pub fn with_capacity(layout: Arc<TableLayout>, n: usize) -> Self {
         let text = || StringBuilder::with_capacity(n, n * 32);
         let detail = Col::with_capacity(&layout.detail, n);
         Self {
@@ -99,8 +98,8 @@ impl TableBuilder {
             event_id: text(),
             source: text(),
             detail_type: text(),
-            event_time: TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC),
-            received_at: TimestampMicrosecondBuilder::with_capacity(n).with_timezone(UTC),
+            event_time: ts(n),
+            received_at: ts(n),
             region: text(),
             resources: ListBuilder::with_capacity(StringBuilder::with_capacity(0, 0), n),
             schema_version: Int32Builder::with_capacity(n),
@@ -204,7 +203,7 @@ impl Default for DeadLetterBuilder {
         Self {
             schema: dead_letter_schema(),
             cols: Default::default(),
-            received_at: ts(),
+            received_at: ts(1024),
             collector: StringBuilder::new(),
             raw: StringBuilder::new(),
             rows: 0,
@@ -250,12 +249,11 @@ impl DeadLetterBuilder {
     }
 }
 
-/// Columns shrunk to their rows. A builder grows its buffers by doubling
-/// from room for 1,024 values, and a batch keeps that room: one event in
-/// a partition of its own would hold about 150 KB (a payment's 40 columns)
-/// where its values take under 4 KB, and the memory budget counts the
-/// room. Requests scattered over many partitions (late events, backfills)
-/// then filled the budget with empty space.
+/// Columns shrunk to their rows. A batch keeps whatever room its builders
+/// had left (their estimate of the rows, or 1,024 for dead letters):
+/// with the room for 1,024, one event in a partition of its own held
+/// about 150 KB (a payment's 30 arrays) where its values take under 4 KB,
+/// and the memory budget counts the room.
 fn fitted(mut columns: Vec<ArrayRef>) -> Vec<ArrayRef> {
     for c in &mut columns {
         if let Some(c) = Arc::get_mut(c) {
