@@ -807,9 +807,18 @@ fn wal_paths(data: &std::path::Path, ext: &str) -> Vec<std::path::PathBuf> {
     paths
 }
 
-/// Sizes of the files named `*.<ext>` in the WAL directory of `data`.
+/// Sizes of the files named `*.<ext>` in the WAL directory of `data`
+/// (a file retired between the listing and its `stat` is gone, not an
+/// error).
 fn wal_files(data: &std::path::Path, ext: &str) -> Vec<u64> {
-    wal_paths(data, ext).iter().map(|p| std::fs::metadata(p).unwrap().len()).collect()
+    wal_paths(data, ext)
+        .iter()
+        .filter_map(|p| match std::fs::metadata(p) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => panic!("{}: {e}", p.display()),
+        })
+        .collect()
 }
 
 /// Wait (at most `secs`) until no WAL segment of `data` holds an event.
