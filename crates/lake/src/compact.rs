@@ -505,7 +505,8 @@ fn encode_run(
     opts: EncodeOptions,
     rows: u64,
 ) -> Result<Bytes> {
-    let mut file = FileEncoder::new(path, &run[0].schema, opts)?;
+    let rows_hint = usize::try_from(rows).unwrap_or(usize::MAX);
+    let mut file = FileEncoder::for_rows(path, &run[0].schema, opts, rows_hint)?;
     for input in run {
         let reader = ParquetRecordBatchReaderBuilder::try_new(input.bytes.clone())
             .and_then(|b| b.with_batch_size(READ_ROWS).build())

@@ -41,6 +41,15 @@ const DICTIONARY_LIMIT: usize = 256 << 10;
 /// Rows handed to the Parquet writer per call.
 const WRITE_ROWS: usize = 8192;
 
+/// A file of fewer rows than this is written uncompressed
+/// ([`FileEncoder::for_rows`]). Its pages are a few hundred bytes per
+/// column, where zstd saves little, while the Parquet writer sets up a
+/// zstd compression and decompression context per column chunk, and each
+/// setup runs `cpuid`: a trap to the hypervisor on virtual machines, which
+/// made it two thirds of the CPU of writing a one-event file. Such files
+/// are what compaction merges (into zstd files).
+pub const SMALL_FILE_ROWS: usize = 128;
+
 /// Encode `batches` (all of `schema`) as one Parquet file.
 ///
 /// # Errors
@@ -93,7 +102,25 @@ impl FileEncoder {
     /// # Errors
     /// [`Error::Parquet`] for settings the writer refuses.
     pub fn new(path: &str, schema: &SchemaRef, opts: EncodeOptions) -> Result<Self> {
+        Self::with_compression(path, schema, opts, true)
+    }
+
+    /// A file that will hold `rows` rows and no more: as
+    /// [`FileEncoder::new`], uncompressed below [`SMALL_FILE_ROWS`].
+    ///
+    /// # Errors
+    /// As [`FileEncoder::new`].
+    pub fn for_rows(path: &str, schema: &SchemaRef, opts: EncodeOptions, rows: usize) -> Result<Self> {
+        Self::with_compression(path, schema, opts, rows >= SMALL_FILE_ROWS)
+    }
+
+    fn with_compression(path: &str, schema: &SchemaRef, opts: EncodeOptions, zstd: bool) -> Result<Self> {
         let err = |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) };
+        let compression = if zstd {
+            Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?)
+        } else {
+            Compression::UNCOMPRESSED
+        };
         let mut builder = WriterProperties::builder();
         // Ciphertexts and event ids never repeat: a dictionary would only
         // cost time. The min and max of random ciphertexts prune nothing
@@ -118,7 +145,7 @@ impl FileEncoder {
                 builder.set_column_dictionary_enabled(ColumnPath::new(vec![UNIQUE_COLUMN.into()]), false);
         }
         let props = builder
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level).map_err(err)?))
+            .set_compression(compression)
             .set_statistics_enabled(EnabledStatistics::Chunk)
             .set_dictionary_enabled(true)
             // A column whose dictionary outgrows this falls back to plain
@@ -264,5 +291,37 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(back.column_by_name("event_time").unwrap(), &times(), "delta-encoded times read back");
+    }
+
+    /// A file known to stay small is written uncompressed; from
+    /// [`SMALL_FILE_ROWS`] rows, and for a file whose size is not known
+    /// when it is started, every column is zstd.
+    #[test]
+    fn small_files_are_uncompressed_and_others_zstd() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("s", DataType::Utf8, false),
+        ]));
+        let file = |rows: usize, known: bool| {
+            let n: ArrayRef = Arc::new(Int64Array::from_iter_values((0..rows).map(|i| i as i64)));
+            let s: ArrayRef =
+                Arc::new(StringArray::from_iter_values((0..rows).map(|i| format!("v{}", i % 7))));
+            let batch = RecordBatch::try_new(schema.clone(), vec![n, s]).unwrap();
+            let opts = EncodeOptions::default();
+            let mut f = if known {
+                FileEncoder::for_rows("t.parquet", &schema, opts, rows).unwrap()
+            } else {
+                FileEncoder::new("t.parquet", &schema, opts).unwrap()
+            };
+            f.write_joined(&[batch]).unwrap();
+            let reader = SerializedFileReader::new(Bytes::from(f.finish(Vec::new()).unwrap())).unwrap();
+            let rg = reader.metadata().row_group(0);
+            (0..rg.num_columns()).map(|i| rg.column(i).compression()).collect::<Vec<_>>()
+        };
+        let zstd = Compression::ZSTD(ZstdLevel::try_new(1).unwrap());
+        assert_eq!(file(1, true), [Compression::UNCOMPRESSED; 2]);
+        assert_eq!(file(SMALL_FILE_ROWS - 1, true), [Compression::UNCOMPRESSED; 2]);
+        assert_eq!(file(SMALL_FILE_ROWS, true), [zstd; 2]);
+        assert_eq!(file(1, false), [zstd; 2]);
     }
 }

@@ -26,7 +26,7 @@ mod writer;
 
 pub use commit::{CommitLog, Committed, OpenMerge};
 pub use compact::{CompactConfig, CompactReport, CompactStats, Compactor};
-pub use encode::{encode, EncodeOptions, FileEncoder};
+pub use encode::{encode, EncodeOptions, FileEncoder, SMALL_FILE_ROWS};
 pub use error::{Error, Result};
 pub use partition::{dir_hour_end, LakePath, PartitionKey, DEAD_LETTERS};
 pub use store::{Lake, Put};

@@ -764,14 +764,16 @@ impl FlushCtx {
                 buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
             ),
         ];
-        let (schema, memory, name, opts) =
-            (buf.schema.clone(), self.memory.clone(), path.0.clone(), self.encode);
+        let (schema, memory, name, opts, rows) =
+            (buf.schema.clone(), self.memory.clone(), path.0.clone(), self.encode, buf.rows);
         tokio::task::spawn_blocking(move || {
             let charged = loose_bytes + file.as_ref().map_or(0, |f| f.charged);
             let out = (|| {
                 let mut file = match file {
                     Some(f) => f,
-                    None => Box::new(FileEncoder::new(&name, &schema, opts)?),
+                    // Every row of the file is here: a small one is
+                    // written uncompressed.
+                    None => Box::new(FileEncoder::for_rows(&name, &schema, opts, rows)?),
                 };
                 file.write_joined(&loose)?;
                 file.finish(meta)
@@ -796,7 +798,10 @@ impl FlushCtx {
     ) -> Result<()> {
         let size = bytes.len();
         let partition = key.dir();
-        self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
+        let intent = self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
+        // The fsync runs off the runtime's threads and without the log's
+        // lock: the intents of concurrent flushes share it.
+        tokio::task::spawn_blocking(move || intent.wait()).await.expect("syncing does not panic")?;
         let put = self.lake.put_create(path, bytes.clone()).await?;
         if put == Put::AlreadyExists {
             // The name carries this hub's WAL identity and records: a put

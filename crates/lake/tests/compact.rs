@@ -164,7 +164,7 @@ impl Lakeside {
         extra: bool,
     ) -> LakePath {
         let path = key.file(source, records[0], *records.last().unwrap());
-        self.log.lock().unwrap().intent(&path, &key.dir(), records).unwrap();
+        self.log.lock().unwrap().intent(&path, &key.dir(), records).unwrap().wait().unwrap();
         self.lake.put_create(&path, file_bytes(&path, source, records, rows, extra)).await.unwrap();
         if source == SOURCE {
             self.log.lock().unwrap().commit(&path).unwrap();
@@ -238,7 +238,7 @@ async fn small_files_of_a_closed_partition_are_merged_in_wal_order() {
     let theirs = s.commit(&closed, "wal-00000000000000bb", &[7], 50, false).await;
     // An intent whose commit line has not come yet: a put in flight.
     let in_flight = closed.file(SOURCE, 90, 90);
-    s.log.lock().unwrap().intent(&in_flight, &closed.dir(), &[90]).unwrap();
+    s.log.lock().unwrap().intent(&in_flight, &closed.dir(), &[90]).unwrap().wait().unwrap();
     s.lake.put_create(&in_flight, file_bytes(&in_flight, SOURCE, &[90], 50, false)).await.unwrap();
     let big = s.commit(&closed, SOURCE, &[100], 20_000, false).await;
     let big_size = s.lake.get(&big.0).await.unwrap().len() as u64;
