@@ -13,18 +13,18 @@
 //! merge without `merged` is finished (the replaced files deleted) if its
 //! file exists and holds those records, and dropped otherwise (its inputs
 //! were never touched).
+//! Recovery then skips, per partition, exactly the WAL records that a
+//! committed file already holds, so a crash never duplicates or loses rows.
 //!
 //! Only the lines recovery could not do without are fsynced: `intent`,
 //! `merge` and `abandon`. A `commit` or `merged` line that a power loss
-//! takes is rebuilt from the store by the check above, so they are written
-//! without one. Intents are group-committed: [`CommitLog::intent`] writes
-//! the line and returns a [`Pending`], whose [`Pending::wait`] blocks until
-//! an `fdatasync` started after the write returns, one for every writer
-//! waiting then. Flushing thousands of small partitions at once (a backfill,
-//! a shutdown) thus costs one log fsync per group of concurrent puts
-//! instead of two per file.
-//! Recovery then skips, per partition, exactly the WAL records that a
-//! committed file already holds, so a crash never duplicates or loses rows.
+//! takes changes nothing, since recovery checks the store for it as above,
+//! so they are written without one. Intents are group-committed:
+//! [`CommitLog::intent`] writes the line and returns an [`Unsynced`], whose
+//! [`Unsynced::wait`] blocks until an `fdatasync` started after the write
+//! returns, one for every writer waiting then. Flushing thousands of small
+//! partitions at once (a backfill, a shutdown) thus costs one log fsync
+//! per group of concurrent puts instead of two per file.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -181,12 +181,12 @@ impl Syncer {
 /// A line written to the commit log and not yet known to be durable.
 #[derive(Debug)]
 #[must_use = "the line is durable only once `wait` returns"]
-pub struct Pending {
+pub struct Unsynced {
     syncer: Arc<Syncer>,
     seq: u64,
 }
 
-impl Pending {
+impl Unsynced {
     /// Block until the line is on disk (an `fdatasync` shared with every
     /// line written before it started). Blocking: async callers run it
     /// with `spawn_blocking`.
@@ -420,23 +420,23 @@ impl CommitLog {
     }
 
     /// Write `line` (one `write`: a crash tears at most this line), to be
-    /// made durable by the returned [`Pending`].
-    fn append(&mut self, line: &Line) -> Result<Pending> {
+    /// made durable by the returned [`Unsynced`].
+    fn append(&mut self, line: &Line) -> Result<Unsynced> {
         let mut s = serde_json::to_string(line).expect("serialisable");
         s.push('\n');
         self.file.write_all(s.as_bytes()).map_err(io(&self.path))?;
         self.bytes += s.len() as u64;
-        Ok(Pending { syncer: self.syncer.clone(), seq: self.syncer.wrote() })
+        Ok(Unsynced { syncer: self.syncer.clone(), seq: self.syncer.wrote() })
     }
 
     /// Record the intent to put `path` holding `records` of `partition`.
-    /// The put may happen once the returned [`Pending`]'s `wait` returns
+    /// The put may happen once the returned [`Unsynced`]'s `wait` returns
     /// (outside this log's lock, so that concurrent intents share one
     /// fsync).
     ///
     /// # Errors
     /// [`Error::Io`]; the put must not happen then.
-    pub fn intent(&mut self, path: &LakePath, partition: &str, records: &[u64]) -> Result<Pending> {
+    pub fn intent(&mut self, path: &LakePath, partition: &str, records: &[u64]) -> Result<Unsynced> {
         self.pending.insert(path.0.clone());
         self.append(&Line::Intent {
             path: path.0.clone(),
@@ -547,7 +547,7 @@ mod tests {
         let path = dir.path().join("commits.log");
         let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
         let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
-        let pending: Vec<Pending> = (1..=3).map(|n| log.intent(&file(n), "t/p", &[n]).unwrap()).collect();
+        let pending: Vec<Unsynced> = (1..=3).map(|n| log.intent(&file(n), "t/p", &[n]).unwrap()).collect();
         assert_eq!(log.syncs(), 0, "writing syncs nothing");
         for p in pending {
             p.wait().unwrap();

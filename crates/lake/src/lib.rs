@@ -24,7 +24,7 @@ mod store;
 mod table;
 mod writer;
 
-pub use commit::{CommitLog, Committed, OpenMerge};
+pub use commit::{CommitLog, Committed, OpenMerge, Unsynced};
 pub use compact::{CompactConfig, CompactReport, CompactStats, Compactor};
 pub use encode::{encode, EncodeOptions, FileEncoder, SMALL_FILE_ROWS};
 pub use error::{Error, Result};

@@ -159,7 +159,7 @@ impl Memory {
 const ARRAY_BYTES: usize = 480;
 
 /// The bytes `batch` holds, as the memory budget counts them: its
-/// buffers plus [`ARRAY_BYTES`] per array, so that many small batches
+/// buffers plus `ARRAY_BYTES` (480) per array, so that many small batches
 /// (an event or two per partition and request) count what they take.
 #[must_use]
 pub fn batch_bytes(batch: &RecordBatch) -> usize {
