@@ -46,7 +46,10 @@ fn mixed_batches_from_three_accounts_land_exactly() {
     let mut want_dead = Vec::new();
     for (i, (acct, token)) in A.iter().zip(&tokens).enumerate() {
         let mut events = Vec::new();
-        for n in 0..20 {
+        // The first account's payments fill a file past the small-file
+        // size (written with zstd); the others' stay below it.
+        let valid = if i == 0 { 150 } else { 20 };
+        for n in 0..valid {
             let id = format!("{acct}-ok-{n}");
             events.push(payment(
                 &id,
@@ -80,7 +83,7 @@ fn mixed_batches_from_three_accounts_land_exactly() {
         let (status, resp, _) =
             post(&server.url, Some(token), body, &[("content-type", "application/x-ndjson")]);
         assert_eq!(status, 200, "{resp}");
-        assert_eq!(resp["accepted"], 21, "{resp}");
+        assert_eq!(resp["accepted"], valid + 1, "{resp}");
         let reasons: Vec<&str> =
             resp["rejected"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
         assert_eq!(
@@ -89,7 +92,7 @@ fn mixed_batches_from_three_accounts_land_exactly() {
         );
         assert_eq!(resp["rejected"][0]["path"], "$.detail.currency");
         assert_eq!(resp["rejected"][1]["path"], "$.detail.amount");
-        assert_eq!(resp["rejected"][0]["index"], 21);
+        assert_eq!(resp["rejected"][0]["index"], valid + 1);
     }
     assert!(server.stop().success(), "clean exit on SIGTERM");
     // A clean stop commits every event and retires the WAL segments that
@@ -132,9 +135,20 @@ fn mixed_batches_from_three_accounts_land_exactly() {
         assert_eq!(
             rows,
             vec![
-                json!(["111111111111", 20, 20]),
+                json!(["111111111111", 150, 150]),
                 json!(["222222222222", 20, 20]),
                 json!(["333333333333", 20, 20])
+            ]
+        );
+        // Files of fewer than 128 rows are uncompressed, the others zstd
+        // (per column chunk, as DuckDB reports them).
+        let rows = duckdb(&py, &lake, "SELECT regexp_extract(file_name, 'account=([0-9]+)', 1) AS account, string_agg(DISTINCT compression, ',') FROM parquet_metadata('{lake}/payments/**/*.parquet') GROUP BY account ORDER BY account");
+        assert_eq!(
+            rows,
+            vec![
+                json!(["111111111111", "ZSTD"]),
+                json!(["222222222222", "UNCOMPRESSED"]),
+                json!(["333333333333", "UNCOMPRESSED"])
             ]
         );
         let rows = duckdb(&py, &lake, "SELECT reason, count(*) FROM read_parquet('{lake}/_dead_letters/**/*.parquet', hive_partitioning=true, hive_types={'account': VARCHAR}) GROUP BY reason ORDER BY reason");
