@@ -46,8 +46,8 @@ const WRITE_ROWS: usize = 8192;
 /// column, where zstd saves little, while the Parquet writer sets up a
 /// zstd compression and decompression context per column chunk, and each
 /// setup runs `cpuid`: a trap to the hypervisor on virtual machines, which
-/// made it two thirds of the CPU of writing a one-event file. Such files
-/// are what compaction merges (into zstd files).
+/// made it half the CPU of flushing one-event files. Compaction merges
+/// such files, into zstd once they add up to this many rows.
 pub const SMALL_FILE_ROWS: usize = 128;
 
 /// Encode `batches` (all of `schema`) as one Parquet file.
