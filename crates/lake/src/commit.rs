@@ -77,7 +77,8 @@ pub struct OpenMerge {
 #[derive(Debug)]
 pub struct CommitLog {
     path: PathBuf,
-    file: File,
+    /// Shared with the syncer, which fsyncs it without the log's lock.
+    file: Arc<File>,
     syncer: Arc<Syncer>,
     /// Its size now, and after the last compaction.
     bytes: u64,
@@ -101,8 +102,8 @@ struct Syncer {
 
 #[derive(Debug)]
 struct SyncState {
-    /// The log's file (a handle of its own: syncing needs no lock on the
-    /// log, so writers append while a sync runs).
+    /// The log's file (syncing needs no lock on the log, so writers append
+    /// while a sync runs).
     file: Arc<File>,
     path: PathBuf,
     /// Lines written, and lines known durable.
@@ -115,9 +116,8 @@ struct SyncState {
 }
 
 impl Syncer {
-    fn new(file: &File, path: &Path) -> Result<Self> {
-        let file = Arc::new(file.try_clone().map_err(io(path))?);
-        Ok(Self {
+    fn new(file: Arc<File>, path: &Path) -> Self {
+        Self {
             state: Mutex::new(SyncState {
                 file,
                 path: path.to_owned(),
@@ -127,7 +127,7 @@ impl Syncer {
                 syncs: 0,
             }),
             done: Condvar::new(),
-        })
+        }
     }
 
     /// Count a line written; returns its number.
@@ -139,13 +139,12 @@ impl Syncer {
 
     /// The log was rewritten (and fsynced) into `file`, holding every line
     /// written so far.
-    fn replaced(&self, file: &File) -> Result<()> {
+    fn replaced(&self, file: Arc<File>) {
         let mut st = self.state.lock().expect("sync lock");
-        st.file = Arc::new(file.try_clone().map_err(io(&st.path))?);
+        st.file = file;
         st.durable = st.written;
         drop(st);
         self.done.notify_all();
-        Ok(())
     }
 
     /// Block until line `seq` is durable: wait for the sync under way, or
@@ -313,7 +312,8 @@ impl CommitLog {
             }
         }
         let (file, bytes) = rewrite(path, &keep)?;
-        let syncer = Arc::new(Syncer::new(&file, path)?);
+        let file = Arc::new(file);
+        let syncer = Arc::new(Syncer::new(file.clone(), path));
         let log = Self {
             path: path.to_owned(),
             file,
@@ -413,7 +413,8 @@ impl CommitLog {
         }
         let before = self.bytes;
         let (file, bytes) = rewrite(&self.path, &keep)?;
-        self.syncer.replaced(&file)?;
+        let file = Arc::new(file);
+        self.syncer.replaced(file.clone());
         (self.file, self.bytes, self.compacted) = (file, bytes, bytes);
         tracing::info!(log = %self.path.display(), before, after = bytes, "compacted the commit log");
         Ok(())
@@ -424,7 +425,7 @@ impl CommitLog {
     fn append(&mut self, line: &Line) -> Result<Unsynced> {
         let mut s = serde_json::to_string(line).expect("serialisable");
         s.push('\n');
-        self.file.write_all(s.as_bytes()).map_err(io(&self.path))?;
+        (&*self.file).write_all(s.as_bytes()).map_err(io(&self.path))?;
         self.bytes += s.len() as u64;
         Ok(Unsynced { syncer: self.syncer.clone(), seq: self.syncer.wrote() })
     }
