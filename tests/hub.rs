@@ -348,6 +348,18 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     let (s, r, _) =
         post(&server.url, Some(&token), b"[{\"id\": 1}, ".to_vec(), &[("content-type", "application/json")]);
     assert_eq!((s, r["error"].as_str()), (400, Some("bad_request")), "{r}");
+    // Bodies declared as something other than JSON, and CloudEvents in
+    // binary mode (the body only the data), are refused before they are
+    // read; their events are not stored.
+    for (headers, says) in [
+        (vec![("content-type", "application/x-www-form-urlencoded")], "application/x-www-form-urlencoded"),
+        (vec![("content-type", "application/json; charset=iso-8859-1")], "charset"),
+        (vec![("content-type", "application/json"), ("ce-specversion", "1.0")], "binary content mode"),
+    ] {
+        let (s, r, _) = post(&server.url, Some(&token), ndjson(&[good("g0")]), &headers);
+        assert_eq!((s, r["error"].as_str()), (415, Some("unsupported_media_type")), "{headers:?}: {r}");
+        assert!(r["message"].as_str().unwrap().contains(says), "{r}");
+    }
 
     // A gzip bomb is refused by its decompressed size.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -409,8 +421,13 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     );
     assert!(metrics.contains("watershed_events_duplicate_total{account=\"111111111111\"} 3"), "{metrics}");
     // Requests refused as a whole, by the error code they were answered with.
-    for (reason, n) in [("unauthenticated", 1), ("bad_credentials", 1), ("too_large", 2), ("bad_request", 1)]
-    {
+    for (reason, n) in [
+        ("unauthenticated", 1),
+        ("bad_credentials", 1),
+        ("too_large", 2),
+        ("bad_request", 1),
+        ("unsupported_media_type", 3),
+    ] {
         let line = format!("watershed_requests_refused_total{{reason=\"{reason}\"}} {n}");
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }

@@ -69,6 +69,9 @@ async fn authenticate_and_ingest(
             "the token is not valid for any account".into(),
         ));
     };
+    if let Some(message) = unsupported_media(headers) {
+        return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message));
+    }
     let too_large = |n: usize| {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -117,6 +120,59 @@ async fn authenticate_and_ingest(
         Refused::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         Refused::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
     })
+}
+
+/// Media types of an events body besides `application/json` and any
+/// `application/*+json` (CloudEvents' `application/cloudevents+json` and
+/// `application/cloudevents-batch+json` among them): newline-delimited
+/// JSON under its common names.
+const NDJSON_TYPES: [&str; 4] =
+    ["application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"];
+
+/// Why the request's headers say its body is not events this endpoint
+/// reads, if they do. No `Content-Type` is fine: the body's shape decides
+/// (an array, one object, or NDJSON), as it does between the JSON types.
+/// A CloudEvents binary-mode request (`ce-specversion` set, the body only
+/// the event's data) is refused by name rather than read as an event.
+fn unsupported_media(headers: &HeaderMap) -> Option<String> {
+    let accepted = "send application/json or application/x-ndjson (also application/cloudevents+json \
+                    or application/cloudevents-batch+json)";
+    let declared = headers.get(header::CONTENT_TYPE);
+    let Some(declared) = declared else {
+        return headers.contains_key("ce-specversion").then(|| {
+            "CloudEvents binary content mode (ce-* headers) is not supported; send events in structured \
+             mode, Content-Type: application/cloudevents+json"
+                .to_owned()
+        });
+    };
+    let Ok(text) = declared.to_str() else {
+        return Some(format!("Content-Type is not readable text; {accepted}"));
+    };
+    let mut parts = text.split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        || NDJSON_TYPES.contains(&essence.as_str());
+    if !json {
+        return Some(format!("Content-Type {essence:?} is not supported; {accepted}"));
+    }
+    let structured = essence.starts_with("application/cloudevents");
+    if !structured && headers.contains_key("ce-specversion") {
+        return Some(format!(
+            "CloudEvents binary content mode (ce-* headers, Content-Type {essence:?}) is not supported; send \
+             events in structured mode, Content-Type: application/cloudevents+json"
+        ));
+    }
+    for param in parts {
+        let Some((name, value)) = param.split_once('=') else { continue };
+        if name.trim().eq_ignore_ascii_case("charset") {
+            let value = value.trim().trim_matches('"');
+            if !value.eq_ignore_ascii_case("utf-8") && !value.eq_ignore_ascii_case("utf8") {
+                return Some(format!("charset {value:?} is not supported; events are UTF-8 JSON"));
+            }
+        }
+    }
+    None
 }
 
 /// Why a body could not be read.
@@ -178,4 +234,45 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
         hub.render_metrics(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(pairs: &[(&str, &str)]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        unsupported_media(&h)
+    }
+
+    #[test]
+    fn json_types_and_no_type_are_read_and_others_refused_by_name() {
+        for ok in [
+            vec![],
+            vec![("content-type", "application/json")],
+            vec![("content-type", "Application/JSON; charset=UTF-8")],
+            vec![("content-type", "application/x-ndjson")],
+            vec![("content-type", "application/jsonl; charset=\"utf8\"")],
+            vec![("content-type", "application/cloudevents-batch+json")],
+            vec![("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")],
+        ] {
+            assert_eq!(check(&ok), None, "{ok:?}");
+        }
+        for (bad, says) in [
+            (
+                vec![("content-type", "application/x-www-form-urlencoded")],
+                "\"application/x-www-form-urlencoded\"",
+            ),
+            (vec![("content-type", "text/csv")], "application/x-ndjson"),
+            (vec![("content-type", "application/json; charset=latin1")], "charset \"latin1\""),
+            (vec![("ce-specversion", "1.0")], "binary content mode"),
+            (vec![("content-type", "application/json"), ("ce-specversion", "1.0")], "binary content mode"),
+        ] {
+            let m = check(&bad).expect("refused");
+            assert!(m.contains(says), "{bad:?}: {m}");
+        }
+    }
 }
