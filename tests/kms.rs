@@ -145,6 +145,7 @@ fn master_keys_sealed_by_kms_open_only_with_it() {
     assert!(matches!(e, Error::NotSealed { .. }), "{e}");
     assert_eq!(LocalMasterKey::seal(&plain, &kms_key(&moto, &key_id)).unwrap(), 1);
     assert!(master_records(&plain).iter().all(|r| r.get("key").is_none()));
+    assert!(!plain.join("master.json.plain").exists(), "the replaced plaintext file is wiped and removed");
     assert_eq!(LocalMasterKey::seal(&plain, &kms_key(&moto, &key_id)).unwrap(), 0, "sealed once");
     let kr = LocalKeyring::open_sealed(&plain, kms()).unwrap();
     assert_eq!(decrypt(&kr, &bob).unwrap(), b"Bob", "what was written before sealing stays readable");

@@ -8,6 +8,8 @@
 //! new data subject costs no KMS request, while the keyring on disk is
 //! unreadable without the KMS key.
 
+use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -21,7 +23,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, write_atomic};
+use crate::fsutil::{ensure_dir, stamp, write_atomic};
 use crate::keyring::{MasterKey, Wrapped};
 use crate::secret::SecretKey;
 
@@ -98,6 +100,7 @@ impl LocalMasterKey {
 
     fn open_with(dir: &Path, sealer: Option<Box<dyn MasterKey>>) -> Result<Self> {
         ensure_dir(dir)?;
+        wipe_replaced(dir)?;
         let path = dir.join("master.json");
         let mk = Self {
             path,
@@ -130,10 +133,13 @@ impl LocalMasterKey {
     /// (written to a new file, then renamed over the old). Returns how many
     /// keys were sealed: 0 when the file was sealed already.
     ///
-    /// The plaintext file is replaced, not wiped: copies in backups or in
-    /// the disk's free blocks remain. Rotating the master key afterwards
-    /// wraps new data keys under a key that was never on disk in
-    /// plaintext.
+    /// The plaintext file is then overwritten where it lies and removed: it
+    /// is kept as `master.json.plain` (a second name for the same file)
+    /// across the rename, and a seal cut short by a crash leaves that name
+    /// for the next seal or open to finish. Copies the overwrite cannot
+    /// reach (backups, snapshots, copy-on-write filesystems, an SSD's
+    /// remapped blocks) remain; rotating the master key afterwards wraps
+    /// new data keys under a key that was never on disk in plaintext.
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Corrupt`] for the file; the sealer's
@@ -150,7 +156,11 @@ impl LocalMasterKey {
             }
         }
         if sealed > 0 {
+            wipe_replaced(dir)?;
+            let kept = dir.join(REPLACED_PLAINTEXT);
+            std::fs::hard_link(&path, &kept).map_err(|source| Error::Io { path: kept, source })?;
             write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serialisable"))?;
+            wipe_replaced(dir)?;
         }
         Ok(sealed)
     }
@@ -197,6 +207,43 @@ impl LocalMasterKey {
         *lock(&self.active) = id.clone();
         Ok(id)
     }
+}
+
+/// The second name a seal gives the plaintext `master.json` while it
+/// replaces it, so that the replaced file can be overwritten after the
+/// rename.
+const REPLACED_PLAINTEXT: &str = "master.json.plain";
+
+/// Finish a seal: overwrite the replaced plaintext file with zeros, fsync
+/// it, and remove it. When the name is still the current `master.json`'s
+/// (a seal cut short before its rename), only the name is removed. Unless
+/// the current `master.json` is a sealed file of its own, nothing is
+/// touched: the kept file may then be the only copy of the keys.
+fn wipe_replaced(dir: &Path) -> Result<()> {
+    let kept = dir.join(REPLACED_PLAINTEXT);
+    let io = |source| Error::Io { path: kept.clone(), source };
+    let Some(old) = stamp(&kept) else { return Ok(()) };
+    let path = dir.join("master.json");
+    let Some(current) = stamp(&path) else { return Ok(()) };
+    if old.ino == 0 {
+        // No inode numbers here: the two names cannot be told apart.
+        return Ok(());
+    }
+    if current.ino != old.ino {
+        let sealed = read(&path)?.keys.iter().all(|r| r.key.is_none() && r.sealed.is_some());
+        if !sealed {
+            return Ok(());
+        }
+        let mut f = OpenOptions::new().write(true).open(&kept).map_err(io)?;
+        let len = usize::try_from(f.metadata().map_err(io)?.len()).unwrap_or(usize::MAX);
+        f.write_all(&vec![0u8; len]).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::remove_file(&kept).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -263,5 +310,87 @@ impl MasterKey for LocalMasterKey {
     fn rotate(&self) -> Result<String> {
         let file = read(&self.path)?;
         self.add_key(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    /// The plaintext key text of `dir/master.json`'s first record.
+    fn plain_key(dir: &Path) -> String {
+        read(&dir.join("master.json")).unwrap().keys[0].key.clone().expect("plaintext")
+    }
+
+    fn contents(f: &mut std::fs::File) -> Vec<u8> {
+        use std::io::Seek as _;
+        f.rewind().unwrap();
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn sealing_overwrites_the_plaintext_file_it_replaces() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let dek = SecretKey::random();
+        let wrapped = LocalMasterKey::open(a.path()).unwrap().wrap(&dek, b"ctx").unwrap();
+        let key = plain_key(a.path());
+        // A handle on the plaintext file outlives its name.
+        let mut old = std::fs::File::open(a.path().join("master.json")).unwrap();
+        let before = contents(&mut old);
+        assert!(String::from_utf8_lossy(&before).contains(&key));
+
+        let sealer = LocalMasterKey::open(b.path()).unwrap();
+        assert_eq!(LocalMasterKey::seal(a.path(), &sealer).unwrap(), 1);
+
+        let after = contents(&mut old);
+        assert_eq!(after.len(), before.len(), "overwritten where it lies, not truncated");
+        assert!(after.iter().all(|&x| x == 0), "the replaced file is zeros");
+        assert!(!a.path().join(REPLACED_PLAINTEXT).exists());
+        let sealed = std::fs::read_to_string(a.path().join("master.json")).unwrap();
+        assert!(!sealed.contains(&key), "{sealed}");
+        let mk =
+            LocalMasterKey::open_sealed(a.path(), Box::new(LocalMasterKey::open(b.path()).unwrap())).unwrap();
+        assert_eq!(mk.unwrap(&wrapped, b"ctx").unwrap().expose(), dek.expose(), "the same keys, sealed");
+    }
+
+    #[test]
+    fn a_seal_cut_short_is_finished_by_the_next_open_and_never_loses_the_keys() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let dek = SecretKey::random();
+        let wrapped = LocalMasterKey::open(a.path()).unwrap().wrap(&dek, b"ctx").unwrap();
+        let master = a.path().join("master.json");
+        let kept = a.path().join(REPLACED_PLAINTEXT);
+        let plain = std::fs::read(&master).unwrap();
+
+        // Cut short before the rename: the second name is the current file's,
+        // which stays whole; only the name goes.
+        std::fs::hard_link(&master, &kept).unwrap();
+        let mk = LocalMasterKey::open(a.path()).unwrap();
+        assert!(!kept.exists());
+        assert_eq!(std::fs::read(&master).unwrap(), plain);
+        assert_eq!(mk.unwrap(&wrapped, b"ctx").unwrap().expose(), dek.expose());
+
+        // A plaintext copy beside a plaintext master.json is not the seal's:
+        // left alone.
+        std::fs::write(&kept, &plain).unwrap();
+        LocalMasterKey::open(a.path()).unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), plain);
+        std::fs::remove_file(&kept).unwrap();
+
+        // Cut short after the rename: the replaced plaintext is overwritten
+        // and removed by the next open.
+        LocalMasterKey::seal(a.path(), &LocalMasterKey::open(b.path()).unwrap()).unwrap();
+        std::fs::write(&kept, &plain).unwrap();
+        let mut old = std::fs::File::open(&kept).unwrap();
+        let sealer = Box::new(LocalMasterKey::open(b.path()).unwrap());
+        let mk = LocalMasterKey::open_sealed(a.path(), sealer).unwrap();
+        assert!(!kept.exists());
+        let after = contents(&mut old);
+        assert!(after.len() == plain.len() && after.iter().all(|&x| x == 0));
+        assert_eq!(mk.unwrap(&wrapped, b"ctx").unwrap().expose(), dek.expose());
     }
 }
