@@ -130,14 +130,15 @@ const NDJSON_TYPES: [&str; 4] =
     ["application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"];
 
 /// Why the request's headers say its body is not events this endpoint
-/// reads, if they do. No `Content-Type` is fine: the body's shape decides
-/// (an array, one object, or NDJSON), as it does between the JSON types.
-/// A CloudEvents binary-mode request (`ce-specversion` set, the body only
-/// the event's data) is refused by name rather than read as an event.
+/// reads, if they do. No (or an empty) `Content-Type` is fine: the
+/// body's shape decides (an array, one object, or NDJSON), as it does
+/// between the JSON types. A CloudEvents binary-mode request
+/// (`ce-specversion` set, the body only the event's data) is refused by
+/// name rather than read as an event.
 fn unsupported_media(headers: &HeaderMap) -> Option<String> {
     let accepted = "send application/json or application/x-ndjson (also application/cloudevents+json \
                     or application/cloudevents-batch+json)";
-    let declared = headers.get(header::CONTENT_TYPE);
+    let declared = headers.get(header::CONTENT_TYPE).filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let Some(declared) = declared else {
         return headers.contains_key("ce-specversion").then(|| {
             "CloudEvents binary content mode (ce-* headers) is not supported; send events in structured \
@@ -252,6 +253,7 @@ mod tests {
     fn json_types_and_no_type_are_read_and_others_refused_by_name() {
         for ok in [
             vec![],
+            vec![("content-type", "")],
             vec![("content-type", "application/json")],
             vec![("content-type", "Application/JSON; charset=UTF-8")],
             vec![("content-type", "application/x-ndjson")],
