@@ -136,35 +136,30 @@ const NDJSON_TYPES: [&str; 4] =
 /// (`ce-specversion` set, the body only the event's data) is refused by
 /// name rather than read as an event.
 fn unsupported_media(headers: &HeaderMap) -> Option<String> {
-    let accepted = "send application/json or application/x-ndjson (also application/cloudevents+json \
-                    or application/cloudevents-batch+json)";
     let declared = headers.get(header::CONTENT_TYPE).filter(|v| !v.as_bytes().trim_ascii().is_empty());
-    let Some(declared) = declared else {
-        return headers.contains_key("ce-specversion").then(|| {
+    let (essence, params) = match declared.map(|v| v.to_str()) {
+        None => (String::new(), ""),
+        Some(Err(_)) => return Some("Content-Type is not readable text; ".to_owned() + ACCEPTED),
+        Some(Ok(text)) => {
+            let (essence, params) = text.split_once(';').unwrap_or((text, ""));
+            let essence = essence.trim().to_ascii_lowercase();
+            let json = essence == "application/json"
+                || (essence.starts_with("application/") && essence.ends_with("+json"))
+                || NDJSON_TYPES.contains(&essence.as_str());
+            if !json {
+                return Some(format!("Content-Type {essence:?} is not supported; {ACCEPTED}"));
+            }
+            (essence, params)
+        }
+    };
+    if headers.contains_key("ce-specversion") && !essence.starts_with("application/cloudevents") {
+        return Some(
             "CloudEvents binary content mode (ce-* headers) is not supported; send events in structured \
              mode, Content-Type: application/cloudevents+json"
-                .to_owned()
-        });
-    };
-    let Ok(text) = declared.to_str() else {
-        return Some(format!("Content-Type is not readable text; {accepted}"));
-    };
-    let mut parts = text.split(';');
-    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-    let json = essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-        || NDJSON_TYPES.contains(&essence.as_str());
-    if !json {
-        return Some(format!("Content-Type {essence:?} is not supported; {accepted}"));
+                .to_owned(),
+        );
     }
-    let structured = essence.starts_with("application/cloudevents");
-    if !structured && headers.contains_key("ce-specversion") {
-        return Some(format!(
-            "CloudEvents binary content mode (ce-* headers, Content-Type {essence:?}) is not supported; send \
-             events in structured mode, Content-Type: application/cloudevents+json"
-        ));
-    }
-    for param in parts {
+    for param in params.split(';') {
         let Some((name, value)) = param.split_once('=') else { continue };
         if name.trim().eq_ignore_ascii_case("charset") {
             let value = value.trim().trim_matches('"');
@@ -175,6 +170,10 @@ fn unsupported_media(headers: &HeaderMap) -> Option<String> {
     }
     None
 }
+
+/// What a refused `Content-Type` is told to send instead.
+const ACCEPTED: &str = "send application/json or application/x-ndjson (also application/cloudevents+json \
+                        or application/cloudevents-batch+json)";
 
 /// Why a body could not be read.
 enum BodyRead {

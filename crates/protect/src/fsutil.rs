@@ -37,11 +37,17 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(parent) = path.parent() {
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+        sync_dir(parent);
     }
     Ok(())
+}
+
+/// Make renames and removals in `dir` durable, as far as it can be
+/// opened and synced (best effort: the files themselves are synced).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// What identifies one version of a file: replaced files get a new inode.

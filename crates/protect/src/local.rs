@@ -23,7 +23,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, stamp, write_atomic};
+use crate::fsutil::{ensure_dir, stamp, sync_dir, write_atomic};
 use crate::keyring::{MasterKey, Wrapped};
 use crate::secret::SecretKey;
 
@@ -240,9 +240,7 @@ fn wipe_replaced(dir: &Path) -> Result<()> {
         f.sync_all().map_err(io)?;
     }
     std::fs::remove_file(&kept).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(dir);
     Ok(())
 }
 
