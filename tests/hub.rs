@@ -1472,3 +1472,153 @@ fn small_files_of_closed_partitions_are_merged() {
         assert_eq!(rows, vec![json!([350, 350, 350, 350])]);
     }
 }
+
+/// NDJSON of payments `<prefix>-<n>` padded with blank lines to exactly
+/// `size` bytes; returns the body and the ids.
+fn payments_of_size(prefix: &str, size: usize) -> (Vec<u8>, Vec<String>) {
+    let (mut body, mut ids) = (Vec::new(), Vec::new());
+    for n in 0.. {
+        let id = format!("{prefix}-{n}");
+        let line = ndjson(&[ada(&id, &format!("c{}", n % 10))]);
+        if body.len() + line.len() > size {
+            break;
+        }
+        body.extend_from_slice(&line);
+        ids.push(id);
+    }
+    body.resize(size, b'\n');
+    (body, ids)
+}
+
+/// An upload whose head and first bytes are sent, the rest held back.
+struct Upload {
+    stream: std::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl Upload {
+    fn start(url: &str, head: &str, body: &[u8], first: usize) -> Self {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(url.strip_prefix("http://").unwrap()).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body[..first]).unwrap();
+        Self { stream, rest: body[first..].to_vec() }
+    }
+
+    /// Send the rest; the status line and the JSON answer.
+    fn finish(mut self) -> (String, Value) {
+        use std::io::{Read as _, Write as _};
+        self.stream.write_all(&self.rest).unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 8192];
+        let complete = |a: &[u8]| {
+            let text = String::from_utf8_lossy(a);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            length.is_some_and(|n| body.len() >= n)
+        };
+        while !complete(&answer) {
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.lines().next().unwrap_or("").to_owned(), serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+}
+
+/// Request bodies in flight are bounded by `memory.requests_bytes`: two
+/// uploads declaring the largest body hold all of it while they arrive,
+/// so a third is answered 503 `busy` on its headers (before any of its
+/// body is sent), a chunked one (no declared length) as its first bytes
+/// arrive, and a gzip body while it is being decompressed; `/readyz`
+/// says busy. Once the uploads finish, their holds are given back, the
+/// refused requests are accepted when retried, and every event is in the
+/// lake exactly once.
+#[test]
+fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
+    use std::io::Write as _;
+    const MAX_BODY: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(
+        &data,
+        &[
+            ("WATERSHED_MEMORY__REQUESTS_BYTES", "2000000"),
+            ("WATERSHED_LIMITS__MAX_BODY_BYTES", "1000000"),
+            ("WATERSHED_LIMITS__MAX_EVENT_BYTES", "100000"),
+        ],
+    );
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let (first, first_ids) = payments_of_size("first", MAX_BODY);
+    let (second, second_ids) = payments_of_size("second", MAX_BODY);
+    let a = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &first, 1000);
+    let b = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &second, 1000);
+    // Both holds are taken once their heads are read.
+    let held = (0..100)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            metric(&metrics(&server), "watershed_request_bytes")
+        })
+        .find(|&v| v >= 2_000_000.0);
+    assert_eq!(held, Some(2_000_000.0), "two declared bodies held");
+    let ready = reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "not ready while request memory is spent");
+
+    // Declared: refused on its headers, its body never sent.
+    let (third, third_ids) = payments_of_size("third", 10_000);
+    let (status, took) = raw_request(&server.url, &post_head(&addr, &token, third.len()), b"", 10);
+    assert!(status.contains(" 503 "), "{status}");
+    assert!(took < std::time::Duration::from_secs(5), "refused on the headers: {took:?}");
+    // Chunked: refused as its first chunk arrives.
+    let chunked = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let mut body = format!("{:x}\r\n", third.len()).into_bytes();
+    body.extend_from_slice(&third);
+    body.extend_from_slice(b"\r\n0\r\n\r\n");
+    let (status, _) = raw_request(&server.url, &chunked, &body, 10);
+    assert!(status.contains(" 503 "), "{status}");
+
+    // Finish the first upload; the second still holds half.
+    let (status, r) = a.finish();
+    assert!(status.contains(" 200 "), "{status} {r}");
+    assert_eq!(r["accepted"].as_u64(), Some(first_ids.len() as u64), "{r}");
+
+    // A gzip body of 900 KB of text in 10 KB: its decompressed bytes do
+    // not fit beside the second upload's hold.
+    let (big, big_ids) = payments_of_size("gzip", 900_000);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&big).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let gzip = [("Content-Type", "application/x-ndjson"), ("Content-Encoding", "gzip")];
+    let (s, r, h) = post(&server.url, Some(&token), gzipped.clone(), &gzip);
+    assert_eq!((s, r["error"].as_str()), (503, Some("busy")), "{r}");
+    assert!(r["message"].as_str().unwrap().contains("memory.requests_bytes"), "{r}");
+    assert_eq!(h.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+
+    let (status, r) = b.finish();
+    assert!(status.contains(" 200 "), "{status} {r}");
+    assert_eq!(metric(&metrics(&server), "watershed_request_bytes"), 0.0, "every hold given back");
+    // The refused requests, retried, are accepted.
+    let (s, r, _) = post(&server.url, Some(&token), gzipped, &gzip);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(big_ids.len() as u64)), "{r}");
+    let (s, r, _) = post(&server.url, Some(&token), third, &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(third_ids.len() as u64)), "{r}");
+    let text = metrics(&server);
+    assert!(text.lines().any(|l| l == "watershed_requests_refused_total{reason=\"busy\"} 3"), "{text}");
+    assert!(server.stop().success());
+    let mut expected: Vec<String> = [first_ids, second_ids, third_ids, big_ids].concat();
+    expected.sort();
+    assert_eq!(payment_ids(&data), expected, "every accepted event once, nothing of the refused ones twice");
+}

@@ -365,8 +365,13 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     let next = queue.lock().expect("queue").next();
                     let Some(body) = next else { break };
                     let t = Instant::now();
-                    let r =
-                        hub.ingest(&account, None, None, body).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    let held = hub.requests.hold(body.len()).ok_or_else(|| {
+                        anyhow::anyhow!("memory.requests_bytes is too small for the workload")
+                    })?;
+                    let r = hub
+                        .ingest(&account, None, None, body, held)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                     if !r.rejected.is_empty() {
                         bail!("the workload was rejected: {:?}", &r.rejected[0]);
                     }

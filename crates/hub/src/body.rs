@@ -14,23 +14,48 @@ pub enum BodyError {
     Bad(String),
     /// More events than allowed in one request (400).
     TooManyEvents(usize),
+    /// The decompressed bytes do not fit in `memory.requests_bytes` beside
+    /// the other requests in flight (503).
+    NoRoom,
 }
 
+/// Decompressed bytes are read in steps of this many, each held (see
+/// [`decode`]'s `room`) before it is read.
+const STEP: usize = 256 << 10;
+
 /// Decompress `body` per `encoding`, refusing more than `limit` bytes.
-/// An unencoded body is borrowed, not copied.
+/// An unencoded body is borrowed, not copied. Before each step of
+/// decompressed bytes, `room` is asked to hold the output's size after
+/// it; when it cannot, decompression stops with [`BodyError::NoRoom`].
 ///
 /// # Errors
-/// [`BodyError::TooLarge`] or [`BodyError::Bad`].
-pub fn decode<'a>(body: &'a [u8], encoding: Option<&str>, limit: usize) -> Result<Cow<'a, [u8]>, BodyError> {
+/// [`BodyError::TooLarge`], [`BodyError::Bad`] or [`BodyError::NoRoom`].
+pub fn decode<'a>(
+    body: &'a [u8],
+    encoding: Option<&str>,
+    limit: usize,
+    room: &mut dyn FnMut(usize) -> bool,
+) -> Result<Cow<'a, [u8]>, BodyError> {
     let mut out = Vec::new();
-    let read = |r: &mut dyn Read, out: &mut Vec<u8>| -> Result<(), BodyError> {
-        r.take(limit as u64 + 1)
-            .read_to_end(out)
-            .map_err(|e| BodyError::Bad(format!("cannot decompress the body: {e}")))?;
-        if out.len() > limit {
-            return Err(BodyError::TooLarge(limit));
+    let mut read = |r: &mut dyn Read, out: &mut Vec<u8>| -> Result<(), BodyError> {
+        let mut r = r.take(limit as u64 + 1);
+        loop {
+            let want = (out.len() + STEP).min(limit + 1);
+            if !room(want.min(limit)) {
+                return Err(BodyError::NoRoom);
+            }
+            out.reserve_exact(want - out.len());
+            let n = (&mut r)
+                .take((want - out.len()) as u64)
+                .read_to_end(out)
+                .map_err(|e| BodyError::Bad(format!("cannot decompress the body: {e}")))?;
+            if out.len() > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            if n == 0 || out.len() < want {
+                return Ok(());
+            }
         }
-        Ok(())
     };
     match encoding.map(str::trim) {
         None | Some("" | "identity") => {
@@ -229,11 +254,41 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&vec![b' '; 100_000]).unwrap();
         let body = gz.finish().unwrap();
-        assert_eq!(decode(&body, Some("gzip"), 1000), Err(BodyError::TooLarge(1000)));
-        assert_eq!(decode(&body, Some("gzip"), 200_000).unwrap().len(), 100_000);
+        let any = &mut |_| true;
+        assert_eq!(decode(&body, Some("gzip"), 1000, any), Err(BodyError::TooLarge(1000)));
+        assert_eq!(decode(&body, Some("gzip"), 200_000, any).unwrap().len(), 100_000);
         let z = zstd::encode_all(&b"hello"[..], 1).unwrap();
-        assert_eq!(&*decode(&z, Some("zstd"), 10).unwrap(), b"hello");
-        assert!(matches!(decode(b"x", Some("br"), 10), Err(BodyError::Bad(_))));
-        assert!(matches!(decode(b"not gzip", Some("gzip"), 10), Err(BodyError::Bad(_))));
+        assert_eq!(&*decode(&z, Some("zstd"), 10, any).unwrap(), b"hello");
+        assert_eq!(&*decode(&z, Some("zstd"), 5, any).unwrap(), b"hello", "exactly the limit");
+        assert!(matches!(decode(b"x", Some("br"), 10, any), Err(BodyError::Bad(_))));
+        assert!(matches!(decode(b"not gzip", Some("gzip"), 10, any), Err(BodyError::Bad(_))));
+    }
+
+    #[test]
+    fn decompression_asks_for_room_before_each_step() {
+        use std::io::Write;
+        let text = vec![b'x'; 3 * STEP + 10];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&text).unwrap();
+        let body = gz.finish().unwrap();
+        let mut asked = Vec::new();
+        let out = decode(&body, Some("gzip"), 10 * STEP, &mut |n| {
+            asked.push(n);
+            true
+        })
+        .unwrap();
+        assert_eq!(out.len(), text.len());
+        assert_eq!(asked, vec![STEP, 2 * STEP, 3 * STEP, 4 * STEP], "held ahead of each step");
+        let mut left = 2;
+        let r = decode(&body, Some("gzip"), 10 * STEP, &mut |_| {
+            left -= 1;
+            left >= 0
+        });
+        assert_eq!(r, Err(BodyError::NoRoom), "stops when the room runs out");
+        assert_eq!(
+            decode(b"{}", None, 10, &mut |_| false).unwrap().len(),
+            2,
+            "unencoded bodies are held already"
+        );
     }
 }

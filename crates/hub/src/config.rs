@@ -164,11 +164,16 @@ pub struct MemoryConfig {
     /// Bytes of buffered rows (Arrow rows not yet encoded, open files'
     /// encoded pages, and files being written) before ingest answers 503.
     pub budget_bytes: usize,
+    /// Bytes of request bodies held at once, as received and
+    /// decompressed, until their events are processed; a request that
+    /// does not fit is answered 503 (before its body is read when it
+    /// declares its length). At least twice `limits.max_body_bytes`.
+    pub requests_bytes: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self { budget_bytes: 512 << 20 }
+        Self { budget_bytes: 512 << 20, requests_bytes: 128 << 20 }
     }
 }
 
@@ -408,6 +413,13 @@ impl HubConfig {
         if self.memory.budget_bytes < (1 << 16) {
             return bad("memory.budget_bytes", "must be at least 65536");
         }
+        if self.memory.requests_bytes / 2 < self.limits.max_body_bytes {
+            return bad(
+                "memory.requests_bytes",
+                "must be at least twice limits.max_body_bytes (a compressed request holds its body and \
+                 its decompressed bytes at once)",
+            );
+        }
         if self.keys.cached_keys == 0 {
             return bad("keys.cached_keys", "must be positive");
         }
@@ -567,6 +579,19 @@ mod tests {
             let e = load(&[(var.as_str(), "0")]).unwrap_err();
             assert!(e.starts_with(&format!("invalid configuration: limits.{key}: must be positive")), "{e}");
         }
+    }
+
+    #[test]
+    fn request_memory_fits_a_compressed_body_and_its_text() {
+        assert_eq!(load(&[]).unwrap().memory.requests_bytes, 128 << 20);
+        let e = load(&[("WATERSHED_MEMORY__REQUESTS_BYTES", "15000000")]).unwrap_err();
+        assert!(e.starts_with("invalid configuration: memory.requests_bytes: must be at least twice"), "{e}");
+        let c = load(&[
+            ("WATERSHED_MEMORY__REQUESTS_BYTES", "3000000"),
+            ("WATERSHED_LIMITS__MAX_BODY_BYTES", "1500000"),
+        ])
+        .unwrap();
+        assert_eq!(c.memory.requests_bytes, 3_000_000);
     }
 
     #[test]

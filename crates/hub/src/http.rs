@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::metrics::RefusedLabel;
 use crate::pipeline::{Hub, Refused};
+use crate::requests::Held;
 
 /// The router over a running hub.
 pub fn router(hub: Arc<Hub>) -> Router {
@@ -79,13 +80,36 @@ async fn authenticate_and_ingest(
             format!("the body exceeds {n} bytes; send smaller batches"),
         )
     };
+    let no_room = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "request bodies in flight hold memory.requests_bytes ({} bytes); retry after the delay",
+                hub.requests.limit()
+            ),
+        )
+    };
     // Read only once the token is good: an unauthenticated client gets its
-    // 401 before the hub buffers a byte of its body.
+    // 401 before the hub buffers a byte of its body. A declared length is
+    // held (or refused) before any of it is read.
     let limits = &hub.config.limits;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return Err(too_large(limits.max_body_bytes));
+    }
+    let Some(mut held) = hub.requests.hold(declared.unwrap_or(0)) else {
+        return Err(no_room());
+    };
     let deadline = std::time::Duration::from_secs(limits.body_timeout_secs);
-    let body = match tokio::time::timeout(deadline, read_body(headers, body, limits.max_body_bytes)).await {
+    let read = read_body(body, declared, limits.max_body_bytes, &mut held);
+    let body = match tokio::time::timeout(deadline, read).await {
         Ok(Ok(b)) => b,
         Ok(Err(BodyRead::TooLarge)) => return Err(too_large(limits.max_body_bytes)),
+        Ok(Err(BodyRead::NoRoom)) => return Err(no_room()),
         Ok(Err(BodyRead::Failed(e))) => {
             return Err((StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the body: {e}")))
         }
@@ -102,8 +126,9 @@ async fn authenticate_and_ingest(
     };
     let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
-    hub.ingest(&account, collector, encoding, body).await.map_err(|e| match e {
+    hub.ingest(&account, collector, encoding, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
+        Refused::RequestsFull => no_room(),
         Refused::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
         Refused::Busy => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -177,41 +202,51 @@ const ACCEPTED: &str = "send application/json or application/x-ndjson (also appl
 
 /// Why a body could not be read.
 enum BodyRead {
-    /// Over the limit (by its `Content-Length`, or as it arrived).
+    /// Over the limit (as it arrived).
     TooLarge,
+    /// More arrived than `memory.requests_bytes` has room for.
+    NoRoom,
     /// The connection failed.
     Failed(axum::Error),
 }
 
-/// Read the body, refusing it as soon as its declared or received size
-/// passes `limit` (the compressed body may not exceed the limit either;
-/// the decompressed size is checked while decompressing).
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyRead> {
+/// Read the body, refusing it as soon as its received size passes
+/// `limit` (the compressed body may not exceed the limit either; the
+/// decompressed size is checked while decompressing), and holding in
+/// `held` what arrives beyond what it holds already (the `declared`
+/// length, held before the first byte).
+async fn read_body(
+    body: Body,
+    declared: Option<usize>,
+    limit: usize,
+    held: &mut Held,
+) -> Result<Bytes, BodyRead> {
     use futures::StreamExt as _;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(BodyRead::TooLarge);
-    }
     let mut stream = body.into_data_stream();
     let first = match stream.next().await {
         None => return Ok(Bytes::new()),
         Some(chunk) => chunk.map_err(BodyRead::Failed)?,
     };
+    let room = |held: &mut Held, n: usize| {
+        if n > limit {
+            Err(BodyRead::TooLarge)
+        } else if !held.grow_to(n) {
+            Err(BodyRead::NoRoom)
+        } else {
+            Ok(())
+        }
+    };
+    room(held, first.len())?;
     let Some(second) = stream.next().await else {
         // The usual case, one chunk: no copy.
-        return if first.len() > limit { Err(BodyRead::TooLarge) } else { Ok(first) };
+        return Ok(first);
     };
     let mut all = bytes::BytesMut::with_capacity(declared.unwrap_or(2 * first.len()).min(limit));
     all.extend_from_slice(&first);
     let mut next = Some(second);
     while let Some(chunk) = next {
         let chunk = chunk.map_err(BodyRead::Failed)?;
-        if all.len() + chunk.len() > limit {
-            return Err(BodyRead::TooLarge);
-        }
+        room(held, all.len() + chunk.len())?;
         all.extend_from_slice(&chunk);
         next = stream.next().await;
     }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
+pub mod requests;
 pub mod sample;
 pub mod serve;
 pub mod wal;

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub wal_flushes: Gauge,
     /// Bytes held against the memory budget.
     pub memory_bytes: Gauge,
+    /// Bytes of request bodies in flight, bounded by
+    /// `memory.requests_bytes`.
+    pub request_bytes: Gauge,
     /// Open partition buffers.
     pub open_partitions: Gauge,
     /// Parquet files committed.
@@ -112,6 +115,7 @@ impl Default for Metrics {
             wal_raw_bytes: Gauge::default(),
             wal_flushes: Gauge::default(),
             memory_bytes: Gauge::default(),
+            request_bytes: Gauge::default(),
             open_partitions: Gauge::default(),
             files: Gauge::default(),
             file_size: Histogram::new(exponential_buckets(4096.0, 4.0, 12)),
@@ -152,6 +156,11 @@ impl Default for Metrics {
             m.wal_flushes.clone(),
         );
         registry.register("memory_bytes", "Bytes held against the memory budget", m.memory_bytes.clone());
+        registry.register(
+            "request_bytes",
+            "Bytes of request bodies in flight, as received and decompressed, bounded by memory.requests_bytes",
+            m.request_bytes.clone(),
+        );
         registry.register("open_partitions", "Open partition buffers", m.open_partitions.clone());
         registry.register("files_written", "Parquet files committed", m.files.clone());
         registry.register("file_size_bytes", "Committed Parquet file sizes", m.file_size.clone());
@@ -179,6 +188,7 @@ impl Metrics {
         &self,
         wal: WalSize,
         memory: usize,
+        requests: usize,
         writer: &Arc<WriterStats>,
         compaction: &CompactStats,
     ) -> String {
@@ -187,6 +197,7 @@ impl Metrics {
         self.wal_raw_bytes.set(g(wal.raw));
         self.wal_flushes.set(g(writer.wal_flushes.load(Ordering::Relaxed)));
         self.memory_bytes.set(g(memory as u64));
+        self.request_bytes.set(g(requests as u64));
         self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
         self.files.set(g(writer.files.load(Ordering::Relaxed)));
         self.flush_failures.set(g(writer.failures.load(Ordering::Relaxed)));

@@ -25,6 +25,7 @@ use crate::dedupe::Dedupe;
 use crate::error::{Error, Result};
 use crate::ingest::{IngestResponse, Ingestor};
 use crate::metrics::Metrics;
+use crate::requests::{Held, RequestMemory};
 use crate::wal::{BeforeWrite, Pending, Wal, WalOptions};
 
 /// Why a request was refused as a whole.
@@ -36,6 +37,9 @@ pub enum Refused {
     BadRequest(String),
     /// 503: the memory budget is spent.
     Busy,
+    /// 503: the request's body (or its decompressed bytes) does not fit
+    /// in `memory.requests_bytes` beside the other requests in flight.
+    RequestsFull,
     /// 503: the WAL holds `wal.max_raw_bytes` of events the lake has not
     /// committed (or has not deleted since).
     WalFull,
@@ -71,6 +75,8 @@ pub struct Hub {
     /// [`watch_erasures`]).
     erasure_watch: Option<tokio::task::JoinHandle<()>>,
     memory: Arc<Memory>,
+    /// Bytes of request bodies in flight (`memory.requests_bytes`).
+    pub requests: Arc<RequestMemory>,
     /// Shared with the WAL: what it holds, and what it asks the lake to
     /// commit.
     pending: Arc<Pending>,
@@ -234,6 +240,7 @@ impl Hub {
             elapsed_ms = started.elapsed().as_millis(),
             "hub started"
         );
+        let requests = RequestMemory::new(config.memory.requests_bytes);
         Ok(Self {
             config,
             ingestor,
@@ -242,6 +249,7 @@ impl Hub {
             writer_task,
             erasure_watch,
             memory,
+            requests,
             pending: shared,
             writer_stats,
             compact_stats,
@@ -277,6 +285,7 @@ impl Hub {
         collector: Option<&str>,
         encoding: Option<&str>,
         body: bytes::Bytes,
+        held: Held,
     ) -> Result<IngestResponse, Refused> {
         let started = Instant::now();
         if self.memory.full() {
@@ -292,6 +301,7 @@ impl Hub {
             collector: collector.map(str::to_owned),
             encoding: encoding.map(str::to_owned),
             body,
+            held,
             received_at: self.clock.now_micros(),
             started,
         };
@@ -330,6 +340,7 @@ impl Hub {
                 raw: self.pending.raw_bytes(),
             },
             self.memory.used(),
+            self.requests.used(),
             &self.writer_stats,
             &self.compact_stats,
         )
@@ -338,7 +349,7 @@ impl Hub {
     /// Whether ingest would accept a request now.
     #[must_use]
     pub fn ready(&self) -> bool {
-        !self.memory.full() && !self.wal_full() && !self.writer_task.is_finished()
+        !self.memory.full() && !self.requests.full() && !self.wal_full() && !self.writer_task.is_finished()
     }
 
     /// Whether the WAL's segments hold `wal.max_raw_bytes`: the lake is
@@ -481,6 +492,9 @@ struct Request {
     collector: Option<String>,
     encoding: Option<String>,
     body: bytes::Bytes,
+    /// `body`'s bytes in [`Hub::requests`], grown by its decompressed
+    /// bytes; given back once the events are processed.
+    held: Held,
     received_at: watershed_event::TimestampMicros,
     started: Instant,
 }
@@ -508,8 +522,14 @@ impl Stages {
                 BodyError::TooManyEvents(n) => {
                     Refused::BadRequest(format!("more than {n} events in one request"))
                 }
+                BodyError::NoRoom => Refused::RequestsFull,
             };
-            let decoded = body::decode(&r.body, r.encoding.as_deref(), limits.max_body_bytes).map_err(refuse)?;
+            let mut held = r.held;
+            let received = held.bytes().max(r.body.len());
+            let decoded = body::decode(&r.body, r.encoding.as_deref(), limits.max_body_bytes, &mut |n| {
+                held.grow_to(received + n)
+            })
+            .map_err(refuse)?;
             let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
             process.process(&r.account, r.collector.as_deref(), r.received_at, &events).map_err(|e| {
                 tracing::error!(account = %r.account, error = %e, "cannot protect a dead letter");
@@ -523,7 +543,7 @@ impl Stages {
         let processed = match processed {
             Ok(p) => p,
             Err(refused) => {
-                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_)) {
+                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_) | Refused::RequestsFull) {
                     // Refused before any id was claimed.
                     ticket.durable();
                 }
