@@ -1622,3 +1622,49 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     expected.sort();
     assert_eq!(payment_ids(&data), expected, "every accepted event once, nothing of the refused ones twice");
 }
+
+/// `send --concurrency 8` keeps eight batches in flight and still reports
+/// rejects in the input's order with their indexes in the file, and
+/// totals that match the lake; a hub that goes away mid-send is an error
+/// naming the first batch not sent.
+#[test]
+fn send_with_batches_in_flight_reports_in_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    let mut events: Vec<Value> = (0..400).map(|n| ada(&format!("k-{n}"), &format!("c{}", n % 7))).collect();
+    let bad = [3usize, 97, 98, 250, 399];
+    for &i in &bad {
+        events[i]["detail"]["three_ds"] = json!("yes");
+    }
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, ndjson(&events)).unwrap();
+    let args = ["--url", &server.url, "--token", &token, "--batch", "7", "--concurrency", "8"];
+    let out = run(&[&["send", file.to_str().unwrap()][..], &args].concat());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 395 rejected 5 duplicates 0"), "{stdout}\n{stderr}");
+    let reported: Vec<usize> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("rejected event "))
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(reported, bad, "in input order, indexed in the file\n{stderr}");
+    let out =
+        run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token, "--concurrency", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrency must be at least 1"));
+    let url = server.url.clone();
+    assert!(server.stop().success());
+    let mut expected: Vec<String> = (0..400).filter(|i| !bad.contains(i)).map(|n| format!("k-{n}")).collect();
+    expected.sort();
+    assert_eq!(payment_ids(&data), expected);
+
+    // Nothing listens any more: the error names the first batch.
+    let args = ["--url", &url, "--token", &token, "--batch", "100", "--concurrency", "3", "--retries", "1"];
+    let out = run(&[&["send", file.to_str().unwrap()][..], &args].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("events 0..100 were not all sent"), "{stderr}");
+    assert!(stderr.contains("later batches may have been sent too"), "{stderr}");
+}
