@@ -77,6 +77,8 @@ pub struct Hub {
     memory: Arc<Memory>,
     /// Bytes of request bodies in flight (`memory.requests_bytes`).
     pub requests: Arc<RequestMemory>,
+    /// Requests being processed at once: one per core.
+    processing: Arc<tokio::sync::Semaphore>,
     /// Shared with the WAL: what it holds, and what it asks the lake to
     /// commit.
     pending: Arc<Pending>,
@@ -250,6 +252,9 @@ impl Hub {
             erasure_watch,
             memory,
             requests,
+            processing: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            )),
             pending: shared,
             writer_stats,
             compact_stats,
@@ -312,6 +317,7 @@ impl Hub {
             writer_tx: self.writer_tx.clone(),
             memory: self.memory.clone(),
             metrics: self.metrics.clone(),
+            processing: self.processing.clone(),
         };
         // Taken before any id is claimed (see `claims`).
         let ticket = self.claims.ticket();
@@ -507,14 +513,19 @@ struct Stages {
     writer_tx: mpsc::Sender<Msg>,
     memory: Arc<Memory>,
     metrics: Arc<Metrics>,
+    processing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Stages {
     /// Process the request, append its accepted events to the WAL, hand
     /// its rows to the lake writer.
     async fn ingest(self, r: Request, ticket: Ticket) -> Result<IngestResponse, Refused> {
-        let Self { ingestor, limits, wal, writer_tx, memory, metrics } = self;
+        let Self { ingestor, limits, wal, writer_tx, memory, metrics, processing } = self;
         let process = ingestor.clone();
+        // Processing is CPU work: more requests at it than cores only adds
+        // their working memory and the switching between them. Those
+        // waiting hold their bodies (bounded by `memory.requests_bytes`).
+        let permit = processing.acquire_owned().await.expect("the semaphore is never closed");
         let processed = tokio::task::spawn_blocking(move || -> Result<crate::ingest::Processed, Refused> {
             let refuse = |e| match e {
                 BodyError::TooLarge(n) => Refused::TooLarge(n),
@@ -540,6 +551,7 @@ impl Stages {
         })
         .await
         .map_err(|e| Refused::Failed(format!("ingest task failed: {e}")))?;
+        drop(permit);
         let processed = match processed {
             Ok(p) => p,
             Err(refused) => {
