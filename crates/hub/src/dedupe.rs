@@ -38,6 +38,12 @@ pub fn raw_digest(raw: &[u8]) -> [u8; 32] {
 /// Independently locked parts of the window.
 pub const SHARDS: usize = 16;
 
+/// The shard of `key`. The set uses the key's low bits (bucket) and top
+/// seven (tag): the shard comes from bits in between.
+fn shard_of(key: u64) -> usize {
+    ((key >> 32) & (SHARDS as u64 - 1)) as usize
+}
+
 impl Dedupe {
     /// A window of `window` events.
     #[must_use]
@@ -104,14 +110,42 @@ impl Dedupe {
 
     /// Claim `key`; false if it is already in the window.
     pub fn claim(&self, key: u64) -> bool {
-        let mut g = self.shard(key).lock().expect("dedupe lock");
-        if !g.0.insert(key) {
+        let mut g = self.shards[shard_of(key)].lock().expect("dedupe lock");
+        self.insert(&mut g, key)
+    }
+
+    /// Claim each of `keys`, in order, as [`Dedupe::claim`] would one by
+    /// one: `fresh[i]` is whether `keys[i]` was not in the window (a key
+    /// repeated in `keys` is fresh the first time only). Each shard is
+    /// locked once per call rather than once per key: unlocking is a full
+    /// memory barrier, which waits for the set's cache-missing writes.
+    pub fn claim_all(&self, keys: &[u64], fresh: &mut Vec<bool>) {
+        fresh.clear();
+        fresh.resize(keys.len(), false);
+        let mut present = 0u32;
+        for &k in keys {
+            present |= 1 << shard_of(k);
+        }
+        while present != 0 {
+            let shard = present.trailing_zeros() as usize;
+            present &= present - 1;
+            let mut g = self.shards[shard].lock().expect("dedupe lock");
+            for (&k, f) in keys.iter().zip(fresh.iter_mut()) {
+                if shard_of(k) == shard {
+                    *f = self.insert(&mut g, k);
+                }
+            }
+        }
+    }
+
+    fn insert(&self, (set, order): &mut (Keys, VecDeque<u64>), key: u64) -> bool {
+        if !set.insert(key) {
             return false;
         }
-        g.1.push_back(key);
-        while g.1.len() > self.per_shard {
-            if let Some(old) = g.1.pop_front() {
-                g.0.remove(&old);
+        order.push_back(key);
+        while order.len() > self.per_shard {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
             }
         }
         true
@@ -130,12 +164,6 @@ impl Dedupe {
                 order.retain(|k| set.contains(k));
             }
         }
-    }
-
-    fn shard(&self, key: u64) -> &Mutex<(Keys, VecDeque<u64>)> {
-        // The table uses the low bits (bucket) and the top seven (tag):
-        // the shard comes from bits in between.
-        &self.shards[usize::try_from((key >> 32) & 15).unwrap_or(0) % SHARDS]
     }
 
     /// Entries held.
@@ -169,6 +197,24 @@ mod tests {
         d.release(&[a]);
         assert!(d.claim(a));
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn claiming_together_is_claiming_one_by_one() {
+        // Keys spread over every shard, repeats within a call and across
+        // calls, and a window small enough to evict.
+        let (together, alone) = (Dedupe::new(8 * SHARDS), Dedupe::new(8 * SHARDS));
+        let mut fresh = Vec::new();
+        for round in 0..50u64 {
+            let keys: Vec<u64> = (0..40u64)
+                .map(|i| together.key("1", &((round * 13 + i * 7) % 300).to_string()))
+                .chain([together.key("1", "again")])
+                .collect();
+            together.claim_all(&keys, &mut fresh);
+            let one_by_one: Vec<bool> = keys.iter().map(|&k| alone.claim(k)).collect();
+            assert_eq!(fresh, one_by_one, "round {round}");
+        }
+        assert_eq!(together.len(), alone.len());
     }
 
     #[test]

@@ -322,6 +322,7 @@ impl Ingestor {
         let account = at.0;
         let mut valid = Vec::with_capacity(events.len().min(CHUNK_EVENTS));
         let mut protected = Vec::with_capacity(valid.capacity());
+        let (mut keys, mut fresh) = (Vec::new(), Vec::new());
         // The passes run over chunks of the request, so that an event's
         // bytes and decoded values are still in cache when the later
         // passes read them; the tape holds one chunk at a time.
@@ -359,8 +360,14 @@ impl Ingestor {
             let later = events.len().div_ceil(CHUNK_EVENTS) - c;
             let counts = partition_counts(protected.iter().map(|(_, v)| v.partition()));
             let expect = |key| count_of(&counts, key) * later;
-            for (_, v) in protected.drain(..) {
-                if self.store(at, v, batch, Some((&mut out.claimed, &mut out.wal)), &expect) {
+            // The chunk's ids claimed in the dedupe window at once.
+            keys.clear();
+            keys.extend(protected.iter().map(|(_, v)| self.dedupe.key(account.as_str(), &v.env.id)));
+            self.dedupe.claim_all(&keys, &mut fresh);
+            for ((_, v), (&key, &fresh)) in protected.drain(..).zip(keys.iter().zip(&fresh)) {
+                if fresh {
+                    out.claimed.push(key);
+                    self.store(at, v, batch, Some(&mut out.wal), &expect);
                     out.response.accepted += 1;
                 } else {
                     out.response.duplicates += 1;
@@ -663,30 +670,19 @@ impl Ingestor {
         })
     }
 
-    /// The last pass over a protected event: claim its id in the dedupe
-    /// window, and add it to its partition's rows and (`live`) the WAL
-    /// record. Returns whether it was stored (false: a duplicate). `live`
-    /// is `None` on replay (no dedupe check, nothing to log again).
+    /// The last pass over a protected event, its id claimed in the
+    /// dedupe window: add it to its partition's rows and the WAL record
+    /// (`wal`; `None` on replay, which has nothing to log again).
     fn store(
         &self,
         (account, collector, received_at): At<'_>,
         v: Valid<'_, '_>,
         batch: &mut Batch<'_>,
-        live: Option<(&mut Vec<u64>, &mut RecordEncoder)>,
+        wal: Option<&mut RecordEncoder>,
         expect: &dyn Fn((usize, i64)) -> usize,
-    ) -> bool {
+    ) {
         let key = v.partition();
         let Valid { raw, env, si, subject, version, event_time, root, noted: _ } = v;
-        let wal = if let Some((claimed, wal)) = live {
-            let k = self.dedupe.key(account.as_str(), &env.id);
-            if !self.dedupe.claim(k) {
-                return false;
-            }
-            claimed.push(k);
-            Some(wal)
-        } else {
-            None
-        };
         if received_at - event_time > LATE_MICROS {
             self.metrics.late.inc();
         }
@@ -714,7 +710,6 @@ impl Ingestor {
         if let Some(wal) = wal {
             wal.accepted(&env.id, raw);
         }
-        true
     }
 
     /// Add a refused event to its account's dead letters, its raw bytes
