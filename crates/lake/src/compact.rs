@@ -6,7 +6,8 @@
 //! at low volume makes many small files per hourly partition. Once a
 //! partition's hour has ended `after` ago, a pass merges its files smaller
 //! than half the target, in WAL order, into files of up to the target
-//! size. Each hub compacts only the files it wrote (their names carry its
+//! size, leaving a big file out of a merge that would add little to it
+//! ([`REWRITE_RATIO`]). Each hub compacts only the files it wrote (their names carry its
 //! WAL identity), so hubs sharing a lake never merge the same file.
 //!
 //! A merge is crash-safe through the commit log: a `merge` line (the new
@@ -43,6 +44,16 @@ use crate::store::{Lake, Put};
 
 /// Rows read from an input file per batch.
 const READ_ROWS: usize = 8192;
+
+/// A file is rewritten into a merge only when the files after it in the
+/// merge add at least `1 / REWRITE_RATIO` of its size. Late events reach
+/// a closed partition as small files, one per `late_roll_age_secs`; without
+/// this, each pass would rewrite the partition's merged file whole to add
+/// one of them (64 MB written for a few KB). With it, the late files are
+/// merged among themselves until together they are worth the rewrite:
+/// files of a partition stay few (their sizes grow geometrically) and each
+/// byte is rewritten a few times, not once per late file.
+const REWRITE_RATIO: u64 = 4;
 
 /// Compaction settings.
 #[derive(Debug, Clone)]
@@ -387,6 +398,20 @@ impl Compactor {
                     bins.push(vec![s]);
                 }
             }
+        }
+        for bin in &mut bins {
+            // The oldest files of a bin (a merged file, then older late
+            // merges) are left out while the rest is small beside them.
+            let mut rest: u64 = bin.iter().map(|s| s.size).sum();
+            let mut keep = 0;
+            while bin.len() - keep > 1 {
+                rest -= bin[keep].size;
+                if bin[keep].size <= REWRITE_RATIO * rest {
+                    break;
+                }
+                keep += 1;
+            }
+            bin.drain(..keep);
         }
         for bin in bins.into_iter().filter(|b| b.len() > 1) {
             if stop.load(Ordering::Relaxed) {

@@ -427,3 +427,60 @@ async fn a_merge_cut_short_by_the_store_is_settled_by_the_next_pass() {
         assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10));
     }
 }
+
+/// Late events reach a closed partition as small files, one per pass
+/// here. The partition's big file is not rewritten to add one of them:
+/// the late files are merged among themselves, and the big file only
+/// once they add a quarter of its size. Over 40 passes the bytes written
+/// stay a small multiple of the data, the partition keeps a few files,
+/// and every row is there once.
+#[tokio::test]
+async fn late_files_do_not_rewrite_a_big_file_each_pass() {
+    let s = Lakeside::new().await;
+    let key = partition("05");
+    let big = s.commit(&key, SOURCE, &[1], 20_000, false).await;
+    let big_size = s.lake.get(&big.0).await.unwrap().len() as u64;
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    let mut records = vec![1];
+    let (mut written, mut max_files, mut big_rewritten_at) = (0u64, 0usize, None);
+    for pass in 0..40u64 {
+        let r = 100 + pass;
+        s.commit(&key, SOURCE, &[r], 200, false).await;
+        records.push(r);
+        let report = compactor.run_once(&stop).await.unwrap();
+        assert_eq!(report.failures, 0, "{report:?}");
+        written += report.bytes_out;
+        let files = s.files(&key).await;
+        max_files = max_files.max(files.len());
+        if pass == 0 {
+            assert_eq!(report.merges, 0, "one late file alone is left as it is");
+        }
+        if pass == 1 {
+            assert_eq!((report.merges, report.inputs), (1, 2), "two late files merged together");
+            assert!(files.contains(&big.0), "the big file untouched: {files:?}");
+        }
+        if big_rewritten_at.is_none() && !files.contains(&big.0) {
+            big_rewritten_at = Some(pass);
+        }
+    }
+    let late_bytes = written;
+    assert!(
+        late_bytes < 6 * big_size,
+        "40 late files cost {late_bytes} bytes of merges against a big file of {big_size}"
+    );
+    assert!(max_files <= 6, "the partition keeps a few files, not one per late file: {max_files}");
+    let rewritten = big_rewritten_at.expect("the big file is merged once the late files are worth it");
+    assert!(rewritten > 1, "not on the first late files: pass {rewritten}");
+    let mut ids = Vec::new();
+    for f in s.files(&key).await {
+        ids.extend(s.rows(&f).await.0);
+    }
+    ids.sort();
+    let mut expected = expected_ids(&[1], 20_000);
+    for &r in &records[1..] {
+        expected.extend(expected_ids(&[r], 200));
+    }
+    expected.sort();
+    assert_eq!(ids, expected, "every row once");
+}
