@@ -303,6 +303,15 @@ fn an_erasure_job_forgets_many_subjects_in_one_call() {
     };
     let list = dir.path().join("subjects.txt");
     std::fs::write(&list, "alice\nnobody\n\ncarol\r\n").unwrap();
+    // A dry run says what the job would erase and erases nothing.
+    let keyring = |name: &str| std::fs::read(data.join("keyring").join(name)).unwrap_or_default();
+    let (log_before, audit_before) = (keyring("keys.log"), keyring("audit.log"));
+    let out = keys(&["--subjects-from", list.to_str().unwrap(), "--dry-run"], "");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "a subject had no key");
+    assert!(stdout.contains("dry run: would erase 2 data key(s) of 2 subject(s)"), "{stdout}");
+    assert!(stderr.contains("number(s) 2 "), "{stderr}");
+    assert_eq!((keyring("keys.log"), keyring("audit.log")), (log_before, audit_before), "nothing changed");
     let out = keys(&["--subjects-from", list.to_str().unwrap()], "");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "a subject had no key");

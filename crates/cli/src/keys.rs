@@ -60,6 +60,10 @@ pub(crate) enum KeysCmd {
         /// lines are skipped.
         #[arg(long, value_name = "FILE")]
         subjects_from: Option<PathBuf>,
+        /// Report what would be erased (keys and subjects found, subjects
+        /// with no key) and erase nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         keyring: KeyringArgs,
     },
@@ -100,6 +104,32 @@ pub(crate) enum KeysCmd {
     },
 }
 
+/// Keys and subjects of `out`, a subject named twice counted once.
+fn distinct_erasures(out: &[Option<watershed_protect::Erasure>]) -> (usize, usize) {
+    let by_subject: std::collections::HashMap<&str, usize> =
+        out.iter().flatten().map(|e| (e.subject_ref.as_str(), e.key_ids.len())).collect();
+    (by_subject.values().sum(), by_subject.len())
+}
+
+/// Say which of the subjects given had no data key (by position: subject
+/// ids are personal data); failure if any.
+fn report_missing(account: &AccountId, out: &[Option<watershed_protect::Erasure>]) -> ExitCode {
+    let missing: Vec<usize> =
+        out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i + 1).collect();
+    if missing.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let shown: Vec<String> = missing.iter().take(20).map(ToString::to_string).collect();
+    eprintln!(
+        "error: {} subject(s) of account {account} had no data key (never seen, or forgotten \
+         already): number(s) {}{} in the order given",
+        missing.len(),
+        shown.join(", "),
+        if missing.len() > shown.len() { ", …" } else { "" }
+    );
+    ExitCode::FAILURE
+}
+
 /// Subject ids, one per line, from `path` (`-`: stdin).
 fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let text = if path == std::path::Path::new("-") {
@@ -118,7 +148,7 @@ fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 
 pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::Forget { account, subject, subjects_from, keyring } => {
+        KeysCmd::Forget { account, subject, subjects_from, dry_run, keyring } => {
             let mut subjects = subject;
             if let Some(path) = subjects_from {
                 subjects.extend(read_subjects(&path)?);
@@ -126,6 +156,16 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(!subjects.is_empty(), "no data subjects to forget");
             let kr = keyring.open()?;
             let log = watershed_protect::Audited::audit_log(&kr).path().to_owned();
+            let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+            if dry_run {
+                let found = kr.subject_keys(&account, &refs)?;
+                let (keys, distinct) = distinct_erasures(&found);
+                println!(
+                    "dry run: would erase {keys} data key(s) of {distinct} subject(s) of account {account}; \
+                     nothing was erased"
+                );
+                return Ok(report_missing(&account, &found));
+            }
             if let [one] = &subjects[..] {
                 let erasure = kr.forget(&account, one)?;
                 println!(
@@ -136,32 +176,13 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
             let out = kr.forget_subjects(&account, &refs)?;
-            // A subject named twice is erased (and counted) once.
-            let erased: std::collections::HashMap<&str, usize> =
-                out.iter().flatten().map(|e| (e.subject_ref.as_str(), e.key_ids.len())).collect();
-            let missing: Vec<usize> =
-                out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i + 1).collect();
+            let (keys, distinct) = distinct_erasures(&out);
             println!(
-                "erased {} data key(s) of {} subject(s) of account {account}; logged to {}",
-                erased.values().sum::<usize>(),
-                erased.len(),
+                "erased {keys} data key(s) of {distinct} subject(s) of account {account}; logged to {}",
                 log.display()
             );
-            if missing.is_empty() {
-                return Ok(ExitCode::SUCCESS);
-            }
-            // Positions, not ids: subject ids are personal data.
-            let shown: Vec<String> = missing.iter().take(20).map(ToString::to_string).collect();
-            eprintln!(
-                "error: {} subject(s) of account {account} had no data key (never seen, or forgotten \
-                 already): number(s) {}{} in the order given",
-                missing.len(),
-                shown.join(", "),
-                if missing.len() > shown.len() { ", …" } else { "" }
-            );
-            Ok(ExitCode::FAILURE)
+            Ok(report_missing(&account, &out))
         }
         KeysCmd::Rotate { keyring } => {
             let kr = keyring.open()?;

@@ -235,6 +235,13 @@ impl watershed_protect::Keyring for Flaky {
     fn erased_keys(&self) -> watershed_protect::Result<usize> {
         self.inner.erased_keys()
     }
+    fn subject_keys(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+    ) -> watershed_protect::Result<Vec<Option<watershed_protect::Erasure>>> {
+        self.inner.subject_keys(account, subjects)
+    }
     fn forget(
         &self,
         account: &AccountId,

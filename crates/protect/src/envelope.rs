@@ -1456,6 +1456,23 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         crate::keyring::per_distinct(subjects, |distinct| self.forget_distinct(account, distinct))
     }
 
+    fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+        let mut st = lock(&self.state);
+        self.reload(&mut st, true)?;
+        let srefs: Vec<[u8; 16]> = subjects.iter().map(|s| Self::subject_ref(&st, account, s)).collect();
+        let keys = Self::keys_of(&st, account, &srefs);
+        Ok(srefs
+            .iter()
+            .map(|sref| {
+                keys.get(sref).map(|ids| {
+                    let mut key_ids = ids.clone();
+                    key_ids.sort();
+                    Erasure { key_ids, subject_ref: hex(sref) }
+                })
+            })
+            .collect())
+    }
+
     fn rotate(&self) -> Result<String> {
         let new_master = self.master.rotate()?;
         let mut st = lock(&self.state);
@@ -1677,6 +1694,29 @@ mod tests {
         let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
         assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 3);
         assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[7], &[8]);
+    }
+
+    /// `subject_keys` answers as `forget_subjects` would, and erases
+    /// nothing: the log, the audit log and the keys are as they were.
+    #[test]
+    fn subject_keys_is_forget_without_the_erasure() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, keys) = subjects(dir.path(), 10);
+        let before = std::fs::read(&kr.path).unwrap();
+        let asked = ["s-2", "nobody", "s-7", "s-7"];
+        let found = kr.subject_keys(&a, &asked).unwrap();
+        assert_eq!(std::fs::read(&kr.path).unwrap(), before, "the key log is untouched");
+        let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+        assert!(!audit.contains(r#""action":"forget""#), "nothing erased, nothing audited");
+        let other = AccountId::new("222222222222").unwrap();
+        assert!(kr.subject_keys(&other, &["s-2"]).unwrap()[0].is_none(), "keys are per account");
+        let erased = kr.forget_subjects(&a, &asked).unwrap();
+        let view = |v: &[Option<Erasure>]| -> Vec<Option<(Vec<KeyId>, String)>> {
+            v.iter().map(|e| e.as_ref().map(|e| (e.key_ids.clone(), e.subject_ref.clone()))).collect()
+        };
+        assert_eq!(view(&found), view(&erased));
+        assert_eq!(found[0].as_ref().unwrap().key_ids, vec![keys[2].0]);
     }
 
     /// Once shredded lines would be half the log, `forget` compacts it

@@ -161,6 +161,13 @@ pub trait Keyring: Send + Sync + Debug {
         })
     }
 
+    /// What [`Keyring::forget_subjects`] would erase, erasing nothing: the
+    /// data keys of each of `subjects` (`None`: it has none).
+    ///
+    /// # Errors
+    /// When the keyring cannot be read.
+    fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>>;
+
     /// Rotate: new master key, every data key rewrapped under it, and new
     /// data keys for new events. Old data keys stay for decryption.
     ///
