@@ -1441,6 +1441,17 @@ fn small_files_of_closed_partitions_are_merged() {
     );
     assert!(server.stop().success());
 
+    // A dry run says what the pass would do and does none of it.
+    let files_before = parquet_files(&data.join("lake/payments"));
+    let log_before = std::fs::read(data.join("wal/commits.log")).unwrap();
+    let out = run(&["lake", "compact", "--data-dir", data_arg, "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("would merge 4 files into 1, 200 rows"), "{stdout}");
+    assert!(stdout.contains("nothing was written or deleted"), "{stdout}");
+    assert_eq!(parquet_files(&data.join("lake/payments")), files_before);
+    assert_eq!(std::fs::read(data.join("wal/commits.log")).unwrap(), log_before);
+
     let out = run(&["lake", "compact", "--data-dir", data_arg]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));

@@ -137,13 +137,17 @@ pub(crate) enum LakeCmd {
         /// ended (default: `lake.compact_after_secs`).
         #[arg(long)]
         after_secs: Option<u64>,
+        /// Report the merges a pass would make (files, rows, bytes) and
+        /// write or delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         LakeCmd::Ls { lake, data_dir, partitions } => lake_ls(lake, data_dir, partitions).await,
-        LakeCmd::Compact { config, after_secs } => lake_compact(&config, after_secs).await,
+        LakeCmd::Compact { config, after_secs, dry_run } => lake_compact(&config, after_secs, dry_run).await,
     }
 }
 
@@ -157,7 +161,11 @@ async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn lake_compact(config: &ConfigArgs, after_secs: Option<u64>) -> anyhow::Result<ExitCode> {
+async fn lake_compact(
+    config: &ConfigArgs,
+    after_secs: Option<u64>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
     let config = config.load()?;
     let after = after_secs.map(std::time::Duration::from_secs);
     let bar = indicatif::ProgressBar::new(0);
@@ -172,10 +180,25 @@ async fn lake_compact(config: &ConfigArgs, after_secs: Option<u64>) -> anyhow::R
         bar.set_position(done as u64);
         bar.set_message(format!("{} files merged into {}", r.inputs, r.merges));
     };
-    let r = watershed_hub::pipeline::compact_lake(&config, after, &mut progress)
+    let r = watershed_hub::pipeline::compact_lake(&config, after, dry_run, &mut progress)
         .await
         .context("compacting the lake")?;
     bar.finish_and_clear();
+    if dry_run {
+        println!(
+            "dry run: {} closed partitions; would merge {} files into {}, {} rows, {} bytes; \
+             nothing was written or deleted",
+            r.partitions, r.inputs, r.merges, r.rows, r.bytes_in
+        );
+        if r.unsettled > 0 {
+            println!(
+                "{} merge(s) cut short earlier are settled first by a real pass; their partitions are \
+                 not in this count",
+                r.unsettled
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
         r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out

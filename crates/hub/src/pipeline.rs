@@ -624,7 +624,9 @@ fn to_parts(
 /// opened as at start (finishing any merge cut short), then every closed
 /// partition's small files of this hub are merged. `after` overrides
 /// `lake.compact_after_secs`; `progress` is called after each partition
-/// (see [`Compactor::run_once_with`]).
+/// (see [`Compactor::run_once_with`]). With `dry_run`, nothing is written
+/// or deleted: the report counts the merges the pass would make (see
+/// [`Compactor::plan_only`]).
 ///
 /// # Errors
 /// [`Error::DataDirInUse`] while the hub runs (it compacts by itself);
@@ -632,25 +634,38 @@ fn to_parts(
 pub async fn compact_lake(
     config: &HubConfig,
     after: Option<std::time::Duration>,
+    dry_run: bool,
     progress: &mut (dyn FnMut(usize, usize, &watershed_lake::CompactReport) + Send),
 ) -> Result<watershed_lake::CompactReport> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
     let wal_dir = config.data_dir.join("wal");
+    if dry_run && !wal_dir.join("log.id").exists() {
+        // No hub has run here: the lake holds no file of this one.
+        return Ok(watershed_lake::CompactReport::default());
+    }
     std::fs::create_dir_all(&wal_dir).map_err(crate::error::io(&wal_dir))?;
     let source = format!("wal-{}", crate::wal::identity(&wal_dir)?);
-    let (log, _) = CommitLog::open(&wal_dir.join("commits.log"), &lake, oldest_wal_record(&wal_dir)).await?;
+    let log_path = wal_dir.join("commits.log");
+    let log = if dry_run {
+        CommitLog::open_read_only(&log_path, &lake).await?
+    } else {
+        CommitLog::open(&log_path, &lake, oldest_wal_record(&wal_dir)).await?.0
+    };
     let mut settings = CompactConfig { source, ..config.compaction() };
     if let Some(after) = after {
         settings.after = after;
     }
-    let compactor = Compactor::new(
+    let mut compactor = Compactor::new(
         lake,
         Arc::new(std::sync::Mutex::new(log)),
         Arc::new(SystemClock),
         settings,
         Arc::default(),
     );
+    if dry_run {
+        compactor = compactor.plan_only();
+    }
     Ok(compactor.run_once_with(&std::sync::atomic::AtomicBool::new(false), progress).await?)
 }
 

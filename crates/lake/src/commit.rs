@@ -247,6 +247,22 @@ fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
     Ok((file, buf.len() as u64))
 }
 
+/// [`rewrite`]'s result without touching `path`: `lines` in a new file
+/// beside it that is unlinked at once (a read-only log's writes go there).
+fn scratch(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let tmp = dir.join(format!(".commits-plan-{}.log", std::process::id()));
+    let mut buf = Vec::new();
+    for l in lines {
+        serde_json::to_writer(&mut buf, l).expect("serialisable");
+        buf.push(b'\n');
+    }
+    let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
+    std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+    f.write_all(&buf).map_err(io(&tmp))?;
+    Ok((f, buf.len() as u64))
+}
+
 impl CommitLog {
     /// Open (creating) the log at `path`, resolve pending intents against
     /// `lake`, and compact it to the entries that still cover records at
@@ -255,6 +271,27 @@ impl CommitLog {
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
     pub async fn open(path: &Path, lake: &Lake, oldest_record: u64) -> Result<(Self, Committed)> {
+        Self::open_as(path, lake, oldest_record, false).await
+    }
+
+    /// The log at `path` as it stands, for a plan (`lake compact
+    /// --dry-run`): intents are resolved against `lake` by looking only,
+    /// unfinished merges stay open (not settled), and neither the log nor
+    /// the lake is written. Lines the returned log is given go to a
+    /// scratch file, removed at once, never to `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Store`].
+    pub async fn open_read_only(path: &Path, lake: &Lake) -> Result<Self> {
+        Ok(Self::open_as(path, lake, 0, true).await?.0)
+    }
+
+    async fn open_as(
+        path: &Path,
+        lake: &Lake,
+        oldest_record: u64,
+        read_only: bool,
+    ) -> Result<(Self, Committed)> {
         let mut intents: HashMap<String, (String, Vec<u64>)> = HashMap::new();
         let mut committed: HashSet<String> = HashSet::new();
         let mut merges: HashMap<String, OpenMerge> = HashMap::new();
@@ -306,12 +343,12 @@ impl CommitLog {
         }
         let mut open_merges = HashMap::new();
         for m in merges.into_values() {
-            if crate::compact::settle(lake, &m).await? == crate::compact::Settled::Open {
+            if read_only || crate::compact::settle(lake, &m).await? == crate::compact::Settled::Open {
                 keep.push(Line::from(&m));
                 open_merges.insert(m.path.clone(), m);
             }
         }
-        let (file, bytes) = rewrite(path, &keep)?;
+        let (file, bytes) = if read_only { scratch(path, &keep)? } else { rewrite(path, &keep)? };
         let file = Arc::new(file);
         let syncer = Arc::new(Syncer::new(file.clone(), path));
         let log = Self {

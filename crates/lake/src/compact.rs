@@ -114,6 +114,9 @@ pub struct CompactReport {
     /// Merges that failed (their inputs are untouched or still to be
     /// deleted; a later pass retries).
     pub failures: usize,
+    /// A plan's merges cut short earlier, which a real pass settles before
+    /// anything else; their partitions are left out of the plan.
+    pub unsettled: usize,
 }
 
 /// Merges the small files of closed partitions (see the module docs).
@@ -128,6 +131,8 @@ pub struct Compactor {
     scanned: AtomicBool,
     /// Partitions with new files whose hour is not closed yet.
     waiting: Mutex<BTreeSet<String>>,
+    /// Only count what a pass would merge (see [`Compactor::plan_only`]).
+    plan_only: bool,
 }
 
 impl std::fmt::Debug for Compactor {
@@ -270,7 +275,18 @@ impl Compactor {
             stats,
             scanned: AtomicBool::new(false),
             waiting: Mutex::new(BTreeSet::new()),
+            plan_only: false,
         }
+    }
+
+    /// A compactor whose passes write and delete nothing: each merge a
+    /// pass would make is counted in its report as if made (`bytes_out`
+    /// stays 0), and merges cut short earlier are counted as `unsettled`.
+    /// Give it a log opened with [`CommitLog::open_read_only`].
+    #[must_use]
+    pub fn plan_only(mut self) -> Self {
+        self.plan_only = true;
+        self
     }
 
     /// One pass: finish open merges, then merge the small files of every
@@ -298,7 +314,12 @@ impl Compactor {
     ) -> Result<CompactReport> {
         let mut report = CompactReport::default();
         let open = self.log.lock().expect("commit log lock").open_merges();
-        for m in open {
+        let mut unsettled = BTreeSet::new();
+        if self.plan_only {
+            report.unsettled = open.len();
+            unsettled.extend(open.iter().map(|m| m.partition.clone()));
+        }
+        for m in open.into_iter().filter(|_| !self.plan_only) {
             // Never delete a merge's inputs before checking its file: its
             // put may have failed.
             match settle(&self.lake, &m).await {
@@ -346,6 +367,9 @@ impl Compactor {
             if stop.load(Ordering::Relaxed) {
                 // Looked at again on the next pass.
                 self.waiting.lock().expect("lock").insert(dir);
+                continue;
+            }
+            if unsettled.contains(&dir) {
                 continue;
             }
             report.partitions += 1;
@@ -442,6 +466,13 @@ impl Compactor {
                 }
             }
             for run in runs.into_iter().filter(|r| r.len() > 1) {
+                if self.plan_only {
+                    report.merges += 1;
+                    report.inputs += run.len();
+                    report.rows += run.iter().map(|i| i.rows).sum::<u64>();
+                    report.bytes_in += run.iter().map(|i| i.size).sum::<u64>();
+                    continue;
+                }
                 if let Err(e) = self.merge(dir, run, report).await {
                     report.failures += 1;
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);

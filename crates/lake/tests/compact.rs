@@ -484,3 +484,60 @@ async fn late_files_do_not_rewrite_a_big_file_each_pass() {
     expected.sort();
     assert_eq!(ids, expected, "every row once");
 }
+
+/// A plan (`lake compact --dry-run`) counts the merges a pass would
+/// make, and writes nothing: the lake's files and the commit log are as
+/// they were. A merge cut short earlier is neither settled nor planned
+/// over: it is counted as unsettled and its partition left out. A real
+/// pass then makes the merges the plan counted.
+#[tokio::test]
+async fn a_plan_counts_the_merges_and_changes_nothing() {
+    let s = Lakeside::new().await;
+    let (key, cut) = (partition("03"), partition("04"));
+    for r in 1..=4 {
+        s.commit(&key, SOURCE, &[r], 10, false).await;
+    }
+    let a = s.commit(&cut, SOURCE, &[11], 10, false).await;
+    let b = s.commit(&cut, SOURCE, &[12], 10, false).await;
+    let out = LakePath(format!("{}/{SOURCE}-{:016x}-{:016x}-merged.parquet", cut.dir(), 11, 12));
+    let m = OpenMerge {
+        path: out.0.clone(),
+        partition: cut.dir(),
+        inputs: vec![a.0, b.0],
+        records: vec![11, 12],
+    };
+    s.log.lock().unwrap().merge(&m).unwrap();
+    s.lake.put_create(&out, file_bytes(&out, SOURCE, &[11, 12], 10, false)).await.unwrap();
+    let path = s.dir.path().join("commits.log");
+    let log_before = std::fs::read(&path).unwrap();
+    let files_before = (s.files(&key).await, s.files(&cut).await);
+
+    let config = CompactConfig {
+        target_bytes: 64 << 20,
+        after: Duration::from_secs(3600),
+        encode: EncodeOptions::default(),
+        source: SOURCE.to_owned(),
+    };
+    let read_only = CommitLog::open_read_only(&path, &s.lake).await.unwrap();
+    assert_eq!(read_only.open_merges().len(), 1, "the cut-short merge stays open");
+    let planner = Compactor::new(
+        s.lake.clone(),
+        Arc::new(Mutex::new(read_only)),
+        s.clock.clone(),
+        config,
+        Arc::new(CompactStats::default()),
+    )
+    .plan_only();
+    let plan = planner.run_once(&AtomicBool::new(false)).await.unwrap();
+    assert_eq!((plan.partitions, plan.merges, plan.inputs, plan.rows), (1, 1, 4, 40), "{plan:?}");
+    assert_eq!((plan.unsettled, plan.bytes_out, plan.failures), (1, 0, 0), "{plan:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), log_before, "the commit log is untouched");
+    assert_eq!((s.files(&key).await, s.files(&cut).await), files_before, "the lake is untouched");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(s.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(leftovers.iter().all(|n| !n.to_string_lossy().contains("plan")), "{leftovers:?}");
+
+    let done = s.compactor(64 << 20).run_once(&AtomicBool::new(false)).await.unwrap();
+    assert_eq!((done.merges, done.inputs, done.rows), (plan.merges, plan.inputs, plan.rows), "{done:?}");
+    assert_eq!(s.files(&cut).await, vec![out.0.clone()], "the real pass settles the cut-short merge");
+}
