@@ -149,16 +149,32 @@ struct Small {
     last: u64,
 }
 
-/// A small file read into memory.
+/// A small file whose footer was read: what a merge needs to know of it
+/// before its rows are read (one input at a time, as they are encoded).
 struct Input {
     path: String,
     size: u64,
     first: u64,
     last: u64,
-    bytes: Bytes,
     schema: SchemaRef,
     records: Vec<u64>,
     rows: u64,
+}
+
+/// Bytes read from the end of a file for its footer; a footer larger
+/// than this is read with the whole file.
+const FOOTER_READ: u64 = 64 << 10;
+
+/// The reader builder of `path`'s footer (metadata only: no rows are read
+/// through it), from its last bytes.
+async fn footer(lake: &Lake, path: &str, size: u64) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
+    if size > FOOTER_READ {
+        let tail = lake.get_range(path, size - FOOTER_READ..size).await?;
+        if let Ok(builder) = ParquetRecordBatchReaderBuilder::try_new(tail) {
+            return Ok(builder);
+        }
+    }
+    ParquetRecordBatchReaderBuilder::try_new(lake.get(path).await?).map_err(parquet_err(path))
 }
 
 fn parquet_err(path: &str) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
@@ -443,9 +459,7 @@ impl Compactor {
             }
             let mut runs: Vec<Vec<Input>> = Vec::new();
             for s in bin {
-                let bytes = self.lake.get(&s.path).await?;
-                let builder =
-                    ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(parquet_err(&s.path))?;
+                let builder = footer(&self.lake, &s.path, s.size).await?;
                 let records = records_of(&s.path, &builder)?;
                 let rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
                 let input = Input {
@@ -453,7 +467,6 @@ impl Compactor {
                     size: s.size,
                     first: s.first,
                     last: s.last,
-                    bytes,
                     schema: file_schema(&builder),
                     records,
                     rows,
@@ -484,6 +497,55 @@ impl Compactor {
         Ok(())
     }
 
+    /// Encode the rows of `run`, in order, as one file, and check it holds
+    /// exactly their rows. The inputs are read one at a time, each encoded
+    /// before the next is fetched: a merge holds its output and one input,
+    /// not every input at once. All of it runs on one blocking thread (the
+    /// reads through the runtime's handle), so the output grows in one
+    /// thread's allocator pages.
+    async fn encode_run(
+        &self,
+        path: &str,
+        run: &[Input],
+        meta: Vec<(String, String)>,
+        rows: u64,
+    ) -> Result<Bytes> {
+        let rows_hint = usize::try_from(rows).unwrap_or(usize::MAX);
+        let file = FileEncoder::for_rows(path, &run[0].schema, self.config.encode, rows_hint)?;
+        let (lake, runtime) = (self.lake.clone(), tokio::runtime::Handle::current());
+        let inputs: Vec<String> = run.iter().map(|i| i.path.clone()).collect();
+        let out = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+            let mut file = file;
+            for name in &inputs {
+                let bytes = runtime.block_on(lake.get(name))?;
+                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|b| b.with_batch_size(READ_ROWS).build())
+                    .map_err(parquet_err(name))?;
+                for batch in reader {
+                    let batch = batch.map_err(|e| {
+                        parquet_err(name)(parquet::errors::ParquetError::ArrowError(e.to_string()))
+                    })?;
+                    file.write_joined(&[batch])?;
+                }
+            }
+            file.finish(meta)
+        })
+        .await
+        .expect("encoding does not panic")
+        .map(Bytes::from)?;
+        let written = ParquetRecordBatchReaderBuilder::try_new(out.clone())
+            .map_err(parquet_err(path))?
+            .metadata()
+            .file_metadata()
+            .num_rows();
+        if u64::try_from(written).ok() != Some(rows) {
+            return Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
+                "the merged file holds {written} rows, its inputs {rows}"
+            ))));
+        }
+        Ok(out)
+    }
+
     /// Merge `run` (files of one schema, in WAL order) into one file:
     /// encode, log the merge, put, delete the inputs, log it finished.
     async fn merge(&self, dir: &str, run: Vec<Input>, report: &mut CompactReport) -> Result<()> {
@@ -511,10 +573,7 @@ impl Compactor {
                 m.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
             ),
         ];
-        let (opts, name) = (self.config.encode, path.clone());
-        let bytes = tokio::task::spawn_blocking(move || encode_run(&name, &run, meta, opts, rows))
-            .await
-            .expect("encoding does not panic")?;
+        let bytes = self.encode_run(&path, &run, meta, rows).await?;
         self.log.lock().expect("commit log lock").merge(&m)?;
         if self.lake.put_create(&LakePath(path.clone()), bytes.clone()).await? == Put::AlreadyExists
             && self.lake.get(&path).await? != bytes
@@ -552,38 +611,41 @@ impl Compactor {
     }
 }
 
-/// Encode the rows of `run`, in order, as one file, and check it holds
-/// exactly their rows.
-fn encode_run(
-    path: &str,
-    run: &[Input],
-    meta: Vec<(String, String)>,
-    opts: EncodeOptions,
-    rows: u64,
-) -> Result<Bytes> {
-    let rows_hint = usize::try_from(rows).unwrap_or(usize::MAX);
-    let mut file = FileEncoder::for_rows(path, &run[0].schema, opts, rows_hint)?;
-    for input in run {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(input.bytes.clone())
-            .and_then(|b| b.with_batch_size(READ_ROWS).build())
-            .map_err(parquet_err(&input.path))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| {
-                parquet_err(&input.path)(parquet::errors::ParquetError::ArrowError(e.to_string()))
-            })?;
-            file.write_joined(&[batch])?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    /// A file's footer read from its last bytes tells what reading the
+    /// whole file does (schema, records, rows), for a file larger than
+    /// the read and for one smaller.
+    #[tokio::test]
+    async fn the_footer_alone_tells_schema_records_and_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(dir.path(), 2).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("event_id", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        for (name, rows) in [("big.parquet", 60_000usize), ("small.parquet", 10)] {
+            let ids: Vec<String> = (0..rows).map(|i| format!("id-{i}-{}", i * 7919)).collect();
+            let vals: Vec<i64> = (0..rows).map(|i| i64::try_from(i * 31).unwrap()).collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(StringArray::from(ids)), Arc::new(Int64Array::from(vals))],
+            )
+            .unwrap();
+            let meta = vec![("watershed.records".to_owned(), "3,5,8".to_owned())];
+            let bytes = crate::encode(name, &schema, &[batch], meta, EncodeOptions::default()).unwrap();
+            let size = bytes.len() as u64;
+            assert_eq!(size > FOOTER_READ, rows > 10, "{name}: {size} bytes");
+            lake.put_create(&LakePath(name.to_owned()), Bytes::from(bytes.clone())).await.unwrap();
+            let whole = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes)).unwrap();
+            let tail = footer(&lake, name, size).await.unwrap();
+            assert_eq!(file_schema(&tail), file_schema(&whole), "{name}");
+            assert_eq!(records_of(name, &tail).unwrap(), vec![3, 5, 8], "{name}");
+            assert_eq!(tail.metadata().file_metadata().num_rows(), i64::try_from(rows).unwrap(), "{name}");
         }
     }
-    let out = Bytes::from(file.finish(meta)?);
-    let written = ParquetRecordBatchReaderBuilder::try_new(out.clone())
-        .map_err(parquet_err(path))?
-        .metadata()
-        .file_metadata()
-        .num_rows();
-    if u64::try_from(written).ok() != Some(rows) {
-        return Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
-            "the merged file holds {written} rows, its inputs {rows}"
-        ))));
-    }
-    Ok(out)
 }

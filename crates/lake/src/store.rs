@@ -114,6 +114,15 @@ impl Lake {
         self.store.list(p.as_ref()).try_collect().await.map_err(store_err(prefix.unwrap_or("")))
     }
 
+    /// Read bytes `range` of an object.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the read fails.
+    pub async fn get_range(&self, path: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        self.store.get_range(&ObjPath::from(path), range).await.map_err(store_err(path))
+    }
+
     /// Read a whole object.
     ///
     /// # Errors
