@@ -1688,3 +1688,55 @@ fn send_with_batches_in_flight_reports_in_input_order() {
     assert!(stderr.contains("events 0..100 were not all sent"), "{stderr}");
     assert!(stderr.contains("later batches may have been sent too"), "{stderr}");
 }
+
+/// A schema version that adds a field and widens another, deployed by a
+/// restart: files written before it keep the older columns, files after
+/// it have the new ones. Read by column name across them (DuckDB's
+/// `union_by_name`, as the README's queries do), the table has every
+/// row once, the new field NULL in the older rows, and the widened type
+/// for all.
+#[test]
+fn a_new_schema_version_is_read_by_name_across_older_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let subject = dir.path().join("schemas/identity.user_login");
+    std::fs::create_dir_all(&subject).unwrap();
+    let repo_subject = watershed_tests::repo().join("schemas/identity.user_login");
+    for f in ["subject.toml", "v1.avsc"] {
+        std::fs::copy(repo_subject.join(f), subject.join(f)).unwrap();
+    }
+    let schemas = dir.path().join("schemas");
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    let old: Vec<Value> = (0..3).map(|i| login(&format!("v1-{i}"), &format!("u{i}"))).collect();
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&old), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(3)), "{r}");
+    assert!(server.stop().success());
+
+    std::fs::copy(repo_subject.join("v2.avsc"), subject.join("v2.avsc")).unwrap();
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    let new: Vec<Value> = (0..2)
+        .map(|i| {
+            let mut e = login(&format!("v2-{i}"), &format!("w{i}"));
+            e["data"]["geo"] = json!({"country": "FR", "city": "Lyon"});
+            e["data"]["attempt"] = json!(5_000_000_000_i64);
+            e
+        })
+        .collect();
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&new), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(2)), "{r}");
+    assert!(server.stop().success());
+
+    let lake = data.join("lake");
+    assert_eq!(parquet_files(&lake.join("logins")).len(), 2, "one file per layout");
+    if let Some(py) = python() {
+        let rows = duckdb(
+            &py,
+            &lake,
+            "SELECT count(*), count(DISTINCT event_id), count(detail.geo), max(detail.attempt), \
+             min(typeof(detail.attempt)) FROM read_parquet('{lake}/logins/**/*.parquet', \
+             hive_partitioning = true, hive_types = {'account': VARCHAR}, union_by_name = true)",
+        );
+        assert_eq!(rows, vec![json!([5, 5, 2, 5_000_000_000_i64, "BIGINT"])]);
+    }
+}

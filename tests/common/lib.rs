@@ -73,8 +73,16 @@ impl Server {
     /// extra `WATERSHED_*` environment settings.
     #[must_use]
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_schemas(data, &repo().join("schemas"), env)
+    }
+
+    /// [`Server::start`] with the schema directory `schemas`.
+    #[must_use]
+    pub fn start_with_schemas(data: &Path, schemas: &Path, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--schemas"])
+            .arg(schemas)
+            .arg("--data-dir")
             .arg(data)
             .current_dir(repo())
             .env("WATERSHED_LOG", "warn")

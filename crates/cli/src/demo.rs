@@ -119,7 +119,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let lake = watershed_lake::Lake::local(&lake_dir, 8)?;
     crate::serve::print_summary(&watershed_lake::ls::summarize(&lake).await?, false);
     println!(
-        "\nQuery it with DuckDB, for example:\n  duckdb -c \"SELECT account, count(*) FROM read_parquet('{}/payments/**/*.parquet', hive_partitioning=true, hive_types={{'account': VARCHAR}}) GROUP BY account\"",
+        "\nQuery it with DuckDB, for example:\n  duckdb -c \"SELECT account, count(*) FROM read_parquet('{}/payments/**/*.parquet', union_by_name=true, hive_partitioning=true, hive_types={{'account': VARCHAR}}) GROUP BY account\"",
         lake_dir.display()
     );
     Ok(ExitCode::SUCCESS)
