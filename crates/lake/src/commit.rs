@@ -224,16 +224,22 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
 }
 
-/// Replace the log at `path` with `lines` (a temporary file, fsynced, then
-/// renamed over it, and the directory fsynced); returns the new log open
-/// for appending, and its size.
-fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
-    let tmp = path.with_extension("tmp");
+/// `lines` as the log's text, one JSON object per line.
+fn text_of(lines: &[Line]) -> Vec<u8> {
     let mut buf = Vec::new();
     for l in lines {
         serde_json::to_writer(&mut buf, l).expect("serialisable");
         buf.push(b'\n');
     }
+    buf
+}
+
+/// Replace the log at `path` with `lines` (a temporary file, fsynced, then
+/// renamed over it, and the directory fsynced); returns the new log open
+/// for appending, and its size.
+fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
+    let tmp = path.with_extension("tmp");
+    let buf = text_of(lines);
     {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&buf).map_err(io(&tmp))?;
@@ -252,11 +258,7 @@ fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
 fn scratch(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let tmp = dir.join(format!(".commits-plan-{}.log", std::process::id()));
-    let mut buf = Vec::new();
-    for l in lines {
-        serde_json::to_writer(&mut buf, l).expect("serialisable");
-        buf.push(b'\n');
-    }
+    let buf = text_of(lines);
     let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
     std::fs::remove_file(&tmp).map_err(io(&tmp))?;
     f.write_all(&buf).map_err(io(&tmp))?;
