@@ -1555,50 +1555,62 @@ impl Upload {
     }
 }
 
-/// Request bodies in flight are bounded by `memory.requests_bytes`: two
-/// uploads declaring the largest body hold all of it while they arrive,
-/// so a third is answered 503 `busy` on its headers (before any of its
-/// body is sent), a chunked one (no declared length) as its first bytes
-/// arrive, and a gzip body while it is being decompressed; `/readyz`
-/// says busy. Once the uploads finish, their holds are given back, the
-/// refused requests are accepted when retried, and every event is in the
-/// lake exactly once.
+/// Request bodies in flight are bounded by `memory.requests_bytes`, and
+/// one account's by `memory.requests_bytes_per_account`. Two uploads of
+/// account A declaring the largest body hold A's share while they
+/// arrive: A's next request is answered 503 `busy` on its headers
+/// (before any of its body is sent) while account B is still served.
+/// With B's upload the whole bound is held: `/readyz` says busy, a
+/// chunked request (no declared length) is refused as its first bytes
+/// arrive, and a gzip body while it is being decompressed. Once the
+/// uploads finish their holds are given back, the refused requests are
+/// accepted when retried, and every event is in the lake exactly once.
 #[test]
 fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     use std::io::Write as _;
     const MAX_BODY: usize = 1_000_000;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let token = add_account(&data, A[0]);
+    let (token, other) = (add_account(&data, A[0]), add_account(&data, A[1]));
     let server = Server::start(
         &data,
         &[
-            ("WATERSHED_MEMORY__REQUESTS_BYTES", "2000000"),
+            ("WATERSHED_MEMORY__REQUESTS_BYTES", "3000000"),
+            ("WATERSHED_MEMORY__REQUESTS_BYTES_PER_ACCOUNT", "2000000"),
             ("WATERSHED_LIMITS__MAX_BODY_BYTES", "1000000"),
             ("WATERSHED_LIMITS__MAX_EVENT_BYTES", "100000"),
         ],
     );
     let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let held_reaches = |bytes: f64| {
+        (0..100)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                metric(&metrics(&server), "watershed_request_bytes")
+            })
+            .find(|&v| v >= bytes)
+    };
     let (first, first_ids) = payments_of_size("first", MAX_BODY);
     let (second, second_ids) = payments_of_size("second", MAX_BODY);
-    let a = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &first, 1000);
-    let b = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &second, 1000);
-    // Both holds are taken once their heads are read.
-    let held = (0..100)
-        .map(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            metric(&metrics(&server), "watershed_request_bytes")
-        })
-        .find(|&v| v >= 2_000_000.0);
-    assert_eq!(held, Some(2_000_000.0), "two declared bodies held");
-    let ready = reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap();
-    assert_eq!(ready.status().as_u16(), 503, "not ready while request memory is spent");
+    let a1 = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &first, 1000);
+    let a2 = Upload::start(&server.url, &post_head(&addr, &token, MAX_BODY), &second, 1000);
+    assert_eq!(held_reaches(2_000_000.0), Some(2_000_000.0), "two declared bodies held");
 
-    // Declared: refused on its headers, its body never sent.
+    // A's share is held: A is refused on its headers, B is served.
     let (third, third_ids) = payments_of_size("third", 10_000);
     let (status, took) = raw_request(&server.url, &post_head(&addr, &token, third.len()), b"", 10);
     assert!(status.contains(" 503 "), "{status}");
     assert!(took < std::time::Duration::from_secs(5), "refused on the headers: {took:?}");
+    let (b_small, b_small_ids) = payments_of_size("b-small", 10_000);
+    let (s, r, _) = post(&server.url, Some(&other), b_small, &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(b_small_ids.len() as u64)), "{r}");
+
+    // B's upload takes the rest of the whole bound.
+    let (b_big, b_big_ids) = payments_of_size("b-big", MAX_BODY);
+    let b1 = Upload::start(&server.url, &post_head(&addr, &other, MAX_BODY), &b_big, 1000);
+    assert_eq!(held_reaches(3_000_000.0), Some(3_000_000.0), "three declared bodies held");
+    let ready = reqwest::blocking::get(format!("{}/readyz", server.url)).unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "not ready while request memory is spent");
     // Chunked: refused as its first chunk arrives.
     let chunked = format!(
         "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
@@ -1610,13 +1622,13 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     let (status, _) = raw_request(&server.url, &chunked, &body, 10);
     assert!(status.contains(" 503 "), "{status}");
 
-    // Finish the first upload; the second still holds half.
-    let (status, r) = a.finish();
+    // Finish A's first upload; the others still hold 2 MB.
+    let (status, r) = a1.finish();
     assert!(status.contains(" 200 "), "{status} {r}");
     assert_eq!(r["accepted"].as_u64(), Some(first_ids.len() as u64), "{r}");
 
-    // A gzip body of 900 KB of text in 10 KB: its decompressed bytes do
-    // not fit beside the second upload's hold.
+    // A gzip body of 900 KB of text in a few KB: its decompressed bytes
+    // do not fit beside the uploads' holds.
     let (big, big_ids) = payments_of_size("gzip", 900_000);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&big).unwrap();
@@ -1627,8 +1639,10 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     assert!(r["message"].as_str().unwrap().contains("memory.requests_bytes"), "{r}");
     assert_eq!(h.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
 
-    let (status, r) = b.finish();
-    assert!(status.contains(" 200 "), "{status} {r}");
+    for upload in [a2, b1] {
+        let (status, r) = upload.finish();
+        assert!(status.contains(" 200 "), "{status} {r}");
+    }
     assert_eq!(metric(&metrics(&server), "watershed_request_bytes"), 0.0, "every hold given back");
     // The refused requests, retried, are accepted.
     let (s, r, _) = post(&server.url, Some(&token), gzipped, &gzip);
@@ -1640,7 +1654,21 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     assert!(server.stop().success());
     let mut expected: Vec<String> = [first_ids, second_ids, third_ids, big_ids].concat();
     expected.sort();
-    assert_eq!(payment_ids(&data), expected, "every accepted event once, nothing of the refused ones twice");
+    assert_eq!(payment_ids_in_account(&data, A[0]), expected, "A's events once each, nothing refused twice");
+    let mut expected: Vec<String> = [b_small_ids, b_big_ids].concat();
+    expected.sort();
+    assert_eq!(payment_ids_in_account(&data, A[1]), expected, "B's events once each");
+}
+
+/// The `payments` ids of `account` in the lake under `data`, sorted.
+fn payment_ids_in_account(data: &std::path::Path, account: &str) -> Vec<String> {
+    let mut ids: Vec<String> = ids_by_table(&data.join("lake"))["payments"]
+        .iter()
+        .filter(|(a, _)| a == account)
+        .map(|(_, id)| id.clone())
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// `send --concurrency 8` keeps eight batches in flight and still reports

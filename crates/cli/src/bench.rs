@@ -365,8 +365,8 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     let next = queue.lock().expect("queue").next();
                     let Some(body) = next else { break };
                     let t = Instant::now();
-                    let held = hub.requests.hold(body.len()).ok_or_else(|| {
-                        anyhow::anyhow!("memory.requests_bytes is too small for the workload")
+                    let held = hub.requests.hold(&account, body.len()).map_err(|full| {
+                        anyhow::anyhow!("the request memory is too small for the workload ({full:?})")
                     })?;
                     let r = hub
                         .ingest(&account, None, None, body, held)

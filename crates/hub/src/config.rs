@@ -169,11 +169,15 @@ pub struct MemoryConfig {
     /// does not fit is answered 503 (before its body is read when it
     /// declares its length). At least twice `limits.max_body_bytes`.
     pub requests_bytes: usize,
+    /// Of those, the most one account's requests may hold, so that one
+    /// account's collectors cannot take the whole bound from the others.
+    /// At least twice `limits.max_body_bytes`, at most `requests_bytes`.
+    pub requests_bytes_per_account: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        Self { budget_bytes: 512 << 20, requests_bytes: 128 << 20 }
+        Self { budget_bytes: 512 << 20, requests_bytes: 128 << 20, requests_bytes_per_account: 64 << 20 }
     }
 }
 
@@ -420,6 +424,14 @@ impl HubConfig {
                  its decompressed bytes at once)",
             );
         }
+        if self.memory.requests_bytes_per_account / 2 < self.limits.max_body_bytes
+            || self.memory.requests_bytes_per_account > self.memory.requests_bytes
+        {
+            return bad(
+                "memory.requests_bytes_per_account",
+                "must be at least twice limits.max_body_bytes and at most memory.requests_bytes",
+            );
+        }
         if self.keys.cached_keys == 0 {
             return bad("keys.cached_keys", "must be positive");
         }
@@ -588,10 +600,16 @@ mod tests {
         assert!(e.starts_with("invalid configuration: memory.requests_bytes: must be at least twice"), "{e}");
         let c = load(&[
             ("WATERSHED_MEMORY__REQUESTS_BYTES", "3000000"),
+            ("WATERSHED_MEMORY__REQUESTS_BYTES_PER_ACCOUNT", "3000000"),
             ("WATERSHED_LIMITS__MAX_BODY_BYTES", "1500000"),
         ])
         .unwrap();
         assert_eq!(c.memory.requests_bytes, 3_000_000);
+        assert_eq!(load(&[]).unwrap().memory.requests_bytes_per_account, 64 << 20);
+        for per_account in ["20000000", "200000000"] {
+            let e = load(&[("WATERSHED_MEMORY__REQUESTS_BYTES_PER_ACCOUNT", per_account)]).unwrap_err();
+            assert!(e.starts_with("invalid configuration: memory.requests_bytes_per_account:"), "{e}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::metrics::RefusedLabel;
 use crate::pipeline::{Hub, Refused};
-use crate::requests::Held;
+use crate::requests::{Full, Held};
 
 /// The router over a running hub.
 pub fn router(hub: Arc<Hub>) -> Router {
@@ -80,15 +80,19 @@ async fn authenticate_and_ingest(
             format!("the body exceeds {n} bytes; send smaller batches"),
         )
     };
-    let no_room = || {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!(
+    let no_room = |full: Full| {
+        let message = match full {
+            Full::All => format!(
                 "request bodies in flight hold memory.requests_bytes ({} bytes); retry after the delay",
                 hub.requests.limit()
             ),
-        )
+            Full::Account => format!(
+                "this account's request bodies in flight hold memory.requests_bytes_per_account ({} \
+                 bytes); retry after the delay",
+                hub.requests.per_account()
+            ),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, "busy", message)
     };
     // Read only once the token is good: an unauthenticated client gets its
     // 401 before the hub buffers a byte of its body. A declared length is
@@ -101,15 +105,13 @@ async fn authenticate_and_ingest(
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
         return Err(too_large(limits.max_body_bytes));
     }
-    let Some(mut held) = hub.requests.hold(declared.unwrap_or(0)) else {
-        return Err(no_room());
-    };
+    let mut held = hub.requests.hold(&account, declared.unwrap_or(0)).map_err(no_room)?;
     let deadline = std::time::Duration::from_secs(limits.body_timeout_secs);
     let read = read_body(body, declared, limits.max_body_bytes, &mut held);
     let body = match tokio::time::timeout(deadline, read).await {
         Ok(Ok(b)) => b,
         Ok(Err(BodyRead::TooLarge)) => return Err(too_large(limits.max_body_bytes)),
-        Ok(Err(BodyRead::NoRoom)) => return Err(no_room()),
+        Ok(Err(BodyRead::NoRoom(full))) => return Err(no_room(full)),
         Ok(Err(BodyRead::Failed(e))) => {
             return Err((StatusCode::BAD_REQUEST, "bad_request", format!("cannot read the body: {e}")))
         }
@@ -128,7 +130,7 @@ async fn authenticate_and_ingest(
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     hub.ingest(&account, collector, encoding, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
-        Refused::RequestsFull => no_room(),
+        Refused::RequestsFull(full) => no_room(full),
         Refused::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
         Refused::Busy => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,8 +206,8 @@ const ACCEPTED: &str = "send application/json or application/x-ndjson (also appl
 enum BodyRead {
     /// Over the limit (as it arrived).
     TooLarge,
-    /// More arrived than `memory.requests_bytes` has room for.
-    NoRoom,
+    /// More arrived than the request memory has room for.
+    NoRoom(Full),
     /// The connection failed.
     Failed(axum::Error),
 }
@@ -230,10 +232,8 @@ async fn read_body(
     let room = |held: &mut Held, n: usize| {
         if n > limit {
             Err(BodyRead::TooLarge)
-        } else if !held.grow_to(n) {
-            Err(BodyRead::NoRoom)
         } else {
-            Ok(())
+            held.grow_to(n).map_err(BodyRead::NoRoom)
         }
     };
     room(held, first.len())?;

@@ -25,7 +25,7 @@ use crate::dedupe::Dedupe;
 use crate::error::{Error, Result};
 use crate::ingest::{IngestResponse, Ingestor};
 use crate::metrics::Metrics;
-use crate::requests::{Held, RequestMemory};
+use crate::requests::{Full, Held, RequestMemory};
 use crate::wal::{BeforeWrite, Pending, Wal, WalOptions};
 
 /// Why a request was refused as a whole.
@@ -38,8 +38,9 @@ pub enum Refused {
     /// 503: the memory budget is spent.
     Busy,
     /// 503: the request's body (or its decompressed bytes) does not fit
-    /// in `memory.requests_bytes` beside the other requests in flight.
-    RequestsFull,
+    /// beside the other requests in flight (in `memory.requests_bytes`,
+    /// or its account's `memory.requests_bytes_per_account`).
+    RequestsFull(Full),
     /// 503: the WAL holds `wal.max_raw_bytes` of events the lake has not
     /// committed (or has not deleted since).
     WalFull,
@@ -242,7 +243,8 @@ impl Hub {
             elapsed_ms = started.elapsed().as_millis(),
             "hub started"
         );
-        let requests = RequestMemory::new(config.memory.requests_bytes);
+        let requests =
+            RequestMemory::new(config.memory.requests_bytes, config.memory.requests_bytes_per_account);
         Ok(Self {
             config,
             ingestor,
@@ -533,14 +535,19 @@ impl Stages {
                 BodyError::TooManyEvents(n) => {
                     Refused::BadRequest(format!("more than {n} events in one request"))
                 }
-                BodyError::NoRoom => Refused::RequestsFull,
+                BodyError::NoRoom => Refused::RequestsFull(Full::All),
             };
             let mut held = r.held;
             let received = held.bytes().max(r.body.len());
+            let mut full = None;
             let decoded = body::decode(&r.body, r.encoding.as_deref(), limits.max_body_bytes, &mut |n| {
-                held.grow_to(received + n)
+                full = held.grow_to(received + n).err();
+                full.is_none()
             })
-            .map_err(refuse)?;
+            .map_err(|e| match (e, full) {
+                (BodyError::NoRoom, Some(which)) => Refused::RequestsFull(which),
+                (e, _) => refuse(e),
+            })?;
             let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
             process.process(&r.account, r.collector.as_deref(), r.received_at, &events).map_err(|e| {
                 tracing::error!(account = %r.account, error = %e, "cannot protect a dead letter");
@@ -555,7 +562,8 @@ impl Stages {
         let processed = match processed {
             Ok(p) => p,
             Err(refused) => {
-                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_) | Refused::RequestsFull) {
+                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_) | Refused::RequestsFull(_))
+                {
                     // Refused before any id was claimed.
                     ticket.durable();
                 }
