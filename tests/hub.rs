@@ -31,7 +31,18 @@ fn payment_ids(data: &std::path::Path) -> Vec<String> {
 
 /// The same, of the lake at `lake`.
 fn payment_ids_in(lake: &std::path::Path) -> Vec<String> {
-    let mut ids: Vec<String> = ids_by_table(lake)["payments"].iter().map(|(_, id)| id.clone()).collect();
+    payment_ids_where(lake, |_| true)
+}
+
+/// The `payments` ids of `account` in the lake under `data`, sorted.
+fn payment_ids_in_account(data: &std::path::Path, account: &str) -> Vec<String> {
+    payment_ids_where(&data.join("lake"), |a| a == account)
+}
+
+/// The `payments` ids of the accounts `keep` keeps, sorted.
+fn payment_ids_where(lake: &std::path::Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut ids: Vec<String> =
+        ids_by_table(lake)["payments"].iter().filter(|(a, _)| keep(a)).map(|(_, id)| id.clone()).collect();
     ids.sort();
     ids
 }
@@ -1658,17 +1669,6 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
     let mut expected: Vec<String> = [b_small_ids, b_big_ids].concat();
     expected.sort();
     assert_eq!(payment_ids_in_account(&data, A[1]), expected, "B's events once each");
-}
-
-/// The `payments` ids of `account` in the lake under `data`, sorted.
-fn payment_ids_in_account(data: &std::path::Path, account: &str) -> Vec<String> {
-    let mut ids: Vec<String> = ids_by_table(&data.join("lake"))["payments"]
-        .iter()
-        .filter(|(a, _)| a == account)
-        .map(|(_, id)| id.clone())
-        .collect();
-    ids.sort();
-    ids
 }
 
 /// `send --concurrency 8` keeps eight batches in flight and still reports
