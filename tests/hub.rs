@@ -1673,7 +1673,7 @@ fn request_bodies_in_flight_are_bounded_and_refused_before_they_are_read() {
 
 /// `send --concurrency 8` keeps eight batches in flight and still reports
 /// rejects in the input's order with their indexes in the file, and
-/// totals that match the lake; a hub that goes away mid-send is an error
+/// totals that match the lake; a hub that does not answer is an error
 /// naming the first batch not sent.
 #[test]
 fn send_with_batches_in_flight_reports_in_input_order() {

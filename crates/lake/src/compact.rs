@@ -329,13 +329,14 @@ impl Compactor {
         progress: &mut (dyn FnMut(usize, usize, &CompactReport) + Send),
     ) -> Result<CompactReport> {
         let mut report = CompactReport::default();
-        let open = self.log.lock().expect("commit log lock").open_merges();
+        let mut open = self.log.lock().expect("commit log lock").open_merges();
         let mut unsettled = BTreeSet::new();
         if self.plan_only {
+            // A plan settles nothing; those partitions are left out of it.
             report.unsettled = open.len();
-            unsettled.extend(open.iter().map(|m| m.partition.clone()));
+            unsettled.extend(open.drain(..).map(|m| m.partition));
         }
-        for m in open.into_iter().filter(|_| !self.plan_only) {
+        for m in open {
             // Never delete a merge's inputs before checking its file: its
             // put may have failed.
             match settle(&self.lake, &m).await {
@@ -443,15 +444,15 @@ impl Compactor {
             // The oldest files of a bin (a merged file, then older late
             // merges) are left out while the rest is small beside them.
             let mut rest: u64 = bin.iter().map(|s| s.size).sum();
-            let mut keep = 0;
-            while bin.len() - keep > 1 {
-                rest -= bin[keep].size;
-                if bin[keep].size <= REWRITE_RATIO * rest {
+            let mut left_out = 0;
+            while bin.len() - left_out > 1 {
+                rest -= bin[left_out].size;
+                if bin[left_out].size <= REWRITE_RATIO * rest {
                     break;
                 }
-                keep += 1;
+                left_out += 1;
             }
-            bin.drain(..keep);
+            bin.drain(..left_out);
         }
         for bin in bins.into_iter().filter(|b| b.len() > 1) {
             if stop.load(Ordering::Relaxed) {
