@@ -1425,8 +1425,8 @@ fn payment_rounds(server: &Server, token: &str, data: &std::path::Path, rounds: 
 }
 
 /// A closed partition's small files are merged into one: by `lake compact`
-/// on a stopped hub (which refuses while the hub runs), and by the running
-/// hub every `lake.compact_every_secs`. DuckDB reads every event exactly
+/// on a stopped hub (which refuses while the hub runs; its dry run does
+/// not), and by the running hub every `lake.compact_every_secs`. DuckDB reads every event exactly
 /// once, protected as before, and the hub still answers retries as
 /// duplicates.
 #[test]
@@ -1450,9 +1450,8 @@ fn small_files_of_closed_partitions_are_merged() {
         "{}",
         String::from_utf8_lossy(&busy.stderr)
     );
-    assert!(server.stop().success());
-
-    // A dry run says what the pass would do and does none of it.
+    // A dry run says what the pass would do and does none of it; it
+    // takes no lock, so it runs beside the hub.
     let files_before = parquet_files(&data.join("lake/payments"));
     let log_before = std::fs::read(data.join("wal/commits.log")).unwrap();
     let out = run(&["lake", "compact", "--data-dir", data_arg, "--dry-run"]);
@@ -1462,6 +1461,7 @@ fn small_files_of_closed_partitions_are_merged() {
     assert!(stdout.contains("nothing was written or deleted"), "{stdout}");
     assert_eq!(parquet_files(&data.join("lake/payments")), files_before);
     assert_eq!(std::fs::read(data.join("wal/commits.log")).unwrap(), log_before);
+    assert!(server.stop().success());
 
     let out = run(&["lake", "compact", "--data-dir", data_arg]);
     let stdout = String::from_utf8_lossy(&out.stdout);

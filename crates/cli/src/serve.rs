@@ -129,7 +129,8 @@ pub(crate) enum LakeCmd {
     /// Merge the small files of closed partitions into files of up to
     /// `lake.compact_target_bytes`, now. `serve` does this by itself every
     /// `lake.compact_every_secs`; this is for a hub that is stopped (it
-    /// refuses to run while the hub holds the data directory).
+    /// refuses to run while the hub holds the data directory, except with
+    /// `--dry-run`).
     Compact {
         #[command(flatten)]
         config: ConfigArgs,
@@ -138,7 +139,7 @@ pub(crate) enum LakeCmd {
         #[arg(long)]
         after_secs: Option<u64>,
         /// Report the merges a pass would make (files, rows, bytes) and
-        /// write or delete nothing.
+        /// write or delete nothing; runs beside a running hub too.
         #[arg(long)]
         dry_run: bool,
     },
@@ -192,9 +193,15 @@ async fn lake_compact(
         );
         if r.unsettled > 0 {
             println!(
-                "{} merge(s) cut short earlier are settled first by a real pass; their partitions are \
-                 not in this count",
+                "{} merge(s) cut short earlier (or in progress in the running hub) are settled first by a \
+                 real pass; their partitions are not in this count",
                 r.unsettled
+            );
+        }
+        if r.changed > 0 {
+            println!(
+                "{} partition(s) changed while they were read (the running hub merged them); not in this count",
+                r.changed
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -634,18 +634,20 @@ fn to_parts(
 /// `lake.compact_after_secs`; `progress` is called after each partition
 /// (see [`Compactor::run_once_with`]). With `dry_run`, nothing is written
 /// or deleted: the report counts the merges the pass would make (see
-/// [`Compactor::plan_only`]).
+/// [`Compactor::plan_only`]); a dry run takes no lock, so it also runs
+/// beside the hub, reading the commit log as the hub writes it.
 ///
 /// # Errors
-/// [`Error::DataDirInUse`] while the hub runs (it compacts by itself);
-/// failures to open the lake, the WAL's identity or the commit log.
+/// [`Error::DataDirInUse`] while the hub runs (it compacts by itself),
+/// unless `dry_run`; failures to open the lake, the WAL's identity or the
+/// commit log.
 pub async fn compact_lake(
     config: &HubConfig,
     after: Option<std::time::Duration>,
     dry_run: bool,
     progress: &mut (dyn FnMut(usize, usize, &watershed_lake::CompactReport) + Send),
 ) -> Result<watershed_lake::CompactReport> {
-    let _lock = lock_data_dir(&config.data_dir)?;
+    let _lock = if dry_run { None } else { Some(lock_data_dir(&config.data_dir)?) };
     let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
     let wal_dir = config.data_dir.join("wal");
     if dry_run && !wal_dir.join("log.id").exists() {

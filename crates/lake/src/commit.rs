@@ -277,10 +277,12 @@ impl CommitLog {
     }
 
     /// The log at `path` as it stands, for a plan (`lake compact
-    /// --dry-run`): intents are resolved against `lake` by looking only,
-    /// unfinished merges stay open (not settled), and neither the log nor
-    /// the lake is written. Lines the returned log is given go to a
-    /// scratch file, removed at once, never to `path`.
+    /// --dry-run`), which may run beside the hub appending to it: intents
+    /// are resolved against `lake` by looking only (one whose file is not
+    /// there yet stays pending: its put may be in flight), unfinished
+    /// merges stay open (not settled), and neither the log nor the lake
+    /// is written. Lines the returned log is given go to a scratch file,
+    /// removed at once, never to `path`.
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
@@ -328,8 +330,16 @@ impl CommitLog {
         }
         let mut out = Committed::default();
         let mut keep = Vec::new();
+        let mut pending = HashSet::new();
         for (file, (partition, records)) in intents {
             let done = committed.contains(&file) || lake.exists(&LakePath(file.clone())).await?;
+            if !done && read_only {
+                // A hub running beside a plan may have this put in
+                // flight: the file is not the plan's to merge.
+                keep.push(Line::Intent { path: file.clone(), partition, records });
+                pending.insert(file);
+                continue;
+            }
             if !done {
                 tracing::info!(path = %file, "dropping an unfinished lake write; its records will be rewritten");
                 continue;
@@ -359,7 +369,7 @@ impl CommitLog {
             syncer,
             bytes,
             compacted: bytes,
-            pending: HashSet::new(),
+            pending,
             merges: open_merges,
             touched: HashSet::new(),
         };

@@ -117,6 +117,9 @@ pub struct CompactReport {
     /// A plan's merges cut short earlier, which a real pass settles before
     /// anything else; their partitions are left out of the plan.
     pub unsettled: usize,
+    /// A plan's partitions whose files changed while it read them (a
+    /// running hub merged them meanwhile); left out of the plan.
+    pub changed: usize,
 }
 
 /// Merges the small files of closed partitions (see the module docs).
@@ -298,7 +301,10 @@ impl Compactor {
     /// A compactor whose passes write and delete nothing: each merge a
     /// pass would make is counted in its report as if made (`bytes_out`
     /// stays 0), and merges cut short earlier are counted as `unsettled`.
-    /// Give it a log opened with [`CommitLog::open_read_only`].
+    /// Give it a log opened with [`CommitLog::open_read_only`]. It may run
+    /// beside the hub that owns the lake: a partition whose files vanish
+    /// while it reads them (merged meanwhile) is counted as `changed` and
+    /// left out.
     #[must_use]
     pub fn plan_only(mut self) -> Self {
         self.plan_only = true;
@@ -460,7 +466,18 @@ impl Compactor {
             }
             let mut runs: Vec<Vec<Input>> = Vec::new();
             for s in bin {
-                let builder = footer(&self.lake, &s.path, s.size).await?;
+                let builder = match footer(&self.lake, &s.path, s.size).await {
+                    Ok(b) => b,
+                    // Beside a running hub, which merges and deletes
+                    // files as it goes.
+                    Err(Error::Store { source, .. })
+                        if self.plan_only && matches!(*source, object_store::Error::NotFound { .. }) =>
+                    {
+                        report.changed += 1;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
                 let records = records_of(&s.path, &builder)?;
                 let rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
                 let input = Input {

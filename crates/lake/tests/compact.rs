@@ -74,12 +74,14 @@ struct Lakeside {
 }
 
 /// A local store whose deletes fail while `fail` is set, and whose puts
-/// fail while `fail_puts` is.
+/// fail while `fail_puts` is; its listings also name the `ghosts` (files
+/// listed an instant before another writer deleted them).
 #[derive(Debug)]
 struct FailingStore {
     inner: object_store::local::LocalFileSystem,
     fail: Arc<AtomicBool>,
     fail_puts: Arc<AtomicBool>,
+    ghosts: Arc<Mutex<Vec<ObjectMeta>>>,
 }
 
 impl std::fmt::Display for FailingStore {
@@ -118,7 +120,16 @@ impl ObjectStore for FailingStore {
         self.inner.delete_stream(locations)
     }
     fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(p)
+        let ghosts: Vec<_> = self
+            .ghosts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|g| p.is_none_or(|p| g.location.prefix_matches(p)))
+            .cloned()
+            .map(Ok)
+            .collect();
+        self.inner.list(p).chain(futures::stream::iter(ghosts)).boxed()
     }
     async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
         self.inner.list_with_delimiter(p).await
@@ -142,9 +153,23 @@ impl Lakeside {
         std::fs::create_dir_all(dir.path().join("lake")).unwrap();
         let (fail, fail_puts) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
-        let store = FailingStore { inner, fail: fail.clone(), fail_puts: fail_puts.clone() };
+        let store =
+            FailingStore { inner, fail: fail.clone(), fail_puts: fail_puts.clone(), ghosts: Arc::default() };
         let lake = Lake::new(Arc::new(store), 2);
         (Self::with_lake(dir, lake).await, fail, fail_puts)
+    }
+
+    /// A lake whose listings also name the files in the returned list,
+    /// which are not there.
+    async fn haunted() -> (Self, Arc<Mutex<Vec<ObjectMeta>>>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lake")).unwrap();
+        let ghosts = Arc::new(Mutex::new(Vec::new()));
+        let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
+        let store =
+            FailingStore { inner, fail: Arc::default(), fail_puts: Arc::default(), ghosts: ghosts.clone() };
+        let lake = Lake::new(Arc::new(store), 2);
+        (Self::with_lake(dir, lake).await, ghosts)
     }
 
     async fn with_lake(dir: tempfile::TempDir, lake: Lake) -> Self {
@@ -540,4 +565,56 @@ async fn a_plan_counts_the_merges_and_changes_nothing() {
     let done = s.compactor(64 << 20).run_once(&AtomicBool::new(false)).await.unwrap();
     assert_eq!((done.merges, done.inputs, done.rows), (plan.merges, plan.inputs, plan.rows), "{done:?}");
     assert_eq!(s.files(&cut).await, vec![out.0.clone()], "the real pass settles the cut-short merge");
+}
+
+/// A plan may run beside the hub that writes the lake: a file whose
+/// intent is logged but whose put has not landed when the plan opens the
+/// log is in flight, not the plan's to count even once it lands; a file
+/// listed and then deleted (merged by the hub meanwhile) leaves its
+/// partition out, counted as changed, rather than failing the plan.
+#[tokio::test]
+async fn a_plan_beside_a_running_hub_leaves_out_puts_in_flight_and_vanished_files() {
+    let (s, ghosts) = Lakeside::haunted().await;
+    let (key, busy) = (partition("03"), partition("04"));
+    for r in 1..=3 {
+        s.commit(&key, SOURCE, &[r], 10, false).await;
+    }
+    // The hub's next file of the partition: intent logged, put in flight.
+    let in_flight = key.file(SOURCE, 4, 4);
+    s.log.lock().unwrap().intent(&in_flight, &key.dir(), &[4]).unwrap().wait().unwrap();
+    for r in 11..=12 {
+        s.commit(&busy, SOURCE, &[r], 10, false).await;
+    }
+    let gone = busy.file(SOURCE, 13, 13);
+    ghosts.lock().unwrap().push(ObjectMeta {
+        location: ObjPath::from(gone.0.as_str()),
+        last_modified: chrono::Utc::now(),
+        size: 100,
+        e_tag: None,
+        version: None,
+    });
+
+    let path = s.dir.path().join("commits.log");
+    let read_only = CommitLog::open_read_only(&path, &s.lake).await.unwrap();
+    assert!(read_only.is_pending(&in_flight.0), "an intent whose file is not there yet is in flight");
+    // The put lands while the plan runs.
+    s.lake.put_create(&in_flight, file_bytes(&in_flight, SOURCE, &[4], 10, false)).await.unwrap();
+    let config = CompactConfig {
+        target_bytes: 64 << 20,
+        after: Duration::from_secs(3600),
+        encode: EncodeOptions::default(),
+        source: SOURCE.to_owned(),
+    };
+    let planner = Compactor::new(
+        s.lake.clone(),
+        Arc::new(Mutex::new(read_only)),
+        s.clock.clone(),
+        config,
+        Arc::new(CompactStats::default()),
+    )
+    .plan_only();
+    let plan = planner.run_once(&AtomicBool::new(false)).await.unwrap();
+    assert_eq!((plan.partitions, plan.merges, plan.inputs, plan.rows), (2, 1, 3, 30), "{plan:?}");
+    assert_eq!((plan.changed, plan.unsettled, plan.failures), (1, 0, 0), "{plan:?}");
+    assert_eq!(s.files(&key).await.len(), 4, "the lake is untouched");
 }
