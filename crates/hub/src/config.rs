@@ -141,6 +141,10 @@ pub struct LimitsConfig {
     /// `future_time` beyond it): a wrong clock or time zone must not open
     /// partitions for hours to come.
     pub max_future_secs: u64,
+    /// Requests validated and protected at once (0: one per core). Each
+    /// takes a core while it runs, and its working memory; further
+    /// requests wait, their bodies held, until one finishes.
+    pub processing_concurrency: usize,
 }
 
 impl Default for LimitsConfig {
@@ -153,6 +157,7 @@ impl Default for LimitsConfig {
             header_timeout_secs: 30,
             max_connections: 1024,
             max_future_secs: crate::ingest::DEFAULT_MAX_FUTURE_SECS,
+            processing_concurrency: 0,
         }
     }
 }
@@ -477,6 +482,16 @@ impl HubConfig {
         Ok(())
     }
 
+    /// Requests processed at once: `limits.processing_concurrency`, or
+    /// one per core the process may run on.
+    #[must_use]
+    pub fn processing_concurrency(&self) -> usize {
+        match self.limits.processing_concurrency {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+
     /// The lake directory.
     #[must_use]
     pub fn lake_dir(&self) -> PathBuf {
@@ -591,6 +606,17 @@ mod tests {
             let e = load(&[(var.as_str(), "0")]).unwrap_err();
             assert!(e.starts_with(&format!("invalid configuration: limits.{key}: must be positive")), "{e}");
         }
+    }
+
+    #[test]
+    fn processing_concurrency_is_one_per_core_unless_set() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let c = load(&[]).unwrap();
+        assert_eq!((c.limits.processing_concurrency, c.processing_concurrency()), (0, cores));
+        let c = load(&[("WATERSHED_LIMITS__PROCESSING_CONCURRENCY", "3")]).unwrap();
+        assert_eq!(c.processing_concurrency(), 3);
+        let e = load(&[("WATERSHED_LIMITS__PROCESSING_CONCURRENCY", "-1")]).unwrap_err();
+        assert!(e.contains("processing_concurrency"), "{e}");
     }
 
     #[test]

@@ -245,6 +245,7 @@ impl Hub {
         );
         let requests =
             RequestMemory::new(config.memory.requests_bytes, config.memory.requests_bytes_per_account);
+        let processing = Arc::new(tokio::sync::Semaphore::new(config.processing_concurrency()));
         Ok(Self {
             config,
             ingestor,
@@ -254,9 +255,7 @@ impl Hub {
             erasure_watch,
             memory,
             requests,
-            processing: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-            )),
+            processing,
             pending: shared,
             writer_stats,
             compact_stats,
