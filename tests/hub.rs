@@ -1717,6 +1717,47 @@ fn send_with_batches_in_flight_reports_in_input_order() {
     assert!(stderr.contains("later batches may have been sent too"), "{stderr}");
 }
 
+/// `send` compresses its request bodies with zstd unless told not to: the
+/// hub receives a fraction of the file's bytes, and with `--compress
+/// none` all of them; every event lands either way.
+#[test]
+fn send_compresses_its_bodies_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    let mut sizes = Vec::new();
+    for (round, how) in [(0, None), (1, Some("none")), (2, Some("zstd"))] {
+        let events: Vec<Value> =
+            (0..300).map(|n| ada(&format!("z{round}-{n}"), &format!("c{}", n % 7))).collect();
+        let file = dir.path().join(format!("events-{round}.ndjson"));
+        std::fs::write(&file, ndjson(&events)).unwrap();
+        let before = metric(&metrics(&server), "watershed_ingest_bytes_total");
+        let mut args = vec!["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token];
+        if let Some(how) = how {
+            args.extend(["--compress", how]);
+        }
+        let out = run(&args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("accepted 300 rejected 0 duplicates 0"), "{stdout}\n{stderr}");
+        let sent = metric(&metrics(&server), "watershed_ingest_bytes_total") - before;
+        sizes.push((sent, std::fs::metadata(&file).unwrap().len() as f64));
+    }
+    let [(zstd, raw), (plain, raw_plain), (zstd_again, _)] = sizes[..] else { unreachable!() };
+    assert!(zstd < raw / 4.0, "compressed by default: {zstd} of {raw} bytes");
+    assert_eq!(plain, raw_plain, "--compress none sends the file as it is");
+    assert!(zstd_again < raw / 4.0, "--compress zstd: {zstd_again} of {raw} bytes");
+    let out = run(&["send", "-", "--url", &server.url, "--token", &token, "--compress", "brotli"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid value 'brotli'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data).len(), 900);
+}
+
 /// A schema version that adds a field and widens another, deployed by a
 /// restart: files written before it keep the older columns, files after
 /// it have the new ones. Read by column name across them (DuckDB's

@@ -496,7 +496,8 @@ fn http_run(me: &Path, dir: &Path, args: &BenchArgs) -> anyhow::Result<f64> {
                 loop {
                     let next = queue.lock().expect("queue").next();
                     let Some(body) = next else { break };
-                    crate::send::post(&client, &url, &token, None, body, 20).await?;
+                    crate::send::post(&client, &url, &token, None, body, 20, crate::send::Compress::None)
+                        .await?;
                 }
                 Ok::<_, anyhow::Error>(())
             }));

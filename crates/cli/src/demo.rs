@@ -90,6 +90,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                         Some("demo"),
                         bytes::Bytes::from(std::mem::take(&mut batch)),
                         10,
+                        crate::send::Compress::Zstd,
                     )
                     .await?;
                     totals.accepted += r["accepted"].as_u64().unwrap_or(0);
