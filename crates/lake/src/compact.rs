@@ -529,7 +529,14 @@ impl Compactor {
         rows: u64,
     ) -> Result<Bytes> {
         let rows_hint = usize::try_from(rows).unwrap_or(usize::MAX);
-        let file = FileEncoder::for_rows(path, &run[0].schema, self.config.encode, rows_hint)?;
+        let mut file = FileEncoder::for_rows(path, &run[0].schema, self.config.encode, rows_hint)?;
+        // The merged file is about the size of its inputs: smaller as a
+        // rule (longer column chunks compress better), a little larger
+        // with smaller row groups than its inputs had. An eighth more is
+        // room for that; pages reserved and never written are never
+        // touched.
+        let inputs_bytes = usize::try_from(run.iter().map(|i| i.size).sum::<u64>()).unwrap_or(0);
+        file.reserve_output(inputs_bytes.saturating_add(inputs_bytes / 8).saturating_add(64 << 10));
         let (lake, runtime) = (self.lake.clone(), tokio::runtime::Handle::current());
         let inputs: Vec<String> = run.iter().map(|i| i.path.clone()).collect();
         let out = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {

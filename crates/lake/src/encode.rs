@@ -179,6 +179,13 @@ impl FileEncoder {
         }
     }
 
+    /// Make room for `bytes` of output at once, for a file whose size is
+    /// known ahead (a merge of files): grown by doubling instead, the
+    /// buffer would be copied at each step and, in the last, held twice.
+    pub fn reserve_output(&mut self, bytes: usize) {
+        self.writer.inner_mut().reserve(bytes);
+    }
+
     /// Bytes held: finished row groups plus the one in progress.
     #[must_use]
     pub fn held(&self) -> usize {
