@@ -186,10 +186,12 @@ impl FileEncoder {
         self.writer.inner_mut().reserve(bytes);
     }
 
-    /// Bytes held: finished row groups plus the one in progress.
+    /// Bytes held: the buffer of finished row groups (its capacity: it
+    /// grows by doubling, so up to twice what is written) plus the row
+    /// group in progress.
     #[must_use]
     pub fn held(&self) -> usize {
-        self.writer.bytes_written() + self.writer.memory_size()
+        self.writer.inner().capacity().max(self.writer.bytes_written()) + self.writer.memory_size()
     }
 
     /// Add `metadata` and write the footer.
@@ -330,5 +332,33 @@ mod tests {
         assert_eq!(file(SMALL_FILE_ROWS - 1, true), [Compression::UNCOMPRESSED; 2]);
         assert_eq!(file(SMALL_FILE_ROWS, true), [zstd; 2]);
         assert_eq!(file(1, false), [zstd; 2]);
+    }
+
+    /// What an open file holds counts its output buffer's capacity, not
+    /// only the bytes in it: the buffer grows by doubling, so it may hold
+    /// up to twice what was written. A merge's buffer reserved ahead is
+    /// counted whole too.
+    #[test]
+    fn held_counts_the_output_buffer_as_allocated() {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8, false)]));
+        let opts = EncodeOptions { zstd_level: 1, row_group_rows: 1000 };
+        let mut f = FileEncoder::new("t.parquet", &schema, opts).unwrap();
+        let mut slack = false;
+        for i in 0..40 {
+            // Incompressible values, so each row group adds its size.
+            let values: Vec<String> = (0..1000)
+                .map(|j| format!("{:x}", ((i * 1000 + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+                .collect();
+            let batch =
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(values))]).unwrap();
+            f.write_joined(&[batch]).unwrap();
+            let (written, capacity) = (f.writer.bytes_written(), f.writer.inner().capacity());
+            slack |= capacity > written + written / 4;
+            assert!(f.held() >= capacity + f.writer.memory_size(), "{} < {capacity}", f.held());
+        }
+        assert!(slack, "the buffer grew by doubling at least once with room to spare");
+        let mut reserved = FileEncoder::new("m.parquet", &schema, opts).unwrap();
+        reserved.reserve_output(10 << 20);
+        assert!(reserved.held() >= 10 << 20);
     }
 }
