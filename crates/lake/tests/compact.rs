@@ -213,6 +213,25 @@ impl Lakeside {
         )
     }
 
+    /// A compactor that only plans (targets of 64 MiB), over `log` (opened
+    /// with [`CommitLog::open_read_only`]).
+    fn planner(&self, log: CommitLog) -> Compactor {
+        let config = CompactConfig {
+            target_bytes: 64 << 20,
+            after: Duration::from_secs(3600),
+            encode: EncodeOptions::default(),
+            source: SOURCE.to_owned(),
+        };
+        Compactor::new(
+            self.lake.clone(),
+            Arc::new(Mutex::new(log)),
+            self.clock.clone(),
+            config,
+            Arc::new(CompactStats::default()),
+        )
+        .plan_only()
+    }
+
     async fn files(&self, key: &PartitionKey) -> Vec<String> {
         files_of(&self.lake, key).await
     }
@@ -537,23 +556,9 @@ async fn a_plan_counts_the_merges_and_changes_nothing() {
     let log_before = std::fs::read(&path).unwrap();
     let files_before = (s.files(&key).await, s.files(&cut).await);
 
-    let config = CompactConfig {
-        target_bytes: 64 << 20,
-        after: Duration::from_secs(3600),
-        encode: EncodeOptions::default(),
-        source: SOURCE.to_owned(),
-    };
     let read_only = CommitLog::open_read_only(&path, &s.lake).await.unwrap();
     assert_eq!(read_only.open_merges().len(), 1, "the cut-short merge stays open");
-    let planner = Compactor::new(
-        s.lake.clone(),
-        Arc::new(Mutex::new(read_only)),
-        s.clock.clone(),
-        config,
-        Arc::new(CompactStats::default()),
-    )
-    .plan_only();
-    let plan = planner.run_once(&AtomicBool::new(false)).await.unwrap();
+    let plan = s.planner(read_only).run_once(&AtomicBool::new(false)).await.unwrap();
     assert_eq!((plan.partitions, plan.merges, plan.inputs, plan.rows), (1, 1, 4, 40), "{plan:?}");
     assert_eq!((plan.unsettled, plan.bytes_out, plan.failures), (1, 0, 0), "{plan:?}");
     assert_eq!(std::fs::read(&path).unwrap(), log_before, "the commit log is untouched");
@@ -599,21 +604,7 @@ async fn a_plan_beside_a_running_hub_leaves_out_puts_in_flight_and_vanished_file
     assert!(read_only.is_pending(&in_flight.0), "an intent whose file is not there yet is in flight");
     // The put lands while the plan runs.
     s.lake.put_create(&in_flight, file_bytes(&in_flight, SOURCE, &[4], 10, false)).await.unwrap();
-    let config = CompactConfig {
-        target_bytes: 64 << 20,
-        after: Duration::from_secs(3600),
-        encode: EncodeOptions::default(),
-        source: SOURCE.to_owned(),
-    };
-    let planner = Compactor::new(
-        s.lake.clone(),
-        Arc::new(Mutex::new(read_only)),
-        s.clock.clone(),
-        config,
-        Arc::new(CompactStats::default()),
-    )
-    .plan_only();
-    let plan = planner.run_once(&AtomicBool::new(false)).await.unwrap();
+    let plan = s.planner(read_only).run_once(&AtomicBool::new(false)).await.unwrap();
     assert_eq!((plan.partitions, plan.merges, plan.inputs, plan.rows), (2, 1, 3, 30), "{plan:?}");
     assert_eq!((plan.changed, plan.unsettled, plan.failures), (1, 0, 0), "{plan:?}");
     assert_eq!(s.files(&key).await.len(), 4, "the lake is untouched");
