@@ -1426,9 +1426,9 @@ fn payment_rounds(server: &Server, token: &str, data: &std::path::Path, rounds: 
 
 /// A closed partition's small files are merged into one: by `lake compact`
 /// on a stopped hub (which refuses while the hub runs; its dry run does
-/// not), and by the running hub every `lake.compact_every_secs`. DuckDB reads every event exactly
-/// once, protected as before, and the hub still answers retries as
-/// duplicates.
+/// not), and by the running hub every `lake.compact_every_secs`. DuckDB
+/// reads every event exactly once, protected as before, and the hub still
+/// answers retries as duplicates.
 #[test]
 fn small_files_of_closed_partitions_are_merged() {
     let dir = tempfile::tempdir().unwrap();

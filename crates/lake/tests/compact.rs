@@ -149,27 +149,31 @@ impl Lakeside {
     /// A lake whose deletes fail while the first returned flag is set,
     /// and puts while the second is.
     async fn failing() -> (Self, Arc<AtomicBool>, Arc<AtomicBool>) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("lake")).unwrap();
-        let (fail, fail_puts) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
-        let store =
-            FailingStore { inner, fail: fail.clone(), fail_puts: fail_puts.clone(), ghosts: Arc::default() };
-        let lake = Lake::new(Arc::new(store), 2);
-        (Self::with_lake(dir, lake).await, fail, fail_puts)
+        let (s, store) = Self::over_failing_store().await;
+        (s, store.fail.clone(), store.fail_puts.clone())
     }
 
     /// A lake whose listings also name the files in the returned list,
     /// which are not there.
     async fn haunted() -> (Self, Arc<Mutex<Vec<ObjectMeta>>>) {
+        let (s, store) = Self::over_failing_store().await;
+        (s, store.ghosts.clone())
+    }
+
+    /// A lake over a [`FailingStore`] that fails nothing yet, and the
+    /// store (its flags and ghosts are shared).
+    async fn over_failing_store() -> (Self, Arc<FailingStore>) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("lake")).unwrap();
-        let ghosts = Arc::new(Mutex::new(Vec::new()));
         let inner = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap();
-        let store =
-            FailingStore { inner, fail: Arc::default(), fail_puts: Arc::default(), ghosts: ghosts.clone() };
-        let lake = Lake::new(Arc::new(store), 2);
-        (Self::with_lake(dir, lake).await, ghosts)
+        let store = Arc::new(FailingStore {
+            inner,
+            fail: Arc::default(),
+            fail_puts: Arc::default(),
+            ghosts: Arc::default(),
+        });
+        let lake = Lake::new(store.clone(), 2);
+        (Self::with_lake(dir, lake).await, store)
     }
 
     async fn with_lake(dir: tempfile::TempDir, lake: Lake) -> Self {
