@@ -116,8 +116,55 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once. The library
+/// errors name their cause in their own message (`{path}: {source}`, so
+/// that a log line of the error alone is complete) and also return it as
+/// their source; a cause whose text already ends the line is not repeated.
+fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[test]
+    fn a_cause_is_reported_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        // A library error that names its source and returns it.
+        #[derive(Debug)]
+        struct Named(std::io::Error);
+        impl std::fmt::Display for Named {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "/srv/schemas: {}", self.0)
+            }
+        }
+        impl std::error::Error for Named {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Named(io())).context("starting the hub");
+        assert_eq!(report(&e), "starting the hub: /srv/schemas: No such file or directory");
+        // Context over a cause that does not repeat it keeps both.
+        let e = anyhow::Error::new(io()).context("reading events.ndjson");
+        assert_eq!(report(&e), "reading events.ndjson: No such file or directory");
     }
 }
