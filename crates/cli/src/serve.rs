@@ -116,7 +116,7 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
 pub(crate) enum LakeCmd {
     /// List tables, partitions, files, rows and bytes.
     Ls {
-        /// The lake directory (default: <data-dir>/lake).
+        /// The lake directory (default: the data directory's lake).
         #[arg(long)]
         lake: Option<PathBuf>,
         /// The hub's data directory.

@@ -1,5 +1,5 @@
 //! Event vocabulary shared by every Watershed stage: identifiers with
-//! meaning ([`AccountId`], [`EventId`]), times, and the closed set of
+//! meaning ([`AccountId`]), times, and the closed set of
 //! [`Reason`] codes a rejected event can carry.
 //!
 //! This crate does no I/O. Everything downstream (schema, protect, lake, hub)

@@ -109,7 +109,7 @@ impl Accounts {
 
     /// Re-read the file if it changed (tokens added or revoked while
     /// serving). Its modification time says so, unless the file had
-    /// changed within [`RACY`] of the last read: a change in the same tick
+    /// changed within `RACY` (one second) of the last read: a change in the same tick
     /// of the file system's clock leaves the time as it was, and a revoked
     /// token must not keep working, so such a file is read again.
     ///
