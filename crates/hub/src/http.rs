@@ -19,7 +19,7 @@ use crate::requests::{Full, Held};
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/v1/events", post(ingest))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(hub)
@@ -253,7 +253,21 @@ async fn read_body(
     Ok(all.freeze())
 }
 
+/// 200 `ok`, or 503 with why the hub needs a restart (an orchestrator's
+/// liveness probe restarts it; the restart recovers from disk).
+async fn health(State(hub): State<Arc<Hub>>) -> Response {
+    match hub.health() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}")).into_response(),
+    }
+}
+
+/// 200 `ready`; 503 `busy` with `Retry-After` under backpressure, or
+/// `unhealthy: <why>` when the hub needs a restart.
 async fn ready(State(hub): State<Arc<Hub>>) -> Response {
+    if let Err(why) = hub.health() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}")).into_response();
+    }
     if hub.ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
@@ -273,7 +287,72 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt as _;
+
     use super::*;
+    use crate::config::{HubConfig, Overrides};
+
+    async fn call(hub: &Arc<Hub>, req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let r = router(hub.clone()).oneshot(req).await.unwrap();
+        let (status, headers) = (r.status(), r.headers().clone());
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, headers, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn get(path: &str) -> axum::http::Request<Body> {
+        axum::http::Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    /// A write-ahead log that needs a restart (its fsync failed: what
+    /// reached the disk is unknown) turns `/healthz` and `/readyz` to 503
+    /// with the reason and `watershed_healthy` to 0, so an orchestrator
+    /// restarts the hub; ingest answers 503 with `Retry-After` (nothing
+    /// was stored, a retry is safe) rather than 500.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_that_needs_a_restart_fails_health_and_ingest_answers_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            schemas: Some(schemas),
+            data_dir: Some(dir.path().to_owned()),
+        };
+        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
+        let account = watershed_event::AccountId::new("123456789012").unwrap();
+        let (token, _) = crate::accounts::Accounts::add(dir.path(), &account).unwrap();
+        let hub = Arc::new(Hub::start(config).await.unwrap());
+        let post = |id: &str| {
+            let event = format!(
+                r#"{{"version":"0","id":"{id}","detail-type":"UserLogin","source":"com.example.identity","time":"2024-05-01T12:00:01Z","region":"eu-west-1","resources":[],"detail":{{"user_id":"usr_001965","username":"ada@example.com","ip_address":"203.0.113.9","user_agent":"curl/8","outcome":"SUCCESS","mfa":"WEBAUTHN","session_id":"sess_0ba92b48381dde4a","logged_in_at":"2024-05-01T12:00:01Z","attempt":1,"geo":{{"country":"GB","city":"London"}}}}}}"#
+            );
+            axum::http::Request::post("/v1/events")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Body::from(event))
+                .unwrap()
+        };
+        let (status, _, body) = call(&hub, post("e-1")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""accepted":1"#), "{body}");
+        assert_eq!(call(&hub, get("/healthz")).await.2, "ok");
+        assert_eq!(call(&hub, get("/readyz")).await.2, "ready");
+        assert!(call(&hub, get("/metrics")).await.2.contains("watershed_healthy 1"));
+
+        crate::wal::tests::fail_next_sync(&dir.path().join("wal"));
+        let (status, headers, body) = call(&hub, post("e-2")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        assert!(body.contains("nothing was stored") && body.contains("input/output error"), "{body}");
+        for path in ["/healthz", "/readyz"] {
+            let (status, _, body) = call(&hub, get(path)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert!(body.starts_with("unhealthy: the write-ahead log needs a restart"), "{path}: {body}");
+        }
+        assert!(call(&hub, get("/metrics")).await.2.contains("watershed_healthy 0"));
+        let (status, _, body) = call(&hub, post("e-3")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("restart the hub"), "{body}");
+    }
 
     fn check(pairs: &[(&str, &str)]) -> Option<String> {
         let mut h = HeaderMap::new();

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub late: Counter,
     /// Ingest-to-ack latency, seconds.
     pub ack_latency: Histogram,
+    /// 1 while the hub can go on; 0 once it needs a restart (`/healthz`
+    /// says why).
+    pub healthy: Gauge,
     /// WAL bytes on disk.
     pub wal_bytes: Gauge,
     /// WAL segment bytes on disk (raw events), bounded by
@@ -111,6 +114,7 @@ impl Default for Metrics {
             refused: Family::default(),
             late: Counter::default(),
             ack_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            healthy: Gauge::default(),
             wal_bytes: Gauge::default(),
             wal_raw_bytes: Gauge::default(),
             wal_flushes: Gauge::default(),
@@ -144,6 +148,11 @@ impl Default for Metrics {
         );
         registry.register("events_late", "Events more than an hour older than receipt", m.late.clone());
         registry.register("ack_latency_seconds", "Ingest-to-ack latency", m.ack_latency.clone());
+        registry.register(
+            "healthy",
+            "1 while the hub can go on; 0 once it needs a restart (/healthz says why)",
+            m.healthy.clone(),
+        );
         registry.register("wal_bytes", "Write-ahead log bytes on disk", m.wal_bytes.clone());
         registry.register(
             "wal_raw_bytes",
@@ -186,6 +195,7 @@ impl Metrics {
     #[must_use]
     pub fn render(
         &self,
+        healthy: bool,
         wal: WalSize,
         memory: usize,
         requests: usize,
@@ -193,6 +203,7 @@ impl Metrics {
         compaction: &CompactStats,
     ) -> String {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.healthy.set(i64::from(healthy));
         self.wal_bytes.set(g(wal.total));
         self.wal_raw_bytes.set(g(wal.raw));
         self.wal_flushes.set(g(writer.wal_flushes.load(Ordering::Relaxed)));

@@ -342,6 +342,7 @@ impl Hub {
     #[must_use]
     pub fn render_metrics(&self) -> String {
         self.metrics.render(
+            self.health().is_ok(),
             crate::metrics::WalSize {
                 total: self.wal.size.load(std::sync::atomic::Ordering::Relaxed),
                 raw: self.pending.raw_bytes(),
@@ -353,10 +354,27 @@ impl Hub {
         )
     }
 
+    /// Whether the hub can go on, or why it needs a restart: the
+    /// write-ahead log stopped taking records, or cannot delete committed
+    /// ones ([`Wal::failure`]), or the lake writer stopped. A restart
+    /// recovers from what is on disk; nothing acknowledged is lost.
+    ///
+    /// # Errors
+    /// The reason, when the hub needs a restart.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        if let Some(why) = self.wal.failure() {
+            return Err(format!("the write-ahead log needs a restart: {why}"));
+        }
+        if self.writer_task.is_finished() {
+            return Err("the lake writer has stopped; events are in the write-ahead log".into());
+        }
+        Ok(())
+    }
+
     /// Whether ingest would accept a request now.
     #[must_use]
     pub fn ready(&self) -> bool {
-        !self.memory.full() && !self.requests.full() && !self.wal_full() && !self.writer_task.is_finished()
+        !self.memory.full() && !self.requests.full() && !self.wal_full() && self.health().is_ok()
     }
 
     /// Whether the WAL's segments hold `wal.max_raw_bytes`: the lake is
@@ -596,8 +614,11 @@ impl Stages {
                 appended.seq
             }
             Err(e) => {
+                // Nothing of the request is stored: a retry is safe.
                 ingestor.dedupe.release(&processed.claimed);
-                return Err(Refused::Failed(e.to_string()));
+                return Err(Refused::Unavailable(format!(
+                    "the write-ahead log did not take the events ({e}); nothing was stored"
+                )));
             }
         };
         let settled = settle(ticket).await;

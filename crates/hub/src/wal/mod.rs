@@ -34,7 +34,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -54,7 +54,7 @@ mod files;
 mod record;
 mod retire;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod writer;
 
 use files::{read_ids_file, read_segment, OnBad};
@@ -255,6 +255,19 @@ pub struct Wal {
     pub size: Arc<AtomicU64>,
     /// Turns true when the writer thread (and its retire thread) ended.
     stopped: watch::Receiver<bool>,
+    /// Why the log needs a restart, once it does (see [`Wal::failure`]).
+    failed: Arc<OnceLock<String>>,
+}
+
+/// Note the first failure after which the log needs a restart.
+pub(super) fn note_failure(failed: &OnceLock<String>, why: &str) {
+    if failed.set(why.to_owned()).is_ok() {
+        tracing::error!(
+            error = %why,
+            "the write-ahead log needs a restart; until then /healthz answers 503, and so does ingest once \
+             it cannot append"
+        );
+    }
 }
 
 /// A [`Wal`] handle that does not keep its writer thread alive.
@@ -390,6 +403,7 @@ impl Wal {
         let (tx, rx) = mpsc::channel(1024);
         *pending.retire.lock().expect("pending lock") = Some(tx.downgrade());
         let (retire_tx, retire_rx) = std::sync::mpsc::channel();
+        let failed = Arc::new(OnceLock::new());
         let retirer = Retirer {
             dir: dir.to_owned(),
             opts,
@@ -401,6 +415,7 @@ impl Wal {
             appended_through: ids_through,
             durable_through: ids_through,
             broken: None,
+            failed: failed.clone(),
         };
         let mut w = Writer {
             dir: dir.to_owned(),
@@ -413,6 +428,7 @@ impl Wal {
             before_write,
             frames: Vec::new(),
             broken: None,
+            failed: failed.clone(),
             retire: retire_tx,
             written_ids: Vec::new(),
         };
@@ -435,7 +451,7 @@ impl Wal {
                 let _ = stopped_tx.send(true);
             })
             .map_err(io(dir))?;
-        Ok(Self { tx, size, stopped })
+        Ok(Self { tx, size, stopped, failed })
     }
 
     /// Wait until the writer thread has stopped: once every handle is
@@ -447,6 +463,16 @@ impl Wal {
         drop(self);
         // An error means the thread is gone without saying so (a panic).
         let _ = stopped.wait_for(|s| *s).await;
+    }
+
+    /// Why the log cannot go on without a restart, once that is so: a
+    /// segment's fsync failed (what reached the disk is unknown), a failed
+    /// write could not be cut back, or an id file's fsync failed (no
+    /// committed segment can be deleted, so the log only grows). A restart
+    /// recovers from what is on disk.
+    #[must_use]
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// A handle that does not keep the writer thread alive.

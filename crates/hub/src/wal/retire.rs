@@ -6,10 +6,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::files::{push_frame, sync_ids};
-use super::{IdsFile, Pending, WalOptions, FRAME_HEADER, IDS_FILE_MIN_BYTES, RETIRE_RETRY};
+use super::{note_failure, IdsFile, Pending, WalOptions, FRAME_HEADER, IDS_FILE_MIN_BYTES, RETIRE_RETRY};
 use crate::error::{io, Result};
 
 /// The identities of the `events` events of the records up to `through`,
@@ -63,6 +63,8 @@ pub(super) struct Retirer {
     /// failed (what reached the disk is unknown). The restart rebuilds
     /// the ids of every segment still on disk.
     pub(super) broken: Option<String>,
+    /// Told of `broken` as it is set, for [`super::Wal::failure`].
+    pub(super) failed: Arc<OnceLock<String>>,
 }
 
 impl Retirer {
@@ -210,7 +212,9 @@ impl Retirer {
                 error = %e,
                 "cannot fsync the WAL id file: committed WAL segments are kept until a restart"
             );
-            self.broken = Some(e.to_string());
+            let why = format!("cannot fsync the id file {}: {e}", f.path.display());
+            note_failure(&self.failed, &why);
+            self.broken = Some(why);
             return Err(e);
         }
         self.durable_through = self.appended_through;

@@ -36,7 +36,8 @@ fn tear_next_write(dir: &Path, keep: usize) {
     inject(dir, Fault::Tear(keep));
 }
 
-fn fail_next_sync(dir: &Path) {
+/// Make the next fsync of a segment in `dir` fail.
+pub(crate) fn fail_next_sync(dir: &Path) {
     inject(dir, Fault::Sync);
 }
 
@@ -178,9 +179,12 @@ async fn a_failed_fsync_stops_the_log_until_restart() {
     let opts = unbounded(1 << 20, 0);
     let wal = open_empty(dir.path(), opts, Arc::default());
     assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
+    assert_eq!(wal.failure(), None);
     fail_next_sync(dir.path());
     let e = wal.append(record("b"), 1, 1).await.unwrap_err().to_string();
     assert!(e.contains("input/output error"), "{e}");
+    let why = wal.failure().expect("the log says it needs a restart");
+    assert!(why.contains("input/output error"), "{why}");
     let e = wal.append(record("c"), 1, 1).await.unwrap_err().to_string();
     assert!(e.contains("stopped after an earlier failure") && e.contains("restart"), "{e}");
     wal.close().await;
@@ -189,6 +193,7 @@ async fn a_failed_fsync_stops_the_log_until_restart() {
     // the dedupe window keeps the retry from storing it twice).
     let (wal, seen) = reopen(dir.path(), opts);
     assert_eq!(seen, [(1, "a".to_owned()), (2, "b".to_owned())]);
+    assert_eq!(wal.failure(), None, "the restart recovered");
     assert_eq!(wal.append(record("d"), 1, 1).await.unwrap().seq, 3, "appends again after the restart");
 }
 
@@ -202,6 +207,7 @@ async fn a_failed_write_is_cut_back_and_later_records_survive() {
     assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
     // The log goes on, with the failed record's seq unused.
     assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
+    assert_eq!(wal.failure(), None, "a write cut back needs no restart");
     wal.close().await;
     let (_, seen) = reopen(dir.path(), opts);
     assert_eq!(
@@ -542,6 +548,7 @@ async fn a_failed_id_file_fsync_keeps_the_segments_until_a_restart() {
     pending.committed(&[1, 2, 3]);
     let fault_taken = || !FAULTS.lock().unwrap().iter().any(|(d, _)| d == dir.path());
     wait_until("the id file fsync tried", fault_taken);
+    wait_until("the failure noted", || wal.failure().is_some_and(|w| w.contains("id file")));
     assert_eq!(wal.append(record("r4"), 1, 1).await.unwrap().seq, 4, "appends go on");
     pending.committed(&[4]);
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -549,6 +556,7 @@ async fn a_failed_id_file_fsync_keeps_the_segments_until_a_restart() {
     wal.close().await;
     // The restart retires them once committed; every id is kept once.
     let (wal, pending) = reopen_pending(dir.path(), opts);
+    assert_eq!(wal.failure(), None, "the restart recovered");
     pending.committed(&[1, 2, 3, 4]);
     wait_until("retired after the restart", || !segment_names(dir.path()).contains(&seg(1)));
     wal.close().await;

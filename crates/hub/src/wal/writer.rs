@@ -3,14 +3,14 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::files::{push_frame, sync_segment, write_frames};
 use super::record::BufferPool;
 use super::retire::{RetireJob, RetireMsg, WrittenIds};
-use super::{Append, Appended, BeforeWrite, Failed, Msg, Pending, Segment, WalOptions};
+use super::{note_failure, Append, Appended, BeforeWrite, Failed, Msg, Pending, Segment, WalOptions};
 use crate::error::{io, Error, Result};
 
 pub(super) struct Writer {
@@ -29,6 +29,8 @@ pub(super) struct Writer {
     /// answers every later append with an error until a restart recovers
     /// from what is on disk.
     pub(super) broken: Option<String>,
+    /// Told of `broken` as it is set, for [`super::Wal::failure`].
+    pub(super) failed: Arc<OnceLock<String>>,
     /// Written records' ids and sealed, committed segments go to the
     /// retire thread.
     pub(super) retire: std::sync::mpsc::Sender<RetireMsg>,
@@ -98,6 +100,10 @@ impl Writer {
                     Ok(()) => self.write_batch(&batch).map_err(|e| Failed::Io(e.to_string())),
                     Err(e) => Err(Failed::BeforeWrite(e)),
                 };
+                // Known before any request hears of the failure.
+                if let Some(why) = &self.broken {
+                    note_failure(&self.failed, why);
+                }
                 for (i, a) in batch.drain(..).enumerate() {
                     let reply = result
                         .as_ref()
@@ -113,6 +119,7 @@ impl Writer {
                 if open && self.broken.is_none() {
                     if let Err(e) = self.roll() {
                         tracing::error!(error = %e, "cannot seal the open WAL segment");
+                        note_failure(&self.failed, &e.to_string());
                         self.broken = Some(e.to_string());
                     }
                 }
