@@ -85,6 +85,8 @@ struct Fields<'a> {
     resources: Vec<Cow<'a, str>>,
     detail: Option<&'a [u8]>,
     data: Option<&'a [u8]>,
+    /// A CloudEvent's binary payload was sent (not read: payloads are JSON).
+    data_base64: bool,
     version: Option<SchemaVersion>,
     /// Set when the payload was validated in the envelope pass, with the
     /// schema version then known.
@@ -162,7 +164,16 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
         time: f.time,
         region: f.region,
         resources: f.resources,
-        payload: payload.ok_or_else(|| missing(p_name))?,
+        payload: payload.ok_or_else(|| match (cloud, f.data_base64) {
+            (true, true) => Violation {
+                reason: Reason::BadEnvelope,
+                path: "$.data_base64".into(),
+                detail: "a binary payload (data_base64) cannot be validated against the schema; send the \
+                         payload as JSON in data"
+                    .into(),
+            },
+            _ => missing(p_name),
+        })?,
         payload_path,
         schema_version: f.version,
         prevalidated,
@@ -298,7 +309,10 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                     _ => return Err(Bad::Field(name, "must be a positive integer")),
                 }
             }
-            _ => sc.skip(128, &mut scratch)?,
+            _ => {
+                f.data_base64 |= key == b"data_base64";
+                sc.skip(128, &mut scratch)?;
+            }
         }
         if !sc.next_or_close(b'}')? {
             break;
@@ -379,6 +393,13 @@ mod tests {
             br#"{"specversion":"1.0","id":"2","type":"T","source":"s","data":{"b":2},"schemaversion":1}"#;
         let e = decode(ce).unwrap();
         assert_eq!((&*e.id, e.payload_path, e.schema_version), ("2", "$.data", Some(1)));
+        let binary =
+            br#"{"specversion":"1.0","id":"3","type":"T","source":"s","data_base64":"eyJiIjoyfQ=="}"#;
+        let v = decode(binary).unwrap_err();
+        assert_eq!((v.reason, v.path.as_str()), (Reason::BadEnvelope, "$.data_base64"));
+        assert!(v.detail.contains("send the payload as JSON in data"), "{}", v.detail);
+        let v = decode(br#"{"specversion":"1.0","id":"4","type":"T","source":"s"}"#).unwrap_err();
+        assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.data", "data is required"));
         assert_eq!(decode(b"[1]").unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
         assert_eq!(decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err().path, "$.detail-type");
