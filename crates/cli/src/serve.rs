@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use watershed_event::AccountId;
 use watershed_hub::accounts::{Accounts, Revoke};
-use watershed_hub::{Hub, HubConfig, Overrides};
+use watershed_hub::{HubConfig, Overrides};
 
 /// Options shared by commands that load the hub configuration.
 #[derive(Args, Debug, Clone, Default)]
@@ -39,11 +39,18 @@ impl ConfigArgs {
 
 pub(crate) async fn serve(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
-    let hub = Hub::start(config).await.context("starting the hub")?;
-    watershed_hub::serve::serve(hub, watershed_hub::serve::signal(), |addr| {
-        eprintln!("watershed: listening on http://{addr}");
-        tracing::info!(%addr, "listening");
-    })
+    watershed_hub::serve::start_and_serve(
+        config,
+        watershed_hub::serve::signal(),
+        |addr| {
+            eprintln!("watershed: starting on http://{addr}");
+            tracing::info!(%addr, "bound; starting (replaying the write-ahead log)");
+        },
+        |addr| {
+            eprintln!("watershed: listening on http://{addr}");
+            tracing::info!(%addr, "listening");
+        },
+    )
     .await?;
     eprintln!("watershed: stopped; every accepted event is committed");
     Ok(ExitCode::SUCCESS)

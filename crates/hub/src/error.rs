@@ -74,6 +74,9 @@ pub enum Error {
     /// The pipeline stopped (its writer or WAL task ended).
     #[error("the ingest pipeline has stopped: {0}")]
     Stopped(&'static str),
+    /// The hub could not start (as `serve` starts it).
+    #[error("starting the hub: {0}")]
+    Starting(#[source] Box<Error>),
 }
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

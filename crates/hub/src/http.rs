@@ -25,6 +25,29 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .with_state(hub)
 }
 
+/// What answers while the hub starts (see
+/// [`crate::serve::start_and_serve`]): `/healthz` 200 `starting`,
+/// `/readyz` 503 `starting`, anything else 503 with the JSON error
+/// `starting`; both 503s with `Retry-After`.
+pub fn starting_router() -> Router {
+    let starting = || async {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        r
+    };
+    Router::new().route("/healthz", get(|| async { "starting" })).route("/readyz", get(starting)).fallback(
+        || async {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting",
+                "the hub is starting (replaying its write-ahead log); nothing was stored, retry",
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        },
+    )
+}
+
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }

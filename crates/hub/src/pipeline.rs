@@ -64,6 +64,9 @@ impl CommitSink for Sink {
     }
 }
 
+/// How often a long replay of the write-ahead log reports its progress.
+const REPLAY_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running hub pipeline (without the HTTP listener).
 pub struct Hub {
     /// The configuration it runs with.
@@ -188,6 +191,8 @@ impl Hub {
         let shared = pending.clone();
         let (wal, replayed) = tokio::task::spawn_blocking(move || {
             let mut replayed = 0usize;
+            let mut records = 0u64;
+            let mut reported = Instant::now();
             // New protection keys are made durable by the WAL thread,
             // once per group commit and before the group's write: an
             // acknowledged event's ciphertext never outlives its key.
@@ -202,6 +207,16 @@ impl Hub {
                 pending.clone(),
                 Some(before_write),
                 |seq, record| {
+                    records += 1;
+                    if reported.elapsed() >= REPLAY_REPORT_EVERY {
+                        reported = Instant::now();
+                        tracing::info!(
+                            records,
+                            replayed_rows = replayed,
+                            elapsed_ms = started.elapsed().as_millis(),
+                            "replaying the write-ahead log"
+                        );
+                    }
                     let is_committed = |k: &PartitionKey| committed.contains(&k.dir(), seq);
                     let parts = replay_ingestor.replay(&record, &is_committed)?;
                     if parts.is_empty() {

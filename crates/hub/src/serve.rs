@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::config::{HubConfig, LimitsConfig};
 use crate::error::{Error, Result};
 use crate::pipeline::Hub;
 
@@ -26,6 +27,101 @@ use crate::pipeline::Hub;
 /// segments and id files, the key and commit logs, lake files being
 /// written, the schema directory).
 const OWN_FILES: u64 = 512;
+
+/// Bind `config.listen`, start the hub, and serve it until `shutdown`
+/// resolves, as [`serve`] does.
+///
+/// Starting replays what the write-ahead log holds beyond the lake,
+/// which after a crash under load can take minutes. Meanwhile the address
+/// answers already: `/healthz` 200 `starting` (the process is alive; a
+/// liveness probe must not kill it mid-replay), everything else 503
+/// `starting` with `Retry-After`. Connections made then are closed once
+/// the hub is started, after their answer, so clients reconnect to it.
+/// `on_bound` learns the address at once, `on_started` once ingest is
+/// open. A `shutdown` during the start is honoured when it is done: every
+/// partition is committed, as in any stop.
+///
+/// # Errors
+/// [`Error::Listen`], [`Error::Starting`] when the hub cannot start, or
+/// as [`serve`].
+pub async fn start_and_serve(
+    config: HubConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_bound: impl FnOnce(SocketAddr),
+    on_started: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let (listen, limits) = (config.listen.clone(), config.limits.clone());
+    serve_while_starting(&listen, &limits, Hub::start(config), shutdown, on_bound, on_started).await
+}
+
+/// [`start_and_serve`] with the start given.
+pub(crate) async fn serve_while_starting(
+    listen: &str,
+    limits: &LimitsConfig,
+    start: impl std::future::Future<Output = Result<Hub>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_bound: impl FnOnce(SocketAddr),
+    on_started: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let (listener, local) = bind(listen).await?;
+    let slots = Arc::new(Semaphore::new(make_room_for(limits.max_connections)));
+    on_bound(local);
+    let http = http1(limits);
+    let app = crate::http::starting_router();
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(shutdown);
+    let mut stop_requested = false;
+    let mut start = std::pin::pin!(start);
+    let hub = loop {
+        while connections.try_join_next().is_some() {}
+        tokio::select! {
+            started = &mut start => break started.map_err(|e| Error::Starting(Box::new(e)))?,
+            () = &mut shutdown, if !stop_requested => {
+                tracing::info!("stopping once the hub has started (its write-ahead log replayed)");
+                stop_requested = true;
+            }
+            slot = slots.clone().acquire_owned() => {
+                let slot = slot.expect("the semaphore is never closed");
+                tokio::select! {
+                    started = &mut start => {
+                        drop(slot);
+                        break started.map_err(|e| Error::Starting(Box::new(e)))?;
+                    }
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nodelay(true);
+                            let conn = http.serve_connection(
+                                TokioIo::new(stream),
+                                TowerToHyperService::new(app.clone()),
+                            );
+                            let conn = graceful.watch(conn);
+                            connections.spawn(async move {
+                                let _ = conn.await;
+                                drop(slot);
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot accept a connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                }
+            }
+        }
+    };
+    // Answered (a request in flight finishes), then closed; a client
+    // still holding one after a second is cut off.
+    if tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await.is_err() {
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
+    on_started(local);
+    if stop_requested {
+        shutdown = Box::pin(std::future::ready(()));
+    }
+    serve_on(hub, listener, slots, shutdown).await
+}
 
 /// Bind `hub.config.listen`, serve until `shutdown` resolves, then drain
 /// and commit within the configured deadline. `on_bound` learns the
@@ -46,21 +142,40 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let addr = hub.config.listen.clone();
-    let listener =
-        TcpListener::bind(&addr).await.map_err(|source| Error::Listen { addr: addr.clone(), source })?;
-    let local = listener.local_addr().map_err(|source| Error::Listen { addr, source })?;
-    let limits = hub.config.limits.clone();
-    let max_connections = make_room_for(limits.max_connections);
+    let (listener, local) = bind(&hub.config.listen).await?;
+    let slots = Arc::new(Semaphore::new(make_room_for(hub.config.limits.max_connections)));
     on_bound(local);
+    serve_on(hub, listener, slots, shutdown).await
+}
+
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr: addr.to_owned(), source })?;
+    let local = listener.local_addr().map_err(|source| Error::Listen { addr: addr.to_owned(), source })?;
+    Ok((listener, local))
+}
+
+/// The HTTP/1 server settings: headers within `limits.header_timeout_secs`.
+fn http1(limits: &LimitsConfig) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(limits.header_timeout_secs));
+    http
+}
+
+/// Serve `hub` on `listener`, at most `slots` connections at once.
+async fn serve_on(
+    hub: Hub,
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let max_connections = slots.available_permits();
+    let http = http1(&hub.config.limits);
     let deadline = Duration::from_secs(hub.config.shutdown_timeout_secs);
     let hub = Arc::new(hub);
     let app = crate::http::router(hub.clone());
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(limits.header_timeout_secs));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
     let mut at_cap = false;
     loop {
@@ -184,5 +299,159 @@ pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(not(unix))]
     async {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+    use crate::config::Overrides;
+
+    /// One HTTP/1.1 exchange on `stream`; the response's status line and
+    /// body. `close` asks the server to close after it.
+    fn exchange(stream: &mut std::net::TcpStream, request: &str, close: bool) -> (String, String) {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        let (head, body) = request.split_once("\r\n\r\n").unwrap_or((request, ""));
+        write!(stream, "{head}\r\nHost: hub\r\n{connection}Content-Length: {}\r\n\r\n{body}", body.len())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if n == 0 || len.is_some_and(|len| body.len() >= len) {
+                    return (head.lines().next().unwrap().to_owned(), format!("{head}\n\n{body}"));
+                }
+            }
+            assert!(n > 0, "the connection closed mid-response: {text}");
+        }
+    }
+
+    fn call(addr: SocketAddr, request: &str) -> (String, String) {
+        exchange(&mut std::net::TcpStream::connect(addr).unwrap(), request, true)
+    }
+
+    const EVENT: &str = r#"{"version":"0","id":"e-1","detail-type":"UserLogin","source":"com.example.identity","time":"2024-05-01T12:00:01Z","region":"eu-west-1","resources":[],"detail":{"user_id":"usr_001965","username":"ada@example.com","ip_address":"203.0.113.9","user_agent":"curl/8","outcome":"SUCCESS","mfa":"WEBAUTHN","session_id":"sess_0ba92b48381dde4a","logged_in_at":"2024-05-01T12:00:01Z","attempt":1,"geo":{"country":"GB","city":"London"}}}"#;
+
+    /// While the hub starts (replaying its write-ahead log), its address
+    /// answers: `/healthz` 200, `/readyz` and ingest 503 `starting` with
+    /// `Retry-After`. A connection made then is closed once the hub is up,
+    /// and the hub then serves; a stop asked for during the start commits
+    /// and returns once the start is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_address_answers_while_the_hub_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            schemas: Some(schemas),
+            data_dir: Some(dir.path().to_owned()),
+        };
+        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
+        let account = watershed_event::AccountId::new("123456789012").unwrap();
+        let (token, _) = crate::accounts::Accounts::add(dir.path(), &account).unwrap();
+        let (gate, gated) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound_tx, bound) = std::sync::mpsc::channel();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (listen, limits) = (config.listen.clone(), config.limits.clone());
+        let server = tokio::spawn(async move {
+            let start = async move {
+                let _ = gated.await;
+                Hub::start(config).await
+            };
+            serve_while_starting(
+                &listen,
+                &limits,
+                start,
+                async move {
+                    let _ = stopped.await;
+                },
+                move |a| bound_tx.send(a).unwrap(),
+                move |a| started_tx.send(a).unwrap(),
+            )
+            .await
+        });
+        let post = format!(
+            "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/x-ndjson\r\n\r\n{EVENT}"
+        );
+        let (addr, post) = tokio::task::spawn_blocking(move || {
+            let addr = bound.recv().unwrap();
+            let (status, body) = call(addr, "GET /healthz HTTP/1.1");
+            assert!(status.contains(" 200 ") && body.ends_with("starting"), "{body}");
+            let (status, body) = call(addr, "GET /readyz HTTP/1.1");
+            assert!(
+                status.contains(" 503 ") && body.to_ascii_lowercase().contains("retry-after: 1"),
+                "{body}"
+            );
+            let (status, body) = call(addr, &post);
+            assert!(status.contains(" 503 ") && body.contains(r#""error":"starting""#), "{body}");
+            assert!(body.to_ascii_lowercase().contains("retry-after: 1"), "{body}");
+            (addr, post)
+        })
+        .await
+        .unwrap();
+        // A connection kept alive from the start.
+        let mut kept = std::net::TcpStream::connect(addr).unwrap();
+        let (status, _) = exchange(&mut kept, "GET /healthz HTTP/1.1", false);
+        assert!(status.contains(" 200 "), "{status}");
+        gate.send(()).unwrap();
+        tokio::task::spawn_blocking(move || {
+            assert_eq!(started.recv().unwrap(), addr);
+            let mut rest = Vec::new();
+            kept.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "closed once the hub is up: {}", String::from_utf8_lossy(&rest));
+            let (status, body) = call(addr, "GET /readyz HTTP/1.1");
+            assert!(status.contains(" 200 ") && body.ends_with("ready"), "{body}");
+            let (status, body) = call(addr, &post);
+            assert!(status.contains(" 200 ") && body.contains(r#""accepted":1"#), "{body}");
+        })
+        .await
+        .unwrap();
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_the_start_is_honoured_once_it_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            schemas: Some(schemas),
+            data_dir: Some(dir.path().to_owned()),
+        };
+        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
+        let (gate, gated) = tokio::sync::oneshot::channel::<()>();
+        let (listen, limits) = (config.listen.clone(), config.limits.clone());
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let server = tokio::spawn(async move {
+            let start = async move {
+                let _ = gated.await;
+                Hub::start(config).await
+            };
+            serve_while_starting(
+                &listen,
+                &limits,
+                start,
+                async {},
+                |_| {},
+                move |_| started_tx.send(()).unwrap(),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!server.is_finished(), "waits for the start");
+        gate.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(started.try_recv().is_ok());
     }
 }
