@@ -17,6 +17,14 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The schema directory itself cannot be read (missing, say).
+    #[error("schema directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The directory holds schema problems; every one is listed.
     #[error("{} schema problem(s):\n  {}", problems.len(), problems.join("\n  "))]
     Invalid {

@@ -81,14 +81,21 @@ impl Registry {
     /// Load and check every subject under `dir`.
     ///
     /// # Errors
-    /// [`Error::Io`] when the directory cannot be read, and
-    /// [`Error::Invalid`] listing every problem found (bad TOML, bad Avro,
+    /// [`Error::Dir`] when the directory cannot be read, [`Error::Io`]
+    /// for a file in it, and [`Error::Invalid`] listing every problem found (bad TOML, bad Avro,
     /// unsupported types, bad attributes, incompatible evolutions, routing
     /// and id clashes), each prefixed with its file.
     pub fn load(dir: &Path) -> Result<Self> {
         let mut problems = Vec::new();
         let mut subjects = Vec::new();
-        let mut entries: Vec<PathBuf> = read_dir(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+        let mut entries: Vec<PathBuf> = read_dir(dir)
+            .map_err(|e| match e {
+                Error::Io { path, source } => Error::Dir { path, source },
+                e => e,
+            })?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .collect();
         entries.sort();
         for sdir in entries {
             if let Some(s) = load_subject(&sdir, &mut problems)? {

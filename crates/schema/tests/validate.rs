@@ -250,3 +250,12 @@ fn one_tape_holds_many_events_and_a_refused_one_leaves_no_trace() {
     assert_eq!(tape.str(tape.slot(b + 5)), "second");
     assert_eq!(tape.slot(b + 1), Slot::Int(-5));
 }
+
+#[test]
+fn a_missing_schema_directory_is_named_as_such() {
+    let missing = manifest_dir().join("tests/fixtures/no-such-dir");
+    let e = Registry::load(&missing).unwrap_err();
+    assert!(matches!(e, watershed_schema::Error::Dir { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.starts_with("schema directory ") && text.contains("no-such-dir"), "{text}");
+}
