@@ -189,9 +189,11 @@ pub(super) fn write_frames(file: &mut File, path: &Path, frames: &[u8]) -> Resul
 
 /// [`write_frames`], failing on demand: after [`super::tests::tear_next_write`],
 /// the next write into that directory stops after a few bytes with an
-/// error, as a full disk would.
+/// error, as a full disk would; after [`super::tests::panic_next_write`],
+/// it panics.
 #[cfg(test)]
 pub(super) fn write_frames(file: &mut File, path: &Path, frames: &[u8]) -> Result<()> {
+    assert!(!super::tests::write_panics(path), "a WAL write panicked (simulated)");
     if let Some(keep) = super::tests::torn_write(path) {
         file.write_all(&frames[..keep.min(frames.len())]).map_err(io(path))?;
         return Err(io(path)(std::io::Error::other("no space left on device (simulated)")));

@@ -468,11 +468,18 @@ impl Wal {
     /// Why the log cannot go on without a restart, once that is so: a
     /// segment's fsync failed (what reached the disk is unknown), a failed
     /// write could not be cut back, or an id file's fsync failed (no
-    /// committed segment can be deleted, so the log only grows). A restart
+    /// committed segment can be deleted, so the log only grows), or its
+    /// thread ended unasked (a panic; every append then fails). A restart
     /// recovers from what is on disk.
     #[must_use]
-    pub fn failure(&self) -> Option<&str> {
-        self.failed.get().map(String::as_str)
+    pub fn failure(&self) -> Option<String> {
+        if let Some(why) = self.failed.get() {
+            return Some(why.clone());
+        }
+        // Only `close`, which consumes this handle, stops it otherwise; a
+        // panic drops the sender without a word.
+        let ended = *self.stopped.borrow() || self.stopped.has_changed().is_err();
+        ended.then(|| "the write-ahead log's thread stopped unexpectedly".to_owned())
     }
 
     /// A handle that does not keep the writer thread alive.

@@ -14,6 +14,8 @@ enum Fault {
     Sync,
     /// The fsync of an id file after this many more fails.
     SyncIds(usize),
+    /// The next write panics.
+    Panic,
 }
 
 /// Faults waiting for their directory's next write or fsync.
@@ -92,8 +94,18 @@ pub(super) fn hold_ids_write(path: &Path) {
 pub(super) fn torn_write(path: &Path) -> Option<usize> {
     match take(path, |f| matches!(f, Fault::Tear(_)))? {
         Fault::Tear(keep) => Some(keep),
-        Fault::Sync | Fault::SyncIds(_) => None,
+        Fault::Sync | Fault::SyncIds(_) | Fault::Panic => None,
     }
+}
+
+/// Make the next write into a segment of `dir` panic.
+fn panic_next_write(dir: &Path) {
+    inject(dir, Fault::Panic);
+}
+
+/// Whether the write to segment `path` is to panic (once).
+pub(super) fn write_panics(path: &Path) -> bool {
+    take(path, |f| f == Fault::Panic).is_some()
 }
 
 /// Whether the fsync of segment `path` is to fail (once).
@@ -195,6 +207,20 @@ async fn a_failed_fsync_stops_the_log_until_restart() {
     assert_eq!(seen, [(1, "a".to_owned()), (2, "b".to_owned())]);
     assert_eq!(wal.failure(), None, "the restart recovered");
     assert_eq!(wal.append(record("d"), 1, 1).await.unwrap().seq, 3, "appends again after the restart");
+}
+
+/// A WAL thread that ends unasked (a panic) fails every append, and the
+/// log says it needs a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_whose_thread_ended_says_it_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open_empty(dir.path(), unbounded(1 << 20, 0), Arc::default());
+    assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
+    panic_next_write(dir.path());
+    assert!(matches!(wal.append(record("b"), 1, 1).await, Err(Error::Stopped(_))));
+    wait_until("the thread's end noticed", || wal.failure().is_some());
+    assert!(wal.failure().unwrap().contains("stopped unexpectedly"), "{:?}", wal.failure());
+    assert!(matches!(wal.append(record("c"), 1, 1).await, Err(Error::Stopped(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
