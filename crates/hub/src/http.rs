@@ -313,7 +313,6 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::config::{HubConfig, Overrides};
 
     async fn call(hub: &Arc<Hub>, req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, String) {
         let r = router(hub.clone()).oneshot(req).await.unwrap();
@@ -334,20 +333,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_log_that_needs_a_restart_fails_health_and_ingest_answers_503() {
         let dir = tempfile::tempdir().unwrap();
-        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:0".into()),
-            schemas: Some(schemas),
-            data_dir: Some(dir.path().to_owned()),
-        };
-        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
-        let account = watershed_event::AccountId::new("123456789012").unwrap();
-        let (token, _) = crate::accounts::Accounts::add(dir.path(), &account).unwrap();
+        let config = crate::testing::config(dir.path());
+        let token = crate::testing::token(dir.path());
         let hub = Arc::new(Hub::start(config).await.unwrap());
         let post = |id: &str| {
-            let event = format!(
-                r#"{{"version":"0","id":"{id}","detail-type":"UserLogin","source":"com.example.identity","time":"2024-05-01T12:00:01Z","region":"eu-west-1","resources":[],"detail":{{"user_id":"usr_001965","username":"ada@example.com","ip_address":"203.0.113.9","user_agent":"curl/8","outcome":"SUCCESS","mfa":"WEBAUTHN","session_id":"sess_0ba92b48381dde4a","logged_in_at":"2024-05-01T12:00:01Z","attempt":1,"geo":{{"country":"GB","city":"London"}}}}}}"#
-            );
+            let event = crate::testing::login(id);
             axum::http::Request::post("/v1/events")
                 .header(header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(header::CONTENT_TYPE, "application/x-ndjson")

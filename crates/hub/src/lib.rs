@@ -17,6 +17,8 @@ pub mod pipeline;
 pub mod requests;
 pub mod sample;
 pub mod serve;
+#[cfg(test)]
+mod testing;
 pub mod wal;
 
 pub use config::{HubConfig, Overrides};

@@ -307,7 +307,6 @@ mod tests {
     use std::io::{Read as _, Write as _};
 
     use super::*;
-    use crate::config::Overrides;
 
     /// One HTTP/1.1 exchange on `stream`; the response's status line and
     /// body. `close` asks the server to close after it.
@@ -339,8 +338,6 @@ mod tests {
         exchange(&mut std::net::TcpStream::connect(addr).unwrap(), request, true)
     }
 
-    const EVENT: &str = r#"{"version":"0","id":"e-1","detail-type":"UserLogin","source":"com.example.identity","time":"2024-05-01T12:00:01Z","region":"eu-west-1","resources":[],"detail":{"user_id":"usr_001965","username":"ada@example.com","ip_address":"203.0.113.9","user_agent":"curl/8","outcome":"SUCCESS","mfa":"WEBAUTHN","session_id":"sess_0ba92b48381dde4a","logged_in_at":"2024-05-01T12:00:01Z","attempt":1,"geo":{"country":"GB","city":"London"}}}"#;
-
     /// While the hub starts (replaying its write-ahead log), its address
     /// answers: `/healthz` 200, `/readyz` and ingest 503 `starting` with
     /// `Retry-After`. A connection made then is closed once the hub is up,
@@ -349,15 +346,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_address_answers_while_the_hub_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:0".into()),
-            schemas: Some(schemas),
-            data_dir: Some(dir.path().to_owned()),
-        };
-        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
-        let account = watershed_event::AccountId::new("123456789012").unwrap();
-        let (token, _) = crate::accounts::Accounts::add(dir.path(), &account).unwrap();
+        let config = crate::testing::config(dir.path());
+        let token = crate::testing::token(dir.path());
         let (gate, gated) = tokio::sync::oneshot::channel::<()>();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound) = std::sync::mpsc::channel();
@@ -381,7 +371,8 @@ mod tests {
             .await
         });
         let post = format!(
-            "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/x-ndjson\r\n\r\n{EVENT}"
+            "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/x-ndjson\r\n\r\n{}",
+            crate::testing::login("e-1")
         );
         let (addr, post) = tokio::task::spawn_blocking(move || {
             let addr = bound.recv().unwrap();
@@ -423,13 +414,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_during_the_start_is_honoured_once_it_is_done() {
         let dir = tempfile::tempdir().unwrap();
-        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:0".into()),
-            schemas: Some(schemas),
-            data_dir: Some(dir.path().to_owned()),
-        };
-        let config = HubConfig::load(None, Vec::new(), &overrides).unwrap();
+        let config = crate::testing::config(dir.path());
         let (gate, gated) = tokio::sync::oneshot::channel::<()>();
         let (listen, limits) = (config.listen.clone(), config.limits.clone());
         let (started_tx, started) = std::sync::mpsc::channel();
