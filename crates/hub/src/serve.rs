@@ -338,18 +338,17 @@ mod tests {
         exchange(&mut std::net::TcpStream::connect(addr).unwrap(), request, true)
     }
 
-    /// While the hub starts (replaying its write-ahead log), its address
-    /// answers: `/healthz` 200, `/readyz` and ingest 503 `starting` with
-    /// `Retry-After`. A connection made then is closed once the hub is up,
-    /// and the hub then serves; a stop asked for during the start commits
-    /// and returns once the start is done.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_address_answers_while_the_hub_starts() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::testing::config(dir.path());
-        let token = crate::testing::token(dir.path());
+    /// A server whose hub starts once `gate` is sent to, and stops when
+    /// `shutdown` resolves; `bound` and `started` get its address.
+    struct Gated {
+        gate: tokio::sync::oneshot::Sender<()>,
+        bound: std::sync::mpsc::Receiver<SocketAddr>,
+        started: std::sync::mpsc::Receiver<SocketAddr>,
+        server: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    fn gated(config: HubConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Gated {
         let (gate, gated) = tokio::sync::oneshot::channel::<()>();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound) = std::sync::mpsc::channel();
         let (started_tx, started) = std::sync::mpsc::channel();
         let (listen, limits) = (config.listen.clone(), config.limits.clone());
@@ -362,13 +361,32 @@ mod tests {
                 &listen,
                 &limits,
                 start,
-                async move {
-                    let _ = stopped.await;
+                shutdown,
+                move |a| {
+                    let _ = bound_tx.send(a);
                 },
-                move |a| bound_tx.send(a).unwrap(),
-                move |a| started_tx.send(a).unwrap(),
+                move |a| {
+                    let _ = started_tx.send(a);
+                },
             )
             .await
+        });
+        Gated { gate, bound, started, server }
+    }
+
+    /// While the hub starts (replaying its write-ahead log), its address
+    /// answers: `/healthz` 200, `/readyz` and ingest 503 `starting` with
+    /// `Retry-After`. A connection made then is closed once the hub is up,
+    /// and the hub then serves; a stop asked for during the start commits
+    /// and returns once the start is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_address_answers_while_the_hub_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::testing::config(dir.path());
+        let token = crate::testing::token(dir.path());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let Gated { gate, bound, started, server } = gated(config, async move {
+            let _ = stopped.await;
         });
         let post = format!(
             "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/x-ndjson\r\n\r\n{}",
@@ -415,24 +433,7 @@ mod tests {
     async fn a_stop_during_the_start_is_honoured_once_it_is_done() {
         let dir = tempfile::tempdir().unwrap();
         let config = crate::testing::config(dir.path());
-        let (gate, gated) = tokio::sync::oneshot::channel::<()>();
-        let (listen, limits) = (config.listen.clone(), config.limits.clone());
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let server = tokio::spawn(async move {
-            let start = async move {
-                let _ = gated.await;
-                Hub::start(config).await
-            };
-            serve_while_starting(
-                &listen,
-                &limits,
-                start,
-                async {},
-                |_| {},
-                move |_| started_tx.send(()).unwrap(),
-            )
-            .await
-        });
+        let Gated { gate, started, server, .. } = gated(config, async {});
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!server.is_finished(), "waits for the start");
         gate.send(()).unwrap();
