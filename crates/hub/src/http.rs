@@ -30,22 +30,25 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// `/readyz` 503 `starting`, anything else 503 with the JSON error
 /// `starting`; both 503s with `Retry-After`.
 pub fn starting_router() -> Router {
-    let starting = || async {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        r
-    };
-    Router::new().route("/healthz", get(|| async { "starting" })).route("/readyz", get(starting)).fallback(
-        || async {
-            let mut r = error(
+    Router::new()
+        .route("/healthz", get(|| async { "starting" }))
+        .route(
+            "/readyz",
+            get(|| async { retry_later((StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()) }),
+        )
+        .fallback(|| async {
+            retry_later(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "starting",
                 "the hub is starting (replaying its write-ahead log); nothing was stored, retry",
-            );
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            r
-        },
-    )
+            ))
+        })
+}
+
+/// `r` with `Retry-After: 1`: nothing was stored, and a retry is safe.
+fn retry_later(mut r: Response) -> Response {
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -58,12 +61,12 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Body) -> 
         Err(e) => e,
     };
     hub.metrics.refused.get_or_create(&RefusedLabel { reason: code.into() }).inc();
-    let mut r = error(status, code, &message);
+    let r = error(status, code, &message);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        // Nothing was stored, and a retry is safe.
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        retry_later(r)
+    } else {
+        r
     }
-    r
 }
 
 /// Authenticate and ingest; a request refused as a whole gets its status,
@@ -294,9 +297,7 @@ async fn ready(State(hub): State<Arc<Hub>>) -> Response {
     if hub.ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        r
+        retry_later((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response())
     }
 }
 
