@@ -37,7 +37,7 @@ enum Command {
     /// Manage account credentials.
     #[command(subcommand)]
     Accounts(serve::AccountsCmd),
-    /// Inspect the lake.
+    /// Inspect the lake, or merge its small files.
     #[command(subcommand)]
     Lake(serve::LakeCmd),
     /// Check or list a schema directory.
