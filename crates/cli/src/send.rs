@@ -93,6 +93,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut totals = Totals::default();
     let batches = Batches {
         lines: BufReader::new(reader).split(b'\n'),
+        at_start: true,
         size: args.batch,
         next_index: 0,
         bar: bar.clone(),
@@ -160,6 +161,8 @@ struct Batch {
 /// (`malformed`, by its index), not a reason to stop the send.
 struct Batches<R> {
     lines: std::io::Split<BufReader<R>>,
+    /// No line read yet.
+    at_start: bool,
     size: usize,
     next_index: usize,
     bar: ProgressBar,
@@ -173,12 +176,17 @@ impl<R: Read> Iterator for Batches<R> {
         let mut body = Vec::new();
         let mut events = 0usize;
         while events < self.size.max(1) {
-            let line = match self.lines.next().transpose().context("reading input") {
+            let mut line = match self.lines.next().transpose().context("reading input") {
                 Ok(Some(l)) => l,
                 Ok(None) => break,
                 Err(e) => return Some(Err(e)),
             };
             self.bar.inc(line.len() as u64 + 1);
+            if std::mem::take(&mut self.at_start) && line.starts_with(watershed_hub::body::BOM) {
+                // A byte order mark (some Windows tools write one) is not
+                // part of the first event.
+                line.drain(..watershed_hub::body::BOM.len());
+            }
             if blank(&line) {
                 continue;
             }
@@ -250,6 +258,23 @@ pub(crate) async fn post(
         }
     }
     Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
+}
+
+/// An error and its causes on one line, a cause already at the end of
+/// the line left out ("error sending request for url (…): client error
+/// (Connect): tcp connect error: Connection refused (os error 111)").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }
 
 /// Refuse, before anything is sent, an input that is one JSON document
@@ -347,14 +372,20 @@ async fn post_once(
                 {
                     delay = delay.max(Duration::from_secs(s));
                 }
-                format!("{}", r.status())
+                let status = r.status();
+                // The hub says why (`busy`, `starting`, `unavailable`).
+                let why = serde_json::from_str::<Value>(&r.text().await.unwrap_or_default())
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(|m| format!(": {m}")))
+                    .unwrap_or_default();
+                format!("{status}{why}")
             }
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
                 anyhow::bail!("the hub refused the batch: {status}: {text}");
             }
-            Err(e) => e.to_string(),
+            Err(e) => with_causes(&e),
         };
         if attempt >= retries {
             anyhow::bail!("giving up after {attempt} attempts: {transient}");
@@ -369,7 +400,7 @@ async fn post_once(
 mod tests {
     use bytes::Bytes;
 
-    use super::halves;
+    use super::{halves, with_causes, Batches};
 
     #[test]
     fn halves_split_at_line_boundaries_counting_events() {
@@ -378,5 +409,56 @@ mod tests {
         assert_eq!(halves(&body, 1), (b("a\n"), b(" \nb\nc\n"), 1));
         assert_eq!(halves(&body, 2), (b("a\n \nb\n"), b("c\n"), 2));
         assert_eq!(halves(&b("a\nb"), 1), (b("a\n"), b("b"), 1));
+    }
+
+    fn batches(input: &'static [u8], size: usize) -> Batches<&'static [u8]> {
+        use std::io::{BufRead, BufReader};
+        Batches {
+            lines: BufReader::new(input).split(b'\n'),
+            at_start: true,
+            size,
+            next_index: 0,
+            bar: indicatif::ProgressBar::hidden(),
+            input: "events.ndjson".into(),
+        }
+    }
+
+    fn bodies(input: &'static [u8], size: usize) -> Vec<Bytes> {
+        batches(input, size).map(|b| b.unwrap().body).collect()
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_event() {
+        assert_eq!(bodies(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 1), [&b"{\"a\":1}\n"[..], b"{\"b\":2}\n"]);
+        // Behind it, a JSON array is still recognised and refused.
+        let err = batches(b"\xEF\xBB\xBF[{\"a\":1}]\n", 10).next().unwrap().err().unwrap();
+        assert!(format!("{err:#}").contains("is a JSON array"), "{err:#}");
+        // Only the input's first bytes: later, it is the event's own.
+        assert_eq!(bodies(b"{}\n\xEF\xBB\xBF{}\n", 5), [&b"{}\n\xEF\xBB\xBF{}\n"[..]]);
+    }
+
+    #[test]
+    fn a_transient_error_names_its_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error, &'static str);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.1)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(
+            with_causes(&Outer(refused(), "error sending request")),
+            "error sending request: Connection refused"
+        );
+        assert_eq!(
+            with_causes(&Outer(refused(), "tcp connect: Connection refused")),
+            "tcp connect: Connection refused"
+        );
     }
 }

@@ -80,11 +80,14 @@ pub fn decode<'a>(
 /// array (it must be well-formed: 400 otherwise); a body that is one JSON
 /// object, on one line or across many (a pretty-printed event, a
 /// structured-mode CloudEvent), is one event; anything else is NDJSON, one
-/// event per non-empty line (a bad line is that event's problem).
+/// event per non-empty line (a bad line is that event's problem). A UTF-8
+/// byte order mark at the start of the body (as some Windows tools write
+/// files) is ignored, as RFC 8259 allows.
 ///
 /// # Errors
 /// [`BodyError::Bad`] for a broken array, [`BodyError::TooManyEvents`].
 pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
+    let body = body.strip_prefix(BOM).unwrap_or(body);
     let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(body.len());
     let events = if body.get(start) == Some(&b'[') {
         split_array(&body[start..])?
@@ -108,6 +111,9 @@ pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     }
     Ok(events)
 }
+
+/// The UTF-8 byte order mark.
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Find the elements of a JSON array by scanning brackets and strings.
 /// Elements themselves are checked later, one by one.
@@ -234,6 +240,18 @@ mod tests {
         let n = b"{\"a\":1}\r\n\n  \n{bad\n";
         assert_eq!(split(n, 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
         assert_eq!(split(b"1\n2\n3", 2), Err(BodyError::TooManyEvents(2)));
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_ignored() {
+        assert_eq!(
+            split(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 10).unwrap(),
+            vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]
+        );
+        assert_eq!(split(b"\xEF\xBB\xBF [1,2]", 10).unwrap(), vec![&b"1"[..], b"2"]);
+        assert_eq!(split(b"\xEF\xBB\xBF{\n\"a\": 1\n}", 10).unwrap(), vec![&b"{\n\"a\": 1\n}"[..]]);
+        // Only at the start: elsewhere it is that event's problem.
+        assert_eq!(split(b"{}\n\xEF\xBB\xBF{}", 10).unwrap(), vec![&b"{}"[..], b"\xEF\xBB\xBF{}"]);
     }
 
     #[test]
