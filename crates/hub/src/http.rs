@@ -294,10 +294,10 @@ async fn ready(State(hub): State<Arc<Hub>>) -> Response {
     if let Err(why) = hub.health() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}")).into_response();
     }
-    if hub.ready() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
+    if hub.busy() {
         retry_later((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response())
+    } else {
+        (StatusCode::OK, "ready").into_response()
     }
 }
 

@@ -386,10 +386,13 @@ impl Hub {
         Ok(())
     }
 
-    /// Whether ingest would accept a request now.
+    /// Whether ingest would refuse a request now for want of room (the
+    /// writer's memory, request bodies in flight, or the WAL's bound);
+    /// `/readyz` is ready when the hub is healthy ([`Hub::health`]) and
+    /// not busy.
     #[must_use]
-    pub fn ready(&self) -> bool {
-        !self.memory.full() && !self.requests.full() && !self.wal_full() && self.health().is_ok()
+    pub fn busy(&self) -> bool {
+        self.memory.full() || self.requests.full() || self.wal_full()
     }
 
     /// Whether the WAL's segments hold `wal.max_raw_bytes`: the lake is
