@@ -1,0 +1,180 @@
+//! The key log's lines: their format, parsing them, and writing them.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cipher::KeyId;
+use crate::keyring::Wrapped;
+
+/// One line of the key log.
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub(super) enum Line {
+    /// The key of the HMAC that turns subject ids into references.
+    IndexKey { wrapped: Wrapped },
+    /// An account's tokenization key.
+    TokenKey { account: String, wrapped: Wrapped },
+    /// A data key. `subject_ref` is `None` for the account-wide key.
+    DataKey {
+        id: String,
+        account: String,
+        subject_ref: Option<String>,
+        current: bool,
+        wrapped: Wrapped,
+        created: String,
+    },
+    /// Data keys erased by `forget`.
+    Erased { ids: Vec<String>, account: String, subject_ref: Option<String>, erased_at: String },
+    /// The line of an erased data key, overwritten in place: `{"op":"shredded"`,
+    /// spaces, `}`, as long as the line it replaced.
+    Shredded {},
+}
+
+/// Where a line sits in the key log: its offset and its length without
+/// the newline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LineAt {
+    pub(super) offset: u64,
+    /// Never 0 (a line that parses is not empty), so that an
+    /// `Option<LineAt>` takes no more room than a `LineAt`.
+    pub(super) len: NonZeroU32,
+}
+
+/// [`super::state::DataKeyRecord::created`] for a creation time that is not RFC 3339.
+pub(super) const ODD_CREATED: i64 = i64::MIN;
+
+/// A creation time: the text written in the log, and its instant.
+#[derive(Clone)]
+pub(super) struct Created {
+    pub(super) text: Arc<str>,
+    pub(super) nanos: i64,
+}
+
+impl Created {
+    pub(super) fn now() -> Self {
+        let now = chrono::Utc::now();
+        Self { text: now.to_rfc3339().into(), nanos: now.timestamp_nanos_opt().unwrap_or(ODD_CREATED) }
+    }
+}
+
+/// RFC 3339 text as nanoseconds since the epoch.
+pub(super) fn parse_nanos(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text).ok()?.timestamp_nanos_opt()
+}
+
+/// A data key's line as read from the log, borrowing from it: the lines
+/// of a large log are nearly all data keys, so they skip the buffering of
+/// [`Line`]'s tagged enum and the copies of its owned strings. Accepts
+/// exactly what [`Line::DataKey`] accepts; anything else is parsed as a
+/// [`Line`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DataKeyRef<'a> {
+    #[serde(borrow)]
+    pub(super) op: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) account: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) subject_ref: Option<Cow<'a, str>>,
+    pub(super) current: bool,
+    #[serde(borrow)]
+    pub(super) wrapped: WrappedRef<'a>,
+    #[serde(borrow)]
+    pub(super) created: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WrappedRef<'a> {
+    #[serde(borrow)]
+    pub(super) master: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) blob: Cow<'a, str>,
+}
+
+/// A data key line's parts, however they were read.
+pub(super) struct DataKeyParts<'a> {
+    pub(super) id: &'a str,
+    pub(super) account: &'a str,
+    pub(super) subject_ref: Option<&'a str>,
+    pub(super) current: bool,
+    pub(super) master: &'a str,
+    pub(super) blob: Box<str>,
+    pub(super) created: &'a str,
+}
+
+/// A new data key's line, written from borrowed parts (the same JSON as
+/// [`Line::DataKey`]).
+#[derive(Serialize)]
+#[serde(tag = "op", rename = "data_key")]
+pub(super) struct DataKeyLine<'a> {
+    pub(super) id: &'a str,
+    pub(super) account: &'a str,
+    pub(super) subject_ref: Option<&'a str>,
+    pub(super) current: bool,
+    pub(super) wrapped: &'a Wrapped,
+    pub(super) created: &'a str,
+}
+
+/// A key log line, parsed.
+pub(super) enum Parsed<'a> {
+    DataKey(DataKeyRef<'a>),
+    Line(Line),
+}
+
+/// Parse a key log line: a data key's by the borrowing fast path, any
+/// other (or one the fast path refuses) as a [`Line`], whose error is
+/// the one reported.
+pub(super) fn parse_line(text: &[u8]) -> serde_json::Result<Parsed<'_>> {
+    if text.starts_with(br#"{"op":"data_key","#) {
+        if let Ok(d) = serde_json::from_slice::<DataKeyRef<'_>>(text) {
+            if d.op == "data_key" {
+                return Ok(Parsed::DataKey(d));
+            }
+        }
+    }
+    serde_json::from_slice::<Line>(text).map(Parsed::Line)
+}
+
+/// Append `lines` to the key log.
+#[cfg(not(test))]
+pub(super) fn write_lines(file: &File, _path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    (&*file).write_all(lines)
+}
+
+/// [`write_lines`], failing on demand: after [`tests::tear_next_write`],
+/// the next write to that log stops after a few bytes with an error, as a
+/// full disk would.
+#[cfg(test)]
+pub(super) fn write_lines(file: &File, path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    if let Some(keep) = super::tests::torn_write(path) {
+        (&*file).write_all(&lines[..keep.min(lines.len())])?;
+        return Err(std::io::Error::other("no space left on device (simulated)"));
+    }
+    (&*file).write_all(lines)
+}
+
+/// Append `line` and a newline to `buf`.
+pub(super) fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) {
+    serde_json::to_writer(&mut *buf, line).expect("key log lines serialise");
+    buf.push(b'\n');
+}
+
+/// About the length of a data key's line wrapped by a local master key
+/// (under KMS they are longer).
+pub(super) const DATA_KEY_LINE_BYTES: u64 = 300;
+
+/// How a shredded line starts (then spaces, then `}`).
+pub(super) const SHREDDED: &[u8] = br#"{"op":"shredded""#;
+
+pub(super) fn ref_from_hex(s: &str) -> Option<[u8; 16]> {
+    KeyId::from_hex(s).map(|k| k.0)
+}

@@ -1,0 +1,409 @@
+//! The keyring's tests.
+
+use std::io::Write;
+
+use super::*;
+use crate::fsutil::stamp;
+
+/// Key logs whose next write is torn after so many bytes.
+static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+fn tear_next_write(log: &Path, keep: usize) {
+    TORN.lock().unwrap().push((log.to_owned(), keep));
+}
+
+/// Whether the write to `path` is to be torn, and after how many bytes
+/// (once).
+pub(super) fn torn_write(path: &Path) -> Option<usize> {
+    let mut torn = TORN.lock().unwrap();
+    let i = torn.iter().position(|(p, _)| p == path)?;
+    Some(torn.swap_remove(i).1)
+}
+
+/// However many subjects pass through, at most the configured number
+/// of keys stay unwrapped (and in the per-subject index); keys dropped
+/// from memory are unwrapped again, the same keys, when used.
+#[test]
+fn unwrapped_keys_in_memory_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let kr = LocalKeyring::open_local(dir.path()).unwrap().with_cached_keys(64);
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(kr.data_cipher(&a, Some(&format!("s-{i}"))).unwrap().id());
+        let held = lock(&kr.state).cache.len();
+        assert!(held <= 64, "{held} keys held after {i} subjects");
+        let hot: usize = kr.hot.shards.iter().map(|s| lock(s).len()).sum();
+        assert!(hot <= 64, "{hot} index entries after {i} subjects");
+    }
+    kr.sync().unwrap();
+    let batch: Vec<String> = (0..1000).map(|i| format!("s-{i}")).collect();
+    let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let again: Vec<KeyId> = kr.data_ciphers(&a, &batch).unwrap().iter().map(|c| c.id()).collect();
+    assert_eq!(again, ids, "the same keys, unwrapped again");
+    assert!(lock(&kr.state).cache.len() <= 64);
+    let c = kr.cipher_by_id(&ids[0]).unwrap();
+    let mut rng = ChaCha20Rng::from_entropy();
+    let (mut buf, mut out) = (Vec::new(), Vec::new());
+    c.encrypt_into(b"plain", &mut rng, &mut buf, &mut out);
+    let d = crate::Decryptor::new(&kr);
+    let access = crate::Access { principal: "p".into(), purpose: "test".into() };
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(d.decrypt(&access, &[&text]).unwrap()[0].as_ref().unwrap().expose(), "plain");
+}
+
+fn log_lines(kr: &LocalKeyring) -> Vec<String> {
+    std::fs::read_to_string(&kr.path).unwrap().lines().map(str::to_owned).collect()
+}
+
+fn ino(path: &Path) -> u64 {
+    stamp(path).unwrap().ino
+}
+
+/// Keys of `n` subjects `s-0`… of one account, synced; the keyring and
+/// each key's line.
+fn subjects(dir: &Path, n: usize) -> (LocalKeyring, Vec<(KeyId, String)>) {
+    let a = AccountId::new("111111111111").unwrap();
+    let kr = LocalKeyring::open_local(dir).unwrap();
+    let ids: Vec<KeyId> = (0..n).map(|i| kr.data_cipher(&a, Some(&format!("s-{i}"))).unwrap().id()).collect();
+    kr.sync().unwrap();
+    let lines = log_lines(&kr);
+    let keys = ids
+        .into_iter()
+        .map(|id| {
+            let l = lines.iter().find(|l| l.contains(&id.to_hex())).unwrap().clone();
+            (id, l)
+        })
+        .collect();
+    (kr, keys)
+}
+
+/// Through `kr`, the keys numbered `erased` read as erased and those
+/// numbered `kept` unwrap.
+fn assert_keys(kr: &LocalKeyring, keys: &[(KeyId, String)], erased: &[usize], kept: &[usize]) {
+    for &i in erased {
+        assert!(matches!(kr.cipher_by_id(&keys[i].0), Err(Error::KeyErased { .. })), "s-{i} is not erased");
+    }
+    for &i in kept {
+        assert_eq!(kr.cipher_by_id(&keys[i].0).unwrap().id(), keys[i].0, "s-{i}");
+    }
+}
+
+fn blob(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["wrapped"]["blob"].as_str().unwrap().to_owned()
+}
+
+/// `forget` overwrites the subject's key lines where they are, the same
+/// length, and appends the erasure: the log is not rewritten, its
+/// other lines stay where they were, and every reader (this keyring,
+/// a new one) sees the erasure and the other keys.
+#[test]
+fn forget_shreds_the_subjects_lines_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 20);
+    let (before, ino_before) = (log_lines(&kr), ino(&kr.path));
+    let e = kr.forget(&a, "s-3").unwrap();
+    assert_eq!(e.key_ids, vec![keys[3].0]);
+    let after = log_lines(&kr);
+    assert_eq!(ino(&kr.path), ino_before, "the log was rewritten");
+    assert_eq!(after.len(), before.len() + 1, "one erasure line appended");
+    let shredded: Vec<(&String, &String)> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+    assert_eq!(shredded.len(), 1, "exactly the subject's line changed");
+    let (old, new) = shredded[0];
+    assert_eq!(old.len(), new.len());
+    assert!(
+        new.starts_with(r#"{"op":"shredded""#) && new.trim_end_matches('}').trim_end().len() == 16,
+        "{new}"
+    );
+    let text = std::fs::read_to_string(&kr.path).unwrap();
+    assert!(!text.contains(&blob(&keys[3].1)), "the wrapped key is still in the log");
+    assert!(text.contains(&blob(&keys[4].1)));
+    for reader in [&kr, &LocalKeyring::open_local(dir.path()).unwrap()] {
+        assert_keys(reader, &keys, &[3], &[4]);
+        assert_eq!(reader.data_cipher(&a, Some("s-5")).unwrap().id(), keys[5].0);
+    }
+    assert!(matches!(kr.forget(&a, "s-3"), Err(Error::NothingToForget { .. })));
+    // New events of the subject get a new key, here and in a new reader.
+    let other = LocalKeyring::open_local(dir.path()).unwrap();
+    let new = other.data_cipher(&a, Some("s-3")).unwrap().id();
+    assert_ne!(new, keys[3].0);
+    assert_ne!(kr.data_cipher(&a, Some("s-3")).unwrap().id(), keys[3].0);
+}
+
+/// A keyring beside the one that forgets reads only what was appended
+/// to the log (its own keys, never read back, stay unplaced), and
+/// still sees the erasure.
+#[test]
+fn a_running_keyring_reads_only_the_appended_erasure() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (hub, keys) = subjects(dir.path(), 5);
+    let cli = LocalKeyring::open_local(dir.path()).unwrap();
+    cli.forget(&a, "s-1").unwrap();
+    assert_keys(&hub, &keys, &[1], &[]);
+    let st = lock(&hub.state);
+    assert_eq!(st.read_len, std::fs::metadata(&hub.path).unwrap().len());
+    assert!(st.state.data_keys[&keys[0].0].at.is_none(), "the whole log was read again");
+}
+
+/// Many subjects in one call: one erasure line each, every line
+/// shredded, unknown subjects answered `None`, one audit record per
+/// subject erased.
+#[test]
+fn forgetting_many_subjects_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 30);
+    let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9", "s-7"]).unwrap();
+    let ids: Vec<Option<Vec<KeyId>>> = out.iter().map(|e| e.as_ref().map(|e| e.key_ids.clone())).collect();
+    let seven = Some(vec![keys[7].0]);
+    assert_eq!(ids, vec![Some(vec![keys[2].0]), None, seven.clone(), Some(vec![keys[9].0]), seven]);
+    let text = std::fs::read_to_string(&kr.path).unwrap();
+    for i in [2, 7, 9] {
+        assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");
+    }
+    assert_eq!(log_lines(&kr).iter().filter(|l| l.contains(r#""op":"erased""#)).count(), 3);
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 3);
+    assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[7], &[8]);
+}
+
+/// `subject_keys` answers as `forget_subjects` would, and erases
+/// nothing: the log, the audit log and the keys are as they were.
+#[test]
+fn subject_keys_is_forget_without_the_erasure() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 10);
+    let before = std::fs::read(&kr.path).unwrap();
+    let asked = ["s-2", "nobody", "s-7", "s-7"];
+    let found = kr.subject_keys(&a, &asked).unwrap();
+    assert_eq!(std::fs::read(&kr.path).unwrap(), before, "the key log is untouched");
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+    assert!(!audit.contains(r#""action":"forget""#), "nothing erased, nothing audited");
+    let other = AccountId::new("222222222222").unwrap();
+    assert!(kr.subject_keys(&other, &["s-2"]).unwrap()[0].is_none(), "keys are per account");
+    let erased = kr.forget_subjects(&a, &asked).unwrap();
+    let view = |v: &[Option<Erasure>]| -> Vec<Option<(Vec<KeyId>, String)>> {
+        v.iter().map(|e| e.as_ref().map(|e| (e.key_ids.clone(), e.subject_ref.clone()))).collect()
+    };
+    assert_eq!(view(&found), view(&erased));
+    assert_eq!(found[0].as_ref().unwrap().key_ids, vec![keys[2].0]);
+}
+
+/// Once shredded lines would be half the log, `forget` compacts it
+/// instead: the log never holds more shredded bytes than live ones.
+#[test]
+fn the_log_is_compacted_once_half_of_it_is_shredded() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 40);
+    let first = ino(&kr.path);
+    let mut compacted = false;
+    for i in 0..30 {
+        kr.forget(&a, &format!("s-{i}")).unwrap();
+        let text = std::fs::read_to_string(&kr.path).unwrap();
+        let shredded: usize =
+            text.lines().filter(|l| l.starts_with(r#"{"op":"shredded""#)).map(|l| l.len() + 1).sum();
+        assert!(shredded * 2 <= text.len(), "{shredded} of {} bytes shredded", text.len());
+        compacted |= ino(&kr.path) != first;
+    }
+    assert!(compacted, "never compacted");
+    assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[29], &[35]);
+    // Still shredded in place after the compaction.
+    let before = ino(&kr.path);
+    kr.forget(&a, "s-39").unwrap();
+    assert_eq!(ino(&kr.path), before);
+}
+
+/// A crash after the erasure was written but before the key's line
+/// was shredded: the next open shreds it. A key written twice (a write
+/// repeated after a failed fsync) loses both lines.
+#[test]
+fn lines_left_by_a_crash_are_shredded_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kr, keys) = subjects(dir.path(), 10);
+    let path = kr.path.clone();
+    drop(kr);
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    // The line of s-4 written again, then the erasure of s-4 and s-6.
+    writeln!(f, "{}", keys[4].1).unwrap();
+    for i in [4, 6] {
+        let v: serde_json::Value = serde_json::from_str(&keys[i].1).unwrap();
+        let line = Line::Erased {
+            ids: vec![keys[i].0.to_hex()],
+            account: "111111111111".into(),
+            subject_ref: v["subject_ref"].as_str().map(str::to_owned),
+            erased_at: chrono::Utc::now().to_rfc3339(),
+        };
+        writeln!(f, "{}", serde_json::to_string(&line).unwrap()).unwrap();
+    }
+    drop(f);
+    let kr = LocalKeyring::open_local(dir.path()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    for i in [4, 6] {
+        assert!(!text.contains(&blob(&keys[i].1)), "s-{i}'s key is still in the log");
+    }
+    assert_keys(&kr, &keys, &[4, 6], &[5]);
+}
+
+/// A last line torn by a crash is cut off at open, so the next key is
+/// a line of its own and the log reads back whole.
+#[test]
+fn a_torn_last_line_is_cut_off_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 3);
+    let path = kr.path.clone();
+    drop(kr);
+    let whole = std::fs::read(&path).unwrap();
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(br#"{"op":"data_key","id":"00112233"#).unwrap();
+    drop(f);
+    let kr = LocalKeyring::open_local(dir.path()).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), whole, "the torn line is still there");
+    let new = kr.data_cipher(&a, Some("s-new")).unwrap().id();
+    kr.sync().unwrap();
+    let again = LocalKeyring::open_local(dir.path()).unwrap();
+    assert_eq!(again.data_cipher(&a, Some("s-new")).unwrap().id(), new);
+    assert_eq!(again.data_cipher(&a, Some("s-1")).unwrap().id(), keys[1].0);
+}
+
+/// A log cut back and written again with a line boundary where a
+/// reader stopped (a failed write cut back, then another process's
+/// append): the reader sees that the line it read last is not there
+/// any more and reads the whole log, instead of reading on from a
+/// place whose lines it never saw.
+#[test]
+fn a_log_rewritten_under_a_reader_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (reader, _) = subjects(dir.path(), 3);
+    let other = LocalKeyring::open_local(dir.path()).unwrap();
+    let gone = other.data_cipher(&a, Some("s-gone")).unwrap().id();
+    other.sync().unwrap();
+    drop(other);
+    assert_eq!(reader.cipher_by_id(&gone).unwrap().id(), gone);
+    let lines = log_lines(&reader);
+    let line = lines.last().unwrap();
+    assert!(line.contains(&gone.to_hex()));
+    // The same length, another key, where the read stopped.
+    let replaced = KeyId::random();
+    let text = std::fs::read_to_string(&reader.path).unwrap();
+    let cut = text.len() - line.len() - 1;
+    let f = OpenOptions::new().write(true).open(&reader.path).unwrap();
+    f.set_len(cut as u64).unwrap();
+    let mut f = OpenOptions::new().append(true).open(&reader.path).unwrap();
+    writeln!(f, "{}", line.replace(&gone.to_hex(), &replaced.to_hex())).unwrap();
+    drop(f);
+    let later = LocalKeyring::open_local(dir.path()).unwrap();
+    let next = later.data_cipher(&a, Some("s-next")).unwrap().id();
+    later.sync().unwrap();
+    assert_eq!(reader.cipher_by_id(&next).unwrap().id(), next);
+    assert!(
+        matches!(reader.cipher_by_id(&gone), Err(Error::UnknownKey { .. })),
+        "a key no longer in the log is still known"
+    );
+}
+
+/// Key lines as written by hand (an escaped account, creation times
+/// in other forms) read like the lines the keyring writes, and
+/// compaction keeps every key: the same fields, the same instant of
+/// creation, and a creation time that is not RFC 3339 as it was.
+#[test]
+fn hand_written_key_lines_read_alike_and_survive_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 3);
+    let path = kr.path.clone();
+    drop(kr);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let created = |l: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["created"].as_str().unwrap().to_owned()
+    };
+    let zulu = created(&keys[0].1).replace("+00:00", "Z");
+    let edited = keys[0]
+        .1
+        .replace(r#""account":"111111111111""#, r#""account":"11111111111\u0031""#)
+        .replace(&created(&keys[0].1), &zulu);
+    let odd = keys[1].1.replace(&created(&keys[1].1), "the day before launch");
+    let text = text.replace(&keys[0].1, &edited).replace(&keys[1].1, &odd);
+    std::fs::write(&path, text).unwrap();
+
+    let kr = LocalKeyring::open_local(dir.path()).unwrap();
+    assert_keys(&kr, &keys, &[], &[0, 1, 2]);
+    assert_eq!(kr.data_cipher(&a, Some("s-0")).unwrap().id(), keys[0].0);
+    let before = log_lines(&kr);
+    {
+        let mut st = lock(&kr.state);
+        let _guard = kr.lock_file().unwrap();
+        kr.compact(&mut st).unwrap();
+    }
+    let after = log_lines(&kr);
+    let data_keys = |lines: &[String]| -> Vec<serde_json::Value> {
+        let mut v: Vec<serde_json::Value> = lines
+            .iter()
+            .filter(|l| l.contains(r#""op":"data_key""#))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        v.sort_by_key(|k| k["id"].as_str().unwrap().to_owned());
+        v
+    };
+    let (before, after) = (data_keys(&before), data_keys(&after));
+    assert_eq!(before.len(), 3);
+    for (b, c) in before.iter().zip(&after) {
+        let instant = |v: &serde_json::Value| {
+            let t = v["created"].as_str().unwrap();
+            chrono::DateTime::parse_from_rfc3339(t).map_or_else(|_| t.to_owned(), |t| t.to_rfc3339())
+        };
+        assert_eq!(instant(b), instant(c));
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            v.as_object_mut().unwrap().remove("created");
+            v
+        };
+        assert_eq!(strip(b), strip(c));
+    }
+    assert!(after.iter().any(|k| k["created"] == "the day before launch"));
+    // The escaped account is the account: its subject is forgotten.
+    assert_eq!(kr.forget(&a, "s-0").unwrap().key_ids, vec![keys[0].0]);
+    assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[0], &[1, 2]);
+}
+
+/// A data key line with a field the keyring does not know is an
+/// error, as any other line that does not read (the fast path for
+/// data key lines accepts nothing more).
+#[test]
+fn a_key_line_with_an_unknown_field_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kr, keys) = subjects(dir.path(), 2);
+    let path = kr.path.clone();
+    drop(kr);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let extra = keys[1].1.replace(r#""current":"#, r#""colour":"blue","current":"#);
+    std::fs::write(&path, text.replace(&keys[1].1, &extra)).unwrap();
+    match LocalKeyring::open_local(dir.path()) {
+        Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("colour"), "{detail}"),
+        other => panic!("opened: {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_failed_key_log_write_is_cut_back_and_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let kr = LocalKeyring::open_local(dir.path()).unwrap();
+    let first = kr.data_cipher(&a, Some("s-1")).unwrap().id();
+    kr.sync().unwrap();
+    let second = kr.data_cipher(&a, Some("s-2")).unwrap().id();
+    tear_next_write(&kr.path, 20);
+    assert!(kr.sync().is_err(), "the torn write fails the sync");
+    kr.sync().unwrap();
+    // The log reads back whole, with both keys.
+    let other = LocalKeyring::open_local(dir.path()).unwrap();
+    assert_eq!(other.data_cipher(&a, Some("s-1")).unwrap().id(), first);
+    assert_eq!(other.data_cipher(&a, Some("s-2")).unwrap().id(), second);
+}
