@@ -217,6 +217,13 @@ async fn lake_compact(
         "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
         r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out
     );
+    if r.deferred > 0 {
+        eprintln!(
+            "watershed: {} merges did not fit in memory.budget_bytes beside the open files' memory; \
+             a later pass retries them",
+            r.deferred
+        );
+    }
     if r.failures > 0 {
         eprintln!(
             "watershed: {} merges failed or are unfinished (see the log); the next pass or start retries them",

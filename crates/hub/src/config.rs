@@ -509,6 +509,7 @@ impl HubConfig {
                 row_group_rows: self.lake.row_group_rows,
             },
             source: "wal".to_owned(),
+            ..CompactConfig::default()
         }
     }
 

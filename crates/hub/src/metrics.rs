@@ -100,6 +100,8 @@ pub struct Metrics {
     pub compacted_files: Gauge,
     /// Failed merges (retried).
     pub compaction_failures: Gauge,
+    /// Merges left to a later pass for want of room in the memory budget.
+    pub compactions_deferred: Gauge,
 }
 
 impl Default for Metrics {
@@ -129,6 +131,7 @@ impl Default for Metrics {
             compactions: Gauge::default(),
             compacted_files: Gauge::default(),
             compaction_failures: Gauge::default(),
+            compactions_deferred: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("events_accepted", "Events accepted", m.accepted.clone());
@@ -186,6 +189,11 @@ impl Default for Metrics {
             "Failed merges (retried on a later pass)",
             m.compaction_failures.clone(),
         );
+        registry.register(
+            "compactions_deferred",
+            "Merges left to a later pass for want of room in the memory budget",
+            m.compactions_deferred.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -215,6 +223,7 @@ impl Metrics {
         self.compactions.set(g(compaction.merges.load(Ordering::Relaxed)));
         self.compacted_files.set(g(compaction.inputs.load(Ordering::Relaxed)));
         self.compaction_failures.set(g(compaction.failures.load(Ordering::Relaxed)));
+        self.compactions_deferred.set(g(compaction.deferred.load(Ordering::Relaxed)));
         if let Ok(mut recent) = writer.recent.lock() {
             for (size, secs) in recent.drain(..) {
                 #[allow(clippy::cast_precision_loss)]

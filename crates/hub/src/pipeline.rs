@@ -247,7 +247,8 @@ impl Hub {
                 clock.clone(),
                 CompactConfig { source, ..config.compaction() },
                 compact_stats.clone(),
-            );
+            )
+            .with_memory(memory.clone());
             let stop = Arc::new(CompactStop::default());
             let every = std::time::Duration::from_secs(config.lake.compact_every_secs);
             (tokio::spawn(compact_every(compactor, stop.clone(), every)), stop)
@@ -710,7 +711,9 @@ pub async fn compact_lake(
         Arc::new(SystemClock),
         settings,
         Arc::default(),
-    );
+    )
+    // The hub's budget, as when it compacts: merges of the same size.
+    .with_memory(Memory::new(config.memory.budget_bytes));
     if dry_run {
         compactor = compactor.plan_only();
     }

@@ -19,6 +19,13 @@
 //! WAL recovery still knows their records are in the lake. A file whose
 //! put may be in flight (an intent not yet committed) is never merged.
 //!
+//! Merges count against the lake writer's memory budget (see
+//! [`Compactor::with_memory`]): a merge holds its output and one input at
+//! a time, so a merge's inputs add up to at most about a quarter of the
+//! budget, and a merge starts only when its memory fits under the
+//! budget's high mark beside what the writer holds, waiting for room up
+//! to [`CompactConfig::memory_wait`] and otherwise left to a later pass.
+//!
 //! Readers see either the small files or the merged one, except for the
 //! moment between the merged file's put and the deletion of the files it
 //! replaces, when a query listing the partition counts those rows twice
@@ -41,6 +48,7 @@ use crate::encode::{EncodeOptions, FileEncoder};
 use crate::error::{Error, Result};
 use crate::partition::{dir_hour_end, LakePath};
 use crate::store::{Lake, Put};
+use crate::writer::Memory;
 
 /// Rows read from an input file per batch.
 const READ_ROWS: usize = 8192;
@@ -68,6 +76,9 @@ pub struct CompactConfig {
     /// The WAL identity whose files this compactor merges (the lake
     /// writer's `source`).
     pub source: String,
+    /// How long a merge waits for room in the memory budget before it is
+    /// left to a later pass.
+    pub memory_wait: Duration,
 }
 
 impl Default for CompactConfig {
@@ -77,9 +88,17 @@ impl Default for CompactConfig {
             after: Duration::from_secs(3600),
             encode: EncodeOptions::default(),
             source: "wal".to_owned(),
+            memory_wait: Duration::from_secs(30),
         }
     }
 }
+
+/// Room reserved in a merged file's buffer beyond its inputs' bytes and
+/// an eighth (see `encode_run`).
+const OUTPUT_SLACK: u64 = 64 << 10;
+
+/// How often a merge waiting for room looks at the memory budget again.
+const MEMORY_POLL: Duration = Duration::from_millis(100);
 
 /// Counters, for metrics.
 #[derive(Debug, Default)]
@@ -94,6 +113,8 @@ pub struct CompactStats {
     pub bytes_out: AtomicU64,
     /// Merges that failed (retried on a later pass).
     pub failures: AtomicU64,
+    /// Merges left to a later pass for want of room in the memory budget.
+    pub deferred: AtomicU64,
 }
 
 /// What one pass did.
@@ -114,6 +135,9 @@ pub struct CompactReport {
     /// Merges that failed (their inputs are untouched or still to be
     /// deleted; a later pass retries).
     pub failures: usize,
+    /// Merges left to a later pass: the memory budget had no room for
+    /// them within [`CompactConfig::memory_wait`].
+    pub deferred: usize,
     /// A plan's merges cut short earlier, which a real pass settles before
     /// anything else; their partitions are left out of the plan.
     pub unsettled: usize,
@@ -136,6 +160,8 @@ pub struct Compactor {
     waiting: Mutex<BTreeSet<String>>,
     /// Only count what a pass would merge (see [`Compactor::plan_only`]).
     plan_only: bool,
+    /// The budget merges are charged to (see [`Compactor::with_memory`]).
+    memory: Option<Arc<Memory>>,
 }
 
 impl std::fmt::Debug for Compactor {
@@ -295,6 +321,51 @@ impl Compactor {
             scanned: AtomicBool::new(false),
             waiting: Mutex::new(BTreeSet::new()),
             plan_only: false,
+            memory: None,
+        }
+    }
+
+    /// Charge merges to `memory` (the lake writer's budget): a merge's
+    /// inputs add up to at most about a quarter of the budget (merged
+    /// files are smaller than the target size when that is less), and a merge
+    /// starts only once its memory (its output, reserved at once, and
+    /// twice its largest input) fits under the budget's high mark, so the
+    /// writer and compaction together stay within the budget.
+    #[must_use]
+    pub fn with_memory(mut self, memory: Arc<Memory>) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// The most input bytes one merge takes: the target, or less when
+    /// the memory budget has no room for that. Inputs of `c` bytes charge
+    /// at most `3.125 c` and [`OUTPUT_SLACK`] ([`merge_charge`], the
+    /// largest input as big as all of them), so a merge of this size fits
+    /// under the high mark of a budget the writer leaves idle.
+    fn merge_bytes(&self) -> u64 {
+        let cap = self.memory.as_ref().map_or(u64::MAX, |m| {
+            let room = u64::try_from(m.high_mark()).unwrap_or(u64::MAX).saturating_sub(OUTPUT_SLACK);
+            room / 25 * 8
+        });
+        self.config.target_bytes.min(cap)
+    }
+
+    /// Wait until `charge` bytes fit under the memory budget's high mark
+    /// and take them (released when the returned charge drops); `None`
+    /// when they did not fit within [`CompactConfig::memory_wait`] or
+    /// `stop` was set.
+    async fn admit(&self, charge: usize, stop: &AtomicBool) -> Option<Charged> {
+        let Some(memory) = &self.memory else { return Some(Charged(None)) };
+        let started = std::time::Instant::now();
+        loop {
+            if memory.used().saturating_add(charge) <= memory.high_mark() {
+                memory.add(charge);
+                return Some(Charged(Some((memory.clone(), charge))));
+            }
+            if stop.load(Ordering::Relaxed) || started.elapsed() >= self.config.memory_wait {
+                return None;
+            }
+            tokio::time::sleep(MEMORY_POLL).await;
         }
     }
 
@@ -417,6 +488,7 @@ impl Compactor {
     /// Merge the small files of one partition.
     async fn partition(&self, dir: &str, stop: &AtomicBool, report: &mut CompactReport) -> Result<()> {
         let half = self.config.target_bytes / 2;
+        let merge_bytes = self.merge_bytes();
         let mut small: Vec<Small> = Vec::new();
         for meta in self.lake.list(Some(dir)).await? {
             let path = meta.location.to_string();
@@ -436,7 +508,7 @@ impl Compactor {
         let mut bytes = 0;
         for s in small {
             match bins.last_mut() {
-                Some(bin) if bytes + s.size <= self.config.target_bytes => {
+                Some(bin) if bytes + s.size <= merge_bytes => {
                     bytes += s.size;
                     bin.push(s);
                 }
@@ -504,6 +576,18 @@ impl Compactor {
                     report.bytes_in += run.iter().map(|i| i.size).sum::<u64>();
                     continue;
                 }
+                let Some(_charged) = self.admit(merge_charge(&run), stop).await else {
+                    if !stop.load(Ordering::Relaxed) {
+                        report.deferred += 1;
+                        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            partition = %dir,
+                            "no room in the memory budget for a merge; left to a later pass"
+                        );
+                    }
+                    self.waiting.lock().expect("lock").insert(dir.to_owned());
+                    return Ok(());
+                };
                 if let Err(e) = self.merge(dir, run, report).await {
                     report.failures += 1;
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -536,7 +620,8 @@ impl Compactor {
         // room for that; pages reserved and never written are never
         // touched.
         let inputs_bytes = usize::try_from(run.iter().map(|i| i.size).sum::<u64>()).unwrap_or(0);
-        file.reserve_output(inputs_bytes.saturating_add(inputs_bytes / 8).saturating_add(64 << 10));
+        let slack = usize::try_from(OUTPUT_SLACK).unwrap_or(0);
+        file.reserve_output(inputs_bytes.saturating_add(inputs_bytes / 8).saturating_add(slack));
         let (lake, runtime) = (self.lake.clone(), tokio::runtime::Handle::current());
         let inputs: Vec<String> = run.iter().map(|i| i.path.clone()).collect();
         let out = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
@@ -633,6 +718,27 @@ impl Compactor {
         self.stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
         self.stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// The memory a merge of `run` holds at most, as charged to the budget:
+/// its output (reserved at once: the inputs' bytes and an eighth, see
+/// `encode_run`) and twice its largest input (the input's bytes, and its
+/// decoded rows and the open row group on their way to the output).
+fn merge_charge(run: &[Input]) -> usize {
+    let inputs: u64 = run.iter().map(|i| i.size).sum();
+    let largest = run.iter().map(|i| i.size).max().unwrap_or(0);
+    usize::try_from(inputs + inputs / 8 + OUTPUT_SLACK + 2 * largest).unwrap_or(usize::MAX)
+}
+
+/// Bytes of a merge charged to the memory budget, released on drop.
+struct Charged(Option<(Arc<Memory>, usize)>);
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        if let Some((memory, n)) = self.0.take() {
+            memory.release(n);
+        }
     }
 }
 

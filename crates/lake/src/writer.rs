@@ -141,6 +141,13 @@ impl Memory {
     pub fn full(&self) -> bool {
         self.used() >= self.budget
     }
+    /// The usage at which the lake writer starts encoding and flushing
+    /// partitions early (80% of the budget); compaction starts a merge
+    /// only when it fits under it.
+    #[must_use]
+    pub fn high_mark(&self) -> usize {
+        self.budget / 10 * 8
+    }
     /// Account for `n` more bytes.
     pub fn add(&self, n: usize) {
         self.used.fetch_add(n, Ordering::Relaxed);
@@ -560,7 +567,7 @@ impl LakeWriter {
         for k in full {
             self.flush_key(&k).await;
         }
-        let high = self.memory.budget() / 10 * 8;
+        let high = self.memory.high_mark();
         let low = self.memory.budget() / 2;
         if self.memory.used() >= high && !self.relieve(high, low).await {
             let mut by_size: Vec<(usize, PartitionKey)> =

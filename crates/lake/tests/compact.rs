@@ -19,8 +19,8 @@ use object_store::{
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use watershed_event::{parse_rfc3339_micros, AccountId, Clock};
 use watershed_lake::{
-    encode, CommitLog, CompactConfig, CompactStats, Compactor, EncodeOptions, Lake, LakePath, OpenMerge,
-    PartitionKey,
+    encode, CommitLog, CompactConfig, CompactStats, Compactor, EncodeOptions, Lake, LakePath, Memory,
+    OpenMerge, PartitionKey,
 };
 
 #[derive(Debug)]
@@ -207,6 +207,7 @@ impl Lakeside {
             after: Duration::from_secs(3600),
             encode: EncodeOptions::default(),
             source: SOURCE.to_owned(),
+            ..CompactConfig::default()
         };
         Compactor::new(
             self.lake.clone(),
@@ -225,6 +226,7 @@ impl Lakeside {
             after: Duration::from_secs(3600),
             encode: EncodeOptions::default(),
             source: SOURCE.to_owned(),
+            ..CompactConfig::default()
         };
         Compactor::new(
             self.lake.clone(),
@@ -612,4 +614,61 @@ async fn a_plan_beside_a_running_hub_leaves_out_puts_in_flight_and_vanished_file
     assert_eq!((plan.partitions, plan.merges, plan.inputs, plan.rows), (2, 1, 3, 30), "{plan:?}");
     assert_eq!((plan.changed, plan.unsettled, plan.failures), (1, 0, 0), "{plan:?}");
     assert_eq!(s.files(&key).await.len(), 4, "the lake is untouched");
+}
+
+/// Merges are charged to the lake writer's memory budget: a merge's
+/// inputs add up to at most a quarter of the budget (more merged files,
+/// each within it), a merge waits for room under the budget's high mark
+/// and is left to a later pass when none comes, and its memory is given
+/// back when it is done, whether it succeeded or failed.
+#[tokio::test]
+async fn merges_are_charged_to_the_memory_budget() {
+    let (s, _, puts_fail) = Lakeside::failing().await;
+    let key = partition("09");
+    let mut size = 0;
+    for r in 1..=6 {
+        let path = s.commit(&key, SOURCE, &[r], 5000, false).await;
+        size = size.max(s.lake.get(&path.0).await.unwrap().len());
+    }
+    // Room for three files per merge: inputs of `c` bytes charge at most
+    // 3.125 c and 64 KiB, under the high mark (80%) of the budget.
+    let memory = Memory::new(((3 * size + size / 2) * 25 / 8 + (64 << 10)) * 10 / 8);
+    let config = CompactConfig {
+        target_bytes: 64 << 20,
+        source: SOURCE.to_owned(),
+        memory_wait: Duration::from_millis(300),
+        ..CompactConfig::default()
+    };
+    let stats = Arc::new(CompactStats::default());
+    let compactor = Compactor::new(s.lake.clone(), s.log.clone(), s.clock.clone(), config, stats.clone())
+        .with_memory(memory.clone());
+    let stop = AtomicBool::new(false);
+
+    // The writer holds the budget up to its high mark: no room.
+    let writer = memory.high_mark();
+    memory.add(writer);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.deferred, report.failures), (0, 1, 0), "{report:?}");
+    assert_eq!(stats.deferred.load(Ordering::Relaxed), 1);
+    assert_eq!(s.files(&key).await.len(), 6, "nothing merged");
+    assert_eq!(memory.used(), writer, "nothing charged while waiting");
+
+    // Room, but the merged file cannot be put: charged, then given back.
+    memory.release(writer);
+    puts_fail.store(true, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.failures), (0, 2), "both merges tried: {report:?}");
+    assert_eq!(memory.used(), 0, "a failed merge gives its memory back");
+
+    // The store works again: two merges of three files each.
+    puts_fail.store(false, Ordering::Relaxed);
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.inputs, report.deferred), (2, 6, 0), "{report:?}");
+    assert_eq!(memory.used(), 0, "given back after each merge");
+    let files = s.files(&key).await;
+    assert_eq!(files.len(), 2, "{files:?}");
+    let (a, _) = s.rows(&files[0]).await;
+    let (b, _) = s.rows(&files[1]).await;
+    assert_eq!(a, expected_ids(&[1, 2, 3], 5000));
+    assert_eq!(b, expected_ids(&[4, 5, 6], 5000));
 }
