@@ -61,7 +61,11 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Body) -> 
         Err(e) => e,
     };
     hub.metrics.refused.get_or_create(&RefusedLabel { reason: code.into() }).inc();
-    let r = error(status, code, &message);
+    let mut r = error(status, code, &message);
+    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        // The codings a body may have (RFC 9110, 12.5.3).
+        r.headers_mut().insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("gzip, zstd"));
+    }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         retry_later(r)
     } else {
@@ -99,6 +103,10 @@ async fn authenticate_and_ingest(
     if let Some(message) = unsupported_media(headers) {
         return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message));
     }
+    let encoding = match content_encoding(headers) {
+        Ok(e) => e,
+        Err(message) => return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)),
+    };
     let too_large = |n: usize| {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -153,7 +161,6 @@ async fn authenticate_and_ingest(
         }
     };
     let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
-    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     hub.ingest(&account, collector, encoding, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
         Refused::RequestsFull(full) => no_room(full),
@@ -222,6 +229,22 @@ fn unsupported_media(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
+}
+
+/// The body's content coding, as [`crate::body::decode`] names it
+/// (`None`: unencoded), or why it is refused: one coding of `gzip`
+/// (`x-gzip`), `zstd` or `identity`, in any case (RFC 9110), and nothing
+/// else. Checked before the body is read.
+fn content_encoding(headers: &HeaderMap) -> Result<Option<&'static str>, String> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else { return Ok(None) };
+    let refuse = |what: &str| format!("Content-Encoding {what} is not supported; send gzip, zstd or none");
+    let Ok(text) = value.to_str() else { return Err(refuse("(not readable text)")) };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "identity" => Ok(None),
+        "gzip" | "x-gzip" => Ok(Some("gzip")),
+        "zstd" => Ok(Some("zstd")),
+        other => Err(refuse(&format!("{other:?}"))),
+    }
 }
 
 /// What a refused `Content-Type` is told to send instead.
@@ -366,6 +389,48 @@ mod tests {
         let (status, _, body) = call(&hub, post("e-3")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("restart the hub"), "{body}");
+    }
+
+    /// Content codings are matched in any case, `x-gzip` is gzip, and any
+    /// other (or several, or an unreadable value) is refused with 415 and
+    /// `Accept-Encoding` before the body is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_codings_are_checked_before_the_body_is_read() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let token = crate::testing::token(dir.path());
+        let hub = Arc::new(Hub::start(crate::testing::config(dir.path())).await.unwrap());
+        let post = |encoding: &[u8], body: Body| {
+            axum::http::Request::post("/v1/events")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .header(header::CONTENT_ENCODING, header::HeaderValue::from_bytes(encoding).unwrap())
+                .body(body)
+                .unwrap()
+        };
+        for (i, coding) in ["GZIP", " x-gzip ", "Identity"].into_iter().enumerate() {
+            let event = crate::testing::login(&format!("c-{i}"));
+            let body = if coding.to_ascii_lowercase().contains("gzip") {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(event.as_bytes()).unwrap();
+                gz.finish().unwrap()
+            } else {
+                event.into_bytes()
+            };
+            let (status, _, text) = call(&hub, post(coding.as_bytes(), Body::from(body))).await;
+            assert_eq!(status, StatusCode::OK, "{coding}: {text}");
+            assert!(text.contains(r#""accepted":1"#), "{coding}: {text}");
+        }
+        for coding in [&b"br"[..], b"gzip, zstd", b"\xff"] {
+            // A body that fails if it is read at all.
+            let unread = Body::from_stream(futures::stream::once(async {
+                Err::<Bytes, _>(std::io::Error::other("the body was read"))
+            }));
+            let (status, headers, text) = call(&hub, post(coding, unread)).await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{coding:?}: {text}");
+            assert_eq!(headers[header::ACCEPT_ENCODING], "gzip, zstd");
+            assert!(text.contains("Content-Encoding") && text.contains("send gzip, zstd or none"), "{text}");
+        }
     }
 
     fn check(pairs: &[(&str, &str)]) -> Option<String> {
