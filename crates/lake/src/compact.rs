@@ -24,7 +24,8 @@
 //! a time, so a merge's inputs add up to at most about a quarter of the
 //! budget, and a merge starts only when its memory fits under the
 //! budget's high mark beside what the writer holds, waiting for room up
-//! to [`CompactConfig::memory_wait`] and otherwise left to a later pass.
+//! to [`CompactConfig::memory_wait`]; otherwise it and the rest of the
+//! pass are left to a later pass.
 //!
 //! Readers see either the small files or the merged one, except for the
 //! moment between the merged file's put and the deletion of the files it
@@ -464,6 +465,12 @@ impl Compactor {
                 continue;
             }
             if unsettled.contains(&dir) {
+                continue;
+            }
+            if report.deferred > 0 {
+                // No room in the memory budget for a merge: the rest of
+                // the pass would wait for it too. The next pass retries.
+                self.waiting.lock().expect("lock").insert(dir);
                 continue;
             }
             report.partitions += 1;

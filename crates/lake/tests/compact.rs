@@ -630,6 +630,10 @@ async fn merges_are_charged_to_the_memory_budget() {
         let path = s.commit(&key, SOURCE, &[r], 5000, false).await;
         size = size.max(s.lake.get(&path.0).await.unwrap().len());
     }
+    let other = partition("08");
+    for r in [7, 8] {
+        s.commit(&other, SOURCE, &[r], 5000, false).await;
+    }
     // Room for three files per merge: inputs of `c` bytes charge at most
     // 3.125 c and 64 KiB, under the high mark (80%) of the budget.
     let memory = Memory::new(((3 * size + size / 2) * 25 / 8 + (64 << 10)) * 10 / 8);
@@ -644,26 +648,38 @@ async fn merges_are_charged_to_the_memory_budget() {
         .with_memory(memory.clone());
     let stop = AtomicBool::new(false);
 
-    // The writer holds the budget up to its high mark: no room.
+    // The writer holds the budget up to its high mark: no room. The pass
+    // ends there (the other partition is not looked at, so it does not
+    // wait for room as well).
     let writer = memory.high_mark();
     memory.add(writer);
     let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.deferred, report.failures), (0, 1, 0), "{report:?}");
+    assert_eq!(
+        (report.partitions, report.merges, report.deferred, report.failures),
+        (1, 0, 1, 0),
+        "{report:?}"
+    );
     assert_eq!(stats.deferred.load(Ordering::Relaxed), 1);
-    assert_eq!(s.files(&key).await.len(), 6, "nothing merged");
+    assert_eq!((s.files(&key).await.len(), s.files(&other).await.len()), (6, 2), "nothing merged");
     assert_eq!(memory.used(), writer, "nothing charged while waiting");
 
     // Room, but the merged file cannot be put: charged, then given back.
     memory.release(writer);
     puts_fail.store(true, Ordering::Relaxed);
     let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.failures), (0, 2), "both merges tried: {report:?}");
+    assert_eq!(
+        (report.partitions, report.merges, report.failures),
+        (2, 0, 3),
+        "all merges tried: {report:?}"
+    );
     assert_eq!(memory.used(), 0, "a failed merge gives its memory back");
 
-    // The store works again: two merges of three files each.
+    // The store works again: two merges of three files each, and the
+    // other partition's.
     puts_fail.store(false, Ordering::Relaxed);
     let report = compactor.run_once(&stop).await.unwrap();
-    assert_eq!((report.merges, report.inputs, report.deferred), (2, 6, 0), "{report:?}");
+    assert_eq!((report.merges, report.inputs, report.deferred), (3, 8, 0), "{report:?}");
+    assert_eq!(s.files(&other).await.len(), 1);
     assert_eq!(memory.used(), 0, "given back after each merge");
     let files = s.files(&key).await;
     assert_eq!(files.len(), 2, "{files:?}");
