@@ -66,6 +66,12 @@ fn file_bytes(path: &LakePath, source: &str, records: &[u64], rows: usize, extra
     Bytes::from(encode(&path.0, &batches[0].schema(), &batches, meta, EncodeOptions::default()).unwrap())
 }
 
+/// Compaction settings for this lake's files: merged up to `target_bytes`,
+/// the other settings the defaults.
+fn config(target_bytes: u64) -> CompactConfig {
+    CompactConfig { target_bytes, source: SOURCE.to_owned(), ..CompactConfig::default() }
+}
+
 struct Lakeside {
     dir: tempfile::TempDir,
     lake: Lake,
@@ -202,40 +208,22 @@ impl Lakeside {
     }
 
     fn compactor(&self, target_bytes: u64) -> Compactor {
-        let config = CompactConfig {
-            target_bytes,
-            after: Duration::from_secs(3600),
-            encode: EncodeOptions::default(),
-            source: SOURCE.to_owned(),
-            ..CompactConfig::default()
-        };
-        Compactor::new(
-            self.lake.clone(),
-            self.log.clone(),
-            self.clock.clone(),
-            config,
-            Arc::new(CompactStats::default()),
-        )
+        self.compactor_over(self.log.clone(), config(target_bytes), Arc::default())
+    }
+
+    fn compactor_over(
+        &self,
+        log: Arc<Mutex<CommitLog>>,
+        config: CompactConfig,
+        stats: Arc<CompactStats>,
+    ) -> Compactor {
+        Compactor::new(self.lake.clone(), log, self.clock.clone(), config, stats)
     }
 
     /// A compactor that only plans (targets of 64 MiB), over `log` (opened
     /// with [`CommitLog::open_read_only`]).
     fn planner(&self, log: CommitLog) -> Compactor {
-        let config = CompactConfig {
-            target_bytes: 64 << 20,
-            after: Duration::from_secs(3600),
-            encode: EncodeOptions::default(),
-            source: SOURCE.to_owned(),
-            ..CompactConfig::default()
-        };
-        Compactor::new(
-            self.lake.clone(),
-            Arc::new(Mutex::new(log)),
-            self.clock.clone(),
-            config,
-            Arc::new(CompactStats::default()),
-        )
-        .plan_only()
+        self.compactor_over(Arc::new(Mutex::new(log)), config(64 << 20), Arc::default()).plan_only()
     }
 
     async fn files(&self, key: &PartitionKey) -> Vec<String> {
@@ -637,15 +625,9 @@ async fn merges_are_charged_to_the_memory_budget() {
     // Room for three files per merge: inputs of `c` bytes charge at most
     // 3.125 c and 64 KiB, under the high mark (80%) of the budget.
     let memory = Memory::new(((3 * size + size / 2) * 25 / 8 + (64 << 10)) * 10 / 8);
-    let config = CompactConfig {
-        target_bytes: 64 << 20,
-        source: SOURCE.to_owned(),
-        memory_wait: Duration::from_millis(300),
-        ..CompactConfig::default()
-    };
+    let config = CompactConfig { memory_wait: Duration::from_millis(300), ..config(64 << 20) };
     let stats = Arc::new(CompactStats::default());
-    let compactor = Compactor::new(s.lake.clone(), s.log.clone(), s.clock.clone(), config, stats.clone())
-        .with_memory(memory.clone());
+    let compactor = s.compactor_over(s.log.clone(), config, stats.clone()).with_memory(memory.clone());
     let stop = AtomicBool::new(false);
 
     // The writer holds the budget up to its high mark: no room. The pass
