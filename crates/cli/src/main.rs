@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod keys;
+mod logging;
 mod schema;
 mod send;
 mod serve;
@@ -95,13 +96,13 @@ fn main() -> ExitCode {
     // The server logs its work; the other commands print their results
     // and log only problems. WATERSHED_LOG overrides either.
     let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WATERSHED_LOG")
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    match logging::Logging::from_env(default_level) {
+        Ok(logging) => logging.init(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match cli.command {
         Command::Serve(a) => rt.block_on(serve::serve(a)),

@@ -390,7 +390,7 @@ async fn post_once(
         if attempt >= retries {
             anyhow::bail!("giving up after {attempt} attempts: {transient}");
         }
-        tracing::warn!(attempt, error = %transient, delay_ms = delay.as_millis(), "retrying batch");
+        tracing::warn!(attempt, error = %transient, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "retrying batch");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }

@@ -332,8 +332,20 @@ impl KeysConfig {
 const NO_KMS: &str = "keys.master: \"kms\" needs a build with KMS support (the `kms` feature)";
 
 /// `WATERSHED_*` variables that are not configuration keys: the log
-/// filter, `send`'s token, and the test harness's settings.
-pub const NOT_CONFIG: [&str; 3] = ["WATERSHED_LOG", "WATERSHED_TOKEN", "WATERSHED_TEST_"];
+/// filter and format, and `send`'s token. Any other `WATERSHED_*`
+/// variable is read as a key, so a misspelt one is refused, not ignored.
+const NOT_CONFIG: [&str; 3] = ["WATERSHED_LOG", "WATERSHED_LOG_FORMAT", "WATERSHED_TOKEN"];
+
+/// Prefixes of the test harness's and benchmark's own variables, which
+/// are not configuration keys either.
+const NOT_CONFIG_PREFIXES: [&str; 2] = ["WATERSHED_TEST_", "WATERSHED_BENCH_"];
+
+/// Whether the environment variable `name` is a configuration key.
+fn is_config_var(name: &str) -> bool {
+    name.starts_with("WATERSHED_")
+        && !NOT_CONFIG.contains(&name)
+        && !NOT_CONFIG_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// Flags that override the file and environment.
 #[derive(Debug, Clone, Default)]
@@ -362,10 +374,8 @@ impl HubConfig {
             }
             b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
-        let env_map: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("WATERSHED_") && !NOT_CONFIG.iter().any(|n| k.starts_with(n)))
-            .collect();
+        let env_map: std::collections::HashMap<String, String> =
+            env.into_iter().filter(|(k, _)| is_config_var(k)).collect();
         b = b.add_source(
             config::Environment::with_prefix("WATERSHED")
                 .prefix_separator("_")
@@ -570,6 +580,17 @@ mod tests {
         let o = Overrides { listen: Some("nowhere".into()), ..Overrides::default() };
         let e = HubConfig::load(None, vec![], &o).unwrap_err().to_string();
         assert!(e.starts_with("invalid configuration: listen:"), "{e}");
+        // The logging and `send` variables are not keys; anything else is.
+        let others =
+            [("WATERSHED_LOG", "debug"), ("WATERSHED_LOG_FORMAT", "json"), ("WATERSHED_TOKEN", "wsh_x")];
+        assert_eq!(load(&others).unwrap().listen, HubConfig::default().listen);
+        let harness = [("WATERSHED_TEST_PYTHON", "/venv/bin/python"), ("WATERSHED_BENCH_INPUT", "/tmp/wl")];
+        assert!(load(&harness).is_ok());
+        for misspelt in ["WATERSHED_LOGS", "WATERSHED_TOKENS", "WATERSHED_LOG_LEVEL"] {
+            let e = load(&[(misspelt, "x")]).unwrap_err();
+            let key = misspelt["WATERSHED_".len()..].to_lowercase();
+            assert!(e.contains(&format!("unknown field `{key}`")), "{misspelt}: {e}");
+        }
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl Hub {
                         tracing::info!(
                             records,
                             replayed_rows = replayed,
-                            elapsed_ms = started.elapsed().as_millis(),
+                            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                             "replaying the write-ahead log"
                         );
                     }
@@ -256,7 +256,7 @@ impl Hub {
         tracing::info!(
             replayed_rows = replayed,
             dedupe_window = ingestor.dedupe.len(),
-            elapsed_ms = started.elapsed().as_millis(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "hub started"
         );
         let requests =
@@ -524,7 +524,7 @@ async fn watch_erasures(
             return;
         }
         tracing::info!(
-            elapsed_ms = started.elapsed().as_millis(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "a data subject was forgotten: open partitions committed, so the write-ahead log drops its raw events"
         );
     }

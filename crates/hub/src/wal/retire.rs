@@ -124,7 +124,7 @@ impl Retirer {
                             self.pending.oldest.store(job.then_oldest, Ordering::Release);
                             tracing::debug!(
                                 segment = %job.path.display(),
-                                ms = started.elapsed().as_millis(),
+                                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                                 "retired a committed WAL segment"
                             );
                             None
