@@ -66,6 +66,15 @@ async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Body) -> 
         // The codings a body may have (RFC 9110, 12.5.3).
         r.headers_mut().insert(header::ACCEPT_ENCODING, header::HeaderValue::from_static("gzip, zstd"));
     }
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 6750, 3: how to authenticate, and whether the token was bad.
+        let challenge = if code == "bad_credentials" {
+            r#"Bearer realm="watershed", error="invalid_token""#
+        } else {
+            r#"Bearer realm="watershed""#
+        };
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(challenge));
+    }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         retry_later(r)
     } else {
@@ -81,18 +90,8 @@ async fn authenticate_and_ingest(
     body: Body,
 ) -> Result<crate::ingest::IngestResponse, (StatusCode, &'static str, String)> {
     let _ = hub.accounts.reload();
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Bearer <token>".into(),
-        ));
-    };
+    let token =
+        bearer_token(headers).map_err(|why| (StatusCode::UNAUTHORIZED, "unauthenticated", why.into()))?;
     let Some(account) = hub.accounts.authenticate(token) else {
         return Err((
             StatusCode::UNAUTHORIZED,
@@ -195,6 +194,32 @@ const NDJSON_TYPES: [&str; 4] =
 /// between the JSON types. A CloudEvents binary-mode request
 /// (`ce-specversion` set, the body only the event's data) is refused by
 /// name rather than read as an event.
+/// The bearer token of the request's one `Authorization` header, or why
+/// there is none. The scheme is matched in any case (RFC 9110, 11.1);
+/// several `Authorization` headers are refused rather than one chosen.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(if headers.contains_key(header::AUTHORIZATION) {
+            "send one Authorization header, not several"
+        } else {
+            "send Authorization: Bearer <token>"
+        });
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| "the Authorization header is not ASCII; send Authorization: Bearer <token>")?;
+    let (scheme, token) = value.trim().split_once([' ', '\t']).unwrap_or((value.trim(), ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("send Authorization: Bearer <token> (another scheme was sent)");
+    }
+    match token.trim() {
+        "" => Err("send Authorization: Bearer <token> (the token is missing)"),
+        t if t.contains([' ', '\t']) => Err("send Authorization: Bearer <token> (one token, without spaces)"),
+        t => Ok(t),
+    }
+}
+
 fn unsupported_media(headers: &HeaderMap) -> Option<String> {
     let declared = headers.get(header::CONTENT_TYPE).filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let (essence, params) = match declared.map(|v| v.to_str()) {
@@ -431,6 +456,60 @@ mod tests {
             assert_eq!(headers[header::ACCEPT_ENCODING], "gzip, zstd");
             assert!(text.contains("Content-Encoding") && text.contains("send gzip, zstd or none"), "{text}");
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_one_token_is_required() {
+        let auth = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::AUTHORIZATION, header::HeaderValue::from_bytes(v.as_bytes()).unwrap());
+            }
+            bearer_token(&h).map(str::to_owned)
+        };
+        for ok in ["Bearer wsh_a", "bearer wsh_a", "BEARER  wsh_a ", "Bearer\twsh_a"] {
+            assert_eq!(auth(&[ok]).as_deref(), Ok("wsh_a"), "{ok:?}");
+        }
+        for (bad, says) in [
+            (&[][..], "send Authorization: Bearer <token>"),
+            (&["Basic d2F0ZXI6c2hlZA=="], "another scheme"),
+            (&["Bearer"], "the token is missing"),
+            (&["Bearer "], "the token is missing"),
+            (&["Bearerwsh_a"], "another scheme"),
+            (&["Bearer wsh_a wsh_b"], "without spaces"),
+            (&["Bearer é"], "not ASCII"),
+            (&["Bearer wsh_a", "Bearer wsh_b"], "not several"),
+        ] {
+            let e = auth(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    /// 401s say how to authenticate (`WWW-Authenticate`), and whether the
+    /// token was refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unauthorized_answers_carry_a_bearer_challenge() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = crate::testing::token(dir.path());
+        let hub = Arc::new(Hub::start(crate::testing::config(dir.path())).await.unwrap());
+        let post = |auth: Option<String>| {
+            let mut r =
+                axum::http::Request::post("/v1/events").header(header::CONTENT_TYPE, "application/x-ndjson");
+            if let Some(a) = auth {
+                r = r.header(header::AUTHORIZATION, a);
+            }
+            r.body(Body::from(crate::testing::login("u-1"))).unwrap()
+        };
+        let (status, headers, body) = call(&hub, post(None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], r#"Bearer realm="watershed""#);
+        let (status, headers, body) = call(&hub, post(Some(format!("Bearer {token}x")))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body.contains("bad_credentials"), "{body}");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], r#"Bearer realm="watershed", error="invalid_token""#);
+        let (status, _, body) = call(&hub, post(Some(format!("bearer {token}")))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""accepted":1"#), "{body}");
     }
 
     fn check(pairs: &[(&str, &str)]) -> Option<String> {
