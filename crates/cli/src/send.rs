@@ -1,4 +1,4 @@
-//! `watershed send`: post NDJSON to a hub in batches, with retries,
+//! `watershed send`: post NDJSON (plain, gzip or zstd) to a hub in batches, with retries,
 //! backoff and a progress bar.
 
 use std::io::{BufRead, BufReader, Read};
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 #[derive(Args, Debug)]
 pub(crate) struct SendArgs {
-    /// NDJSON file of events, or - for stdin.
+    /// NDJSON file of events (plain, gzip or zstd), or - for stdin.
     input: PathBuf,
     /// The hub's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8787")]
@@ -75,7 +75,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
-    let reader: Box<dyn Read> = if args.input.as_os_str() == "-" {
+    let raw: Box<dyn Read> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
         Box::new(
@@ -88,6 +88,9 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}")
             .expect("valid template"),
     );
+    // The bar counts the input's bytes as read, compressed or not.
+    let (reader, coding) =
+        decompressed(bar.wrap_read(raw)).with_context(|| format!("reading {}", args.input.display()))?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
     let mut totals = Totals::default();
@@ -96,8 +99,10 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         at_start: true,
         size: args.batch,
         next_index: 0,
-        bar: bar.clone(),
-        input: args.input.clone(),
+        input: match coding {
+            Some(c) => format!("{} ({c})", args.input.display()),
+            None => args.input.display().to_string(),
+        },
     };
     // Up to `--concurrency` batches in flight; answers are taken in the
     // order of the input, so rejects are reported in order and a failure
@@ -112,8 +117,17 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             anyhow::Ok((first, events, resp))
         })
         .buffered(args.concurrency);
+    let mut sent = 0;
     while let Some(answer) = answers.next().await {
-        let (first, events, resp) = answer?;
+        // A batch that could not be read (a damaged compressed file, an
+        // I/O error) stops the send; every batch before it was answered.
+        let (first, events, resp) = answer.with_context(|| {
+            format!(
+                "stopped after sending {sent} events (accepted {}, rejected {}, duplicates {})",
+                totals.accepted, totals.rejected, totals.duplicates
+            )
+        })?;
+        sent = first + events;
         let resp = resp.with_context(|| {
             format!(
                 "events {first}..{} were not all sent (the {first} before them were: accepted {}, \
@@ -147,6 +161,28 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     Ok(if totals.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// The gzip member header and the zstd frame magic number.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// `input` decompressed when it starts as a gzip or zstd stream does (as
+/// `.ndjson.gz` exports and `zstd`-compressed logs do; concatenated
+/// members or frames are read through), and the coding found. NDJSON
+/// cannot start with either magic number, so nothing else is mistaken
+/// for one.
+fn decompressed(mut input: impl Read + 'static) -> std::io::Result<(Box<dyn Read>, Option<&'static str>)> {
+    let mut head = Vec::with_capacity(ZSTD_MAGIC.len());
+    (&mut input).take(ZSTD_MAGIC.len() as u64).read_to_end(&mut head)?;
+    let whole = std::io::Cursor::new(head.clone()).chain(input);
+    Ok(if head.starts_with(&GZIP_MAGIC) {
+        (Box::new(flate2::read::MultiGzDecoder::new(whole)), Some("gzip"))
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        (Box::new(zstd::stream::read::Decoder::new(whole)?), Some("zstd"))
+    } else {
+        (Box::new(whole), None)
+    })
+}
+
 /// One request's worth of NDJSON.
 struct Batch {
     /// Index of its first event in the input.
@@ -165,8 +201,8 @@ struct Batches<R> {
     at_start: bool,
     size: usize,
     next_index: usize,
-    bar: ProgressBar,
-    input: PathBuf,
+    /// The input's name, for errors.
+    input: String,
 }
 
 impl<R: Read> Iterator for Batches<R> {
@@ -176,12 +212,11 @@ impl<R: Read> Iterator for Batches<R> {
         let mut body = Vec::new();
         let mut events = 0usize;
         while events < self.size.max(1) {
-            let mut line = match self.lines.next().transpose().context("reading input") {
+            let mut line = match self.lines.next().transpose() {
                 Ok(Some(l)) => l,
                 Ok(None) => break,
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Some(Err(anyhow::Error::new(e).context(format!("reading {}", self.input)))),
             };
-            self.bar.inc(line.len() as u64 + 1);
             if std::mem::take(&mut self.at_start) && line.starts_with(watershed_hub::body::BOM) {
                 // A byte order mark (some Windows tools write one) is not
                 // part of the first event.
@@ -191,8 +226,7 @@ impl<R: Read> Iterator for Batches<R> {
                 continue;
             }
             if self.next_index + events == 0 {
-                if let Err(e) =
-                    not_a_json_document(&line).with_context(|| format!("reading {}", self.input.display()))
+                if let Err(e) = not_a_json_document(&line).with_context(|| format!("reading {}", self.input))
                 {
                     return Some(Err(e));
                 }
@@ -400,7 +434,7 @@ async fn post_once(
 mod tests {
     use bytes::Bytes;
 
-    use super::{halves, with_causes, Batches};
+    use super::{decompressed, halves, with_causes, Batches};
 
     #[test]
     fn halves_split_at_line_boundaries_counting_events() {
@@ -418,7 +452,6 @@ mod tests {
             at_start: true,
             size,
             next_index: 0,
-            bar: indicatif::ProgressBar::hidden(),
             input: "events.ndjson".into(),
         }
     }
@@ -435,6 +468,37 @@ mod tests {
         assert!(format!("{err:#}").contains("is a JSON array"), "{err:#}");
         // Only the input's first bytes: later, it is the event's own.
         assert_eq!(bodies(b"{}\n\xEF\xBB\xBF{}\n", 5), [&b"{}\n\xEF\xBB\xBF{}\n"[..]]);
+    }
+
+    /// gzip and zstd input is read decompressed, concatenated members
+    /// and frames included; anything else is read as it is.
+    #[test]
+    fn compressed_input_is_recognised_by_its_magic_number() {
+        use std::io::{Read as _, Write as _};
+        let read = |input: Vec<u8>| {
+            let (mut r, coding) = decompressed(std::io::Cursor::new(input)).unwrap();
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).map(|_| (String::from_utf8(out).unwrap(), coding))
+        };
+        let gzip = |text: &str| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(text.as_bytes()).unwrap();
+            gz.finish().unwrap()
+        };
+        let events = "{\"id\":\"a\"}\n{\"id\":\"b\"}\n";
+        let mut two_members = gzip("{\"id\":\"a\"}\n");
+        two_members.extend(gzip("{\"id\":\"b\"}\n"));
+        assert_eq!(read(two_members).unwrap(), (events.to_owned(), Some("gzip")));
+        let mut two_frames = zstd::encode_all(&b"{\"id\":\"a\"}\n"[..], 3).unwrap();
+        two_frames.extend(zstd::encode_all(&b"{\"id\":\"b\"}\n"[..], 3).unwrap());
+        assert_eq!(read(two_frames).unwrap(), (events.to_owned(), Some("zstd")));
+        for plain in ["", "{", events, "\u{feff}{}\n"] {
+            assert_eq!(read(plain.as_bytes().to_vec()).unwrap(), (plain.to_owned(), None));
+        }
+        // A damaged stream is an error, not events.
+        let mut cut = gzip(events);
+        cut.truncate(cut.len() - 9);
+        assert!(read(cut).is_err());
     }
 
     #[test]
