@@ -568,7 +568,7 @@ fn a_backfill_over_thousands_of_hours_makes_one_file_per_partition() {
     }
     let text = metrics(&server);
     assert_eq!(metric(&text, "watershed_open_partitions"), 2000.0, "{text}");
-    assert_eq!(metric(&text, "watershed_files_written"), 0.0, "nothing flushed early: {text}");
+    assert_eq!(metric(&text, "watershed_files_written_total"), 0.0, "nothing flushed early: {text}");
     assert!(peak < budget as f64 / 2.0, "the budget counted {peak} bytes at most");
     assert!(server.stop().success());
     assert_eq!(parquet_files(&data.join("lake").join("payments")).len(), 2000);
@@ -629,7 +629,7 @@ fn a_late_partition_cannot_keep_the_wal_beyond_its_bound() {
         assert!(after < max + (128 << 10), "segments on disk {after} against a bound of {max}");
     }
     let text = metrics(&server);
-    assert!(metric(&text, "watershed_wal_early_commits") >= 2.0, "{text}");
+    assert!(metric(&text, "watershed_wal_early_commits_total") >= 2.0, "{text}");
     assert!(metric(&text, "watershed_wal_raw_bytes") < max as f64 + 131_072.0, "{text}");
     assert!(!read_table(&data.join("lake"), "payments").is_empty(), "committed while the hub runs");
     assert!(server.stop().success());
@@ -1489,7 +1489,7 @@ fn small_files_of_closed_partitions_are_merged() {
         "{:?}",
         parquet_files(&data.join("lake/payments"))
     );
-    assert!(metric(&metrics(&server), "watershed_compacted_files") >= 2.0);
+    assert!(metric(&metrics(&server), "watershed_compacted_files_total") >= 2.0);
     // A retry of an early round is still a duplicate.
     let events: Vec<Value> = (0..50).map(|i| ada(&format!("p-0-{i}"), "alice")).collect();
     let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);

@@ -49,6 +49,8 @@ pub struct WalSize {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Held while rendering.
+    render: std::sync::Mutex<()>,
     /// Accepted events.
     pub accepted: Family<AccountLabel, Counter>,
     /// Rejected events (also in the dead-letter table).
@@ -76,7 +78,7 @@ pub struct Metrics {
     pub wal_raw_bytes: Gauge,
     /// Partitions committed before their roll age because they held the
     /// WAL's oldest records.
-    pub wal_flushes: Gauge,
+    pub wal_flushes: Counter,
     /// Bytes held against the memory budget.
     pub memory_bytes: Gauge,
     /// Bytes of request bodies in flight, bounded by
@@ -85,23 +87,23 @@ pub struct Metrics {
     /// Open partition buffers.
     pub open_partitions: Gauge,
     /// Parquet files committed.
-    pub files: Gauge,
+    pub files: Counter,
     /// Committed file sizes, bytes.
     pub file_size: Histogram,
     /// Flush duration, seconds.
     pub flush_latency: Histogram,
     /// Failed flush attempts (retried).
-    pub flush_failures: Gauge,
+    pub flush_failures: Counter,
     /// Client connections open.
     pub connections: Gauge,
     /// Merged files written by compaction.
-    pub compactions: Gauge,
+    pub compactions: Counter,
     /// Files replaced by merged files.
-    pub compacted_files: Gauge,
+    pub compacted_files: Counter,
     /// Failed merges (retried).
-    pub compaction_failures: Gauge,
+    pub compaction_failures: Counter,
     /// Merges left to a later pass for want of room in the memory budget.
-    pub compactions_deferred: Gauge,
+    pub compactions_deferred: Counter,
 }
 
 impl Default for Metrics {
@@ -119,20 +121,21 @@ impl Default for Metrics {
             healthy: Gauge::default(),
             wal_bytes: Gauge::default(),
             wal_raw_bytes: Gauge::default(),
-            wal_flushes: Gauge::default(),
+            wal_flushes: Counter::default(),
             memory_bytes: Gauge::default(),
             request_bytes: Gauge::default(),
             open_partitions: Gauge::default(),
-            files: Gauge::default(),
+            files: Counter::default(),
             file_size: Histogram::new(exponential_buckets(4096.0, 4.0, 12)),
             flush_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            flush_failures: Gauge::default(),
+            flush_failures: Counter::default(),
             connections: Gauge::default(),
-            compactions: Gauge::default(),
-            compacted_files: Gauge::default(),
-            compaction_failures: Gauge::default(),
-            compactions_deferred: Gauge::default(),
+            compactions: Counter::default(),
+            compacted_files: Counter::default(),
+            compaction_failures: Counter::default(),
+            compactions_deferred: Counter::default(),
             registry: Registry::default(),
+            render: std::sync::Mutex::new(()),
         };
         registry.register("events_accepted", "Events accepted", m.accepted.clone());
         registry.register("events_rejected", "Events rejected, by reason", m.rejected.clone());
@@ -211,19 +214,25 @@ impl Metrics {
         compaction: &CompactStats,
     ) -> String {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        // The lake's totals, mirrored into counters: one render at a time,
+        // so two scrapes cannot both add the same increase.
+        let _one = self.render.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total = |c: &Counter, v: &std::sync::atomic::AtomicU64| {
+            c.inc_by(v.load(Ordering::Relaxed).saturating_sub(c.get()));
+        };
         self.healthy.set(i64::from(healthy));
         self.wal_bytes.set(g(wal.total));
         self.wal_raw_bytes.set(g(wal.raw));
-        self.wal_flushes.set(g(writer.wal_flushes.load(Ordering::Relaxed)));
+        total(&self.wal_flushes, &writer.wal_flushes);
         self.memory_bytes.set(g(memory as u64));
         self.request_bytes.set(g(requests as u64));
         self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
-        self.files.set(g(writer.files.load(Ordering::Relaxed)));
-        self.flush_failures.set(g(writer.failures.load(Ordering::Relaxed)));
-        self.compactions.set(g(compaction.merges.load(Ordering::Relaxed)));
-        self.compacted_files.set(g(compaction.inputs.load(Ordering::Relaxed)));
-        self.compaction_failures.set(g(compaction.failures.load(Ordering::Relaxed)));
-        self.compactions_deferred.set(g(compaction.deferred.load(Ordering::Relaxed)));
+        total(&self.files, &writer.files);
+        total(&self.flush_failures, &writer.failures);
+        total(&self.compactions, &compaction.merges);
+        total(&self.compacted_files, &compaction.inputs);
+        total(&self.compaction_failures, &compaction.failures);
+        total(&self.compactions_deferred, &compaction.deferred);
         if let Ok(mut recent) = writer.recent.lock() {
             for (size, secs) in recent.drain(..) {
                 #[allow(clippy::cast_precision_loss)]
@@ -234,5 +243,48 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value<'a>(text: &'a str, name: &str) -> &'a str {
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    }
+
+    /// The lake's totals are counters (`_total`, so `rate()` applies), and
+    /// each render adds only what grew since the last.
+    #[test]
+    fn the_lakes_totals_are_counters_that_follow_their_source() {
+        let m = Metrics::default();
+        let (writer, compaction) = (Arc::new(WriterStats::default()), CompactStats::default());
+        let wal = WalSize { total: 0, raw: 0 };
+        writer.files.store(3, Ordering::Relaxed);
+        compaction.deferred.store(2, Ordering::Relaxed);
+        let first = m.render(true, wal, 0, 0, &writer, &compaction);
+        for name in [
+            "files_written",
+            "flush_failures",
+            "wal_early_commits",
+            "compactions",
+            "compacted_files",
+            "compaction_failures",
+            "compactions_deferred",
+        ] {
+            assert!(first.contains(&format!("# TYPE watershed_{name} counter\n")), "{name}: {first}");
+        }
+        assert_eq!(value(&first, "watershed_files_written_total"), "3");
+        assert_eq!(value(&first, "watershed_compactions_deferred_total"), "2");
+        let again = m.render(true, wal, 0, 0, &writer, &compaction);
+        assert_eq!(value(&again, "watershed_files_written_total"), "3", "a second scrape adds nothing");
+        writer.files.store(5, Ordering::Relaxed);
+        let later = m.render(true, wal, 0, 0, &writer, &compaction);
+        assert_eq!(value(&later, "watershed_files_written_total"), "5");
+        assert_eq!(value(&later, "watershed_open_partitions"), "0", "gauges keep their names");
     }
 }
