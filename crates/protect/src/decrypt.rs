@@ -37,9 +37,15 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
     /// `bad_ciphertext`, ...). One audit record covers the call.
     ///
     /// # Errors
-    /// Only when the audit record cannot be written; then nothing is
+    /// [`Error::Unattributed`] when the principal or the purpose is blank,
+    /// and when the audit record cannot be written; then nothing is
     /// decrypted.
     pub fn decrypt(&self, access: &Access, values: &[&str]) -> Result<Vec<Result<Plaintext>>> {
+        for (field, value) in [("principal", &access.principal), ("purpose", &access.purpose)] {
+            if value.trim().is_empty() {
+                return Err(Error::Unattributed { field });
+            }
+        }
         let parsed: Vec<_> = values.iter().map(|v| parse(v)).collect();
         let key_ids: BTreeSet<String> =
             parsed.iter().filter_map(|p| p.as_ref().ok()).map(|p| p.key_id.to_hex()).collect();

@@ -92,6 +92,13 @@ pub enum Error {
         /// The master key file.
         path: PathBuf,
     },
+    /// An audited call without a principal or a purpose: the audit log
+    /// would not say who decrypted, or why.
+    #[error("unattributed: {field} is empty; an audited call names who asks and why")]
+    Unattributed {
+        /// `principal` or `purpose`.
+        field: &'static str,
+    },
     /// AWS KMS refused or failed a request.
     #[error("kms: {0}")]
     Kms(String),

@@ -81,6 +81,16 @@ fn each_action_on_the_payment_schema() {
             && audit.contains("auditor@example")
             && !audit.contains("Ada")
     );
+    // Nobody and no reason is not an audit record: refused, nothing decrypted or logged.
+    for (principal, purpose, field) in [("", "case-1", "principal"), ("auditor@example", " \t", "purpose")] {
+        let anonymous = Access { principal: principal.into(), purpose: purpose.into() };
+        match Decryptor::new(&kr).decrypt(&anonymous, &[&holder]) {
+            Err(e @ Error::Unattributed { .. }) => assert!(e.to_string().contains(field), "{e}"),
+            other => panic!("{principal:?}/{purpose:?}: {other:?}"),
+        }
+    }
+    let after = std::fs::read_to_string(watershed_protect::Audited::audit_log(&kr).path()).unwrap();
+    assert_eq!(after, audit, "no record for a refused call");
 }
 
 #[test]
