@@ -47,9 +47,9 @@ use watershed_event::Clock;
 use crate::commit::{CommitLog, OpenMerge};
 use crate::encode::{EncodeOptions, FileEncoder};
 use crate::error::{Error, Result};
+use crate::memory::Memory;
 use crate::partition::{dir_hour_end, LakePath};
 use crate::store::{Lake, Put};
-use crate::writer::Memory;
 
 /// Rows read from an input file per batch.
 const READ_ROWS: usize = 8192;

@@ -27,22 +27,25 @@
 //! Flushes run concurrently, each file named by the WAL records it covers
 //! and recorded in the commit log.
 
+mod flush;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use watershed_event::{Clock, TimestampMicros};
 
+use self::flush::FlushCtx;
 use crate::commit::CommitLog;
 use crate::encode::{EncodeOptions, FileEncoder};
-use crate::error::{Error, Result};
-use crate::partition::{LakePath, PartitionKey};
-use crate::store::{Lake, Put};
+use crate::memory::{batch_bytes, Memory};
+use crate::partition::PartitionKey;
+use crate::store::Lake;
 
 /// Rows of a partition encoded into its open file at a time. Small enough
 /// that a chunk (a few milliseconds of encoding) barely delays the
@@ -110,75 +113,6 @@ impl Default for WriterConfig {
             source: "wal".to_owned(),
         }
     }
-}
-
-/// Bytes held by the pipeline, against a budget. Ingest refuses new work
-/// (503) while usage is at or over the budget.
-#[derive(Debug)]
-pub struct Memory {
-    used: AtomicUsize,
-    budget: usize,
-}
-
-impl Memory {
-    /// A budget of `budget` bytes.
-    #[must_use]
-    pub fn new(budget: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), budget })
-    }
-    /// Bytes in use.
-    #[must_use]
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-    /// The budget.
-    #[must_use]
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-    /// Whether new work must wait.
-    #[must_use]
-    pub fn full(&self) -> bool {
-        self.used() >= self.budget
-    }
-    /// The usage at which the lake writer starts encoding and flushing
-    /// partitions early (80% of the budget); compaction starts a merge
-    /// only when it fits under it.
-    #[must_use]
-    pub fn high_mark(&self) -> usize {
-        self.budget / 10 * 8
-    }
-    /// Account for `n` more bytes.
-    pub fn add(&self, n: usize) {
-        self.used.fetch_add(n, Ordering::Relaxed);
-    }
-    /// Release `n` bytes.
-    pub fn release(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-/// What an array costs beyond the buffers `get_array_memory_size`
-/// counts: its own structures, its buffers' headers and the allocator's
-/// rounding of small buffers. Measured on the reference tables: a
-/// one-event payment batch (30 arrays) adds 18.3 KB to the process's
-/// resident memory where its buffers count 3.7 KB.
-const ARRAY_BYTES: usize = 480;
-
-/// The bytes `batch` holds, as the memory budget counts them: its
-/// buffers plus `ARRAY_BYTES` (480) per array, so that many small batches
-/// (an event or two per partition and request) count what they take.
-#[must_use]
-pub fn batch_bytes(batch: &RecordBatch) -> usize {
-    fn arrays(t: &DataType) -> usize {
-        1 + match t {
-            DataType::Struct(fields) => fields.iter().map(|f| arrays(f.data_type())).sum(),
-            DataType::List(f) | DataType::LargeList(f) | DataType::Map(f, _) => arrays(f.data_type()),
-            _ => 0,
-        }
-    }
-    let n: usize = batch.schema_ref().fields().iter().map(|f| arrays(f.data_type())).sum();
-    batch.get_array_memory_size() + n * ARRAY_BYTES
 }
 
 /// One partition's rows from one WAL record.
@@ -687,161 +621,6 @@ impl LakeWriter {
             let _permit = permit;
             ctx.flush(key, buf).await;
         });
-    }
-}
-
-struct FlushCtx {
-    lake: Lake,
-    log: Arc<Mutex<CommitLog>>,
-    sink: Arc<dyn CommitSink>,
-    memory: Arc<Memory>,
-    stats: Arc<WriterStats>,
-    encode: EncodeOptions,
-    source: String,
-}
-
-impl FlushCtx {
-    /// Finish one buffer's file and commit it, retrying the store with
-    /// backoff until it is committed: acknowledged rows are never dropped.
-    async fn flush(&self, key: PartitionKey, mut buf: Buffer) {
-        let started = std::time::Instant::now();
-        let first = *buf.records.iter().min().unwrap_or(&0);
-        let last = *buf.records.iter().max().unwrap_or(&0);
-        let path = key.file(&self.source, first, last);
-        let bytes = match self.finish_file(&key, &path, &mut buf).await {
-            Ok(b) => bytes::Bytes::from(b),
-            Err(e) => {
-                // Only a bug gets here (one schema per buffer, in-memory
-                // output). The rows are not reported committed, so their
-                // WAL records stay and replay on the next start.
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(partition = %key, error = %e, "cannot encode the partition's file; its rows stay in the WAL until the next start");
-                return;
-            }
-        };
-        let (records, rows) = (std::mem::take(&mut buf.records), buf.rows);
-        drop(buf);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.commit(&key, &path, &records, rows, bytes.clone()).await {
-                Ok(()) => {
-                    let secs = started.elapsed().as_secs_f64();
-                    self.stats.files.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
-                    if let Ok(mut r) = self.stats.recent.lock() {
-                        r.push((bytes.len() as u64, secs));
-                    }
-                    self.memory.release(bytes.len());
-                    return;
-                }
-                Err(e) => {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(partition = %key, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "lake flush failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-    }
-
-    /// Encode the remaining rows and the footer. The buffer's memory charge
-    /// becomes the file's size (released when it is committed), or is
-    /// released on failure.
-    async fn finish_file(
-        &self,
-        key: &PartitionKey,
-        path: &LakePath,
-        buf: &mut Buffer,
-    ) -> std::result::Result<Vec<u8>, String> {
-        let settled = buf.settle(key).await;
-        let loose = std::mem::take(&mut buf.loose);
-        let loose_bytes = std::mem::take(&mut buf.loose_bytes);
-        let file = match settled {
-            Ok(f) => f,
-            Err(e) => {
-                self.memory.release(loose_bytes);
-                return Err(e);
-            }
-        };
-        let meta = vec![
-            ("watershed.source".to_owned(), self.source.clone()),
-            (
-                "watershed.records".to_owned(),
-                buf.records.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
-            ),
-        ];
-        let (schema, memory, name, opts, rows) =
-            (buf.schema.clone(), self.memory.clone(), path.0.clone(), self.encode, buf.rows);
-        tokio::task::spawn_blocking(move || {
-            let charged = loose_bytes + file.as_ref().map_or(0, |f| f.charged);
-            let out = (|| {
-                let mut file = match file {
-                    Some(f) => f,
-                    // Every row of the file is here: a small one is
-                    // written uncompressed.
-                    None => Box::new(FileEncoder::for_rows(&name, &schema, opts, rows)?),
-                };
-                file.write_joined(&loose)?;
-                file.finish(meta)
-            })();
-            if let Ok(out) = &out {
-                memory.add(out.len());
-            }
-            memory.release(charged);
-            out.map_err(|e| e.to_string())
-        })
-        .await
-        .expect("encoding does not panic")
-    }
-
-    async fn commit(
-        &self,
-        key: &PartitionKey,
-        path: &LakePath,
-        records: &[u64],
-        rows: usize,
-        bytes: bytes::Bytes,
-    ) -> Result<()> {
-        let size = bytes.len();
-        let partition = key.dir();
-        let intent = self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
-        // The fsync runs off the runtime's threads and without the log's
-        // lock: the intents of concurrent flushes share it.
-        tokio::task::spawn_blocking(move || intent.wait()).await.expect("syncing does not panic")?;
-        let put = self.lake.put_create(path, bytes.clone()).await?;
-        if put == Put::AlreadyExists {
-            // The name carries this hub's WAL identity and records: a put
-            // that reported a failure but landed (and is now retried)
-            // left these very bytes. Anything else is another writer's.
-            if self.lake.get(&path.0).await? != bytes {
-                self.log.lock().expect("commit log lock").abandon(path)?;
-                return Err(Error::NameTaken { path: path.0.clone() });
-            }
-            tracing::info!(path = %path, "file already in the lake from an earlier attempt; keeping it");
-        }
-        let compact = {
-            let mut log = self.log.lock().expect("commit log lock");
-            log.commit(path)?;
-            log.wants_compaction()
-        };
-        self.sink.committed(key, records);
-        if compact {
-            let (log, oldest) = (self.log.clone(), self.sink.oldest_needed());
-            // Reading and rewriting the log is blocking work; a failure
-            // leaves it whole, to be tried again after a later commit.
-            let _ = tokio::task::spawn_blocking(move || {
-                let mut log = log.lock().expect("commit log lock");
-                if log.wants_compaction() {
-                    if let Err(e) = log.compact(oldest) {
-                        tracing::warn!(error = %e, "cannot compact the commit log");
-                    }
-                }
-            })
-            .await;
-        }
-        tracing::info!(path = %path, rows, bytes = size, "committed parquet file");
-        Ok(())
     }
 }
 
