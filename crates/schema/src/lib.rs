@@ -12,6 +12,7 @@
 
 pub mod compat;
 mod error;
+mod literal;
 mod node;
 mod policy;
 mod registry;
