@@ -20,7 +20,9 @@ use watershed_schema::{
 use crate::dedupe::Dedupe;
 use crate::envelope;
 use crate::metrics::{AccountLabel, Metrics, RejectLabel};
-use crate::wal::{BufferPool, Finished, RecordEncoder, WalRecord};
+use crate::wal::{BufferPool, Finished, RecordEncoder};
+
+mod replay;
 
 /// One rejected event in a response.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -449,79 +451,6 @@ impl Ingestor {
     /// When the keyring cannot be written.
     pub fn sync_keys(&self) -> watershed_protect::Result<()> {
         self.keyring.sync()
-    }
-
-    /// Rebuild the rows of a WAL record, skipping the partitions that
-    /// `committed` says are in the lake already.
-    ///
-    /// # Errors
-    /// When a dead letter's raw event cannot be encrypted; the record then
-    /// stays in the WAL for the next start.
-    pub fn replay(
-        &self,
-        record: &WalRecord,
-        committed: &dyn Fn(&PartitionKey) -> bool,
-    ) -> Result<Vec<(PartitionKey, RecordBatch)>, watershed_protect::Error> {
-        // Keys as of the receive time: a subject forgotten since stays
-        // unreadable (see `Keyring::data_ciphers_received`).
-        let mut batch = Batch {
-            tape: Tape::new(),
-            protector: BatchProtector::replaying(&*self.keyring, record.received_at),
-            builders: Builders::default(),
-        };
-        let (account, collector, at) = (&record.account, record.collector.as_deref(), record.received_at);
-        let mut valid = Vec::new();
-        for e in &record.events {
-            if let Some((reason, path, detail)) = &e.rejected {
-                self.dedupe.claim(self.dedupe.dead_key(account.as_str(), Some(&e.id), &e.raw));
-                let v = Violation {
-                    reason: Reason::ALL
-                        .into_iter()
-                        .find(|r| r.as_str() == reason)
-                        .unwrap_or(Reason::BadEnvelope),
-                    path: path.clone(),
-                    detail: detail.clone(),
-                };
-                let p = envelope::partial(&e.raw);
-                self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed))?;
-                continue;
-            }
-            self.dedupe.claim(self.dedupe.key(account.as_str(), &e.id));
-            // Accepted before the crash; if the registry changed since and
-            // now refuses it, it becomes a dead letter, never lost.
-            match self.validate((account, collector, at), &e.raw, &mut batch, Some(committed)) {
-                Ok(Some(v)) => valid.push(v),
-                Ok(None) => {}
-                Err((v, p)) => {
-                    self.dead_letter(account, collector, at, &e.raw, &v, &p, &mut batch, Some(committed))?;
-                }
-            }
-        }
-        if let Err(e) = batch.protector.fetch(account) {
-            tracing::error!(account = %account, error = %e, "cannot fetch data subject keys");
-        }
-        let counts = partition_counts(valid.iter().map(Valid::partition));
-        let expect = |key| count_of(&counts, key);
-        for v in valid {
-            match self.protect(account, &v, &mut batch) {
-                Ok(()) => {
-                    self.store((account, collector, at), v, &mut batch, None, &expect);
-                }
-                Err((violation, p)) => {
-                    self.dead_letter(
-                        account,
-                        collector,
-                        at,
-                        v.raw,
-                        &violation,
-                        &p,
-                        &mut batch,
-                        Some(committed),
-                    )?;
-                }
-            }
-        }
-        Ok(finish(batch.builders))
     }
 
     /// The first pass over an event: decode the envelope, bind the
