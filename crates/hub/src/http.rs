@@ -512,6 +512,33 @@ mod tests {
         assert!(body.contains(r#""accepted":1"#), "{body}");
     }
 
+    /// Every acknowledged request is timed, including one with nothing
+    /// new to store (duplicates only, or no events).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_acknowledged_request_is_timed() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = crate::testing::token(dir.path());
+        let hub = Arc::new(Hub::start(crate::testing::config(dir.path())).await.unwrap());
+        let post = |body: String| {
+            axum::http::Request::post("/v1/events")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        for (body, says) in [
+            (crate::testing::login("t-1"), r#""accepted":1"#),
+            (crate::testing::login("t-1"), r#""duplicates":1"#),
+            (String::new(), r#""accepted":0"#),
+        ] {
+            let (status, _, text) = call(&hub, post(body)).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            assert!(text.contains(says), "{text}");
+        }
+        let metrics = call(&hub, get("/metrics")).await.2;
+        assert!(metrics.lines().any(|l| l == "watershed_ack_latency_seconds_count 3"), "{metrics}");
+    }
+
     fn check(pairs: &[(&str, &str)]) -> Option<String> {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {

@@ -623,7 +623,10 @@ impl Stages {
             })
         };
         let Some(payload) = processed.wal else {
+            // Nothing new to store (no events, or duplicates only): acked
+            // once the requests that stored them are durable.
             settle(ticket).await?;
+            metrics.ack_latency.observe(r.started.elapsed().as_secs_f64());
             return Ok(processed.response);
         };
         let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
