@@ -100,9 +100,12 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AccountsCmd::List { data_dir } => {
-            println!("{:<14} {:<14} created", "account", "token id");
-            for t in Accounts::list(&data_dir)? {
-                println!("{:<14} {:<14} {}", t.account, t.token_id, t.created);
+            let tokens = Accounts::list(&data_dir)?;
+            // Account ids run to 64 characters: the column fits the longest.
+            let w = tokens.iter().map(|t| t.account.as_str().len()).max().unwrap_or(0).max(14);
+            println!("{:<w$} {:<14} created", "account", "token id");
+            for t in tokens {
+                println!("{:<w$} {:<14} {}", t.account.as_str(), t.token_id, t.created);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -69,7 +69,7 @@ impl From<AccountId> for String {
 
 impl fmt::Display for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -97,5 +97,11 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a=b", "a b", &"x".repeat(65)] {
             assert!(AccountId::new(bad).is_err(), "{bad:?} must be rejected");
         }
+    }
+
+    #[test]
+    fn formats_with_width_and_alignment() {
+        let id = AccountId::new("123").unwrap();
+        assert_eq!(format!("{id:<6}|{id:>6}|{id}"), "123   |   123|123");
     }
 }
