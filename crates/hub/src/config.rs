@@ -593,6 +593,37 @@ mod tests {
         }
     }
 
+    /// The README's configuration block is the defaults, key for key: it
+    /// loads, and gives what no file gives.
+    #[test]
+    fn the_readmes_configuration_is_the_defaults() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Configuration").expect("a Configuration section")..];
+        let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").expect("the block's end")];
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("readme.toml");
+        std::fs::write(&f, block).unwrap();
+        let documented = HubConfig::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        assert_eq!(format!("{documented:?}"), format!("{:?}", HubConfig::default()));
+        // And it names every key (an optional one commented out).
+        let names = |key: &str| {
+            block.lines().any(|l| l.trim_start_matches('#').trim_start().starts_with(&format!("{key} =")))
+        };
+        let defaults = serde_json::to_value(HubConfig::default()).unwrap();
+        for (key, value) in defaults.as_object().unwrap() {
+            match value.as_object() {
+                Some(table) => {
+                    assert!(block.contains(&format!("\n[{key}]\n")), "[{key}] in the README");
+                    for inner in table.keys() {
+                        assert!(names(inner), "{key}.{inner} in the README");
+                    }
+                }
+                None => assert!(names(key), "{key} in the README"),
+            }
+        }
+    }
+
     #[test]
     fn keys_settings_name_their_keys() {
         assert_eq!(load(&[]).unwrap().keys.master, MasterKind::Local, "local by default");
