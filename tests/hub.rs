@@ -1454,6 +1454,13 @@ fn small_files_of_closed_partitions_are_merged() {
     // takes no lock, so it runs beside the hub.
     let files_before = parquet_files(&data.join("lake/payments"));
     let log_before = std::fs::read(data.join("wal/commits.log")).unwrap();
+    let wal_names = || {
+        let mut names: Vec<_> =
+            std::fs::read_dir(data.join("wal")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let wal_before = wal_names();
     let out = run(&["lake", "compact", "--data-dir", data_arg, "--dry-run"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
@@ -1461,6 +1468,7 @@ fn small_files_of_closed_partitions_are_merged() {
     assert!(stdout.contains("nothing was written or deleted"), "{stdout}");
     assert_eq!(parquet_files(&data.join("lake/payments")), files_before);
     assert_eq!(std::fs::read(data.join("wal/commits.log")).unwrap(), log_before);
+    assert_eq!(wal_names(), wal_before, "nothing made in the log's directory");
     assert!(server.stop().success());
 
     let out = run(&["lake", "compact", "--data-dir", data_arg]);

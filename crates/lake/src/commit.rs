@@ -253,14 +253,13 @@ fn rewrite(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
     Ok((file, buf.len() as u64))
 }
 
-/// [`rewrite`]'s result without touching `path`: `lines` in a new file
-/// beside it that is unlinked at once (a read-only log's writes go there).
-fn scratch(path: &Path, lines: &[Line]) -> Result<(File, u64)> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let tmp = dir.join(format!(".commits-plan-{}.log", std::process::id()));
+/// [`rewrite`]'s result without touching the log: `lines` in an unnamed
+/// temporary file (a read-only log's writes go there), so a plan needs no
+/// write access to the log's directory and leaves nothing behind.
+fn scratch(lines: &[Line]) -> Result<(File, u64)> {
+    let tmp = std::env::temp_dir();
     let buf = text_of(lines);
-    let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&tmp).map_err(io(&tmp))?;
-    std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+    let mut f = tempfile::tempfile().map_err(io(&tmp))?;
     f.write_all(&buf).map_err(io(&tmp))?;
     Ok((f, buf.len() as u64))
 }
@@ -360,7 +359,7 @@ impl CommitLog {
                 open_merges.insert(m.path.clone(), m);
             }
         }
-        let (file, bytes) = if read_only { scratch(path, &keep)? } else { rewrite(path, &keep)? };
+        let (file, bytes) = if read_only { scratch(&keep)? } else { rewrite(path, &keep)? };
         let file = Arc::new(file);
         let syncer = Arc::new(Syncer::new(file.clone(), path));
         let log = Self {
