@@ -16,7 +16,7 @@ use serde_json::Value;
 pub(crate) struct SendArgs {
     /// NDJSON file of events (plain, gzip or zstd), or - for stdin.
     input: PathBuf,
-    /// The hub's base URL.
+    /// The hub's base URL (its `/v1/events` endpoint is taken as it is).
     #[arg(long, default_value = "http://127.0.0.1:8787")]
     url: String,
     /// The account's bearer token.
@@ -92,7 +92,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let (reader, coding) =
         decompressed(bar.wrap_read(raw)).with_context(|| format!("reading {}", args.input.display()))?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    let url = events_url(&args.url)?;
     let mut totals = Totals::default();
     let batches = Batches {
         lines: BufReader::new(reader).split(b'\n'),
@@ -159,6 +159,23 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     println!("accepted {} rejected {} duplicates {}", totals.accepted, totals.rejected, totals.duplicates);
     Ok(if totals.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The ingest endpoint of the hub at `base` (`http://host:port`, with or
+/// without a path prefix; the endpoint's own URL is taken as it is).
+fn events_url(base: &str) -> anyhow::Result<String> {
+    let parsed =
+        reqwest::Url::parse(base).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+    let Some(mut url) = parsed else {
+        anyhow::bail!("--url {base:?} is not an http:// or https:// URL (such as http://127.0.0.1:8787)");
+    };
+    if url.query().is_some() || url.fragment().is_some() {
+        anyhow::bail!("--url {base:?}: give the hub's base URL, without a query or fragment");
+    }
+    let path = url.path().trim_end_matches('/').to_owned();
+    let endpoint = if path.ends_with("/v1/events") { path } else { format!("{path}/v1/events") };
+    url.set_path(&endpoint);
+    Ok(url.to_string())
 }
 
 /// The gzip member header and the zstd frame magic number.
@@ -419,6 +436,8 @@ async fn post_once(
                 let text = r.text().await.unwrap_or_default();
                 anyhow::bail!("the hub refused the batch: {status}: {text}");
             }
+            // A request that cannot be built fails the same way every time.
+            Err(e) if e.is_builder() => anyhow::bail!("cannot build the request: {}", with_causes(&e)),
             Err(e) => with_causes(&e),
         };
         if attempt >= retries {
@@ -434,7 +453,29 @@ async fn post_once(
 mod tests {
     use bytes::Bytes;
 
-    use super::{decompressed, halves, with_causes, Batches};
+    use super::{decompressed, events_url, halves, with_causes, Batches};
+
+    #[test]
+    fn the_url_is_the_hubs_base_or_its_endpoint() {
+        for (given, url) in [
+            ("http://127.0.0.1:8787", "http://127.0.0.1:8787/v1/events"),
+            ("http://127.0.0.1:8787/", "http://127.0.0.1:8787/v1/events"),
+            ("https://hub.example/ingest/", "https://hub.example/ingest/v1/events"),
+            ("http://127.0.0.1:8787/v1/events", "http://127.0.0.1:8787/v1/events"),
+            ("http://127.0.0.1:8787/v1/events/", "http://127.0.0.1:8787/v1/events"),
+        ] {
+            assert_eq!(events_url(given).unwrap(), url, "{given}");
+        }
+        for (bad, says) in [
+            ("127.0.0.1:8787", "not an http:// or https:// URL"),
+            ("localhost", "not an http:// or https:// URL"),
+            ("ftp://hub", "not an http:// or https:// URL"),
+            ("http://hub:8787/?x=1", "without a query"),
+        ] {
+            let e = events_url(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn halves_split_at_line_boundaries_counting_events() {
