@@ -75,6 +75,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
+    let url = events_url(&args.url)?;
     let raw: Box<dyn Read> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -92,7 +93,6 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let (reader, coding) =
         decompressed(bar.wrap_read(raw)).with_context(|| format!("reading {}", args.input.display()))?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-    let url = events_url(&args.url)?;
     let mut totals = Totals::default();
     let batches = Batches {
         lines: BufReader::new(reader).split(b'\n'),
