@@ -106,6 +106,7 @@ async fn authenticate_and_ingest(
         Ok(e) => e,
         Err(message) => return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)),
     };
+    let collector = collector(headers).map_err(|m| (StatusCode::BAD_REQUEST, "bad_request", m))?;
     let too_large = |n: usize| {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -159,7 +160,6 @@ async fn authenticate_and_ingest(
             ))
         }
     };
-    let collector = headers.get("x-watershed-collector").and_then(|v| v.to_str().ok());
     hub.ingest(&account, collector, encoding, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
         Refused::RequestsFull(full) => no_room(full),
@@ -217,6 +217,28 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
         "" => Err("send Authorization: Bearer <token> (the token is missing)"),
         t if t.contains([' ', '\t']) => Err("send Authorization: Bearer <token> (one token, without spaces)"),
         t => Ok(t),
+    }
+}
+
+/// The longest collector name, in bytes.
+const MAX_COLLECTOR: usize = 256;
+
+/// The `X-Watershed-Collector` header: the forwarding collector's name,
+/// stored with every row of the request. One header of printable ASCII,
+/// at most [`MAX_COLLECTOR`] bytes; anything else is refused rather than
+/// dropped or stored as sent.
+fn collector(headers: &HeaderMap) -> Result<Option<&str>, String> {
+    let mut values = headers.get_all("x-watershed-collector").iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err("send one X-Watershed-Collector header, not several".into());
+    }
+    let name = value.to_str().ok().map(str::trim).filter(|n| n.bytes().all(|b| (0x20..0x7f).contains(&b)));
+    match name {
+        Some("") => Err("X-Watershed-Collector is empty; name the collector or leave the header out".into()),
+        Some(n) if n.len() <= MAX_COLLECTOR => Ok(Some(n)),
+        Some(n) => Err(format!("X-Watershed-Collector is {} bytes; at most {MAX_COLLECTOR}", n.len())),
+        None => Err("X-Watershed-Collector must be printable ASCII".into()),
     }
 }
 
@@ -481,6 +503,32 @@ mod tests {
             (&["Bearer wsh_a", "Bearer wsh_b"], "not several"),
         ] {
             let e = auth(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_collector_name_is_one_printable_ascii_header() {
+        let named = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-watershed-collector", header::HeaderValue::from_bytes(v).unwrap());
+            }
+            collector(&h).map(|c| c.map(str::to_owned))
+        };
+        assert_eq!(named(&[]), Ok(None));
+        assert_eq!(named(&[b"eventbridge-eu-west-1"]), Ok(Some("eventbridge-eu-west-1".into())));
+        assert_eq!(named(&[b" kafka/orders @ 10.0.0.1 "]), Ok(Some("kafka/orders @ 10.0.0.1".into())));
+        assert_eq!(named(&[&[b'a'; 256]]).map(|c| c.map(|n| n.len())), Ok(Some(256)));
+        for (bad, says) in [
+            (&[&b""[..]][..], "is empty"),
+            (&[&b"  "[..]], "is empty"),
+            (&[&[b'a'; 257][..]], "257 bytes; at most 256"),
+            (&["caf\u{e9}".as_bytes()], "printable ASCII"),
+            (&[&b"a\tb"[..]], "printable ASCII"),
+            (&[&b"a"[..], &b"b"[..]], "not several"),
+        ] {
+            let e = named(bad).unwrap_err();
             assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
