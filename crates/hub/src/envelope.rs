@@ -145,6 +145,8 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
         detail: format!("{f} is required"),
     };
     let cloud = f.specversion;
+    // CloudEvents' `type` and `data` without `specversion`.
+    let looks_cloud = !cloud && (f.ce_type.is_some() || f.data.is_some());
     let (detail_type, payload, payload_path, dt_name, p_name) = if cloud {
         (f.ce_type, f.data, "$.data", "type", "data")
     } else {
@@ -159,7 +161,15 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
     Ok(Envelope {
         id,
         source: f.source.ok_or_else(|| missing("source"))?,
-        detail_type: detail_type.ok_or_else(|| missing(dt_name))?,
+        detail_type: detail_type.ok_or_else(|| {
+            let mut v = missing(dt_name);
+            if looks_cloud {
+                v.detail.push_str(
+                    r#" (with "type" and "data", this reads as a CloudEvent: add "specversion": "1.0")"#,
+                );
+            }
+            v
+        })?,
         account: f.account,
         time: f.time,
         region: f.region,
@@ -402,7 +412,12 @@ mod tests {
         assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.data", "data is required"));
         assert_eq!(decode(b"[1]").unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
-        assert_eq!(decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err().path, "$.detail-type");
+        let v = decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err();
+        assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.detail-type", "detail-type is required"));
+        // A CloudEvent without its specversion is read as EventBridge's; say so.
+        let v = decode(br#"{"id":"1","source":"s","type":"T","data":{}}"#).unwrap_err();
+        assert_eq!(v.path, "$.detail-type");
+        assert!(v.detail.ends_with(r#"reads as a CloudEvent: add "specversion": "1.0")"#), "{}", v.detail);
         assert_eq!(decode(br#"{"id":1,"source":"s","detail":{}}"#).unwrap_err().path, "$.id");
         assert_eq!(decode(br#"{"id":"1","id":"2"}"#).unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(br#"{"id":"1","resources":[1]}"#).unwrap_err().path, "$.resources");
