@@ -188,12 +188,6 @@ async fn authenticate_and_ingest(
 const NDJSON_TYPES: [&str; 4] =
     ["application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"];
 
-/// Why the request's headers say its body is not events this endpoint
-/// reads, if they do. No (or an empty) `Content-Type` is fine: the
-/// body's shape decides (an array, one object, or NDJSON), as it does
-/// between the JSON types. A CloudEvents binary-mode request
-/// (`ce-specversion` set, the body only the event's data) is refused by
-/// name rather than read as an event.
 /// The bearer token of the request's one `Authorization` header, or why
 /// there is none. The scheme is matched in any case (RFC 9110, 11.1);
 /// several `Authorization` headers are refused rather than one chosen.
@@ -242,6 +236,12 @@ fn collector(headers: &HeaderMap) -> Result<Option<&str>, String> {
     }
 }
 
+/// Why the request's headers say its body is not events this endpoint
+/// reads, if they do. No (or an empty) `Content-Type` is fine: the
+/// body's shape decides (an array, one object, or NDJSON), as it does
+/// between the JSON types. A CloudEvents binary-mode request
+/// (`ce-specversion` set, the body only the event's data) is refused by
+/// name rather than read as an event.
 fn unsupported_media(headers: &HeaderMap) -> Option<String> {
     let declared = headers.get(header::CONTENT_TYPE).filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let (essence, params) = match declared.map(|v| v.to_str()) {
