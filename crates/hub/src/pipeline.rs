@@ -555,10 +555,21 @@ struct Stages {
 }
 
 impl Stages {
+    /// [`Self::store`], timing every acknowledged request (including one
+    /// with nothing new to store: duplicates only, or no events).
+    async fn ingest(self, r: Request, ticket: Ticket) -> Result<IngestResponse, Refused> {
+        let (metrics, started) = (self.metrics.clone(), r.started);
+        let answer = self.store(r, ticket).await;
+        if answer.is_ok() {
+            metrics.ack_latency.observe(started.elapsed().as_secs_f64());
+        }
+        answer
+    }
+
     /// Process the request, append its accepted events to the WAL, hand
     /// its rows to the lake writer.
-    async fn ingest(self, r: Request, ticket: Ticket) -> Result<IngestResponse, Refused> {
-        let Self { ingestor, limits, wal, writer_tx, memory, metrics, processing } = self;
+    async fn store(self, r: Request, ticket: Ticket) -> Result<IngestResponse, Refused> {
+        let Self { ingestor, limits, wal, writer_tx, memory, processing, .. } = self;
         let process = ingestor.clone();
         // Processing is CPU work: more requests at it than cores only adds
         // their working memory and the switching between them. Those
@@ -626,7 +637,6 @@ impl Stages {
             // Nothing new to store (no events, or duplicates only): acked
             // once the requests that stored them are durable.
             settle(ticket).await?;
-            metrics.ack_latency.observe(r.started.elapsed().as_secs_f64());
             return Ok(processed.response);
         };
         let nparts = u32::try_from(processed.parts.len()).expect("few partitions per request");
@@ -650,7 +660,6 @@ impl Stages {
             return Err(Refused::Failed("the lake writer has stopped; events are in the WAL".into()));
         }
         settled?;
-        metrics.ack_latency.observe(r.started.elapsed().as_secs_f64());
         Ok(processed.response)
     }
 }
