@@ -190,10 +190,11 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 fn decompressed(mut input: impl Read + 'static) -> std::io::Result<(Box<dyn Read>, Option<&'static str>)> {
     let mut head = Vec::with_capacity(ZSTD_MAGIC.len());
     (&mut input).take(ZSTD_MAGIC.len() as u64).read_to_end(&mut head)?;
-    let whole = std::io::Cursor::new(head.clone()).chain(input);
-    Ok(if head.starts_with(&GZIP_MAGIC) {
+    let (is_gzip, is_zstd) = (head.starts_with(&GZIP_MAGIC), head.starts_with(&ZSTD_MAGIC));
+    let whole = std::io::Cursor::new(head).chain(input);
+    Ok(if is_gzip {
         (Box::new(flate2::read::MultiGzDecoder::new(whole)), Some("gzip"))
-    } else if head.starts_with(&ZSTD_MAGIC) {
+    } else if is_zstd {
         (Box::new(zstd::stream::read::Decoder::new(whole)?), Some("zstd"))
     } else {
         (Box::new(whole), None)
