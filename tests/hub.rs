@@ -19,7 +19,20 @@ fn ada(id: &str, customer: &str) -> Value {
 /// `watershed keys forget` of `subject` in `account`, beside a running hub.
 fn forget(data: &std::path::Path, account: &str, subject: &str) {
     let data = data.to_str().unwrap();
-    let out = run(&["keys", "forget", "--account", account, "--subject", subject, "--data-dir", data]);
+    let out = run(&[
+        "keys",
+        "forget",
+        "--principal",
+        "dpo",
+        "--purpose",
+        "erasure-1",
+        "--account",
+        account,
+        "--subject",
+        subject,
+        "--data-dir",
+        data,
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -309,7 +322,18 @@ fn an_erasure_job_forgets_many_subjects_in_one_call() {
     }
     let data_s = data.to_str().unwrap();
     let keys = |args: &[&str], stdin: &str| {
-        let forget = ["keys", "forget", "--account", A[0], "--data-dir", data_s];
+        let forget = [
+            "keys",
+            "forget",
+            "--principal",
+            "dpo",
+            "--purpose",
+            "GDPR-17/42",
+            "--account",
+            A[0],
+            "--data-dir",
+            data_s,
+        ];
         run_with_stdin(&[&forget[..], args].concat(), stdin)
     };
     let list = dir.path().join("subjects.txt");
@@ -345,7 +369,16 @@ fn an_erasure_job_forgets_many_subjects_in_one_call() {
         }
     }
     let audit = std::fs::read_to_string(data.join("keyring/audit.log")).unwrap();
-    assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 4);
+    let erasures: Vec<&str> = audit.lines().filter(|l| l.contains(r#""action":"forget""#)).collect();
+    assert_eq!(erasures.len(), 4);
+    for line in erasures {
+        let r: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (r["principal"].as_str(), r["purpose"].as_str()),
+            (Some("dpo"), Some("GDPR-17/42")),
+            "{r}"
+        );
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use serde_json::Value;
 use watershed_event::AccountId;
 use watershed_protect::{
-    EnvelopeKeyring, Error, Keyring, KmsMasterKey, LocalKeyring, LocalMasterKey, MasterKey,
+    Access, EnvelopeKeyring, Error, Keyring, KmsMasterKey, LocalKeyring, LocalMasterKey, MasterKey,
 };
 use watershed_tests::{
     add_account, bin, detail_strings, free_port, ndjson, payment, post, read_table, repo, Moto, Server,
@@ -25,6 +25,11 @@ use watershed_tests::{
 };
 
 const ACCOUNT: &str = "111111111111";
+
+/// An attribution for audited calls.
+fn by() -> Access {
+    Access { principal: "ops".into(), purpose: "test".into() }
+}
 
 /// Point this process's AWS SDK at moto's test credentials.
 fn aws_env_here() {
@@ -85,7 +90,7 @@ fn data_keys_are_wrapped_by_kms_and_erased_by_forget() {
     let kr = EnvelopeKeyring::open(dir.path(), kms_key(&moto, &key_id)).unwrap();
     assert_eq!(decrypt(&kr, &alice).unwrap(), b"Ada");
     assert_eq!(decrypt(&kr, &bob).unwrap(), b"Bob");
-    kr.forget(&account, "alice").unwrap();
+    kr.forget(&account, "alice", &by()).unwrap();
     assert!(matches!(decrypt(&kr, &alice), Err(Error::KeyErased { .. })));
     assert_eq!(decrypt(&kr, &bob).unwrap(), b"Bob", "other subjects stay readable");
 
@@ -119,7 +124,7 @@ fn master_keys_sealed_by_kms_open_only_with_it() {
     let kr = LocalKeyring::open_sealed(&sealed, kms()).unwrap();
     assert_eq!(decrypt(&kr, &ada).unwrap(), b"Ada");
     // Rotation adds a sealed master key and rewraps the data keys.
-    kr.rotate().unwrap();
+    kr.rotate(&by()).unwrap();
     drop(kr);
     let records = master_records(&sealed);
     assert_eq!(records.len(), 2);
@@ -254,7 +259,7 @@ fn serve_and_keys_with_a_kms_sealed_keyring() {
     let data = dir.path().join("plain");
     let data_s = data.to_str().unwrap();
     let (token, holder) = hub_with_a_payment(&data, &aws);
-    let seal = ["keys", "seal", "--data-dir", data_s];
+    let seal = ["keys", "seal", "--principal", "ops", "--purpose", "CHG-7", "--data-dir", data_s];
     let out = watershed(&seal, &aws);
     assert!(!out.status.success() && stderr(&out).contains("keys.master"), "{}", stderr(&out));
     let out = watershed(&seal, &kms);
@@ -262,13 +267,18 @@ fn serve_and_keys_with_a_kms_sealed_keyring() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sealed 1 master key(s)"));
     let out = watershed(&seal, &kms);
     assert!(String::from_utf8_lossy(&out.stdout).contains("sealed already"), "{out:?}");
-    let out = watershed(&["keys", "rotate", "--data-dir", data_s], &kms);
+    let out = watershed(
+        &["keys", "rotate", "--principal", "ops", "--purpose", "CHG-7", "--data-dir", data_s],
+        &kms,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let records = master_records(&data.join("keyring"));
     assert_eq!(records.len(), 2);
     assert!(records.iter().all(|r| r.get("key").is_none()), "{records:?}");
     let audit = std::fs::read_to_string(data.join("keyring/audit.log")).unwrap();
     assert!(audit.contains(r#""action":"seal""#) && audit.contains(r#""action":"rotate""#), "{audit}");
+    let attributed = |l: &&str| l.contains(r#""principal":"ops""#) && l.contains(r#""purpose":"CHG-7""#);
+    assert!(audit.lines().filter(attributed).count() >= 2, "seal and rotate name who and why: {audit}");
     let out = cli_decrypt(&data, &holder, &kms);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");

@@ -41,6 +41,29 @@ impl KeyringArgs {
     }
 }
 
+/// Who asks for an audited action, and why: both go to the keyring's
+/// audit log, and neither may be blank.
+#[derive(Args, Debug)]
+pub(crate) struct AttributionArgs {
+    /// Who is asking (a user or role name; recorded in the audit log).
+    #[arg(long)]
+    principal: String,
+    /// Why (recorded in the audit log), such as an erasure request's or a
+    /// case's number.
+    #[arg(long)]
+    purpose: String,
+}
+
+impl AttributionArgs {
+    /// The attribution, refused before anything is done when a part of it
+    /// is blank.
+    fn access(self) -> anyhow::Result<Access> {
+        let access = Access { principal: self.principal, purpose: self.purpose };
+        access.check()?;
+        Ok(access)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum KeysCmd {
     /// Crypto-shred data subjects: delete every data key of (account,
@@ -65,11 +88,15 @@ pub(crate) enum KeysCmd {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
+        by: AttributionArgs,
+        #[command(flatten)]
         keyring: KeyringArgs,
     },
     /// Rotate the master key and start new data keys; old data keys stay
     /// available for decryption. Audited.
     Rotate {
+        #[command(flatten)]
+        by: AttributionArgs,
         #[command(flatten)]
         keyring: KeyringArgs,
     },
@@ -81,12 +108,8 @@ pub(crate) enum KeysCmd {
     /// prints one JSON object per value, in order: `{"plaintext": …}` or
     /// `{"error": …}`, so plaintexts with line breaks stay one line each.
     Decrypt {
-        /// Who is decrypting (recorded in the audit log).
-        #[arg(long)]
-        principal: String,
-        /// Why (recorded in the audit log), such as a case number.
-        #[arg(long)]
-        purpose: String,
+        #[command(flatten)]
+        by: AttributionArgs,
         /// Ciphertexts (`wse1.…`), or `-` to read them from stdin.
         #[arg(required = true)]
         values: Vec<String>,
@@ -99,6 +122,8 @@ pub(crate) enum KeysCmd {
     /// key is rewrapped under a master key never stored in plaintext.
     /// Audited.
     Seal {
+        #[command(flatten)]
+        by: AttributionArgs,
         #[command(flatten)]
         keyring: KeyringArgs,
     },
@@ -148,7 +173,8 @@ fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 
 pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        KeysCmd::Forget { account, subject, subjects_from, dry_run, keyring } => {
+        KeysCmd::Forget { account, subject, subjects_from, dry_run, by, keyring } => {
+            let by = by.access()?;
             let mut subjects = subject;
             if let Some(path) = subjects_from {
                 subjects.extend(read_subjects(&path)?);
@@ -167,7 +193,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 return Ok(report_missing(&account, &found));
             }
             if let [one] = &subjects[..] {
-                let erasure = kr.forget(&account, one)?;
+                let erasure = kr.forget(&account, one, &by)?;
                 println!(
                     "erased {} data key(s) of account {account}, subject ref {}; logged to {}",
                     erasure.key_ids.len(),
@@ -176,7 +202,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let out = kr.forget_subjects(&account, &refs)?;
+            let out = kr.forget_subjects(&account, &refs, &by)?;
             let (keys, distinct) = distinct_erasures(&out);
             println!(
                 "erased {keys} data key(s) of {distinct} subject(s) of account {account}; logged to {}",
@@ -184,15 +210,17 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             );
             Ok(report_missing(&account, &out))
         }
-        KeysCmd::Rotate { keyring } => {
+        KeysCmd::Rotate { by, keyring } => {
+            let by = by.access()?;
             let kr = keyring.open()?;
-            let id = kr.rotate()?;
+            let id = kr.rotate(&by)?;
             println!(
                 "rotated: new master key {id}; existing data keys rewrapped, new data keys for new events"
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCmd::Seal { keyring } => {
+        KeysCmd::Seal { by, keyring } => {
+            let by = by.access()?;
             let (dir, keys) = keyring.settings()?;
             anyhow::ensure!(
                 dir.join("master.json").exists(),
@@ -205,22 +233,24 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("sealing the master keys in {}", dir.display()))?;
             // The keyring must open sealed before this reports success.
             let kr = keys.open(&dir).with_context(|| format!("opening keyring {}", dir.display()))?;
-            let by = keys.kms_key_id.unwrap_or_default();
+            let kms_key = keys.kms_key_id.unwrap_or_default();
             if n == 0 {
                 println!("{}: the master keys are sealed already", dir.join("master.json").display());
                 return Ok(ExitCode::SUCCESS);
             }
             kr.audit_log().append(&serde_json::json!({
-                "action": "seal", "sealed_by": by, "master_keys_sealed": n,
+                "action": "seal", "principal": by.principal, "purpose": by.purpose,
+                "sealed_by": kms_key, "master_keys_sealed": n,
             }))?;
             println!(
-                "sealed {n} master key(s) in {} with KMS key {by}; now run `watershed keys rotate` with \
+                "sealed {n} master key(s) in {} with KMS key {kms_key}; now run `watershed keys rotate` with \
                  the same settings to rewrap every data key under a new master key",
                 dir.join("master.json").display()
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCmd::Decrypt { principal, purpose, values, keyring } => {
+        KeysCmd::Decrypt { by, values, keyring } => {
+            let by = by.access()?;
             let from_stdin = values == ["-"];
             let values = if from_stdin {
                 let mut lines = Vec::new();
@@ -238,7 +268,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             };
             let kr = keyring.open()?;
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-            let results = Decryptor::new(&kr).decrypt(&Access { principal, purpose }, &refs)?;
+            let results = Decryptor::new(&kr).decrypt(&by, &refs)?;
             let mut failed = 0usize;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for r in &results {

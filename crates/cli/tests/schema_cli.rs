@@ -117,17 +117,44 @@ fn keys_forget_and_decrypt_from_the_command_line() {
     let o = dec(&ct[0]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "10.0.0.7");
-    let o = watershed(
-        &["keys", "forget", "--account", "123456789012", "--subject", "u-1", "--data-dir", data],
-        dir.path(),
-    );
+    let forget = |by: &[&str]| {
+        let args = ["keys", "forget", "--account", "123456789012", "--subject", "u-1", "--data-dir", data];
+        watershed(&[&args[..], by].concat(), dir.path())
+    };
+    // An erasure names who asked and why, or nothing is erased.
+    let o = forget(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--principal") && text(&o).contains("--purpose"), "{}", text(&o));
+    let o = forget(&["--principal", "dpo", "--purpose", " "]);
+    assert!(!o.status.success() && text(&o).contains("purpose is empty"), "{}", text(&o));
+    assert!(dec(&ct[0]).status.success(), "nothing erased without an attribution");
+    let o = forget(&["--principal", "dpo", "--purpose", "request 7"]);
     assert!(o.status.success(), "{}", text(&o));
+    let audit = std::fs::read_to_string(std::path::Path::new(data).join("keyring/audit.log")).unwrap();
+    let erasure = audit.lines().find(|l| l.contains(r#""action":"forget""#)).expect("the erasure is audited");
+    assert!(
+        erasure.contains(r#""principal":"dpo""#) && erasure.contains(r#""purpose":"request 7""#),
+        "{erasure}"
+    );
     let o = dec(&ct[0]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("key_erased"), "{}", text(&o));
     assert!(dec(&ct[1]).status.success(), "the other subject stays readable");
     let o = watershed(
-        &["keys", "forget", "--account", "../etc", "--subject", "u-1", "--data-dir", data],
+        &[
+            "keys",
+            "forget",
+            "--principal",
+            "p",
+            "--purpose",
+            "t",
+            "--account",
+            "../etc",
+            "--subject",
+            "u-1",
+            "--data-dir",
+            data,
+        ],
         dir.path(),
     );
     assert_eq!(o.status.code(), Some(2), "bad account ids are refused by the parser");

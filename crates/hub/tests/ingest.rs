@@ -163,14 +163,12 @@ fn dead_letters_are_encrypted_and_erased_with_their_subject() {
     for raw in &dead {
         assert!(raw.starts_with("wse1.") && !raw.contains("4111"), "{raw}");
     }
-    let decrypt = |raw: &str| {
-        let access = Access { principal: "auditor".into(), purpose: "case-1".into() };
-        Decryptor::new(&*keyring).decrypt(&access, &[raw]).unwrap().pop().unwrap()
-    };
+    let access = Access { principal: "auditor".into(), purpose: "case-1".into() };
+    let decrypt = |raw: &str| Decryptor::new(&*keyring).decrypt(&access, &[raw]).unwrap().pop().unwrap();
     for (raw, sent) in dead.iter().zip(&events) {
         assert_eq!(decrypt(raw).unwrap().expose(), sent.as_str(), "decrypts to the event as received");
     }
-    keyring.forget(&account, "alice").unwrap();
+    keyring.forget(&account, "alice", &access).unwrap();
     assert!(matches!(decrypt(&dead[0]), Err(Error::KeyErased { .. })), "erased with its subject");
     for raw in &dead[1..] {
         assert!(decrypt(raw).is_ok(), "other subjects and the account's key stay readable");
@@ -246,11 +244,12 @@ impl watershed_protect::Keyring for Flaky {
         &self,
         account: &AccountId,
         subject: &str,
+        by: &watershed_protect::Access,
     ) -> watershed_protect::Result<watershed_protect::Erasure> {
-        self.inner.forget(account, subject)
+        self.inner.forget(account, subject, by)
     }
-    fn rotate(&self) -> watershed_protect::Result<String> {
-        self.inner.rotate()
+    fn rotate(&self, by: &watershed_protect::Access) -> watershed_protect::Result<String> {
+        self.inner.rotate(by)
     }
 }
 

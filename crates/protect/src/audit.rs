@@ -1,6 +1,7 @@
-//! The append-only audit log of key events: erasures, rotations and every
-//! decryption. One JSON object per line, appended and fsynced before the
-//! audited action returns. Subjects appear only as keyed references.
+//! The append-only audit log of key events: erasures, rotations, sealing
+//! and every decryption. One JSON object per line, appended and fsynced
+//! before the audited action returns, each naming who asked and why.
+//! Subjects appear only as keyed references.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -10,6 +11,31 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+
+/// Who asks for an audited action, and why. Both go to the audit log.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The authenticated principal (a user or role name).
+    pub principal: String,
+    /// The stated purpose, such as a ticket or case number.
+    pub purpose: String,
+}
+
+impl Access {
+    /// Refuse a blank principal or purpose: the record would not say who
+    /// asked, or why.
+    ///
+    /// # Errors
+    /// [`Error::Unattributed`] naming the blank field.
+    pub fn check(&self) -> Result<()> {
+        for (field, value) in [("principal", &self.principal), ("purpose", &self.purpose)] {
+            if value.trim().is_empty() {
+                return Err(Error::Unattributed { field });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// An append-only, fsynced NDJSON audit log.
 #[derive(Debug)]

@@ -6,19 +6,11 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use crate::audit::Access;
 use crate::cipher::parse;
 use crate::error::{Error, Result};
 use crate::keyring::{Audited, Keyring};
 use crate::secret::Plaintext;
-
-/// Who is decrypting, and why. Both go to the audit log.
-#[derive(Debug, Clone)]
-pub struct Access {
-    /// The authenticated principal (a user or role name).
-    pub principal: String,
-    /// The stated purpose, such as a ticket or case number.
-    pub purpose: String,
-}
 
 /// Decrypts protected values and audits every call.
 #[derive(Debug)]
@@ -41,11 +33,7 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
     /// and when the audit record cannot be written; then nothing is
     /// decrypted.
     pub fn decrypt(&self, access: &Access, values: &[&str]) -> Result<Vec<Result<Plaintext>>> {
-        for (field, value) in [("principal", &access.principal), ("purpose", &access.purpose)] {
-            if value.trim().is_empty() {
-                return Err(Error::Unattributed { field });
-            }
-        }
+        access.check()?;
         let parsed: Vec<_> = values.iter().map(|v| parse(v)).collect();
         let key_ids: BTreeSet<String> =
             parsed.iter().filter_map(|p| p.as_ref().ok()).map(|p| p.key_id.to_hex()).collect();

@@ -93,7 +93,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// An audited call without a principal or a purpose: the audit log
-    /// would not say who decrypted, or why.
+    /// would not say who asked, or why.
     #[error("unattributed: {field} is empty; an audited call names who asks and why")]
     Unattributed {
         /// `principal` or `purpose`.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use watershed_event::{AccountId, TimestampMicros};
 
+use crate::audit::Access;
 use crate::cipher::{DataCipher, KeyId};
 use crate::error::Result;
 use crate::secret::SecretKey;
@@ -134,11 +135,13 @@ pub trait Keyring: Send + Sync + Debug {
     fn erased_keys(&self) -> Result<usize>;
 
     /// Crypto-shred: delete every data key of (account, subject) and record
-    /// the erasure in the audit log.
+    /// the erasure, and who asked for it and why, in the audit log.
     ///
     /// # Errors
+    /// [`crate::Error::Unattributed`] when `by` leaves the principal or
+    /// the purpose blank (nothing is erased),
     /// [`crate::Error::NothingToForget`] when there is no such key.
-    fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure>;
+    fn forget(&self, account: &AccountId, subject: &str, by: &Access) -> Result<Erasure>;
 
     /// [`Keyring::forget`] for many subjects of one account at once (an
     /// erasure job; the key log's keyring does it in one pass and one
@@ -146,13 +149,20 @@ pub trait Keyring: Send + Sync + Debug {
     /// gets the answer of its first mention.
     ///
     /// # Errors
-    /// When the keyring cannot be read or written; then nothing may have
-    /// been erased, or some of the subjects.
-    fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+    /// [`crate::Error::Unattributed`] as [`Keyring::forget`]; when the
+    /// keyring cannot be read or written, then nothing may have been
+    /// erased, or some of the subjects.
+    fn forget_subjects(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        by: &Access,
+    ) -> Result<Vec<Option<Erasure>>> {
+        by.check()?;
         per_distinct(subjects, |distinct| {
             distinct
                 .iter()
-                .map(|s| match self.forget(account, s) {
+                .map(|s| match self.forget(account, s, by) {
                     Ok(e) => Ok(Some(e)),
                     Err(crate::Error::NothingToForget { .. }) => Ok(None),
                     Err(e) => Err(e),
@@ -169,11 +179,14 @@ pub trait Keyring: Send + Sync + Debug {
     fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>>;
 
     /// Rotate: new master key, every data key rewrapped under it, and new
-    /// data keys for new events. Old data keys stay for decryption.
+    /// data keys for new events. Old data keys stay for decryption. The
+    /// audit log records it with who asked and why.
     ///
     /// # Errors
-    /// When the keyring cannot be written.
-    fn rotate(&self) -> Result<String>;
+    /// [`crate::Error::Unattributed`] when `by` leaves the principal or
+    /// the purpose blank (nothing is rotated); when the keyring cannot be
+    /// written.
+    fn rotate(&self, by: &Access) -> Result<String>;
 }
 
 /// Answer `subjects`, which may name one twice, by answering each distinct

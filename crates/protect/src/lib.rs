@@ -25,9 +25,9 @@ mod local;
 mod protector;
 mod secret;
 
-pub use audit::AuditLog;
+pub use audit::{Access, AuditLog};
 pub use cipher::{DataCipher, KeyId};
-pub use decrypt::{Access, Decryptor};
+pub use decrypt::Decryptor;
 pub use envelope::{EnvelopeKeyring, LocalKeyring, CACHED_KEYS};
 pub use error::{Error, Result};
 pub use keyring::{Audited, Erasure, Keyring, MasterKey, Wrapped};

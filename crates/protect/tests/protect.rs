@@ -105,7 +105,7 @@ fn shredding_erases_one_subject_only() {
 
     // Forget through a second handle, as the CLI does beside a running hub.
     let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
-    let erased = cli.forget(&acct("111111111111"), "alice").unwrap();
+    let erased = cli.forget(&acct("111111111111"), "alice", &access()).unwrap();
     assert_eq!(erased.key_ids.len(), 1);
 
     let out = Decryptor::new(&kr).decrypt(&access(), &[&alice_ct, &bob_ct, &other_acct_alice]).unwrap();
@@ -115,7 +115,10 @@ fn shredding_erases_one_subject_only() {
     }
     assert_eq!(out[1].as_ref().unwrap().expose(), "Bob B");
     assert_eq!(out[2].as_ref().unwrap().expose(), "Alice A", "other account unaffected");
-    assert!(matches!(cli.forget(&acct("111111111111"), "alice"), Err(Error::NothingToForget { .. })));
+    assert!(matches!(
+        cli.forget(&acct("111111111111"), "alice", &access()),
+        Err(Error::NothingToForget { .. })
+    ));
     let audit = std::fs::read_to_string(dir.path().join("keyring/audit.log")).unwrap();
     assert!(audit.contains("\"action\":\"forget\"") && !audit.contains("alice"), "{audit}");
     // The erased key is gone from the file, not only from memory.
@@ -145,7 +148,7 @@ fn a_running_keyring_stops_using_an_erased_key() {
     assert_eq!(kr.data_cipher(&a, Some("alice")).unwrap().id(), alice, "the index answers repeat lookups");
 
     let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
-    cli.forget(&a, "alice").unwrap();
+    cli.forget(&a, "alice", &access()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(250));
     let fresh = kr.data_cipher(&a, Some("alice")).unwrap().id();
     assert_ne!(fresh, alice, "the erased key is not used again");
@@ -169,7 +172,7 @@ fn replayed_events_of_a_forgotten_subject_stay_erased() {
     let received = chrono::Utc::now().timestamp_micros();
     std::thread::sleep(std::time::Duration::from_millis(5));
     let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
-    cli.forget(&a, "alice").unwrap();
+    cli.forget(&a, "alice", &access()).unwrap();
     let later = chrono::Utc::now().timestamp_micros() + 1;
 
     // Protect two payments of alice's and one of bob's as replay does.
@@ -193,7 +196,7 @@ fn replayed_events_of_a_forgotten_subject_stay_erased() {
     kr.sync().unwrap();
     let cli = LocalKeyring::open_local(&dir.path().join("keyring")).unwrap();
     assert!(
-        matches!(cli.forget(&a, "alice"), Err(Error::NothingToForget { .. })),
+        matches!(cli.forget(&a, "alice", &access()), Err(Error::NothingToForget { .. })),
         "replaying an event received before the erasure created a key"
     );
     let (after, _) = replay(later, "alice");
@@ -215,7 +218,7 @@ fn rotation_keeps_old_ciphertexts_readable() {
     let (reg, _dir, kr) = payments();
     let (_, _, before, _) =
         protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
-    let new_master = kr.rotate().unwrap();
+    let new_master = kr.rotate(&access()).unwrap();
     assert_eq!(new_master, "mk-2");
     let (_, _, after, _) =
         protect_payment(&reg, &kr, "111111111111", &payment("alice", "4111111111111111", "Alice A"));
@@ -224,7 +227,7 @@ fn rotation_keeps_old_ciphertexts_readable() {
     let out = Decryptor::new(&kr).decrypt(&access(), &[&before, &after]).unwrap();
     assert!(out.iter().all(|r| r.as_ref().unwrap().expose() == "Alice A"));
     // Shredding covers every generation of the subject's key.
-    assert_eq!(kr.forget(&acct("111111111111"), "alice").unwrap().key_ids.len(), 2);
+    assert_eq!(kr.forget(&acct("111111111111"), "alice", &access()).unwrap().key_ids.len(), 2);
 }
 
 #[test]
@@ -402,7 +405,7 @@ fn batched_subject_keys_match_single_lookups() {
     let ids: HashSet<_> = kr.data_ciphers(&account, &customers).unwrap().iter().map(|c| c.id()).collect();
     assert_eq!(ids.len(), 3, "one key per subject");
     let before = kr.data_ciphers(&account, &["c-2"]).unwrap()[0].id();
-    kr.forget(&account, "c-2").unwrap();
+    kr.forget(&account, "c-2", &access()).unwrap();
     // Each event was encrypted under its own subject's key: forgetting one
     // subject shreds exactly that subject's values.
     for (c, holder) in &holders {

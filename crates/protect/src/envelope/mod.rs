@@ -40,7 +40,7 @@ use serde::Serialize;
 use sha2::Sha256;
 use watershed_event::{AccountId, TimestampMicros};
 
-use crate::audit::AuditLog;
+use crate::audit::{Access, AuditLog};
 use crate::cipher::{hex, hex_into};
 use crate::cipher::{DataCipher, KeyId};
 use crate::error::{Error, Result};
@@ -217,7 +217,12 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
     }
 
     /// [`Keyring::forget_subjects`] for subjects named once each.
-    fn forget_distinct(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+    fn forget_distinct(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        by: &Access,
+    ) -> Result<Vec<Option<Erasure>>> {
         let mut st = lock(&self.state);
         let _guard = self.lock_file()?;
         // Keys this process created must be in the log before it records
@@ -269,6 +274,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         #[derive(Serialize)]
         struct Rec<'a> {
             action: &'static str,
+            principal: &'a str,
+            purpose: &'a str,
             account: &'a str,
             subject_ref: &'a str,
             key_ids: &'a [String],
@@ -277,6 +284,8 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
             self.audit.append(&Rec {
                 action: "forget",
+                principal: &by.principal,
+                purpose: &by.purpose,
                 account: account.as_str(),
                 subject_ref: &e.subject_ref,
                 key_ids: &ids,
@@ -542,15 +551,21 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         Ok(st.state.erased.len())
     }
 
-    fn forget(&self, account: &AccountId, subject: &str) -> Result<Erasure> {
-        self.forget_subjects(account, &[subject])?
+    fn forget(&self, account: &AccountId, subject: &str, by: &Access) -> Result<Erasure> {
+        self.forget_subjects(account, &[subject], by)?
             .pop()
             .flatten()
             .ok_or_else(|| Error::NothingToForget { account: account.to_string() })
     }
 
-    fn forget_subjects(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
-        crate::keyring::per_distinct(subjects, |distinct| self.forget_distinct(account, distinct))
+    fn forget_subjects(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        by: &Access,
+    ) -> Result<Vec<Option<Erasure>>> {
+        by.check()?;
+        crate::keyring::per_distinct(subjects, |distinct| self.forget_distinct(account, distinct, by))
     }
 
     fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
@@ -570,7 +585,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
             .collect())
     }
 
-    fn rotate(&self) -> Result<String> {
+    fn rotate(&self, by: &Access) -> Result<String> {
+        by.check()?;
         let new_master = self.master.rotate()?;
         let mut st = lock(&self.state);
         let guard = self.lock_file()?;
@@ -605,10 +621,18 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         #[derive(Serialize)]
         struct Rec<'a> {
             action: &'static str,
+            principal: &'a str,
+            purpose: &'a str,
             master_key: &'a str,
             data_keys_rewrapped: usize,
         }
-        self.audit.append(&Rec { action: "rotate", master_key: &new_master, data_keys_rewrapped: n })?;
+        self.audit.append(&Rec {
+            action: "rotate",
+            principal: &by.principal,
+            purpose: &by.purpose,
+            master_key: &new_master,
+            data_keys_rewrapped: n,
+        })?;
         Ok(new_master)
     }
 }

@@ -5,6 +5,11 @@ use std::io::Write;
 use super::*;
 use crate::fsutil::stamp;
 
+/// An attribution for audited calls.
+fn by() -> crate::Access {
+    crate::Access { principal: "ops".into(), purpose: "test".into() }
+}
+
 /// Key logs whose next write is torn after so many bytes.
 static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
 
@@ -104,7 +109,7 @@ fn forget_shreds_the_subjects_lines_in_place() {
     let a = AccountId::new("111111111111").unwrap();
     let (kr, keys) = subjects(dir.path(), 20);
     let (before, ino_before) = (log_lines(&kr), ino(&kr.path));
-    let e = kr.forget(&a, "s-3").unwrap();
+    let e = kr.forget(&a, "s-3", &by()).unwrap();
     assert_eq!(e.key_ids, vec![keys[3].0]);
     let after = log_lines(&kr);
     assert_eq!(ino(&kr.path), ino_before, "the log was rewritten");
@@ -124,7 +129,7 @@ fn forget_shreds_the_subjects_lines_in_place() {
         assert_keys(reader, &keys, &[3], &[4]);
         assert_eq!(reader.data_cipher(&a, Some("s-5")).unwrap().id(), keys[5].0);
     }
-    assert!(matches!(kr.forget(&a, "s-3"), Err(Error::NothingToForget { .. })));
+    assert!(matches!(kr.forget(&a, "s-3", &by()), Err(Error::NothingToForget { .. })));
     // New events of the subject get a new key, here and in a new reader.
     let other = LocalKeyring::open_local(dir.path()).unwrap();
     let new = other.data_cipher(&a, Some("s-3")).unwrap().id();
@@ -141,7 +146,7 @@ fn a_running_keyring_reads_only_the_appended_erasure() {
     let a = AccountId::new("111111111111").unwrap();
     let (hub, keys) = subjects(dir.path(), 5);
     let cli = LocalKeyring::open_local(dir.path()).unwrap();
-    cli.forget(&a, "s-1").unwrap();
+    cli.forget(&a, "s-1", &by()).unwrap();
     assert_keys(&hub, &keys, &[1], &[]);
     let st = lock(&hub.state);
     assert_eq!(st.read_len, std::fs::metadata(&hub.path).unwrap().len());
@@ -156,7 +161,7 @@ fn forgetting_many_subjects_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let a = AccountId::new("111111111111").unwrap();
     let (kr, keys) = subjects(dir.path(), 30);
-    let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9", "s-7"]).unwrap();
+    let out = kr.forget_subjects(&a, &["s-2", "nobody", "s-7", "s-9", "s-7"], &by()).unwrap();
     let ids: Vec<Option<Vec<KeyId>>> = out.iter().map(|e| e.as_ref().map(|e| e.key_ids.clone())).collect();
     let seven = Some(vec![keys[7].0]);
     assert_eq!(ids, vec![Some(vec![keys[2].0]), None, seven.clone(), Some(vec![keys[9].0]), seven]);
@@ -168,6 +173,43 @@ fn forgetting_many_subjects_at_once() {
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     assert_eq!(audit.lines().filter(|l| l.contains(r#""action":"forget""#)).count(), 3);
     assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[7], &[8]);
+}
+
+/// Erasures and rotations say who asked and why; with a blank principal
+/// or purpose nothing is erased, rotated or audited.
+#[test]
+fn erasure_and_rotation_are_attributed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 3);
+    let master = || std::fs::read(dir.path().join("master.json")).unwrap();
+    let before = (std::fs::read(&kr.path).unwrap(), master());
+    let blank =
+        |principal: &str, purpose: &str| Access { principal: principal.into(), purpose: purpose.into() };
+    for (anonymous, field) in [(blank("", "GDPR-1"), "principal"), (blank("dpo", " \t"), "purpose")] {
+        let refused = |r: Result<()>| matches!(r, Err(Error::Unattributed { field: f }) if f == field);
+        assert!(refused(kr.forget(&a, "s-1", &anonymous).map(drop)), "{anonymous:?}");
+        assert!(refused(kr.forget_subjects(&a, &["s-1", "s-2"], &anonymous).map(drop)), "{anonymous:?}");
+        assert!(refused(kr.rotate(&anonymous).map(drop)), "{anonymous:?}");
+    }
+    assert_eq!((std::fs::read(&kr.path).unwrap(), master()), before, "nothing erased or rotated");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default(),
+        "",
+        "nothing audited"
+    );
+    assert_keys(&kr, &keys, &[], &[0, 1, 2]);
+    kr.forget(&a, "s-1", &blank("dpo", "GDPR-1")).unwrap();
+    kr.rotate(&blank("ops", "CHG-2")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let who = |r: &serde_json::Value| {
+        [&r["action"], &r["principal"], &r["purpose"]].map(|v| v.as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(
+        records.iter().map(who).collect::<Vec<_>>(),
+        [["forget", "dpo", "GDPR-1"], ["rotate", "ops", "CHG-2"]]
+    );
 }
 
 /// `subject_keys` answers as `forget_subjects` would, and erases
@@ -185,7 +227,7 @@ fn subject_keys_is_forget_without_the_erasure() {
     assert!(!audit.contains(r#""action":"forget""#), "nothing erased, nothing audited");
     let other = AccountId::new("222222222222").unwrap();
     assert!(kr.subject_keys(&other, &["s-2"]).unwrap()[0].is_none(), "keys are per account");
-    let erased = kr.forget_subjects(&a, &asked).unwrap();
+    let erased = kr.forget_subjects(&a, &asked, &by()).unwrap();
     let view = |v: &[Option<Erasure>]| -> Vec<Option<(Vec<KeyId>, String)>> {
         v.iter().map(|e| e.as_ref().map(|e| (e.key_ids.clone(), e.subject_ref.clone()))).collect()
     };
@@ -203,7 +245,7 @@ fn the_log_is_compacted_once_half_of_it_is_shredded() {
     let first = ino(&kr.path);
     let mut compacted = false;
     for i in 0..30 {
-        kr.forget(&a, &format!("s-{i}")).unwrap();
+        kr.forget(&a, &format!("s-{i}"), &by()).unwrap();
         let text = std::fs::read_to_string(&kr.path).unwrap();
         let shredded: usize =
             text.lines().filter(|l| l.starts_with(r#"{"op":"shredded""#)).map(|l| l.len() + 1).sum();
@@ -214,7 +256,7 @@ fn the_log_is_compacted_once_half_of_it_is_shredded() {
     assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[29], &[35]);
     // Still shredded in place after the compaction.
     let before = ino(&kr.path);
-    kr.forget(&a, "s-39").unwrap();
+    kr.forget(&a, "s-39", &by()).unwrap();
     assert_eq!(ino(&kr.path), before);
 }
 
@@ -369,7 +411,7 @@ fn hand_written_key_lines_read_alike_and_survive_compaction() {
     }
     assert!(after.iter().any(|k| k["created"] == "the day before launch"));
     // The escaped account is the account: its subject is forgotten.
-    assert_eq!(kr.forget(&a, "s-0").unwrap().key_ids, vec![keys[0].0]);
+    assert_eq!(kr.forget(&a, "s-0", &by()).unwrap().key_ids, vec![keys[0].0]);
     assert_keys(&LocalKeyring::open_local(dir.path()).unwrap(), &keys, &[0], &[1, 2]);
 }
 
