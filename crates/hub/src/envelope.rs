@@ -263,7 +263,14 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                 if sc.peek()? != Peek::String {
                     return Err(Bad::Field("specversion", "must be a string"));
                 }
-                sc.cow()?;
+                // CloudEvents 1.0 (every 1.0.x) names itself "1.0"; 0.3's
+                // attributes differ (`datacontentencoding`, `schemaurl`).
+                if sc.cow()? != "1.0" {
+                    return Err(Bad::Field(
+                        "specversion",
+                        "only CloudEvents 1.0 is accepted: \"specversion\": \"1.0\"",
+                    ));
+                }
                 f.specversion = true;
             }
             b"resources" => {
@@ -414,6 +421,18 @@ mod tests {
         assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
         let v = decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err();
         assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.detail-type", "detail-type is required"));
+        // Another CloudEvents version is refused by name.
+        for version in ["0.3", "1", "1.0.2", ""] {
+            let raw =
+                format!(r#"{{"specversion":"{version}","id":"5","type":"T","source":"s","data":{{}}}}"#);
+            let v = decode(raw.as_bytes()).unwrap_err();
+            assert_eq!((v.reason, v.path.as_str()), (Reason::BadEnvelope, "$.specversion"), "{version}");
+            assert!(
+                v.detail.contains(r#"only CloudEvents 1.0 is accepted: "specversion": "1.0""#),
+                "{}",
+                v.detail
+            );
+        }
         // A CloudEvent without its specversion is read as EventBridge's; say so.
         let v = decode(br#"{"id":"1","source":"s","type":"T","data":{}}"#).unwrap_err();
         assert_eq!(v.path, "$.detail-type");
