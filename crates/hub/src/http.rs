@@ -22,7 +22,24 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(hub)
+}
+
+/// 404 with the JSON error `not_found`, naming the endpoints there are.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let message = format!(
+        "no endpoint {}; the endpoints are POST /v1/events, GET /healthz, GET /readyz, GET /metrics",
+        uri.path()
+    );
+    error(StatusCode::NOT_FOUND, "not_found", &message)
+}
+
+/// 405 with the JSON error `method_not_allowed` (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let message = format!("{method} is not allowed on {}; the Allow header lists what is", uri.path());
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &message)
 }
 
 /// What answers while the hub starts (see
@@ -558,6 +575,34 @@ mod tests {
         let (status, _, body) = call(&hub, post(Some(format!("bearer {token}")))).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.contains(r#""accepted":1"#), "{body}");
+    }
+
+    /// An unknown path or a wrong method gets a JSON error like every
+    /// other refusal; a 405 keeps its `Allow` header.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_paths_and_methods_get_json_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(Hub::start(crate::testing::config(dir.path())).await.unwrap());
+        let req = |method: &str, path: &str| {
+            axum::http::Request::builder().method(method).uri(path).body(Body::empty()).unwrap()
+        };
+        let (status, headers, body) = call(&hub, req("POST", "/v1/event")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "not_found", "{body}");
+        assert!(v["message"].as_str().unwrap().contains("/v1/event;"), "{body}");
+        let (status, headers, body) = call(&hub, req("GET", "/v1/events")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+        assert_eq!(headers[header::ALLOW], "POST");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "method_not_allowed", "{body}");
+        assert!(v["message"].as_str().unwrap().starts_with("GET is not allowed on /v1/events"), "{body}");
+        let (status, headers, _) = call(&hub, req("POST", "/metrics")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "GET,HEAD");
+        let (status, _, body) = call(&hub, req("GET", "/healthz")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
     }
 
     /// Every acknowledged request is timed, including one with nothing
