@@ -1082,7 +1082,11 @@ fn mixed_versions_share_a_file_and_send_reports_rejects() {
     events.push(bad);
     let file = dir.path().join("events.ndjson");
     std::fs::write(&file, ndjson(&events)).unwrap();
-    let out = run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token, "--batch", "3"]);
+    // The token from a file, as `echo "$TOKEN" > token` writes it.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let (file_s, token_s) = (file.to_str().unwrap(), token_file.to_str().unwrap());
+    let out = run(&["send", file_s, "--url", &server.url, "--token-file", token_s, "--batch", "3"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "send exits 1 when anything was rejected\n{stdout}\n{stderr}");

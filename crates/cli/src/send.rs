@@ -19,9 +19,15 @@ pub(crate) struct SendArgs {
     /// The hub's base URL (its `/v1/events` endpoint is taken as it is).
     #[arg(long, default_value = "http://127.0.0.1:8787")]
     url: String,
-    /// The account's bearer token.
-    #[arg(long, env = "WATERSHED_TOKEN", hide_env_values = true)]
-    token: String,
+    /// The account's bearer token. A flag's value shows in the process
+    /// list: prefer `--token-file` or the `WATERSHED_TOKEN` variable (used
+    /// when neither flag is given).
+    #[arg(long)]
+    token: Option<String>,
+    /// A file holding the account's bearer token alone (a trailing line
+    /// break is ignored).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Events per request.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -62,6 +68,24 @@ impl Compress {
     }
 }
 
+/// The bearer token: the one line of `--token-file`, else `given`
+/// (`--token`, else `WATERSHED_TOKEN`).
+fn token(given: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let Some(path) = file else {
+        return given.map(str::to_owned).context("no token: pass --token-file, --token or WATERSHED_TOKEN");
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.strip_suffix('\n').map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+    anyhow::ensure!(
+        !token.chars().any(char::is_whitespace),
+        "the token file {} must hold the token alone, on one line (it holds spaces or several lines)",
+        path.display()
+    );
+    Ok(token.to_owned())
+}
+
 /// Totals of a send.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Totals {
@@ -76,6 +100,8 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--concurrency must be at least 1");
     }
     let url = events_url(&args.url)?;
+    let from_env = std::env::var("WATERSHED_TOKEN").ok();
+    let token = token(args.token.as_deref().or(from_env.as_deref()), args.token_file.as_deref())?;
     let raw: Box<dyn Read> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin())
     } else {
@@ -107,13 +133,12 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     // Up to `--concurrency` batches in flight; answers are taken in the
     // order of the input, so rejects are reported in order and a failure
     // names the first batch that was not sent.
-    let (client, url, args) = (&client, url.as_str(), &args);
+    let (client, url, token, args) = (&client, url.as_str(), token.as_str(), &args);
     let mut answers = futures::stream::iter(batches)
         .map(|batch| async move {
             let Batch { first, events, body } = batch?;
             let resp =
-                post(client, url, &args.token, args.collector.as_deref(), body, args.retries, args.compress)
-                    .await;
+                post(client, url, token, args.collector.as_deref(), body, args.retries, args.compress).await;
             anyhow::Ok((first, events, resp))
         })
         .buffered(args.concurrency);
@@ -454,7 +479,33 @@ async fn post_once(
 mod tests {
     use bytes::Bytes;
 
-    use super::{decompressed, events_url, halves, with_causes, Batches};
+    use super::{decompressed, events_url, halves, token, with_causes, Batches};
+
+    #[test]
+    fn a_token_file_holds_the_token_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        assert_eq!(token(Some("wsh_a"), None).unwrap(), "wsh_a");
+        for text in ["wsh_b", "wsh_b\n", "wsh_b\r\n"] {
+            assert_eq!(token(None, Some(&file("t", text))).unwrap(), "wsh_b", "{text:?}");
+        }
+        for (text, says) in [
+            ("", "is empty"),
+            ("\n", "is empty"),
+            ("wsh_b\n\n", "alone, on one line"),
+            ("id 1f wsh_b\n", "alone, on one line"),
+        ] {
+            let e = token(None, Some(&file("t", text))).unwrap_err().to_string();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+        let e = token(None, Some(&dir.path().join("missing"))).unwrap_err();
+        assert!(e.to_string().starts_with("reading the token file"), "{e}");
+        assert!(token(None, None).unwrap_err().to_string().contains("--token-file"));
+    }
 
     #[test]
     fn the_url_is_the_hubs_base_or_its_endpoint() {
