@@ -44,7 +44,8 @@ enum Command {
     /// Check or list a schema directory.
     #[command(subcommand)]
     Schema(schema::SchemaCmd),
-    /// Manage protection keys: crypto-shred a data subject, rotate, decrypt.
+    /// Manage protection keys: crypto-shred data subjects, decrypt, rotate, seal with AWS KMS;
+    /// each audited, naming who asks and why.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
 }

@@ -507,12 +507,26 @@ fn float(node: &Node, ctx: &mut Ctx<'_, '_>, v: f64, text: &str) -> R<Slot> {
                 ctx.fail(Reason::OutOfRange, format!("the number does not fit {}", node.kind.name()));
                 return Err(());
             }
-            #[allow(clippy::cast_possible_truncation)]
-            if v.fract() == 0.0 && v.abs() < 9.007_199_254_740_992e15 {
-                integer(node, ctx, v as i128)
-            } else {
-                let what = node.kind.name();
+            let what = node.kind.name();
+            if v.is_finite() && v.fract() != 0.0 {
                 ctx.fail(Reason::TypeMismatch, format!("expected {what}, got a number with a fraction"));
+                return Err(());
+            }
+            // Integral, written with a point or an exponent: exact below
+            // 2^53. Above, one beyond the type (or beyond f64: `1e400`
+            // saturates) does not fit; one within it would be rounded.
+            #[allow(clippy::cast_possible_truncation)]
+            let slot = integer(node, ctx, v as i128)?;
+            if v.abs() < 9.007_199_254_740_992e15 {
+                Ok(slot)
+            } else {
+                ctx.fail(
+                    Reason::OutOfRange,
+                    format!(
+                        "{text} is beyond 2^53, where a number with a point or an exponent is not exact; \
+                         write {what} values this large as plain integers"
+                    ),
+                );
                 Err(())
             }
         }

@@ -146,6 +146,43 @@ fn every_reason_code() {
     }
 }
 
+/// An integer written with a point or an exponent is read when it is
+/// exact; beyond 2^53 it is out of range, never rounded or called a
+/// fraction.
+#[test]
+fn integers_written_with_a_point_or_an_exponent() {
+    let reg = registry();
+    let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
+    let written = |field: &str, old: &str, new: &str| {
+        VALID.replacen(&format!("\"{field}\": {old}"), &format!("\"{field}\": {new}"), 1)
+    };
+    for (i, expect) in [("1e2", 100), ("-2.0", -2), ("2.5e1", 25)] {
+        let tape = run(v, &written("i", "-5", i), Limits::default()).unwrap();
+        assert_eq!(tape.slot(1), Slot::Int(expect), "{i}");
+    }
+    for (l, says) in [
+        ("1e16", "beyond 2^53"),
+        ("9.1e15", "beyond 2^53"),
+        ("1e19", "does not fit a long"),
+        ("1e400", "does not fit a long"),
+        ("-1e400", "does not fit a long"),
+    ] {
+        let e = run(v, &written("l", "9007199254740993", l), Limits::default()).unwrap_err();
+        assert_eq!((e.reason, e.path.as_str()), (Reason::OutOfRange, "$.l"), "{l}");
+        assert!(e.detail.contains(says), "{l}: {}", e.detail);
+    }
+    for i in ["1.5e308", "1e10"] {
+        let e = run(v, &written("i", "-5", i), Limits::default()).unwrap_err();
+        assert_eq!(
+            (e.reason, e.detail.as_str()),
+            (Reason::OutOfRange, "the number does not fit an int"),
+            "{i}"
+        );
+    }
+    let e = run(v, &written("i", "-5", "2.5"), Limits::default()).unwrap_err();
+    assert_eq!(e.reason, Reason::TypeMismatch);
+}
+
 #[test]
 fn size_and_depth_limits() {
     let reg = registry();
