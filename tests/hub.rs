@@ -1413,8 +1413,10 @@ fn a_stalled_client_does_not_hold_up_shutdown() {
 /// An event dated further ahead of its receipt than
 /// `limits.max_future_secs` (a wrong clock or time zone) is rejected as
 /// `future_time` into `_dead_letters` instead of opening a partition for
-/// an hour to come; one within the bound is accepted. What was accepted
-/// stays accepted when the WAL is replayed under a tighter bound.
+/// an hour to come; one within the bound is accepted. With
+/// `limits.max_past_secs` set, an event dated further back (Go's zero
+/// time, say) is rejected as `past_time`. What was accepted stays
+/// accepted when the WAL is replayed under tighter bounds.
 #[test]
 fn events_dated_too_far_ahead_are_rejected_and_replay_keeps_what_was_accepted() {
     let dir = tempfile::tempdir().unwrap();
@@ -1429,25 +1431,45 @@ fn events_dated_too_far_ahead_are_rejected_and_replay_keeps_what_was_accepted() 
         e["time"] = json!(at(hours));
         e
     };
-    let server = Server::start(&data, &[]);
-    let events = [dated("soon", 2), dated("next-week", 24 * 7), dated("now", 0)];
+    let a_month = (30 * 86_400).to_string();
+    let server = Server::start(&data, &[("WATERSHED_LIMITS__MAX_PAST_SECS", &a_month)]);
+    let mut zero = ada("zero-time", "c-1");
+    zero["time"] = json!("0001-01-01T00:00:00Z");
+    let events = [
+        dated("soon", 2),
+        dated("next-week", 24 * 7),
+        dated("now", 0),
+        dated("last-week", -24 * 7),
+        zero,
+        dated("last-year", -24 * 365),
+    ];
     let (s, r, _) = post(&server.url, Some(&token), ndjson(&events), &[]);
-    assert_eq!((s, r["accepted"].as_u64()), (200, Some(2)), "{r}");
-    let rejected = &r["rejected"][0];
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(3)), "{r}");
+    let rejected: Vec<(u64, &str, &str)> = r["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["index"].as_u64().unwrap(), x["reason"].as_str().unwrap(), x["path"].as_str().unwrap()))
+        .collect();
+    let at_time = |i, reason| (i, reason, "$.time");
     assert_eq!(
-        (rejected["index"].as_u64(), rejected["reason"].as_str()),
-        (Some(1), Some("future_time")),
+        rejected,
+        [at_time(1, "future_time"), at_time(4, "past_time"), at_time(5, "past_time")],
         "{r}"
     );
-    assert_eq!(rejected["path"], "$.time", "{r}");
-    assert!(rejected["detail"].as_str().unwrap().contains("limits.max_future_secs"), "{r}");
+    assert!(r["rejected"][0]["detail"].as_str().unwrap().contains("limits.max_future_secs"), "{r}");
+    let detail = r["rejected"][1]["detail"].as_str().unwrap();
+    assert!(detail.contains("at most 2592000 s back") && detail.contains("limits.max_past_secs"), "{r}");
     // Not committed yet (the roll age is a minute): the WAL holds them.
     server.kill9();
-    let server = Server::start(&data, &[("WATERSHED_LIMITS__MAX_FUTURE_SECS", "60")]);
+    let tighter = [("WATERSHED_LIMITS__MAX_FUTURE_SECS", "60"), ("WATERSHED_LIMITS__MAX_PAST_SECS", "60")];
+    let server = Server::start(&data, &tighter);
     assert!(server.stop().success());
-    assert_eq!(payment_ids(&data), ["now", "soon"], "replay keeps what was accepted");
+    assert_eq!(payment_ids(&data), ["last-week", "now", "soon"], "replay keeps what was accepted");
     let ids = ids_by_table(&data.join("lake"));
-    assert_eq!(ids["_dead_letters"].iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), ["next-week"]);
+    let mut dead: Vec<&str> = ids["_dead_letters"].iter().map(|(_, id)| id.as_str()).collect();
+    dead.sort_unstable();
+    assert_eq!(dead, ["last-year", "next-week", "zero-time"]);
 }
 
 /// Rounds of 50 payments from one account (one closed partition), each

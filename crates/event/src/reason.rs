@@ -54,11 +54,15 @@ pub enum Reason {
     /// accepts (a clock or time-zone error): it would open a partition for
     /// an hour that has not come yet.
     FutureTime,
+    /// The event's time is further before its receipt than the hub is
+    /// configured to accept (`limits.max_past_secs`; no bound by default):
+    /// a zero-value or epoch-zero timestamp from a producer's bug.
+    PastTime,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::MalformedJson,
         Reason::BadEnvelope,
         Reason::UnknownSubject,
@@ -79,6 +83,7 @@ impl Reason {
         Reason::AccountMismatch,
         Reason::ProtectFailed,
         Reason::FutureTime,
+        Reason::PastTime,
     ];
 
     /// The stable snake_case code, such as `missing_field`.
@@ -105,6 +110,7 @@ impl Reason {
             Reason::AccountMismatch => "account_mismatch",
             Reason::ProtectFailed => "protect_failed",
             Reason::FutureTime => "future_time",
+            Reason::PastTime => "past_time",
         }
     }
 }

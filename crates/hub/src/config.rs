@@ -141,6 +141,10 @@ pub struct LimitsConfig {
     /// `future_time` beyond it): a wrong clock or time zone must not open
     /// partitions for hours to come.
     pub max_future_secs: u64,
+    /// Furthest an event's time may be before its receipt (rejected as
+    /// `past_time` beyond it); 0, the default: no bound, since backfills
+    /// and replays of history are legitimate.
+    pub max_past_secs: u64,
     /// Requests validated and protected at once (0: one per core). Each
     /// takes a core while it runs, and its working memory; further
     /// requests wait, their bodies held, until one finishes.
@@ -157,6 +161,7 @@ impl Default for LimitsConfig {
             header_timeout_secs: 30,
             max_connections: 1024,
             max_future_secs: crate::ingest::DEFAULT_MAX_FUTURE_SECS,
+            max_past_secs: 0,
             processing_concurrency: 0,
         }
     }

@@ -162,7 +162,11 @@ impl Hub {
         let ingestor = Arc::new(
             Ingestor::new(registry, keyring, dedupe, limits, metrics.clone())
                 .with_dead_letter_raw(config.dead_letters.raw)
-                .with_max_future(std::time::Duration::from_secs(config.limits.max_future_secs)),
+                .with_max_future(std::time::Duration::from_secs(config.limits.max_future_secs))
+                .with_max_past(
+                    (config.limits.max_past_secs > 0)
+                        .then(|| std::time::Duration::from_secs(config.limits.max_past_secs)),
+                ),
         );
         let pending = Arc::new(Pending::default());
         let writer_stats = Arc::new(WriterStats::default());

@@ -98,6 +98,9 @@ pub struct Ingestor {
     raw: DeadLetterRaw,
     /// Furthest an event's time may be ahead of its receipt, µs.
     max_future: i64,
+    /// Furthest an event's time may be before its receipt, µs (`None`: no
+    /// bound).
+    max_past: Option<i64>,
     pub(crate) metrics: Arc<Metrics>,
     /// Tapes of finished requests, kept for their buffers.
     tapes: std::sync::Mutex<Vec<Tape>>,
@@ -234,6 +237,7 @@ impl Ingestor {
             limits,
             raw: DeadLetterRaw::default(),
             max_future: i64::try_from(DEFAULT_MAX_FUTURE_SECS * 1_000_000).expect("a day in µs"),
+            max_past: None,
             metrics,
             tapes: std::sync::Mutex::default(),
             buffers: BufferPool::default(),
@@ -253,6 +257,15 @@ impl Ingestor {
     #[must_use]
     pub fn with_max_future(mut self, ahead: std::time::Duration) -> Self {
         self.max_future = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Reject events whose time is more than `back` before their receipt
+    /// (`past_time`; `None`, the default: no bound). Replay does not
+    /// check: what was accepted stays accepted.
+    #[must_use]
+    pub fn with_max_past(mut self, back: Option<std::time::Duration>) -> Self {
+        self.max_past = back.map(|b| i64::try_from(b.as_micros()).unwrap_or(i64::MAX));
         self
     }
 
@@ -550,6 +563,21 @@ impl Ingestor {
                     self.max_future / 1_000_000
                 ),
             }));
+        }
+        if let Some(max_past) = self.max_past.filter(|_| skip.is_none()) {
+            let behind = received_at.saturating_sub(event_time);
+            if behind > max_past {
+                return Err(fail(Violation {
+                    reason: Reason::PastTime,
+                    path: "$.time".into(),
+                    detail: format!(
+                        "the event's time is {} s before the hub received it; at most {} s back is \
+                         accepted (limits.max_past_secs)",
+                        behind / 1_000_000,
+                        max_past / 1_000_000
+                    ),
+                }));
+            }
         }
         // On replay, rows already in a committed file are skipped before
         // any validation work.
