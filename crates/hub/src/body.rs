@@ -84,9 +84,23 @@ pub fn decode<'a>(
 /// byte order mark at the start of the body (as some Windows tools write
 /// files) is ignored, as RFC 8259 allows.
 ///
+/// A body that is still gzip or zstd data (its `Content-Encoding` did not
+/// say so, or it was compressed twice) is refused as a whole: no JSON text
+/// starts with those bytes, and its lines would only be so many
+/// `malformed_json` dead letters.
+///
 /// # Errors
-/// [`BodyError::Bad`] for a broken array, [`BodyError::TooManyEvents`].
+/// [`BodyError::Bad`] for a broken array or a compressed body,
+/// [`BodyError::TooManyEvents`].
 pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
+    for (magic, coding) in [(&b"\x1f\x8b"[..], "gzip"), (&b"\x28\xb5\x2f\xfd"[..], "zstd")] {
+        if body.starts_with(magic) {
+            return Err(BodyError::Bad(format!(
+                "the body is {coding}-compressed data, not JSON: send it with Content-Encoding: {coding} \
+                 (once)"
+            )));
+        }
+    }
     let body = body.strip_prefix(BOM).unwrap_or(body);
     let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(body.len());
     let events = if body.get(start) == Some(&b'[') {
@@ -240,6 +254,27 @@ mod tests {
         let n = b"{\"a\":1}\r\n\n  \n{bad\n";
         assert_eq!(split(n, 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
         assert_eq!(split(b"1\n2\n3", 2), Err(BodyError::TooManyEvents(2)));
+    }
+
+    #[test]
+    fn a_body_still_compressed_is_refused_as_a_whole() {
+        let event = b"{\"id\":\"1\"}\n";
+        let gzip = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, event).unwrap();
+            e.finish().unwrap()
+        };
+        let zstd = zstd::bulk::compress(event, 1).unwrap();
+        for (body, coding) in [(&gzip, "gzip"), (&zstd, "zstd")] {
+            let Err(BodyError::Bad(why)) = split(body, 10) else { panic!("{coding} accepted") };
+            assert!(why.contains(&format!("send it with Content-Encoding: {coding}")), "{why}");
+            // Decoded once, it splits; compressed twice, it is refused again.
+            let once = decode(body, Some(coding), 1 << 20, &mut |_| true).unwrap();
+            assert_eq!(split(&once, 10).unwrap(), [&event[..event.len() - 1]]);
+        }
+        let twice = zstd::bulk::compress(&zstd, 1).unwrap();
+        let once = decode(&twice, Some("zstd"), 1 << 20, &mut |_| true).unwrap();
+        assert!(matches!(split(&once, 10), Err(BodyError::Bad(_))));
     }
 
     #[test]
