@@ -250,15 +250,19 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                 return Err(Bad::Field(name, "the field appears twice"));
             }
             if sc.peek()? != Peek::String {
-                return Err(Bad::Field(name, "must be a string"));
+                if !unset(&mut sc)? {
+                    return Err(Bad::Field(name, "must be a string"));
+                }
+            } else {
+                *slot = Some(sc.cow()?);
             }
-            *slot = Some(sc.cow()?);
             if !sc.next_or_close(b'}')? {
                 break;
             }
             continue;
         }
         match key {
+            b"specversion" if unset(&mut sc)? => {}
             b"specversion" => {
                 if sc.peek()? != Peek::String {
                     return Err(Bad::Field("specversion", "must be a string"));
@@ -273,6 +277,7 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                 }
                 f.specversion = true;
             }
+            b"resources" if unset(&mut sc)? => {}
             b"resources" => {
                 if sc.peek()? != Peek::Array {
                     return Err(Bad::Field("resources", "must be an array of strings"));
@@ -315,6 +320,7 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
                     ));
                 }
             }
+            b"schema-version" | b"schemaversion" if unset(&mut sc)? => {}
             b"schema-version" | b"schemaversion" => {
                 let name = if key == b"schema-version" { "schema-version" } else { "schemaversion" };
                 let ok = sc.peek()? == Peek::Number;
@@ -337,6 +343,21 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
     }
     sc.end()?;
     Ok(f)
+}
+
+/// Consume a `null` attribute value, which leaves the attribute unset
+/// (CloudEvents' JSON format: "When decoding attributes and a null value
+/// is encountered, it MUST be treated as the equivalent of unset or
+/// omitted"; producers that serialise absent fields as `null` send
+/// EventBridge envelopes the same way). Not for payloads: `"data": null`
+/// is a null payload.
+fn unset(sc: &mut Scanner<'_>) -> Result<bool, Bad> {
+    if sc.peek()? == Peek::Null {
+        sc.literal(b"null")?;
+        Ok(true)
+    } else {
+        Ok(false)
+    }
 }
 
 /// Pull what can be read from an event that failed to decode.
@@ -433,6 +454,19 @@ mod tests {
                 v.detail
             );
         }
+        // A null attribute is an unset one (CloudEvents' JSON format, 2.2),
+        // as its example events send them; a null payload stays a payload.
+        let ce = br#"{"specversion":"1.0","type":"T","source":"s","subject":null,"id":"6","time":null,
+            "account":null,"region":null,"schemaversion":null,"data":null}"#;
+        let e = decode(ce).unwrap();
+        assert_eq!((e.time, e.account, e.region, e.schema_version), (None, None, None, None));
+        assert_eq!(e.payload, b"null");
+        let eb = br#"{"id":"7","detail-type":"T","source":"s","resources":null,"time":null,"detail":{}}"#;
+        assert!(decode(eb).unwrap().resources.is_empty());
+        let v = decode(br#"{"specversion":"1.0","type":"T","source":"s","id":null,"data":{}}"#).unwrap_err();
+        assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.id", "id is required"));
+        let v = decode(br#"{"specversion":null,"id":"8","type":"T","source":"s","data":{}}"#).unwrap_err();
+        assert!(v.detail.ends_with(r#"add "specversion": "1.0")"#), "{}", v.detail);
         // A CloudEvent without its specversion is read as EventBridge's; say so.
         let v = decode(br#"{"id":"1","source":"s","type":"T","data":{}}"#).unwrap_err();
         assert_eq!(v.path, "$.detail-type");
