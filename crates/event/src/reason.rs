@@ -25,7 +25,7 @@ pub enum Reason {
     TypeMismatch,
     /// A field is not in the schema and the subject rejects unknown fields.
     UnknownField,
-    /// A field appears twice in one object.
+    /// A field appears twice in one object, or a key twice in one map.
     DuplicateField,
     /// A string is not one of the enum's symbols.
     BadEnum,

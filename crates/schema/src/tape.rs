@@ -235,6 +235,30 @@ impl Tape {
         to_u32(start)
     }
 
+    /// A key that appears twice among the pending map entries from `mark`
+    /// on (key, value, key, value, ...), if any.
+    pub(crate) fn repeated_key(&self, mark: usize) -> Option<Slot> {
+        let text = |slot: &Slot| match *slot {
+            Slot::Str { start, len } | Slot::Bytes { start, len } => {
+                &self.bytes[start as usize..(start + len) as usize]
+            }
+            _ => &[][..],
+        };
+        let keys = self.pending[mark..].iter().step_by(2);
+        if self.pending.len() - mark <= 2 * 16 {
+            // Small maps, the usual ones: compare pairwise, no allocation.
+            for (i, a) in keys.clone().enumerate() {
+                if let Some(b) = keys.clone().skip(i + 1).find(|b| text(a) == text(b)) {
+                    return Some(*b);
+                }
+            }
+            return None;
+        }
+        let mut sorted: Vec<(&[u8], Slot)> = keys.map(|k| (text(k), *k)).collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        sorted.windows(2).find(|w| w[0].0 == w[1].0).map(|w| w[1].1)
+    }
+
     /// Move the pending items from `mark` on into a contiguous run.
     pub(crate) fn seal_pending(&mut self, mark: usize) -> (u32, u32) {
         let start = self.slots.len();

@@ -146,6 +146,35 @@ fn every_reason_code() {
     }
 }
 
+/// A map key given twice (also when escaped differently) is refused: a
+/// Parquet map with a repeated key makes DuckDB refuse the whole file.
+/// Small maps are checked pairwise and large ones sorted: both ways.
+#[test]
+fn a_map_key_given_twice_is_refused() {
+    let reg = registry();
+    let (_, v) = reg.resolve("test", "AllTypes", None).unwrap();
+    let map = |entries: &str| VALID.replacen(r#""m": {"k": "v"}"#, &format!(r#""m": {{{entries}}}"#), 1);
+    let many = |n: usize| (0..n).map(|i| format!(r#""k{i}": "v""#)).collect::<Vec<_>>();
+    let cases = [
+        map(r#""k": "a", "k": "b""#),
+        map(r#""k": "a", "x": "b", "\u006b": "c""#),
+        map(&[many(40), vec![r#""k7": "again""#.into()]].concat().join(", ")),
+        map(&[vec![r#""k39": "first""#.into()], many(40)].concat().join(", ")),
+    ];
+    for json in &cases {
+        let e = run(v, json, Limits::default()).expect_err("must be rejected");
+        assert_eq!(e.reason, Reason::DuplicateField, "for {json}");
+        assert!(e.path == "$.m.k" || e.path == "$.m.k7" || e.path == "$.m.k39", "{} for {json}", e.path);
+    }
+    for n in [0, 2, 16, 17, 40, 1000] {
+        let tape = run(v, &map(&many(n).join(", ")), Limits::default()).expect("distinct keys pass");
+        let Slot::Map { len, .. } = tape.slot(15) else { panic!("map") };
+        assert_eq!(len as usize, n);
+    }
+    // Keys differing only in case or by a prefix are distinct.
+    run(v, &map(r#""k": "a", "K": "b", "kk": "c""#), Limits::default()).expect("distinct keys pass");
+}
+
 /// An integer written with a point or an exponent is read when it is
 /// exact; beyond 2^53 it is out of range, never rounded or called a
 /// fraction.
