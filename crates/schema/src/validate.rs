@@ -493,7 +493,12 @@ impl<'a, 't> Ctx<'a, 't> {
 
 fn float(node: &Node, ctx: &mut Ctx<'_, '_>, v: f64, text: &str) -> R<Slot> {
     match node.kind {
-        Kind::Double => Ok(Slot::Double(v)),
+        // `1e400` parses as infinity: refused, never stored as one.
+        Kind::Double if v.is_finite() => Ok(Slot::Double(v)),
+        Kind::Double => {
+            ctx.fail(Reason::OutOfRange, "the number does not fit a double".into());
+            Err(())
+        }
         #[allow(clippy::cast_possible_truncation)]
         Kind::Float => {
             let f = v as f32;

@@ -137,6 +137,7 @@ fn every_reason_code() {
         (with("dec", "\"12345.6\""), OutOfRange, "$.dec"),
         (with("i", "2147483648"), OutOfRange, "$.i"),
         (with("f", "1e300"), OutOfRange, "$.f"),
+        (VALID.replacen("\"d\": 2.25", "\"d\": -1e400", 1), OutOfRange, "$.d"),
         (with("m", r#"{"k": 1}"#), TypeMismatch, "$.m.k"),
         (with("rec", r#"{"x": 1, "deep": [{"a": "x"}]}"#), TypeMismatch, "$.rec.deep[0].a"),
     ];
