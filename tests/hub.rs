@@ -1825,6 +1825,55 @@ fn send_compresses_its_bodies_unless_told_not_to() {
     assert_eq!(payment_ids(&data).len(), 900);
 }
 
+/// `send` to an https:// hub (behind a TLS terminator, as a load balancer
+/// is) trusting a private CA given with `--ca-cert`: every event lands.
+/// Without the CA, or to a port that does not speak TLS, the send stops
+/// at once (no retries) saying TLS failed; a `--ca-cert` that holds no
+/// certificate is refused before anything is sent.
+#[test]
+fn send_over_https_trusts_the_ca_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[]);
+    let proxy = watershed_tests::TlsProxy::start(&server.url);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &proxy.ca_pem).unwrap();
+    let events: Vec<Value> = (0..120).map(|n| ada(&format!("tls-{n}"), &format!("c{}", n % 5))).collect();
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, ndjson(&events)).unwrap();
+    let file = file.to_str().unwrap();
+    let send = |url: &str, extra: &[&str]| {
+        let out =
+            run(&[&["send", file, "--url", url, "--token", &token, "--batch", "50"][..], extra].concat());
+        let text =
+            format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+
+    let (code, text) = send(&proxy.url, &["--ca-cert", ca.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("accepted 120 rejected 0 duplicates 0"), "{text}");
+
+    let (code, text) = send(&proxy.url, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("TLS with the hub failed") && text.contains("pass --ca-cert"), "{text}");
+    assert!(!text.contains("giving up after"), "a certificate failure is not retried: {text}");
+
+    let plain = server.url.replace("http://", "https://");
+    let (code, text) = send(&plain, &["--ca-cert", ca.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("TLS with the hub failed") && text.contains("does not speak TLS"), "{text}");
+
+    let (code, text) = send(&proxy.url, &["--ca-cert", file]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no PEM certificate"), "{text}");
+
+    assert!(server.stop().success());
+    let ids = payment_ids(&data);
+    assert_eq!(ids.len(), 120, "each event once");
+}
+
 /// A schema version that adds a field and widens another, deployed by a
 /// restart: files written before it keep the older columns, files after
 /// it have the new ones. Read by column name across them (DuckDB's

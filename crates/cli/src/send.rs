@@ -28,6 +28,11 @@ pub(crate) struct SendArgs {
     /// break is ignored).
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
+    /// PEM file of the certificate authorities to trust for an https://
+    /// hub, besides the system's (for a hub behind a TLS terminator with a
+    /// private CA).
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Events per request.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -99,7 +104,11 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
+    if args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
     let url = events_url(&args.url)?;
+    let client = client(args.ca_cert.as_deref())?;
     let from_env = std::env::var("WATERSHED_TOKEN").ok();
     let token = token(args.token.as_deref().or(from_env.as_deref()), args.token_file.as_deref())?;
     let raw: Box<dyn Read> = if args.input.as_os_str() == "-" {
@@ -118,7 +127,6 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     // The bar counts the input's bytes as read, compressed or not.
     let (reader, coding) =
         decompressed(bar.wrap_read(raw)).with_context(|| format!("reading {}", args.input.display()))?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let mut totals = Totals::default();
     let batches = Batches {
         lines: BufReader::new(reader).split(b'\n'),
@@ -201,6 +209,23 @@ fn events_url(base: &str) -> anyhow::Result<String> {
     let endpoint = if path.ends_with("/v1/events") { path } else { format!("{path}/v1/events") };
     url.set_path(&endpoint);
     Ok(url.to_string())
+}
+
+/// The HTTP client: HTTPS trusts the system's root certificates and those
+/// of `ca_cert`.
+fn client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("reading --ca-cert {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .with_context(|| format!("--ca-cert {}: no PEM certificate in it", path.display()))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().context("setting up the HTTP client")
 }
 
 /// The gzip member header and the zstd frame magic number.
@@ -340,6 +365,23 @@ pub(crate) async fn post(
 /// An error and its causes on one line, a cause already at the end of
 /// the line left out ("error sending request for url (…): client error
 /// (Connect): tcp connect error: Connection refused (os error 111)").
+/// The rustls error under `e`, if a TLS handshake failed. rustls's errors
+/// reach reqwest inside `io::Error`s (nested ones), whose `source` skips
+/// what they wrap: those are opened with `get_ref`.
+fn tls_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = match c.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
+}
+
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut cause = e.source();
@@ -464,6 +506,20 @@ async fn post_once(
             }
             // A request that cannot be built fails the same way every time.
             Err(e) if e.is_builder() => anyhow::bail!("cannot build the request: {}", with_causes(&e)),
+            // So does a TLS handshake the hub's certificate fails (or one
+            // with a server that does not speak TLS).
+            Err(e) if tls_error(&e).is_some() => {
+                let hint = match tls_error(&e) {
+                    Some(rustls::Error::InvalidCertificate(_)) => {
+                        " (for a hub whose certificate a private CA signed, pass --ca-cert with that CA)"
+                    }
+                    Some(rustls::Error::InvalidMessage(_)) => {
+                        " (the port does not speak TLS: `watershed serve` itself serves plain http://)"
+                    }
+                    _ => "",
+                };
+                anyhow::bail!("TLS with the hub failed: {}{hint}", with_causes(&e))
+            }
             Err(e) => with_causes(&e),
         };
         if attempt >= retries {
