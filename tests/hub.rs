@@ -1825,20 +1825,19 @@ fn send_compresses_its_bodies_unless_told_not_to() {
     assert_eq!(payment_ids(&data).len(), 900);
 }
 
-/// `send` to an https:// hub (behind a TLS terminator, as a load balancer
-/// is) trusting a private CA given with `--ca-cert`: every event lands.
-/// Without the CA, or to a port that does not speak TLS, the send stops
-/// at once (no retries) saying TLS failed; a `--ca-cert` that holds no
-/// certificate is refused before anything is sent.
+/// The hub serving HTTPS (`[tls]`), and `send` to it trusting a private
+/// CA given with `--ca-cert`: every event lands. Without the CA, or to a
+/// hub on plain HTTP, the send stops at once (no retries) saying TLS
+/// failed and why; a `--ca-cert` without a certificate is refused before
+/// anything is sent. A client speaking plain HTTP to the TLS port, or
+/// stalling in the handshake, is cut off and the hub goes on serving.
 #[test]
-fn send_over_https_trusts_the_ca_it_is_given() {
+fn https_serve_and_send_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let token = add_account(&data, A[0]);
-    let server = Server::start(&data, &[]);
-    let proxy = watershed_tests::TlsProxy::start(&server.url);
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &proxy.ca_pem).unwrap();
+    let certs = watershed_tests::TestCerts::new(dir.path());
+    let ca = certs.ca.to_str().unwrap();
     let events: Vec<Value> = (0..120).map(|n| ada(&format!("tls-{n}"), &format!("c{}", n % 5))).collect();
     let file = dir.path().join("events.ndjson");
     std::fs::write(&file, ndjson(&events)).unwrap();
@@ -1851,27 +1850,56 @@ fn send_over_https_trusts_the_ca_it_is_given() {
         (out.status.code(), text)
     };
 
-    let (code, text) = send(&proxy.url, &["--ca-cert", ca.to_str().unwrap()]);
+    // A plain HTTP hub asked for https://.
+    let server = Server::start(&data, &[]);
+    let (code, text) = send(&server.url.replace("http://", "https://"), &["--ca-cert", ca]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("TLS with the hub failed") && text.contains("does not speak TLS"), "{text}");
+    assert!(server.stop().success());
+
+    let tls = [
+        ("WATERSHED_TLS__CERT_FILE", certs.cert.to_str().unwrap()),
+        ("WATERSHED_TLS__KEY_FILE", certs.key.to_str().unwrap()),
+        ("WATERSHED_LIMITS__HEADER_TIMEOUT_SECS", "2"),
+    ];
+    let server = Server::start(&data, &tls);
+    assert!(server.url.starts_with("https://127.0.0.1:"), "{}", server.url);
+    let (code, text) = send(&server.url, &["--ca-cert", ca]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("accepted 120 rejected 0 duplicates 0"), "{text}");
 
-    let (code, text) = send(&proxy.url, &[]);
+    let (code, text) = send(&server.url, &[]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("TLS with the hub failed") && text.contains("pass --ca-cert"), "{text}");
     assert!(!text.contains("giving up after"), "a certificate failure is not retried: {text}");
-
-    let plain = server.url.replace("http://", "https://");
-    let (code, text) = send(&plain, &["--ca-cert", ca.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("TLS with the hub failed") && text.contains("does not speak TLS"), "{text}");
-
-    let (code, text) = send(&proxy.url, &["--ca-cert", file]);
+    let (code, text) = send(&server.url, &["--ca-cert", file]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("no PEM certificate"), "{text}");
 
+    // Plain HTTP to the TLS port gets no HTTP answer; a client that never
+    // starts its handshake is closed after the header timeout.
+    use std::io::{Read as _, Write as _};
+    let addr = server.url.trim_start_matches("https://").to_owned();
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1"), "{answer:?}");
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let read = idle.read(&mut [0u8; 64]);
+    assert!(matches!(read, Ok(0)), "closed after the handshake timeout: {read:?}");
+
+    let pem = std::fs::read(&certs.ca).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    let ready = client.get(format!("{}/readyz", server.url)).send().unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "still serving");
     assert!(server.stop().success());
-    let ids = payment_ids(&data);
-    assert_eq!(ids.len(), 120, "each event once");
+    assert_eq!(payment_ids(&data).len(), 120, "each event once");
 }
 
 /// A schema version that adds a field and widens another, deployed by a

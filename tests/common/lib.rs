@@ -394,26 +394,21 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// A TLS terminator in front of a hub, as a load balancer is: HTTPS on a
-/// loopback port, with a certificate for `127.0.0.1` and `localhost`
-/// signed by a certificate authority made for it, each connection piped
-/// to the hub's plain HTTP port.
-pub struct TlsProxy {
-    /// `https://127.0.0.1:PORT`.
-    pub url: String,
-    /// The certificate authority, PEM.
-    pub ca_pem: String,
-    _runtime: tokio::runtime::Runtime,
+/// PEM files made for a test: a certificate authority, and a server
+/// certificate it signed for `127.0.0.1` and `localhost` with its key.
+pub struct TestCerts {
+    /// The certificate authority's certificate.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
 }
 
-impl TlsProxy {
-    /// Terminate TLS in front of `upstream` (`http://HOST:PORT`).
+impl TestCerts {
+    /// Make them in `dir`.
     #[must_use]
-    pub fn start(upstream: &str) -> Self {
-        use std::sync::Arc;
-        use tokio_rustls::rustls;
-
-        let upstream = upstream.strip_prefix("http://").expect("a plain HTTP upstream").to_owned();
+    pub fn new(dir: &Path) -> Self {
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -424,34 +419,10 @@ impl TlsProxy {
             .expect("server params")
             .signed_by(&key, &ca, &ca_key)
             .expect("server certificate");
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("TLS versions")
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-                )
-                .expect("TLS config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        runtime.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                    let Ok(mut hub) = tokio::net::TcpStream::connect(&upstream).await else { return };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut hub).await;
-                });
-            }
-        });
-        Self { url: format!("https://127.0.0.1:{port}"), ca_pem: ca.pem(), _runtime: runtime }
+        let certs = Self { ca: dir.join("ca.pem"), cert: dir.join("hub.crt"), key: dir.join("hub.key") };
+        std::fs::write(&certs.ca, ca.pem()).expect("write");
+        std::fs::write(&certs.cert, cert.pem()).expect("write");
+        std::fs::write(&certs.key, key.serialize_pem()).expect("write");
+        certs
     }
 }

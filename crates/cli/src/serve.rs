@@ -39,15 +39,24 @@ impl ConfigArgs {
 
 pub(crate) async fn serve(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = args.load()?;
+    let tls = config.tls.cert_file.is_some();
+    let scheme = if tls { "https" } else { "http" };
     watershed_hub::serve::start_and_serve(
         config,
         watershed_hub::serve::signal(),
         |addr| {
-            eprintln!("watershed: starting on http://{addr}");
+            eprintln!("watershed: starting on {scheme}://{addr}");
             tracing::info!(%addr, "bound; starting (replaying the write-ahead log)");
+            if !tls && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "plain HTTP on an address other hosts reach: bearer tokens and events travel \
+                     unencrypted; set [tls] cert_file and key_file, or put a TLS terminator in front"
+                );
+            }
         },
         |addr| {
-            eprintln!("watershed: listening on http://{addr}");
+            eprintln!("watershed: listening on {scheme}://{addr}");
             tracing::info!(%addr, "listening");
         },
     )

@@ -36,6 +36,8 @@ pub struct HubConfig {
     pub dead_letters: DeadLettersConfig,
     /// Keyring settings.
     pub keys: KeysConfig,
+    /// HTTPS: serve TLS on `listen` with this certificate.
+    pub tls: TlsConfig,
     /// Seconds to drain on SIGTERM/SIGINT before giving up.
     pub shutdown_timeout_secs: u64,
 }
@@ -52,6 +54,7 @@ impl Default for HubConfig {
             wal: WalConfig::default(),
             dead_letters: DeadLettersConfig::default(),
             keys: KeysConfig::default(),
+            tls: TlsConfig::default(),
             shutdown_timeout_secs: 30,
         }
     }
@@ -275,6 +278,18 @@ impl Default for KeysConfig {
     }
 }
 
+/// `[tls]`: with both files set, `listen` serves HTTPS (TLS 1.2 and 1.3)
+/// and nothing else; unset, plain HTTP, for a loopback address or behind
+/// a TLS terminator.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM: the server's certificate, then any intermediate ones.
+    pub cert_file: Option<PathBuf>,
+    /// PEM: the certificate's private key (PKCS #8, PKCS #1 or SEC 1).
+    pub key_file: Option<PathBuf>,
+}
+
 /// Where the keyring's master keys come from.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -479,6 +494,9 @@ impl HubConfig {
         if self.wal.max_raw_bytes / 8 < self.wal.segment_bytes {
             return bad("wal.max_raw_bytes", "must be at least eight times wal.segment_bytes");
         }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls", "set both cert_file and key_file (or neither, for plain HTTP)");
+        }
         match self.keys.master {
             MasterKind::Local => {
                 if self.keys.kms_key_id.is_some() {
@@ -652,6 +670,19 @@ mod tests {
         assert_eq!((c.keys.cached_keys, c.keys.erasure_check_ms), (5000, 0));
         let e = load(&[("WATERSHED_KEYS__CACHED_KEYS", "0")]).unwrap_err();
         assert!(e.starts_with("invalid configuration: keys.cached_keys:"), "{e}");
+    }
+
+    #[test]
+    fn tls_takes_both_files_or_neither() {
+        assert_eq!(load(&[]).unwrap().tls, TlsConfig::default(), "plain HTTP by default");
+        for one in ["WATERSHED_TLS__CERT_FILE", "WATERSHED_TLS__KEY_FILE"] {
+            let e = load(&[(one, "/etc/hub/x.pem")]).unwrap_err();
+            assert!(e.starts_with("invalid configuration: tls: set both cert_file and key_file"), "{e}");
+        }
+        let c =
+            load(&[("WATERSHED_TLS__CERT_FILE", "/c.pem"), ("WATERSHED_TLS__KEY_FILE", "/k.pem")]).unwrap();
+        assert_eq!(c.tls.cert_file.as_deref(), Some(Path::new("/c.pem")));
+        assert_eq!(c.tls.key_file.as_deref(), Some(Path::new("/k.pem")));
     }
 
     #[test]

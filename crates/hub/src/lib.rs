@@ -19,6 +19,7 @@ pub mod sample;
 pub mod serve;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 pub mod wal;
 
 pub use config::{HubConfig, Overrides};

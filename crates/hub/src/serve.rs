@@ -6,18 +6,20 @@
 //! request's headers half sent, or idle, for good): headers must arrive
 //! within `limits.header_timeout_secs` (idle connections close after it),
 //! and at most `limits.max_connections` are open; further clients wait in
-//! the listen backlog.
+//! the listen backlog. With `[tls]` set every connection is TLS, its
+//! handshake bounded by the same timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::{HubConfig, LimitsConfig};
 use crate::error::{Error, Result};
@@ -51,13 +53,15 @@ pub async fn start_and_serve(
     on_started: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let (listen, limits) = (config.listen.clone(), config.limits.clone());
-    serve_while_starting(&listen, &limits, Hub::start(config), shutdown, on_bound, on_started).await
+    let tls = crate::tls::acceptor(&config.tls)?;
+    serve_while_starting(&listen, &limits, tls, Hub::start(config), shutdown, on_bound, on_started).await
 }
 
 /// [`start_and_serve`] with the start given.
 pub(crate) async fn serve_while_starting(
     listen: &str,
     limits: &LimitsConfig,
+    tls: Option<TlsAcceptor>,
     start: impl std::future::Future<Output = Result<Hub>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
@@ -67,6 +71,7 @@ pub(crate) async fn serve_while_starting(
     let slots = Arc::new(Semaphore::new(make_room_for(limits.max_connections)));
     on_bound(local);
     let http = http1(limits);
+    let handshake = Duration::from_secs(limits.header_timeout_secs);
     let app = crate::http::starting_router();
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -90,12 +95,14 @@ pub(crate) async fn serve_while_starting(
                     }
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => {
-                            let _ = stream.set_nodelay(true);
-                            let conn = http.serve_connection(
-                                TokioIo::new(stream),
-                                TowerToHyperService::new(app.clone()),
+                            let conn = connection(
+                                stream,
+                                tls.clone(),
+                                handshake,
+                                http.clone(),
+                                app.clone(),
+                                graceful.watcher(),
                             );
-                            let conn = graceful.watch(conn);
                             connections.spawn(async move {
                                 let _ = conn.await;
                                 drop(slot);
@@ -120,7 +127,7 @@ pub(crate) async fn serve_while_starting(
     if stop_requested {
         shutdown = Box::pin(std::future::ready(()));
     }
-    serve_on(hub, listener, slots, shutdown).await
+    serve_on(hub, listener, tls, slots, shutdown).await
 }
 
 /// Bind `hub.config.listen`, serve until `shutdown` resolves, then drain
@@ -142,10 +149,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    let tls = crate::tls::acceptor(&hub.config.tls)?;
     let (listener, local) = bind(&hub.config.listen).await?;
     let slots = Arc::new(Semaphore::new(make_room_for(hub.config.limits.max_connections)));
     on_bound(local);
-    serve_on(hub, listener, slots, shutdown).await
+    serve_on(hub, listener, tls, slots, shutdown).await
 }
 
 async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
@@ -162,15 +170,44 @@ fn http1(limits: &LimitsConfig) -> hyper::server::conn::http1::Builder {
     http
 }
 
+/// Serve one accepted connection: after its TLS handshake when `tls` is
+/// set (within the header timeout: a client that stalls in it is cut off,
+/// as one stalling in its headers is).
+async fn connection(
+    stream: tokio::net::TcpStream,
+    tls: Option<TlsAcceptor>,
+    handshake: Duration,
+    http: hyper::server::conn::http1::Builder,
+    app: axum::Router,
+    watcher: Watcher,
+) -> std::result::Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let service = TowerToHyperService::new(app);
+    let Some(tls) = tls else {
+        return watcher
+            .watch(http.serve_connection(TokioIo::new(stream), service))
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let stream = match tokio::time::timeout(handshake, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => return Err("TLS handshake timed out".into()),
+    };
+    watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await.map_err(|e| e.to_string())
+}
+
 /// Serve `hub` on `listener`, at most `slots` connections at once.
 async fn serve_on(
     hub: Hub,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     slots: Arc<Semaphore>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let max_connections = slots.available_permits();
     let http = http1(&hub.config.limits);
+    let handshake = Duration::from_secs(hub.config.limits.header_timeout_secs);
     let deadline = Duration::from_secs(hub.config.shutdown_timeout_secs);
     let hub = Arc::new(hub);
     let app = crate::http::router(hub.clone());
@@ -201,9 +238,7 @@ async fn serve_on(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let conn = connection(stream, tls.clone(), handshake, http.clone(), app.clone(), graceful.watcher());
         let open = hub.metrics.connections.clone();
         open.inc();
         connections.spawn(async move {
@@ -360,6 +395,7 @@ mod tests {
             serve_while_starting(
                 &listen,
                 &limits,
+                None,
                 start,
                 shutdown,
                 move |a| {
