@@ -29,8 +29,8 @@ pub(crate) struct SendArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
     /// PEM file of the certificate authorities to trust for an https://
-    /// hub, besides the system's (for a hub behind a TLS terminator with a
-    /// private CA).
+    /// hub, besides the system's (for a hub, or the TLS terminator in
+    /// front of it, whose certificate a private CA signed).
     #[arg(long, value_name = "FILE")]
     ca_cert: Option<PathBuf>,
     /// Events per request.
@@ -362,9 +362,6 @@ pub(crate) async fn post(
     Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
 }
 
-/// An error and its causes on one line, a cause already at the end of
-/// the line left out ("error sending request for url (…): client error
-/// (Connect): tcp connect error: Connection refused (os error 111)").
 /// The rustls error under `e`, if a TLS handshake failed. rustls's errors
 /// reach reqwest inside `io::Error`s (nested ones), whose `source` skips
 /// what they wrap: those are opened with `get_ref`.
@@ -382,6 +379,9 @@ fn tls_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls:
     None
 }
 
+/// An error and its causes on one line, a cause already at the end of
+/// the line left out ("error sending request for url (…): client error
+/// (Connect): tcp connect error: Connection refused (os error 111)").
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut cause = e.source();
@@ -514,7 +514,7 @@ async fn post_once(
                         " (for a hub whose certificate a private CA signed, pass --ca-cert with that CA)"
                     }
                     Some(rustls::Error::InvalidMessage(_)) => {
-                        " (the port does not speak TLS: `watershed serve` itself serves plain http://)"
+                        " (the port does not speak TLS: a hub without [tls] serves plain http://)"
                     }
                     _ => "",
                 };
