@@ -48,7 +48,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         },
     ));
     let addr = addr_rx.await?;
-    println!("demo hub listening on http://{addr}, data in {}", args.data_dir.display());
+    out!("demo hub listening on http://{addr}, data in {}", args.data_dir.display());
 
     let started = Instant::now();
     let client = reqwest::Client::new();
@@ -108,18 +108,18 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         rejected += t.rejected;
     }
     let elapsed = started.elapsed();
-    println!(
+    out!(
         "sent {} events in {:.2}s: {accepted} accepted, {rejected} rejected (they are in _dead_letters)",
         accepted + rejected,
         elapsed.as_secs_f64()
     );
     let _ = stop_tx.send(());
     server.await??;
-    println!("hub stopped; every accepted event is committed. The lake:");
+    out!("hub stopped; every accepted event is committed. The lake:");
     let lake_dir = args.data_dir.join("lake");
     let lake = watershed_lake::Lake::local(&lake_dir, 8)?;
-    crate::serve::print_summary(&watershed_lake::ls::summarize(&lake).await?, false);
-    println!(
+    crate::serve::print_summary(&watershed_lake::ls::summarize(&lake).await?, false)?;
+    out!(
         "\nQuery it with DuckDB, for example:\n  duckdb -c \"SELECT account, count(*) FROM read_parquet('{}/payments/**/*.parquet', union_by_name=true, hive_partitioning=true, hive_types={{'account': VARCHAR}}) GROUP BY account\"",
         lake_dir.display()
     );

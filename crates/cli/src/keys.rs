@@ -186,7 +186,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             if dry_run {
                 let found = kr.subject_keys(&account, &refs)?;
                 let (keys, distinct) = distinct_erasures(&found);
-                println!(
+                out!(
                     "dry run: would erase {keys} data key(s) of {distinct} subject(s) of account {account}; \
                      nothing was erased"
                 );
@@ -194,7 +194,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             }
             if let [one] = &subjects[..] {
                 let erasure = kr.forget(&account, one, &by)?;
-                println!(
+                out!(
                     "erased {} data key(s) of account {account}, subject ref {}; logged to {}",
                     erasure.key_ids.len(),
                     erasure.subject_ref,
@@ -204,7 +204,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             }
             let out = kr.forget_subjects(&account, &refs, &by)?;
             let (keys, distinct) = distinct_erasures(&out);
-            println!(
+            out!(
                 "erased {keys} data key(s) of {distinct} subject(s) of account {account}; logged to {}",
                 log.display()
             );
@@ -214,9 +214,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             let by = by.access()?;
             let kr = keyring.open()?;
             let id = kr.rotate(&by)?;
-            println!(
-                "rotated: new master key {id}; existing data keys rewrapped, new data keys for new events"
-            );
+            out!("rotated: new master key {id}; existing data keys rewrapped, new data keys for new events");
             Ok(ExitCode::SUCCESS)
         }
         KeysCmd::Seal { by, keyring } => {
@@ -235,14 +233,14 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             let kr = keys.open(&dir).with_context(|| format!("opening keyring {}", dir.display()))?;
             let kms_key = keys.kms_key_id.unwrap_or_default();
             if n == 0 {
-                println!("{}: the master keys are sealed already", dir.join("master.json").display());
+                out!("{}: the master keys are sealed already", dir.join("master.json").display());
                 return Ok(ExitCode::SUCCESS);
             }
             kr.audit_log().append(&serde_json::json!({
                 "action": "seal", "principal": by.principal, "purpose": by.purpose,
                 "sealed_by": kms_key, "master_keys_sealed": n,
             }))?;
-            println!(
+            out!(
                 "sealed {n} master key(s) in {} with KMS key {kms_key}; now run `watershed keys rotate` with \
                  the same settings to rewrap every data key under a new master key",
                 dir.join("master.json").display()

@@ -1,6 +1,16 @@
 //! `watershed`: the one binary. It parses arguments and calls the library
 //! crates; no pipeline logic lives here.
 
+/// `println!` that returns an error instead of panicking when stdout is
+/// closed (`watershed schema list | head`): the command stops there, and
+/// `main` exits quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::on_stdout)?;
+    }};
+}
+
 mod bench;
 mod demo;
 mod keys;
@@ -117,10 +127,43 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of stdout went away (`| head`): stop as SIGPIPE would
+        // stop a C tool, without an error message.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::get_ref)
+                    .is_some_and(|i| i.is::<StdoutClosed>())
+            }) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A write to stdout failed because nobody reads it any more (as opposed
+/// to a broken pipe on a socket).
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// `out!`'s error: a broken pipe marked as stdout's.
+fn on_stdout(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
     }
 }
 

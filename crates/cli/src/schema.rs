@@ -29,7 +29,7 @@ pub(crate) fn run(cmd: SchemaCmd) -> anyhow::Result<ExitCode> {
             Ok(reg) => {
                 let versions: usize = reg.subjects().iter().map(|s| s.versions.len()).sum();
                 let protected: usize = reg.subjects().iter().map(|s| s.latest().protect.actions.len()).sum();
-                println!(
+                out!(
                     "ok: {} subjects, {versions} versions, {protected} protected fields in {}",
                     reg.subjects().len(),
                     dir.display()
@@ -48,19 +48,23 @@ pub(crate) fn run(cmd: SchemaCmd) -> anyhow::Result<ExitCode> {
         SchemaCmd::List { dir } => {
             let reg = Registry::load(&dir)?;
             for s in reg.subjects() {
-                println!(
+                out!(
                     "{}  table={}  compatibility={}  route=({:?}, {:?})",
-                    s.name, s.table, s.config.compatibility, s.config.source, s.config.detail_type
+                    s.name,
+                    s.table,
+                    s.config.compatibility,
+                    s.config.source,
+                    s.config.detail_type
                 );
                 for v in &s.versions {
-                    println!("  v{}  id={}  {}", v.version, v.id, v.path.display());
+                    out!("  v{}  id={}  {}", v.version, v.id, v.path.display());
                 }
                 let latest = s.latest();
                 if let Some((_, name)) = &latest.protect.data_subject {
-                    println!("  data subject: {name}");
+                    out!("  data subject: {name}");
                 }
                 for a in &latest.protect.actions {
-                    println!("  protect {:<9} {}", a.action.as_str(), a.name);
+                    out!("  protect {:<9} {}", a.action.as_str(), a.name);
                 }
             }
             Ok(ExitCode::SUCCESS)

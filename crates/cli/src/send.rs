@@ -190,7 +190,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         bar.set_message(format!("accepted {} rejected {}", totals.accepted, totals.rejected));
     }
     bar.finish_and_clear();
-    println!("accepted {} rejected {} duplicates {}", totals.accepted, totals.rejected, totals.duplicates);
+    out!("accepted {} rejected {} duplicates {}", totals.accepted, totals.rejected, totals.duplicates);
     Ok(if totals.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 

@@ -102,7 +102,7 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AccountsCmd::Add { account_id, data_dir } => {
             let (token, id) = Accounts::add(&data_dir, &account_id)?;
-            println!(
+            out!(
                 "created token {id} for account {account_id} (stored hashed in {}): {token}",
                 data_dir.join("accounts.json").display()
             );
@@ -112,9 +112,9 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
             let tokens = Accounts::list(&data_dir)?;
             // Account ids run to 64 characters: the column fits the longest.
             let w = tokens.iter().map(|t| t.account.as_str().len()).max().unwrap_or(0).max(14);
-            println!("{:<w$} {:<14} created", "account", "token id");
+            out!("{:<w$} {:<14} created", "account", "token id");
             for t in tokens {
-                println!("{:<w$} {:<14} {}", t.account.as_str(), t.token_id, t.created);
+                out!("{:<w$} {:<14} {}", t.account.as_str(), t.token_id, t.created);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -124,7 +124,7 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
                 None => Revoke::Account(account_id),
             };
             for t in Accounts::revoke(&data_dir, &which)? {
-                println!("revoked token {} of account {} (created {})", t.token_id, t.account, t.created);
+                out!("revoked token {} of account {} (created {})", t.token_id, t.account, t.created);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -177,7 +177,7 @@ async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> 
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
     }
     let l = watershed_lake::Lake::local(&dir, 8)?;
-    print_summary(&watershed_lake::ls::summarize(&l).await?, partitions);
+    print_summary(&watershed_lake::ls::summarize(&l).await?, partitions)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -205,29 +205,38 @@ async fn lake_compact(
         .context("compacting the lake")?;
     bar.finish_and_clear();
     if dry_run {
-        println!(
+        out!(
             "dry run: {} closed partitions; would merge {} files into {}, {} rows, {} bytes; \
              nothing was written or deleted",
-            r.partitions, r.inputs, r.merges, r.rows, r.bytes_in
+            r.partitions,
+            r.inputs,
+            r.merges,
+            r.rows,
+            r.bytes_in
         );
         if r.unsettled > 0 {
-            println!(
+            out!(
                 "{} merge(s) cut short earlier (or in progress in the running hub) are settled first by a \
                  real pass; their partitions are not in this count",
                 r.unsettled
             );
         }
         if r.changed > 0 {
-            println!(
+            out!(
                 "{} partition(s) changed while they were read (the running hub merged them); not in this count",
                 r.changed
             );
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "compacted {} closed partitions: {} files merged into {}, {} rows, {} bytes -> {} bytes",
-        r.partitions, r.inputs, r.merges, r.rows, r.bytes_in, r.bytes_out
+        r.partitions,
+        r.inputs,
+        r.merges,
+        r.rows,
+        r.bytes_in,
+        r.bytes_out
     );
     if r.deferred > 0 {
         eprintln!(
@@ -246,17 +255,18 @@ async fn lake_compact(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn print_summary(s: &watershed_lake::ls::LakeSummary, partitions: bool) {
-    println!("{:<24} {:>10} {:>7} {:>12} {:>12}", "table", "partitions", "files", "rows", "bytes");
+pub(crate) fn print_summary(s: &watershed_lake::ls::LakeSummary, partitions: bool) -> std::io::Result<()> {
+    out!("{:<24} {:>10} {:>7} {:>12} {:>12}", "table", "partitions", "files", "rows", "bytes");
     for (table, parts) in s {
         let files: usize = parts.values().map(|p| p.files).sum();
         let rows: u64 = parts.values().map(|p| p.rows).sum();
         let bytes: u64 = parts.values().map(|p| p.bytes).sum();
-        println!("{table:<24} {:>10} {files:>7} {rows:>12} {bytes:>12}", parts.len());
+        out!("{table:<24} {:>10} {files:>7} {rows:>12} {bytes:>12}", parts.len());
         if partitions {
             for (dir, p) in parts {
-                println!("  {dir:<60} files={} rows={} bytes={}", p.files, p.rows, p.bytes);
+                out!("  {dir:<60} files={} rows={} bytes={}", p.files, p.rows, p.bytes);
             }
         }
     }
+    Ok(())
 }

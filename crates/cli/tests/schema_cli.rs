@@ -159,3 +159,21 @@ fn keys_forget_and_decrypt_from_the_command_line() {
     );
     assert_eq!(o.status.code(), Some(2), "bad account ids are refused by the parser");
 }
+
+/// A listing piped into a reader that stops early (`| head`) ends quietly
+/// with status 141, as a tool killed by SIGPIPE does; it was a panic with
+/// a backtrace.
+#[test]
+fn a_closed_stdout_ends_a_listing_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_watershed"))
+        .args(["schema", "list", "schemas"])
+        .current_dir(repo())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(141), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
