@@ -379,8 +379,8 @@ impl<'a, 't> Ctx<'a, 't> {
             }
         }
         // A key given twice would make a Parquet map that DuckDB refuses
-        // to read ("Map keys must be unique"), and Spark too: the whole
-        // file, for one event. Refused as a record's repeated field is.
+        // to read ("Map keys must be unique"): the whole file, for one
+        // event. Refused as a record's repeated field is.
         if let Some(key) = self.tape.repeated_key(mark) {
             let name = self.tape.str(key).to_owned();
             self.fail(Reason::DuplicateField, "key appears twice in one map".into());
