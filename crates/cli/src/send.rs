@@ -506,21 +506,23 @@ async fn post_once(
             }
             // A request that cannot be built fails the same way every time.
             Err(e) if e.is_builder() => anyhow::bail!("cannot build the request: {}", with_causes(&e)),
-            // So does a TLS handshake the hub's certificate fails (or one
-            // with a server that does not speak TLS).
-            Err(e) if tls_error(&e).is_some() => {
-                let hint = match tls_error(&e) {
-                    Some(rustls::Error::InvalidCertificate(_)) => {
-                        " (for a hub whose certificate a private CA signed, pass --ca-cert with that CA)"
-                    }
-                    Some(rustls::Error::InvalidMessage(_)) => {
-                        " (the port does not speak TLS: a hub without [tls] serves plain http://)"
-                    }
-                    _ => "",
-                };
-                anyhow::bail!("TLS with the hub failed: {}{hint}", with_causes(&e))
+            Err(e) => {
+                // So does a TLS handshake the hub's certificate fails (or
+                // one with a server that does not speak TLS).
+                if let Some(tls) = tls_error(&e) {
+                    let hint = match tls {
+                        rustls::Error::InvalidCertificate(_) => {
+                            " (for a hub whose certificate a private CA signed, pass --ca-cert with that CA)"
+                        }
+                        rustls::Error::InvalidMessage(_) => {
+                            " (the port does not speak TLS: a hub without [tls] serves plain http://)"
+                        }
+                        _ => "",
+                    };
+                    anyhow::bail!("TLS with the hub failed: {}{hint}", with_causes(&e));
+                }
+                with_causes(&e)
             }
-            Err(e) => with_causes(&e),
         };
         if attempt >= retries {
             anyhow::bail!("giving up after {attempt} attempts: {transient}");
