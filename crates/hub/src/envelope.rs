@@ -382,7 +382,7 @@ pub fn partial(raw: &[u8]) -> Partial {
 /// The data subject of a refused event, as far as it can be read: the
 /// value at the first of the dotted `paths` found under the payload
 /// (`data` for a CloudEvent, else `detail`), taken as protection takes it
-/// (a string, or an integer in decimal).
+/// (a string, or an integer in decimal; an empty string names no one).
 #[must_use]
 pub fn raw_subject(raw: &[u8], paths: &[&str]) -> Option<String> {
     use serde_json::Value;
@@ -394,7 +394,7 @@ pub fn raw_subject(raw: &[u8], paths: &[&str]) -> Option<String> {
     paths.iter().find_map(|path| {
         let value = path.split('.').try_fold(payload, |v, name| v.get(name))?;
         match value {
-            Value::String(s) => Some(s.clone()),
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
             Value::Number(n) => n.as_i64().map(|n| n.to_string()),
             _ => None,
         }
@@ -417,6 +417,7 @@ mod tests {
         assert_eq!(raw_subject(ce, &["id"]).as_deref(), Some("bob"), "a CloudEvent's payload is data");
         assert_eq!(raw_subject(b"{\"detail\":{\"id\":\"x\"", &["id"]), None, "malformed");
         assert_eq!(raw_subject(br#"{"detail":{"id":null}}"#, &["id"]), None);
+        assert_eq!(raw_subject(br#"{"detail":{"id":""}}"#, &["id"]), None, "an empty id names no one");
     }
 
     #[test]

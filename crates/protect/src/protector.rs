@@ -113,8 +113,8 @@ impl<'k> BatchProtector<'k> {
 
     /// Note the data subject of the event rooted at `root` whose fields
     /// `plan` encrypts, for [`BatchProtector::fetch`]. Events that encrypt
-    /// nothing, or have no subject (which use the account's key), need no
-    /// subject key.
+    /// nothing, or have no subject (the field absent, null or empty: they
+    /// use the account's key), need no subject key.
     pub fn note(&mut self, plan: &ProtectPlan, tape: &Tape, root: Slot) -> Noted {
         let encrypts = plan.actions.iter().any(|a| a.action == Protect::Encrypt);
         let Some((path, _)) = plan.data_subject.as_ref().filter(|_| encrypts) else {
@@ -352,6 +352,10 @@ fn read_subject(tape: &Tape, root: Slot, path: &FieldPath, out: &mut String) -> 
         if depth + 1 == path.len() {
             use std::fmt::Write as _;
             match slot {
+                // An empty id names no one: such events use the account's
+                // key, as events without the field do, rather than one key
+                // shared by every event that left it blank.
+                Slot::Str { .. } if tape.str(slot).is_empty() => return false,
                 Slot::Str { .. } => out.push_str(tape.str(slot)),
                 Slot::Int(v) => {
                     let _ = write!(out, "{v}");

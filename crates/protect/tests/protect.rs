@@ -135,6 +135,40 @@ fn shredding_erases_one_subject_only() {
     );
 }
 
+/// An event whose data-subject field is empty names no one: its values are
+/// encrypted under the account's key, as an event without the field would
+/// be, not under a key of subject `""` that every such event would share
+/// (and that forgetting `""` would shred for all of them at once).
+#[test]
+fn an_empty_data_subject_uses_the_accounts_key() {
+    let (reg, _dir, kr) = payments();
+    let a = acct("111111111111");
+    let key_of = |ct: &str| watershed_protect::cipher::parse(ct).unwrap().key_id;
+    let (_, _, empty, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("", "4111111111111111", "Nobody"));
+    let account_key = kr.data_cipher(&a, None).unwrap().id();
+    assert_eq!(key_of(&empty), account_key);
+    let (_, _, named, _) =
+        protect_payment(&reg, &kr, "111111111111", &payment("c-9", "4111111111111111", "Ann"));
+    assert_ne!(key_of(&named), account_key, "a named subject has its own key");
+    // The batch path notes no subject for it either.
+    let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
+    let mut tape = Tape::new();
+    let json = payment("", "4111111111111111", "Nobody");
+    let root = watershed_schema::validate_json_append(
+        &v.node,
+        json.as_bytes(),
+        UnknownFields::Reject,
+        Limits::default(),
+        &mut tape,
+    )
+    .unwrap();
+    let mut p = BatchProtector::new(&kr);
+    assert!(!p.note(&v.protect, &tape, root).needs_key());
+    assert!(matches!(kr.forget(&a, "", &access()), Err(Error::NothingToForget { .. })), "no key of \"\"");
+    kr.sync().unwrap();
+}
+
 /// A running hub's keyring notices an erasure made by another process
 /// within its refresh interval: new events of the erased subject get a new
 /// key, never the erased one, while other subjects keep theirs.
