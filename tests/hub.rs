@@ -1775,13 +1775,15 @@ fn send_with_batches_in_flight_reports_in_input_order() {
     expected.sort();
     assert_eq!(payment_ids(&data), expected);
 
-    // Nothing listens any more: the error names the first batch.
-    let args = ["--url", &url, "--token", &token, "--batch", "100", "--concurrency", "3", "--retries", "1"];
+    // Nothing listens any more: the error names the first batch (tried
+    // once: `--retries 0`).
+    let args = ["--url", &url, "--token", &token, "--batch", "100", "--concurrency", "3", "--retries", "0"];
     let out = run(&[&["send", file.to_str().unwrap()][..], &args].concat());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("events 0..100 were not all sent"), "{stderr}");
     assert!(stderr.contains("later batches may have been sent too"), "{stderr}");
+    assert!(stderr.contains("giving up after 1 attempt: "), "{stderr}");
 }
 
 /// `send` compresses its request bodies with zstd unless told not to: the

@@ -36,7 +36,8 @@ pub(crate) struct SendArgs {
     /// Events per request.
     #[arg(long, default_value_t = 500)]
     batch: usize,
-    /// Attempts per request on 503, 5xx and connection errors.
+    /// Retries of a request after its first attempt, on 503, 5xx and
+    /// connection errors, with backoff (0: none).
     #[arg(long, default_value_t = 10)]
     retries: u32,
     /// Collector name sent as provenance.
@@ -524,8 +525,9 @@ async fn post_once(
                 with_causes(&e)
             }
         };
-        if attempt >= retries {
-            anyhow::bail!("giving up after {attempt} attempts: {transient}");
+        if attempt > retries {
+            let s = if attempt == 1 { "" } else { "s" };
+            anyhow::bail!("giving up after {attempt} attempt{s}: {transient}");
         }
         tracing::warn!(attempt, error = %transient, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "retrying batch");
         tokio::time::sleep(delay).await;
