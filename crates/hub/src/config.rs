@@ -280,7 +280,8 @@ impl Default for KeysConfig {
 
 /// `[tls]`: with both files set, `listen` serves HTTPS (TLS 1.2 and 1.3)
 /// and nothing else; unset, plain HTTP, for a loopback address or behind
-/// a TLS terminator.
+/// a TLS terminator. Renewed files are served without a restart
+/// (`crate::tls`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
