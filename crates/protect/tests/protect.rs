@@ -40,6 +40,18 @@ fn payment(customer: &str, pan: &str, holder: &str) -> String {
     .to_string()
 }
 
+/// Validate `json` onto `tape`, which may hold other events; its root.
+fn append_valid(node: &watershed_schema::Node, json: &str, tape: &mut Tape) -> Slot {
+    watershed_schema::validate_json_append(
+        node,
+        json.as_bytes(),
+        UnknownFields::Reject,
+        Limits::default(),
+        tape,
+    )
+    .unwrap()
+}
+
 /// Validate and protect one payment; return (customer token, masked pan,
 /// holder ciphertext, expiry slot).
 fn protect_payment(
@@ -154,15 +166,7 @@ fn an_empty_data_subject_uses_the_accounts_key() {
     // The batch path notes no subject for it either.
     let (_, v) = reg.resolve("com.example.payments", "PaymentAuthorized", None).unwrap();
     let mut tape = Tape::new();
-    let json = payment("", "4111111111111111", "Nobody");
-    let root = watershed_schema::validate_json_append(
-        &v.node,
-        json.as_bytes(),
-        UnknownFields::Reject,
-        Limits::default(),
-        &mut tape,
-    )
-    .unwrap();
+    let root = append_valid(&v.node, &payment("", "4111111111111111", "Nobody"), &mut tape);
     let mut p = BatchProtector::new(&kr);
     assert!(!p.note(&v.protect, &tape, root).needs_key());
     assert!(matches!(kr.forget(&a, "", &access()), Err(Error::NothingToForget { .. })), "no key of \"\"");
@@ -411,15 +415,7 @@ fn batched_subject_keys_match_single_lookups() {
     let mut p = BatchProtector::new(&kr);
     let mut events = Vec::new();
     for c in customers {
-        let json = payment(c, "4111111111111111", &format!("Holder {c}"));
-        let root = watershed_schema::validate_json_append(
-            &v.node,
-            json.as_bytes(),
-            UnknownFields::Reject,
-            Limits::default(),
-            &mut tape,
-        )
-        .unwrap();
+        let root = append_valid(&v.node, &payment(c, "4111111111111111", &format!("Holder {c}")), &mut tape);
         let noted = p.note(&v.protect, &tape, root);
         assert!(noted.needs_key());
         events.push((c, root, noted));
