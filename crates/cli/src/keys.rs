@@ -84,7 +84,8 @@ pub(crate) enum KeysCmd {
         #[arg(long, value_name = "FILE")]
         subjects_from: Option<PathBuf>,
         /// Report what would be erased (keys and subjects found, subjects
-        /// with no key) and erase nothing.
+        /// with no key) and erase nothing. Audited, as it tells whose data
+        /// the hub holds.
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -184,7 +185,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             let log = watershed_protect::Audited::audit_log(&kr).path().to_owned();
             let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
             if dry_run {
-                let found = kr.subject_keys(&account, &refs)?;
+                let found = kr.subject_keys(&account, &refs, &by)?;
                 let (keys, distinct) = distinct_erasures(&found);
                 out!(
                     "dry run: would erase {keys} data key(s) of {distinct} subject(s) of account {account}; \

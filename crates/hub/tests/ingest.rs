@@ -237,8 +237,9 @@ impl watershed_protect::Keyring for Flaky {
         &self,
         account: &AccountId,
         subjects: &[&str],
+        by: &watershed_protect::Access,
     ) -> watershed_protect::Result<Vec<Option<watershed_protect::Erasure>>> {
-        self.inner.subject_keys(account, subjects)
+        self.inner.subject_keys(account, subjects, by)
     }
     fn forget(
         &self,

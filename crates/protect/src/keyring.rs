@@ -172,11 +172,19 @@ pub trait Keyring: Send + Sync + Debug {
     }
 
     /// What [`Keyring::forget_subjects`] would erase, erasing nothing: the
-    /// data keys of each of `subjects` (`None`: it has none).
+    /// data keys of each of `subjects` (`None`: it has none). Audited
+    /// (`forget_dry_run`, with the subjects' references and how many have
+    /// keys): the answer says whether the hub holds a person's data.
     ///
     /// # Errors
-    /// When the keyring cannot be read.
-    fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>>;
+    /// [`crate::Error::Unattributed`] as [`Keyring::forget`]; when the
+    /// keyring cannot be read or the audit record written.
+    fn subject_keys(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        by: &Access,
+    ) -> Result<Vec<Option<Erasure>>>;
 
     /// Rotate: new master key, every data key rewrapped under it, and new
     /// data keys for new events. Old data keys stay for decryption. The

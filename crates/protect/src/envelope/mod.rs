@@ -568,12 +568,19 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         crate::keyring::per_distinct(subjects, |distinct| self.forget_distinct(account, distinct, by))
     }
 
-    fn subject_keys(&self, account: &AccountId, subjects: &[&str]) -> Result<Vec<Option<Erasure>>> {
+    fn subject_keys(
+        &self,
+        account: &AccountId,
+        subjects: &[&str],
+        by: &Access,
+    ) -> Result<Vec<Option<Erasure>>> {
+        by.check()?;
         let mut st = lock(&self.state);
         self.reload(&mut st, true)?;
         let srefs: Vec<[u8; 16]> = subjects.iter().map(|s| Self::subject_ref(&st, account, s)).collect();
         let keys = Self::keys_of(&st, account, &srefs);
-        Ok(srefs
+        drop(st);
+        let found: Vec<Option<Erasure>> = srefs
             .iter()
             .map(|sref| {
                 keys.get(sref).map(|ids| {
@@ -582,7 +589,28 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
                     Erasure { key_ids, subject_ref: hex(sref) }
                 })
             })
-            .collect())
+            .collect();
+        #[derive(Serialize)]
+        struct Rec<'a> {
+            action: &'static str,
+            principal: &'a str,
+            purpose: &'a str,
+            account: &'a str,
+            subject_refs: Vec<String>,
+            with_keys: usize,
+        }
+        let mut subject_refs: Vec<String> = srefs.iter().map(|r| hex(r)).collect();
+        subject_refs.sort();
+        subject_refs.dedup();
+        self.audit.append(&Rec {
+            action: "forget_dry_run",
+            principal: &by.principal,
+            purpose: &by.purpose,
+            account: account.as_str(),
+            subject_refs,
+            with_keys: keys.len(),
+        })?;
+        Ok(found)
     }
 
     fn rotate(&self, by: &Access) -> Result<String> {

@@ -221,12 +221,25 @@ fn subject_keys_is_forget_without_the_erasure() {
     let (kr, keys) = subjects(dir.path(), 10);
     let before = std::fs::read(&kr.path).unwrap();
     let asked = ["s-2", "nobody", "s-7", "s-7"];
-    let found = kr.subject_keys(&a, &asked).unwrap();
+    let anonymous = crate::Access { principal: " ".into(), purpose: "test".into() };
+    assert!(matches!(kr.subject_keys(&a, &asked, &anonymous), Err(crate::Error::Unattributed { .. })));
+    let found = kr.subject_keys(&a, &asked, &by()).unwrap();
     assert_eq!(std::fs::read(&kr.path).unwrap(), before, "the key log is untouched");
+    // Audited as a dry run: who asked, why, and of which subjects (by
+    // reference), since the answer says whose data the hub holds.
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
-    assert!(!audit.contains(r#""action":"forget""#), "nothing erased, nothing audited");
+    assert!(!audit.contains(r#""action":"forget""#), "nothing erased");
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 1, "{audit}");
+    let r = &records[0];
+    assert_eq!(
+        (&r["action"], &r["principal"], &r["purpose"]),
+        (&"forget_dry_run".into(), &"ops".into(), &"test".into())
+    );
+    assert_eq!((r["subject_refs"].as_array().unwrap().len(), &r["with_keys"]), (3, &2.into()), "{r}");
+    assert!(!audit.contains("s-2") && !audit.contains("nobody"), "subjects appear only as references");
     let other = AccountId::new("222222222222").unwrap();
-    assert!(kr.subject_keys(&other, &["s-2"]).unwrap()[0].is_none(), "keys are per account");
+    assert!(kr.subject_keys(&other, &["s-2"], &by()).unwrap()[0].is_none(), "keys are per account");
     let erased = kr.forget_subjects(&a, &asked, &by()).unwrap();
     let view = |v: &[Option<Erasure>]| -> Vec<Option<(Vec<KeyId>, String)>> {
         v.iter().map(|e| e.as_ref().map(|e| (e.key_ids.clone(), e.subject_ref.clone()))).collect()
