@@ -529,7 +529,7 @@ async fn post_once(
             let s = if attempt == 1 { "" } else { "s" };
             anyhow::bail!("giving up after {attempt} attempt{s}: {transient}");
         }
-        tracing::warn!(attempt, error = %transient, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "retrying batch");
+        tracing::warn!(attempt, error = %transient, delay_ms = watershed_event::millis(delay), "retrying batch");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }

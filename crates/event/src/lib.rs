@@ -15,4 +15,4 @@ mod time;
 
 pub use account::{AccountId, InvalidAccountId};
 pub use reason::Reason;
-pub use time::{format_rfc3339_micros, parse_rfc3339_micros, Clock, SystemClock, TimestampMicros};
+pub use time::{format_rfc3339_micros, millis, parse_rfc3339_micros, Clock, SystemClock, TimestampMicros};

@@ -125,9 +125,22 @@ pub fn format_rfc3339_micros(t: TimestampMicros) -> String {
         .unwrap_or_else(|| format!("{t}us"))
 }
 
+/// Whole milliseconds of `d`, for logs and metrics (saturating: a
+/// duration beyond `u64::MAX` ms, 584 million years, reads as the most).
+#[must_use]
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn millis_saturates() {
+        assert_eq!(millis(std::time::Duration::from_micros(2_999)), 2);
+        assert_eq!(millis(std::time::Duration::MAX), u64::MAX);
+    }
 
     #[test]
     fn parses_offsets_and_fractions() {

@@ -217,7 +217,7 @@ impl Hub {
                         tracing::info!(
                             records,
                             replayed_rows = replayed,
-                            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            elapsed_ms = watershed_event::millis(started.elapsed()),
                             "replaying the write-ahead log"
                         );
                     }
@@ -260,7 +260,7 @@ impl Hub {
         tracing::info!(
             replayed_rows = replayed,
             dedupe_window = ingestor.dedupe.len(),
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            elapsed_ms = watershed_event::millis(started.elapsed()),
             "hub started"
         );
         let requests =
@@ -528,7 +528,7 @@ async fn watch_erasures(
             return;
         }
         tracing::info!(
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            elapsed_ms = watershed_event::millis(started.elapsed()),
             "a data subject was forgotten: open partitions committed, so the write-ahead log drops its raw events"
         );
     }

@@ -124,7 +124,7 @@ impl Retirer {
                             self.pending.oldest.store(job.then_oldest, Ordering::Release);
                             tracing::debug!(
                                 segment = %job.path.display(),
-                                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                                ms = watershed_event::millis(started.elapsed()),
                                 "retired a committed WAL segment"
                             );
                             None

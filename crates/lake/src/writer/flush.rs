@@ -61,7 +61,7 @@ impl FlushCtx {
                 }
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(partition = %key, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "lake flush failed; retrying");
+                    tracing::error!(partition = %key, error = %e, retry_in_ms = watershed_event::millis(backoff), "lake flush failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }

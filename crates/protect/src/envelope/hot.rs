@@ -48,7 +48,7 @@ impl Hot {
     }
 
     pub(super) fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+        watershed_event::millis(self.base.elapsed())
     }
 
     pub(super) fn checked_now(&self) {
@@ -56,7 +56,7 @@ impl Hot {
     }
 
     pub(super) fn fresh(&self) -> bool {
-        let every = u64::try_from(REFRESH_EVERY.as_millis()).unwrap_or(u64::MAX);
+        let every = watershed_event::millis(REFRESH_EVERY);
         self.now_ms().saturating_sub(self.checked_ms.load(Ordering::Acquire)) < every
     }
 
