@@ -73,7 +73,7 @@ impl Reloading {
         every: Duration,
     ) -> Result<Self> {
         let stamp = stamp(cert_file, key_file);
-        let key = load(cert_file, key_file, &provider)?;
+        let key = load(cert_file, key_file, &provider).map_err(Error::Config)?;
         Ok(Self {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
@@ -132,10 +132,10 @@ fn stamp(cert_file: &Path, key_file: &Path) -> Stamp {
         .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino()))))
 }
 
-/// The certificate chain of `cert_file` with the key of `key_file`.
-fn load(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<CertifiedKey> {
-    let bad =
-        |key: &str, path: &Path, why: String| Error::Config(format!("{key}: {}: {why}", path.display()));
+/// The certificate chain of `cert_file` with the key of `key_file`; or
+/// what is wrong, naming the configuration key.
+fn load(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+    let bad = |key: &str, path: &Path, why: String| format!("{key}: {}: {why}", path.display());
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(Iterator::collect::<std::result::Result<Vec<_>, _>>)
         .map_err(|e| bad("tls.cert_file", cert_file, pem_error(&e)))?;
@@ -145,11 +145,11 @@ fn load(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<
     let key =
         PrivateKeyDer::from_pem_file(key_file).map_err(|e| bad("tls.key_file", key_file, pem_error(&e)))?;
     CertifiedKey::from_der(certs, key, provider).map_err(|e| {
-        Error::Config(format!(
+        format!(
             "tls.key_file: {} does not go with the certificate in {}: {e}",
             key_file.display(),
             cert_file.display()
-        ))
+        )
     })
 }
 
