@@ -1908,6 +1908,15 @@ fn https_serve_and_send_with_a_private_ca() {
         .unwrap();
     let ready = client.get(format!("{}/readyz", server.url)).send().unwrap();
     assert_eq!(ready.status().as_u16(), 200, "still serving");
+    // The served certificate's expiry is published, for an alert on a
+    // renewal that did not happen.
+    let metrics = client.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    let expiry = metrics
+        .lines()
+        .find(|l| l.starts_with("watershed_tls_certificate_expiry_timestamp_seconds{cert_file="))
+        .unwrap_or_else(|| panic!("no expiry gauge in {metrics}"));
+    let at: i64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(at > chrono::Utc::now().timestamp(), "{expiry}");
     assert!(server.stop().success());
     assert_eq!(payment_ids(&data).len(), 120, "each event once");
 }

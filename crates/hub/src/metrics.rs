@@ -18,6 +18,13 @@ pub struct AccountLabel {
     pub account: String,
 }
 
+/// Labels of the TLS certificate `serve` serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    /// `tls.cert_file`.
+    pub cert_file: String,
+}
+
 /// Labels by account and reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabel {
@@ -104,6 +111,9 @@ pub struct Metrics {
     pub compaction_failures: Counter,
     /// Merges left to a later pass for want of room in the memory budget.
     pub compactions_deferred: Counter,
+    /// Unix time at which the served TLS certificate expires (no sample
+    /// without `[tls]`); follows renewals.
+    pub tls_expiry: Family<CertLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -134,6 +144,7 @@ impl Default for Metrics {
             compacted_files: Counter::default(),
             compaction_failures: Counter::default(),
             compactions_deferred: Counter::default(),
+            tls_expiry: Family::default(),
             registry: Registry::default(),
             render: std::sync::Mutex::new(()),
         };
@@ -196,6 +207,11 @@ impl Default for Metrics {
             "compactions_deferred",
             "Merges left to a later pass for want of room in the memory budget",
             m.compactions_deferred.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the served TLS certificate expires",
+            m.tls_expiry.clone(),
         );
         Self { registry, ..m }
     }

@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::tls::Tls;
+
 use crate::config::{HubConfig, LimitsConfig};
 use crate::error::{Error, Result};
 use crate::pipeline::Hub;
@@ -61,7 +63,7 @@ pub async fn start_and_serve(
 pub(crate) async fn serve_while_starting(
     listen: &str,
     limits: &LimitsConfig,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Tls>,
     start: impl std::future::Future<Output = Result<Hub>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
@@ -97,7 +99,7 @@ pub(crate) async fn serve_while_starting(
                         Ok((stream, _)) => {
                             let conn = connection(
                                 stream,
-                                tls.clone(),
+                                tls.as_ref().map(|t| t.acceptor().clone()),
                                 handshake,
                                 http.clone(),
                                 app.clone(),
@@ -201,7 +203,7 @@ async fn connection(
 async fn serve_on(
     hub: Hub,
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Tls>,
     slots: Arc<Semaphore>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -210,6 +212,10 @@ async fn serve_on(
     let handshake = Duration::from_secs(hub.config.limits.header_timeout_secs);
     let deadline = Duration::from_secs(hub.config.shutdown_timeout_secs);
     let hub = Arc::new(hub);
+    if let Some(tls) = &tls {
+        tls.report_to(&hub.metrics);
+    }
+    let tls = tls.map(|t| t.acceptor().clone());
     let app = crate::http::router(hub.clone());
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

@@ -8,6 +8,10 @@
 //! within seconds without a restart. A renewed pair that does not load
 //! (a key written before its certificate, say) is logged and the one in
 //! use kept; the next change to either file is tried again.
+//!
+//! The served certificate's expiry is logged (a warning within
+//! [`EXPIRY_WARNING`] of it) and published in `/metrics`, so an alert
+//! can catch a renewal that did not happen.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -23,10 +27,42 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 use crate::error::{Error, Result};
+use crate::metrics::{CertLabel, Metrics};
 
 /// How often, at most, a handshake checks whether the certificate or key
 /// file changed.
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// How long before its expiry a served certificate is logged as a
+/// warning, at start and at each renewal.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// HTTPS as `[tls]` configures it: the acceptor, and the certificate pair
+/// it serves.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: TlsAcceptor,
+    certs: Arc<Reloading>,
+}
+
+impl Tls {
+    /// The acceptor that runs each connection's handshake.
+    #[must_use]
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
+    }
+
+    /// Publish the served certificate's expiry in `metrics`
+    /// (`watershed_tls_certificate_expiry_timestamp_seconds`), now and
+    /// after each renewal.
+    pub fn report_to(&self, metrics: &Metrics) {
+        let label = CertLabel { cert_file: self.certs.cert_file.display().to_string() };
+        let gauge = metrics.tls_expiry.get_or_create(&label).clone();
+        let mut expiry = self.certs.expiry.lock().unwrap_or_else(PoisonError::into_inner);
+        gauge.set(self.certs.current.read().unwrap_or_else(PoisonError::into_inner).not_after);
+        *expiry = Some(gauge);
+    }
+}
 
 /// The acceptor `config` asks for: `None` for plain HTTP.
 ///
@@ -34,18 +70,35 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// [`Error::Config`] naming `tls.cert_file` or `tls.key_file` when a file
 /// cannot be read, holds no certificate or key, or the key is not the
 /// certificate's.
-pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>> {
+pub fn acceptor(config: &TlsConfig) -> Result<Option<Tls>> {
     let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
         return Ok(None);
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = Reloading::new(cert_file, key_file, provider.clone(), CHECK_EVERY)?;
+    let certs = Arc::new(Reloading::new(cert_file, key_file, provider.clone(), CHECK_EVERY)?);
+    log_expiry(cert_file, certs.current.read().unwrap_or_else(PoisonError::into_inner).not_after, false);
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(format!("tls: {e}")))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(certs));
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+        .with_cert_resolver(certs.clone());
+    Ok(Some(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), certs }))
+}
+
+/// Say when the certificate of `cert_file` expires: a warning once that
+/// is within [`EXPIRY_WARNING`] (or past).
+fn log_expiry(cert_file: &Path, not_after: i64, renewed: bool) {
+    let until = chrono::DateTime::from_timestamp(not_after, 0).unwrap_or_default();
+    let left = until.signed_duration_since(chrono::Utc::now());
+    let what = if renewed { "serving the renewed TLS certificate" } else { "serving HTTPS" };
+    let (cert_file, expires_at) = (cert_file.display(), until.to_rfc3339());
+    if left.num_seconds() <= 0 {
+        tracing::warn!(%cert_file, %expires_at, "{what}, but its certificate has expired: clients refuse it");
+    } else if left.to_std().is_ok_and(|left| left < EXPIRY_WARNING) {
+        tracing::warn!(%cert_file, %expires_at, days_left = left.num_days(), "{what}; its certificate expires soon");
+    } else {
+        tracing::info!(%cert_file, %expires_at, "{what}");
+    }
 }
 
 /// The certificate and key of two files, read again when they change.
@@ -55,9 +108,18 @@ pub(crate) struct Reloading {
     key_file: PathBuf,
     provider: Arc<CryptoProvider>,
     every: Duration,
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Served>,
     /// When the files were last looked at, and what they looked like then.
     seen: Mutex<(Instant, Stamp)>,
+    /// Where the served certificate's expiry is published, once it is.
+    expiry: Mutex<Option<prometheus_client::metrics::gauge::Gauge>>,
+}
+
+/// A loaded pair, and when its certificate expires (Unix seconds).
+#[derive(Debug)]
+struct Served {
+    key: Arc<CertifiedKey>,
+    not_after: i64,
 }
 
 /// What two files look like from outside: enough to tell a rewrite in
@@ -73,14 +135,15 @@ impl Reloading {
         every: Duration,
     ) -> Result<Self> {
         let stamp = stamp(cert_file, key_file);
-        let key = load(cert_file, key_file, &provider).map_err(Error::Config)?;
+        let served = load(cert_file, key_file, &provider).map_err(Error::Config)?;
         Ok(Self {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
             provider,
             every,
-            current: RwLock::new(Arc::new(key)),
+            current: RwLock::new(served),
             seen: Mutex::new((Instant::now(), stamp)),
+            expiry: Mutex::new(None),
         })
     }
 
@@ -88,7 +151,7 @@ impl Reloading {
     /// since they were last looked at (at most every `self.every`).
     pub(crate) fn certified(&self) -> Arc<CertifiedKey> {
         self.check();
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current.read().unwrap_or_else(PoisonError::into_inner).key.clone()
     }
 
     fn check(&self) {
@@ -104,9 +167,13 @@ impl Reloading {
         }
         seen.1 = stamp;
         match load(&self.cert_file, &self.key_file, &self.provider) {
-            Ok(key) => {
-                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
-                tracing::info!(cert_file = %self.cert_file.display(), "serving the renewed TLS certificate");
+            Ok(served) => {
+                let not_after = served.not_after;
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = served;
+                if let Some(gauge) = &*self.expiry.lock().unwrap_or_else(PoisonError::into_inner) {
+                    gauge.set(not_after);
+                }
+                log_expiry(&self.cert_file, not_after, true);
             }
             Err(e) => tracing::warn!(
                 error = %e,
@@ -134,23 +201,27 @@ fn stamp(cert_file: &Path, key_file: &Path) -> Stamp {
 
 /// The certificate chain of `cert_file` with the key of `key_file`; or
 /// what is wrong, naming the configuration key.
-fn load(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+fn load(cert_file: &Path, key_file: &Path, provider: &CryptoProvider) -> Result<Served, String> {
     let bad = |key: &str, path: &Path, why: String| format!("{key}: {}: {why}", path.display());
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(Iterator::collect::<std::result::Result<Vec<_>, _>>)
         .map_err(|e| bad("tls.cert_file", cert_file, pem_error(&e)))?;
-    if certs.is_empty() {
+    let Some(first) = certs.first() else {
         return Err(bad("tls.cert_file", cert_file, "no PEM certificate in it".into()));
-    }
+    };
+    let not_after = x509_parser::parse_x509_certificate(first)
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .map_err(|e| bad("tls.cert_file", cert_file, format!("its first certificate is not X.509: {e}")))?;
     let key =
         PrivateKeyDer::from_pem_file(key_file).map_err(|e| bad("tls.key_file", key_file, pem_error(&e)))?;
-    CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+    let key = CertifiedKey::from_der(certs, key, provider).map_err(|e| {
         format!(
             "tls.key_file: {} does not go with the certificate in {}: {e}",
             key_file.display(),
             cert_file.display()
         )
-    })
+    })?;
+    Ok(Served { key: Arc::new(key), not_after })
 }
 
 /// A PEM reading error, said plainly.
@@ -189,6 +260,44 @@ mod tests {
         assert!(e.contains("tls.key_file") && e.contains("does not go with the certificate"), "{e}");
         std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
         assert!(acceptor(&config()).unwrap().is_some());
+    }
+
+    /// The served certificate's expiry is in the metrics, and follows a
+    /// renewal.
+    #[test]
+    fn the_served_certificates_expiry_is_published_and_follows_renewals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let write_expiring = |year: i32| {
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            params.not_after = rcgen::date_time_ymd(year, 1, 1);
+            let key_pair = rcgen::KeyPair::generate().unwrap();
+            std::fs::write(&cert, params.self_signed(&key_pair).unwrap().pem()).unwrap();
+            std::fs::write(&key, key_pair.serialize_pem()).unwrap();
+            chrono::NaiveDate::from_ymd_opt(year, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp()
+        };
+        let first = write_expiring(2031);
+        let config = TlsConfig { cert_file: Some(cert.clone()), key_file: Some(key.clone()) };
+        let tls = acceptor(&config).unwrap().unwrap();
+        let metrics = Metrics::default();
+        tls.report_to(&metrics);
+        let gauge = || {
+            let label = CertLabel { cert_file: cert.display().to_string() };
+            metrics.tls_expiry.get_or_create(&label).get()
+        };
+        assert_eq!(gauge(), first);
+        // Renewed (looked at without waiting CHECK_EVERY).
+        let renewed = write_expiring(2032);
+        let file = std::fs::File::options().write(true).open(&cert).unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(60)).unwrap();
+        tls.certs.seen.lock().unwrap().0 -= CHECK_EVERY;
+        let _ = tls.certs.certified();
+        assert_eq!(gauge(), renewed);
     }
 
     /// A certificate for `localhost` signed by itself.
