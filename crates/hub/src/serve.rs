@@ -21,11 +21,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::tls::Tls;
-
 use crate::config::{HubConfig, LimitsConfig};
 use crate::error::{Error, Result};
 use crate::pipeline::Hub;
+use crate::tls::Tls;
 
 /// Open files the hub keeps for itself beside its connections (WAL
 /// segments and id files, the key and commit logs, lake files being
