@@ -237,10 +237,11 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 out!("{}: the master keys are sealed already", dir.join("master.json").display());
                 return Ok(ExitCode::SUCCESS);
             }
-            kr.audit_log().append(&serde_json::json!({
-                "action": "seal", "principal": by.principal, "purpose": by.purpose,
-                "sealed_by": kms_key, "master_keys_sealed": n,
-            }))?;
+            kr.audit_log().record(
+                "seal",
+                &by,
+                &serde_json::json!({"sealed_by": kms_key, "master_keys_sealed": n}),
+            )?;
             out!(
                 "sealed {n} master key(s) in {} with KMS key {kms_key}; now run `watershed keys rotate` with \
                  the same settings to rewrap every data key under a new master key",

@@ -58,6 +58,20 @@ impl AuditLog {
         Ok(Self { path: path.to_owned(), file: Mutex::new(file) })
     }
 
+    /// Append the record of `action`, asked for by `by`: who, why, and
+    /// the fields of `detail` (an object), with a `time` field added.
+    ///
+    /// # Errors
+    /// As [`AuditLog::append`].
+    pub fn record(&self, action: &str, by: &Access, detail: &serde_json::Value) -> Result<()> {
+        let mut record =
+            serde_json::json!({"action": action, "principal": by.principal, "purpose": by.purpose});
+        if let (Some(all), Some(fields)) = (record.as_object_mut(), detail.as_object()) {
+            all.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        self.append(&record)
+    }
+
     /// Append one record (with a `time` field added) and fsync.
     ///
     /// # Errors

@@ -4,8 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use serde::Serialize;
-
 use crate::audit::Access;
 use crate::cipher::parse;
 use crate::error::{Error, Result};
@@ -47,29 +45,16 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
                     .map_err(|_| Error::BadCiphertext { detail: "plaintext is not UTF-8" })
             })
             .collect();
-        #[derive(Serialize)]
-        struct Rec<'a> {
-            action: &'static str,
-            principal: &'a str,
-            purpose: &'a str,
-            values: usize,
-            decrypted: usize,
-            erased: usize,
-            failed: usize,
-            key_ids: Vec<String>,
-        }
         let decrypted = results.iter().filter(|r| r.is_ok()).count();
         let erased = results.iter().filter(|r| matches!(r, Err(Error::KeyErased { .. }))).count();
-        self.keyring.audit_log().append(&Rec {
-            action: "decrypt",
-            principal: &access.principal,
-            purpose: &access.purpose,
-            values: values.len(),
-            decrypted,
-            erased,
-            failed: values.len() - decrypted - erased,
-            key_ids: key_ids.into_iter().collect(),
-        })?;
+        let detail = serde_json::json!({
+            "values": values.len(),
+            "decrypted": decrypted,
+            "erased": erased,
+            "failed": values.len() - decrypted - erased,
+            "key_ids": key_ids.into_iter().collect::<Vec<String>>(),
+        });
+        self.keyring.audit_log().record("decrypt", access, &detail)?;
         Ok(results)
     }
 }

@@ -36,7 +36,6 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use serde::Serialize;
 use sha2::Sha256;
 use watershed_event::{AccountId, TimestampMicros};
 
@@ -271,25 +270,10 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         self.shred(&mut st)?;
         drop(_guard);
         drop(st);
-        #[derive(Serialize)]
-        struct Rec<'a> {
-            action: &'static str,
-            principal: &'a str,
-            purpose: &'a str,
-            account: &'a str,
-            subject_ref: &'a str,
-            key_ids: &'a [String],
-        }
         for e in out.iter().flatten() {
             let ids: Vec<String> = e.key_ids.iter().map(KeyId::to_hex).collect();
-            self.audit.append(&Rec {
-                action: "forget",
-                principal: &by.principal,
-                purpose: &by.purpose,
-                account: account.as_str(),
-                subject_ref: &e.subject_ref,
-                key_ids: &ids,
-            })?;
+            let detail = serde_json::json!({"account": account.as_str(), "subject_ref": e.subject_ref, "key_ids": ids});
+            self.audit.record("forget", by, &detail)?;
             tracing::info!(account = %account, subject_ref = %e.subject_ref, keys = ids.len(), "erased data subject keys");
         }
         Ok(out)
@@ -590,26 +574,11 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
                 })
             })
             .collect();
-        #[derive(Serialize)]
-        struct Rec<'a> {
-            action: &'static str,
-            principal: &'a str,
-            purpose: &'a str,
-            account: &'a str,
-            subject_refs: Vec<String>,
-            with_keys: usize,
-        }
         let mut subject_refs: Vec<String> = srefs.iter().map(|r| hex(r)).collect();
         subject_refs.sort();
         subject_refs.dedup();
-        self.audit.append(&Rec {
-            action: "forget_dry_run",
-            principal: &by.principal,
-            purpose: &by.purpose,
-            account: account.as_str(),
-            subject_refs,
-            with_keys: keys.len(),
-        })?;
+        let detail = serde_json::json!({"account": account.as_str(), "subject_refs": subject_refs, "with_keys": keys.len()});
+        self.audit.record("forget_dry_run", by, &detail)?;
         Ok(found)
     }
 
@@ -646,21 +615,8 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
         self.compact(&mut st)?;
         drop(guard);
         drop(st);
-        #[derive(Serialize)]
-        struct Rec<'a> {
-            action: &'static str,
-            principal: &'a str,
-            purpose: &'a str,
-            master_key: &'a str,
-            data_keys_rewrapped: usize,
-        }
-        self.audit.append(&Rec {
-            action: "rotate",
-            principal: &by.principal,
-            purpose: &by.purpose,
-            master_key: &new_master,
-            data_keys_rewrapped: n,
-        })?;
+        let detail = serde_json::json!({"master_key": new_master, "data_keys_rewrapped": n});
+        self.audit.record("rotate", by, &detail)?;
         Ok(new_master)
     }
 }
