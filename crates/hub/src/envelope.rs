@@ -153,6 +153,7 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
         (f.detail_type, f.detail, "$.detail", "detail-type", "detail")
     };
     let id = f.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
+    check_id(&id)?;
     // Valid only if it was the payload of this kind of envelope, under the
     // version the whole envelope names.
     let prevalidated = f.pre.and_then(|(token, version_then, was_data)| {
@@ -188,6 +189,33 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
         schema_version: f.version,
         prevalidated,
     })
+}
+
+/// The longest event id accepted, in bytes of UTF-8. Ids are kept whole in
+/// the write-ahead log's id files (the dedupe window) and in the lake; a
+/// UUID is 36 bytes, a Kinesis shard and sequence number under 100.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// Refuse an id that is too long, or that holds a control character
+/// (U+0000 to U+001F, U+007F to U+009F: the characters CloudEvents
+/// forbids in its strings; a newline in an id breaks every log line and
+/// export that prints it).
+fn check_id(id: &str) -> Result<(), Violation> {
+    let bad = |detail: String| Violation { reason: Reason::BadEnvelope, path: "$.id".into(), detail };
+    if id.len() > MAX_ID_BYTES {
+        return Err(bad(format!("id is {} bytes long; at most {MAX_ID_BYTES} are accepted", id.len())));
+    }
+    // Control characters are rare: one pass over the bytes finds whether
+    // any (C0, DEL, or the lead byte of a C1) is there at all.
+    if id.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        if let Some((at, c)) = id.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(bad(format!(
+                "id holds a control character (U+{:04X}) at byte {at}; ids are printable text",
+                u32::from(c)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The keys of an EventBridge event in the order EventBridge writes them.
@@ -421,6 +449,33 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_bounded_printable_text() {
+        let with_id = |id: &str| format!(r#"{{"id":{id},"source":"s","detail-type":"T","detail":{{}}}}"#);
+        let refused = |id: &str| {
+            let v = decode(with_id(id).as_bytes()).unwrap_err();
+            assert_eq!((v.reason, v.path.as_str()), (Reason::BadEnvelope, "$.id"), "{id}");
+            v.detail
+        };
+        let longest = format!("\"{}\"", "é".repeat(MAX_ID_BYTES / 2));
+        assert_eq!(decode(with_id(&longest).as_bytes()).unwrap().id.len(), MAX_ID_BYTES);
+        assert_eq!(
+            refused(&format!("\"{}\"", "x".repeat(5000))),
+            "id is 5000 bytes long; at most 1024 are accepted"
+        );
+        assert_eq!(
+            refused(r#""order\n42""#),
+            "id holds a control character (U+000A) at byte 5; ids are printable text"
+        );
+        assert!(refused(r#""\u0000""#).contains("(U+0000) at byte 0"));
+        assert!(refused("\"a\u{7f}\"").contains("(U+007F)"));
+        assert!(refused("\"a\u{85}b\"").contains("(U+0085) at byte 1"), "a C1 control, unescaped");
+        // Other text, including what shares a C1 control's lead byte, is fine.
+        let id = |id: &str| decode(with_id(id).as_bytes()).map(|e| e.id.into_owned());
+        assert_eq!(id("\"caf\u{e9} \u{a0}\u{bf}\"").unwrap(), "caf\u{e9} \u{a0}\u{bf}");
+        assert_eq!(id(r#""caf\u00e9""#).unwrap(), "caf\u{e9}");
+    }
+
+    #[test]
     fn eventbridge_and_cloudevents() {
         let eb = br#"{"version":"0","id":"1","detail-type":"T","source":"s","account":"123","time":"2024-05-01T00:00:00Z","region":"eu-west-1","resources":["arn:x"],"detail":{"a":1}}"#;
         let e = decode(eb).unwrap();
@@ -473,6 +528,7 @@ mod tests {
         assert_eq!(v.path, "$.detail-type");
         assert!(v.detail.ends_with(r#"reads as a CloudEvent: add "specversion": "1.0")"#), "{}", v.detail);
         assert_eq!(decode(br#"{"id":1,"source":"s","detail":{}}"#).unwrap_err().path, "$.id");
+        assert_eq!(decode(br#"{"id":"","source":"s","detail":{}}"#).unwrap_err().detail, "id is required");
         assert_eq!(decode(br#"{"id":"1","id":"2"}"#).unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(br#"{"id":"1","resources":[1]}"#).unwrap_err().path, "$.resources");
         assert_eq!(decode(br#"{"id":"1","schema-version":0}"#).unwrap_err().path, "$.schema-version");
