@@ -209,7 +209,7 @@ pub struct WalConfig {
     pub max_raw_bytes: u64,
     /// Keep the ids of committed events (not the events) until at least
     /// this many newer events exist: the dedupe window that survives
-    /// restarts.
+    /// restarts. In memory it takes about 54 bytes per event.
     pub dedupe_window: usize,
     /// Start even when a WAL segment other than the newest is damaged:
     /// replay its records up to the damage, keep a copy as

@@ -8,23 +8,29 @@
 //! client retry after a restart is still caught.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::Hash;
 use std::sync::Mutex;
 
 use watershed_event::prehashed::BuildPrehashed;
 
+/// A key: a keyed 128-bit hash of what identifies an event. At 64 bits a
+/// new event would, by chance, match one of a million-event window's
+/// keys once in some 18 trillion events, and be answered as a duplicate
+/// of an event it is not; at 128 bits that never happens.
+pub type Key = u128;
+
 /// Keys are already keyed hashes: the set uses them as they are.
-type Keys = HashSet<u64, BuildPrehashed>;
+type Keys = HashSet<Key, BuildPrehashed>;
 
 /// A bounded set of recent event keys.
 #[derive(Debug)]
 pub struct Dedupe {
     /// Keys each shard holds.
     per_shard: usize,
-    /// Keyed with a random seed per process, so ids cannot be chosen to
-    /// collide.
-    hasher: ahash::RandomState,
-    shards: Vec<Mutex<(Keys, VecDeque<u64>)>>,
+    /// Two independently seeded hashers (a key's low and high words),
+    /// random per process, so ids cannot be chosen to collide.
+    hashers: [ahash::RandomState; 2],
+    shards: Vec<Mutex<(Keys, VecDeque<Key>)>>,
 }
 
 /// What an event without an id is deduplicated by: the SHA-256 of its
@@ -38,10 +44,10 @@ pub fn raw_digest(raw: &[u8]) -> [u8; 32] {
 /// Independently locked parts of the window.
 pub const SHARDS: usize = 16;
 
-/// The shard of `key`. The set uses the key's low bits (bucket) and top
-/// seven (tag): the shard comes from bits in between.
-fn shard_of(key: u64) -> usize {
-    ((key >> 32) & (SHARDS as u64 - 1)) as usize
+/// The shard of `key`. The set uses the low word's low bits (bucket) and
+/// top seven (tag): the shard comes from bits in between.
+fn shard_of(key: Key) -> usize {
+    ((key >> 32) & (SHARDS as Key - 1)) as usize
 }
 
 impl Dedupe {
@@ -50,18 +56,21 @@ impl Dedupe {
     pub fn new(window: usize) -> Self {
         Self {
             per_shard: window.div_ceil(SHARDS).max(1),
-            hasher: ahash::RandomState::new(),
+            hashers: [ahash::RandomState::new(), ahash::RandomState::new()],
             shards: (0..SHARDS).map(|_| Mutex::new((Keys::default(), VecDeque::new()))).collect(),
         }
     }
 
     /// The key of an event.
     #[must_use]
-    pub fn key(&self, account: &str, id: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        account.hash(&mut h);
-        id.hash(&mut h);
-        h.finish()
+    pub fn key(&self, account: &str, id: &str) -> Key {
+        self.hash(&(account, id))
+    }
+
+    /// The two hashers' words of `v`.
+    fn hash(&self, v: &impl Hash) -> Key {
+        let [lo, hi] = &self.hashers;
+        (Key::from(hi.hash_one(v)) << 64) | Key::from(lo.hash_one(v))
     }
 
     /// The key of a rejected event: its own key space, so a corrected
@@ -70,7 +79,7 @@ impl Dedupe {
     /// which the WAL keeps after the event itself is gone), so a retried
     /// request does not store its id-less rejects twice either.
     #[must_use]
-    pub fn dead_key(&self, account: &str, id: Option<&str>, raw: &[u8]) -> u64 {
+    pub fn dead_key(&self, account: &str, id: Option<&str>, raw: &[u8]) -> Key {
         match id.filter(|id| !id.is_empty()) {
             Some(id) => self.dead_id_key(account, id),
             None => self.dead_bytes_key(account, &raw_digest(raw)),
@@ -79,23 +88,15 @@ impl Dedupe {
 
     /// [`Dedupe::dead_key`] of a rejected event with an id.
     #[must_use]
-    pub fn dead_id_key(&self, account: &str, id: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        account.hash(&mut h);
-        id.hash(&mut h);
-        0xdead_u16.hash(&mut h);
-        h.finish()
+    pub fn dead_id_key(&self, account: &str, id: &str) -> Key {
+        self.hash(&(account, id, 0xdead_u16))
     }
 
     /// [`Dedupe::dead_key`] of a rejected event without an id, by the
     /// [`raw_digest`] of its bytes.
     #[must_use]
-    pub fn dead_bytes_key(&self, account: &str, digest: &[u8; 32]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        account.hash(&mut h);
-        digest.hash(&mut h);
-        0xdeaf_u16.hash(&mut h);
-        h.finish()
+    pub fn dead_bytes_key(&self, account: &str, digest: &[u8; 32]) -> Key {
+        self.hash(&(account, digest, 0xdeaf_u16))
     }
 
     /// Claim the key of an event the WAL retired (on start).
@@ -109,7 +110,7 @@ impl Dedupe {
     }
 
     /// Claim `key`; false if it is already in the window.
-    pub fn claim(&self, key: u64) -> bool {
+    pub fn claim(&self, key: Key) -> bool {
         let mut g = self.shards[shard_of(key)].lock().expect("dedupe lock");
         self.insert(&mut g, key)
     }
@@ -119,7 +120,7 @@ impl Dedupe {
     /// repeated in `keys` is fresh the first time only). Each shard is
     /// locked once per call rather than once per key: unlocking is a full
     /// memory barrier, which waits for the set's cache-missing writes.
-    pub fn claim_all(&self, keys: &[u64], fresh: &mut Vec<bool>) {
+    pub fn claim_all(&self, keys: &[Key], fresh: &mut Vec<bool>) {
         fresh.clear();
         fresh.resize(keys.len(), false);
         let mut present = 0u32;
@@ -138,7 +139,7 @@ impl Dedupe {
         }
     }
 
-    fn insert(&self, (set, order): &mut (Keys, VecDeque<u64>), key: u64) -> bool {
+    fn insert(&self, (set, order): &mut (Keys, VecDeque<Key>), key: Key) -> bool {
         if !set.insert(key) {
             return false;
         }
@@ -152,7 +153,7 @@ impl Dedupe {
     }
 
     /// Give back keys claimed for events that were not stored after all.
-    pub fn release(&self, keys: &[u64]) {
+    pub fn release(&self, keys: &[Key]) {
         for shard in &self.shards {
             let mut g = shard.lock().expect("dedupe lock");
             let (set, order) = &mut *g;
@@ -188,7 +189,7 @@ mod tests {
         let d = Dedupe::new(2 * SHARDS);
         assert_ne!(d.key("1", "x"), d.key("2", "x"), "keys are per account");
         // Three keys of one shard: the third evicts the oldest.
-        let same: Vec<u64> =
+        let same: Vec<Key> =
             (0..).map(|i| d.key("1", &i.to_string())).filter(|k| (k >> 32) & 15 == 3).take(3).collect();
         let (a, b, c) = (same[0], same[1], same[2]);
         assert!(d.claim(a) && d.claim(b) && !d.claim(a));
@@ -200,13 +201,27 @@ mod tests {
     }
 
     #[test]
+    fn keys_differing_in_one_word_are_different_events() {
+        let d = Dedupe::new(100);
+        let k = d.key("1", "x");
+        let (lo, hi) = (k as u64, (k >> 64) as u64);
+        assert_ne!(lo, hi, "two independently seeded words");
+        assert_eq!(k, d.key("1", "x"));
+        // Two events whose keys share the low word (the set's bucket and
+        // the shard) are still two events.
+        assert!(d.claim(k) && d.claim(k ^ (1 << 64)) && d.claim(k ^ (1 << 127)));
+        assert!(!d.claim(k));
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
     fn claiming_together_is_claiming_one_by_one() {
         // Keys spread over every shard, repeats within a call and across
         // calls, and a window small enough to evict.
         let (together, alone) = (Dedupe::new(8 * SHARDS), Dedupe::new(8 * SHARDS));
         let mut fresh = Vec::new();
         for round in 0..50u64 {
-            let keys: Vec<u64> = (0..40u64)
+            let keys: Vec<Key> = (0..40u64)
                 .map(|i| together.key("1", &((round * 13 + i * 7) % 300).to_string()))
                 .chain([together.key("1", "again")])
                 .collect();

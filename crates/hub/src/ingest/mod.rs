@@ -60,7 +60,7 @@ pub struct Processed {
     /// Rows per partition.
     pub parts: Vec<(PartitionKey, RecordBatch)>,
     /// Dedupe keys claimed (released if the WAL write fails).
-    pub claimed: Vec<u64>,
+    pub claimed: Vec<crate::dedupe::Key>,
 }
 
 /// A request's WAL record, ready for [`crate::wal::Wal::append`].
@@ -126,7 +126,7 @@ type At<'a> = (&'a AccountId, Option<&'a str>, TimestampMicros);
 struct Outcome {
     wal: RecordEncoder,
     response: IngestResponse,
-    claimed: Vec<u64>,
+    claimed: Vec<crate::dedupe::Key>,
 }
 
 /// An event that passed validation: its envelope, route, and the root of
