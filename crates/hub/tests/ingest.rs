@@ -1,7 +1,8 @@
 //! The per-event pipeline on envelopes whose `detail` comes after `source`
 //! and `detail-type` (as EventBridge writes them), so the payload is
 //! validated in the envelope pass, and on the same events with the keys
-//! in other orders: the outcomes must be identical.
+//! in other orders: the outcomes must be identical. And generated
+//! payments, whatever their strings hold, land in their columns as sent.
 
 use std::sync::Arc;
 
@@ -308,4 +309,149 @@ fn batches_are_sized_to_their_rows() {
     let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
     let per_row = batch.get_array_memory_size() / batch.num_rows();
     assert!(per_row < DETAIL.len() * 2, "{per_row} bytes per row");
+}
+
+/// A generated payment: what is sent, and what its row must hold.
+#[derive(Debug, Clone)]
+struct Payment {
+    id: String,
+    payment_id: String,
+    customer: String,
+    cents: i64,
+    currency: &'static str,
+    pan: String,
+    holder: String,
+    brand: String,
+    merchant: (String, String, i32, String),
+    at_ms: i64,
+    risk: f64,
+    three_ds: bool,
+}
+
+impl Payment {
+    fn json(&self) -> String {
+        let (mid, mname, mcc, country) = &self.merchant;
+        let amount = format!(
+            "{}{}.{:02}",
+            if self.cents < 0 { "-" } else { "" },
+            self.cents.abs() / 100,
+            self.cents.abs() % 100
+        );
+        let at = chrono::DateTime::from_timestamp_millis(self.at_ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        serde_json::json!({
+            "id": self.id, "source": "com.example.payments", "detail-type": "PaymentAuthorized",
+            "time": "2024-05-01T00:00:00Z",
+            "detail": {
+                "payment_id": self.payment_id, "customer_id": self.customer, "amount": amount,
+                "currency": self.currency,
+                "card": {"pan": self.pan, "holder_name": self.holder, "brand": self.brand, "expiry": "01/30"},
+                "merchant": {"id": mid, "name": mname, "mcc": mcc, "country": country},
+                "authorized_at": at, "risk_score": self.risk, "three_ds": self.three_ds,
+            }
+        })
+        .to_string()
+    }
+}
+
+/// Strings with what JSON must escape, and text beyond ASCII.
+fn text() -> impl proptest::strategy::Strategy<Value = String> {
+    proptest::string::string_regex("([a-z0-9 ]|\"|\\\\|/|\n|\t|\u{0}|é|€|😀|\u{2028}){0,20}").unwrap()
+}
+
+fn payment() -> impl proptest::strategy::Strategy<Value = Payment> {
+    use proptest::prelude::*;
+    (
+        ("[a-z0-9-]{1,36}", text(), "[a-z0-9_]{1,12}", -99_999_999_999i64..99_999_999_999, 0usize..4),
+        ("[0-9]{4,19}", text(), text(), (text(), text(), any::<i32>(), text())),
+        (1_500_000_000_000i64..1_800_000_000_000, -1e9f64..1e9, any::<bool>()),
+    )
+        .prop_map(
+            |(
+                (id, payment_id, customer, cents, cur),
+                (pan, holder, brand, merchant),
+                (at_ms, risk, three_ds),
+            )| {
+                Payment {
+                    id,
+                    payment_id,
+                    customer,
+                    cents,
+                    currency: ["EUR", "USD", "GBP", "JPY"][cur],
+                    pan,
+                    holder,
+                    brand,
+                    merchant,
+                    at_ms,
+                    risk,
+                    three_ds,
+                }
+            },
+        )
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Whatever their strings hold, payments land in their columns as
+    /// sent: text unchanged, the decimal, the timestamp, the double and
+    /// the flag exact, the masked card number keeping its last four
+    /// digits (none of a four-digit one), the encrypted name a
+    /// ciphertext, the redacted expiry gone.
+    #[test]
+    fn payments_land_in_their_columns_as_sent(payments in proptest::collection::vec(payment(), 1..12)) {
+        use arrow::array::{Array, BooleanArray, Decimal128Array, Float64Array, StructArray, TimestampMillisecondArray};
+        let (_dir, ingestor) = ingestor();
+        let account = AccountId::new("111111111111").unwrap();
+        // Ids unique within the request: a repeat is a duplicate.
+        let mut payments = payments;
+        for (i, p) in payments.iter_mut().enumerate() {
+            p.id = format!("{i}-{}", p.id);
+        }
+        let events: Vec<String> = payments.iter().map(Payment::json).collect();
+        let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+        let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
+        proptest::prop_assert!(out.response.rejected.is_empty(), "{:?}", out.response.rejected);
+        proptest::prop_assert_eq!(out.response.accepted, payments.len());
+        let (_, batch) = out.parts.iter().find(|(k, _)| k.table == "payments").unwrap();
+        let detail = batch.column_by_name("detail").unwrap().as_struct();
+        let field = |s: &StructArray, name: &str| s.column_by_name(name).unwrap_or_else(|| panic!("{name}")).clone();
+        let string = |s: &StructArray, name: &str, i: usize| {
+            let c = field(s, name);
+            c.as_string::<i32>().value(i).to_owned()
+        };
+        let (card, merchant) = (field(detail, "card"), field(detail, "merchant"));
+        let (card, merchant) = (card.as_struct(), merchant.as_struct());
+        let ids = batch.column_by_name("event_id").unwrap().as_string::<i32>();
+        for (i, p) in payments.iter().enumerate() {
+            proptest::prop_assert_eq!(ids.value(i), p.id.as_str());
+            proptest::prop_assert_eq!(string(detail, "payment_id", i), p.payment_id.clone());
+            proptest::prop_assert_eq!(string(detail, "currency", i), p.currency);
+            let amount = field(detail, "amount");
+            proptest::prop_assert_eq!(amount.as_any().downcast_ref::<Decimal128Array>().unwrap().value(i), i128::from(p.cents));
+            proptest::prop_assert_eq!(string(card, "brand", i), p.brand.clone());
+            let pan = string(card, "pan", i);
+            let digits = p.pan.chars().count();
+            proptest::prop_assert_eq!(pan.chars().count(), digits, "a mask keeps the length");
+            // The last four digits stay, unless that is all there is.
+            let kept = if digits > 4 { 4 } else { 0 };
+            proptest::prop_assert_eq!(&pan[pan.len() - kept..], &p.pan[p.pan.len() - kept..]);
+            proptest::prop_assert!(pan[..pan.len() - kept].chars().all(|c| c == '*'), "{pan}");
+            proptest::prop_assert!(string(card, "holder_name", i).starts_with("wse1."));
+            let expiry = field(card, "expiry");
+            proptest::prop_assert!(expiry.is_null(i) || !expiry.as_string::<i32>().value(i).contains("30"));
+            let (mid, mname, mcc, country) = &p.merchant;
+            proptest::prop_assert_eq!(&string(merchant, "id", i), mid);
+            proptest::prop_assert_eq!(&string(merchant, "name", i), mname);
+            proptest::prop_assert_eq!(field(merchant, "mcc").as_any().downcast_ref::<Int32Array>().unwrap().value(i), *mcc);
+            proptest::prop_assert_eq!(&string(merchant, "country", i), country);
+            let at = field(detail, "authorized_at");
+            proptest::prop_assert_eq!(at.as_any().downcast_ref::<TimestampMillisecondArray>().unwrap().value(i), p.at_ms);
+            let risk = field(detail, "risk_score");
+            proptest::prop_assert_eq!(risk.as_any().downcast_ref::<Float64Array>().unwrap().value(i).to_bits(), p.risk.to_bits());
+            let flag = field(detail, "three_ds");
+            proptest::prop_assert_eq!(flag.as_any().downcast_ref::<BooleanArray>().unwrap().value(i), p.three_ds);
+        }
+    }
 }
