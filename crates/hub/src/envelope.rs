@@ -64,7 +64,12 @@ pub type Validate<'v> = dyn FnMut(&str, &str, &[u8], usize) -> Option<(usize, Pr
 /// for the dead-letter row.
 #[derive(Debug, Default)]
 pub struct Partial {
-    /// The id, if readable.
+    /// The id, if readable and an id by [`decode`]'s rules (at most
+    /// [`MAX_ID_BYTES`], no control characters). It names the event in
+    /// the response and its dead-letter row, and identifies a retried
+    /// reject, so it is kept whole or not at all: an event whose id
+    /// breaks the rules is known by its bytes instead, as one without an
+    /// id is.
     pub id: Option<String>,
     /// The source, if readable.
     pub source: Option<String>,
@@ -401,8 +406,12 @@ pub fn partial(raw: &[u8]) -> Partial {
         ce_type: Option<serde_json::Value>,
     }
     let s = |v: Option<serde_json::Value>| v.and_then(|v| v.as_str().map(|s| s.chars().take(256).collect()));
+    let id = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(id)) if !id.is_empty() && check_id(&id).is_ok() => Some(id),
+        _ => None,
+    };
     match serde_json::from_slice::<P>(raw) {
-        Ok(p) => Partial { id: s(p.id), source: s(p.source), detail_type: s(p.detail_type.or(p.ce_type)) },
+        Ok(p) => Partial { id: id(p.id), source: s(p.source), detail_type: s(p.detail_type.or(p.ce_type)) },
         Err(_) => Partial::default(),
     }
 }

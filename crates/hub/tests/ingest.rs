@@ -290,6 +290,48 @@ fn a_keyring_failure_stores_nothing_and_the_retry_succeeds() {
     assert_eq!(dead_letters(&out).len(), 2, "each reject stored once the keyring is back");
 }
 
+/// A refused event's id names it whole or not at all: long ids that
+/// share a beginning are different events, each stored as a dead letter
+/// (an id cut short would have made the second a "retried reject" of the
+/// first), and an id that breaks the id rules is no id (the event is
+/// known by its bytes). A retry of the request stores none again.
+#[test]
+fn refused_events_with_long_or_bad_ids_are_each_stored_once() {
+    let (_dir, ingestor) = ingestor();
+    let account = AccountId::new("111111111111").unwrap();
+    let bad = DETAIL.replace("EUR", "DOGE");
+    let (long, too_long) = ("x".repeat(300), "y".repeat(2000));
+    let events = [
+        event(&format!("{long}1"), &bad, "", true),
+        event(&format!("{long}2"), &bad, "", true),
+        event(&format!("{too_long}1"), DETAIL, "", true),
+        event(&format!("{too_long}2"), DETAIL, "", true),
+        event("a\\nb", DETAIL, "", true),
+    ];
+    assert!(events[4].contains(r#""id":"a\nb""#), "{}", events[4]);
+    let refs: Vec<&[u8]> = events.iter().map(|e| e.as_bytes()).collect();
+    let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
+    let got: Vec<(&str, Option<usize>)> =
+        out.response.rejected.iter().map(|r| (r.reason, r.id.as_ref().map(String::len))).collect();
+    assert_eq!(
+        got,
+        [
+            ("bad_enum", Some(301)),
+            ("bad_enum", Some(301)),
+            ("bad_envelope", None),
+            ("bad_envelope", None),
+            ("bad_envelope", None)
+        ]
+    );
+    let (_, batch) = out.parts.iter().find(|(k, _)| k.table == watershed_lake::DEAD_LETTERS).unwrap();
+    let ids = batch.column_by_name("event_id").unwrap().as_string::<i32>();
+    let ids: Vec<Option<String>> = ids.iter().map(|i| i.map(str::to_owned)).collect();
+    assert_eq!(ids, [Some(format!("{long}1")), Some(format!("{long}2")), None, None, None]);
+    let again = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
+    assert_eq!(again.response.rejected.len(), 5, "reported again");
+    assert!(again.parts.iter().all(|(k, _)| k.table != watershed_lake::DEAD_LETTERS), "but not stored again");
+}
+
 /// A request's batches hold their rows, not the builders' room for more:
 /// the memory budget counts these bytes, and an event alone in its
 /// partition (late events, backfills) would otherwise count as ~150 KB.
