@@ -134,8 +134,16 @@ pub(super) fn read_ids(ids: &[u8], f: &mut impl FnMut(&str, Retired<'_>)) -> boo
     true
 }
 
+/// Put `s` with a 16-bit length: its first 65,534 bytes at most, cut at a
+/// character boundary so what is read back is still text (an event id is
+/// far shorter; a violation's path, which names the event's own keys,
+/// might not be).
 pub(super) fn put_str16(buf: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize - 1)];
+    let mut end = s.len().min(u16::MAX as usize - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = &s.as_bytes()[..end];
     buf.extend_from_slice(&u16::try_from(b.len()).expect("capped").to_le_bytes());
     buf.extend_from_slice(b);
 }

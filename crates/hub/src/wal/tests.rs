@@ -654,6 +654,64 @@ fn records_round_trip() {
     assert_eq!(r.events[1].rejected.as_ref().unwrap().0, "bad_enum");
 }
 
+/// A long string is cut to what a 16-bit length holds at a character
+/// boundary, so the id file that holds it still reads as text.
+#[test]
+fn long_strings_are_cut_at_a_character_boundary() {
+    let a = AccountId::new("111111111111").unwrap();
+    let path = format!("$.detail.{}", "é".repeat(40_000));
+    let mut e = RecordEncoder::new(&a, 0, None, 0);
+    e.rejected(&"€".repeat(30_000), "unknown_field", &path, "", b"{}");
+    let f = e.finish();
+    let r = decode_record(&f.payload).unwrap();
+    let (_, got_path, _) = r.events[0].rejected.clone().unwrap();
+    assert!(got_path.len() <= usize::from(u16::MAX) && path.starts_with(&got_path), "{}", got_path.len());
+    assert!(!got_path.contains('\u{fffd}'), "no character was cut in two");
+    assert!(read_ids(&f.ids, &mut |_, _| {}), "the id file reads");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+    /// Whatever a request held, its record decodes to it, and the
+    /// identities recovery rebuilds from the record are the ones the
+    /// encoder kept for the id file.
+    #[test]
+    fn any_record_round_trips(
+        received_at: i64,
+        collector in proptest::option::of("[ -~]{1,40}"),
+        events in proptest::collection::vec(
+            (
+                proptest::option::of(("[a-z_]{1,20}", "\\PC{0,30}", "\\PC{0,60}")),
+                "\\PC{0,40}",
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            ),
+            0..20,
+        ),
+    ) {
+        let a = AccountId::new("222222222222").unwrap();
+        let mut e = RecordEncoder::new(&a, received_at, collector.as_deref(), 0);
+        let mut want = Vec::new();
+        for (rejected, id, raw) in events {
+            // An accepted event always has an id.
+            let id = if rejected.is_none() && id.is_empty() { "x".to_owned() } else { id };
+            match &rejected {
+                None => e.accepted(&id, &raw),
+                Some((reason, path, detail)) => e.rejected(&id, reason, path, detail, &raw),
+            }
+            want.push(WalEvent { rejected, id, raw });
+        }
+        let f = e.finish();
+        let r = decode_record(&f.payload).unwrap();
+        proptest::prop_assert_eq!(&r, &WalRecord { account: a, received_at, collector, events: want });
+        let mut rebuilt = Vec::new();
+        ids_of(&r, &mut rebuilt);
+        proptest::prop_assert_eq!(rebuilt, f.ids.clone());
+        let reads = read_ids(&f.ids, &mut |_, _| {});
+        proptest::prop_assert!(reads, "the id file reads");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_recovery_and_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
