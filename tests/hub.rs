@@ -1761,6 +1761,11 @@ fn send_with_batches_in_flight_reports_in_input_order() {
     for &i in &bad {
         events[i]["detail"]["three_ds"] = json!("yes");
     }
+    // Lines that are arrays are one refused event each, also when one
+    // starts a batch (98 = 14 x 7): the body is NDJSON, as `send`
+    // declares it, not a JSON array of the line's elements.
+    events[98] = json!([1, 2]);
+    events[250] = json!(["x", {"y": 1}]);
     let file = dir.path().join("events.ndjson");
     std::fs::write(&file, ndjson(&events)).unwrap();
     let args = ["--url", &server.url, "--token", &token, "--batch", "7", "--concurrency", "8"];

@@ -15,6 +15,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use serde_json::{json, Value};
 use watershed_event::AccountId;
+use watershed_hub::body::Framing;
 use watershed_hub::sample::Samples;
 use watershed_hub::{Hub, HubConfig, Overrides};
 
@@ -369,7 +370,7 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
                         anyhow::anyhow!("the request memory is too small for the workload ({full:?})")
                     })?;
                     let r = hub
-                        .ingest(&account, None, None, body, held)
+                        .ingest(&account, None, None, Framing::Lines, body, held)
                         .await
                         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                     if !r.rejected.is_empty() {

@@ -76,13 +76,28 @@ pub fn decode<'a>(
     Ok(Cow::Owned(out))
 }
 
-/// Split a body into event byte ranges. A body starting with `[` is a JSON
-/// array (it must be well-formed: 400 otherwise); a body that is one JSON
-/// object, on one line or across many (a pretty-printed event, a
-/// structured-mode CloudEvent), is one event; anything else is NDJSON, one
-/// event per non-empty line (a bad line is that event's problem). A UTF-8
-/// byte order mark at the start of the body (as some Windows tools write
-/// files) is ignored, as RFC 8259 allows.
+/// How a body's events are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// The body's shape decides: a JSON array, one JSON object, or NDJSON
+    /// (`application/json`, the `+json` types, or no `Content-Type`).
+    #[default]
+    Shape,
+    /// NDJSON, as the request's `Content-Type` declares: every non-blank
+    /// line is one event, whatever it holds. A line that is an array is
+    /// then one refused event, not the body's events (a client counting
+    /// lines, as `send` does, gets back the indexes it counted).
+    Lines,
+}
+
+/// Split a body into event byte ranges. With [`Framing::Shape`], a body
+/// starting with `[` is a JSON array (it must be well-formed: 400
+/// otherwise); a body that is one JSON object, on one line or across many
+/// (a pretty-printed event, a structured-mode CloudEvent), is one event;
+/// anything else is NDJSON, one event per non-empty line (a bad line is
+/// that event's problem). With [`Framing::Lines`] it is NDJSON whatever
+/// its shape. A UTF-8 byte order mark at the start of the body (as some
+/// Windows tools write files) is ignored, as RFC 8259 allows.
 ///
 /// A body that is still gzip or zstd data (its `Content-Encoding` did not
 /// say so, or it was compressed twice) is refused as a whole: no JSON text
@@ -92,7 +107,7 @@ pub fn decode<'a>(
 /// # Errors
 /// [`BodyError::Bad`] for a broken array or a compressed body,
 /// [`BodyError::TooManyEvents`].
-pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
+pub fn split(body: &[u8], max_events: usize, framing: Framing) -> Result<Vec<&[u8]>, BodyError> {
     for (magic, coding) in [(&b"\x1f\x8b"[..], "gzip"), (&b"\x28\xb5\x2f\xfd"[..], "zstd")] {
         if body.starts_with(magic) {
             return Err(BodyError::Bad(format!(
@@ -103,9 +118,9 @@ pub fn split(body: &[u8], max_events: usize) -> Result<Vec<&[u8]>, BodyError> {
     }
     let body = body.strip_prefix(BOM).unwrap_or(body);
     let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(body.len());
-    let events = if body.get(start) == Some(&b'[') {
+    let events = if framing == Framing::Shape && body.get(start) == Some(&b'[') {
         split_array(&body[start..])?
-    } else if one_object(&body[start..]) {
+    } else if framing == Framing::Shape && one_object(&body[start..]) {
         vec![trim(&body[start..])]
     } else {
         let mut out = Vec::with_capacity(memchr::memchr_iter(b'\n', body).count() + 1);
@@ -245,15 +260,15 @@ mod tests {
     #[test]
     fn arrays_and_ndjson() {
         let a = br#" [ {"a":"],\"x"} , {"b":[1,2]} ,3 ] "#;
-        let got = split(a, 10).unwrap();
+        let got = split(a, 10, Framing::Shape).unwrap();
         assert_eq!(got, vec![&br#"{"a":"],\"x"}"#[..], br#"{"b":[1,2]}"#, b"3"]);
-        assert_eq!(split(b"[]", 10).unwrap().len(), 0);
-        assert!(matches!(split(b"[1,2", 10), Err(BodyError::Bad(_))));
-        assert!(matches!(split(b"[1,]", 10), Err(BodyError::Bad(_))));
-        assert!(matches!(split(b"[1] x", 10), Err(BodyError::Bad(_))));
+        assert_eq!(split(b"[]", 10, Framing::Shape).unwrap().len(), 0);
+        assert!(matches!(split(b"[1,2", 10, Framing::Shape), Err(BodyError::Bad(_))));
+        assert!(matches!(split(b"[1,]", 10, Framing::Shape), Err(BodyError::Bad(_))));
+        assert!(matches!(split(b"[1] x", 10, Framing::Shape), Err(BodyError::Bad(_))));
         let n = b"{\"a\":1}\r\n\n  \n{bad\n";
-        assert_eq!(split(n, 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
-        assert_eq!(split(b"1\n2\n3", 2), Err(BodyError::TooManyEvents(2)));
+        assert_eq!(split(n, 10, Framing::Shape).unwrap(), vec![&b"{\"a\":1}"[..], b"{bad"]);
+        assert_eq!(split(b"1\n2\n3", 2, Framing::Shape), Err(BodyError::TooManyEvents(2)));
     }
 
     #[test]
@@ -266,39 +281,67 @@ mod tests {
         };
         let zstd = zstd::bulk::compress(event, 1).unwrap();
         for (body, coding) in [(&gzip, "gzip"), (&zstd, "zstd")] {
-            let Err(BodyError::Bad(why)) = split(body, 10) else { panic!("{coding} accepted") };
+            let Err(BodyError::Bad(why)) = split(body, 10, Framing::Shape) else {
+                panic!("{coding} accepted")
+            };
             assert!(why.contains(&format!("send it with Content-Encoding: {coding}")), "{why}");
             // Decoded once, it splits; compressed twice, it is refused again.
             let once = decode(body, Some(coding), 1 << 20, &mut |_| true).unwrap();
-            assert_eq!(split(&once, 10).unwrap(), [&event[..event.len() - 1]]);
+            assert_eq!(split(&once, 10, Framing::Shape).unwrap(), [&event[..event.len() - 1]]);
         }
         let twice = zstd::bulk::compress(&zstd, 1).unwrap();
         let once = decode(&twice, Some("zstd"), 1 << 20, &mut |_| true).unwrap();
-        assert!(matches!(split(&once, 10), Err(BodyError::Bad(_))));
+        assert!(matches!(split(&once, 10, Framing::Shape), Err(BodyError::Bad(_))));
     }
 
     #[test]
     fn a_byte_order_mark_at_the_start_is_ignored() {
         assert_eq!(
-            split(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 10).unwrap(),
+            split(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 10, Framing::Shape).unwrap(),
             vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]
         );
-        assert_eq!(split(b"\xEF\xBB\xBF [1,2]", 10).unwrap(), vec![&b"1"[..], b"2"]);
-        assert_eq!(split(b"\xEF\xBB\xBF{\n\"a\": 1\n}", 10).unwrap(), vec![&b"{\n\"a\": 1\n}"[..]]);
+        assert_eq!(split(b"\xEF\xBB\xBF [1,2]", 10, Framing::Shape).unwrap(), vec![&b"1"[..], b"2"]);
+        assert_eq!(
+            split(b"\xEF\xBB\xBF{\n\"a\": 1\n}", 10, Framing::Shape).unwrap(),
+            vec![&b"{\n\"a\": 1\n}"[..]]
+        );
         // Only at the start: elsewhere it is that event's problem.
-        assert_eq!(split(b"{}\n\xEF\xBB\xBF{}", 10).unwrap(), vec![&b"{}"[..], b"\xEF\xBB\xBF{}"]);
+        assert_eq!(
+            split(b"{}\n\xEF\xBB\xBF{}", 10, Framing::Shape).unwrap(),
+            vec![&b"{}"[..], b"\xEF\xBB\xBF{}"]
+        );
     }
 
     #[test]
     fn one_object_across_lines_is_one_event() {
         let pretty = b"\n {\n  \"id\": \"a}\\\"{\",\n  \"detail\": {\"n\": [1, {\"x\": 2}]}\n}\r\n\n";
-        assert_eq!(split(pretty, 10).unwrap(), vec![&pretty[2..pretty.len() - 3]]);
+        assert_eq!(split(pretty, 10, Framing::Shape).unwrap(), vec![&pretty[2..pretty.len() - 3]]);
         // NDJSON, a first object with text after it, or one that never
         // closes: lines, each line its own event.
-        assert_eq!(split(b"{\"a\":1}\n{\"b\":2}", 10).unwrap(), vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]);
-        assert_eq!(split(b"{\"a\":1} x", 10).unwrap(), vec![&b"{\"a\":1} x"[..]]);
-        assert_eq!(split(b"{\"a\":\n1", 10).unwrap(), vec![&b"{\"a\":"[..], b"1"]);
-        assert_eq!(split(b"{\"a\":\"}\n", 10).unwrap(), vec![&b"{\"a\":\"}"[..]]);
+        assert_eq!(
+            split(b"{\"a\":1}\n{\"b\":2}", 10, Framing::Shape).unwrap(),
+            vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]
+        );
+        assert_eq!(split(b"{\"a\":1} x", 10, Framing::Shape).unwrap(), vec![&b"{\"a\":1} x"[..]]);
+        assert_eq!(split(b"{\"a\":\n1", 10, Framing::Shape).unwrap(), vec![&b"{\"a\":"[..], b"1"]);
+        assert_eq!(split(b"{\"a\":\"}\n", 10, Framing::Shape).unwrap(), vec![&b"{\"a\":\"}"[..]]);
+    }
+
+    /// Declared NDJSON is lines whatever they hold: an array line is one
+    /// event (refused later as not an envelope), and a pretty-printed
+    /// object is as many events as it has lines.
+    #[test]
+    fn declared_ndjson_is_one_event_per_line() {
+        let lines = |b: &'static [u8]| split(b, 10, Framing::Lines).unwrap();
+        assert_eq!(lines(b"[1,2]\n{\"a\":1}\n"), vec![&b"[1,2]"[..], b"{\"a\":1}"]);
+        assert_eq!(lines(b"\xEF\xBB\xBF[1,2]"), vec![&b"[1,2]"[..]]);
+        assert_eq!(lines(b"{\n\"a\": 1\n}"), vec![&b"{"[..], b"\"a\": 1", b"}"]);
+        assert_eq!(lines(b"{\"a\":1}\r\n\r\n  \n{\"b\":2}"), vec![&b"{\"a\":1}"[..], b"{\"b\":2}"]);
+        assert_eq!(split(b"[1]\n[2]\n[3]", 2, Framing::Lines), Err(BodyError::TooManyEvents(2)));
+        assert!(
+            matches!(split(b"\x1f\x8b\x08", 10, Framing::Lines), Err(BodyError::Bad(_))),
+            "still not gzip"
+        );
     }
 
     #[test]

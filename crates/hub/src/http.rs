@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::body::Framing;
 use crate::metrics::RefusedLabel;
 use crate::pipeline::{Hub, Refused};
 use crate::requests::{Full, Held};
@@ -116,9 +117,8 @@ async fn authenticate_and_ingest(
             "the token is not valid for any account".into(),
         ));
     };
-    if let Some(message) = unsupported_media(headers) {
-        return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message));
-    }
+    let framing = media(headers)
+        .map_err(|message| (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message))?;
     let encoding = match content_encoding(headers) {
         Ok(e) => e,
         Err(message) => return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)),
@@ -177,7 +177,7 @@ async fn authenticate_and_ingest(
             ))
         }
     };
-    hub.ingest(&account, collector, encoding, body, held).await.map_err(|e| match e {
+    hub.ingest(&account, collector, encoding, framing, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
         Refused::RequestsFull(full) => no_room(full),
         Refused::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
@@ -253,17 +253,18 @@ fn collector(headers: &HeaderMap) -> Result<Option<&str>, String> {
     }
 }
 
-/// Why the request's headers say its body is not events this endpoint
-/// reads, if they do. No (or an empty) `Content-Type` is fine: the
-/// body's shape decides (an array, one object, or NDJSON), as it does
-/// between the JSON types. A CloudEvents binary-mode request
-/// (`ce-specversion` set, the body only the event's data) is refused by
-/// name rather than read as an event.
-fn unsupported_media(headers: &HeaderMap) -> Option<String> {
+/// How the request's `Content-Type` says its body's events are laid out,
+/// or why its headers say the body is not events this endpoint reads.
+/// No (or an empty) `Content-Type` is fine: the body's shape decides (an
+/// array, one object, or NDJSON), as it does for the JSON types; an
+/// NDJSON type makes every line one event. A CloudEvents binary-mode
+/// request (`ce-specversion` set, the body only the event's data) is
+/// refused by name rather than read as an event.
+fn media(headers: &HeaderMap) -> Result<Framing, String> {
     let declared = headers.get(header::CONTENT_TYPE).filter(|v| !v.as_bytes().trim_ascii().is_empty());
     let (essence, params) = match declared.map(|v| v.to_str()) {
         None => (String::new(), ""),
-        Some(Err(_)) => return Some("Content-Type is not readable text; ".to_owned() + ACCEPTED),
+        Some(Err(_)) => return Err("Content-Type is not readable text; ".to_owned() + ACCEPTED),
         Some(Ok(text)) => {
             let (essence, params) = text.split_once(';').unwrap_or((text, ""));
             let essence = essence.trim().to_ascii_lowercase();
@@ -271,13 +272,13 @@ fn unsupported_media(headers: &HeaderMap) -> Option<String> {
                 || (essence.starts_with("application/") && essence.ends_with("+json"))
                 || NDJSON_TYPES.contains(&essence.as_str());
             if !json {
-                return Some(format!("Content-Type {essence:?} is not supported; {ACCEPTED}"));
+                return Err(format!("Content-Type {essence:?} is not supported; {ACCEPTED}"));
             }
             (essence, params)
         }
     };
     if headers.contains_key("ce-specversion") && !essence.starts_with("application/cloudevents") {
-        return Some(
+        return Err(
             "CloudEvents binary content mode (ce-* headers) is not supported; send events in structured \
              mode, Content-Type: application/cloudevents+json"
                 .to_owned(),
@@ -288,11 +289,11 @@ fn unsupported_media(headers: &HeaderMap) -> Option<String> {
         if name.trim().eq_ignore_ascii_case("charset") {
             let value = value.trim().trim_matches('"');
             if !value.eq_ignore_ascii_case("utf-8") && !value.eq_ignore_ascii_case("utf8") {
-                return Some(format!("charset {value:?} is not supported; events are UTF-8 JSON"));
+                return Err(format!("charset {value:?} is not supported; events are UTF-8 JSON"));
             }
         }
     }
-    None
+    Ok(if NDJSON_TYPES.contains(&essence.as_str()) { Framing::Lines } else { Framing::Shape })
 }
 
 /// The body's content coding, as [`crate::body::decode`] names it
@@ -632,27 +633,31 @@ mod tests {
         assert!(metrics.lines().any(|l| l == "watershed_ack_latency_seconds_count 3"), "{metrics}");
     }
 
-    fn check(pairs: &[(&str, &str)]) -> Option<String> {
+    fn check(pairs: &[(&str, &str)]) -> Result<Framing, String> {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        unsupported_media(&h)
+        media(&h)
     }
 
     #[test]
     fn json_types_and_no_type_are_read_and_others_refused_by_name() {
-        for ok in [
-            vec![],
-            vec![("content-type", "")],
-            vec![("content-type", "application/json")],
-            vec![("content-type", "Application/JSON; charset=UTF-8")],
-            vec![("content-type", "application/x-ndjson")],
-            vec![("content-type", "application/jsonl; charset=\"utf8\"")],
-            vec![("content-type", "application/cloudevents-batch+json")],
-            vec![("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")],
+        for (ok, framing) in [
+            (vec![], Framing::Shape),
+            (vec![("content-type", "")], Framing::Shape),
+            (vec![("content-type", "application/json")], Framing::Shape),
+            (vec![("content-type", "Application/JSON; charset=UTF-8")], Framing::Shape),
+            (vec![("content-type", "application/x-ndjson")], Framing::Lines),
+            (vec![("content-type", "Application/NDJSON")], Framing::Lines),
+            (vec![("content-type", "application/jsonl; charset=\"utf8\"")], Framing::Lines),
+            (vec![("content-type", "application/cloudevents-batch+json")], Framing::Shape),
+            (
+                vec![("content-type", "application/cloudevents+json"), ("ce-specversion", "1.0")],
+                Framing::Shape,
+            ),
         ] {
-            assert_eq!(check(&ok), None, "{ok:?}");
+            assert_eq!(check(&ok), Ok(framing), "{ok:?}");
         }
         for (bad, says) in [
             (
@@ -664,7 +669,7 @@ mod tests {
             (vec![("ce-specversion", "1.0")], "binary content mode"),
             (vec![("content-type", "application/json"), ("ce-specversion", "1.0")], "binary content mode"),
         ] {
-            let m = check(&bad).expect("refused");
+            let m = check(&bad).expect_err("refused");
             assert!(m.contains(says), "{bad:?}: {m}");
         }
     }

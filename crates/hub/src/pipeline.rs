@@ -310,6 +310,7 @@ impl Hub {
         account: &AccountId,
         collector: Option<&str>,
         encoding: Option<&str>,
+        framing: body::Framing,
         body: bytes::Bytes,
         held: Held,
     ) -> Result<IngestResponse, Refused> {
@@ -326,6 +327,7 @@ impl Hub {
             account: account.clone(),
             collector: collector.map(str::to_owned),
             encoding: encoding.map(str::to_owned),
+            framing,
             body,
             held,
             received_at: self.clock.now_micros(),
@@ -539,6 +541,7 @@ struct Request {
     account: AccountId,
     collector: Option<String>,
     encoding: Option<String>,
+    framing: body::Framing,
     body: bytes::Bytes,
     /// `body`'s bytes in [`Hub::requests`], grown by its decompressed
     /// bytes; given back once the events are processed.
@@ -599,7 +602,7 @@ impl Stages {
                 (BodyError::NoRoom, Some(which)) => Refused::RequestsFull(which),
                 (e, _) => refuse(e),
             })?;
-            let events = body::split(&decoded, limits.max_batch_events).map_err(refuse)?;
+            let events = body::split(&decoded, limits.max_batch_events, r.framing).map_err(refuse)?;
             process.process(&r.account, r.collector.as_deref(), r.received_at, &events).map_err(|e| {
                 tracing::error!(account = %r.account, error = %e, "cannot protect a dead letter");
                 Refused::Unavailable(format!(

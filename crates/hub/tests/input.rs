@@ -8,7 +8,7 @@
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use watershed_event::Reason;
-use watershed_hub::body::split;
+use watershed_hub::body::{split, Framing};
 use watershed_hub::envelope::{decode, MAX_ID_BYTES};
 
 /// Strings that stress a JSON reader: quotes, backslashes, brackets,
@@ -62,13 +62,13 @@ proptest! {
     #[test]
     fn an_array_splits_into_its_elements(events in prop::collection::vec(value(), 0..8), pretty: bool) {
         let body = if pretty { serde_json::to_vec_pretty(&events) } else { serde_json::to_vec(&events) }.unwrap();
-        let got = split(&body, 1000).unwrap();
+        let got = split(&body, 1000, Framing::Shape).unwrap();
         prop_assert_eq!(parsed(&got), events);
     }
 
     /// NDJSON splits into its lines, with `\n` or `\r\n` endings, blank
-    /// lines and a byte order mark ignored. (A body that is one object
-    /// is one event either way.)
+    /// lines and a byte order mark ignored, declared or not. (A body that
+    /// is one object is one event either way.)
     #[test]
     fn ndjson_splits_into_its_lines(
         events in prop::collection::vec(object(), 1..8),
@@ -86,7 +86,22 @@ proptest! {
                 body.extend(end);
             }
         }
-        let got = split(&body, 1000).unwrap();
+        for framing in [Framing::Shape, Framing::Lines] {
+            let got = split(&body, 1000, framing).unwrap();
+            prop_assert_eq!(parsed(&got), events.clone());
+        }
+    }
+
+    /// Declared NDJSON is one event per line whatever the lines hold:
+    /// arrays, numbers, strings, one object.
+    #[test]
+    fn declared_ndjson_is_one_event_per_line(events in prop::collection::vec(value(), 1..8)) {
+        let mut body = Vec::new();
+        for e in &events {
+            body.extend(serde_json::to_vec(e).unwrap());
+            body.push(b'\n');
+        }
+        let got = split(&body, 1000, Framing::Lines).unwrap();
         prop_assert_eq!(parsed(&got), events);
     }
 
@@ -94,8 +109,8 @@ proptest! {
     /// never panics; the events it finds lie within the body.
     #[test]
     fn any_body_is_answered(body in prop::collection::vec(any::<u8>(), 0..256), json_ish in prop::collection::vec(prop::sample::select(b"[]{}\",:\\ \n\r0an".to_vec()), 0..64)) {
-        for b in [&body, &json_ish] {
-            if let Ok(events) = split(b, 1000) {
+        for (b, framing) in [(&body, Framing::Shape), (&json_ish, Framing::Shape), (&body, Framing::Lines), (&json_ish, Framing::Lines)] {
+            if let Ok(events) = split(b, 1000, framing) {
                 for e in events {
                     let range = b.as_ptr_range();
                     prop_assert!(range.contains(&e.as_ptr()) || e.is_empty());
