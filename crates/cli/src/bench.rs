@@ -390,12 +390,11 @@ fn worker_hub(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let secs = started.elapsed().as_secs_f64();
         // Outside the timed run: every event must be in a committed file.
         let lake = watershed_lake::Lake::local(&lake_dir, 8)?;
-        let rows: u64 = watershed_lake::ls::summarize(&lake)
-            .await?
-            .values()
-            .flat_map(|t| t.values())
-            .map(|p| p.rows)
-            .sum();
+        let listing = watershed_lake::ls::summarize(&lake).await?;
+        if let Some((path, why)) = listing.unreadable.first() {
+            bail!("the lake holds an unreadable file after the run: {path}: {why}");
+        }
+        let rows = listing.rows();
         if rows != args.events as u64 {
             bail!("the lake holds {rows} rows after the run; expected {}", args.events);
         }

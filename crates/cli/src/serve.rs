@@ -177,8 +177,9 @@ async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> 
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
     }
     let l = watershed_lake::Lake::local(&dir, 8)?;
-    print_summary(&watershed_lake::ls::summarize(&l).await?, partitions)?;
-    Ok(ExitCode::SUCCESS)
+    let listing = watershed_lake::ls::summarize(&l).await?;
+    print_summary(&listing, partitions)?;
+    Ok(if listing.unreadable.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn lake_compact(
@@ -255,18 +256,28 @@ async fn lake_compact(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn print_summary(s: &watershed_lake::ls::LakeSummary, partitions: bool) -> std::io::Result<()> {
+/// The listing's table (and with `partitions`, each partition's line);
+/// each unreadable file is named on stderr.
+pub(crate) fn print_summary(listing: &watershed_lake::ls::Listing, partitions: bool) -> std::io::Result<()> {
     out!("{:<24} {:>10} {:>7} {:>12} {:>12}", "table", "partitions", "files", "rows", "bytes");
-    for (table, parts) in s {
+    for (table, parts) in &listing.tables {
         let files: usize = parts.values().map(|p| p.files).sum();
         let rows: u64 = parts.values().map(|p| p.rows).sum();
         let bytes: u64 = parts.values().map(|p| p.bytes).sum();
         out!("{table:<24} {:>10} {files:>7} {rows:>12} {bytes:>12}", parts.len());
         if partitions {
             for (dir, p) in parts {
-                out!("  {dir:<60} files={} rows={} bytes={}", p.files, p.rows, p.bytes);
+                let unreadable =
+                    if p.unreadable > 0 { format!(" unreadable={}", p.unreadable) } else { String::new() };
+                out!("  {dir:<60} files={} rows={} bytes={}{unreadable}", p.files, p.rows, p.bytes);
             }
         }
+    }
+    for (path, why) in &listing.unreadable {
+        eprintln!("watershed: {path} is not a readable Parquet file ({why}); its rows are not counted");
+    }
+    if !listing.unreadable.is_empty() {
+        eprintln!("watershed: {} unreadable file(s)", listing.unreadable.len());
     }
     Ok(())
 }

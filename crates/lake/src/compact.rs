@@ -197,7 +197,11 @@ const FOOTER_READ: u64 = 64 << 10;
 
 /// The reader builder of `path`'s footer (metadata only: no rows are read
 /// through it), from its last bytes.
-async fn footer(lake: &Lake, path: &str, size: u64) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
+pub(crate) async fn footer(
+    lake: &Lake,
+    path: &str,
+    size: u64,
+) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
     if size > FOOTER_READ {
         let tail = lake.get_range(path, size - FOOTER_READ..size).await?;
         if let Ok(builder) = ParquetRecordBatchReaderBuilder::try_new(tail) {

@@ -14,10 +14,10 @@ pub enum Error {
         /// The underlying error.
         source: Box<arrow::error::ArrowError>,
     },
-    /// Parquet encoding failed.
-    #[error("encoding parquet for {path}: {source}")]
+    /// Encoding a Parquet file, or reading one, failed.
+    #[error("parquet file {path}: {source}")]
     Parquet {
-        /// The file being written.
+        /// The file.
         path: String,
         /// The underlying error.
         source: Box<parquet::errors::ParquetError>,
