@@ -1176,6 +1176,37 @@ fn a_revoked_token_is_refused_from_its_next_request() {
     assert_eq!(payment_ids(&data), ["r-1", "r-3"]);
 }
 
+/// A body of more events than `limits.max_batch_events` is answered 413
+/// `too_large` saying so, and nothing of it is stored; `send` with a
+/// larger `--batch` splits its batches in halves until they fit, as it
+/// does for the byte limit, and every event lands once.
+#[test]
+fn a_batch_of_too_many_events_is_413_and_send_splits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let server = Server::start(&data, &[("WATERSHED_LIMITS__MAX_BATCH_EVENTS", "10")]);
+    let events: Vec<Value> = (0..25).map(|n| ada(&format!("m-{n}"), "c-1")).collect();
+    let ct = [("content-type", "application/x-ndjson")];
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&events[..11]), &ct);
+    assert_eq!((s, r["error"].as_str()), (413, Some("too_large")), "{r}");
+    let message = r["message"].as_str().unwrap();
+    assert!(message.contains("more than 10 events") && message.contains("limits.max_batch_events"), "{r}");
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&events[..10]), &ct);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(10)), "{r}");
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, ndjson(&events)).unwrap();
+    let out =
+        run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", &token, "--batch", "25"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 15 rejected 0 duplicates 10"), "{stdout}\n{stderr}");
+    assert!(server.stop().success());
+    let mut expected: Vec<String> = (0..25).map(|n| format!("m-{n}")).collect();
+    expected.sort();
+    assert_eq!(payment_ids(&data), expected, "each event once");
+}
+
 /// `send` with batches over the hub's body limit: each batch answered 413
 /// is split in halves until it fits, every event lands once, and a
 /// reject is reported by its line in the file. A single event over the

@@ -315,10 +315,11 @@ impl<R: Read> Iterator for Batches<R> {
 
 /// POST one NDJSON batch and return the hub's answer, `accepted`,
 /// `duplicates` and `rejected` (indexes counted from the start of `body`).
-/// A batch the hub finds over its body limit (413) is split in halves at a
-/// line boundary and each half sent on its own, so any file can be sent
-/// whatever `--batch` and the hub's `limits.max_body_bytes`; only a single
-/// event over the limit is an error. Transient failures are retried (see
+/// A batch the hub finds over its body limit or its event count limit
+/// (413) is split in halves at a line boundary and each half sent on its
+/// own, so any file can be sent whatever `--batch` and the hub's
+/// `limits.max_body_bytes` and `limits.max_batch_events`; only a single
+/// event over the byte limit is an error. Transient failures are retried (see
 /// [`post_once`]). Each request's body is compressed as `compress` says.
 pub(crate) async fn post(
     client: &reqwest::Client,

@@ -126,7 +126,7 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// Largest single event (rejected as `too_large` above it).
     pub max_event_bytes: usize,
-    /// Most events in one request (400 above it).
+    /// Most events in one request (413 `too_large` above it).
     pub max_batch_events: usize,
     /// Longest a request body may take to arrive (408 above it), so a
     /// stalled or trickling client does not hold its connection and

@@ -179,6 +179,11 @@ async fn authenticate_and_ingest(
     };
     hub.ingest(&account, collector, encoding, framing, body, held).await.map_err(|e| match e {
         Refused::TooLarge(n) => too_large(n),
+        Refused::TooManyEvents(n) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body holds more than {n} events (limits.max_batch_events); send smaller batches"),
+        ),
         Refused::RequestsFull(full) => no_room(full),
         Refused::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
         Refused::Busy => (

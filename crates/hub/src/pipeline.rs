@@ -31,8 +31,12 @@ use crate::wal::{BeforeWrite, Pending, Wal, WalOptions};
 /// Why a request was refused as a whole.
 #[derive(Debug)]
 pub enum Refused {
-    /// 413
+    /// 413: the body is over `limits.max_body_bytes` (this many).
     TooLarge(usize),
+    /// 413: the body holds more than `limits.max_batch_events` events
+    /// (this many); like a body over the byte limit, it is sent again in
+    /// smaller batches.
+    TooManyEvents(usize),
     /// 400
     BadRequest(String),
     /// 503: the memory budget is spent.
@@ -586,9 +590,7 @@ impl Stages {
             let refuse = |e| match e {
                 BodyError::TooLarge(n) => Refused::TooLarge(n),
                 BodyError::Bad(m) => Refused::BadRequest(m),
-                BodyError::TooManyEvents(n) => {
-                    Refused::BadRequest(format!("more than {n} events in one request"))
-                }
+                BodyError::TooManyEvents(n) => Refused::TooManyEvents(n),
                 BodyError::NoRoom => Refused::RequestsFull(Full::All),
             };
             let mut held = r.held;
@@ -616,8 +618,13 @@ impl Stages {
         let processed = match processed {
             Ok(p) => p,
             Err(refused) => {
-                if matches!(refused, Refused::TooLarge(_) | Refused::BadRequest(_) | Refused::RequestsFull(_))
-                {
+                if matches!(
+                    refused,
+                    Refused::TooLarge(_)
+                        | Refused::TooManyEvents(_)
+                        | Refused::BadRequest(_)
+                        | Refused::RequestsFull(_)
+                ) {
                     // Refused before any id was claimed.
                     ticket.durable();
                 }
