@@ -30,4 +30,6 @@ pub use subject::{
     UnknownFields,
 };
 pub use tape::{Mark, Slot, Tape};
-pub use validate::{decode_value, validate_append, validate_json, validate_json_append, Limits, Violation};
+pub use validate::{
+    decode_value, validate_append, validate_json, validate_json_append, Limits, Violation, MAX_PATH_BYTES,
+};

@@ -177,16 +177,19 @@ enum Segment {
     Index(usize),
 }
 
+/// The longest path a violation carries, in bytes: a path names the
+/// event's own keys (an unknown field, a map key), which may be as long
+/// as the event. A longer one is cut at a character boundary and ends
+/// with `…`.
+pub const MAX_PATH_BYTES: usize = 1024;
+
 impl Failure {
     fn into_violation(self) -> Violation {
         let mut path = String::from("$");
         if self.reason != Reason::MalformedJson {
             for s in self.segments.iter().rev() {
                 match s {
-                    Segment::Field(f) => {
-                        path.push('.');
-                        path.push_str(f);
-                    }
+                    Segment::Field(f) => push_member(&mut path, f),
                     Segment::Index(i) => {
                         path.push('[');
                         path.push_str(&i.to_string());
@@ -195,8 +198,43 @@ impl Failure {
                 }
             }
         }
+        if path.len() > MAX_PATH_BYTES {
+            let mut end = MAX_PATH_BYTES - '…'.len_utf8();
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            path.truncate(end);
+            path.push('…');
+        }
         Violation { reason: self.reason, path, detail: self.detail }
     }
+}
+
+/// Append member `name` to a JSONPath (RFC 9535): `.name` when the name
+/// is a shorthand name (a letter, `_` or non-ASCII, then those or
+/// digits; every Avro field name is one), else `['name']` with `'`, `\`
+/// and control characters escaped, so that a key such as `a.b` or `x]`
+/// cannot be read as two steps.
+fn push_member(path: &mut String, name: &str) {
+    let first = |c: char| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii();
+    let shorthand = name.chars().next().is_some_and(first)
+        && name.chars().all(|c| first(c) || c.is_ascii_digit())
+        && !name.chars().any(char::is_control);
+    if shorthand {
+        path.push('.');
+        path.push_str(name);
+        return;
+    }
+    path.push_str("['");
+    for c in name.chars() {
+        match c {
+            '\'' => path.push_str("\\'"),
+            '\\' => path.push_str("\\\\"),
+            c if c.is_control() => path.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => path.push(c),
+        }
+    }
+    path.push_str("']");
 }
 
 /// Failures carry no data: the details are in [`Ctx::failure`].

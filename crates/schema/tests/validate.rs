@@ -147,6 +147,36 @@ fn every_reason_code() {
     }
 }
 
+/// A path names the event's own keys as JSONPath (RFC 9535) reads them:
+/// a key that is not a plain name is bracketed and quoted, so `a.b` is
+/// one step, not two; and a path is at most `MAX_PATH_BYTES` long.
+#[test]
+fn paths_quote_odd_keys_and_are_bounded() {
+    use watershed_schema::MAX_PATH_BYTES;
+    for (key, path) in [
+        ("zzz", "$.zzz"),
+        ("café", "$.café"),
+        ("_x9", "$._x9"),
+        ("a.b", "$['a.b']"),
+        ("x]", "$['x]']"),
+        ("9lives", "$['9lives']"),
+        ("", "$['']"),
+        ("it's", r"$['it\'s']"),
+        (r"back\slash", r"$['back\\slash']"),
+        ("new\nline", r"$['new\u000aline']"),
+        ("with space", "$['with space']"),
+    ] {
+        let (reason, got) = reject(&with(key, "1"));
+        assert_eq!((reason, got.as_str()), (Reason::UnknownField, path), "key {key:?}");
+    }
+    let (reason, got) = reject(&with("m", r#"{"a.b": 1}"#));
+    assert_eq!((reason, got.as_str()), (Reason::TypeMismatch, "$.m['a.b']"), "a map key");
+    let long = "é".repeat(3000);
+    let (reason, got) = reject(&with(&long, "1"));
+    assert_eq!(reason, Reason::UnknownField);
+    assert!(got.len() <= MAX_PATH_BYTES && got.ends_with('…') && got.starts_with("$.éé"), "{}", got.len());
+}
+
 /// A map key given twice (also when escaped differently) is refused: a
 /// Parquet map with a repeated key makes DuckDB refuse the whole file.
 /// Small maps are checked pairwise and large ones sorted: both ways.
