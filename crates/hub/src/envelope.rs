@@ -87,6 +87,8 @@ struct Fields<'a> {
     account: Option<Cow<'a, str>>,
     time: Option<Cow<'a, str>>,
     region: Option<Cow<'a, str>>,
+    /// CloudEvents' `datacontenttype`.
+    content_type: Option<Cow<'a, str>>,
     resources: Vec<Cow<'a, str>>,
     detail: Option<&'a [u8]>,
     data: Option<&'a [u8]>,
@@ -159,6 +161,16 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
     };
     let id = f.id.filter(|s| !s.is_empty()).ok_or_else(|| missing("id"))?;
     check_id(&id)?;
+    if let Some(ct) = f.content_type.as_deref().filter(|ct| cloud && !json_media_type(ct)) {
+        return Err(Violation {
+            reason: Reason::BadEnvelope,
+            path: "$.datacontenttype".into(),
+            detail: format!(
+                "datacontenttype {ct:?} is not JSON: the payload is validated as JSON against the schema \
+                 (send application/json, a +json type, or no datacontenttype)"
+            ),
+        });
+    }
     // Valid only if it was the payload of this kind of envelope, under the
     // version the whole envelope names.
     let prevalidated = f.pre.and_then(|(token, version_then, was_data)| {
@@ -194,6 +206,14 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
         schema_version: f.version,
         prevalidated,
     })
+}
+
+/// Whether a CloudEvent's `datacontenttype` says its `data` is JSON
+/// (CloudEvents' JSON format: `application/json` or any `+json` type;
+/// `text/json` too), parameters such as `charset` aside.
+fn json_media_type(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
 /// The longest event id accepted, in bytes of UTF-8. Ids are kept whole in
@@ -276,6 +296,7 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
             b"account" => Some(("account", &mut f.account)),
             b"time" => Some(("time", &mut f.time)),
             b"region" => Some(("region", &mut f.region)),
+            b"datacontenttype" => Some(("datacontenttype", &mut f.content_type)),
             _ => None,
         };
         if let Some((name, slot)) = text_slot {
@@ -482,6 +503,33 @@ mod tests {
         let id = |id: &str| decode(with_id(id).as_bytes()).map(|e| e.id.into_owned());
         assert_eq!(id("\"caf\u{e9} \u{a0}\u{bf}\"").unwrap(), "caf\u{e9} \u{a0}\u{bf}");
         assert_eq!(id(r#""caf\u00e9""#).unwrap(), "caf\u{e9}");
+    }
+
+    /// A CloudEvent whose `datacontenttype` is not JSON is refused by that
+    /// attribute, not as a payload of the wrong type; JSON types (with
+    /// parameters, in any case) and no type are read.
+    #[test]
+    fn a_cloudevents_data_must_be_json() {
+        let ce = |ct: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"1","type":"T","source":"s","datacontenttype":{ct},"data":{{}}}}"#
+            )
+        };
+        for ok in [
+            r#""application/json""#,
+            r#""Application/JSON; charset=utf-8""#,
+            r#""application/vnd.x+json""#,
+            "null",
+        ] {
+            assert!(decode(ce(ok).as_bytes()).is_ok(), "{ok}");
+        }
+        let v = decode(ce(r#""text/plain""#).as_bytes()).unwrap_err();
+        assert_eq!((v.reason, v.path.as_str()), (Reason::BadEnvelope, "$.datacontenttype"));
+        assert!(v.detail.starts_with(r#"datacontenttype "text/plain" is not JSON"#), "{}", v.detail);
+        assert_eq!(decode(ce("1").as_bytes()).unwrap_err().path, "$.datacontenttype");
+        // An EventBridge event has no such attribute: a string there is ignored.
+        let eb = br#"{"id":"1","source":"s","detail-type":"T","datacontenttype":"text/plain","detail":{}}"#;
+        assert!(decode(eb).is_ok());
     }
 
     #[test]
