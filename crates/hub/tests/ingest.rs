@@ -2,7 +2,8 @@
 //! and `detail-type` (as EventBridge writes them), so the payload is
 //! validated in the envelope pass, and on the same events with the keys
 //! in other orders: the outcomes must be identical. And generated
-//! payments, whatever their strings hold, land in their columns as sent.
+//! payments, whatever their strings hold, land in their columns as sent,
+//! and every event of any request, damaged or not, is accounted for once.
 
 use std::sync::Arc;
 
@@ -433,8 +434,52 @@ fn payment() -> impl proptest::strategy::Strategy<Value = Payment> {
         )
 }
 
+/// One event of a generated request: a valid payment, the same with a
+/// byte changed or cut short, or arbitrary bytes.
+fn any_event() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => payment().prop_map(|p| p.json().into_bytes()),
+        2 => (payment(), any::<prop::sample::Index>(), any::<u8>()).prop_map(|(p, at, b)| {
+            let mut e = p.json().into_bytes();
+            let i = at.index(e.len());
+            e[i] = b;
+            e
+        }),
+        1 => (payment(), any::<prop::sample::Index>()).prop_map(|(p, at)| {
+            let e = p.json().into_bytes();
+            e[..at.index(e.len())].to_vec()
+        }),
+        1 => prop::collection::vec(any::<u8>(), 0..64),
+    ]
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Whatever a request holds, every event is accounted for once:
+    /// accepted (a row), a duplicate of an earlier one, or rejected (a
+    /// dead letter) at its own index; nothing panics, nothing is dropped.
+    #[test]
+    fn every_event_of_any_request_is_accounted_for(events in proptest::collection::vec(any_event(), 1..40)) {
+        let (_dir, ingestor) = ingestor();
+        let account = AccountId::new("111111111111").unwrap();
+        let refs: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
+        let out = ingestor.process(&account, None, RECEIVED, &refs).unwrap();
+        let r = &out.response;
+        proptest::prop_assert_eq!(r.accepted + r.duplicates + r.rejected.len(), events.len(), "{:?}", r);
+        let indexes: Vec<usize> = r.rejected.iter().map(|x| x.index).collect();
+        proptest::prop_assert!(indexes.windows(2).all(|w| w[0] < w[1]), "one answer per event, in order: {:?}", indexes);
+        proptest::prop_assert!(indexes.iter().all(|&i| i < events.len()));
+        let rows = |table: &str| -> usize {
+            out.parts.iter().filter(|(k, _)| k.table == table).map(|(_, b)| b.num_rows()).sum()
+        };
+        proptest::prop_assert_eq!(rows("payments"), r.accepted);
+        // A reject repeating an earlier one of the request (the same id,
+        // or the same bytes) is reported again but stored once.
+        proptest::prop_assert!(rows(watershed_lake::DEAD_LETTERS) <= r.rejected.len());
+        proptest::prop_assert!(rows(watershed_lake::DEAD_LETTERS) > 0 || r.rejected.is_empty());
+    }
 
     /// Whatever their strings hold, payments land in their columns as
     /// sent: text unchanged, the decimal, the timestamp, the double and
