@@ -1832,7 +1832,8 @@ fn send_with_batches_in_flight_reports_in_input_order() {
 
 /// `send` compresses its request bodies with zstd unless told not to: the
 /// hub receives a fraction of the file's bytes, and with `--compress
-/// none` all of them; every event lands either way.
+/// none` all of them (`--compress gzip` a fraction too); every event
+/// lands either way.
 #[test]
 fn send_compresses_its_bodies_unless_told_not_to() {
     let dir = tempfile::tempdir().unwrap();
@@ -1840,7 +1841,7 @@ fn send_compresses_its_bodies_unless_told_not_to() {
     let token = add_account(&data, A[0]);
     let server = Server::start(&data, &[]);
     let mut sizes = Vec::new();
-    for (round, how) in [(0, None), (1, Some("none")), (2, Some("zstd"))] {
+    for (round, how) in [(0, None), (1, Some("none")), (2, Some("zstd")), (3, Some("gzip"))] {
         let events: Vec<Value> =
             (0..300).map(|n| ada(&format!("z{round}-{n}"), &format!("c{}", n % 7))).collect();
         let file = dir.path().join(format!("events-{round}.ndjson"));
@@ -1857,10 +1858,11 @@ fn send_compresses_its_bodies_unless_told_not_to() {
         let sent = metric(&metrics(&server), "watershed_ingest_bytes_total") - before;
         sizes.push((sent, std::fs::metadata(&file).unwrap().len() as f64));
     }
-    let [(zstd, raw), (plain, raw_plain), (zstd_again, _)] = sizes[..] else { unreachable!() };
+    let [(zstd, raw), (plain, raw_plain), (zstd_again, _), (gzip, _)] = sizes[..] else { unreachable!() };
     assert!(zstd < raw / 4.0, "compressed by default: {zstd} of {raw} bytes");
     assert_eq!(plain, raw_plain, "--compress none sends the file as it is");
     assert!(zstd_again < raw / 4.0, "--compress zstd: {zstd_again} of {raw} bytes");
+    assert!(gzip < raw / 4.0, "--compress gzip: {gzip} of {raw} bytes");
     let out = run(&["send", "-", "--url", &server.url, "--token", &token, "--compress", "brotli"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("invalid value 'brotli'"),
@@ -1868,7 +1870,7 @@ fn send_compresses_its_bodies_unless_told_not_to() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(server.stop().success());
-    assert_eq!(payment_ids(&data).len(), 900);
+    assert_eq!(payment_ids(&data).len(), 1200);
 }
 
 /// The hub serving HTTPS (`[tls]`), and `send` to it trusting a private
