@@ -16,3 +16,28 @@ mod time;
 pub use account::{AccountId, InvalidAccountId};
 pub use reason::Reason;
 pub use time::{format_rfc3339_micros, millis, parse_rfc3339_micros, Clock, SystemClock, TimestampMicros};
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary: where a length limit on text (a WAL string, a
+/// violation's path) cuts it without splitting a character.
+#[must_use]
+pub fn prefix_within(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_end_on_a_character() {
+        use super::prefix_within;
+        assert_eq!(prefix_within("abc", 10), "abc");
+        assert_eq!(prefix_within("abc", 2), "ab");
+        assert_eq!(prefix_within("aé", 2), "a", "é is two bytes");
+        assert_eq!(prefix_within("aé", 3), "aé");
+        assert_eq!(prefix_within("€", 2), "");
+    }
+}

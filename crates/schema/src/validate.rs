@@ -199,10 +199,7 @@ impl Failure {
             }
         }
         if path.len() > MAX_PATH_BYTES {
-            let mut end = MAX_PATH_BYTES - '…'.len_utf8();
-            while !path.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = watershed_event::prefix_within(&path, MAX_PATH_BYTES - '…'.len_utf8()).len();
             path.truncate(end);
             path.push('…');
         }

@@ -139,11 +139,7 @@ pub(super) fn read_ids(ids: &[u8], f: &mut impl FnMut(&str, Retired<'_>)) -> boo
 /// far shorter; a violation's path, which names the event's own keys,
 /// might not be).
 pub(super) fn put_str16(buf: &mut Vec<u8>, s: &str) {
-    let mut end = s.len().min(u16::MAX as usize - 1);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    let b = &s.as_bytes()[..end];
+    let b = watershed_event::prefix_within(s, u16::MAX as usize - 1).as_bytes();
     buf.extend_from_slice(&u16::try_from(b.len()).expect("capped").to_le_bytes());
     buf.extend_from_slice(b);
 }
