@@ -210,10 +210,13 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
 
 /// Whether a CloudEvent's `datacontenttype` says its `data` is JSON
 /// (CloudEvents' JSON format: `application/json` or any `+json` type;
-/// `text/json` too), parameters such as `charset` aside.
+/// `text/json` too), parameters such as `charset` aside, in any case
+/// (compared in place: most CloudEvents producers set it on every event).
 fn json_media_type(ct: &str) -> bool {
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+    let essence = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || essence.eq_ignore_ascii_case(b"text/json")
+        || essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 /// The longest event id accepted, in bytes of UTF-8. Ids are kept whole in
