@@ -1210,7 +1210,8 @@ fn a_batch_of_too_many_events_is_413_and_send_splits_it() {
 /// `send` with batches over the hub's body limit: each batch answered 413
 /// is split in halves until it fits, every event lands once, and a
 /// reject is reported by its line in the file. A single event over the
-/// limit stops the send with an error naming it and what was sent.
+/// limit is reported as rejected, `too_large`, and the events around it
+/// are sent.
 #[test]
 fn send_splits_batches_over_the_body_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -1262,18 +1263,19 @@ fn send_splits_batches_over_the_body_limit() {
     let mut big = ada("big", "c-1");
     big["detail"]["card"]["holder_name"] = json!("x".repeat(30_000));
     let file = dir.path().join("big.ndjson");
-    std::fs::write(&file, ndjson(&[ada("before-big", "c-1"), big])).unwrap();
+    std::fs::write(&file, ndjson(&[ada("before-big", "c-1"), big, ada("after-big", "c-1")])).unwrap();
     let out = send(&file);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("event 1 alone") && stderr.contains("over the hub's body limit"), "{stderr}");
-    assert!(stderr.contains("events 0..2 were not all sent"), "{stderr}");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("accepted 2 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("rejected event 1 (id big): too_large at $"), "{stderr}");
+    assert!(stderr.contains("over the hub's body limit") && stderr.contains("not sent"), "{stderr}");
     assert!(server.stop().success());
     let got = payment_ids(&data);
     let mut want: Vec<String> = (0..60)
         .filter(|&n| n != 37)
         .map(|n| format!("s-{n}"))
-        .chain(["u-0", "u-2", "before-big"].map(String::from))
+        .chain(["u-0", "u-2", "before-big", "after-big"].map(String::from))
         .collect();
     want.sort();
     assert_eq!(got, want, "every event sent is in the lake once");

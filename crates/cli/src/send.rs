@@ -330,8 +330,9 @@ impl<R: Read> Iterator for Batches<R> {
 /// A batch the hub finds over its body limit or its event count limit
 /// (413) is split in halves at a line boundary and each half sent on its
 /// own, so any file can be sent whatever `--batch` and the hub's
-/// `limits.max_body_bytes` and `limits.max_batch_events`; only a single
-/// event over the byte limit is an error. Transient failures are retried (see
+/// `limits.max_body_bytes` and `limits.max_batch_events`; a single event
+/// over the byte limit is reported among the rejects, `too_large`, and not
+/// sent. Transient failures are retried (see
 /// [`post_once`]). Each request's body is compressed as `compress` says.
 pub(crate) async fn post(
     client: &reqwest::Client,
@@ -362,10 +363,22 @@ pub(crate) async fn post(
             Answer::TooLarge(why) => {
                 let lines = part.split(|&b| b == b'\n').filter(|l| !blank(l)).count();
                 if lines <= 1 {
-                    anyhow::bail!(
-                        "event {base} alone ({} bytes) is over the hub's body limit{why}; it was not sent",
-                        part.len()
-                    );
+                    // One event over the hub's body limit cannot be sent in
+                    // any batch: it is reported as rejected here, as the
+                    // hub rejects an event over its event limit, and the
+                    // events around it are sent.
+                    rejected.push(serde_json::json!({
+                        "index": base,
+                        "id": event_id(&part),
+                        "reason": "too_large",
+                        "path": "$",
+                        "detail": format!(
+                            "the event alone ({} bytes) is over the hub's body limit{why}; it was not sent, \
+                             so it is not in _dead_letters",
+                            part.len()
+                        ),
+                    }));
+                    continue;
                 }
                 let (first, second, first_events) = halves(&part, lines / 2);
                 parts.push((base + first_events, second));
@@ -374,6 +387,12 @@ pub(crate) async fn post(
         }
     }
     Ok(serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "rejected": rejected }))
+}
+
+/// The `id` of an event that is not sent, for its report (`None` when it
+/// has none or is not a JSON object).
+fn event_id(event: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(event).ok()?.get("id")?.as_str().map(String::from)
 }
 
 /// The rustls error under `e`, if a TLS handshake failed. rustls's errors
