@@ -45,11 +45,13 @@ pub struct RefusedLabel {
 
 /// The WAL's bytes on disk.
 #[derive(Debug, Clone, Copy)]
-pub struct WalSize {
+pub struct WalStats {
     /// Segments and id files.
     pub total: u64,
     /// Segments (raw events).
     pub raw: u64,
+    /// Groups of appends that failed and were cut back (a full disk).
+    pub write_failures: u64,
 }
 
 /// Every metric the hub exports.
@@ -86,6 +88,9 @@ pub struct Metrics {
     /// Partitions committed before their roll age because they held the
     /// WAL's oldest records.
     pub wal_flushes: Counter,
+    /// Failed WAL writes the log recovered from (each group's requests
+    /// answered 503).
+    pub wal_write_failures: Counter,
     /// Bytes held against the memory budget.
     pub memory_bytes: Gauge,
     /// Bytes of request bodies in flight, bounded by
@@ -132,6 +137,7 @@ impl Default for Metrics {
             wal_bytes: Gauge::default(),
             wal_raw_bytes: Gauge::default(),
             wal_flushes: Counter::default(),
+            wal_write_failures: Counter::default(),
             memory_bytes: Gauge::default(),
             request_bytes: Gauge::default(),
             open_partitions: Gauge::default(),
@@ -181,6 +187,12 @@ impl Default for Metrics {
             "Partitions committed before their roll age because they held the write-ahead log's oldest records",
             m.wal_flushes.clone(),
         );
+        registry.register(
+            "wal_write_failures",
+            "Group commits whose write-ahead log write failed and was cut back, nothing stored (a full disk): \
+             their requests were answered 503",
+            m.wal_write_failures.clone(),
+        );
         registry.register("memory_bytes", "Bytes held against the memory budget", m.memory_bytes.clone());
         registry.register(
             "request_bytes",
@@ -223,7 +235,7 @@ impl Metrics {
     pub fn render(
         &self,
         healthy: bool,
-        wal: WalSize,
+        wal: WalStats,
         memory: usize,
         requests: usize,
         writer: &Arc<WriterStats>,
@@ -240,6 +252,7 @@ impl Metrics {
         self.wal_bytes.set(g(wal.total));
         self.wal_raw_bytes.set(g(wal.raw));
         total(&self.wal_flushes, &writer.wal_flushes);
+        self.wal_write_failures.inc_by(wal.write_failures.saturating_sub(self.wal_write_failures.get()));
         self.memory_bytes.set(g(memory as u64));
         self.request_bytes.set(g(requests as u64));
         self.open_partitions.set(g(writer.open_partitions.load(Ordering::Relaxed)));
@@ -279,7 +292,7 @@ mod tests {
     fn the_lakes_totals_are_counters_that_follow_their_source() {
         let m = Metrics::default();
         let (writer, compaction) = (Arc::new(WriterStats::default()), CompactStats::default());
-        let wal = WalSize { total: 0, raw: 0 };
+        let wal = WalStats { total: 0, raw: 0, write_failures: 1 };
         writer.files.store(3, Ordering::Relaxed);
         compaction.deferred.store(2, Ordering::Relaxed);
         let first = m.render(true, wal, 0, 0, &writer, &compaction);
@@ -287,6 +300,7 @@ mod tests {
             "files_written",
             "flush_failures",
             "wal_early_commits",
+            "wal_write_failures",
             "compactions",
             "compacted_files",
             "compaction_failures",
@@ -296,8 +310,10 @@ mod tests {
         }
         assert_eq!(value(&first, "watershed_files_written_total"), "3");
         assert_eq!(value(&first, "watershed_compactions_deferred_total"), "2");
+        assert_eq!(value(&first, "watershed_wal_write_failures_total"), "1");
         let again = m.render(true, wal, 0, 0, &writer, &compaction);
         assert_eq!(value(&again, "watershed_files_written_total"), "3", "a second scrape adds nothing");
+        assert_eq!(value(&again, "watershed_wal_write_failures_total"), "1");
         writer.files.store(5, Ordering::Relaxed);
         let later = m.render(true, wal, 0, 0, &writer, &compaction);
         assert_eq!(value(&later, "watershed_files_written_total"), "5");

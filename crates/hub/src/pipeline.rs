@@ -369,9 +369,10 @@ impl Hub {
     pub fn render_metrics(&self) -> String {
         self.metrics.render(
             self.health().is_ok(),
-            crate::metrics::WalSize {
+            crate::metrics::WalStats {
                 total: self.wal.size.load(std::sync::atomic::Ordering::Relaxed),
                 raw: self.pending.raw_bytes(),
+                write_failures: self.wal.write_failures.load(std::sync::atomic::Ordering::Relaxed),
             },
             self.memory.used(),
             self.requests.used(),

@@ -253,6 +253,10 @@ pub struct Wal {
     tx: mpsc::Sender<Msg>,
     /// Bytes on disk, for metrics.
     pub size: Arc<AtomicU64>,
+    /// Groups of appends whose write failed and was cut back, or whose
+    /// new protection keys could not be stored first (a full disk): each
+    /// answered with an error, nothing of them stored. For metrics.
+    pub write_failures: Arc<AtomicU64>,
     /// Turns true when the writer thread (and its retire thread) ended.
     stopped: watch::Receiver<bool>,
     /// Why the log needs a restart, once it does (see [`Wal::failure`]).
@@ -404,6 +408,7 @@ impl Wal {
         *pending.retire.lock().expect("pending lock") = Some(tx.downgrade());
         let (retire_tx, retire_rx) = std::sync::mpsc::channel();
         let failed = Arc::new(OnceLock::new());
+        let write_failures = Arc::new(AtomicU64::new(0));
         let retirer = Retirer {
             dir: dir.to_owned(),
             opts,
@@ -431,6 +436,8 @@ impl Wal {
             failed: failed.clone(),
             retire: retire_tx,
             written_ids: Vec::new(),
+            failing: 0,
+            write_failures: write_failures.clone(),
         };
         w.open_segment()?;
         w.note_oldest();
@@ -451,7 +458,7 @@ impl Wal {
                 let _ = stopped_tx.send(true);
             })
             .map_err(io(dir))?;
-        Ok(Self { tx, size, stopped, failed })
+        Ok(Self { tx, size, write_failures, stopped, failed })
     }
 
     /// Wait until the writer thread has stopped: once every handle is

@@ -230,10 +230,13 @@ async fn a_failed_write_is_cut_back_and_later_records_survive() {
     let wal = open_empty(dir.path(), opts, Arc::default());
     assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
     tear_next_write(dir.path(), 10);
+    assert_eq!(wal.write_failures.load(Ordering::Relaxed), 0);
     assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
+    assert_eq!(wal.write_failures.load(Ordering::Relaxed), 1, "counted for the metric");
     // The log goes on, with the failed record's seq unused.
     assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
     assert_eq!(wal.failure(), None, "a write cut back needs no restart");
+    assert_eq!(wal.write_failures.load(Ordering::Relaxed), 1);
     wal.close().await;
     let (_, seen) = reopen(dir.path(), opts);
     assert_eq!(

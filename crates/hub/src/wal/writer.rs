@@ -36,6 +36,12 @@ pub(super) struct Writer {
     pub(super) retire: std::sync::mpsc::Sender<RetireMsg>,
     /// The ids of the group's records written so far, sent once fsynced.
     pub(super) written_ids: Vec<WrittenIds>,
+    /// Groups in a row whose write failed and was cut back (a full disk),
+    /// or whose new keys could not be stored:
+    /// the first is logged, and the next success.
+    pub(super) failing: u64,
+    /// Every such group, for metrics ([`super::Wal::write_failures`]).
+    pub(super) write_failures: Arc<AtomicU64>,
 }
 
 /// Frames gathered for the open segment and not yet written.
@@ -103,6 +109,8 @@ impl Writer {
                 // Known before any request hears of the failure.
                 if let Some(why) = &self.broken {
                     note_failure(&self.failed, why);
+                } else {
+                    self.note_write(&result);
                 }
                 for (i, a) in batch.drain(..).enumerate() {
                     let reply = result
@@ -269,6 +277,32 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Log the first of a run of failed writes the log recovered from
+    /// (its own, or the new protection keys' it writes first; each
+    /// answered 503, nothing stored, so clients retry), and the
+    /// first write that succeeds after them: otherwise only the clients
+    /// would hear of a full disk.
+    fn note_write(&mut self, result: &std::result::Result<u64, Failed>) {
+        match result {
+            Err(Failed::Io(e) | Failed::BeforeWrite(e)) => {
+                if self.failing == 0 {
+                    tracing::error!(
+                        error = %e,
+                        "a write-ahead log write failed; requests are answered 503 (nothing stored) \
+                         until writes succeed"
+                    );
+                }
+                self.failing += 1;
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) if self.failing > 0 => {
+                tracing::info!(failed_groups = self.failing, "write-ahead log writes succeed again");
+                self.failing = 0;
+            }
+            _ => {}
+        }
     }
 
     /// Publish the first record of the oldest segment.
