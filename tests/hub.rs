@@ -402,8 +402,13 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
 
     let (s, r, _) = post(&server.url, None, ndjson(&[good("g0")]), &[]);
     assert_eq!((s, r["error"].as_str()), (401, Some("unauthenticated")));
+    // The refusal is logged with the client's address (the token is not).
+    let line =
+        server.wait_for_log(&["refused a request for its credentials", "127.0.0.1:", "unauthenticated"]);
+    assert!(line.contains("not_logged=0"), "{line}");
     let (s, r, _) = post(&server.url, Some("wsh_forged"), ndjson(&[good("g0")]), &[]);
     assert_eq!((s, r["error"].as_str()), (401, Some("bad_credentials")));
+    assert!(server.log.lock().unwrap().iter().all(|l| !l.contains("wsh_forged")), "no token in the log");
     let (s, r, _) = post(&server.url, Some(&token), vec![b' '; 300_000], &[]);
     assert_eq!((s, r["error"].as_str()), (413, Some("too_large")), "oversized body: {r}");
     let (s, r, _) =

@@ -66,6 +66,8 @@ pub struct Server {
     pub url: String,
     /// Its data directory.
     pub data: PathBuf,
+    /// The lines it has written to stderr (its log), as they come.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -94,17 +96,42 @@ impl Server {
         let mut child = cmd.spawn().expect("watershed serve starts");
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("watershed: listening on ") {
                     let _ = tx.send(addr.to_owned());
                 } else {
                     eprintln!("[hub] {line}");
+                    lines.lock().expect("log lock").push(line);
                 }
             }
         });
         let url = rx.recv_timeout(Duration::from_secs(60)).expect("the hub reports its address");
-        Self { child, url, data: data.to_owned() }
+        Self { child, url, data: data.to_owned(), log }
+    }
+
+    /// Wait up to 10 s for a line of the hub's log that holds every one
+    /// of `parts`, and return it.
+    #[must_use]
+    pub fn wait_for_log(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            let log = self.log.lock().expect("log lock").join("\n");
+            assert!(Instant::now() < deadline, "no line of the hub's log holds {parts:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, and wait for a clean exit.

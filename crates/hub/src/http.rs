@@ -1,7 +1,9 @@
 //! The HTTP interface (axum): `POST /v1/events`, `/healthz`, `/readyz`,
 //! `/metrics`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -73,12 +75,63 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-async fn ingest(State(hub): State<Arc<Hub>>, headers: HeaderMap, body: Body) -> Response {
+/// The address of the client a request came from (a request extension set
+/// for each connection), for the log of refused credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Requests refused for their credentials (401), logged with the client's
+/// address so that a security team sees who tries which tokens: the
+/// first at once, then at most one line a second, saying how many were
+/// not logged since (all are counted in `watershed_requests_refused_total`).
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    /// When the last line was logged, and the failures since.
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl AuthFailures {
+    /// Whether a failure at `now` is logged, and how many were not
+    /// since the last logged one.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < AUTH_LOG_EVERY => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                s.0 = Some(now);
+                Some(std::mem::take(&mut s.1))
+            }
+        }
+    }
+
+    fn note(&self, peer: Option<Peer>, code: &str, why: &str) {
+        if let Some(not_logged) = self.admit(Instant::now()) {
+            let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.to_string());
+            tracing::warn!(peer, code, why, not_logged, "refused a request for its credentials");
+        }
+    }
+}
+
+/// At most one line a second in the log of refused credentials.
+const AUTH_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn ingest(
+    State(hub): State<Arc<Hub>>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let (status, code, message) = match authenticate_and_ingest(&hub, &headers, body).await {
         Ok(resp) => return (StatusCode::OK, Json(resp)).into_response(),
         Err(e) => e,
     };
     hub.metrics.refused.get_or_create(&RefusedLabel { reason: code.into() }).inc();
+    if status == StatusCode::UNAUTHORIZED {
+        hub.auth_failures.note(peer.map(|p| p.0), code, &message);
+    }
     let mut r = error(status, code, &message);
     if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
         // The codings a body may have (RFC 9110, 12.5.3).
@@ -581,6 +634,22 @@ mod tests {
         let (status, _, body) = call(&hub, post(Some(format!("bearer {token}")))).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.contains(r#""accepted":1"#), "{body}");
+    }
+
+    /// Refused credentials are logged at once, then at most once a
+    /// second, each line saying how many were not logged before it.
+    #[test]
+    fn refused_credentials_are_logged_at_most_once_a_second() {
+        let log = AuthFailures::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        assert_eq!(log.admit(at(0)), Some(0), "the first is logged");
+        assert_eq!(log.admit(at(10)), None);
+        assert_eq!(log.admit(at(999)), None);
+        assert_eq!(log.admit(at(1000)), Some(2), "a second later, with the two not logged");
+        assert_eq!(log.admit(at(1500)), None);
+        assert_eq!(log.admit(at(5000)), Some(1));
+        assert_eq!(log.admit(at(7000)), Some(0));
     }
 
     /// An unknown path or a wrong method gets a JSON error like every

@@ -108,6 +108,8 @@ pub struct Hub {
     in_flight: tokio_util::task::TaskTracker,
     /// Requests whose claimed ids are not durable yet.
     claims: Arc<Claims>,
+    /// Requests refused for their credentials, for the log.
+    pub(crate) auth_failures: crate::http::AuthFailures,
     /// `<data_dir>/hub.lock`, held exclusively while the hub runs.
     _data_dir_lock: std::fs::File,
 }
@@ -290,6 +292,7 @@ impl Hub {
             accounts,
             in_flight: tokio_util::task::TaskTracker::new(),
             claims: Arc::default(),
+            auth_failures: crate::http::AuthFailures::default(),
             _data_dir_lock: data_dir_lock,
         })
     }

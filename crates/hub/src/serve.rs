@@ -95,9 +95,9 @@ pub(crate) async fn serve_while_starting(
                         break started.map_err(|e| Error::Starting(Box::new(e)))?;
                     }
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
+                        Ok(accepted) => {
                             let conn = connection(
-                                stream,
+                                accepted,
                                 tls.as_ref().map(|t| t.acceptor().clone()),
                                 handshake,
                                 http.clone(),
@@ -175,14 +175,20 @@ fn http1(limits: &LimitsConfig) -> hyper::server::conn::http1::Builder {
 /// set (within the header timeout: a client that stalls in it is cut off,
 /// as one stalling in its headers is).
 async fn connection(
-    stream: tokio::net::TcpStream,
+    (stream, peer): (tokio::net::TcpStream, SocketAddr),
     tls: Option<TlsAcceptor>,
     handshake: Duration,
     http: hyper::server::conn::http1::Builder,
     app: axum::Router,
     watcher: Watcher,
 ) -> std::result::Result<(), String> {
+    use tower::ServiceExt as _;
     let _ = stream.set_nodelay(true);
+    // Each request learns the client's address.
+    let app = app.map_request(move |mut r: axum::http::Request<hyper::body::Incoming>| {
+        r.extensions_mut().insert(crate::http::Peer(peer));
+        r
+    });
     let service = TowerToHyperService::new(app);
     let Some(tls) = tls else {
         return watcher
@@ -234,7 +240,7 @@ async fn serve_on(
         let stream = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, say: wait rather than spin.
                     tracing::warn!(error = %e, "cannot accept a connection");
