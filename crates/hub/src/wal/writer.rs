@@ -37,8 +37,8 @@ pub(super) struct Writer {
     /// The ids of the group's records written so far, sent once fsynced.
     pub(super) written_ids: Vec<WrittenIds>,
     /// Groups in a row whose write failed and was cut back (a full disk),
-    /// or whose new keys could not be stored:
-    /// the first is logged, and the next success.
+    /// or whose new keys could not be stored: the first is logged, and
+    /// the next success.
     pub(super) failing: u64,
     /// Every such group, for metrics ([`super::Wal::write_failures`]).
     pub(super) write_failures: Arc<AtomicU64>,
