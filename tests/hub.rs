@@ -1275,6 +1275,13 @@ fn send_splits_batches_over_the_body_limit() {
     assert!(stdout.contains("accepted 2 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
     assert!(stderr.contains("rejected event 1 (id big): too_large at $"), "{stderr}");
     assert!(stderr.contains("over the hub's body limit") && stderr.contains("not sent"), "{stderr}");
+
+    // A token the hub refuses stops the send at once, saying so first.
+    let out = run(&["send", file.to_str().unwrap(), "--url", &server.url, "--token", "wsh_wrong"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: the hub refused the token (401 bad_credentials: "), "{stderr}");
+    assert!(stderr.contains("--token-file") && !stderr.contains("retrying"), "{stderr}");
     assert!(server.stop().success());
     let got = payment_ids(&data);
     let mut want: Vec<String> = (0..60)

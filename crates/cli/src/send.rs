@@ -174,6 +174,16 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
         sent = first + events;
+        if let Some(refused) = resp.as_ref().err().and_then(|e| e.downcast_ref::<Unauthorized>()) {
+            anyhow::bail!(
+                "{refused}. Events {first}..{} were not sent (the {first} before them were: accepted {}, \
+                 rejected {}{})",
+                first + events,
+                totals.accepted,
+                totals.rejected,
+                if args.concurrency > 1 { "; later batches may have been sent too" } else { "" }
+            );
+        }
         let resp = resp.with_context(|| {
             format!(
                 "events {first}..{} were not all sent (the {first} before them were: accepted {}, \
@@ -482,6 +492,24 @@ enum Answer {
     TooLarge(String),
 }
 
+/// The hub refused the token (401): every batch would be, so the send
+/// stops, saying so first.
+#[derive(Debug)]
+struct Unauthorized(String);
+
+impl std::fmt::Display for Unauthorized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the hub refused the token (401 {}); give the account's token with --token-file, --token or \
+             WATERSHED_TOKEN",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Unauthorized {}
+
 /// POST one batch (its body as sent, and its `Content-Encoding`),
 /// retrying transient failures with exponential backoff (honouring
 /// `Retry-After`).
@@ -531,6 +559,14 @@ async fn post_once(
                     .and_then(|v| v["message"].as_str().map(|m| format!(": {m}")))
                     .unwrap_or_default();
                 format!("{status}{why}")
+            }
+            Ok(r) if r.status().as_u16() == 401 => {
+                let text = r.text().await.unwrap_or_default();
+                let why = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| Some(format!("{}: {}", v["error"].as_str()?, v["message"].as_str()?)))
+                    .unwrap_or(text);
+                return Err(Unauthorized(why).into());
             }
             Ok(r) => {
                 let status = r.status();
