@@ -35,6 +35,18 @@ pub enum Error {
     /// The schema directory failed to load.
     #[error(transparent)]
     Schema(#[from] watershed_schema::Error),
+    /// The configured schema directory cannot be read (missing, say).
+    #[error(
+        "schema directory {path}: {error}; point the hub at one with `schemas` in the config, \
+         WATERSHED_SCHEMAS or serve --schemas DIR"
+    )]
+    SchemaDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it cannot be read (in the message, not a `source`: the
+        /// hint comes last).
+        error: std::io::Error,
+    },
     /// The keyring failed.
     #[error(transparent)]
     Protect(#[from] watershed_protect::Error),

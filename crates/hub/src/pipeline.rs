@@ -136,7 +136,10 @@ impl Hub {
     /// As [`Hub::start`].
     pub async fn start_with(config: HubConfig, clock: Arc<dyn Clock>) -> Result<Self> {
         let started = Instant::now();
-        let registry = Arc::new(Registry::load(&config.schemas)?);
+        let registry = Arc::new(Registry::load(&config.schemas).map_err(|e| match e {
+            watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
+            e => Error::Schema(e),
+        })?);
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let keyring: Arc<dyn Keyring> = Arc::new(config.keys.open(&config.data_dir.join("keyring"))?);

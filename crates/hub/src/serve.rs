@@ -421,6 +421,19 @@ mod tests {
         Gated { gate, bound, started, server }
     }
 
+    /// A schema directory that is not there stops the start, naming it and
+    /// how to set it, before the data directory is made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_schema_directory_is_named_with_how_to_set_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::testing::config(&dir.path().join("data"));
+        config.schemas = dir.path().join("no-schemas");
+        let e = Hub::start(config).await.unwrap_err().to_string();
+        assert!(e.starts_with("schema directory ") && e.contains("no-schemas: "), "{e}");
+        assert!(e.ends_with("`schemas` in the config, WATERSHED_SCHEMAS or serve --schemas DIR"), "{e}");
+        assert!(!dir.path().join("data").exists());
+    }
+
     /// While the hub starts (replaying its write-ahead log), its address
     /// answers: `/healthz` 200, `/readyz` and ingest 503 `starting` with
     /// `Retry-After`. A connection made then is closed once the hub is up,
