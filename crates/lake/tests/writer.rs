@@ -1,8 +1,10 @@
 //! The writer's policies with an injected clock: partition count is
 //! bounded, late partitions wait longer before rolling, every row reaches a
 //! committed file exactly once and in order, open partitions hold encoded
-//! pages, memory pressure encodes before it flushes, and partitions fed an
-//! event at a time are charged what they hold.
+//! pages, memory pressure encodes before it flushes, partitions fed an
+//! event at a time are charged what they hold, and (a property test) any
+//! order of parts under any settings, over a store whose puts fail, lands
+//! every row once, in order.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +67,17 @@ impl Harness {
     async fn start(cfg: WriterConfig, budget: usize, now: i64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::local(&dir.path().join("lake"), 4).unwrap();
+        Self::start_on(dir, lake, cfg, budget, now).await
+    }
+
+    /// [`Harness::start`] over `lake`, whose files are under `dir`.
+    async fn start_on(
+        dir: tempfile::TempDir,
+        lake: Lake,
+        cfg: WriterConfig,
+        budget: usize,
+        now: i64,
+    ) -> Self {
         let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
         let clock = Arc::new(TestClock(AtomicI64::new(now)));
         let (sink, stats, memory) =
@@ -504,4 +517,263 @@ async fn a_name_taken_by_another_writer_is_never_taken_for_this_ones_file() {
     assert_eq!(std::fs::read(&at).unwrap(), ours);
     drop(w.tx);
     w.task.await.unwrap();
+}
+
+/// What a [`FlakyStore`] does with a put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PutFault {
+    /// Fails without writing.
+    Lost,
+    /// Writes the file, then reports a failure (a response lost on the
+    /// way back).
+    Landed,
+}
+
+/// A local store whose puts meet the queued faults in turn, then succeed.
+#[derive(Debug)]
+struct FlakyStore {
+    inner: object_store::local::LocalFileSystem,
+    faults: Mutex<std::collections::VecDeque<PutFault>>,
+}
+
+impl std::fmt::Display for FlakyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FlakyStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for FlakyStore {
+    async fn put_opts(
+        &self,
+        l: &object_store::path::Path,
+        p: object_store::PutPayload,
+        o: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let fault = self.faults.lock().unwrap().pop_front();
+        let failed = || object_store::Error::Generic { store: "flaky", source: "the put failed".into() };
+        match fault {
+            Some(PutFault::Lost) => Err(failed()),
+            Some(PutFault::Landed) => {
+                self.inner.put_opts(l, p, o).await?;
+                Err(failed())
+            }
+            None => self.inner.put_opts(l, p, o).await,
+        }
+    }
+    async fn put_multipart_opts(
+        &self,
+        l: &object_store::path::Path,
+        o: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(l, o).await
+    }
+    async fn get_opts(
+        &self,
+        l: &object_store::path::Path,
+        o: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(l, o).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        p: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(
+        &self,
+        p: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy_opts(
+        &self,
+        f: &object_store::path::Path,
+        t: &object_store::path::Path,
+        o: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(f, t, o).await
+    }
+}
+
+/// One step of [`any_order_of_parts_lands_each_row_once_in_order`].
+#[derive(Debug, Clone)]
+enum Step {
+    /// Hand partition `partition` a batch of `rows` rows whose text is
+    /// `width` bytes long.
+    Send { partition: usize, rows: u64, width: usize },
+    /// Move the clock on.
+    Advance { secs: u64 },
+}
+
+/// Partitions of the property test: hours before its start (the last ones
+/// late), of two tables and two accounts.
+const PARTITIONS: [(&str, &str, i64); 6] = [
+    ("t", "111111111111", 0),
+    ("t", "222222222222", 0),
+    ("u", "111111111111", 1),
+    ("t", "111111111111", 3),
+    ("u", "222222222222", 50),
+    ("t", "111111111111", 100),
+];
+
+fn rows_batch(schema: &Arc<Schema>, first: u64, rows: u64, width: usize) -> RecordBatch {
+    use arrow::array::StringArray;
+    let v = Int64Array::from_iter_values((first..first + rows).map(|i| i64::try_from(i).unwrap()));
+    let s = StringArray::from_iter(
+        (first..first + rows).map(|i| (i % 7 != 0).then(|| format!("{i}-{}", "x".repeat(width)))),
+    );
+    RecordBatch::try_new(schema.clone(), vec![Arc::new(v), Arc::new(s)]).unwrap()
+}
+
+/// Rows of `file`: (v, s).
+fn file_rows(file: &std::path::Path) -> Vec<(i64, Option<String>)> {
+    use arrow::array::{Array, StringArray};
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(file).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let v = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        let s = b.column(1).as_any().downcast_ref::<StringArray>().unwrap();
+        for i in 0..b.num_rows() {
+            out.push((v.value(i), s.is_valid(i).then(|| s.value(i).to_owned())));
+        }
+    }
+    out
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, max_shrink_time: 120_000, ..Default::default() })]
+
+    /// Whatever the order of parts, the roll sizes and ages, the bound on
+    /// open partitions, the memory budget (rolls, evictions, pressure
+    /// flushes), the row-group size and the store's failed puts (retried:
+    /// lost ones, and ones that landed though they reported a failure),
+    /// every row sent lands in exactly one
+    /// committed file of its partition, a partition's files in the order
+    /// of their records hold its rows in the order sent, each record is
+    /// reported committed once per partition, and every byte charged to
+    /// the budget is released.
+    #[test]
+    fn any_order_of_parts_lands_each_row_once_in_order(
+        roll_bytes in prop_oneof![Just(2_000usize), Just(30_000), Just(64 << 20)],
+        max_open in 1usize..=4,
+        budget in prop_oneof![Just(20_000usize), Just(200_000), Just(1 << 30)],
+        row_group_rows in prop_oneof![Just(7usize), Just(100), Just(122_880)],
+        faults in proptest::collection::vec(
+            prop_oneof![Just(None), Just(Some(PutFault::Lost)), Just(Some(PutFault::Landed))],
+            0..4,
+        ),
+        steps in proptest::collection::vec(
+            prop_oneof![
+                4 => (0..PARTITIONS.len(), 1u64..300, 0usize..60)
+                    .prop_map(|(partition, rows, width)| Step::Send { partition, rows, width }),
+                1 => (0u64..2_000).prop_map(|secs| Step::Advance { secs }),
+            ],
+            1..40,
+        ),
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let now = 1_000 * HOUR;
+            let cfg = WriterConfig {
+                roll_bytes,
+                roll_age: Duration::from_secs(60),
+                late_roll_age: Duration::from_secs(600),
+                max_open_partitions: max_open,
+                flush_concurrency: 2,
+                encode: watershed_lake::EncodeOptions { zstd_level: 1, row_group_rows },
+                ..WriterConfig::default()
+            };
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("lake")).unwrap();
+            // Puts meet the faults in turn (`None`: that put succeeds).
+            let store = FlakyStore {
+                inner: object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("lake")).unwrap(),
+                faults: Mutex::new(faults.iter().flatten().copied().collect()),
+            };
+            let store = Arc::new(store);
+            let lake = Lake::new(store.clone(), 4);
+            let w = Harness::start_on(dir, lake, cfg, budget, now).await;
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("v", DataType::Int64, false),
+                Field::new("s", DataType::Utf8, true),
+            ]));
+            let keys: Vec<PartitionKey> = PARTITIONS
+                .iter()
+                .map(|(table, account, hours)| {
+                    PartitionKey::at(table, &AccountId::new(*account).unwrap(), now - hours * HOUR)
+                })
+                .collect();
+            // Per partition: the rows sent, in order, and their records.
+            let mut sent: Vec<Vec<(i64, Option<String>)>> = vec![Vec::new(); keys.len()];
+            let mut records: Vec<Vec<u64>> = vec![Vec::new(); keys.len()];
+            let (mut next_row, mut next_record) = (0u64, 1u64);
+            for step in &steps {
+                match *step {
+                    Step::Send { partition, rows, width } => {
+                        let b = rows_batch(&schema, next_row, rows, width);
+                        for i in next_row..next_row + rows {
+                            let s = (i % 7 != 0).then(|| format!("{i}-{}", "x".repeat(width)));
+                            sent[partition].push((i64::try_from(i).unwrap(), s));
+                        }
+                        records[partition].push(next_record);
+                        w.send(keys[partition].clone(), b, next_record).await;
+                        next_row += rows;
+                        next_record += 1;
+                    }
+                    Step::Advance { secs } => {
+                        w.clock.0.fetch_add(i64::try_from(secs).unwrap() * 1_000_000, Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+            // A writer that cannot commit retries for good: that fails too.
+            let finished = tokio::time::timeout(Duration::from_secs(20), w.finish()).await;
+            prop_assert!(finished.is_ok(), "every file committed within 20 s");
+            let (dir, sink, stats, memory) = finished.unwrap();
+            prop_assert!(store.faults.lock().unwrap().is_empty() || next_record == 1);
+            prop_assert_eq!(memory.used(), 0, "every byte charged is released once");
+            prop_assert_eq!(stats.rows.load(Ordering::Relaxed), next_row);
+            let files: Vec<_> = walk(dir.path())
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect();
+            for (i, key) in keys.iter().enumerate() {
+                let mut mine: Vec<_> = files
+                    .iter()
+                    .filter(|f| f.parent().unwrap().ends_with(key.dir()))
+                    .collect();
+                // `<source>-<first record>-<last record>.parquet`, fixed width.
+                mine.sort();
+                let got: Vec<_> = mine.iter().flat_map(|f| file_rows(f)).collect();
+                prop_assert_eq!(&got, &sent[i], "partition {}: files {:?}", key.dir(), mine);
+                let mut committed: Vec<u64> = sink
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(p, _)| *p == key.dir())
+                    .flat_map(|(_, r)| r.clone())
+                    .collect();
+                committed.sort_unstable();
+                prop_assert_eq!(&committed, &records[i], "partition {}", key.dir());
+            }
+            Ok(())
+        })?;
+    }
 }
