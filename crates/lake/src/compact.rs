@@ -429,11 +429,13 @@ impl Compactor {
                 Ok(Settled::Open) => {
                     report.failures += 1;
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    self.leave_unsettled(m.partition, &mut unsettled);
                 }
                 Err(e) => {
                     report.failures += 1;
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %m.path, error = %e, "cannot settle an open merge yet; retried on the next pass");
+                    self.leave_unsettled(m.partition, &mut unsettled);
                 }
             }
         }
@@ -469,6 +471,10 @@ impl Compactor {
                 continue;
             }
             if unsettled.contains(&dir) {
+                if !self.plan_only {
+                    // Merged once its open merge is settled.
+                    self.waiting.lock().expect("lock").insert(dir);
+                }
                 continue;
             }
             if report.deferred > 0 {
@@ -494,6 +500,16 @@ impl Compactor {
         }
         progress(total, total, &report);
         Ok(report)
+    }
+
+    /// Leave partition `dir` out of this pass: a merge of it is still
+    /// open (its put or its inputs' deletion failed), so its inputs and
+    /// its merged file may both be there, and merging either again would
+    /// put their rows in two files for good. The next pass settles the
+    /// merge first, then merges the partition.
+    fn leave_unsettled(&self, dir: String, unsettled: &mut BTreeSet<String>) {
+        self.waiting.lock().expect("lock").insert(dir.clone());
+        unsettled.insert(dir);
     }
 
     /// Merge the small files of one partition.
