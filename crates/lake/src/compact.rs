@@ -517,25 +517,36 @@ impl Compactor {
         let half = self.config.target_bytes / 2;
         let merge_bytes = self.merge_bytes();
         let mut small: Vec<Small> = Vec::new();
+        // The WAL ranges of puts in flight: a bin does not span one, or
+        // its merged file, once the put is committed and merged with it,
+        // would hold rows out of WAL order.
+        let mut in_flight: Vec<(u64, u64)> = Vec::new();
         for meta in self.lake.list(Some(dir)).await? {
             let path = meta.location.to_string();
             let Some((parent, name)) = path.rsplit_once('/') else { continue };
             let Some((first, last)) = name_range(name, &self.config.source) else { continue };
-            if parent != dir
-                || meta.size >= half
-                || self.log.lock().expect("commit log lock").is_pending(&path)
-            {
+            if parent != dir || meta.size >= half {
+                continue;
+            }
+            if self.log.lock().expect("commit log lock").is_pending(&path) {
+                in_flight.push((first, last));
                 continue;
             }
             small.push(Small { path, size: meta.size, first, last });
         }
         small.sort_by_key(|s| (s.first, s.last));
+        in_flight.sort_unstable();
+        let mut in_flight = in_flight.into_iter().peekable();
         // Consecutive files, in WAL order, up to the target size.
         let mut bins: Vec<Vec<Small>> = Vec::new();
         let mut bytes = 0;
         for s in small {
+            let mut spans_a_put = false;
+            while in_flight.next_if(|&put| put < (s.first, s.last)).is_some() {
+                spans_a_put = true;
+            }
             match bins.last_mut() {
-                Some(bin) if bytes + s.size <= merge_bytes => {
+                Some(bin) if !spans_a_put && bytes + s.size <= merge_bytes => {
                     bytes += s.size;
                     bin.push(s);
                 }

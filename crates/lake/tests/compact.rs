@@ -492,6 +492,30 @@ async fn a_partition_whose_merge_is_still_open_is_not_merged_again() {
     assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10), "every row once, in WAL order");
 }
 
+/// A put in flight (its commit line not yet written) between two small
+/// files keeps them apart: merged without it, their file would later be
+/// merged with it and hold its rows out of WAL order.
+#[tokio::test]
+async fn small_files_are_not_merged_across_a_put_in_flight() {
+    let s = Lakeside::new().await;
+    let key = partition("08");
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    s.commit(&key, SOURCE, &[1], 10, false).await;
+    let in_flight = key.file(SOURCE, 2, 2);
+    s.log.lock().unwrap().intent(&in_flight, &key.dir(), &[2]).unwrap().wait().unwrap();
+    s.lake.put_create(&in_flight, file_bytes(&in_flight, SOURCE, &[2], 10, false)).await.unwrap();
+    s.commit(&key, SOURCE, &[3], 10, false).await;
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!(report.merges, 0, "{report:?}");
+    s.log.lock().unwrap().commit(&in_flight).unwrap();
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.inputs), (1, 3), "{report:?}");
+    let files = s.files(&key).await;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10), "in WAL order");
+}
+
 /// Late events reach a closed partition as small files, one per pass
 /// here. The partition's big file is not rewritten to add one of them:
 /// the late files are merged among themselves, and the big file only
@@ -708,6 +732,11 @@ enum Step {
     /// A restart: the commit log is read back from disk (recovery settles
     /// merges cut short).
     Restart,
+    /// Put a file of the next record whose commit line has not come yet
+    /// (the lake writer's put in flight).
+    Begin { hour: usize, rows: usize },
+    /// Write the commit line of the oldest put in flight.
+    Finish,
 }
 
 /// The ids of every file of `key`'s partition, each file's in its order.
@@ -729,8 +758,9 @@ use proptest::prelude::*;
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..Default::default() })]
 
-    /// Whatever the history of commits (two schema versions), compaction
-    /// passes under failing puts and deletes, and restarts: no row is ever
+    /// Whatever the history of commits (two schema versions; puts whose
+    /// commit line comes later), compaction passes under failing puts and
+    /// deletes, and restarts: no row is ever
     /// missing from the lake (between a failed delete and the next pass a
     /// row may be in two files), every file holds its rows in WAL order,
     /// and once the store works again a restart and passes leave every
@@ -746,6 +776,8 @@ proptest! {
                 2 => (any::<bool>(), any::<bool>())
                     .prop_map(|(puts_fail, deletes_fail)| Step::Pass { puts_fail, deletes_fail }),
                 1 => Just(Step::Restart),
+                1 => (0usize..3, 1usize..80).prop_map(|(hour, rows)| Step::Begin { hour, rows }),
+                1 => Just(Step::Finish),
             ],
             1..30,
         ),
@@ -760,6 +792,7 @@ proptest! {
             // Per partition: the rows committed, as `rows` of each record.
             let mut committed: Vec<Vec<(u64, usize)>> = vec![Vec::new(); keys.len()];
             let mut next = 1u64;
+            let mut in_flight: std::collections::VecDeque<LakePath> = std::collections::VecDeque::new();
             let expected = |committed: &[(u64, usize)]| {
                 let mut ids: Vec<String> =
                     committed.iter().flat_map(|&(r, rows)| expected_ids(&[r], rows)).collect();
@@ -782,8 +815,25 @@ proptest! {
                         prop_assert!(report.is_ok(), "{:?}", report);
                     }
                     Step::Restart => {
+                        // A restart resolves intents: a put in flight whose
+                        // file is there counts as committed.
                         let (log, _) = CommitLog::open(&log_path, &s.lake, 0).await.unwrap();
                         *s.log.lock().unwrap() = log;
+                        in_flight.clear();
+                    }
+                    Step::Begin { hour, rows } => {
+                        let key = &keys[hour];
+                        let path = key.file(SOURCE, next, next);
+                        s.log.lock().unwrap().intent(&path, &key.dir(), &[next]).unwrap().wait().unwrap();
+                        s.lake.put_create(&path, file_bytes(&path, SOURCE, &[next], rows, false)).await.unwrap();
+                        committed[hour].push((next, rows));
+                        in_flight.push_back(path);
+                        next += 1;
+                    }
+                    Step::Finish => {
+                        if let Some(path) = in_flight.pop_front() {
+                            s.log.lock().unwrap().commit(&path).unwrap();
+                        }
                     }
                 }
                 for (i, key) in keys.iter().enumerate() {
@@ -798,7 +848,11 @@ proptest! {
                     }
                 }
             }
-            // The store works again: a restart and passes settle everything.
+            // The puts in flight are committed, the store works again: a
+            // restart and passes settle everything.
+            for path in in_flight.drain(..) {
+                s.log.lock().unwrap().commit(&path).unwrap();
+            }
             let (log, _) = CommitLog::open(&log_path, &s.lake, 0).await.unwrap();
             *s.log.lock().unwrap() = log;
             for _ in 0..4 {
