@@ -52,6 +52,17 @@ pub trait MasterKey: Send + Sync + Debug {
     /// # Errors
     /// When the new key cannot be stored.
     fn rotate(&self) -> Result<String>;
+
+    /// Take in the master keys another process added since this one read
+    /// them (`keys rotate` beside a running hub), so that keys wrapped
+    /// under them unwrap and new keys are wrapped under the new active
+    /// one. The default has nothing to take in.
+    ///
+    /// # Errors
+    /// When the added keys cannot be read.
+    fn refresh(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What `forget` erased.

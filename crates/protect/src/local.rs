@@ -277,6 +277,11 @@ impl MasterKey for LocalMasterKey {
     }
 
     fn unwrap(&self, wrapped: &Wrapped, context: &[u8]) -> Result<SecretKey> {
+        if !lock(&self.state).iter().any(|(id, _)| *id == wrapped.master) {
+            // Added since this process read the file: a `keys rotate`
+            // beside it.
+            self.refresh()?;
+        }
         let state = lock(&self.state);
         let c = &state
             .iter()
@@ -306,8 +311,29 @@ impl MasterKey for LocalMasterKey {
     }
 
     fn rotate(&self) -> Result<String> {
+        // Another process's rotations first, so this one's state holds
+        // every key the file will.
+        self.refresh()?;
         let file = read(&self.path)?;
         self.add_key(file)
+    }
+
+    fn refresh(&self) -> Result<()> {
+        let file = read(&self.path)?;
+        let known: Vec<String> = lock(&self.state).iter().map(|(id, _)| id.clone()).collect();
+        let mut added = Vec::new();
+        for r in file.keys.iter().filter(|r| !known.contains(&r.id)) {
+            added.push((r.id.clone(), self.unseal(r)?));
+        }
+        if !file.keys.iter().any(|r| r.id == file.active) {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                detail: format!("active master key {} is missing", file.active),
+            });
+        }
+        lock(&self.state).extend(added);
+        *lock(&self.active) = file.active;
+        Ok(())
     }
 }
 

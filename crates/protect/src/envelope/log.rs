@@ -66,6 +66,13 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         }
         st.stamp = now;
         st.file = None;
+        // A replaced log may be a rotation's (another process's): its keys
+        // are wrapped under a master key this one has not read yet, and
+        // new keys belong under it. Unwrapping takes it in anyway when
+        // this fails; the error shows there.
+        if let Err(e) = self.master.refresh() {
+            tracing::warn!(error = %e, "cannot read master keys added by another process");
+        }
         Ok(())
     }
 

@@ -584,9 +584,11 @@ impl<M: MasterKey> Keyring for EnvelopeKeyring<M> {
 
     fn rotate(&self, by: &Access) -> Result<String> {
         by.check()?;
-        let new_master = self.master.rotate()?;
         let mut st = lock(&self.state);
+        // Under the file lock: two rotations at once would both add the
+        // same next master key id.
         let guard = self.lock_file()?;
+        let new_master = self.master.rotate()?;
         self.reload(&mut st, true)?;
         let mut n = 0usize;
         let ids: Vec<KeyId> = st.state.data_keys.keys().copied().collect();

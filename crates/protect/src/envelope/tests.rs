@@ -462,3 +462,155 @@ fn a_failed_key_log_write_is_cut_back_and_written_again() {
     assert_eq!(other.data_cipher(&a, Some("s-1")).unwrap().id(), first);
     assert_eq!(other.data_cipher(&a, Some("s-2")).unwrap().id(), second);
 }
+
+/// `keys rotate` beside a running hub: the hub unwraps the keys rewrapped
+/// under the new master key, and wraps its new keys under it.
+#[test]
+fn a_running_hub_takes_in_a_rotation_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (made, keys) = subjects(dir.path(), 2);
+    drop(made);
+    let hub = LocalKeyring::open_local(dir.path()).unwrap();
+    let new_master = LocalKeyring::open_local(dir.path()).unwrap().rotate(&by()).unwrap();
+    assert_eq!(hub.cipher_by_id(&keys[0].0).unwrap().id(), keys[0].0, "rewrapped, and read");
+    let fresh = hub.data_cipher(&a, Some("s-new")).unwrap().id();
+    hub.sync().unwrap();
+    let line = log_lines(&hub).into_iter().find(|l| l.contains(&fresh.to_hex())).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["wrapped"]["master"], new_master.as_str(), "{line}");
+    // Another rotation, through the hub's own keyring, knows both.
+    let third = hub.rotate(&by()).unwrap();
+    assert_ne!(third, new_master);
+    let reader = LocalKeyring::open_local(dir.path()).unwrap();
+    for id in [keys[1].0, fresh] {
+        assert_eq!(reader.cipher_by_id(&id).unwrap().id(), id);
+    }
+}
+
+/// One step of [`any_history_of_keys_erasures_rotations_and_restarts`]:
+/// the hub's keyring, or a `keys` command (a keyring opened for it, on
+/// the same directory).
+#[derive(Debug, Clone)]
+enum Step {
+    /// The hub takes a key for subject `s` (new, or the subject's current
+    /// one).
+    Key { s: usize },
+    /// The hub makes its new keys durable (before it acknowledges the
+    /// events they encrypt).
+    Sync,
+    /// The hub reads key `i` of those made so far by its id (as
+    /// `keys decrypt` and a cold cache do).
+    Read { i: usize },
+    /// `keys forget` of subject `s`.
+    Forget { s: usize },
+    /// `keys rotate`.
+    Rotate,
+    /// The hub restarts (its keys not yet synced are lost with it; their
+    /// events were never acknowledged).
+    Restart,
+}
+
+use proptest::strategy::Strategy as _;
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Whatever the history of the hub's new keys, syncs, reads and
+    /// restarts and of `keys forget` and `keys rotate` beside it: nothing
+    /// fails on the way, and at the end a key made durable reads back
+    /// (the same key, through a keyring opened afresh and through the
+    /// hub's) unless its subject was forgotten after it was, and then
+    /// reads as erased. (A key the hub held but had not made durable when
+    /// its subject was forgotten may go either way: no event it encrypts
+    /// was acknowledged before the erasure.)
+    #[test]
+    fn any_history_of_keys_erasures_rotations_and_restarts(
+        steps in proptest::collection::vec(
+            proptest::prop_oneof![
+                4 => (0usize..4).prop_map(|s| Step::Key { s }),
+                3 => proptest::strategy::Just(Step::Sync),
+                2 => (0usize..64).prop_map(|i| Step::Read { i }),
+                2 => (0usize..4).prop_map(|s| Step::Forget { s }),
+                1 => proptest::strategy::Just(Step::Rotate),
+                1 => proptest::strategy::Just(Step::Restart),
+            ],
+            1..40,
+        ),
+    ) {
+        use proptest::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let subject = |s: usize| format!("s-{s}");
+        let mut hub = LocalKeyring::open_local(dir.path()).unwrap();
+        // Keys the hub made: (id, subject, made at step, synced at step).
+        let mut keys: Vec<(KeyId, usize, usize, Option<usize>)> = Vec::new();
+        // Erasures: (subject, at step).
+        let mut forgets: Vec<(usize, usize)> = Vec::new();
+        // Whether key `(s, made, synced)` is to read as erased (`None`:
+        // either way).
+        let erased = |forgets: &[(usize, usize)], s: usize, made: usize, synced: Option<usize>| {
+            let mut erasures = forgets.iter().filter(|&&(fs, ft)| fs == s && ft > made);
+            match synced {
+                None => None,
+                Some(at) if erasures.clone().any(|&(_, ft)| ft > at) => Some(true),
+                Some(_) if erasures.next().is_some() => None,
+                Some(_) => Some(false),
+            }
+        };
+        for (t, step) in steps.iter().enumerate() {
+            match *step {
+                Step::Key { s } => {
+                    let c = hub.data_cipher(&a, Some(&subject(s)));
+                    prop_assert!(c.is_ok(), "{:?}", c.err());
+                    let id = c.unwrap().id();
+                    if !keys.iter().any(|&(i, ..)| i == id) {
+                        keys.push((id, s, t, None));
+                    }
+                }
+                Step::Sync => {
+                    let r = hub.sync();
+                    prop_assert!(r.is_ok(), "{:?}", r.err());
+                    for key in keys.iter_mut().filter(|key| key.3.is_none()) {
+                        key.3 = Some(t);
+                    }
+                }
+                Step::Read { i } => {
+                    let Some(&(id, s, made, synced)) = keys.get(i % keys.len().max(1)) else { continue };
+                    match (hub.cipher_by_id(&id), erased(&forgets, s, made, synced)) {
+                        (Ok(c), Some(false) | None) => prop_assert_eq!(c.id(), id),
+                        (Err(Error::KeyErased { .. }), Some(true) | None) => {}
+                        (got, want) => prop_assert!(false, "the hub reads key {:?} of s-{}: {:?}, erased: {:?}", id, s, got.map(|c| c.id()), want),
+                    }
+                }
+                Step::Forget { s } => {
+                    let cli = LocalKeyring::open_local(dir.path()).unwrap();
+                    match cli.forget(&a, &subject(s), &by()) {
+                        Ok(_) | Err(Error::NothingToForget { .. }) => forgets.push((s, t)),
+                        Err(e) => prop_assert!(false, "forget: {}", e),
+                    }
+                }
+                Step::Rotate => {
+                    let cli = LocalKeyring::open_local(dir.path()).unwrap();
+                    let r = cli.rotate(&by());
+                    prop_assert!(r.is_ok(), "{:?}", r.err());
+                }
+                Step::Restart => {
+                    hub = LocalKeyring::open_local(dir.path()).unwrap();
+                    keys.retain(|key| key.3.is_some());
+                }
+            }
+        }
+        let fresh = LocalKeyring::open_local(dir.path()).unwrap();
+        for &(id, s, made, synced) in &keys {
+            let Some(want) = erased(&forgets, s, made, synced) else { continue };
+            for (who, kr) in [("a fresh keyring", &fresh), ("the hub", &hub)] {
+                match kr.cipher_by_id(&id) {
+                    Ok(c) => prop_assert!(!want && c.id() == id, "{} reads key {:?} of s-{} back though erased", who, id, s),
+                    Err(Error::KeyErased { .. }) => prop_assert!(want, "{} reads key {:?} of s-{} as erased", who, id, s),
+                    Err(e) => prop_assert!(false, "{} reads key {:?} of s-{}: {}", who, id, s, e),
+                }
+            }
+        }
+    }
+}
