@@ -383,6 +383,26 @@ impl CommitLog {
         self.pending.contains(path)
     }
 
+    /// Mark `path` pending before its intent is logged: the writer has
+    /// taken its rows to encode them, and compaction must not merge the
+    /// files around it meanwhile (see [`CommitLog::pending_in`]).
+    /// [`CommitLog::intent`] follows, or [`CommitLog::release`].
+    pub fn reserve(&mut self, path: &LakePath) {
+        self.pending.insert(path.0.clone());
+    }
+
+    /// Withdraw a [`CommitLog::reserve`] whose file will not be put.
+    pub fn release(&mut self, path: &LakePath) {
+        self.pending.remove(&path.0);
+    }
+
+    /// The pending files of partition directory `dir` (puts in flight, or
+    /// about to be), whether or not they are in the lake yet.
+    #[must_use]
+    pub fn pending_in(&self, dir: &str) -> Vec<String> {
+        self.pending.iter().filter(|p| p.rsplit_once('/').is_some_and(|(d, _)| d == dir)).cloned().collect()
+    }
+
     /// Partition directories that received a committed file since the
     /// last call.
     pub fn take_touched(&mut self) -> HashSet<String> {

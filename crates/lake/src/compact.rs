@@ -517,9 +517,9 @@ impl Compactor {
         let half = self.config.target_bytes / 2;
         let merge_bytes = self.merge_bytes();
         let mut small: Vec<Small> = Vec::new();
-        // The WAL ranges of puts in flight: a bin does not span one, or
-        // its merged file, once the put is committed and merged with it,
-        // would hold rows out of WAL order.
+        // The WAL ranges of puts in flight (or about to be): a bin does not
+        // span one, or its merged file, once the put is committed and
+        // merged with it, would hold rows out of WAL order.
         let mut in_flight: Vec<(u64, u64)> = Vec::new();
         for meta in self.lake.list(Some(dir)).await? {
             let path = meta.location.to_string();
@@ -533,6 +533,12 @@ impl Compactor {
                 continue;
             }
             small.push(Small { path, size: meta.size, first, last });
+        }
+        // And those the writer is about to put, not in the lake yet.
+        let reserved = self.log.lock().expect("commit log lock").pending_in(dir);
+        for path in reserved {
+            let name = path.rsplit_once('/').map_or(path.as_str(), |(_, n)| n);
+            in_flight.extend(name_range(name, &self.config.source));
         }
         small.sort_by_key(|s| (s.first, s.last));
         in_flight.sort_unstable();

@@ -492,9 +492,10 @@ async fn a_partition_whose_merge_is_still_open_is_not_merged_again() {
     assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10), "every row once, in WAL order");
 }
 
-/// A put in flight (its commit line not yet written) between two small
-/// files keeps them apart: merged without it, their file would later be
-/// merged with it and hold its rows out of WAL order.
+/// A put in flight (its commit line not yet written), or a file the
+/// writer is about to put, between two small files keeps them apart:
+/// merged without it, their file would later be merged with it and hold
+/// its rows out of WAL order.
 #[tokio::test]
 async fn small_files_are_not_merged_across_a_put_in_flight() {
     let s = Lakeside::new().await;
@@ -514,6 +515,24 @@ async fn small_files_are_not_merged_across_a_put_in_flight() {
     let files = s.files(&key).await;
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10), "in WAL order");
+
+    // So does a file the writer has taken to encode, reserved before its
+    // intent is logged and not in the lake yet.
+    let key = partition("09");
+    s.commit(&key, SOURCE, &[4], 10, false).await;
+    let reserved = key.file(SOURCE, 5, 5);
+    s.log.lock().unwrap().reserve(&reserved);
+    s.commit(&key, SOURCE, &[6], 10, false).await;
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!(report.merges, 0, "{report:?}");
+    // Its put and commit then make the partition one to look at again.
+    s.log.lock().unwrap().intent(&reserved, &key.dir(), &[5]).unwrap().wait().unwrap();
+    s.lake.put_create(&reserved, file_bytes(&reserved, SOURCE, &[5], 10, false)).await.unwrap();
+    s.log.lock().unwrap().commit(&reserved).unwrap();
+    let report = compactor.run_once(&stop).await.unwrap();
+    assert_eq!((report.merges, report.inputs), (1, 3), "{report:?}");
+    let files = s.files(&key).await;
+    assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[4, 5, 6], 10), "in WAL order");
 }
 
 /// Late events reach a closed partition as small files, one per pass

@@ -27,14 +27,13 @@ pub(super) struct FlushCtx {
 impl FlushCtx {
     /// Finish one buffer's file and commit it, retrying the store with
     /// backoff until it is committed: acknowledged rows are never dropped.
-    pub(super) async fn flush(&self, key: PartitionKey, mut buf: Buffer) {
+    /// `path` is the buffer's file, already reserved in the commit log.
+    pub(super) async fn flush(&self, key: PartitionKey, mut buf: Buffer, path: LakePath) {
         let started = std::time::Instant::now();
-        let first = *buf.records.iter().min().unwrap_or(&0);
-        let last = *buf.records.iter().max().unwrap_or(&0);
-        let path = key.file(&self.source, first, last);
         let bytes = match self.finish_file(&key, &path, &mut buf).await {
             Ok(b) => bytes::Bytes::from(b),
             Err(e) => {
+                self.log.lock().expect("commit log lock").release(&path);
                 // Only a bug gets here (one schema per buffer, in-memory
                 // output). The rows are not reported committed, so their
                 // WAL records stay and replay on the next start.

@@ -214,6 +214,15 @@ enum Encoder {
 type ChunkResult = std::result::Result<Box<FileEncoder>, (crate::Error, Vec<RecordBatch>, usize)>;
 
 impl Buffer {
+    /// The first and last WAL records of the buffer: its file's name.
+    fn first_record(&self) -> u64 {
+        self.records.iter().min().copied().unwrap_or(0)
+    }
+
+    fn last_record(&self) -> u64 {
+        self.records.iter().max().copied().unwrap_or(0)
+    }
+
     /// Whether the unencoded rows make a chunk.
     fn chunk_ready(&self) -> bool {
         self.loose_rows >= CHUNK_ROWS || self.loose_bytes >= CHUNK_BYTES
@@ -617,9 +626,15 @@ impl LakeWriter {
             encode: self.cfg.encode,
             source: self.cfg.source.clone(),
         };
+        // Pending from now on, before the file is encoded and its intent
+        // logged: compaction does not merge the partition's files around it
+        // (whose merged file would later be merged with it, its rows out
+        // of WAL order).
+        let path = key.file(&ctx.source, buf.first_record(), buf.last_record());
+        self.log.lock().expect("commit log lock").reserve(&path);
         self.flushing.spawn(async move {
             let _permit = permit;
-            ctx.flush(key, buf).await;
+            ctx.flush(key, buf, path).await;
         });
     }
 }
@@ -691,9 +706,12 @@ mod tests {
             encode: EncodeOptions::default(),
             source: "wal".into(),
         };
-        ctx.flush(key, buf).await;
+        let path = key.file("wal", 1, 1);
+        ctx.log.lock().unwrap().reserve(&path);
+        ctx.flush(key, buf, path.clone()).await;
         assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
         assert_eq!(stats.files.load(Ordering::Relaxed), 0);
         assert_eq!(memory.used(), 0);
+        assert!(!ctx.log.lock().unwrap().is_pending(&path.0), "the reservation is withdrawn");
     }
 }
