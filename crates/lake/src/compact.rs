@@ -517,42 +517,45 @@ impl Compactor {
         let half = self.config.target_bytes / 2;
         let merge_bytes = self.merge_bytes();
         let mut small: Vec<Small> = Vec::new();
-        // The WAL ranges of puts in flight (or about to be): a bin does not
-        // span one, or its merged file, once the put is committed and
-        // merged with it, would hold rows out of WAL order.
-        let mut in_flight: Vec<(u64, u64)> = Vec::new();
+        // The WAL ranges of this hub's files that are not merged now (big
+        // ones, puts in flight or about to be): a bin does not span one.
+        // Its merged file would cover the other's range, so the
+        // partition's files, in the order of their records, would no
+        // longer hold its rows in WAL order (and once a put in flight is
+        // merged with it, neither would the merged file).
+        let mut barriers: Vec<(u64, u64)> = Vec::new();
         for meta in self.lake.list(Some(dir)).await? {
             let path = meta.location.to_string();
             let Some((parent, name)) = path.rsplit_once('/') else { continue };
             let Some((first, last)) = name_range(name, &self.config.source) else { continue };
-            if parent != dir || meta.size >= half {
+            if parent != dir {
                 continue;
             }
-            if self.log.lock().expect("commit log lock").is_pending(&path) {
-                in_flight.push((first, last));
+            if meta.size >= half || self.log.lock().expect("commit log lock").is_pending(&path) {
+                barriers.push((first, last));
                 continue;
             }
             small.push(Small { path, size: meta.size, first, last });
         }
-        // And those the writer is about to put, not in the lake yet.
+        // And the files the writer is about to put, not in the lake yet.
         let reserved = self.log.lock().expect("commit log lock").pending_in(dir);
         for path in reserved {
             let name = path.rsplit_once('/').map_or(path.as_str(), |(_, n)| n);
-            in_flight.extend(name_range(name, &self.config.source));
+            barriers.extend(name_range(name, &self.config.source));
         }
         small.sort_by_key(|s| (s.first, s.last));
-        in_flight.sort_unstable();
-        let mut in_flight = in_flight.into_iter().peekable();
+        barriers.sort_unstable();
+        let mut barriers = barriers.into_iter().peekable();
         // Consecutive files, in WAL order, up to the target size.
         let mut bins: Vec<Vec<Small>> = Vec::new();
         let mut bytes = 0;
         for s in small {
-            let mut spans_a_put = false;
-            while in_flight.next_if(|&put| put < (s.first, s.last)).is_some() {
-                spans_a_put = true;
+            let mut spans_a_barrier = false;
+            while barriers.next_if(|&b| b < (s.first, s.last)).is_some() {
+                spans_a_barrier = true;
             }
             match bins.last_mut() {
-                Some(bin) if !spans_a_put && bytes + s.size <= merge_bytes => {
+                Some(bin) if !spans_a_barrier && bytes + s.size <= merge_bytes => {
                     bytes += s.size;
                     bin.push(s);
                 }

@@ -492,6 +492,31 @@ async fn a_partition_whose_merge_is_still_open_is_not_merged_again() {
     assert_eq!(s.rows(&files[0]).await.0, expected_ids(&[1, 2, 3], 10), "every row once, in WAL order");
 }
 
+/// A big file between two small ones keeps them apart: their merged file
+/// would span its records, so the partition's files in the order of
+/// their records would not hold its rows in WAL order.
+#[tokio::test]
+async fn small_files_are_not_merged_across_a_big_file() {
+    let s = Lakeside::new().await;
+    let key = partition("06");
+    s.commit(&key, SOURCE, &[1], 10, false).await;
+    let big = s.commit(&key, SOURCE, &[2], 20_000, false).await;
+    let big_size = s.lake.get(&big.0).await.unwrap().len() as u64;
+    s.commit(&key, SOURCE, &[3], 10, false).await;
+    s.commit(&key, SOURCE, &[4], 10, false).await;
+    let compactor = s.compactor(2 * big_size);
+    let report = compactor.run_once(&AtomicBool::new(false)).await.unwrap();
+    assert_eq!((report.merges, report.inputs), (1, 2), "only the files after it: {report:?}");
+    let mut rows = Vec::new();
+    for f in s.files(&key).await {
+        rows.extend(s.rows(&f).await.0);
+    }
+    let mut want = expected_ids(&[1], 10);
+    want.extend(expected_ids(&[2], 20_000));
+    want.extend(expected_ids(&[3, 4], 10));
+    assert_eq!(rows, want, "in WAL order, file by file");
+}
+
 /// A put in flight (its commit line not yet written), or a file the
 /// writer is about to put, between two small files keeps them apart:
 /// merged without it, their file would later be merged with it and hold
@@ -783,8 +808,9 @@ proptest! {
     /// missing from the lake (between a failed delete and the next pass a
     /// row may be in two files), every file holds its rows in WAL order,
     /// and once the store works again a restart and passes leave every
-    /// row in exactly one file, with the commit log counting every record
-    /// committed.
+    /// row in exactly one file, the files in the order of their records
+    /// holding the rows in WAL order, with the commit log counting every
+    /// record committed.
     #[test]
     fn any_history_of_commits_passes_and_restarts_keeps_every_row_once(
         target in prop_oneof![Just(3_000u64), Just(30_000), Just(64 << 20)],
@@ -882,6 +908,10 @@ proptest! {
             let (_, recovered) = CommitLog::open(&log_path, &s.lake, 0).await.unwrap();
             for (i, key) in keys.iter().enumerate() {
                 let mut have: Vec<String> = partition_rows(&s, key).await.into_iter().flatten().collect();
+                // The files in the order of their records hold the rows in
+                // WAL order.
+                let records: Vec<u64> = have.iter().map(|id| record_of(id)).collect();
+                prop_assert!(records.is_sorted(), "WAL order across the files of {}: {:?}", key.dir(), records);
                 have.sort();
                 prop_assert_eq!(have, expected(&committed[i]), "every row once in {}", key.dir());
                 for &(r, _) in &committed[i] {
