@@ -440,6 +440,12 @@ async fn ready(State(hub): State<Arc<Hub>>) -> Response {
     if let Err(why) = hub.health() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}")).into_response();
     }
+    if let Some(why) = hub.wal_failing().await {
+        let message = format!(
+            "unavailable: the write-ahead log's last write failed ({why}); ready again once a write succeeds"
+        );
+        return retry_later((StatusCode::SERVICE_UNAVAILABLE, message).into_response());
+    }
     if hub.busy() {
         retry_later((StatusCode::SERVICE_UNAVAILABLE, "busy").into_response())
     } else {

@@ -406,8 +406,21 @@ impl Hub {
 
     /// Whether ingest would refuse a request now for want of room (the
     /// writer's memory, request bodies in flight, or the WAL's bound);
-    /// `/readyz` is ready when the hub is healthy ([`Hub::health`]) and
-    /// not busy.
+    /// Why the write-ahead log takes no records now (its last write
+    /// failed: a full disk), after probing it with a write of its own
+    /// ([`crate::wal::Wal::probe`]); `None` when it does.
+    pub async fn wal_failing(&self) -> Option<String> {
+        let why = self.wal.failing()?;
+        if self.wal.probe().await {
+            None
+        } else {
+            Some(why)
+        }
+    }
+
+    /// `/readyz` is ready when the hub is healthy ([`Hub::health`]), its
+    /// write-ahead log takes records ([`Hub::wal_failing`]) and it is not
+    /// busy.
     #[must_use]
     pub fn busy(&self) -> bool {
         self.memory.full() || self.requests.full() || self.wal_full()

@@ -215,7 +215,15 @@ enum Msg {
     Retire,
     /// Seal the open segment (if it holds records), then answer.
     Seal(oneshot::Sender<()>),
+    /// While writes fail, try a write of [`PROBE_BYTES`] (and its fsync)
+    /// in the log's directory; answer whether the log takes records
+    /// again.
+    Probe(oneshot::Sender<bool>),
 }
+
+/// The size of [`Msg::Probe`]'s write: about a large group of records, so
+/// that a disk with a few bytes free does not pass for one with room.
+pub(super) const PROBE_BYTES: usize = 256 << 10;
 
 #[derive(Debug)]
 struct Append {
@@ -257,6 +265,9 @@ pub struct Wal {
     /// new protection keys could not be stored first (a full disk): each
     /// answered with an error, nothing of them stored. For metrics.
     pub write_failures: Arc<AtomicU64>,
+    /// Why the last write failed, while no write has succeeded since (see
+    /// [`Wal::failing`]).
+    failing: Arc<std::sync::Mutex<Option<String>>>,
     /// Turns true when the writer thread (and its retire thread) ended.
     stopped: watch::Receiver<bool>,
     /// Why the log needs a restart, once it does (see [`Wal::failure`]).
@@ -409,6 +420,7 @@ impl Wal {
         let (retire_tx, retire_rx) = std::sync::mpsc::channel();
         let failed = Arc::new(OnceLock::new());
         let write_failures = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(std::sync::Mutex::new(None));
         let retirer = Retirer {
             dir: dir.to_owned(),
             opts,
@@ -438,6 +450,7 @@ impl Wal {
             written_ids: Vec::new(),
             failing: 0,
             write_failures: write_failures.clone(),
+            last_failure: failing.clone(),
         };
         w.open_segment()?;
         w.note_oldest();
@@ -458,7 +471,7 @@ impl Wal {
                 let _ = stopped_tx.send(true);
             })
             .map_err(io(dir))?;
-        Ok(Self { tx, size, write_failures, stopped, failed })
+        Ok(Self { tx, size, write_failures, failing, stopped, failed })
     }
 
     /// Wait until the writer thread has stopped: once every handle is
@@ -470,6 +483,28 @@ impl Wal {
         drop(self);
         // An error means the thread is gone without saying so (a panic).
         let _ = stopped.wait_for(|s| *s).await;
+    }
+
+    /// Why the last write failed (a full disk), while no write has
+    /// succeeded since and the log has not been probed back to health
+    /// ([`Wal::probe`]). Appends are refused then, nothing stored; the log
+    /// needs no restart.
+    #[must_use]
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// While [`Wal::failing`], try a write (and fsync) of the size of a
+    /// large group in the log's directory: whether the log takes records
+    /// again. It clears the failure when it does, so a hub out of a load
+    /// balancer's rotation for a full disk comes back once space is
+    /// freed, without a request of its own.
+    pub async fn probe(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Probe(reply)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Why the log cannot go on without a restart, once that is so: a

@@ -231,12 +231,23 @@ async fn a_failed_write_is_cut_back_and_later_records_survive() {
     assert_eq!(wal.append(record("a"), 1, 1).await.unwrap().seq, 1);
     tear_next_write(dir.path(), 10);
     assert_eq!(wal.write_failures.load(Ordering::Relaxed), 0);
+    assert!(wal.probe().await && wal.failing().is_none(), "a healthy log is not probed");
     assert!(wal.append(record("b"), 1, 1).await.is_err(), "the torn write fails its group");
     assert_eq!(wal.write_failures.load(Ordering::Relaxed), 1, "counted for the metric");
-    // The log goes on, with the failed record's seq unused.
+    assert!(wal.failing().is_some_and(|why| why.contains("no space left")), "{:?}", wal.failing());
+    // A probe's write succeeds: the log is taken for healthy again.
+    assert!(wal.probe().await);
+    assert_eq!(wal.failing(), None);
+    assert!(!dir.path().join("probe.tmp").exists(), "the probe's file is removed");
+    tear_next_write(dir.path(), 10);
+    assert!(wal.append(record("b2"), 1, 1).await.is_err());
+    assert!(wal.failing().is_some());
+    // The log goes on, with the failed records' seqs unused; a write
+    // that succeeds clears the failure too.
     assert_eq!(wal.append(record("c"), 1, 1).await.unwrap().seq, 2);
+    assert_eq!(wal.failing(), None);
     assert_eq!(wal.failure(), None, "a write cut back needs no restart");
-    assert_eq!(wal.write_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(wal.write_failures.load(Ordering::Relaxed), 2);
     wal.close().await;
     let (_, seen) = reopen(dir.path(), opts);
     assert_eq!(

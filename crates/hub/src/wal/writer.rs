@@ -42,6 +42,9 @@ pub(super) struct Writer {
     pub(super) failing: u64,
     /// Every such group, for metrics ([`super::Wal::write_failures`]).
     pub(super) write_failures: Arc<AtomicU64>,
+    /// Why the last write failed, until one succeeds or a probe does
+    /// ([`super::Wal::failing`]).
+    pub(super) last_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Frames gathered for the open segment and not yet written.
@@ -87,17 +90,22 @@ impl Writer {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut batch = Vec::with_capacity(256);
         let mut seals = Vec::new();
+        let mut probes = Vec::new();
         // A `Retire` only wakes the loop: it retires after every message.
-        let take = |m, batch: &mut Vec<Append>, seals: &mut Vec<oneshot::Sender<()>>| match m {
+        let take = |m,
+                    batch: &mut Vec<Append>,
+                    seals: &mut Vec<oneshot::Sender<()>>,
+                    probes: &mut Vec<oneshot::Sender<bool>>| match m {
             Msg::Append(a) => batch.push(a),
             Msg::Retire => {}
             Msg::Seal(reply) => seals.push(reply),
+            Msg::Probe(reply) => probes.push(reply),
         };
         while let Some(first) = rx.blocking_recv() {
-            take(first, &mut batch, &mut seals);
+            take(first, &mut batch, &mut seals, &mut probes);
             while batch.len() < 1024 {
                 match rx.try_recv() {
-                    Ok(m) => take(m, &mut batch, &mut seals),
+                    Ok(m) => take(m, &mut batch, &mut seals, &mut probes),
                     Err(_) => break,
                 }
             }
@@ -133,6 +141,12 @@ impl Writer {
                 }
                 for reply in seals.drain(..) {
                     let _ = reply.send(());
+                }
+            }
+            if !probes.is_empty() {
+                let healthy = self.probe();
+                for reply in probes.drain(..) {
+                    let _ = reply.send(healthy);
                 }
             }
             if let Err(e) = self.retire() {
@@ -287,6 +301,8 @@ impl Writer {
     fn note_write(&mut self, result: &std::result::Result<u64, Failed>) {
         match result {
             Err(Failed::Io(e) | Failed::BeforeWrite(e)) => {
+                *self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(e.clone());
                 if self.failing == 0 {
                     tracing::error!(
                         error = %e,
@@ -300,9 +316,34 @@ impl Writer {
             Ok(_) if self.failing > 0 => {
                 tracing::info!(failed_groups = self.failing, "write-ahead log writes succeed again");
                 self.failing = 0;
+                *self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             }
             _ => {}
         }
+    }
+
+    /// Whether the log takes records: healthy unless the last write
+    /// failed, then whether a write of [`super::PROBE_BYTES`] and its
+    /// fsync succeed in the log's directory now (the file is removed
+    /// after). A success clears the failure for readiness; the run of
+    /// failed writes is logged as over only when a group is written.
+    fn probe(&mut self) -> bool {
+        let mut last = self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none() {
+            return self.broken.is_none();
+        }
+        let path = self.dir.join("probe.tmp");
+        let written = (|| {
+            use std::io::Write as _;
+            let mut f = File::create(&path)?;
+            f.write_all(&vec![0u8; super::PROBE_BYTES])?;
+            f.sync_data()
+        })();
+        let _ = std::fs::remove_file(&path);
+        if written.is_ok() {
+            *last = None;
+        }
+        written.is_ok() && self.broken.is_none()
     }
 
     /// Publish the first record of the oldest segment.
