@@ -520,6 +520,40 @@ mod tests {
         assert!(body.contains("restart the hub"), "{body}");
     }
 
+    /// A write that fails and is cut back (a full disk) answers its
+    /// request 503 and makes `/readyz` 503 `unavailable` while a probe's
+    /// write fails too; once one succeeds the hub is ready and takes the
+    /// retry. `/healthz` stays 200: no restart is needed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_follows_a_full_disk_and_comes_back_with_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = crate::testing::token(dir.path());
+        let hub = Arc::new(Hub::start(crate::testing::config(dir.path())).await.unwrap());
+        let get = |path: &str| axum::http::Request::get(path).body(Body::empty()).unwrap();
+        let post = || {
+            axum::http::Request::post("/v1/events")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Body::from(crate::testing::login("f-1")))
+                .unwrap()
+        };
+        let wal = dir.path().join("wal");
+        crate::wal::tests::fail_next_write(&wal);
+        let (status, _, body) = call(&hub, post()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        crate::wal::tests::fail_next_probe(&wal);
+        let (status, headers, body) = call(&hub, get("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("unavailable: the write-ahead log's last write failed"), "{body}");
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        assert_eq!(call(&hub, get("/healthz")).await.2, "ok");
+        // Space is back: the next probe passes, and the retry is stored.
+        assert_eq!(call(&hub, get("/readyz")).await.2, "ready");
+        let (status, _, body) = call(&hub, post()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""accepted":1"#), "{body}");
+    }
+
     /// Content codings are matched in any case, `x-gzip` is gzip, and any
     /// other (or several, or an unreadable value) is refused with 415 and
     /// `Accept-Encoding` before the body is read.

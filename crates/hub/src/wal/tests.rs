@@ -16,6 +16,8 @@ enum Fault {
     SyncIds(usize),
     /// The next write panics.
     Panic,
+    /// The next probe's write fails.
+    Probe,
 }
 
 /// Faults waiting for their directory's next write or fsync.
@@ -36,6 +38,22 @@ fn take(path: &Path, kind: impl Fn(Fault) -> bool) -> Option<Fault> {
 /// bytes with an error.
 fn tear_next_write(dir: &Path, keep: usize) {
     inject(dir, Fault::Tear(keep));
+}
+
+/// Make the next write into a segment of `dir` fail, as on a full disk
+/// (nothing of it kept).
+pub(crate) fn fail_next_write(dir: &Path) {
+    inject(dir, Fault::Tear(0));
+}
+
+/// Make the next probe of the log in `dir` fail.
+pub(crate) fn fail_next_probe(dir: &Path) {
+    inject(dir, Fault::Probe);
+}
+
+/// Whether the probe writing `path` is to fail (once).
+pub(super) fn probe_fails(path: &Path) -> bool {
+    take(path, |f| matches!(f, Fault::Probe)).is_some()
 }
 
 /// Make the next fsync of a segment in `dir` fail.
@@ -94,7 +112,7 @@ pub(super) fn hold_ids_write(path: &Path) {
 pub(super) fn torn_write(path: &Path) -> Option<usize> {
     match take(path, |f| matches!(f, Fault::Tear(_)))? {
         Fault::Tear(keep) => Some(keep),
-        Fault::Sync | Fault::SyncIds(_) | Fault::Panic => None,
+        Fault::Sync | Fault::SyncIds(_) | Fault::Panic | Fault::Probe => None,
     }
 }
 

@@ -335,6 +335,10 @@ impl Writer {
         let path = self.dir.join("probe.tmp");
         let written = (|| {
             use std::io::Write as _;
+            #[cfg(test)]
+            if super::tests::probe_fails(&path) {
+                return Err(std::io::Error::other("no space left on device (simulated)"));
+            }
             let mut f = File::create(&path)?;
             f.write_all(&vec![0u8; super::PROBE_BYTES])?;
             f.sync_data()
