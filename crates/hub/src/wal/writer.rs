@@ -328,8 +328,8 @@ impl Writer {
     /// after). A success clears the failure for readiness; the run of
     /// failed writes is logged as over only when a group is written.
     fn probe(&mut self) -> bool {
-        let mut last = self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_none() {
+        let last = || self.last_failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last().is_none() {
             return self.broken.is_none();
         }
         let path = self.dir.join("probe.tmp");
@@ -345,7 +345,7 @@ impl Writer {
         })();
         let _ = std::fs::remove_file(&path);
         if written.is_ok() {
-            *last = None;
+            *last() = None;
         }
         written.is_ok() && self.broken.is_none()
     }
