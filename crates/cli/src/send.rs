@@ -681,6 +681,77 @@ mod tests {
         batches(input, size).map(|b| b.unwrap().body).collect()
     }
 
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        /// Whatever the lines (blank ones, CRLF endings, a byte order
+        /// mark, no final line break) and the batch size, the batches hold
+        /// every non-blank line once, in order, at most `size` events
+        /// each, numbered from where the last stopped; and a batch split
+        /// in halves after any of its events is the same bytes, the first
+        /// half holding that many events.
+        #[test]
+        fn batches_and_halves_keep_every_event_in_order(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    3 => "[a-z0-9 ]{0,12}".prop_map(|s| format!("{{\"e\":\"{s}\"}}")),
+                    1 => proptest::prop_oneof![
+                        proptest::strategy::Just(String::new()),
+                        proptest::strategy::Just(" ".to_owned()),
+                        proptest::strategy::Just("\t\r".to_owned()),
+                    ],
+                ],
+                0..40,
+            ),
+            crlf in proptest::prelude::any::<bool>(),
+            bom in proptest::prelude::any::<bool>(),
+            trailing in proptest::prelude::any::<bool>(),
+            size in 1usize..8,
+        ) {
+            use proptest::prelude::*;
+            use std::io::BufRead as _;
+            let end = if crlf { "\r\n" } else { "\n" };
+            let mut input = if bom { watershed_hub::body::BOM.to_vec() } else { Vec::new() };
+            input.extend_from_slice(lines.join(end).as_bytes());
+            if trailing && !lines.is_empty() {
+                input.extend_from_slice(end.as_bytes());
+            }
+            let events: Vec<String> = lines.iter().filter(|l| !super::blank(l.as_bytes())).cloned().collect();
+            let batches: Vec<super::Batch> = Batches {
+                lines: std::io::BufReader::new(std::io::Cursor::new(input)).split(b'\n'),
+                at_start: true,
+                size,
+                next_index: 0,
+                input: "events.ndjson".into(),
+            }
+            .map(|b| b.unwrap())
+            .collect();
+            let mut got = Vec::new();
+            let mut next = 0;
+            for b in &batches {
+                prop_assert_eq!(b.first, next);
+                prop_assert!(b.events >= 1 && b.events <= size);
+                let text = std::str::from_utf8(&b.body).unwrap();
+                let mine: Vec<String> = text
+                    .split('\n')
+                    .map(|l| l.trim_end_matches('\r').to_owned())
+                    .filter(|l| !super::blank(l.as_bytes()))
+                    .collect();
+                prop_assert_eq!(mine.len(), b.events);
+                got.extend(mine);
+                next += b.events;
+                for n in 1..b.events {
+                    let (one, two, counted) = halves(&b.body, n);
+                    prop_assert_eq!(counted, n);
+                    prop_assert_eq!([&one[..], &two[..]].concat(), b.body.to_vec());
+                    let in_one = one.split(|&c| c == b'\n').filter(|l| !super::blank(l)).count();
+                    prop_assert_eq!(in_one, n);
+                }
+            }
+            prop_assert_eq!(got, events);
+        }
+    }
+
     #[test]
     fn a_byte_order_mark_is_not_part_of_the_first_event() {
         assert_eq!(bodies(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 1), [&b"{\"a\":1}\n"[..], b"{\"b\":2}\n"]);
