@@ -383,6 +383,12 @@ impl CommitLog {
         self.pending.contains(path)
     }
 
+    /// The log's file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Mark `path` pending before its intent is logged: the writer has
     /// taken its rows to encode them, and compaction must not merge the
     /// files around it meanwhile (see [`CommitLog::pending_in`]).

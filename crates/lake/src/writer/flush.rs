@@ -115,7 +115,9 @@ impl FlushCtx {
             out.map_err(|e| e.to_string())
         })
         .await
-        .expect("encoding does not panic")
+        // Cancelled when the runtime shuts down (a missed shutdown
+        // deadline); the rows stay in the WAL.
+        .unwrap_or_else(|e| Err(format!("encoding did not finish: {e}")))
     }
 
     async fn commit(
@@ -131,7 +133,10 @@ impl FlushCtx {
         let intent = self.log.lock().expect("commit log lock").intent(path, &partition, records)?;
         // The fsync runs off the runtime's threads and without the log's
         // lock: the intents of concurrent flushes share it.
-        tokio::task::spawn_blocking(move || intent.wait()).await.expect("syncing does not panic")?;
+        tokio::task::spawn_blocking(move || intent.wait()).await.map_err(|e| Error::Io {
+            path: self.log.lock().expect("commit log lock").path().to_owned(),
+            source: std::io::Error::other(format!("syncing the intent did not finish: {e}")),
+        })??;
         let put = self.lake.put_create(path, bytes.clone()).await?;
         if put == Put::AlreadyExists {
             // The name carries this hub's WAL identity and records: a put
