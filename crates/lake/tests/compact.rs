@@ -810,7 +810,9 @@ proptest! {
     /// and once the store works again a restart and passes leave every
     /// row in exactly one file, the files in the order of their records
     /// holding the rows in WAL order, with the commit log counting every
-    /// record committed.
+    /// record committed. And a plan (`--dry-run`) beside the running hub
+    /// counts the merges, inputs and rows of the pass `lake compact` makes
+    /// once the hub has stopped.
     #[test]
     fn any_history_of_commits_passes_and_restarts_keeps_every_row_once(
         target in prop_oneof![Just(3_000u64), Just(30_000), Just(64 << 20)],
@@ -850,6 +852,32 @@ proptest! {
                         s.commit(&keys[hour], SOURCE, &[next], rows, extra).await;
                         committed[hour].push((next, rows));
                         next += 1;
+                    }
+                    Step::Pass { puts_fail: false, deletes_fail: false }
+                        if s.log.lock().unwrap().open_merges().is_empty() =>
+                    {
+                        // A plan (`lake compact --dry-run`, over the log
+                        // read as it stands, beside the running hub) counts
+                        // the merges that `lake compact` makes once the hub
+                        // has stopped: a restart, then a compactor's first
+                        // pass.
+                        let read_only = CommitLog::open_read_only(&log_path, &s.lake).await.unwrap();
+                        let plan = s
+                            .compactor_over(Arc::new(Mutex::new(read_only)), config(target), Arc::default())
+                            .plan_only()
+                            .run_once(&stop)
+                            .await
+                            .unwrap();
+                        let (log, _) = CommitLog::open(&log_path, &s.lake, 0).await.unwrap();
+                        *s.log.lock().unwrap() = log;
+                        in_flight.clear();
+                        let fresh = s.compactor(target);
+                        let report = fresh.run_once(&stop).await.unwrap();
+                        prop_assert_eq!(
+                            (plan.merges, plan.inputs, plan.rows),
+                            (report.merges, report.inputs, report.rows),
+                            "the plan against the pass"
+                        );
                     }
                     Step::Pass { puts_fail, deletes_fail } => {
                         store.fail_puts.store(puts_fail, Ordering::Relaxed);
