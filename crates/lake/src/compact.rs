@@ -517,31 +517,34 @@ impl Compactor {
         let half = self.config.target_bytes / 2;
         let merge_bytes = self.merge_bytes();
         let mut small: Vec<Small> = Vec::new();
-        // The WAL ranges of this hub's files that are not merged now (big
-        // ones, puts in flight or about to be): a bin does not span one.
+        // The WAL ranges of this hub's files that are not merged now (puts
+        // in flight or about to be, in the lake or not yet, and big files):
+        // a bin does not span one.
         // Its merged file would cover the other's range, so the
         // partition's files, in the order of their records, would no
         // longer hold its rows in WAL order (and once a put in flight is
         // merged with it, neither would the merged file).
-        let mut barriers: Vec<(u64, u64)> = Vec::new();
-        for meta in self.lake.list(Some(dir)).await? {
+        let listed = self.lake.list(Some(dir)).await?;
+        // Pending after the listing: a put that lands meanwhile is one.
+        let pending = self.log.lock().expect("commit log lock").pending_in(dir);
+        let mut barriers: Vec<(u64, u64)> = pending
+            .iter()
+            .filter_map(|p| {
+                name_range(p.rsplit_once('/').map_or(p.as_str(), |(_, n)| n), &self.config.source)
+            })
+            .collect();
+        for meta in listed {
             let path = meta.location.to_string();
             let Some((parent, name)) = path.rsplit_once('/') else { continue };
             let Some((first, last)) = name_range(name, &self.config.source) else { continue };
-            if parent != dir {
+            if parent != dir || pending.contains(&path) {
                 continue;
             }
-            if meta.size >= half || self.log.lock().expect("commit log lock").is_pending(&path) {
+            if meta.size >= half {
                 barriers.push((first, last));
                 continue;
             }
             small.push(Small { path, size: meta.size, first, last });
-        }
-        // And the files the writer is about to put, not in the lake yet.
-        let reserved = self.log.lock().expect("commit log lock").pending_in(dir);
-        for path in reserved {
-            let name = path.rsplit_once('/').map_or(path.as_str(), |(_, n)| n);
-            barriers.extend(name_range(name, &self.config.source));
         }
         small.sort_by_key(|s| (s.first, s.last));
         barriers.sort_unstable();
