@@ -27,7 +27,8 @@ use crate::schema::{arrow_type, UTC};
 pub enum Proj {
     /// A scalar, converted by promotion when the types differ.
     Scalar,
-    /// An enum: the writer's symbols, written as text.
+    /// An enum, written as text: the text of each of the writer's symbols
+    /// (itself, or the reader's default symbol when the reader lacks it).
     Enum(Arc<Vec<String>>),
     /// A record: one source per reader field.
     Record(Vec<Src>),
@@ -65,10 +66,11 @@ pub fn project(reader: &Node, writer: &Node) -> Proj {
                         .or_else(|| w.fields.iter().position(|wf| r.lookup.get(&wf.name) == Some(&ri)));
                     match found {
                         Some(wi) => Src::Field(wi, project(&rf.node, &w.fields[wi].node)),
-                        None => match &rf.default {
+                        // The registry checked that the default decodes.
+                        None => match &rf.default_json {
                             Some(d) => {
                                 let mut tape = Tape::new();
-                                match decode_value(&rf.node, d.to_string().as_bytes(), &mut tape) {
+                                match decode_value(&rf.node, d.as_bytes(), &mut tape) {
                                     Ok(slot) => {
                                         Src::Default(Arc::new((tape, slot)), project(&rf.node, &rf.node))
                                     }
@@ -83,7 +85,12 @@ pub fn project(reader: &Node, writer: &Node) -> Proj {
         ),
         (Kind::Array(r), Kind::Array(w)) => Proj::List(Box::new(project(r, w))),
         (Kind::Map(r), Kind::Map(w)) => Proj::Map(Box::new(project(r, w))),
-        (_, Kind::Enum { symbols }) => Proj::Enum(Arc::new(symbols.clone())),
+        // A writer symbol the reader lacks reads as the reader's default
+        // symbol (the registry refuses the version without one).
+        (Kind::Enum { symbols: rs, default: Some(d) }, Kind::Enum { symbols: ws, .. }) => Proj::Enum(
+            Arc::new(ws.iter().map(|w| if rs.contains(w) { w.clone() } else { d.clone() }).collect()),
+        ),
+        (_, Kind::Enum { symbols, .. }) => Proj::Enum(Arc::new(symbols.clone())),
         _ => Proj::Scalar,
     }
 }

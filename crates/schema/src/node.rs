@@ -85,6 +85,9 @@ pub enum Kind {
     Enum {
         /// The symbols, in declaration order.
         symbols: Vec<String>,
+        /// The symbol that an older version's symbol this enum lacks reads
+        /// as (Avro's enum `default`).
+        default: Option<String>,
     },
     /// A list of one item type.
     Array(Box<Node>),
@@ -201,7 +204,10 @@ pub struct Field {
     pub node: Node,
     /// The Avro default, when the schema gives one.
     pub default: Option<Value>,
-    /// The default as JSON text (decoded when a payload omits the field).
+    /// The default as payload JSON text (bytes in base64; decoded when a
+    /// payload omits the field, and written for events of versions without
+    /// it). Checked to decode when the schema is compiled; `None` without a
+    /// default.
     pub default_json: Option<String>,
     /// The protection action, from `"watershed.protect"`.
     pub protect: Option<Protect>,
@@ -316,7 +322,7 @@ impl<'a> Compiler<'a, '_> {
                 #[allow(clippy::cast_possible_truncation)]
                 Kind::Decimal { precision: d.precision.min(38) as u8, scale: d.scale.min(38) as u8 }
             }
-            Schema::Enum(e) => Kind::Enum { symbols: e.symbols.clone() },
+            Schema::Enum(e) => Kind::Enum { symbols: e.symbols.clone(), default: e.default.clone() },
             Schema::Array(a) => Kind::Array(Box::new(self.nested(&a.items, path, "[]"))),
             Schema::Map(m) => Kind::Map(Box::new(self.nested(&m.types, path, "{}"))),
             Schema::Record(r) => self.record(r, path),
@@ -359,10 +365,21 @@ impl<'a> Compiler<'a, '_> {
             for alias in f.aliases.iter().flatten() {
                 lookup.entry(alias.clone()).or_insert(i);
             }
+            let default_json = f.default.as_ref().and_then(|d| match checked_default(&node, d) {
+                Ok(text) => Some(text),
+                Err(why) => {
+                    self.problems.push(format!(
+                        "field \"{fpath}\": the default {} does not fit {}: {why}",
+                        cut(&d.to_string(), 80),
+                        node.kind.name()
+                    ));
+                    None
+                }
+            });
             fields.push(Field {
                 name: f.name.clone(),
                 node,
-                default_json: f.default.as_ref().map(Value::to_string),
+                default_json,
                 default: f.default.clone(),
                 protect,
                 data_subject,
@@ -450,6 +467,115 @@ impl<'a> Compiler<'a, '_> {
             ));
         }
         (protect, data_subject)
+    }
+}
+
+/// A field's Avro default as payload JSON text (what [`crate::decode_value`]
+/// reads when an event omits the field, and what the lake writes for
+/// events of versions without it), checked to decode.
+fn checked_default(node: &Node, avro: &Value) -> Result<String, String> {
+    let text = payload_default(node, avro)?.to_string();
+    let mut tape = crate::Tape::new();
+    match crate::decode_value(node, text.as_bytes(), &mut tape) {
+        Ok(_) => Ok(text),
+        Err(v) if v.path == "$" => Err(v.detail),
+        Err(v) => Err(format!("{} (at {})", v.detail, v.path)),
+    }
+}
+
+/// An Avro default written as a payload writes the value. They differ for
+/// `bytes` and `fixed`: Avro spells a default as a string of code points
+/// U+0000 to U+00FF, one per byte (`"\u00ff"` is the byte 0xFF), where a
+/// payload carries base64. Every other type is spelt alike.
+fn payload_default(node: &Node, avro: &Value) -> Result<Value, String> {
+    use base64::Engine as _;
+    if avro.is_null() {
+        return Ok(Value::Null);
+    }
+    Ok(match (&node.kind, avro) {
+        (Kind::Bytes | Kind::Fixed { .. }, Value::String(s)) => {
+            let bytes =
+                s.chars().map(|c| u8::try_from(u32::from(c))).collect::<Result<Vec<u8>, _>>().map_err(
+                    |_| {
+                        "a bytes or fixed default is a string of characters \\u0000 to \\u00ff, one per byte"
+                            .to_owned()
+                    },
+                )?;
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        (Kind::Array(item), Value::Array(items)) => {
+            Value::Array(items.iter().map(|v| payload_default(item, v)).collect::<Result<_, _>>()?)
+        }
+        (Kind::Map(value), Value::Object(entries)) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), payload_default(value, v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        (Kind::Record(r), Value::Object(entries)) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| {
+                    let v = match r.lookup.get(k) {
+                        Some(&i) => payload_default(&r.fields[i].node, v)?,
+                        None => v.clone(),
+                    };
+                    Ok((k.clone(), v))
+                })
+                .collect::<Result<_, String>>()?,
+        ),
+        _ => avro.clone(),
+    })
+}
+
+/// Fields of `reader` that `writer` lacks and that would be written with a
+/// non-null default holding protected values: the lake writes a writer
+/// version's events under the reader's columns with the default as it is,
+/// where the validator would have protected it. Fields match as the lake's
+/// projection matches them (by name, then by reader alias), through
+/// records, arrays and maps. Each is its dotted path.
+pub(crate) fn unprotected_defaults(reader: &Node, writer: &Node, path: &str, out: &mut Vec<String>) {
+    match (&reader.kind, &writer.kind) {
+        (Kind::Record(r), Kind::Record(w)) => {
+            for (ri, rf) in r.fields.iter().enumerate() {
+                let fpath = if path.is_empty() { rf.name.clone() } else { format!("{path}.{}", rf.name) };
+                let found = w
+                    .fields
+                    .iter()
+                    .position(|wf| wf.name == rf.name)
+                    .or_else(|| w.fields.iter().position(|wf| r.lookup.get(&wf.name) == Some(&ri)));
+                match found {
+                    Some(wi) => unprotected_defaults(&rf.node, &w.fields[wi].node, &fpath, out),
+                    None if rf.default.as_ref().is_some_and(|d| !d.is_null())
+                        && (rf.protect.is_some() || protects(&rf.node)) =>
+                    {
+                        out.push(fpath);
+                    }
+                    None => {}
+                }
+            }
+        }
+        (Kind::Array(r), Kind::Array(w)) | (Kind::Map(r), Kind::Map(w)) => {
+            unprotected_defaults(r, w, path, out);
+        }
+        _ => {}
+    }
+}
+
+/// Whether any field under `node` is protected.
+fn protects(node: &Node) -> bool {
+    match &node.kind {
+        Kind::Record(r) => r.fields.iter().any(|f| f.protect.is_some() || protects(&f.node)),
+        Kind::Array(inner) | Kind::Map(inner) => protects(inner),
+        _ => false,
+    }
+}
+
+/// `s` cut to at most `max` characters, with `…` when cut.
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
     }
 }
 

@@ -331,4 +331,18 @@ fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], p
             earlier[i].version
         ));
     }
+    for old in earlier {
+        let mut fields = Vec::new();
+        crate::node::unprotected_defaults(&new.node, &old.node, "", &mut fields);
+        for f in fields {
+            problems.push(format!(
+                "{}: field \"{f}\" holds protected values and has a non-null default, but v{} has no such \
+                 field: v{}'s events would be written with the default unprotected; give it a null default \
+                 (type [\"null\", ...], \"default\": null)",
+                new.path.display(),
+                old.version,
+                old.version
+            ));
+        }
+    }
 }

@@ -649,7 +649,7 @@ fn fail(ctx: &mut Ctx<'_, '_>, reason: Reason, detail: &str) -> R<Slot> {
 fn string(node: &Node, ctx: &mut Ctx<'_, '_>, b: &[u8]) -> R<Slot> {
     match &node.kind {
         Kind::String => return Ok(ctx.tape.push_utf8(b)),
-        Kind::Enum { symbols } => {
+        Kind::Enum { symbols, .. } => {
             return match symbols.iter().position(|s| crate::node::short_eq(s.as_bytes(), b)) {
                 #[allow(clippy::cast_possible_truncation)]
                 Some(i) => Ok(Slot::Enum(i as u32)),
