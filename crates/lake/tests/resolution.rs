@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use apache_avro::types::Value as Avro;
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, Float32Array, Float64Array, Int32Array,
-    Int64Array, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
+    Float64Array, Int32Array, Int64Array, StringArray, Time32MillisecondArray, Time64MicrosecondArray,
+    TimestampMicrosecondArray, TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, TimeUnit};
 use base64::Engine as _;
@@ -45,7 +46,12 @@ enum Ty {
     Bytes,
     Fixed(String, usize),
     Date,
+    TimeMillis,
+    TimeMicros,
+    TsMillis,
     TsMicros,
+    /// Precision, scale.
+    Decimal(u32, u32),
     Enum(String, Vec<String>, Option<String>),
     Array(Box<Ty>),
     Map(Box<Ty>),
@@ -65,6 +71,9 @@ struct Fld {
 struct Gen {
     rng: ChaCha8Rng,
     names: usize,
+    /// Whether `ty` may make decimals (apache-avro takes no decimal
+    /// default, so fields added with one cannot hold any).
+    decimals: bool,
 }
 
 impl Gen {
@@ -80,7 +89,7 @@ impl Gen {
     fn ty(&mut self, depth: u32) -> Ty {
         let leaf = depth >= 3 || self.p(0.6);
         if leaf {
-            match self.rng.gen_range(0..11) {
+            match self.rng.gen_range(0..15) {
                 0 => Ty::Bool,
                 1 => Ty::Int,
                 2 => Ty::Long,
@@ -91,6 +100,13 @@ impl Gen {
                 7 => Ty::Fixed(self.name("F"), self.rng.gen_range(1..5)),
                 8 => Ty::Date,
                 9 => Ty::TsMicros,
+                10 => Ty::TimeMillis,
+                11 => Ty::TimeMicros,
+                12 => Ty::TsMillis,
+                13 if self.decimals => {
+                    let p = self.rng.gen_range(1..=18);
+                    Ty::Decimal(p, self.rng.gen_range(0..=p))
+                }
                 _ => {
                     let n = self.rng.gen_range(1..5);
                     Ty::Enum(self.name("E"), (0..n).map(|i| format!("S{i}")).collect(), None)
@@ -163,7 +179,9 @@ impl Gen {
                 }
                 let added = self.rng.gen_range(0..3);
                 for i in 0..added.max(usize::from(out.is_empty())) {
+                    self.decimals = false;
                     let ty = self.ty(2);
+                    self.decimals = true;
                     let nullable = self.p(0.3);
                     let default = if nullable { Json::Null } else { self.default(&ty) };
                     out.push(Fld {
@@ -187,7 +205,10 @@ impl Gen {
         match ty {
             Ty::Bool => json!(self.p(0.5)),
             Ty::Int | Ty::Date => json!(self.rng.gen_range(-1000..1000)),
-            Ty::Long | Ty::TsMicros => json!(self.rng.gen_range(-1_000_000i64..1_000_000)),
+            Ty::TimeMillis => json!(self.rng.gen_range(0..86_400_000)),
+            Ty::Long | Ty::TsMicros | Ty::TsMillis => json!(self.rng.gen_range(-1_000_000i64..1_000_000)),
+            Ty::TimeMicros => json!(self.rng.gen_range(0..86_400_000_000i64)),
+            Ty::Decimal(..) => unreachable!("no decimal defaults"),
             Ty::Float | Ty::Double => json!(f64::from(self.rng.gen_range(-1000..1000)) / 4.0),
             Ty::Str => json!(self.text()),
             Ty::Bytes => {
@@ -270,6 +291,30 @@ impl Gen {
                 let v = self.rng.gen_range(-62_135_596_800_000_000..=253_402_300_799_999_999);
                 (json!(v), Avro::TimestampMicros(v))
             }
+            Ty::TsMillis => {
+                let v = self.rng.gen_range(-62_135_596_800_000..=253_402_300_799_999);
+                (json!(v), Avro::TimestampMillis(v))
+            }
+            Ty::TimeMillis => {
+                let v = self.rng.gen_range(0..86_400_000);
+                (json!(v), Avro::TimeMillis(v))
+            }
+            Ty::TimeMicros => {
+                let v = self.rng.gen_range(0..86_400_000_000);
+                (json!(v), Avro::TimeMicros(v))
+            }
+            Ty::Decimal(p, scale) => {
+                let max = 10i64.pow(*p) - 1;
+                let v = self.rng.gen_range(-max..=max);
+                let text = decimal_text(v, *scale);
+                let a = Avro::Decimal(apache_avro::Decimal::from(i128::from(v).to_be_bytes()));
+                // Written as a string, or as a number when that is exact.
+                if *scale == 0 && v.unsigned_abs() < 1 << 53 && self.p(0.5) {
+                    (json!(v), a)
+                } else {
+                    (json!(text), a)
+                }
+            }
             Ty::Enum(_, symbols, _) => {
                 let i = self.rng.gen_range(0..symbols.len());
                 (json!(symbols[i]), Avro::Enum(u32::try_from(i).unwrap(), symbols[i].clone()))
@@ -312,6 +357,18 @@ impl Gen {
     }
 }
 
+/// `unscaled` × 10^-`scale` in plain decimal notation.
+fn decimal_text(unscaled: i64, scale: u32) -> String {
+    let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale as usize + 1);
+    let (int, frac) = digits.split_at(digits.len() - scale as usize);
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
@@ -332,6 +389,10 @@ fn avro_json(ty: &Ty, aliased: bool) -> Json {
         Ty::Fixed(name, size) => json!({"type": "fixed", "name": name, "size": size}),
         Ty::Date => json!({"type": "int", "logicalType": "date"}),
         Ty::TsMicros => json!({"type": "long", "logicalType": "timestamp-micros"}),
+        Ty::TsMillis => json!({"type": "long", "logicalType": "timestamp-millis"}),
+        Ty::TimeMillis => json!({"type": "int", "logicalType": "time-millis"}),
+        Ty::TimeMicros => json!({"type": "long", "logicalType": "time-micros"}),
+        Ty::Decimal(p, s) => json!({"type": "bytes", "logicalType": "decimal", "precision": p, "scale": s}),
         Ty::Enum(name, symbols, default) => {
             let mut e = json!({"type": "enum", "name": name, "symbols": symbols});
             if let Some(d) = default {
@@ -374,6 +435,7 @@ enum V {
     F64(u64),
     Str(String),
     Bytes(Vec<u8>),
+    Dec(i128),
     List(Vec<V>),
     Map(Vec<(String, V)>),
     Rec(Vec<V>),
@@ -383,8 +445,16 @@ fn from_avro(v: &Avro) -> V {
     match v {
         Avro::Null => V::Null,
         Avro::Boolean(b) => V::Bool(*b),
-        Avro::Int(i) | Avro::Date(i) => V::Int(i64::from(*i)),
-        Avro::Long(i) | Avro::TimestampMicros(i) => V::Int(*i),
+        Avro::Int(i) | Avro::Date(i) | Avro::TimeMillis(i) => V::Int(i64::from(*i)),
+        Avro::Long(i) | Avro::TimestampMicros(i) | Avro::TimestampMillis(i) | Avro::TimeMicros(i) => {
+            V::Int(*i)
+        }
+        Avro::Decimal(d) => {
+            let b = Vec::<u8>::try_from(d).unwrap();
+            let mut full = [if b.first().is_some_and(|x| x & 0x80 != 0) { 0xff } else { 0 }; 16];
+            full[16 - b.len()..].copy_from_slice(&b);
+            V::Dec(i128::from_be_bytes(full))
+        }
         Avro::Float(f) => V::F32(f.to_bits()),
         Avro::Double(f) => V::F64(f.to_bits()),
         Avro::String(s) | Avro::Enum(_, s) => V::Str(s.clone()),
@@ -413,6 +483,16 @@ fn from_arrow(a: &ArrayRef, i: usize) -> V {
         DataType::Timestamp(TimeUnit::Microsecond, _) => {
             V::Int(a.as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().value(i))
         }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            V::Int(a.as_any().downcast_ref::<TimestampMillisecondArray>().unwrap().value(i))
+        }
+        DataType::Time32(TimeUnit::Millisecond) => {
+            V::Int(i64::from(a.as_any().downcast_ref::<Time32MillisecondArray>().unwrap().value(i)))
+        }
+        DataType::Time64(TimeUnit::Microsecond) => {
+            V::Int(a.as_any().downcast_ref::<Time64MicrosecondArray>().unwrap().value(i))
+        }
+        DataType::Decimal128(..) => V::Dec(a.as_any().downcast_ref::<Decimal128Array>().unwrap().value(i)),
         DataType::Float32 => V::F32(a.as_any().downcast_ref::<Float32Array>().unwrap().value(i).to_bits()),
         DataType::Float64 => V::F64(a.as_any().downcast_ref::<Float64Array>().unwrap().value(i).to_bits()),
         DataType::Utf8 => V::Str(a.as_any().downcast_ref::<StringArray>().unwrap().value(i).to_owned()),
@@ -441,7 +521,7 @@ fn from_arrow(a: &ArrayRef, i: usize) -> V {
 /// One random case: writer and reader schemas and one event of the
 /// writer's, checked as the module docs say.
 fn case(seed: u64) {
-    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0 };
+    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0, decimals: true };
     let Ty::Record(_, wf) = g.record(0) else { unreachable!() };
     let writer = Ty::Record("R".into(), wf);
     let reader = g.evolve(&writer);
