@@ -1,0 +1,175 @@
+//! The lake's files read by DuckDB and pyarrow, for every payload type.
+//!
+//! Random payload schemas (every supported type but `uuid`, nested in
+//! records, arrays and maps, nullable or not) and random events of them,
+//! written as the hub writes a table (`TableBuilder`, `encode`); then
+//! `tests/readers_check.py` reads every file with DuckDB and with pyarrow,
+//! each its own Parquet reader, and compares each row's `detail` with what
+//! was written. The run's seed is printed; `WATERSHED_READERS_SEED` runs
+//! one again.
+
+#[path = "../crates/lake/tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
+    Float64Array, Int32Array, Int64Array, StringArray, Time32MillisecondArray, Time64MicrosecondArray,
+    TimestampMicrosecondArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, TimeUnit};
+use base64::Engine as _;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value as Json};
+use support::{avro_json, Gen, Ty};
+use watershed_lake::{encode, EncodeOptions, EventMeta, TableBuilder, TableLayout};
+use watershed_schema::{validate_json_append, Limits, Registry, Tape, UnknownFields};
+use watershed_tests::{python, repo};
+
+/// `unscaled` × 10^-`scale` in plain notation, as Python's `format(d, "f")`.
+fn plain(unscaled: i128, scale: i8) -> String {
+    let scale = usize::try_from(scale).expect("non-negative scale");
+    let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale + 1);
+    let (int, frac) = digits.split_at(digits.len() - scale);
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+/// Row `i` of `a` in the normal form `readers_check.py` compares.
+fn normal(a: &ArrayRef, i: usize) -> Json {
+    if a.data_type() == &DataType::Null || a.is_null(i) {
+        return Json::Null;
+    }
+    let any = a.as_any();
+    match a.data_type() {
+        DataType::Boolean => json!(any.downcast_ref::<BooleanArray>().unwrap().value(i)),
+        DataType::Int32 => json!(any.downcast_ref::<Int32Array>().unwrap().value(i)),
+        DataType::Int64 => json!(any.downcast_ref::<Int64Array>().unwrap().value(i)),
+        DataType::Float32 => json!(f64::from(any.downcast_ref::<Float32Array>().unwrap().value(i))),
+        DataType::Float64 => json!(any.downcast_ref::<Float64Array>().unwrap().value(i)),
+        DataType::Utf8 => json!(any.downcast_ref::<StringArray>().unwrap().value(i)),
+        DataType::Binary => json!({"b64": base64::engine::general_purpose::STANDARD
+            .encode(any.downcast_ref::<BinaryArray>().unwrap().value(i))}),
+        DataType::Decimal128(_, s) => {
+            json!({"dec": plain(any.downcast_ref::<Decimal128Array>().unwrap().value(i), *s)})
+        }
+        // Dates as days; times and timestamps as microseconds.
+        DataType::Date32 => json!(any.downcast_ref::<Date32Array>().unwrap().value(i)),
+        DataType::Time32(TimeUnit::Millisecond) => {
+            json!(i64::from(any.downcast_ref::<Time32MillisecondArray>().unwrap().value(i)) * 1000)
+        }
+        DataType::Time64(TimeUnit::Microsecond) => {
+            json!(any.downcast_ref::<Time64MicrosecondArray>().unwrap().value(i))
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            json!(any.downcast_ref::<TimestampMillisecondArray>().unwrap().value(i) * 1000)
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            json!(any.downcast_ref::<TimestampMicrosecondArray>().unwrap().value(i))
+        }
+        DataType::List(_) => {
+            let items = a.as_list::<i32>().value(i);
+            Json::Array((0..items.len()).map(|j| normal(&items, j)).collect())
+        }
+        DataType::Map(..) => {
+            let entries = a.as_map().value(i);
+            if entries.is_empty() {
+                return json!([]);
+            }
+            let keys = entries.column(0).as_string::<i32>();
+            let mut e: Vec<(String, Json)> = (0..entries.len())
+                .map(|j| (keys.value(j).to_owned(), normal(entries.column(1), j)))
+                .collect();
+            e.sort_by(|x, y| x.0.cmp(&y.0));
+            json!({"map": e.into_iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>()})
+        }
+        DataType::Struct(fields) => {
+            let s = a.as_struct();
+            Json::Object(
+                fields.iter().zip(s.columns()).map(|(f, c)| (f.name().clone(), normal(c, i))).collect(),
+            )
+        }
+        other => panic!("unexpected column type {other}"),
+    }
+}
+
+/// Write case `n` (schema and events from `seed`) into `dir`.
+fn write_case(dir: &std::path::Path, n: usize, seed: u64) {
+    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0, decimals: true };
+    let Ty::Record(_, fields) = g.record(0) else { unreachable!() };
+    let ty = Ty::Record("R".into(), fields);
+    let schema = avro_json(&ty, false).to_string();
+    let sdir = tempfile::tempdir().unwrap();
+    let s = sdir.path().join("t.readers");
+    std::fs::create_dir(&s).unwrap();
+    std::fs::write(s.join("subject.toml"), "source = \"t\"\ndetail_type = \"T\"\n").unwrap();
+    std::fs::write(s.join("v1.avsc"), &schema).unwrap();
+    let reg = Registry::load(sdir.path()).unwrap_or_else(|e| panic!("{e}\nschema {schema}"));
+    let subject = &reg.subjects()[0];
+    let layout = TableLayout::new(subject);
+    let mut rows = TableBuilder::with_capacity(Arc::clone(&layout), 8);
+    let mut tape = Tape::new();
+    for _ in 0..8 {
+        let (event, _) = g.value(&ty);
+        let root = validate_json_append(
+            &subject.versions[0].node,
+            event.to_string().as_bytes(),
+            UnknownFields::Reject,
+            Limits::default(),
+            &mut tape,
+        )
+        .unwrap_or_else(|e| panic!("{e}\nschema {schema}\nevent {event}"));
+        let meta = EventMeta {
+            event_id: "e",
+            source: "t",
+            detail_type: "T",
+            event_time: 0,
+            received_at: 0,
+            region: None,
+            schema_version: 1,
+            collector: None,
+        };
+        rows.append(&meta, std::iter::empty(), &tape, root);
+    }
+    let batch = rows.finish().unwrap();
+    let detail = batch.column_by_name("detail").unwrap();
+    let want: Vec<Json> = (0..batch.num_rows()).map(|i| normal(detail, i)).collect();
+    let file =
+        encode("case.parquet", &layout.schema, &[batch], Vec::new(), EncodeOptions::default()).unwrap();
+    std::fs::write(dir.join(format!("case_{n:03}.parquet")), file).unwrap();
+    let spec = json!({"case": format!("{n} (seed {seed}) schema {schema}"), "rows": want});
+    std::fs::write(dir.join(format!("case_{n:03}.json")), spec.to_string()).unwrap();
+}
+
+#[test]
+fn duckdb_and_pyarrow_read_every_type_as_written() {
+    let Some(py) = python() else { return };
+    let seed = std::env::var("WATERSHED_READERS_SEED")
+        .ok()
+        .map_or_else(rand::random::<u64>, |s| s.parse().expect("WATERSHED_READERS_SEED is a number"));
+    let cases = if std::env::var_os("WATERSHED_READERS_SEED").is_some() { 1 } else { 48 };
+    eprintln!("readers: seed {seed} (WATERSHED_READERS_SEED={seed} runs its first case alone)");
+    let dir = tempfile::tempdir().unwrap();
+    for n in 0..cases {
+        write_case(dir.path(), n, seed.wrapping_add(n as u64));
+    }
+    let out = Command::new(py)
+        .arg(repo().join("tests/readers_check.py"))
+        .arg(dir.path())
+        .output()
+        .expect("python runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the readers disagree with what was written (seed {seed}):\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("readers: {report}");
+}
