@@ -12,7 +12,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
@@ -24,9 +23,8 @@ use base64::Engine as _;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value as Json};
-use support::{avro_json, Gen, Ty};
-use watershed_lake::{encode, EncodeOptions, EventMeta, TableBuilder, TableLayout};
-use watershed_schema::{validate_json_append, Limits, Registry, Tape, UnknownFields};
+use support::{avro_json, random_record, registry, rows, Gen};
+use watershed_lake::{encode, EncodeOptions};
 use watershed_tests::{python, repo};
 
 /// `unscaled` × 10^-`scale` in plain notation, as Python's `format(d, "f")`.
@@ -103,42 +101,11 @@ fn normal(a: &ArrayRef, i: usize) -> Json {
 /// Write case `n` (schema and events from `seed`) into `dir`.
 fn write_case(dir: &std::path::Path, n: usize, seed: u64) {
     let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0, decimals: true };
-    let Ty::Record(_, fields) = g.record(0) else { unreachable!() };
-    let ty = Ty::Record("R".into(), fields);
+    let ty = random_record(&mut g);
     let schema = avro_json(&ty, false).to_string();
-    let sdir = tempfile::tempdir().unwrap();
-    let s = sdir.path().join("t.readers");
-    std::fs::create_dir(&s).unwrap();
-    std::fs::write(s.join("subject.toml"), "source = \"t\"\ndetail_type = \"T\"\n").unwrap();
-    std::fs::write(s.join("v1.avsc"), &schema).unwrap();
-    let reg = Registry::load(sdir.path()).unwrap_or_else(|e| panic!("{e}\nschema {schema}"));
-    let subject = &reg.subjects()[0];
-    let layout = TableLayout::new(subject);
-    let mut rows = TableBuilder::with_capacity(Arc::clone(&layout), 8);
-    let mut tape = Tape::new();
-    for _ in 0..8 {
-        let (event, _) = g.value(&ty);
-        let root = validate_json_append(
-            &subject.versions[0].node,
-            event.to_string().as_bytes(),
-            UnknownFields::Reject,
-            Limits::default(),
-            &mut tape,
-        )
-        .unwrap_or_else(|e| panic!("{e}\nschema {schema}\nevent {event}"));
-        let meta = EventMeta {
-            event_id: "e",
-            source: "t",
-            detail_type: "T",
-            event_time: 0,
-            received_at: 0,
-            region: None,
-            schema_version: 1,
-            collector: None,
-        };
-        rows.append(&meta, std::iter::empty(), &tape, root);
-    }
-    let batch = rows.finish().unwrap();
+    let events: Vec<Json> = (0..8).map(|_| g.value(&ty).0).collect();
+    let say = format!("schema {schema}");
+    let (layout, batch) = rows(&registry(&[&schema], &say), &events, &say);
     let detail = batch.column_by_name("detail").unwrap();
     let want: Vec<Json> = (0..batch.num_rows()).map(|i| normal(detail, i)).collect();
     let file =

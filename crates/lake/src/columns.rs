@@ -59,12 +59,7 @@ pub fn project(reader: &Node, writer: &Node) -> Proj {
                 .iter()
                 .enumerate()
                 .map(|(ri, rf)| {
-                    let found = w
-                        .fields
-                        .iter()
-                        .position(|wf| wf.name == rf.name)
-                        .or_else(|| w.fields.iter().position(|wf| r.lookup.get(&wf.name) == Some(&ri)));
-                    match found {
+                    match r.writer_field(ri, w) {
                         Some(wi) => Src::Field(wi, project(&rf.node, &w.fields[wi].node)),
                         // The registry checked that the default decodes.
                         None => match &rf.default_json {

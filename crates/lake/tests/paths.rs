@@ -16,8 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value as Json};
 use serde_json_path::{JsonPath, PathElement};
-use support::{avro_json, Gen, Ty};
-use watershed_schema::{validate_json, Limits, Registry, Tape, UnknownFields};
+use support::{avro_json, random_record, registry, Gen, Ty};
+use watershed_schema::{validate_json, Limits, Tape, UnknownFields};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Step {
@@ -99,17 +99,10 @@ const ODD_KEYS: [&str; 9] = ["a.b", "x'y", "sp ace", "1st", "]", "back\\slash", 
 
 fn case(seed: u64) {
     let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0, decimals: true };
-    let Ty::Record(_, fields) = g.record(0) else { unreachable!() };
-    let ty = Ty::Record("R".into(), fields);
+    let ty = random_record(&mut g);
     let (mut event, _) = g.value(&ty);
     let schema = avro_json(&ty, false).to_string();
-
-    let dir = tempfile::tempdir().unwrap();
-    let s = dir.path().join("t.paths");
-    std::fs::create_dir(&s).unwrap();
-    std::fs::write(s.join("subject.toml"), "source = \"t\"\ndetail_type = \"T\"\n").unwrap();
-    std::fs::write(s.join("v1.avsc"), &schema).unwrap();
-    let reg = Registry::load(dir.path()).unwrap_or_else(|e| panic!("{e}\nschema {schema}"));
+    let reg = registry(&[&schema], &format!("schema {schema}"));
     let node = &reg.subjects()[0].versions[0].node;
     let validate = |j: &Json| {
         let mut tape = Tape::new();

@@ -15,8 +15,6 @@
 //! The generator is driven by a seed (proptest picks the seeds); a failing
 //! case prints both schemas and the event.
 
-use std::sync::Arc;
-
 use apache_avro::types::Value as Avro;
 use arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array,
@@ -29,11 +27,10 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value as Json};
-use watershed_lake::{encode, EncodeOptions, EventMeta, TableBuilder, TableLayout};
-use watershed_schema::{validate_json_append, Limits, Registry, Tape, UnknownFields};
+use watershed_lake::{encode, EncodeOptions};
 
 mod support;
-use support::{avro_json, Fld, Gen, Ty};
+use support::{avro_json, random_record, registry, rows, Fld, Gen, Ty};
 
 /// A value, compared by content: what apache-avro reads and what the lake
 /// wrote come to this.
@@ -133,8 +130,7 @@ fn from_arrow(a: &ArrayRef, i: usize) -> V {
 /// writer's, checked as the module docs say.
 fn case(seed: u64) {
     let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(seed), names: 0, decimals: true };
-    let Ty::Record(_, wf) = g.record(0) else { unreachable!() };
-    let writer = Ty::Record("R".into(), wf);
+    let writer = random_record(&mut g);
     let reader = g.evolve(&writer);
     let events: Vec<(Json, Avro)> = (0..3).map(|_| g.value(&writer)).collect();
     compare(&writer, &reader, &events, &format!("seed {seed}"));
@@ -165,43 +161,8 @@ fn compare(writer: &Ty, reader: &Ty, events: &[(Json, Avro)], what: &str) {
 
     // The hub's path: the registry (BACKWARD), validation against v1, rows
     // under v2's columns, Parquet, and back.
-    let dir = tempfile::tempdir().unwrap();
-    let s = dir.path().join("t.evolving");
-    std::fs::create_dir(&s).unwrap();
-    std::fs::write(
-        s.join("subject.toml"),
-        "source = \"t\"\ndetail_type = \"T\"\ncompatibility = \"BACKWARD\"\n",
-    )
-    .unwrap();
-    std::fs::write(s.join("v1.avsc"), &wtext).unwrap();
-    std::fs::write(s.join("v2.avsc"), &rtext).unwrap();
-    let reg = Registry::load(dir.path()).unwrap_or_else(|e| panic!("the registry refuses: {e}\n{say}"));
-    let subject = &reg.subjects()[0];
-    let layout = TableLayout::new(subject);
-    let mut rows = TableBuilder::with_capacity(Arc::clone(&layout), events.len());
-    let mut tape = Tape::new();
-    for (i, (j, _)) in events.iter().enumerate() {
-        let root = validate_json_append(
-            &subject.versions[0].node,
-            j.to_string().as_bytes(),
-            UnknownFields::Reject,
-            Limits::default(),
-            &mut tape,
-        )
-        .unwrap_or_else(|e| panic!("event {i} refused: {e}\n{say}"));
-        let meta = EventMeta {
-            event_id: "e",
-            source: "t",
-            detail_type: "T",
-            event_time: 0,
-            received_at: 0,
-            region: None,
-            schema_version: 1,
-            collector: None,
-        };
-        rows.append(&meta, std::iter::empty(), &tape, root);
-    }
-    let batch = rows.finish().unwrap();
+    let reg = registry(&[&wtext, &rtext], &say);
+    let (layout, batch) = rows(&reg, events.iter().map(|e| &e.0), &say);
     let file = encode("t.parquet", &layout.schema, &[batch], Vec::new(), EncodeOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{say}"));
     let read: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(file))

@@ -174,6 +174,20 @@ impl Record {
         }
         self.lookup.get(std::str::from_utf8(name).ok()?).copied()
     }
+
+    /// The index in `writer` of the field that this (reader) record's
+    /// field `ri` reads, as Avro resolution matches them: by name, else a
+    /// writer field named by one of the reader field's aliases. `None`
+    /// when the writer lacks it (the reader's default applies).
+    #[must_use]
+    pub fn writer_field(&self, ri: usize, writer: &Record) -> Option<usize> {
+        let name = &self.fields[ri].name;
+        writer
+            .fields
+            .iter()
+            .position(|wf| &wf.name == name)
+            .or_else(|| writer.fields.iter().position(|wf| self.lookup.get(&wf.name) == Some(&ri)))
+    }
 }
 
 /// Byte equality for short strings (field names, enum symbols) without a
@@ -539,12 +553,7 @@ pub(crate) fn unprotected_defaults(reader: &Node, writer: &Node, path: &str, out
         (Kind::Record(r), Kind::Record(w)) => {
             for (ri, rf) in r.fields.iter().enumerate() {
                 let fpath = if path.is_empty() { rf.name.clone() } else { format!("{path}.{}", rf.name) };
-                let found = w
-                    .fields
-                    .iter()
-                    .position(|wf| wf.name == rf.name)
-                    .or_else(|| w.fields.iter().position(|wf| r.lookup.get(&wf.name) == Some(&ri)));
-                match found {
+                match r.writer_field(ri, w) {
                     Some(wi) => unprotected_defaults(&rf.node, &w.fields[wi].node, &fpath, out),
                     None if rf.default.as_ref().is_some_and(|d| !d.is_null())
                         && (rf.protect.is_some() || protects(&rf.node)) =>

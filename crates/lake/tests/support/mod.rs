@@ -3,12 +3,15 @@
 #![allow(dead_code)] // each test uses its part
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use apache_avro::types::Value as Avro;
 use base64::Engine as _;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value as Json};
+use watershed_lake::{EventMeta, TableBuilder, TableLayout};
+use watershed_schema::{validate_json_append, Limits, Registry, Tape, UnknownFields};
 
 /// A payload type, with names for the named Avro types.
 #[derive(Debug, Clone)]
@@ -399,4 +402,63 @@ pub(crate) fn avro_json(ty: &Ty, aliased: bool) -> Json {
             json!({"type": "record", "name": name, "fields": fields})
         }
     }
+}
+
+/// A random payload schema: record `R`.
+pub(crate) fn random_record(g: &mut Gen) -> Ty {
+    let Ty::Record(_, fields) = g.record(0) else { unreachable!("record makes records") };
+    Ty::Record("R".into(), fields)
+}
+
+/// A registry of one BACKWARD subject (`t`/`T`) with these versions (schema
+/// texts, v1 first); panics naming `say` when it does not load.
+pub(crate) fn registry(versions: &[&str], say: &str) -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("t.subject");
+    std::fs::create_dir(&s).unwrap();
+    std::fs::write(
+        s.join("subject.toml"),
+        "source = \"t\"\ndetail_type = \"T\"\ncompatibility = \"BACKWARD\"\n",
+    )
+    .unwrap();
+    for (i, text) in versions.iter().enumerate() {
+        std::fs::write(s.join(format!("v{}.avsc", i + 1)), text).unwrap();
+    }
+    Registry::load(dir.path()).unwrap_or_else(|e| panic!("the registry refuses: {e}\n{say}"))
+}
+
+/// The rows the hub writes for `events` of the subject's v1 (validated
+/// against it, under the latest version's columns), with their layout.
+pub(crate) fn rows<'j>(
+    registry: &Registry,
+    events: impl IntoIterator<Item = &'j Json>,
+    say: &str,
+) -> (Arc<TableLayout>, arrow::array::RecordBatch) {
+    let subject = &registry.subjects()[0];
+    let layout = TableLayout::new(subject);
+    let mut rows = TableBuilder::with_capacity(Arc::clone(&layout), 8);
+    let mut tape = Tape::new();
+    for (i, event) in events.into_iter().enumerate() {
+        let root = validate_json_append(
+            &subject.versions[0].node,
+            event.to_string().as_bytes(),
+            UnknownFields::Reject,
+            Limits::default(),
+            &mut tape,
+        )
+        .unwrap_or_else(|e| panic!("event {i} refused: {e}\n{say}"));
+        let meta = EventMeta {
+            event_id: "e",
+            source: "t",
+            detail_type: "T",
+            event_time: 0,
+            received_at: 0,
+            region: None,
+            schema_version: 1,
+            collector: None,
+        };
+        rows.append(&meta, std::iter::empty(), &tape, root);
+    }
+    let batch = rows.finish().unwrap();
+    (layout, batch)
 }
