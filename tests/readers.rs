@@ -23,22 +23,9 @@ use base64::Engine as _;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value as Json};
-use support::{avro_json, random_record, registry, rows, Gen};
+use support::{avro_json, decimal_text, random_record, registry, rows, Gen};
 use watershed_lake::{encode, EncodeOptions};
 use watershed_tests::{python, repo};
-
-/// `unscaled` × 10^-`scale` in plain notation, as Python's `format(d, "f")`.
-fn plain(unscaled: i128, scale: i8) -> String {
-    let scale = usize::try_from(scale).expect("non-negative scale");
-    let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale + 1);
-    let (int, frac) = digits.split_at(digits.len() - scale);
-    let sign = if unscaled < 0 { "-" } else { "" };
-    if frac.is_empty() {
-        format!("{sign}{int}")
-    } else {
-        format!("{sign}{int}.{frac}")
-    }
-}
 
 /// Row `i` of `a` in the normal form `readers_check.py` compares.
 fn normal(a: &ArrayRef, i: usize) -> Json {
@@ -56,7 +43,7 @@ fn normal(a: &ArrayRef, i: usize) -> Json {
         DataType::Binary => json!({"b64": base64::engine::general_purpose::STANDARD
             .encode(any.downcast_ref::<BinaryArray>().unwrap().value(i))}),
         DataType::Decimal128(_, s) => {
-            json!({"dec": plain(any.downcast_ref::<Decimal128Array>().unwrap().value(i), *s)})
+            json!({"dec": decimal_text(any.downcast_ref::<Decimal128Array>().unwrap().value(i), u32::try_from(*s).expect("non-negative scale"))})
         }
         // Dates as days; times and timestamps as microseconds.
         DataType::Date32 => json!(any.downcast_ref::<Date32Array>().unwrap().value(i)),

@@ -286,7 +286,7 @@ impl Gen {
             Ty::Decimal(p, scale) => {
                 let max = 10i64.pow(*p) - 1;
                 let v = self.rng.gen_range(-max..=max);
-                let text = decimal_text(v, *scale);
+                let text = decimal_text(i128::from(v), *scale);
                 let a = Avro::Decimal(apache_avro::Decimal::from(i128::from(v).to_be_bytes()));
                 // Written as a string, or as a number when that is exact.
                 if *scale == 0 && v.unsigned_abs() < 1 << 53 && self.p(0.5) {
@@ -338,7 +338,7 @@ impl Gen {
 }
 
 /// `unscaled` × 10^-`scale` in plain decimal notation.
-pub(crate) fn decimal_text(unscaled: i64, scale: u32) -> String {
+pub(crate) fn decimal_text(unscaled: i128, scale: u32) -> String {
     let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale as usize + 1);
     let (int, frac) = digits.split_at(digits.len() - scale as usize);
     let sign = if unscaled < 0 { "-" } else { "" };
