@@ -8,6 +8,9 @@
 #
 #   WATERSHED_TEST_CACHE   cache directory (default ~/.cache/watershed)
 #   CARGO_TARGET_DIR  build directory (default $WATERSHED_TEST_CACHE/target)
+#   WATERSHED_TARGET_MAX_GB  when the build directory's debug profile has
+#                     grown past this (default 30), it is removed and
+#                     rebuilt from scratch rather than filling the disk
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +30,27 @@ if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server' 2>/dev/null; th
 fi
 export WATERSHED_TEST_PYTHON="$venv/bin/python"
 
+# A persistent build directory outlives the clones that use it: every
+# checkout at a new path builds its own copy of the workspace crates, and
+# every change of the lock file its own dependencies, none of which cargo
+# ever removes. Incremental compilation data is never reused across fresh
+# clones, so it is not written at all, and a debug profile that has grown
+# past the limit starts afresh (a cold build takes a while; a full disk
+# fails the run).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+max_gb="${WATERSHED_TARGET_MAX_GB:-30}"
+if [ -d "$CARGO_TARGET_DIR/debug" ]; then
+    debug_gb=$(( $(du -sk "$CARGO_TARGET_DIR/debug" | cut -f1) / 1048576 ))
+    if [ "$debug_gb" -ge "$max_gb" ]; then
+        echo "==> $CARGO_TARGET_DIR/debug holds ${debug_gb} GB (limit ${max_gb} GB, WATERSHED_TARGET_MAX_GB); removing it for a clean build"
+        rm -rf "$CARGO_TARGET_DIR/debug"
+    fi
+fi
+
 echo "==> building"
+build_start=$SECONDS
 cargo build --locked --workspace --all-targets
+echo "==> built in $(( SECONDS - build_start )) s"
 
 echo "==> checking the example schemas"
 "$CARGO_TARGET_DIR/debug/watershed" schema check schemas
