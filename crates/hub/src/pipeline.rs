@@ -389,8 +389,10 @@ impl Hub {
 
     /// Whether the hub can go on, or why it needs a restart: the
     /// write-ahead log stopped taking records, or cannot delete committed
-    /// ones ([`Wal::failure`]), or the lake writer stopped. A restart
-    /// recovers from what is on disk; nothing acknowledged is lost.
+    /// ones ([`Wal::failure`]), or the lake writer stopped or could not
+    /// encode a file (whose rows the WAL then holds until a restart). A
+    /// restart recovers from what is on disk; nothing acknowledged is
+    /// lost.
     ///
     /// # Errors
     /// The reason, when the hub needs a restart.
@@ -400,6 +402,11 @@ impl Hub {
         }
         if self.writer_task.is_finished() {
             return Err("the lake writer has stopped; events are in the write-ahead log".into());
+        }
+        if let Some(why) = self.writer_stats.failure() {
+            return Err(format!(
+                "the lake writer could not encode a file ({why}); its events are in the write-ahead log"
+            ));
         }
         Ok(())
     }

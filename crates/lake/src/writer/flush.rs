@@ -39,6 +39,9 @@ impl FlushCtx {
                 // WAL records stay and replay on the next start.
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(partition = %key, error = %e, "cannot encode the partition's file; its rows stay in the WAL until the next start");
+                let mut first =
+                    self.stats.unencodable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                first.get_or_insert_with(|| format!("partition {key}: {e}"));
                 return;
             }
         };
@@ -77,7 +80,7 @@ impl FlushCtx {
         path: &LakePath,
         buf: &mut Buffer,
     ) -> std::result::Result<Vec<u8>, String> {
-        let settled = buf.settle(key).await;
+        let settled = buf.settle(key, &self.memory).await;
         let loose = std::mem::take(&mut buf.loose);
         let loose_bytes = std::mem::take(&mut buf.loose_bytes);
         let file = match settled {

@@ -171,6 +171,19 @@ pub struct WriterStats {
     /// Partitions flushed before their roll age or size because they held
     /// the WAL's oldest records ([`CommitSink::commit_before`]).
     pub wal_flushes: AtomicU64,
+    /// Why a partition's file could not be encoded (the first such
+    /// failure). Its rows stay in the WAL, which does not let them go
+    /// until a restart replays them: the writer needs one.
+    pub unencodable: Mutex<Option<String>>,
+}
+
+impl WriterStats {
+    /// Why the writer needs a restart, if it does: a file it could not
+    /// encode (see [`WriterStats::unencodable`]).
+    #[must_use]
+    pub fn failure(&self) -> Option<String> {
+        self.unencodable.lock().map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+    }
 }
 
 struct Buffer {
@@ -203,8 +216,9 @@ enum Encoder {
     /// Ready for the next chunk.
     Idle(Box<FileEncoder>),
     /// Encoding a chunk on the blocking pool (or done, the encoder
-    /// waiting in the handle for the next chunk).
-    Busy(tokio::task::JoinHandle<ChunkResult>),
+    /// waiting in the handle for the next chunk), with the memory charged
+    /// for the chunk and the file so far (released if the task panics).
+    Busy(tokio::task::JoinHandle<ChunkResult>, usize),
     /// A chunk failed to encode; see [`Buffer::settle`].
     Failed(String),
 }
@@ -260,7 +274,11 @@ impl Buffer {
     /// Wait for the chunk in flight, if any, and take the encoder (`None`
     /// before the first chunk). A failed chunk's rows return to the loose
     /// batches.
-    async fn settle(&mut self, key: &PartitionKey) -> std::result::Result<Option<Box<FileEncoder>>, String> {
+    async fn settle(
+        &mut self,
+        key: &PartitionKey,
+        memory: &Memory,
+    ) -> std::result::Result<Option<Box<FileEncoder>>, String> {
         match std::mem::replace(&mut self.encoder, Encoder::Empty) {
             Encoder::Empty => Ok(None),
             Encoder::Idle(f) => Ok(Some(f)),
@@ -268,9 +286,21 @@ impl Buffer {
                 self.encoder = Encoder::Failed(e.clone());
                 Err(e)
             }
-            Encoder::Busy(job) => match job.await.expect("encoding does not panic") {
-                Ok(e) => Ok(Some(e)),
-                Err((e, chunk, bytes)) => {
+            Encoder::Busy(job, charged) => match job.await {
+                Ok(Ok(e)) => Ok(Some(e)),
+                Err(join) => {
+                    // A panic in the encoder (a bug) took the chunk and the
+                    // file with it. Their rows are not committed, so their
+                    // WAL records stay and replay on the next start; the
+                    // writer goes on with the other partitions.
+                    tracing::error!(partition = %key, error = %join, "encoding a chunk did not finish; its rows stay in the WAL");
+                    memory.release(charged);
+                    self.charge.fetch_sub(charged, Ordering::Relaxed);
+                    let msg = format!("encoding a chunk did not finish: {join}");
+                    self.encoder = Encoder::Failed(msg.clone());
+                    Err(msg)
+                }
+                Ok(Err((e, chunk, bytes))) => {
                     tracing::error!(partition = %key, error = %e, "encoding a chunk failed; its rows stay in the WAL");
                     let msg = e.to_string();
                     self.loose_rows += chunk.iter().map(RecordBatch::num_rows).sum::<usize>();
@@ -293,7 +323,7 @@ impl Buffer {
         opts: EncodeOptions,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let file = match self.settle(key).await {
+        let file = match self.settle(key, memory).await {
             Ok(f) => f,
             Err(_) => return, // already failed: rows stay loose until the flush reports it
         };
@@ -302,8 +332,14 @@ impl Buffer {
         self.loose_rows = 0;
         let (schema, memory, name, charge) =
             (self.schema.clone(), memory.clone(), key.dir(), self.charge.clone());
-        self.encoder = Encoder::Busy(tokio::task::spawn_blocking(move || {
+        let charged = bytes + file.as_ref().map_or(0, |f| f.charged);
+        let job = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            #[cfg(test)]
+            assert!(
+                !chunk.iter().any(|b| b.schema().metadata.contains_key(tests::PANIC)),
+                "encoding panicked (simulated)"
+            );
             let mut file = match file {
                 Some(f) => f,
                 None => match FileEncoder::new(&name, &schema, opts) {
@@ -331,7 +367,8 @@ impl Buffer {
                     Err((e, chunk, bytes))
                 }
             }
-        }));
+        });
+        self.encoder = Encoder::Busy(job, charged);
     }
 }
 
@@ -485,7 +522,7 @@ impl LakeWriter {
         // worth waiting.
         for key in keys {
             let Some(buf) = self.buffers.get_mut(&key) else { continue };
-            let busy = matches!(&buf.encoder, Encoder::Busy(job) if !job.is_finished());
+            let busy = matches!(&buf.encoder, Encoder::Busy(job, _) if !job.is_finished());
             let must = buf.chunk_overdue();
             if !buf.chunk_ready() || (busy && !must) {
                 continue;
@@ -556,7 +593,7 @@ impl LakeWriter {
             let Some(buf) = self.buffers.get_mut(&k) else { continue };
             let permit = self.encoding.clone().acquire_owned().await.expect("never closed");
             buf.encode_loose(&k, &self.memory, self.cfg.encode, permit).await;
-            if let Ok(Some(file)) = buf.settle(&k).await {
+            if let Ok(Some(file)) = buf.settle(&k, &self.memory).await {
                 buf.encoder = Encoder::Idle(file);
             }
         }
@@ -647,43 +684,34 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn a_chunk_that_fails_to_encode_keeps_its_rows_and_their_memory() {
-        let memory = Memory::new(1 << 30);
-        let key = PartitionKey::at("t", &AccountId::new("111111111111").unwrap(), 0);
-        let ints = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-        let texts = Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8, false)]));
-        // A batch whose column does not match the file's schema (which the
-        // writer never sends; this is the path a bug would take).
-        let bad = RecordBatch::try_new(texts, vec![Arc::new(StringArray::from(vec!["x"; 10]))]).unwrap();
-        let good = RecordBatch::try_new(ints.clone(), vec![Arc::new(Int64Array::from(vec![1; 10]))]).unwrap();
-        let (bad_bytes, good_bytes) = (bad.get_array_memory_size(), good.get_array_memory_size());
-        memory.add(bad_bytes + good_bytes);
-        let mut buf = Buffer {
-            schema: ints,
-            loose: vec![good, bad],
-            loose_rows: 20,
-            loose_bytes: bad_bytes + good_bytes,
+    /// Schema metadata that makes encoding a chunk holding the batch panic.
+    pub(super) const PANIC: &str = "watershed.test.panic";
+
+    /// A buffer of `loose` batches under `schema`, charged to `memory`.
+    fn buffer(schema: SchemaRef, loose: Vec<RecordBatch>, memory: &Memory) -> Buffer {
+        let bytes = loose.iter().map(RecordBatch::get_array_memory_size).sum();
+        let rows = loose.iter().map(RecordBatch::num_rows).sum();
+        memory.add(bytes);
+        Buffer {
+            schema,
+            loose,
+            loose_rows: rows,
+            loose_bytes: bytes,
             encoder: Encoder::Empty,
             records: vec![1],
             oldest_record: 1,
-            bytes: bad_bytes + good_bytes,
-            charge: Arc::new(AtomicUsize::new(bad_bytes + good_bytes)),
-            rows: 20,
+            bytes,
+            charge: Arc::new(AtomicUsize::new(bytes)),
+            rows,
             opened: 0,
             touched: 0,
             late: false,
-        };
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        buf.encode_loose(&key, &memory, EncodeOptions::default(), permit).await;
-        assert!(buf.settle(&key).await.is_err(), "the failure is reported");
-        assert!(buf.settle(&key).await.is_err(), "and stays reported");
-        assert_eq!(buf.loose.len(), 2, "the chunk's batches are back in the buffer");
-        assert_eq!(buf.loose_bytes, bad_bytes + good_bytes);
-        assert_eq!(memory.used(), bad_bytes + good_bytes, "still counted, released by the flush");
+        }
+    }
 
-        // The flush reports it, commits nothing (the rows stay in the WAL)
-        // and releases the memory.
+    /// Flush `buf`, whose chunk failed: the flush reports it, commits
+    /// nothing (the rows stay in the WAL) and releases the memory.
+    async fn flush_fails(key: PartitionKey, buf: Buffer, memory: &Arc<Memory>) {
         struct NoCommits;
         impl CommitSink for NoCommits {
             fn committed(&self, partition: &PartitionKey, _: &[u64]) {
@@ -711,7 +739,66 @@ mod tests {
         ctx.flush(key, buf, path.clone()).await;
         assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
         assert_eq!(stats.files.load(Ordering::Relaxed), 0);
+        let why = stats.failure().expect("the writer needs a restart");
+        assert!(why.starts_with("partition t/account=111111111111/"), "{why}");
         assert_eq!(memory.used(), 0);
         assert!(!ctx.log.lock().unwrap().is_pending(&path.0), "the reservation is withdrawn");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_fails_to_encode_keeps_its_rows_and_their_memory() {
+        let memory = Memory::new(1 << 30);
+        let key = PartitionKey::at("t", &AccountId::new("111111111111").unwrap(), 0);
+        let ints = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let texts = Arc::new(Schema::new(vec![Field::new("v", DataType::Utf8, false)]));
+        // A batch whose column does not match the file's schema (which the
+        // writer never sends; this is the path a bug would take).
+        let bad = RecordBatch::try_new(texts, vec![Arc::new(StringArray::from(vec!["x"; 10]))]).unwrap();
+        let good = RecordBatch::try_new(ints.clone(), vec![Arc::new(Int64Array::from(vec![1; 10]))]).unwrap();
+        let (bad_bytes, good_bytes) = (bad.get_array_memory_size(), good.get_array_memory_size());
+        let mut buf = buffer(ints, vec![good, bad], &memory);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        buf.encode_loose(&key, &memory, EncodeOptions::default(), permit).await;
+        assert!(buf.settle(&key, &memory).await.is_err(), "the failure is reported");
+        assert!(buf.settle(&key, &memory).await.is_err(), "and stays reported");
+        assert_eq!(buf.loose.len(), 2, "the chunk's batches are back in the buffer");
+        assert_eq!(buf.loose_bytes, bad_bytes + good_bytes);
+        assert_eq!(memory.used(), bad_bytes + good_bytes, "still counted, released by the flush");
+        flush_fails(key, buf, &memory).await;
+    }
+
+    #[tokio::test]
+    async fn a_chunk_whose_encoding_panics_fails_its_partition_and_frees_its_memory() {
+        let memory = Memory::new(1 << 30);
+        let key = PartitionKey::at("t", &AccountId::new("111111111111").unwrap(), 0);
+        let ints = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let batch = |schema: &SchemaRef, v: i64| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v; 10]))]).unwrap()
+        };
+        // A first chunk encodes: the file holds it, charged as its size.
+        let mut buf = buffer(ints.clone(), vec![batch(&ints, 1)], &memory);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        buf.encode_loose(&key, &memory, EncodeOptions::default(), permit).await;
+        let file = buf.settle(&key, &memory).await.unwrap().expect("the file holds the first chunk");
+        buf.encoder = Encoder::Idle(file);
+        assert!(memory.used() > 0);
+        // The second chunk's encoding panics, taking the file with it.
+        let panics = Arc::new(Schema::new_with_metadata(
+            ints.fields().clone(),
+            std::collections::HashMap::from([(PANIC.to_owned(), String::new())]),
+        ));
+        let second = batch(&panics, 2);
+        memory.add(second.get_array_memory_size());
+        buf.loose_bytes = second.get_array_memory_size();
+        buf.charge.fetch_add(buf.loose_bytes, Ordering::Relaxed);
+        buf.loose = vec![second];
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        buf.encode_loose(&key, &memory, EncodeOptions::default(), permit).await;
+        let err = buf.settle(&key, &memory).await.unwrap_err();
+        assert!(err.contains("encoding a chunk did not finish") && err.contains("panicked"), "{err}");
+        assert!(buf.settle(&key, &memory).await.is_err(), "and stays reported");
+        assert_eq!(memory.used(), 0, "the chunk's and the file's memory are released");
+        assert_eq!(buf.charge.load(Ordering::Relaxed), 0);
+        flush_fails(key, buf, &memory).await;
     }
 }
