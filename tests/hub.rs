@@ -1624,6 +1624,60 @@ fn small_files_of_closed_partitions_are_merged() {
     }
 }
 
+/// A file of the lake damaged on disk (its footer overwritten) is named
+/// by `lake compact`, which exits non-zero, leaves it exactly as it is and
+/// merges the files after it apart from the one before it; DuckDB still
+/// reads every event of the other files once.
+#[test]
+fn lake_compact_names_a_damaged_file_and_merges_around_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let token = add_account(&data, A[0]);
+    let env = [
+        ("WATERSHED_LAKE__ROLL_AGE_SECS", "1"),
+        ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1"),
+        ("WATERSHED_LAKE__COMPACT_EVERY_SECS", "0"),
+    ];
+    let server = Server::start(&data, &env);
+    payment_rounds(&server, &token, &data, 0..4);
+    assert!(server.stop().success());
+    let mut files = parquet_files(&data.join("lake/payments"));
+    files.sort();
+    assert_eq!(files.len(), 4);
+    let mut damaged = std::fs::read(&files[1]).unwrap();
+    let n = damaged.len();
+    damaged[n - 40..n - 8].fill(0xff);
+    std::fs::write(&files[1], &damaged).unwrap();
+
+    let out = run(&["lake", "compact", "--data-dir", data_arg]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("2 files merged into 1, 100 rows"), "{stdout}");
+    let name = files[1].file_name().unwrap().to_str().unwrap();
+    assert!(stderr.contains("cannot read a file of the lake") && stderr.contains(name), "{stderr}");
+    assert!(stderr.contains("1 file(s) cannot be read"), "{stderr}");
+    assert_eq!(std::fs::read(&files[1]).unwrap(), damaged, "left exactly as it is");
+    let mut after = parquet_files(&data.join("lake/payments"));
+    after.sort();
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!((&after[0], &after[1]), (&files[0], &files[1]));
+    assert!(after[2].to_str().unwrap().ends_with("-merged.parquet"));
+    if let Some(py) = python() {
+        let readable: Vec<String> =
+            [&after[0], &after[2]].iter().map(|p| format!("'{}'", p.to_str().unwrap())).collect();
+        let rows = duckdb(
+            &py,
+            &data.join("lake"),
+            &format!(
+                "SELECT count(*), count(DISTINCT event_id) FROM read_parquet([{}])",
+                readable.join(", ")
+            ),
+        );
+        assert_eq!(rows, vec![json!([150, 150])]);
+    }
+}
+
 /// NDJSON of payments `<prefix>-<n>` padded with blank lines to exactly
 /// `size` bytes; returns the body and the ids.
 fn payments_of_size(prefix: &str, size: usize) -> (Vec<u8>, Vec<String>) {

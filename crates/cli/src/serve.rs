@@ -228,6 +228,13 @@ async fn lake_compact(
                 r.changed
             );
         }
+        if r.unreadable > 0 {
+            out!(
+                "{} file(s) cannot be read (named in the log above) and would be left as they are; \
+                 the files beside them would be merged apart",
+                r.unreadable
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     out!(
@@ -246,11 +253,21 @@ async fn lake_compact(
             r.deferred
         );
     }
+    if r.unreadable > 0 {
+        eprintln!(
+            "watershed: {} file(s) cannot be read (named in the log above) and are left as they are; \
+             the files beside them were merged apart",
+            r.unreadable
+        );
+    }
     if r.failures > 0 {
         eprintln!(
             "watershed: {} merges failed or are unfinished (see the log); the next pass or start retries them",
             r.failures
         );
+        return Ok(ExitCode::FAILURE);
+    }
+    if r.unreadable > 0 {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -112,7 +112,8 @@ pub struct CompactStats {
     pub bytes_in: AtomicU64,
     /// Bytes of the merged files.
     pub bytes_out: AtomicU64,
-    /// Merges that failed (retried on a later pass).
+    /// Merges that failed (retried on a later pass), and files found
+    /// unreadable (left as they are).
     pub failures: AtomicU64,
     /// Merges left to a later pass for want of room in the memory budget.
     pub deferred: AtomicU64,
@@ -145,6 +146,9 @@ pub struct CompactReport {
     /// A plan's partitions whose files changed while it read them (a
     /// running hub merged them meanwhile); left out of the plan.
     pub changed: usize,
+    /// Files found unreadable (damaged), left as they are from now on and
+    /// named in the log (counted in [`CompactStats::failures`] too).
+    pub unreadable: usize,
 }
 
 /// Merges the small files of closed partitions (see the module docs).
@@ -159,6 +163,9 @@ pub struct Compactor {
     scanned: AtomicBool,
     /// Partitions with new files whose hour is not closed yet.
     waiting: Mutex<BTreeSet<String>>,
+    /// Files found unreadable (a damaged footer or page): left as they
+    /// are, reported once, and merged around like a big file.
+    damaged: Mutex<BTreeSet<String>>,
     /// Only count what a pass would merge (see [`Compactor::plan_only`]).
     plan_only: bool,
     /// The budget merges are charged to (see [`Compactor::with_memory`]).
@@ -204,15 +211,43 @@ pub(crate) async fn footer(
 ) -> Result<ParquetRecordBatchReaderBuilder<Bytes>> {
     if size > FOOTER_READ {
         let tail = lake.get_range(path, size - FOOTER_READ..size).await?;
-        if let Ok(builder) = ParquetRecordBatchReaderBuilder::try_new(tail) {
+        if let Ok(builder) = reading(path, || ParquetRecordBatchReaderBuilder::try_new(tail)) {
             return Ok(builder);
         }
     }
-    ParquetRecordBatchReaderBuilder::try_new(lake.get(path).await?).map_err(parquet_err(path))
+    let bytes = lake.get(path).await?;
+    reading(path, || ParquetRecordBatchReaderBuilder::try_new(bytes))
+}
+
+/// Run `read`, which reads file `path`, as an error naming the file when
+/// it fails, or when the reader panics (a damaged file it does not
+/// survive).
+fn reading<T>(path: &str, read: impl FnOnce() -> parquet::errors::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(r) => r.map_err(parquet_err(path)),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
+                "the reader panicked: {why}"
+            ))))
+        }
+    }
 }
 
 fn parquet_err(path: &str) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
     move |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) }
+}
+
+/// The file a Parquet error names.
+fn error_path(e: &Error) -> Option<&String> {
+    match e {
+        Error::Parquet { path, .. } => Some(path),
+        _ => None,
+    }
 }
 
 /// The WAL records a file's `watershed.records` metadata lists.
@@ -281,7 +316,7 @@ pub(crate) async fn settle(lake: &Lake, m: &OpenMerge) -> Result<Settled> {
         return Ok(Settled::Dropped);
     }
     let bytes = lake.get(&m.path).await?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(parquet_err(&m.path))?;
+    let builder = reading(&m.path, || ParquetRecordBatchReaderBuilder::try_new(bytes))?;
     let mut held = records_of(&m.path, &builder)?;
     held.sort_unstable();
     if held != m.records {
@@ -325,6 +360,7 @@ impl Compactor {
             stats,
             scanned: AtomicBool::new(false),
             waiting: Mutex::new(BTreeSet::new()),
+            damaged: Mutex::new(BTreeSet::new()),
             plan_only: false,
             memory: None,
         }
@@ -512,6 +548,21 @@ impl Compactor {
         unsettled.insert(dir);
     }
 
+    /// Leave file `path`, which cannot be read, out of merges from now on
+    /// (reported the first time).
+    fn set_aside(&self, dir: &str, path: &str, e: &Error, report: &mut CompactReport) {
+        if self.damaged.lock().expect("lock").insert(path.to_owned()) {
+            report.unreadable += 1;
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                partition = %dir,
+                file = %path,
+                error = %e,
+                "cannot read a file of the lake; it is left as it is, and not merged"
+            );
+        }
+    }
+
     /// Merge the small files of one partition.
     async fn partition(&self, dir: &str, stop: &AtomicBool, report: &mut CompactReport) -> Result<()> {
         let half = self.config.target_bytes / 2;
@@ -540,7 +591,7 @@ impl Compactor {
             if parent != dir || pending.contains(&path) {
                 continue;
             }
-            if meta.size >= half {
+            if meta.size >= half || self.damaged.lock().expect("lock").contains(&path) {
                 barriers.push((first, last));
                 continue;
             }
@@ -588,8 +639,8 @@ impl Compactor {
             }
             let mut runs: Vec<Vec<Input>> = Vec::new();
             for s in bin {
-                let builder = match footer(&self.lake, &s.path, s.size).await {
-                    Ok(b) => b,
+                let read = match footer(&self.lake, &s.path, s.size).await {
+                    Ok(b) => records_of(&s.path, &b).map(|r| (b, r)),
                     // Beside a running hub, which merges and deletes
                     // files as it goes.
                     Err(Error::Store { source, .. })
@@ -598,9 +649,18 @@ impl Compactor {
                         report.changed += 1;
                         return Ok(());
                     }
+                    Err(e) => Err(e),
+                };
+                let (builder, records) = match read {
+                    Ok(r) => r,
+                    Err(e @ Error::Parquet { .. }) => {
+                        self.set_aside(dir, &s.path, &e, report);
+                        // The files on either side are merged apart.
+                        runs.push(Vec::new());
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 };
-                let records = records_of(&s.path, &builder)?;
                 let rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
                 let input = Input {
                     path: s.path,
@@ -614,7 +674,7 @@ impl Compactor {
                 // Files written under different schema versions of the
                 // table are merged separately.
                 match runs.last_mut() {
-                    Some(run) if run[0].schema == input.schema => run.push(input),
+                    Some(run) if run.first().is_some_and(|i| i.schema == input.schema) => run.push(input),
                     _ => runs.push(vec![input]),
                 }
             }
@@ -638,11 +698,22 @@ impl Compactor {
                     self.waiting.lock().expect("lock").insert(dir.to_owned());
                     return Ok(());
                 };
-                if let Err(e) = self.merge(dir, run, report).await {
-                    report.failures += 1;
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(partition = %dir, error = %e, "cannot merge small files; retried on a later pass");
-                    self.waiting.lock().expect("lock").insert(dir.to_owned());
+                let inputs: Vec<String> = run.iter().map(|i| i.path.clone()).collect();
+                match self.merge(dir, run, report).await {
+                    Ok(()) => {}
+                    // An input's pages cannot be read: the next pass
+                    // merges the others around it.
+                    Err(e @ Error::Parquet { .. }) if inputs.iter().any(|i| Some(i) == error_path(&e)) => {
+                        let path = error_path(&e).cloned().unwrap_or_default();
+                        self.set_aside(dir, &path, &e, report);
+                        self.waiting.lock().expect("lock").insert(dir.to_owned());
+                    }
+                    Err(e) => {
+                        report.failures += 1;
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(partition = %dir, error = %e, "cannot merge small files; retried on a later pass");
+                        self.waiting.lock().expect("lock").insert(dir.to_owned());
+                    }
                 }
             }
         }
@@ -678,20 +749,28 @@ impl Compactor {
             let mut file = file;
             for name in &inputs {
                 let bytes = runtime.block_on(lake.get(name))?;
-                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|b| b.with_batch_size(READ_ROWS).build())
-                    .map_err(parquet_err(name))?;
-                for batch in reader {
-                    let batch = batch.map_err(|e| {
-                        parquet_err(name)(parquet::errors::ParquetError::ArrowError(e.to_string()))
-                    })?;
+                let mut reader = reading(name, || {
+                    ParquetRecordBatchReaderBuilder::try_new(bytes)
+                        .and_then(|b| b.with_batch_size(READ_ROWS).build())
+                })?;
+                while let Some(batch) = reading(name, || {
+                    reader
+                        .next()
+                        .transpose()
+                        .map_err(|e| parquet::errors::ParquetError::ArrowError(e.to_string()))
+                })? {
                     file.write_joined(&[batch])?;
                 }
             }
             file.finish(meta)
         })
         .await
-        .expect("encoding does not panic")
+        // A panic encoding (a bug) fails this merge, not compaction.
+        .unwrap_or_else(|e| {
+            Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
+                "merging did not finish: {e}"
+            ))))
+        })
         .map(Bytes::from)?;
         let written = ParquetRecordBatchReaderBuilder::try_new(out.clone())
             .map_err(parquet_err(path))?

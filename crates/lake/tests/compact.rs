@@ -517,6 +517,55 @@ async fn small_files_are_not_merged_across_a_big_file() {
     assert_eq!(rows, want, "in WAL order, file by file");
 }
 
+/// A file of the lake that cannot be read (its footer, or its pages,
+/// damaged on disk) is named, counted as a failure once and left as it
+/// is; the small files on either side of it are merged without it (a
+/// merge across it would hold its neighbours' rows out of WAL order).
+#[tokio::test]
+async fn a_damaged_file_is_left_alone_and_merged_around() {
+    // (merges, unreadable files) of three passes: a damaged footer is found while
+    // planning, a damaged page by the merge that reads it (the next pass
+    // merges around it).
+    for (what, damage, passes) in [
+        (
+            "a footer",
+            (|b: &mut Vec<u8>| {
+                let n = b.len();
+                b[n - 40..n - 8].fill(0xff);
+            }) as fn(&mut Vec<u8>),
+            [(2, 1), (0, 0), (0, 0)],
+        ),
+        ("the first page", |b: &mut Vec<u8>| b[4..36].fill(0xff), [(0, 1), (2, 0), (0, 0)]),
+    ] {
+        let s = Lakeside::new().await;
+        let key = partition("06");
+        let mut paths = Vec::new();
+        for r in 1..=5 {
+            paths.push(s.commit(&key, SOURCE, &[r], 200, false).await);
+        }
+        let on_disk = s.dir.path().join("lake").join(&paths[2].0);
+        let mut bytes = std::fs::read(&on_disk).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&on_disk, &bytes).unwrap();
+
+        let compactor = s.compactor(64 << 20);
+        let stop = AtomicBool::new(false);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let report = compactor.run_once(&stop).await.unwrap();
+            assert_eq!(report.failures, 0, "{what}");
+            seen.push((report.merges, report.unreadable));
+        }
+        assert_eq!(seen, passes, "{what}: merged around it, reported once");
+        assert_eq!(std::fs::read(&on_disk).unwrap(), bytes, "{what}: the damaged file is left as it is");
+        let files = s.files(&key).await;
+        let merged = |a: u64, b: u64| format!("{}/{SOURCE}-{a:016x}-{b:016x}-merged.parquet", key.dir());
+        assert_eq!(files, vec![merged(1, 2), paths[2].0.clone(), merged(4, 5)], "{what}");
+        assert_eq!(s.rows(&merged(1, 2)).await.0, expected_ids(&[1, 2], 200), "{what}");
+        assert_eq!(s.rows(&merged(4, 5)).await.0, expected_ids(&[4, 5], 200), "{what}");
+    }
+}
+
 /// A put in flight (its commit line not yet written), or a file the
 /// writer is about to put, between two small files keeps them apart:
 /// merged without it, their file would later be merged with it and hold
@@ -948,5 +997,111 @@ proptest! {
             }
             Ok(())
         })?;
+    }
+}
+
+/// The ids of the rows of file `path`, or why it cannot be read.
+async fn try_rows(lake: &Lake, path: &str) -> Result<Vec<String>, String> {
+    let bytes = lake.get(path).await.map_err(|e| e.to_string())?;
+    let read = std::panic::catch_unwind(|| -> Result<Vec<String>, String> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        for b in reader {
+            let b = b.map_err(|e| e.to_string())?;
+            let col = b.column(0).as_any().downcast_ref::<StringArray>().ok_or("not text")?;
+            ids.extend(col.iter().map(|v| v.unwrap_or_default().to_owned()));
+        }
+        Ok(ids)
+    });
+    read.unwrap_or_else(|_| Err("the reader panicked".to_owned()))
+}
+
+/// Damage file 3 of five (of `rows` rows each) on disk, `len` bytes
+/// from `at` (a fraction of its size) XORed with `mask`, and run three
+/// compaction passes: they neither fail nor panic, every row of the
+/// other files is in the lake exactly once, and the damaged file is
+/// either left exactly as it is (the result: true) or merged with the
+/// others (false; the damage did not stop it being read).
+async fn damage_one(rows: &[usize], at: f64, len: usize, mask: u8) -> Result<bool, TestCaseError> {
+    let s = Lakeside::new().await;
+    let key = partition("06");
+    let mut paths = Vec::new();
+    for (r, &n) in (1u64..).zip(rows) {
+        paths.push(s.commit(&key, SOURCE, &[r], n, false).await);
+    }
+    let damaged = &paths[2].0;
+    let on_disk = s.dir.path().join("lake").join(damaged);
+    let mut bytes = std::fs::read(&on_disk).unwrap();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let start = ((bytes.len() as f64) * at) as usize;
+    let end = (start + len).min(bytes.len());
+    for b in &mut bytes[start..end] {
+        *b ^= mask;
+    }
+    std::fs::write(&on_disk, &bytes).unwrap();
+
+    let compactor = s.compactor(64 << 20);
+    let stop = AtomicBool::new(false);
+    for _ in 0..3 {
+        let report = compactor.run_once(&stop).await;
+        prop_assert!(report.is_ok(), "{:?}", report);
+    }
+    let mut ids = Vec::new();
+    let mut left = false;
+    for f in s.files(&key).await {
+        if &f == damaged {
+            prop_assert_eq!(std::fs::read(&on_disk).unwrap(), bytes.clone(), "left exactly as it is");
+            left = true;
+            continue;
+        }
+        match try_rows(&s.lake, &f).await {
+            Ok(v) => ids.extend(v),
+            Err(e) => prop_assert!(false, "{} cannot be read: {}", f, e),
+        }
+    }
+    for (r, &n) in (1u64..).zip(rows) {
+        if r == 3 {
+            continue;
+        }
+        let prefix = format!("r{r}-");
+        let got: Vec<&String> = ids.iter().filter(|id| id.starts_with(&prefix)).collect();
+        let want = expected_ids(&[r], n);
+        prop_assert_eq!(got, want.iter().collect::<Vec<_>>(), "record {}'s rows, once, in order", r);
+    }
+    let files = s.files(&key).await;
+    if left {
+        let merged = |a: u64, b: u64| format!("{}/{SOURCE}-{a:016x}-{b:016x}-merged.parquet", key.dir());
+        prop_assert_eq!(files, vec![merged(1, 2), damaged.clone(), merged(4, 5)], "merged around it");
+    } else {
+        prop_assert_eq!(files.len(), 1, "merged with the others");
+    }
+    Ok(left)
+}
+
+/// Damage that makes the Parquet reader panic while a merge reads the
+/// file's pages (found by the property test below) fails that merge, not
+/// compaction: the file is left alone and the others merged around it.
+#[tokio::test]
+async fn a_file_the_reader_panics_on_is_left_alone() {
+    let left = damage_one(&[24, 224, 245, 228, 27], 0.408_593_064_312_124_7, 18, 217).await.unwrap();
+    assert!(left);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// Whatever bytes of one file are damaged on disk, no row of the
+    /// others is lost (see [`damage_one`]).
+    #[test]
+    fn damage_to_one_file_loses_no_row_of_the_others(
+        rows in proptest::collection::vec(1usize..300, 5),
+        at in 0.0f64..1.0,
+        len in 1usize..48,
+        mask in 1u8..=255,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(damage_one(&rows, at, len, mask))?;
     }
 }
