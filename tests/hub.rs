@@ -461,13 +461,19 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
         json!("just a string"),
         good("g3"),
     ]);
-    // Also gzip-encoded, as collectors send.
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, array.to_string().as_bytes()).unwrap();
+    // Also gzip-encoded, as collectors send: here as two gzip members
+    // (concatenated gzip files), split mid-event; both are read.
+    let text = array.to_string().into_bytes();
+    let gzip = |part: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, part).unwrap();
+        gz.finish().unwrap()
+    };
+    let (head, tail) = text.split_at(text.len() / 2);
     let (s, r, _) = post(
         &server.url,
         Some(&token),
-        gz.finish().unwrap(),
+        [gzip(head), gzip(tail)].concat(),
         &[("content-type", "application/json"), ("content-encoding", "gzip")],
     );
     assert_eq!(s, 200, "{r}");

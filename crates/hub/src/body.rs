@@ -64,7 +64,8 @@ pub fn decode<'a>(
             }
             return Ok(Cow::Borrowed(body));
         }
-        Some("gzip" | "x-gzip") => read(&mut flate2::read::GzDecoder::new(body), &mut out)?,
+        // Every member: concatenated gzip files are one gzip stream (RFC 1952).
+        Some("gzip" | "x-gzip") => read(&mut flate2::read::MultiGzDecoder::new(body), &mut out)?,
         Some("zstd") => {
             let mut d = zstd::stream::read::Decoder::new(body).map_err(|e| BodyError::Bad(e.to_string()))?;
             read(&mut d, &mut out)?;
@@ -358,6 +359,36 @@ mod tests {
         assert_eq!(&*decode(&z, Some("zstd"), 5, any).unwrap(), b"hello", "exactly the limit");
         assert!(matches!(decode(b"x", Some("br"), 10, any), Err(BodyError::Bad(_))));
         assert!(matches!(decode(b"not gzip", Some("gzip"), 10, any), Err(BodyError::Bad(_))));
+    }
+
+    /// A gzip body may hold several members and a zstd body several
+    /// frames (what concatenating compressed files makes): every one is
+    /// read, never only the first; bytes after the last that are not
+    /// another member are refused, not ignored.
+    #[test]
+    fn every_member_and_frame_is_read() {
+        use std::io::Write;
+        let gzip = |text: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(text).unwrap();
+            gz.finish().unwrap()
+        };
+        let any = &mut |_| true;
+        let body = [gzip(b"{\"a\":1}\n"), gzip(b"{\"b\":2}\n"), gzip(b"{\"c\":3}\n")].concat();
+        assert_eq!(&*decode(&body, Some("gzip"), 100, any).unwrap(), b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n");
+        assert_eq!(
+            decode(&body, Some("gzip"), 20, any),
+            Err(BodyError::TooLarge(20)),
+            "bounded across members"
+        );
+        let trailing = [gzip(b"{}\n"), b"garbage".to_vec()].concat();
+        assert!(matches!(decode(&trailing, Some("gzip"), 100, any), Err(BodyError::Bad(_))));
+
+        let z = |text: &[u8]| zstd::encode_all(text, 1).unwrap();
+        let body = [z(b"{\"a\":1}\n"), z(b"{\"b\":2}\n")].concat();
+        assert_eq!(&*decode(&body, Some("zstd"), 100, any).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+        let trailing = [z(b"{}\n"), b"garbage".to_vec()].concat();
+        assert!(matches!(decode(&trailing, Some("zstd"), 100, any), Err(BodyError::Bad(_))));
     }
 
     #[test]
