@@ -57,7 +57,9 @@ pub fn decode<'a>(
             }
         }
     };
-    match encoding.map(str::trim) {
+    // Content codings are case-insensitive (RFC 9110, 8.4.1).
+    let coding = encoding.map(|e| e.trim().to_ascii_lowercase());
+    match coding.as_deref() {
         None | Some("" | "identity") => {
             if body.len() > limit {
                 return Err(BodyError::TooLarge(limit));
@@ -358,6 +360,8 @@ mod tests {
         assert_eq!(&*decode(&z, Some("zstd"), 10, any).unwrap(), b"hello");
         assert_eq!(&*decode(&z, Some("zstd"), 5, any).unwrap(), b"hello", "exactly the limit");
         assert!(matches!(decode(b"x", Some("br"), 10, any), Err(BodyError::Bad(_))));
+        assert_eq!(&*decode(&z, Some(" ZStd "), 10, any).unwrap(), b"hello", "case-insensitive");
+        assert_eq!(decode(&body, Some("GZIP"), 200_000, any).unwrap().len(), 100_000);
         assert!(matches!(decode(b"not gzip", Some("gzip"), 10, any), Err(BodyError::Bad(_))));
     }
 
