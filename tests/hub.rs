@@ -1299,6 +1299,59 @@ fn send_splits_batches_over_the_body_limit() {
     assert_eq!(got, want, "every event sent is in the lake once");
 }
 
+/// A hub (here a stand-in on a loopback port) whose 200 answer accounts
+/// for fewer events than the batch held makes `send` stop and say so,
+/// non-zero: events it cannot account for are never reported as sent.
+#[test]
+fn send_refuses_an_answer_that_does_not_account_for_every_event() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                if line == "\r\n" {
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let answer = r#"{"accepted":1,"duplicates":0,"rejected":[]}"#;
+                    let mut w = &stream;
+                    write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    )
+                    .unwrap();
+                    length = 0;
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, ndjson(&[ada("x-0", "alice"), ada("x-1", "alice"), ada("x-2", "alice")])).unwrap();
+    let out = run(&["send", file.to_str().unwrap(), "--url", &url, "--token", "wsh_any", "--retries", "0"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr
+            .contains("the hub answered for 1 of events 0..3 (3 sent: accepted 1, duplicates 0, rejected 0)"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("accepted 1 rejected 0"), "no summary as if all went well: {stdout}");
+}
+
 /// The README's first command: `watershed demo` starts a hub, sends every
 /// event it was asked for, and each accepted one is in the lake and each
 /// rejected one in `_dead_letters`.

@@ -195,8 +195,11 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
                 if args.concurrency > 1 { "; later batches may have been sent too" } else { "" }
             )
         })?;
-        totals.accepted += resp["accepted"].as_u64().unwrap_or(0);
-        totals.duplicates += resp["duplicates"].as_u64().unwrap_or(0);
+        let (accepted, duplicates) =
+            (resp["accepted"].as_u64().unwrap_or(0), resp["duplicates"].as_u64().unwrap_or(0));
+        let rejected = resp["rejected"].as_array().map_or(0, Vec::len);
+        totals.accepted += accepted;
+        totals.duplicates += duplicates;
         for r in resp["rejected"].as_array().into_iter().flatten() {
             totals.rejected += 1;
             bar.suspend(|| {
@@ -211,6 +214,17 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             });
         }
         bar.set_message(format!("accepted {} rejected {}", totals.accepted, totals.rejected));
+        // Every event sent is accepted, a duplicate or rejected: an answer
+        // that accounts for fewer (or more) is not one to trust.
+        let answered = accepted + duplicates + rejected as u64;
+        if answered != events as u64 {
+            anyhow::bail!(
+                "the hub answered for {answered} of events {first}..{} ({events} sent: accepted {accepted}, \
+                 duplicates {duplicates}, rejected {rejected}); the others may not be stored. Sending the \
+                 file again is safe, the hub answers what it already has as duplicates",
+                first + events
+            );
+        }
     }
     bar.finish_and_clear();
     out!("accepted {} rejected {} duplicates {}", totals.accepted, totals.rejected, totals.duplicates);
