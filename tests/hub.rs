@@ -498,6 +498,21 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
         (200, Some(1), Some(0)),
         "{r}"
     );
+    // Pretty-printed events one after another (`jq .`'s output) are one
+    // event each, as are objects with nothing between them (Firehose's).
+    let mut jq = Vec::new();
+    for id in ["g5", "g6"] {
+        jq.extend(serde_json::to_vec_pretty(&good(id)).unwrap());
+        jq.push(b'\n');
+    }
+    jq.extend(serde_json::to_vec(&good("g7")).unwrap());
+    jq.extend(serde_json::to_vec(&good("g8")).unwrap());
+    let (s, r, _) = post(&server.url, Some(&token), jq, &[]);
+    assert_eq!(
+        (s, r["accepted"].as_u64(), r["rejected"].as_array().map(Vec::len)),
+        (200, Some(4), Some(0)),
+        "{r}"
+    );
 
     let metrics = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap().text().unwrap();
     assert!(
@@ -522,7 +537,7 @@ fn bad_input_gets_specific_errors_and_nothing_valid_is_lost() {
     let ids = ids_by_table(&data.join("lake"));
     let mut p: Vec<String> = ids["payments"].iter().map(|x| x.1.clone()).collect();
     p.sort();
-    assert_eq!(p, ["c1", "g1", "g2", "g3", "g4"]);
+    assert_eq!(p, ["c1", "g1", "g2", "g3", "g4", "g5", "g6", "g7", "g8"]);
     // Rejects are stored once however often they are retried: by id, or
     // for the id-less one ("just a string") by its bytes.
     let mut dead: Vec<String> = ids["_dead_letters"].iter().map(|x| x.1.clone()).collect();

@@ -97,8 +97,11 @@ pub enum Framing {
 /// starting with `[` is a JSON array (it must be well-formed: 400
 /// otherwise); a body that is one JSON object, on one line or across many
 /// (a pretty-printed event, a structured-mode CloudEvent), is one event;
-/// anything else is NDJSON, one event per non-empty line (a bad line is
-/// that event's problem). With [`Framing::Lines`] it is NDJSON whatever
+/// JSON objects one after another whose first does not end its line
+/// (`jq .`'s output, pretty-printed; Kinesis Firehose's, with nothing
+/// between them) are one event each, when the whole body is such objects
+/// and whitespace; anything else is NDJSON, one event per non-empty line
+/// (a bad line is that event's problem). With [`Framing::Lines`] it is NDJSON whatever
 /// its shape. A UTF-8 byte order mark at the start of the body (as some
 /// Windows tools write files) is ignored, as RFC 8259 allows.
 ///
@@ -125,6 +128,9 @@ pub fn split(body: &[u8], max_events: usize, framing: Framing) -> Result<Vec<&[u
         split_array(&body[start..])?
     } else if framing == Framing::Shape && one_object(&body[start..]) {
         vec![trim(&body[start..])]
+    } else if let Some(objects) = (framing == Framing::Shape).then(|| concatenated(&body[start..])).flatten()
+    {
+        objects
     } else {
         let mut out = Vec::with_capacity(memchr::memchr_iter(b'\n', body).count() + 1);
         let mut at = 0;
@@ -251,6 +257,46 @@ fn one_object(b: &[u8]) -> bool {
     false
 }
 
+/// The objects of `b` when it is JSON objects one after another with only
+/// whitespace around them (braces and brackets balanced, outside
+/// strings), and its first object does not end its line: the body is not
+/// NDJSON. `None` otherwise: NDJSON (whose first line is one object) is
+/// not scanned whole, and a body with anything else (a bad line) is left
+/// to line splitting, where a bad line is one refused event.
+fn concatenated(b: &[u8]) -> Option<Vec<&[u8]>> {
+    let line = memchr::memchr(b'\n', b).map_or(b, |n| &b[..n]);
+    if b.first() != Some(&b'{') || one_object(line) {
+        return None;
+    }
+    let (mut depth, mut strings, mut start) = (0usize, Strings::default(), 0);
+    let mut out = Vec::new();
+    for (i, &c) in b.iter().enumerate() {
+        if !strings.outside(c) {
+            continue;
+        }
+        match c {
+            b'{' | b'[' => {
+                if depth == 0 {
+                    if c == b'[' {
+                        return None;
+                    }
+                    start = i;
+                }
+                depth += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    out.push(&b[start..=i]);
+                }
+            }
+            c if depth == 0 && !c.is_ascii_whitespace() => return None,
+            _ => {}
+        }
+    }
+    (depth == 0 && !strings.in_str).then_some(out)
+}
+
 fn trim(s: &[u8]) -> &[u8] {
     let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
     &s[..end]
@@ -369,6 +415,33 @@ mod tests {
     /// frames (what concatenating compressed files makes): every one is
     /// read, never only the first; bytes after the last that are not
     /// another member are refused, not ignored.
+    #[test]
+    fn objects_one_after_another_are_one_event_each() {
+        let shape = |b: &'static [u8]| split(b, 100, Framing::Shape).unwrap();
+        // jq's pretty output, and Firehose's objects with nothing between.
+        assert_eq!(
+            shape(b"{\n  \"a\": 1\n}\n{\n  \"b\": \"}{\"\n}\n"),
+            [&b"{\n  \"a\": 1\n}"[..], b"{\n  \"b\": \"}{\"\n}"]
+        );
+        assert_eq!(
+            shape(b"{\"a\":1}{\"b\":[2]} {\"c\":{}}"),
+            [&b"{\"a\":1}"[..], b"{\"b\":[2]}", b"{\"c\":{}}"]
+        );
+        // NDJSON stays lines, a bad line its own event, even where the
+        // objects would balance across lines.
+        assert_eq!(shape(b"{\"a\":1}\n{\"b\":\n2}\n"), [&b"{\"a\":1}"[..], b"{\"b\":", b"2}"]);
+        // Anything but objects and whitespace: lines.
+        assert_eq!(shape(b"{\n\"a\":1\n}\nnull\n"), [&b"{"[..], b"\"a\":1", b"}", b"null"]);
+        assert_eq!(shape(b"{\n\"a\":1\n}}\n"), [&b"{"[..], b"\"a\":1", b"}}"]);
+        assert_eq!(shape(b"{\n\"a\":\"1\n}\n"), [&b"{"[..], b"\"a\":\"1", b"}"], "a string left open");
+        assert_eq!(shape(b"{\n\"a\":1\n"), [&b"{"[..], b"\"a\":1"], "an object left open");
+        assert_eq!(
+            split(b"{\n\"a\":1\n}\n{}", 100, Framing::Lines).unwrap().len(),
+            4,
+            "declared NDJSON: lines"
+        );
+    }
+
     #[test]
     fn every_member_and_frame_is_read() {
         use std::io::Write;
