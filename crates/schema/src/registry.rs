@@ -297,7 +297,26 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
             return Ok(None);
         }
     };
-    let avro = match Schema::parse(&json) {
+    // apache-avro panics on some names it cannot parse (a record named
+    // "user-login"): they are refused here first, naming where they are.
+    let mut names = Vec::new();
+    bad_names(&json, "$", &mut names);
+    if !names.is_empty() {
+        problems.extend(names.into_iter().map(|p| format!("{}: {p}", path.display())));
+        return Ok(None);
+    }
+    let parsed = match std::panic::catch_unwind(|| Schema::parse(&json)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("the Avro parser gave up on it ({why})"))
+        }
+    };
+    let avro = match parsed {
         Ok(s) => s,
         Err(e) => {
             problems.push(format!("{}: not a valid Avro schema: {e}", path.display()));
@@ -319,6 +338,88 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
     let digest = Sha256::digest(text.as_bytes());
     let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff;
     Ok(Some(Version { version: v, id: id.max(1), path: path.to_owned(), avro, text, node, protect }))
+}
+
+/// Whether `name` is an Avro name, or a full name (names joined by dots).
+fn is_avro_fullname(name: &str) -> bool {
+    name.split('.').all(|part| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+            && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+    })
+}
+
+/// The names in schema JSON `v` (at JSON path `path`) that are not Avro
+/// names: of named types and fields, their aliases, and references to
+/// named types. Other attributes are left alone (a schema may carry any).
+fn bad_names(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    const PRIMITIVES: [&str; 8] = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"];
+    fn check(what: &str, at: &str, name: &Value, out: &mut Vec<String>) {
+        if let Some(n) = name.as_str() {
+            if !is_avro_fullname(n) {
+                out.push(format!(
+                    "{at}: {what} {n:?} is not an Avro name (letters, digits and _, not starting with a digit; \
+                     dots only between the parts of a full name)"
+                ));
+            }
+        }
+    }
+    match v {
+        Value::String(t) if !PRIMITIVES.contains(&t.as_str()) => check("the type", path, v, out),
+        Value::Array(branches) => {
+            for (i, b) in branches.iter().enumerate() {
+                bad_names(b, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(o) => {
+            let ty = o.get("type");
+            let named = matches!(ty.and_then(Value::as_str), Some("record" | "error" | "enum" | "fixed"));
+            if named {
+                if let Some(n) = o.get("name") {
+                    check("the name", &format!("{path}.name"), n, out);
+                }
+            }
+            if named || o.contains_key("fields") {
+                for (i, a) in o.get("aliases").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                    check("the alias", &format!("{path}.aliases[{i}]"), a, out);
+                }
+            }
+            match ty {
+                Some(Value::String(t)) if matches!(t.as_str(), "record" | "error") => {
+                    let fields = o.get("fields").and_then(Value::as_array);
+                    for (i, f) in fields.into_iter().flatten().enumerate() {
+                        let at = format!("{path}.fields[{i}]");
+                        if let Some(n) = f.get("name") {
+                            check("the field name", &format!("{at}.name"), n, out);
+                        }
+                        for (j, a) in
+                            f.get("aliases").and_then(Value::as_array).into_iter().flatten().enumerate()
+                        {
+                            check("the alias", &format!("{at}.aliases[{j}]"), a, out);
+                        }
+                        if let Some(t) = f.get("type") {
+                            bad_names(t, &format!("{at}.type"), out);
+                        }
+                    }
+                }
+                Some(Value::String(t)) if t == "array" => {
+                    if let Some(items) = o.get("items") {
+                        bad_names(items, &format!("{path}.items"), out);
+                    }
+                }
+                Some(Value::String(t)) if t == "map" => {
+                    if let Some(values) = o.get("values") {
+                        bad_names(values, &format!("{path}.values"), out);
+                    }
+                }
+                Some(Value::String(t)) if matches!(t.as_str(), "enum" | "fixed") => {}
+                Some(t) => bad_names(t, &format!("{path}.type"), out),
+                None => {}
+            }
+        }
+        _ => {}
+    }
 }
 
 fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], problems: &mut Vec<String>) {
