@@ -101,8 +101,8 @@ pub enum Framing {
 /// (`jq .`'s output, pretty-printed; Kinesis Firehose's, with nothing
 /// between them) are one event each, when the whole body is such objects
 /// and whitespace; anything else is NDJSON, one event per non-empty line
-/// (a bad line is that event's problem). With [`Framing::Lines`] it is NDJSON whatever
-/// its shape. A UTF-8 byte order mark at the start of the body (as some
+/// (a bad line is that event's problem). With [`Framing::Lines`] it is
+/// NDJSON whatever its shape. A UTF-8 byte order mark at the start of the body (as some
 /// Windows tools write files) is ignored, as RFC 8259 allows.
 ///
 /// A body that is still gzip or zstd data (its `Content-Encoding` did not
@@ -411,10 +411,8 @@ mod tests {
         assert!(matches!(decode(b"not gzip", Some("gzip"), 10, any), Err(BodyError::Bad(_))));
     }
 
-    /// A gzip body may hold several members and a zstd body several
-    /// frames (what concatenating compressed files makes): every one is
-    /// read, never only the first; bytes after the last that are not
-    /// another member are refused, not ignored.
+    /// Objects one after another, pretty-printed or with nothing between
+    /// them, are one event each; NDJSON and anything else stay lines.
     #[test]
     fn objects_one_after_another_are_one_event_each() {
         let shape = |b: &'static [u8]| split(b, 100, Framing::Shape).unwrap();
@@ -442,6 +440,10 @@ mod tests {
         );
     }
 
+    /// A gzip body may hold several members and a zstd body several
+    /// frames (what concatenating compressed files makes): every one is
+    /// read, never only the first; bytes after the last that are not
+    /// another member are refused, not ignored.
     #[test]
     fn every_member_and_frame_is_read() {
         use std::io::Write;
