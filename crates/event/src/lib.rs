@@ -29,6 +29,18 @@ pub fn prefix_within(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The message a caught panic carried (`panic!` with a literal or a
+/// formatted message), or an empty string: for an error that says why a
+/// third-party parser gave up on its input.
+#[must_use]
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

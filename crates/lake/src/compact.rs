@@ -226,11 +226,7 @@ fn reading<T>(path: &str, read: impl FnOnce() -> parquet::errors::Result<T>) -> 
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
         Ok(r) => r.map_err(parquet_err(path)),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = watershed_event::panic_message(&*panic);
             Err(parquet_err(path)(parquet::errors::ParquetError::General(format!(
                 "the reader panicked: {why}"
             ))))

@@ -308,12 +308,7 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
     let parsed = match std::panic::catch_unwind(|| Schema::parse(&json)) {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(format!("the Avro parser gave up on it ({why})"))
+            Err(format!("the Avro parser gave up on it ({})", watershed_event::panic_message(&*panic)))
         }
     };
     let avro = match parsed {
