@@ -138,7 +138,7 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
             if let Err(e) = sc.skip(128, &mut Vec::new()).and_then(|()| sc.end()) {
                 return Err(Violation::new(Reason::MalformedJson, format!("{} at byte {}", e.what, e.at)));
             }
-            let path = if field.is_empty() { "$".to_owned() } else { format!("$.{field}") };
+            let path = member_path(field);
             return Err(Violation {
                 reason: Reason::BadEnvelope,
                 path,
@@ -148,7 +148,7 @@ pub fn decode_with<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Env
     };
     let missing = |f: &str| Violation {
         reason: Reason::BadEnvelope,
-        path: format!("$.{f}"),
+        path: member_path(f),
         detail: format!("{f} is required"),
     };
     let cloud = f.specversion;
@@ -462,6 +462,16 @@ pub fn raw_subject(raw: &[u8], paths: &[&str]) -> Option<String> {
     })
 }
 
+/// The JSONPath (RFC 9535) of the envelope's member `name` (`$` for the
+/// envelope itself): `$.id`, `$['detail-type']`.
+fn member_path(name: &str) -> String {
+    let mut path = "$".to_owned();
+    if !name.is_empty() {
+        watershed_schema::push_member(&mut path, name);
+    }
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,7 +567,7 @@ mod tests {
         assert_eq!(decode(b"[1]").unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(b"{\"id\":").unwrap_err().reason, Reason::MalformedJson);
         let v = decode(br#"{"id":"1","source":"s","detail":{}}"#).unwrap_err();
-        assert_eq!((v.path.as_str(), v.detail.as_str()), ("$.detail-type", "detail-type is required"));
+        assert_eq!((v.path.as_str(), v.detail.as_str()), ("$['detail-type']", "detail-type is required"));
         // Another CloudEvents version is refused by name.
         for version in ["0.3", "1", "1.0.2", ""] {
             let raw =
@@ -585,13 +595,27 @@ mod tests {
         assert!(v.detail.ends_with(r#"add "specversion": "1.0")"#), "{}", v.detail);
         // A CloudEvent without its specversion is read as EventBridge's; say so.
         let v = decode(br#"{"id":"1","source":"s","type":"T","data":{}}"#).unwrap_err();
-        assert_eq!(v.path, "$.detail-type");
+        assert_eq!(v.path, "$['detail-type']");
         assert!(v.detail.ends_with(r#"reads as a CloudEvent: add "specversion": "1.0")"#), "{}", v.detail);
         assert_eq!(decode(br#"{"id":1,"source":"s","detail":{}}"#).unwrap_err().path, "$.id");
         assert_eq!(decode(br#"{"id":"","source":"s","detail":{}}"#).unwrap_err().detail, "id is required");
         assert_eq!(decode(br#"{"id":"1","id":"2"}"#).unwrap_err().reason, Reason::BadEnvelope);
         assert_eq!(decode(br#"{"id":"1","resources":[1]}"#).unwrap_err().path, "$.resources");
-        assert_eq!(decode(br#"{"id":"1","schema-version":0}"#).unwrap_err().path, "$.schema-version");
+        assert_eq!(decode(br#"{"id":"1","schema-version":0}"#).unwrap_err().path, "$['schema-version']");
+        // Every envelope path is RFC 9535 JSONPath (read here by an
+        // independent implementation) and selects the member at fault.
+        for body in [
+            &br#"{"id":"1","schema-version":0,"detail-type":"T","source":"s","detail":{}}"#[..],
+            br#"{"id":"1","detail-type":7,"source":"s","detail":{}}"#,
+            br#"{"id":"1","resources":[1],"detail-type":"T","source":"s","detail":{}}"#,
+            br#"{"id":5,"detail-type":"T","source":"s","detail":{}}"#,
+        ] {
+            let v = decode(body).unwrap_err();
+            let path =
+                serde_json_path::JsonPath::parse(&v.path).unwrap_or_else(|e| panic!("{}: {e}", v.path));
+            let event: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(path.query(&event).all().len(), 1, "{} in {}", v.path, String::from_utf8_lossy(body));
+        }
         assert_eq!(decode(br#"{"id":"1", "x": [1, }"#).unwrap_err().reason, Reason::MalformedJson);
         assert_eq!(
             decode(br#"{"id":2,"#).unwrap_err().reason,

@@ -31,5 +31,6 @@ pub use subject::{
 };
 pub use tape::{Mark, Slot, Tape};
 pub use validate::{
-    decode_value, validate_append, validate_json, validate_json_append, Limits, Violation, MAX_PATH_BYTES,
+    decode_value, push_member, validate_append, validate_json, validate_json_append, Limits, Violation,
+    MAX_PATH_BYTES,
 };

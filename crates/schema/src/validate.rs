@@ -212,7 +212,7 @@ impl Failure {
 /// digits; every Avro field name is one), else `['name']` with `'`, `\`
 /// and control characters escaped, so that a key such as `a.b` or `x]`
 /// cannot be read as two steps.
-fn push_member(path: &mut String, name: &str) {
+pub fn push_member(path: &mut String, name: &str) {
     let first = |c: char| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii();
     let shorthand = name.chars().next().is_some_and(first)
         && name.chars().all(|c| first(c) || c.is_ascii_digit())
