@@ -128,14 +128,21 @@ impl Accounts {
         let file = read(&self.path)?;
         let mut map = HashMap::new();
         for r in file.accounts {
+            let hex = r.token_sha256.as_bytes();
+            let not_a_hash = || Error::Accounts {
+                path: self.path.clone(),
+                detail: format!("the token hash of account {} is not 64 hex digits (a SHA-256)", r.account),
+            };
+            // (`from_str_radix` alone would take "+1" as a byte.)
+            if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(not_a_hash());
+            }
             let mut h = [0u8; 32];
-            for (i, chunk) in r.token_sha256.as_bytes().chunks(2).enumerate().take(32) {
-                h[i] = u8::from_str_radix(std::str::from_utf8(chunk).unwrap_or("zz"), 16).map_err(|_| {
-                    Error::Accounts {
-                        path: self.path.clone(),
-                        detail: format!("token hash of account {} is not hex", r.account),
-                    }
-                })?;
+            for (byte, pair) in h.iter_mut().zip(hex.chunks(2)) {
+                *byte = std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|p| u8::from_str_radix(p, 16).ok())
+                    .ok_or_else(not_a_hash)?;
             }
             map.insert(h, r.account);
         }
@@ -281,6 +288,25 @@ mod tests {
         assert_eq!(accts.authenticate(&t), Some(a));
         assert_eq!(accts.authenticate("wsh_nope"), None);
         assert_eq!(accts.authenticate(""), None);
+    }
+
+    /// A stored hash that is not exactly 64 hex digits (a damaged or
+    /// hand-edited file) is refused, naming the account, never read as
+    /// some other hash.
+    #[test]
+    fn a_token_hash_that_is_not_a_sha256_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        Accounts::add(dir.path(), &a).unwrap();
+        let path = dir.path().join("accounts.json");
+        let good = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let hash = v["accounts"][0]["token_sha256"].as_str().unwrap().to_owned();
+        for bad in [&hash[..62], &hash[..63], &format!("{hash}00"), &format!("{}+1", &hash[..62]), ""] {
+            std::fs::write(&path, good.replace(&hash, bad)).unwrap();
+            let e = Accounts::open(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("account 111111111111") && e.contains("not 64 hex digits"), "{bad:?}: {e}");
+        }
     }
 
     /// A revocation in the same tick of the file system's clock as the
