@@ -279,7 +279,10 @@ fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix(source)?.strip_prefix('-')?.strip_suffix(".parquet")?;
     let rest = rest.strip_suffix("-merged").unwrap_or(rest);
     let (first, last) = rest.split_once('-')?;
-    if first.len() != 16 || last.len() != 16 {
+    // Exactly as the hub writes them (`from_str_radix` alone would also
+    // take a sign): a file named otherwise is not this hub's.
+    let hex16 = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex16(first) || !hex16(last) {
         return None;
     }
     Some((u64::from_str_radix(first, 16).ok()?, u64::from_str_radix(last, 16).ok()?))
@@ -872,6 +875,26 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
+
+    /// Only a name as the hub writes it is one of its files: a sign, a
+    /// short or long number, another source, another suffix are not.
+    #[test]
+    fn a_files_range_is_read_only_from_a_name_the_hub_writes() {
+        let (one, two) = ("0000000000000001", "00000000000000ff");
+        assert_eq!(name_range(&format!("wal-aa-{one}-{two}.parquet"), "wal-aa"), Some((1, 255)));
+        assert_eq!(name_range(&format!("wal-aa-{one}-{two}-merged.parquet"), "wal-aa"), Some((1, 255)));
+        for name in [
+            format!("wal-aa-+000000000000001-{two}.parquet"),
+            format!("wal-aa-{one}-+00000000000000f.parquet"),
+            format!("wal-aa-000000000000001-{two}.parquet"),
+            format!("wal-aa-{one}-{two}0.parquet"),
+            format!("wal-bb-{one}-{two}.parquet"),
+            format!("wal-aa-{one}-{two}.parquet.tmp"),
+            format!("wal-aa-{one}-{two}-copy.parquet"),
+        ] {
+            assert_eq!(name_range(&name, "wal-aa"), None, "{name}");
+        }
+    }
 
     /// A file's footer read from its last bytes tells what reading the
     /// whole file does (schema, records, rows), for a file larger than
