@@ -238,14 +238,6 @@ fn parquet_err(path: &str) -> impl FnOnce(parquet::errors::ParquetError) -> Erro
     move |e| Error::Parquet { path: path.to_owned(), source: Box::new(e) }
 }
 
-/// The file a Parquet error names.
-fn error_path(e: &Error) -> Option<&String> {
-    match e {
-        Error::Parquet { path, .. } => Some(path),
-        _ => None,
-    }
-}
-
 /// The WAL records a file's `watershed.records` metadata lists.
 fn records_of(path: &str, builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> Result<Vec<u64>> {
     let kv = builder.metadata().file_metadata().key_value_metadata();
@@ -702,9 +694,8 @@ impl Compactor {
                     Ok(()) => {}
                     // An input's pages cannot be read: the next pass
                     // merges the others around it.
-                    Err(e @ Error::Parquet { .. }) if inputs.iter().any(|i| Some(i) == error_path(&e)) => {
-                        let path = error_path(&e).cloned().unwrap_or_default();
-                        self.set_aside(dir, &path, &e, report);
+                    Err(ref e @ Error::Parquet { ref path, .. }) if inputs.contains(path) => {
+                        self.set_aside(dir, path, e, report);
                         self.waiting.lock().expect("lock").insert(dir.to_owned());
                     }
                     Err(e) => {
