@@ -163,7 +163,7 @@ impl Hub {
         std::fs::create_dir_all(&wal_dir).map_err(crate::error::io(&wal_dir))?;
         let oldest = oldest_wal_record(&wal_dir);
         let source = format!("wal-{}", crate::wal::identity(&wal_dir)?);
-        let (log, committed) = CommitLog::open(&wal_dir.join("commits.log"), &lake, oldest).await?;
+        let (log, committed) = CommitLog::open(&wal_dir.join("commits.log"), &lake, &source, oldest).await?;
         let memory = Memory::new(config.memory.budget_bytes);
         let metrics = Arc::new(Metrics::default());
         let dedupe = Arc::new(Dedupe::new(config.wal.dedupe_window));
@@ -752,7 +752,7 @@ pub async fn compact_lake(
     let log = if dry_run {
         CommitLog::open_read_only(&log_path, &lake).await?
     } else {
-        CommitLog::open(&log_path, &lake, oldest_wal_record(&wal_dir)).await?.0
+        CommitLog::open(&log_path, &lake, &source, oldest_wal_record(&wal_dir)).await?.0
     };
     let mut settings = CompactConfig { source, ..config.compaction() };
     if let Some(after) = after {

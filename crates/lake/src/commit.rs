@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -90,6 +90,12 @@ pub struct CommitLog {
     /// Partition directories that received a committed file since
     /// [`CommitLog::take_touched`] was last called.
     touched: HashSet<String>,
+    /// A line found damaged while running: the log is not compacted
+    /// again (the next start rebuilds it from the lake).
+    damaged: bool,
+    /// A failed write could not be cut back off the log: no line is
+    /// appended after its remains.
+    broken: bool,
 }
 
 /// Makes the log's lines durable: one `fdatasync` covers every line
@@ -209,6 +215,10 @@ pub struct Committed {
     set: HashSet<(String, u64)>,
     /// Files committed, for reporting.
     pub files: usize,
+    /// Lines of the log found damaged (a torn last line is not counted).
+    pub damaged_lines: usize,
+    /// Files whose intents the damage took, found again in the lake.
+    pub recovered: usize,
 }
 
 impl Committed {
@@ -220,18 +230,194 @@ impl Committed {
     }
 }
 
+/// Copy the damaged log at `path` aside, to the first free name of
+/// `commits.log.damaged`, `commits.log.damaged.1`, ...; returns it.
+fn keep_aside(path: &Path) -> Result<PathBuf> {
+    let mut n = 0;
+    loop {
+        let mut name = path.as_os_str().to_owned();
+        name.push(if n == 0 { ".damaged".to_owned() } else { format!(".damaged.{n}") });
+        let copy = PathBuf::from(name);
+        if !copy.exists() {
+            std::fs::copy(path, &copy).map_err(io(&copy))?;
+            return Ok(copy);
+        }
+        n += 1;
+    }
+}
+
+/// Rebuild from the lake what damaged log lines held (see
+/// [`CommitLog::open`]): adds an intent and a commit for every file of
+/// `source` in the lake that may hold a record at or after
+/// `oldest_record` and that `intents` does not name, and deletes the
+/// files a merged file holds every record of (a merge left unfinished,
+/// its line lost), unless a merge line in `merges` still names the
+/// merged file (it is settled as usual). Returns the files added.
+async fn recover(
+    lake: &Lake,
+    source: &str,
+    oldest_record: u64,
+    intents: &mut HashMap<String, (String, Vec<u64>)>,
+    committed: &mut HashSet<String>,
+    merges: &HashMap<String, OpenMerge>,
+) -> Result<usize> {
+    let mut present: Vec<String> = Vec::new();
+    let mut added = 0;
+    for meta in lake.list(None).await? {
+        let file = meta.location.to_string();
+        let Some((partition, name)) = file.rsplit_once('/') else { continue };
+        let Some((_, last)) = crate::compact::name_range(name, source) else { continue };
+        if last < oldest_record {
+            continue;
+        }
+        present.push(file.clone());
+        if intents.contains_key(&file) {
+            continue;
+        }
+        let records = match crate::compact::footer(lake, &file, meta.size)
+            .await
+            .and_then(|footer| crate::compact::records_of(&file, &footer))
+        {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(
+                    path = %file,
+                    error = %e,
+                    "cannot read which records a lake file holds; a restart may write its rows again"
+                );
+                continue;
+            }
+        };
+        tracing::warn!(path = %file, records = records.len(), "found a committed file the damaged commit log had lost");
+        intents.insert(file.clone(), (partition.to_owned(), records));
+        committed.insert(file);
+        added += 1;
+    }
+    // A record's rows of one partition are written to one file (the
+    // writer gets them in one message), so a file whose every record a
+    // merged file of its partition holds has all its rows there too: it
+    // is an input of a merge left unfinished, its line lost.
+    let mut deleted: HashSet<&str> = HashSet::new();
+    for merged in present.iter().filter(|f| f.ends_with("-merged.parquet") && !merges.contains_key(*f)) {
+        if deleted.contains(merged.as_str()) {
+            continue;
+        }
+        let Some((partition, held)) = intents.get(merged) else { continue };
+        let held: HashSet<u64> = held.iter().copied().collect();
+        for input in &present {
+            let Some((p, records)) = intents.get(input) else { continue };
+            if input == merged || p != partition || records.is_empty() || deleted.contains(input.as_str()) {
+                continue;
+            }
+            if records.iter().all(|r| held.contains(r)) {
+                tracing::warn!(
+                    path = %input,
+                    merged_into = %merged,
+                    "deleting a file whose rows a merged file holds (a merge left unfinished)"
+                );
+                lake.delete(input).await?;
+                deleted.insert(input);
+            }
+        }
+    }
+    Ok(added)
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
 }
 
-/// `lines` as the log's text, one JSON object per line.
+/// `lines` as the log's text (see [`encode_line`]).
 fn text_of(lines: &[Line]) -> Vec<u8> {
     let mut buf = Vec::new();
     for l in lines {
-        serde_json::to_writer(&mut buf, l).expect("serialisable");
-        buf.push(b'\n');
+        encode_line(l, &mut buf);
     }
     buf
+}
+
+/// Append `line` to `buf` as the log holds it: its JSON, a tab, the
+/// CRC-32 of the JSON in eight hex digits, and a newline. The checksum
+/// tells a line damaged on disk from a good one, whether or not the
+/// damage left it valid JSON.
+fn encode_line(line: &Line, buf: &mut Vec<u8>) {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, line).expect("serialisable");
+    let crc = crc32fast::hash(&buf[start..]);
+    buf.extend_from_slice(format!("\t{crc:08x}\n").as_bytes());
+}
+
+/// One line of the log, without its newline. A line with no tab was
+/// written before lines carried a checksum, and is read as JSON alone.
+fn decode_line(raw: &[u8]) -> std::result::Result<Line, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "not UTF-8".to_owned())?;
+    let json = match text.rsplit_once('\t') {
+        Some((json, sum)) => {
+            let hex8 = sum.len() == 8 && sum.bytes().all(|b| b.is_ascii_hexdigit());
+            let want = u32::from_str_radix(sum, 16).ok().filter(|_| hex8);
+            match want {
+                Some(want) if crc32fast::hash(json.as_bytes()) == want => json,
+                Some(_) => return Err("its checksum does not match".to_owned()),
+                None => return Err(format!("{sum:?} is not a checksum")),
+            }
+        }
+        None => text,
+    };
+    serde_json::from_str(json).map_err(|e| format!("not a log line: {e}"))
+}
+
+/// The log's lines as read back.
+#[derive(Debug, Default)]
+struct Read {
+    lines: Vec<Line>,
+    /// Lines that are not whole (1-based number, what is wrong), other
+    /// than a torn last line.
+    damaged: Vec<(usize, String)>,
+    /// Whether the last line was torn (a crash during its write).
+    torn: bool,
+}
+
+impl Read {
+    /// The log at `path` (none yet reads as empty). Its text after the
+    /// last newline, if any, is the last line's write cut short by a
+    /// crash unless it is whole; any other line that is not whole is
+    /// damage.
+    fn from(path: &Path) -> Result<Self> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(path)(e)),
+        };
+        let mut read = Self::default();
+        let mut pieces: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+        let tail = pieces.pop().unwrap_or_default();
+        for (i, raw) in pieces.into_iter().enumerate() {
+            match decode_line(raw) {
+                Ok(line) => read.lines.push(line),
+                Err(why) => read.damaged.push((i + 1, why)),
+            }
+        }
+        if !tail.is_empty() {
+            match decode_line(tail) {
+                Ok(line) => read.lines.push(line),
+                Err(_) => read.torn = true,
+            }
+        }
+        Ok(read)
+    }
+
+    /// The damaged lines, for a message: their numbers and the first's
+    /// fault.
+    fn describe(&self) -> String {
+        let numbers: Vec<String> = self.damaged.iter().take(10).map(|(n, _)| n.to_string()).collect();
+        let more = if self.damaged.len() > 10 {
+            format!(" and {} more", self.damaged.len() - 10)
+        } else {
+            String::new()
+        };
+        let first = self.damaged.first().map_or("", |(_, why)| why.as_str());
+        format!("line {}{more} ({first})", numbers.join(", "))
+    }
 }
 
 /// Replace the log at `path` with `lines` (a temporary file, fsynced, then
@@ -269,10 +455,24 @@ impl CommitLog {
     /// `lake`, and compact it to the entries that still cover records at
     /// or after `oldest_record` (older WAL is gone).
     ///
+    /// A log damaged on disk (a line other than a torn last one that is
+    /// not whole) is copied aside (`commits.log.damaged`) and what its
+    /// lines held is rebuilt from the lake: every file of `source` (the
+    /// WAL identity that names the hub's files) that may hold a record at
+    /// or after `oldest_record` and that no intent names is read (its
+    /// footer lists its records) and counted committed, so a lost intent
+    /// neither loses nor duplicates rows; and the inputs of a merge whose
+    /// line was lost, left beside the merged file by a crash, are deleted.
+    ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
-    pub async fn open(path: &Path, lake: &Lake, oldest_record: u64) -> Result<(Self, Committed)> {
-        Self::open_as(path, lake, oldest_record, false).await
+    pub async fn open(
+        path: &Path,
+        lake: &Lake,
+        source: &str,
+        oldest_record: u64,
+    ) -> Result<(Self, Committed)> {
+        Self::open_as(path, lake, Some(source), oldest_record).await
     }
 
     /// The log at `path` as it stands, for a plan (`lake compact
@@ -281,53 +481,81 @@ impl CommitLog {
     /// there yet stays pending: its put may be in flight), unfinished
     /// merges stay open (not settled), and neither the log nor the lake
     /// is written. Lines the returned log is given go to a scratch file,
-    /// removed at once, never to `path`.
+    /// removed at once, never to `path`. Damaged lines are reported and
+    /// passed over (recovering them is the hub's, at its start).
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
     pub async fn open_read_only(path: &Path, lake: &Lake) -> Result<Self> {
-        Ok(Self::open_as(path, lake, 0, true).await?.0)
+        Ok(Self::open_as(path, lake, None, 0).await?.0)
     }
 
+    /// `source` is `None` for a read-only log.
     async fn open_as(
         path: &Path,
         lake: &Lake,
+        source: Option<&str>,
         oldest_record: u64,
-        read_only: bool,
     ) -> Result<(Self, Committed)> {
+        let read_only = source.is_none();
         let mut intents: HashMap<String, (String, Vec<u64>)> = HashMap::new();
         let mut committed: HashSet<String> = HashSet::new();
         let mut merges: HashMap<String, OpenMerge> = HashMap::new();
-        if path.exists() {
-            let f = File::open(path).map_err(io(path))?;
-            for line in BufReader::new(f).lines() {
-                let line = line.map_err(io(path))?;
-                // A torn last line (crash mid-append) is an unfinished
-                // intent or commit; skipping it is what recovery needs.
-                match serde_json::from_str::<Line>(&line) {
-                    Ok(Line::Intent { path, partition, records }) => {
-                        intents.insert(path, (partition, records));
-                    }
-                    Ok(Line::Commit { path }) => {
-                        committed.insert(path);
-                    }
-                    Ok(Line::Abandon { path }) => {
-                        intents.remove(&path);
-                        merges.remove(&path);
-                    }
-                    Ok(Line::Merge { path, partition, inputs, records }) => {
-                        merges.insert(path.clone(), OpenMerge { path, partition, inputs, records });
-                    }
-                    Ok(Line::Merged { path }) => {
-                        merges.remove(&path);
-                    }
-                    Err(_) => {
-                        tracing::warn!(log = %path.display(), "skipping a torn commit-log line")
+        let mut read = Read::from(path)?;
+        let whole = read.damaged.is_empty() && !read.torn;
+        let mut recovered = 0;
+        if !whole {
+            let what =
+                if read.damaged.is_empty() { "its last line, torn".to_owned() } else { read.describe() };
+            match source {
+                None => tracing::warn!(
+                    log = %path.display(),
+                    damaged = %what,
+                    "the commit log is not whole; the plan reads its other lines"
+                ),
+                Some(_) => {
+                    if read.damaged.is_empty() {
+                        // Most likely a crash during the last line's
+                        // write (an intent or merge whose put never
+                        // started), but damage to the line's end reads
+                        // the same: the lake answers which.
+                        tracing::warn!(log = %path.display(), "the commit log's last line is torn; checking the lake's files");
+                    } else {
+                        let kept = keep_aside(path)?;
+                        tracing::error!(
+                            log = %path.display(),
+                            damaged = %what,
+                            copy = %kept.display(),
+                            "the commit log is damaged; rebuilding what its damaged lines held from the lake's files"
+                        );
                     }
                 }
             }
         }
-        let mut out = Committed::default();
+        for line in std::mem::take(&mut read.lines) {
+            match line {
+                Line::Intent { path, partition, records } => {
+                    intents.insert(path, (partition, records));
+                }
+                Line::Commit { path } => {
+                    committed.insert(path);
+                }
+                Line::Abandon { path } => {
+                    intents.remove(&path);
+                    merges.remove(&path);
+                }
+                Line::Merge { path, partition, inputs, records } => {
+                    merges.insert(path.clone(), OpenMerge { path, partition, inputs, records });
+                }
+                Line::Merged { path } => {
+                    merges.remove(&path);
+                }
+            }
+        }
+        if let (Some(source), false) = (source, whole) {
+            recovered = recover(lake, source, oldest_record, &mut intents, &mut committed, &merges).await?;
+        }
+        let mut out = Committed { recovered, damaged_lines: read.damaged.len(), ..Committed::default() };
         let mut keep = Vec::new();
         let mut pending = HashSet::new();
         for (file, (partition, records)) in intents {
@@ -371,6 +599,8 @@ impl CommitLog {
             pending,
             merges: open_merges,
             touched: HashSet::new(),
+            damaged: false,
+            broken: false,
         };
         Ok((log, out))
     }
@@ -448,7 +678,7 @@ impl CommitLog {
     /// [`CommitLog::compact`] to be worth its cost.
     #[must_use]
     pub fn wants_compaction(&self) -> bool {
-        self.bytes >= COMPACT_AT.max(2 * self.compacted)
+        !self.damaged && self.bytes >= COMPACT_AT.max(2 * self.compacted)
     }
 
     /// Rewrite the log while running, keeping every intent not yet
@@ -457,19 +687,28 @@ impl CommitLog {
     /// could replay. Without it the log grows for as long as the hub runs.
     ///
     /// # Errors
-    /// [`Error::Io`]; the log is left as it was then.
+    /// [`Error::Io`]; the log is left as it was then. [`Error::LogDamaged`]
+    /// when a line of it is damaged: the log is left as it is, and not
+    /// compacted again while the hub runs (a rewrite would lose what the
+    /// damaged line held; the next start rebuilds it from the lake).
     pub fn compact(&mut self, oldest_record: u64) -> Result<()> {
+        let read = Read::from(&self.path)?;
+        if !read.damaged.is_empty() {
+            self.damaged = true;
+            return Err(Error::LogDamaged { path: self.path.clone(), lines: read.describe() });
+        }
         let mut intents: Vec<(String, String, Vec<u64>)> = Vec::new();
         let mut committed: HashSet<String> = HashSet::new();
-        let f = File::open(&self.path).map_err(io(&self.path))?;
-        for line in BufReader::new(f).lines() {
-            match serde_json::from_str::<Line>(&line.map_err(io(&self.path))?) {
-                Ok(Line::Intent { path, partition, records }) => intents.push((path, partition, records)),
-                Ok(Line::Commit { path }) => {
+        // A torn last line is the remains of a write that failed and
+        // could not be cut back: its writer was told it failed.
+        for line in read.lines {
+            match line {
+                Line::Intent { path, partition, records } => intents.push((path, partition, records)),
+                Line::Commit { path } => {
                     committed.insert(path);
                 }
-                Ok(Line::Abandon { path }) => intents.retain(|(file, _, _)| *file != path),
-                Ok(Line::Merge { .. } | Line::Merged { .. }) | Err(_) => {}
+                Line::Abandon { path } => intents.retain(|(file, _, _)| *file != path),
+                Line::Merge { .. } | Line::Merged { .. } => {}
             }
         }
         let mut keep = Vec::new();
@@ -489,18 +728,34 @@ impl CommitLog {
         let (file, bytes) = rewrite(&self.path, &keep)?;
         let file = Arc::new(file);
         self.syncer.replaced(file.clone());
-        (self.file, self.bytes, self.compacted) = (file, bytes, bytes);
+        (self.file, self.bytes, self.compacted, self.broken) = (file, bytes, bytes, false);
         tracing::info!(log = %self.path.display(), before, after = bytes, "compacted the commit log");
         Ok(())
     }
 
     /// Write `line` (one `write`: a crash tears at most this line), to be
-    /// made durable by the returned [`Unsynced`].
+    /// made durable by the returned [`Unsynced`]. A write that fails is
+    /// cut back off the log, so the next line starts on a line of its
+    /// own (a partial line before it would make it unreadable).
     fn append(&mut self, line: &Line) -> Result<Unsynced> {
-        let mut s = serde_json::to_string(line).expect("serialisable");
-        s.push('\n');
-        (&*self.file).write_all(s.as_bytes()).map_err(io(&self.path))?;
-        self.bytes += s.len() as u64;
+        if self.broken {
+            return Err(Error::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(
+                    "an earlier write to the commit log failed and could not be cut back; restart the hub",
+                ),
+            });
+        }
+        let mut buf = Vec::with_capacity(256);
+        encode_line(line, &mut buf);
+        if let Err(e) = (&*self.file).write_all(&buf) {
+            if let Err(cut) = self.file.set_len(self.bytes) {
+                tracing::error!(log = %self.path.display(), error = %cut, "cannot cut a failed write back off the commit log");
+                self.broken = true;
+            }
+            return Err(io(&self.path)(e));
+        }
+        self.bytes += buf.len() as u64;
         Ok(Unsynced { syncer: self.syncer.clone(), seq: self.syncer.wrote() })
     }
 
@@ -559,6 +814,8 @@ impl CommitLog {
 mod tests {
     use super::*;
 
+    const SOURCE: &str = "wal-00000000000000aa";
+
     fn lines(path: &Path) -> Vec<String> {
         std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
     }
@@ -571,7 +828,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
         let path = dir.path().join("commits.log");
-        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
         log.intent(&file(1), "t/p", &[1, 2]).unwrap().wait().unwrap();
         log.commit(&file(1)).unwrap();
@@ -590,14 +847,14 @@ mod tests {
         lake.put_create(&file(5), bytes::Bytes::from_static(b"x")).await.unwrap();
         log.commit(&file(5)).unwrap();
         drop(log);
-        let (_, committed) = CommitLog::open(&path, &lake, 3).await.unwrap();
+        let (_, committed) = CommitLog::open(&path, &lake, SOURCE, 3).await.unwrap();
         for r in [2, 3, 4, 5] {
             assert!(committed.contains("t/p", r), "record {r}");
         }
         assert!(!committed.contains("t/p", 1));
 
         // Past 16 MiB (and twice the size after the last compaction).
-        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         let records: Vec<u64> = (1_000_000..1_100_000).collect();
         let mut n = 100;
         while !log.wants_compaction() {
@@ -621,7 +878,7 @@ mod tests {
         let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
         let path = dir.path().join("commits.log");
         let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
-        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         let pending: Vec<Unsynced> = (1..=3).map(|n| log.intent(&file(n), "t/p", &[n]).unwrap()).collect();
         assert_eq!(log.syncs(), 0, "writing syncs nothing");
         for p in pending {
@@ -657,7 +914,7 @@ mod tests {
             t.join().unwrap();
         }
         drop(log);
-        let (_, committed) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (_, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         for t in 0..8u64 {
             for i in 0..50 {
                 let n = 100 + t * 1000 + i;
@@ -675,7 +932,7 @@ mod tests {
         let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
         let path = dir.path().join("commits.log");
         let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
-        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         for n in [1, 2] {
             lake.put_create(&file(n), bytes::Bytes::from_static(b"theirs")).await.unwrap();
             log.intent(&file(n), "t/p", &[n]).unwrap().wait().unwrap();
@@ -687,17 +944,94 @@ mod tests {
         log.compact(0).unwrap();
         assert!(lines(&path).iter().all(|l| !l.contains("wal-1.")), "{:?}", lines(&path));
         drop(log);
-        let (_, committed) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (_, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         assert!(!committed.contains("t/p", 1), "file 1 is another writer's");
         assert!(committed.contains("t/p", 2));
 
         // The same without a compaction in between.
         std::fs::remove_file(&path).unwrap();
-        let (mut log, _) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         log.intent(&file(1), "t/p", &[1]).unwrap().wait().unwrap();
         log.abandon(&file(1)).unwrap();
         drop(log);
-        let (_, committed) = CommitLog::open(&path, &lake, 0).await.unwrap();
+        let (_, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
         assert!(!committed.contains("t/p", 1));
+    }
+
+    /// Each line carries the CRC-32 of its JSON; a line of a log written
+    /// before lines carried one is read as JSON alone. A damaged line,
+    /// whatever is damaged, is refused with what is wrong.
+    #[test]
+    fn a_line_is_checked_against_its_checksum() {
+        let line = Line::Commit { path: "t/p/f.parquet".to_owned() };
+        let mut buf = Vec::new();
+        encode_line(&line, &mut buf);
+        let text = String::from_utf8(buf.clone()).unwrap();
+        let (json, rest) = text.split_once('\t').unwrap();
+        assert_eq!(json, r#"{"op":"commit","path":"t/p/f.parquet"}"#);
+        assert_eq!(rest.len(), 9, "eight hex digits and a newline: {rest:?}");
+        let raw = &buf[..buf.len() - 1];
+        assert!(matches!(decode_line(raw), Ok(Line::Commit { path }) if path == "t/p/f.parquet"));
+        assert!(matches!(decode_line(json.as_bytes()), Ok(Line::Commit { .. })), "a line without one");
+        for at in 0..raw.len() {
+            let mut bad = raw.to_vec();
+            bad[at] ^= 0x01;
+            assert!(decode_line(&bad).is_err(), "damage at {at}: {:?}", String::from_utf8_lossy(&bad));
+        }
+        assert!(decode_line(b"{\"op\":\"commit\",\"pa").is_err());
+        assert!(decode_line(&[0xff, b'{']).unwrap_err().contains("UTF-8"));
+        assert!(decode_line(br#"{"op":"commit","path":"x"}	+1234567"#)
+            .unwrap_err()
+            .contains("not a checksum"));
+    }
+
+    /// A running log found damaged is not compacted (a rewrite would lose
+    /// what the damaged line held): the compaction fails naming the line,
+    /// leaves the file as it is, and is not wanted again.
+    #[tokio::test]
+    async fn a_damaged_running_log_is_not_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let path = dir.path().join("commits.log");
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
+        let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
+        for n in 1..=3 {
+            log.intent(&file(n), "t/p", &[n]).unwrap().wait().unwrap();
+            log.commit(&file(n)).unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.iter().position(|&b| b == b'2').unwrap();
+        bytes[at] = b'7';
+        std::fs::write(&path, &bytes).unwrap();
+        log.bytes = COMPACT_AT;
+        assert!(log.wants_compaction());
+        let e = log.compact(0).unwrap_err();
+        assert!(matches!(e, Error::LogDamaged { .. }), "{e}");
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        assert!(e.to_string().contains(&format!("at line {line} (")), "{e}");
+        assert!(!log.wants_compaction(), "not tried again while running");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the log is left as it is");
+    }
+
+    /// A write to the log that fails and cannot be cut back leaves the log
+    /// refusing later lines (each would follow the failed one's remains on
+    /// its line), with what to do; a restart reads it whole.
+    #[tokio::test]
+    async fn after_a_write_that_cannot_be_cut_back_no_line_is_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
+        let path = dir.path().join("commits.log");
+        let (mut log, _) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
+        let file = |n: u64| LakePath(format!("t/p/wal-{n}.parquet"));
+        log.intent(&file(1), "t/p", &[1]).unwrap().wait().unwrap();
+        // A handle neither writes nor truncates through.
+        let good = std::mem::replace(&mut log.file, Arc::new(File::open(&path).unwrap()));
+        assert!(log.intent(&file(2), "t/p", &[2]).is_err());
+        log.file = good;
+        let e = log.intent(&file(3), "t/p", &[3]).unwrap_err();
+        assert!(e.to_string().contains("restart the hub"), "{e}");
+        drop(log);
+        let (_, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
+        assert_eq!(committed.damaged_lines, 0);
     }
 }

@@ -239,7 +239,7 @@ fn parquet_err(path: &str) -> impl FnOnce(parquet::errors::ParquetError) -> Erro
 }
 
 /// The WAL records a file's `watershed.records` metadata lists.
-fn records_of(path: &str, builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> Result<Vec<u64>> {
+pub(crate) fn records_of(path: &str, builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> Result<Vec<u64>> {
     let kv = builder.metadata().file_metadata().key_value_metadata();
     let text = kv
         .and_then(|kv| kv.iter().find(|k| k.key == "watershed.records"))
@@ -267,7 +267,7 @@ fn file_schema(builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> SchemaRef {
 }
 
 /// `(first, last)` from a file name `<source>-<first>-<last>[-merged].parquet`.
-fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
+pub(crate) fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix(source)?.strip_prefix('-')?.strip_suffix(".parquet")?;
     let rest = rest.strip_suffix("-merged").unwrap_or(rest);
     let (first, last) = rest.split_once('-')?;

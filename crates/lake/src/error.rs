@@ -41,6 +41,17 @@ pub enum Error {
         /// The object path.
         path: String,
     },
+    /// A line of the commit log is damaged (not a torn last line).
+    #[error(
+        "the commit log {path} is damaged at {lines}: it is not compacted while the hub runs, and the \
+         hub's next start rebuilds what the damaged lines held from the lake's files"
+    )]
+    LogDamaged {
+        /// The log.
+        path: std::path::PathBuf,
+        /// Which lines, and what is wrong with the first.
+        lines: String,
+    },
     /// A local file (the commit log) failed.
     #[error("{path}: {source}")]
     Io {

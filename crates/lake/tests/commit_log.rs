@@ -1,15 +1,19 @@
 //! The commit log as a property: whatever the order of intents, puts,
 //! commit lines, withdrawn intents, compactions of the log, torn last
-//! lines and restarts, a restart counts a record committed exactly when
-//! the file holding it is in the lake (and the record is one a restart
-//! could still replay); an intent whose file never landed is dropped.
+//! lines, damage to any byte of the log and restarts, a restart counts a
+//! record committed exactly when the file holding it is in the lake (and
+//! the record is one a restart could still replay); an intent whose file
+//! never landed is dropped.
 
 use std::io::Write as _;
+use std::sync::Arc;
 
+use arrow::array::{RecordBatch, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
 use bytes::Bytes;
 use proptest::prelude::*;
 use watershed_event::AccountId;
-use watershed_lake::{CommitLog, Lake, LakePath, PartitionKey};
+use watershed_lake::{encode, CommitLog, EncodeOptions, Lake, LakePath, PartitionKey};
 
 const SOURCE: &str = "wal-00000000000000aa";
 const HOUR: i64 = 3_600_000_000;
@@ -29,6 +33,9 @@ enum Step {
     Compact(u64),
     /// A crash tears the log's last line, then the hub starts again.
     TornRestart(usize),
+    /// The log's byte at this position (modulo its size) is changed by
+    /// adding this to it, then the hub starts again.
+    DamageRestart(usize, u8),
     /// A restart, the oldest record moved on by this much.
     Restart(u64),
 }
@@ -52,6 +59,19 @@ fn file(f: usize) -> (PartitionKey, LakePath, Vec<u64>) {
     (key, path, records)
 }
 
+/// File `f` as the lake writer writes it: its footer names its records.
+fn parquet(f: usize) -> Bytes {
+    let (_, path, records) = file(f);
+    let schema = Arc::new(Schema::new(vec![Field::new("record", DataType::UInt64, false)]));
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(UInt64Array::from(records.clone()))]).unwrap();
+    let meta = vec![
+        ("watershed.source".to_owned(), SOURCE.to_owned()),
+        ("watershed.records".to_owned(), records.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+    ];
+    Bytes::from(encode(&path.0, &schema, &[batch], meta, EncodeOptions::default()).unwrap())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..Default::default() })]
 
@@ -65,6 +85,7 @@ proptest! {
                 1 => (0usize..8).prop_map(Step::Abandon),
                 1 => (0u64..6).prop_map(Step::Compact),
                 1 => (1usize..40).prop_map(Step::TornRestart),
+                1 => (any::<usize>(), 1u8..=255).prop_map(|(at, by)| Step::DamageRestart(at, by)),
                 1 => (0u64..6).prop_map(Step::Restart),
             ],
             1..40,
@@ -76,7 +97,7 @@ proptest! {
             let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
             let log_path = dir.path().join("commits.log");
             let mut oldest = 0u64;
-            let (mut log, _) = CommitLog::open(&log_path, &lake, oldest).await.unwrap();
+            let (mut log, _) = CommitLog::open(&log_path, &lake, SOURCE, oldest).await.unwrap();
             let mut files = [File::default(); 8];
             for step in &steps {
                 let restart = match *step {
@@ -88,7 +109,7 @@ proptest! {
                     }
                     Step::Put(f) if files[f].intended && !files[f].put && !files[f].dead => {
                         let (_, path, _) = file(f);
-                        lake.put_create(&path, Bytes::from_static(b"rows")).await.unwrap();
+                        lake.put_create(&path, parquet(f)).await.unwrap();
                         files[f].put = true;
                         None
                     }
@@ -116,13 +137,22 @@ proptest! {
                             .unwrap();
                         Some(0)
                     }
+                    Step::DamageRestart(at, by) => {
+                        let mut bytes = std::fs::read(&log_path).unwrap();
+                        if !bytes.is_empty() {
+                            let at = at % bytes.len();
+                            bytes[at] = bytes[at].wrapping_add(by);
+                            std::fs::write(&log_path, bytes).unwrap();
+                        }
+                        Some(0)
+                    }
                     Step::Restart(by) => Some(by),
                     _ => None,
                 };
                 let Some(by) = restart else { continue };
                 drop(log);
                 oldest += by;
-                let (reopened, committed) = CommitLog::open(&log_path, &lake, oldest).await.unwrap();
+                let (reopened, committed) = CommitLog::open(&log_path, &lake, SOURCE, oldest).await.unwrap();
                 log = reopened;
                 for (f, state) in files.iter_mut().enumerate() {
                     let (key, path, records) = file(f);

@@ -81,7 +81,7 @@ impl Harness {
         budget: usize,
         now: i64,
     ) -> Self {
-        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, "t", u64::MAX).await.unwrap();
         let clock = Arc::new(TestClock(AtomicI64::new(now)));
         let (sink, stats, memory) =
             (Arc::new(Sink::default()), Arc::new(WriterStats::default()), Memory::new(budget));

@@ -723,7 +723,8 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::local(&dir.path().join("lake"), 2).unwrap();
-        let (log, _) = CommitLog::open(&dir.path().join("commits.log"), &lake, u64::MAX).await.unwrap();
+        let (log, _) =
+            CommitLog::open(&dir.path().join("commits.log"), &lake, "wal", u64::MAX).await.unwrap();
         let stats = Arc::new(WriterStats::default());
         let ctx = FlushCtx {
             lake,
