@@ -1273,18 +1273,39 @@ fn send_splits_batches_over_the_body_limit() {
     assert!(stdout.contains("accepted 2 rejected 1 duplicates 0"), "{stdout}\n{stderr}");
     assert!(stderr.contains("rejected event 1 (id ?): malformed"), "{stderr}");
 
-    // A JSON array or a pretty-printed event is refused before anything
-    // is sent, rather than posted line by line as rejects.
-    for (name, text, hint) in [
-        ("array.json", Value::Array(vec![ada("x-0", "c-1")]).to_string(), "jq -c '.[]'"),
-        ("pretty.json", serde_json::to_string_pretty(&ada("x-1", "c-1")).unwrap(), "jq -c ."),
+    // A JSON array (pretty-printed, in batches of 50) and objects as
+    // `jq .` prints them are read event by event, not line by line.
+    let array: Vec<Value> = (0..70).map(|n| ada(&format!("x-{n}"), "c-1")).collect();
+    let pretty_objects: String = [ada("p-0", "c-1"), ada("p-1", "c-1")]
+        .iter()
+        .map(|e| serde_json::to_string_pretty(e).unwrap() + "\n")
+        .collect();
+    for (name, text, shape, events) in [
+        ("array.json", serde_json::to_string_pretty(&array).unwrap(), "a JSON array", 70),
+        ("pretty.json", pretty_objects, "JSON objects one after another", 2),
     ] {
         let file = dir.path().join(name);
         std::fs::write(&file, text).unwrap();
         let out = send(&file);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(hint) && stderr.contains(name), "{stderr}");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("accepted {events} rejected 0 duplicates 0")), "{stdout}\n{stderr}");
+        assert!(stderr.contains(&format!("reading {} as {shape}", file.display())), "{stderr}");
     }
+    // One whose JSON breaks stops there, naming the event and its line;
+    // the batches before it were sent.
+    let mut broken = serde_json::to_string_pretty(&array[..60]).unwrap();
+    broken.truncate(broken.rfind('}').unwrap());
+    let file = dir.path().join("broken.json");
+    std::fs::write(&file, &broken).unwrap();
+    let out = send(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped after sending 50 events (accepted 0, rejected 0, duplicates 50)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("event 59 (from line") && stderr.contains("is not JSON"), "{stderr}");
 
     let mut big = ada("big", "c-1");
     big["detail"]["card"]["holder_name"] = json!("x".repeat(30_000));
@@ -1308,7 +1329,8 @@ fn send_splits_batches_over_the_body_limit() {
     let mut want: Vec<String> = (0..60)
         .filter(|&n| n != 37)
         .map(|n| format!("s-{n}"))
-        .chain(["u-0", "u-2", "before-big", "after-big"].map(String::from))
+        .chain(["u-0", "u-2", "before-big", "after-big", "p-0", "p-1"].map(String::from))
+        .chain((0..70).map(|n| format!("x-{n}")))
         .collect();
     want.sort();
     assert_eq!(got, want, "every event sent is in the lake once");

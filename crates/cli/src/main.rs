@@ -13,6 +13,7 @@ macro_rules! out {
 
 mod bench;
 mod demo;
+mod input;
 mod keys;
 mod logging;
 mod schema;

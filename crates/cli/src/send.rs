@@ -1,7 +1,8 @@
-//! `watershed send`: post NDJSON (plain, gzip or zstd) to a hub in batches, with retries,
+//! `watershed send`: post events (NDJSON, a JSON array or JSON objects one
+//! after another; plain, gzip or zstd) to a hub in batches, with retries,
 //! backoff and a progress bar.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,9 +13,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use crate::input::{blank, Events, Shape};
+
 #[derive(Args, Debug)]
 pub(crate) struct SendArgs {
-    /// NDJSON file of events (plain, gzip or zstd), or - for stdin.
+    /// File of events, or - for stdin: NDJSON, a JSON array, or JSON
+    /// objects one after another (as `jq .` prints them); plain, gzip or
+    /// zstd.
     input: PathBuf,
     /// The hub's base URL (its `/v1/events` endpoint is taken as it is).
     #[arg(long, default_value = "http://127.0.0.1:8787")]
@@ -140,10 +145,13 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     // The bar counts the input's bytes as read, compressed or not.
     let (reader, coding) =
         decompressed(bar.wrap_read(raw)).with_context(|| format!("reading {}", args.input.display()))?;
+    let (shape, events) = Events::of(reader).with_context(|| format!("reading {}", args.input.display()))?;
+    if shape != Shape::Lines {
+        bar.suspend(|| eprintln!("reading {} as {}", args.input.display(), shape.describe()));
+    }
     let mut totals = Totals::default();
     let batches = Batches {
-        lines: BufReader::new(reader).split(b'\n'),
-        at_start: true,
+        events,
         size: args.batch,
         next_index: 0,
         input: match coding {
@@ -298,45 +306,29 @@ struct Batch {
 }
 
 /// The input's batches of up to `size` events, read as they are needed.
-/// Lines are bytes: a line that is not UTF-8 is the hub's to reject
-/// (`malformed`, by its index), not a reason to stop the send.
-struct Batches<R> {
-    lines: std::io::Split<BufReader<R>>,
-    /// No line read yet.
-    at_start: bool,
+/// Events are bytes: an NDJSON line that is not UTF-8 is the hub's to
+/// reject (`malformed`, by its index), not a reason to stop the send.
+struct Batches<E> {
+    events: E,
     size: usize,
     next_index: usize,
     /// The input's name, for errors.
     input: String,
 }
 
-impl<R: Read> Iterator for Batches<R> {
+impl<E: Iterator<Item = anyhow::Result<Vec<u8>>>> Iterator for Batches<E> {
     type Item = anyhow::Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let mut body = Vec::new();
         let mut events = 0usize;
         while events < self.size.max(1) {
-            let mut line = match self.lines.next().transpose() {
-                Ok(Some(l)) => l,
+            let event = match self.events.next().transpose() {
+                Ok(Some(e)) => e,
                 Ok(None) => break,
-                Err(e) => return Some(Err(anyhow::Error::new(e).context(format!("reading {}", self.input)))),
+                Err(e) => return Some(Err(e.context(format!("reading {}", self.input)))),
             };
-            if std::mem::take(&mut self.at_start) && line.starts_with(watershed_hub::body::BOM) {
-                // A byte order mark (some Windows tools write one) is not
-                // part of the first event.
-                line.drain(..watershed_hub::body::BOM.len());
-            }
-            if blank(&line) {
-                continue;
-            }
-            if self.next_index + events == 0 {
-                if let Err(e) = not_a_json_document(&line).with_context(|| format!("reading {}", self.input))
-                {
-                    return Some(Err(e));
-                }
-            }
-            body.extend_from_slice(&line);
+            body.extend_from_slice(&event);
             body.push(b'\n');
             events += 1;
         }
@@ -451,31 +443,6 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     line
-}
-
-/// Refuse, before anything is sent, an input that is one JSON document
-/// rather than NDJSON: a JSON array, or an event pretty-printed across
-/// lines. Sent line by line, each of its lines would be a rejected event.
-fn not_a_json_document(first_line: &[u8]) -> anyhow::Result<()> {
-    let line = first_line.trim_ascii();
-    if line.starts_with(b"[") {
-        anyhow::bail!(
-            "the input is a JSON array; send reads NDJSON, one event per line \
-             (convert it with `jq -c '.[]'`)"
-        );
-    }
-    if line == b"{" {
-        anyhow::bail!(
-            "the input is JSON spread across lines; send reads NDJSON, one event per line \
-             (convert it with `jq -c .`)"
-        );
-    }
-    Ok(())
-}
-
-/// Whether an NDJSON line holds no event.
-fn blank(line: &[u8]) -> bool {
-    line.iter().all(u8::is_ascii_whitespace)
 }
 
 /// Split NDJSON `body` after its `events`-th non-blank line: the two
@@ -621,7 +588,7 @@ async fn post_once(
 mod tests {
     use bytes::Bytes;
 
-    use super::{decompressed, events_url, halves, token, with_causes, Batches};
+    use super::{decompressed, events_url, halves, token, with_causes, Batches, Events};
 
     #[test]
     fn a_token_file_holds_the_token_alone() {
@@ -680,15 +647,9 @@ mod tests {
         assert_eq!(halves(&b("a\nb"), 1), (b("a\n"), b("b"), 1));
     }
 
-    fn batches(input: &'static [u8], size: usize) -> Batches<&'static [u8]> {
-        use std::io::{BufRead, BufReader};
-        Batches {
-            lines: BufReader::new(input).split(b'\n'),
-            at_start: true,
-            size,
-            next_index: 0,
-            input: "events.ndjson".into(),
-        }
+    fn batches(input: &'static [u8], size: usize) -> Batches<Events> {
+        let (_, events) = Events::of(Box::new(input)).unwrap();
+        Batches { events, size, next_index: 0, input: "events.ndjson".into() }
     }
 
     fn bodies(input: &'static [u8], size: usize) -> Vec<Bytes> {
@@ -723,7 +684,6 @@ mod tests {
             size in 1usize..8,
         ) {
             use proptest::prelude::*;
-            use std::io::BufRead as _;
             let end = if crlf { "\r\n" } else { "\n" };
             let mut input = if bom { watershed_hub::body::BOM.to_vec() } else { Vec::new() };
             input.extend_from_slice(lines.join(end).as_bytes());
@@ -731,15 +691,11 @@ mod tests {
                 input.extend_from_slice(end.as_bytes());
             }
             let events: Vec<String> = lines.iter().filter(|l| !super::blank(l.as_bytes())).cloned().collect();
-            let batches: Vec<super::Batch> = Batches {
-                lines: std::io::BufReader::new(std::io::Cursor::new(input)).split(b'\n'),
-                at_start: true,
-                size,
-                next_index: 0,
-                input: "events.ndjson".into(),
-            }
-            .map(|b| b.unwrap())
-            .collect();
+            let (_, events_in) = Events::of(Box::new(std::io::Cursor::new(input))).unwrap();
+            let batches: Vec<super::Batch> =
+                Batches { events: events_in, size, next_index: 0, input: "events.ndjson".into() }
+                    .map(|b| b.unwrap())
+                    .collect();
             let mut got = Vec::new();
             let mut next = 0;
             for b in &batches {
@@ -769,9 +725,8 @@ mod tests {
     #[test]
     fn a_byte_order_mark_is_not_part_of_the_first_event() {
         assert_eq!(bodies(b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}\n", 1), [&b"{\"a\":1}\n"[..], b"{\"b\":2}\n"]);
-        // Behind it, a JSON array is still recognised and refused.
-        let err = batches(b"\xEF\xBB\xBF[{\"a\":1}]\n", 10).next().unwrap().err().unwrap();
-        assert!(format!("{err:#}").contains("is a JSON array"), "{err:#}");
+        // Behind it, a JSON array is still recognised.
+        assert_eq!(bodies(b"\xEF\xBB\xBF[{\"a\":1},\n {\"b\": 2}]\n", 10), [&b"{\"a\":1}\n{\"b\":2}\n"[..]]);
         // Only the input's first bytes: later, it is the event's own.
         assert_eq!(bodies(b"{}\n\xEF\xBB\xBF{}\n", 5), [&b"{}\n\xEF\xBB\xBF{}\n"[..]]);
     }
