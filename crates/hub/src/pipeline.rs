@@ -813,7 +813,7 @@ fn oldest_wal_record(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".wal")?.parse::<u64>().ok())
+        .filter_map(|e| crate::wal::file_number(e.ok()?.file_name().to_str()?, ".wal"))
         .min()
         .unwrap_or(u64::MAX)
 }

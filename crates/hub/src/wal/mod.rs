@@ -97,6 +97,18 @@ pub fn identity(dir: &Path) -> Result<String> {
     }
 }
 
+/// The number of a WAL file named `<20 digits><suffix>` (`.wal` for a
+/// segment, `.ids` for an id file), as the WAL names them; any other name
+/// (`5.wal`, `+0000000000000000005.wal`, a copy's) is not the WAL's.
+#[must_use]
+pub fn file_number(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// What the WAL and the lake writer share: the records not yet fully
 /// committed to the lake (record seq → parts left), the segment bytes on
 /// disk, and the records the WAL asks to be committed early.
@@ -352,7 +364,7 @@ impl Wal {
                 .map_err(io(dir))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter_map(|p| {
-                    let n = p.file_name()?.to_str()?.strip_suffix(suffix)?.parse::<u64>().ok()?;
+                    let n = file_number(p.file_name()?.to_str()?, suffix)?;
                     Some((n, p))
                 })
                 .collect();

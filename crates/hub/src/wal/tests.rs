@@ -275,6 +275,38 @@ async fn a_failed_write_is_cut_back_and_later_records_survive() {
     );
 }
 
+/// Only files named as the WAL names them are its segments and id
+/// files: a stray `5.wal` or a copy beside them is neither read, nor
+/// cut, nor written to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_files_named_as_the_wal_names_them_are_read() {
+    assert_eq!(super::file_number("00000000000000000005.wal", ".wal"), Some(5));
+    assert_eq!(super::file_number("18446744073709551615.ids", ".ids"), Some(u64::MAX));
+    for name in
+        ["5.wal", "+0000000000000000005.wal", "0000000000000000005 .wal", "00000000000000000005.wal.damaged"]
+    {
+        assert_eq!(super::file_number(name, ".wal"), None, "{name}");
+    }
+    assert_eq!(super::file_number("99999999999999999999.wal", ".wal"), None, "past u64");
+    let dir = tempfile::tempdir().unwrap();
+    let opts = unbounded(1 << 20, 0);
+    let wal = open_empty(dir.path(), opts, Arc::default());
+    wal.append(record("a"), 1, 1).await.unwrap();
+    wal.close().await;
+    let strays = ["5.wal", "+0000000000000000009.wal", "7.ids"];
+    for name in strays {
+        std::fs::write(dir.path().join(name), b"not the WAL's").unwrap();
+    }
+    let (wal, seen) = reopen(dir.path(), opts);
+    assert_eq!(seen, [(1, "a".to_owned())]);
+    assert_eq!(wal.append(record("b"), 1, 1).await.unwrap().seq, 2);
+    wal.close().await;
+    for name in strays {
+        assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), b"not the WAL's", "{name}");
+    }
+    assert_eq!(reopen(dir.path(), opts).1, [(1, "a".to_owned()), (2, "b".to_owned())]);
+}
+
 /// Once its records are committed, a segment is gone: only the ids of
 /// its events stay (in id files), as long as the dedupe window needs
 /// them, and they come back on a restart.
