@@ -504,33 +504,25 @@ impl CommitLog {
         let mut read = Read::from(path)?;
         let whole = read.damaged.is_empty() && !read.torn;
         let mut recovered = 0;
-        if !whole {
-            let what =
-                if read.damaged.is_empty() { "its last line, torn".to_owned() } else { read.describe() };
-            match source {
-                None => tracing::warn!(
+        if !read.damaged.is_empty() {
+            let what = read.describe();
+            if read_only {
+                tracing::warn!(log = %path.display(), damaged = %what, "the commit log is damaged; the plan reads its other lines");
+            } else {
+                let kept = keep_aside(path)?;
+                tracing::error!(
                     log = %path.display(),
                     damaged = %what,
-                    "the commit log is not whole; the plan reads its other lines"
-                ),
-                Some(_) => {
-                    if read.damaged.is_empty() {
-                        // Most likely a crash during the last line's
-                        // write (an intent or merge whose put never
-                        // started), but damage to the line's end reads
-                        // the same: the lake answers which.
-                        tracing::warn!(log = %path.display(), "the commit log's last line is torn; checking the lake's files");
-                    } else {
-                        let kept = keep_aside(path)?;
-                        tracing::error!(
-                            log = %path.display(),
-                            damaged = %what,
-                            copy = %kept.display(),
-                            "the commit log is damaged; rebuilding what its damaged lines held from the lake's files"
-                        );
-                    }
-                }
+                    copy = %kept.display(),
+                    "the commit log is damaged; rebuilding what its damaged lines held from the lake's files"
+                );
             }
+        } else if read.torn && !read_only {
+            // Most likely a crash during the last line's write (an intent
+            // or merge whose put never started), but damage to the line's
+            // end reads the same: the lake answers which. (Beside a
+            // running hub, a plan's torn last line is an append under way.)
+            tracing::warn!(log = %path.display(), "the commit log's last line is torn; checking the lake's files");
         }
         for line in std::mem::take(&mut read.lines) {
             match line {
