@@ -56,46 +56,43 @@ enum Inner {
 }
 
 impl Events {
-    /// The events of `input`, its shape decided by its first non-blank
-    /// line: one starting with `[` begins a JSON array; one starting with
-    /// `{` that is not one JSON value but begins one that ends later (a
-    /// pretty-printed object), or that another follows on the line, begins
-    /// JSON values; anything else is NDJSON. Nothing read to decide is
-    /// lost: it is read again as the events.
+    /// The events of `input`, its shape decided by how it starts: `[`
+    /// begins a JSON array; `{` begins NDJSON when its line holds one
+    /// JSON value and nothing else, and JSON values when that value ends
+    /// on a later line (a pretty-printed object) or another follows it
+    /// on the line; anything else is NDJSON, as is a `{` that does not
+    /// begin a JSON value within [`PROBE_BYTES`]. Only what deciding
+    /// needs is read (not a whole first line, which in a compact array
+    /// is the whole file), and nothing read is lost: it is read again as
+    /// the events.
     ///
     /// # Errors
     /// An I/O error reading the input.
     pub(crate) fn of(input: Box<dyn Read>) -> std::io::Result<(Shape, Self)> {
         let mut head = BufReader::new(Recording { inner: input, seen: Vec::new() });
-        let mut line = Vec::new();
-        let mut at_start = true;
-        loop {
-            line.clear();
-            if head.read_until(b'\n', &mut line)? == 0 {
-                break;
-            }
-            if std::mem::take(&mut at_start) && line.starts_with(BOM) {
-                line.drain(..BOM.len());
-            }
-            if !blank(&line) {
-                break;
-            }
+        if head.fill_buf()?.starts_with(BOM) {
+            head.consume(BOM.len());
         }
-        let first = line.trim_ascii();
-        let shape = if first.starts_with(b"[") {
-            Shape::Array
-        } else if first.starts_with(b"{") && serde_json::from_slice::<IgnoredAny>(first).is_err() {
-            // Is it the start of a value that ends on a later line (or of
-            // several on this one)? Read on to its end, within bounds.
-            let start = line.iter().position(|&b| b == b'{').unwrap_or(0);
-            let rest = Cursor::new(line[start..].to_vec()).chain((&mut head).take(PROBE_BYTES));
-            let mut probe = Scanner::new(BufReader::new(rest), false);
-            match probe.next_value() {
-                Ok(Some(_)) => Shape::Values,
-                _ => Shape::Lines,
+        let first = loop {
+            match head.fill_buf()?.first().copied() {
+                Some(b) if is_ws(b) => head.consume(1),
+                other => break other,
             }
-        } else {
-            Shape::Lines
+        };
+        let shape = match first {
+            Some(b'[') => Shape::Array,
+            Some(b'{') => {
+                let mut probe = Scanner::new(BufReader::new((&mut head).take(PROBE_BYTES)), false);
+                match probe.next_value() {
+                    // One value alone on its line is an NDJSON line.
+                    Ok(Some(_)) if probe.line == 1 && probe.rest_of_line_is_blank().unwrap_or(false) => {
+                        Shape::Lines
+                    }
+                    Ok(Some(_)) => Shape::Values,
+                    _ => Shape::Lines,
+                }
+            }
+            _ => Shape::Lines,
         };
         // Everything read so far, and the rest.
         let Recording { inner, mut seen } = head.into_inner();
@@ -209,6 +206,18 @@ impl<R: BufRead> Scanner<R> {
             match self.peek()? {
                 Some(b) if is_ws(b) => self.bump(b),
                 other => return Ok(other),
+            }
+        }
+    }
+
+    /// Whether nothing but whitespace is left before the next line break
+    /// (or the end).
+    fn rest_of_line_is_blank(&mut self) -> anyhow::Result<bool> {
+        loop {
+            match self.peek()? {
+                None | Some(b'\n') => return Ok(true),
+                Some(b) if is_ws(b) => self.bump(b),
+                Some(_) => return Ok(false),
             }
         }
     }
@@ -390,6 +399,27 @@ mod tests {
         assert_eq!(texts("{\"a\":1} {\"b\":2}\n{\"c\":3}").1, ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]);
         assert_eq!(texts("\u{feff}{\n\"a\": 1}").1, ["{\"a\":1}"], "behind a byte order mark");
         assert_eq!(texts("").1, Vec::<String>::new());
+    }
+
+    /// Deciding the shape reads only what it needs: a compact array on
+    /// one endless line is read event by event.
+    #[test]
+    fn the_shape_is_decided_without_reading_the_first_line_whole() {
+        struct Endless(usize);
+        impl std::io::Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                const EVENT: &[u8] = b"{\"a\":1},";
+                for b in buf.iter_mut() {
+                    *b = if self.0 == 0 { b'[' } else { EVENT[(self.0 - 1) % EVENT.len()] };
+                    self.0 += 1;
+                }
+                Ok(buf.len())
+            }
+        }
+        let (shape, events) = Events::of(Box::new(Endless(0))).unwrap();
+        assert_eq!(shape, Shape::Array);
+        let three: Vec<Vec<u8>> = events.take(3).map(Result::unwrap).collect();
+        assert_eq!(three, [b"{\"a\":1}".to_vec(), b"{\"a\":1}".to_vec(), b"{\"a\":1}".to_vec()]);
     }
 
     /// A first line that begins an object which never becomes JSON is
