@@ -277,20 +277,15 @@ impl<R: BufRead> Scanner<R> {
     fn value(&mut self) -> anyhow::Result<Vec<u8>> {
         let (line, index) = (self.line, self.index);
         let mut raw = Vec::new();
-        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        let (mut depth, mut strings) = (0usize, Strings::default());
         while let Some(b) = self.peek()? {
-            if in_string {
+            let was_inside = strings.inside;
+            if strings.take(b) {
                 self.bump(b);
                 raw.push(b);
-                if escaped {
-                    escaped = false;
-                } else if b == b'\\' {
-                    escaped = true;
-                } else if b == b'"' {
-                    in_string = false;
-                    if depth == 0 {
-                        break;
-                    }
+                // A string's closing quote ends a value that is a string.
+                if was_inside && !strings.inside && depth == 0 {
+                    break;
                 }
                 continue;
             }
@@ -300,7 +295,6 @@ impl<R: BufRead> Scanner<R> {
                 b'}' | b']' => depth -= 1,
                 b',' if depth == 0 => break,
                 b if is_ws(b) && depth == 0 => break,
-                b'"' => in_string = true,
                 _ => {}
             }
             self.bump(b);
@@ -320,28 +314,38 @@ impl<R: BufRead> Scanner<R> {
     }
 }
 
+/// Whether the bytes of a JSON text, taken in order, are in a string.
+#[derive(Default)]
+struct Strings {
+    inside: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Take the next byte, `b`: whether it belongs to a string (its
+    /// quotes included).
+    fn take(&mut self, b: u8) -> bool {
+        if self.inside {
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.inside = false;
+            }
+            true
+        } else {
+            self.inside = b == b'"';
+            self.inside
+        }
+    }
+}
+
 /// `json` without the whitespace outside its strings (it is JSON: the
 /// rest means the same).
 fn compact(json: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(json.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if is_ws(b) {
-            continue;
-        }
-        out.push(b);
-    }
-    out
+    let mut strings = Strings::default();
+    json.iter().copied().filter(|&b| strings.take(b) || !is_ws(b)).collect()
 }
 
 #[cfg(test)]
