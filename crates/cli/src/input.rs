@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Cursor, Read};
 
 use anyhow::Context as _;
 use serde::de::IgnoredAny;
+use watershed_hub::body::Strings;
 
 /// A byte order mark (some Windows tools write one): not part of the
 /// first event.
@@ -279,12 +280,11 @@ impl<R: BufRead> Scanner<R> {
         let mut raw = Vec::new();
         let (mut depth, mut strings) = (0usize, Strings::default());
         while let Some(b) = self.peek()? {
-            let was_inside = strings.inside;
-            if strings.take(b) {
+            if !strings.outside(b) {
                 self.bump(b);
                 raw.push(b);
                 // A string's closing quote ends a value that is a string.
-                if was_inside && !strings.inside && depth == 0 {
+                if depth == 0 && !strings.inside() {
                     break;
                 }
                 continue;
@@ -314,38 +314,11 @@ impl<R: BufRead> Scanner<R> {
     }
 }
 
-/// Whether the bytes of a JSON text, taken in order, are in a string.
-#[derive(Default)]
-struct Strings {
-    inside: bool,
-    escaped: bool,
-}
-
-impl Strings {
-    /// Take the next byte, `b`: whether it belongs to a string (its
-    /// quotes included).
-    fn take(&mut self, b: u8) -> bool {
-        if self.inside {
-            if self.escaped {
-                self.escaped = false;
-            } else if b == b'\\' {
-                self.escaped = true;
-            } else if b == b'"' {
-                self.inside = false;
-            }
-            true
-        } else {
-            self.inside = b == b'"';
-            self.inside
-        }
-    }
-}
-
 /// `json` without the whitespace outside its strings (it is JSON: the
 /// rest means the same).
 fn compact(json: &[u8]) -> Vec<u8> {
     let mut strings = Strings::default();
-    json.iter().copied().filter(|&b| strings.take(b) || !is_ws(b)).collect()
+    json.iter().copied().filter(|&b| !strings.outside(b) || !is_ws(b)).collect()
 }
 
 #[cfg(test)]

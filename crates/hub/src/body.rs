@@ -204,17 +204,23 @@ fn split_array(b: &[u8]) -> Result<Vec<&[u8]>, BodyError> {
 }
 
 /// Where a byte of JSON text stands: inside a string or not.
-#[derive(Default)]
-struct Strings {
+#[derive(Debug, Default)]
+pub struct Strings {
     in_str: bool,
     esc: bool,
 }
 
 impl Strings {
+    /// Whether the last byte taken left the text inside a string.
+    #[must_use]
+    pub fn inside(&self) -> bool {
+        self.in_str
+    }
+
     /// Take the next byte: true when it is outside any string (structure,
     /// or the quote that opens a string), false inside one (including the
     /// closing quote).
-    fn outside(&mut self, c: u8) -> bool {
+    pub fn outside(&mut self, c: u8) -> bool {
         if self.in_str {
             if self.esc {
                 self.esc = false;
