@@ -249,19 +249,15 @@ fn keep_aside(path: &Path) -> Result<PathBuf> {
 /// Rebuild from the lake what damaged log lines held (see
 /// [`CommitLog::open`]): adds an intent and a commit for every file of
 /// `source` in the lake that may hold a record at or after
-/// `oldest_record` and that `intents` does not name, and deletes the
-/// files a merged file holds every record of (a merge left unfinished,
-/// its line lost), unless a merge line in `merges` still names the
-/// merged file (it is settled as usual). Returns the files added.
+/// `oldest_record` and that `intents` does not name. Returns the files
+/// added.
 async fn recover(
     lake: &Lake,
     source: &str,
     oldest_record: u64,
     intents: &mut HashMap<String, (String, Vec<u64>)>,
     committed: &mut HashSet<String>,
-    merges: &HashMap<String, OpenMerge>,
 ) -> Result<usize> {
-    let mut present: Vec<String> = Vec::new();
     let mut added = 0;
     for meta in lake.list(None).await? {
         let file = meta.location.to_string();
@@ -270,7 +266,6 @@ async fn recover(
         if last < oldest_record {
             continue;
         }
-        present.push(file.clone());
         if intents.contains_key(&file) {
             continue;
         }
@@ -292,33 +287,6 @@ async fn recover(
         intents.insert(file.clone(), (partition.to_owned(), records));
         committed.insert(file);
         added += 1;
-    }
-    // A record's rows of one partition are written to one file (the
-    // writer gets them in one message), so a file whose every record a
-    // merged file of its partition holds has all its rows there too: it
-    // is an input of a merge left unfinished, its line lost.
-    let mut deleted: HashSet<&str> = HashSet::new();
-    for merged in present.iter().filter(|f| f.ends_with("-merged.parquet") && !merges.contains_key(*f)) {
-        if deleted.contains(merged.as_str()) {
-            continue;
-        }
-        let Some((partition, held)) = intents.get(merged) else { continue };
-        let held: HashSet<u64> = held.iter().copied().collect();
-        for input in &present {
-            let Some((p, records)) = intents.get(input) else { continue };
-            if input == merged || p != partition || records.is_empty() || deleted.contains(input.as_str()) {
-                continue;
-            }
-            if records.iter().all(|r| held.contains(r)) {
-                tracing::warn!(
-                    path = %input,
-                    merged_into = %merged,
-                    "deleting a file whose rows a merged file holds (a merge left unfinished)"
-                );
-                lake.delete(input).await?;
-                deleted.insert(input);
-            }
-        }
     }
     Ok(added)
 }
@@ -461,8 +429,10 @@ impl CommitLog {
     /// WAL identity that names the hub's files) that may hold a record at
     /// or after `oldest_record` and that no intent names is read (its
     /// footer lists its records) and counted committed, so a lost intent
-    /// neither loses nor duplicates rows; and the inputs of a merge whose
-    /// line was lost, left beside the merged file by a crash, are deleted.
+    /// neither loses nor duplicates rows. (A merge whose line was lost and
+    /// that a crash cut short leaves its inputs beside the merged file:
+    /// rows twice, never lost; telling them from another hub's files of
+    /// the same WAL identity would take reading their rows.)
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
@@ -545,7 +515,7 @@ impl CommitLog {
             }
         }
         if let (Some(source), false) = (source, whole) {
-            recovered = recover(lake, source, oldest_record, &mut intents, &mut committed, &merges).await?;
+            recovered = recover(lake, source, oldest_record, &mut intents, &mut committed).await?;
         }
         let mut out = Committed { recovered, damaged_lines: read.damaged.len(), ..Committed::default() };
         let mut keep = Vec::new();
