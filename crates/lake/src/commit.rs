@@ -336,7 +336,7 @@ fn decode_line(raw: &[u8]) -> std::result::Result<Line, String> {
 
 /// The log's lines as read back.
 #[derive(Debug, Default)]
-struct Read {
+struct ReadBack {
     lines: Vec<Line>,
     /// Lines that are not whole (1-based number, what is wrong), other
     /// than a torn last line.
@@ -345,7 +345,7 @@ struct Read {
     torn: bool,
 }
 
-impl Read {
+impl ReadBack {
     /// The log at `path` (none yet reads as empty). Its text after the
     /// last newline, if any, is the last line's write cut short by a
     /// crash unless it is whole; any other line that is not whole is
@@ -471,9 +471,8 @@ impl CommitLog {
         let mut intents: HashMap<String, (String, Vec<u64>)> = HashMap::new();
         let mut committed: HashSet<String> = HashSet::new();
         let mut merges: HashMap<String, OpenMerge> = HashMap::new();
-        let mut read = Read::from(path)?;
+        let mut read = ReadBack::from(path)?;
         let whole = read.damaged.is_empty() && !read.torn;
-        let mut recovered = 0;
         if !read.damaged.is_empty() {
             let what = read.describe();
             if read_only {
@@ -514,9 +513,12 @@ impl CommitLog {
                 }
             }
         }
-        if let (Some(source), false) = (source, whole) {
-            recovered = recover(lake, source, oldest_record, &mut intents, &mut committed).await?;
-        }
+        let recovered = match source {
+            Some(source) if !whole => {
+                recover(lake, source, oldest_record, &mut intents, &mut committed).await?
+            }
+            _ => 0,
+        };
         let mut out = Committed { recovered, damaged_lines: read.damaged.len(), ..Committed::default() };
         let mut keep = Vec::new();
         let mut pending = HashSet::new();
@@ -654,7 +656,7 @@ impl CommitLog {
     /// compacted again while the hub runs (a rewrite would lose what the
     /// damaged line held; the next start rebuilds it from the lake).
     pub fn compact(&mut self, oldest_record: u64) -> Result<()> {
-        let read = Read::from(&self.path)?;
+        let read = ReadBack::from(&self.path)?;
         if !read.damaged.is_empty() {
             self.damaged = true;
             return Err(Error::LogDamaged { path: self.path.clone(), lines: read.describe() });
