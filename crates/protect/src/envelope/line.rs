@@ -130,18 +130,55 @@ pub(super) enum Parsed<'a> {
     Line(Line),
 }
 
-/// Parse a key log line: a data key's by the borrowing fast path, any
-/// other (or one the fast path refuses) as a [`Line`], whose error is
-/// the one reported.
-pub(super) fn parse_line(text: &[u8]) -> serde_json::Result<Parsed<'_>> {
-    if text.starts_with(br#"{"op":"data_key","#) {
-        if let Ok(d) = serde_json::from_slice::<DataKeyRef<'_>>(text) {
+/// Parse a key log line (without its newline): its checksum first, then
+/// a data key's by the borrowing fast path, any other (or one the fast
+/// path refuses) as a [`Line`], whose error is the one reported.
+pub(super) fn parse_line(text: &[u8]) -> Result<Parsed<'_>, String> {
+    let json = checked(text)?;
+    if json.starts_with(br#"{"op":"data_key","#) {
+        if let Ok(d) = serde_json::from_slice::<DataKeyRef<'_>>(json) {
             if d.op == "data_key" {
                 return Ok(Parsed::DataKey(d));
             }
         }
     }
-    serde_json::from_slice::<Line>(text).map(Parsed::Line)
+    serde_json::from_slice::<Line>(json).map(Parsed::Line).map_err(|e| e.to_string())
+}
+
+/// The JSON of a key log line (without its newline), once its checksum
+/// is checked: the line is the JSON, a tab, and the CRC-32 of the JSON in
+/// eight hex digits. JSON as written here holds no raw tab (inside a
+/// string it is escaped), so the last tab is where the checksum starts.
+/// A line without a tab is a shredded line (its checksum was overwritten
+/// with it) or one written before lines carried a checksum, and is read
+/// as JSON alone.
+///
+/// Without the checksum, damage on disk that leaves a line valid JSON
+/// would be believed: a changed digit of a `subject_ref` attaches a data
+/// key to another subject (whose erasure then misses it; the key's wrap
+/// binds its id, not its subject).
+pub(super) fn checked(text: &[u8]) -> Result<&[u8], String> {
+    let Some(tab) = text.iter().rposition(|&b| b == b'\t') else { return Ok(text) };
+    let (json, sum) = (&text[..tab], &text[tab + 1..]);
+    let want = std::str::from_utf8(sum)
+        .ok()
+        .filter(|s| s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|s| u32::from_str_radix(s, 16).ok());
+    match want {
+        Some(want) if crc32fast::hash(json) == want => Ok(json),
+        Some(_) => Err("its checksum does not match: the line was damaged after it was written \
+                        (restore the file from a backup)"
+            .to_owned()),
+        None => Err(format!("{:?} after its last tab is not a checksum", String::from_utf8_lossy(sum))),
+    }
+}
+
+/// Whether `text` (a last line without its newline) ends as a whole line
+/// does: with a checksum, or with the `}` of a line without one. A last
+/// line that does not is torn (a write a crash interrupted).
+pub(super) fn ends_whole(text: &[u8]) -> bool {
+    let sum = text.len().checked_sub(9).map(|at| &text[at..]);
+    text.ends_with(b"}") || sum.is_some_and(|s| s[0] == b'\t' && s[1..].iter().all(u8::is_ascii_hexdigit))
 }
 
 /// Append `lines` to the key log.
@@ -162,14 +199,18 @@ pub(super) fn write_lines(file: &File, path: &Path, lines: &[u8]) -> std::io::Re
     (&*file).write_all(lines)
 }
 
-/// Append `line` and a newline to `buf`.
+/// Append `line` to `buf` as the log holds it: its JSON, a tab, the
+/// CRC-32 of the JSON in eight hex digits (see [`checked`]), and a
+/// newline.
 pub(super) fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) {
+    let start = buf.len();
     serde_json::to_writer(&mut *buf, line).expect("key log lines serialise");
-    buf.push(b'\n');
+    let crc = crc32fast::hash(&buf[start..]);
+    writeln!(buf, "\t{crc:08x}").expect("writing to a Vec");
 }
 
-/// About the length of a data key's line wrapped by a local master key
-/// (under KMS they are longer).
+/// About the length of a data key's line wrapped by a local master key,
+/// checksum included (under KMS they are longer).
 pub(super) const DATA_KEY_LINE_BYTES: u64 = 300;
 
 /// How a shredded line starts (then spaces, then `}`).

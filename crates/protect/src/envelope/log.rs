@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::line::{
-    parse_line, push_line, write_lines, DataKeyParts, Line, LineAt, Parsed, DATA_KEY_LINE_BYTES, SHREDDED,
+    checked, ends_whole, parse_line, push_line, write_lines, DataKeyParts, LineAt, Parsed,
+    DATA_KEY_LINE_BYTES, SHREDDED,
 };
 use super::state::{give_back, Loaded, State};
 use super::EnvelopeKeyring;
@@ -99,8 +100,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             }
         };
         if from == 0 || applied {
-            for l in serde_json::Deserializer::from_slice(&st.pending).into_iter::<Line>() {
-                state.apply(l.expect("pending lines were serialised here"), None);
+            for l in st.pending.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let json = checked(l).expect("pending lines were written here");
+                state.apply(serde_json::from_slice(json).expect("pending lines were serialised here"), None);
             }
             st.cache.retain(|id| state.data_keys.contains_key(id));
             self.hot.clear();
@@ -145,7 +147,9 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             return Ok(None);
         }
         let (mut pos, mut applied) = (from, false);
+        let mut number = 0_usize;
         loop {
+            number += 1;
             buf.clear();
             let n = r.read_until(b'\n', &mut buf).map_err(self.io())?;
             if n == 0 {
@@ -175,9 +179,12 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
                 }
                 // A torn last line: a key created but never synced, so
                 // never used by an acknowledged event.
-                Err(_) if !whole && !text.ends_with(b"}") => {}
+                Err(_) if !whole && !ends_whole(text) => {}
                 Err(_) if from > 0 => return Ok(None),
-                Err(e) => return Err(Error::Corrupt { path: self.path.clone(), detail: e.to_string() }),
+                Err(e) => {
+                    let detail = format!("line {number} (at byte {pos}): {e}");
+                    return Err(Error::Corrupt { path: self.path.clone(), detail });
+                }
             }
             if whole {
                 pos += n as u64;
@@ -315,7 +322,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
             // means the places are stale, and a compaction is the safe way.
             line.resize(at.len.get() as usize, 0);
             f.read_exact_at(&mut line, at.offset).map_err(self.io())?;
-            if !line.starts_with(br#"{"op":"data_key","#) || !line.ends_with(b"}") {
+            if !line.starts_with(br#"{"op":"data_key","#) || !ends_whole(&line) {
                 tracing::warn!(offset = at.offset, "a key log line to shred is not a data key: compacting");
                 return self.compact(st);
             }

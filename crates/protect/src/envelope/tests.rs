@@ -61,6 +61,16 @@ fn log_lines(kr: &LocalKeyring) -> Vec<String> {
     std::fs::read_to_string(&kr.path).unwrap().lines().map(str::to_owned).collect()
 }
 
+/// A key log line's JSON, its checksum checked and cut off.
+fn json(line: &str) -> &str {
+    std::str::from_utf8(super::line::checked(line.as_bytes()).unwrap()).unwrap()
+}
+
+/// `json` as a key log line: with its checksum, without the newline.
+fn sealed(json: &str) -> String {
+    format!("{json}\t{:08x}", crc32fast::hash(json.as_bytes()))
+}
+
 fn ino(path: &Path) -> u64 {
     stamp(path).unwrap().ino
 }
@@ -95,7 +105,7 @@ fn assert_keys(kr: &LocalKeyring, keys: &[(KeyId, String)], erased: &[usize], ke
 }
 
 fn blob(line: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json(line)).unwrap();
     v["wrapped"]["blob"].as_str().unwrap().to_owned()
 }
 
@@ -286,7 +296,7 @@ fn lines_left_by_a_crash_are_shredded_at_open() {
     // The line of s-4 written again, then the erasure of s-4 and s-6.
     writeln!(f, "{}", keys[4].1).unwrap();
     for i in [4, 6] {
-        let v: serde_json::Value = serde_json::from_str(&keys[i].1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(json(&keys[i].1)).unwrap();
         let line = Line::Erased {
             ids: vec![keys[i].0.to_hex()],
             account: "111111111111".into(),
@@ -351,7 +361,7 @@ fn a_log_rewritten_under_a_reader_is_read_whole() {
     let f = OpenOptions::new().write(true).open(&reader.path).unwrap();
     f.set_len(cut as u64).unwrap();
     let mut f = OpenOptions::new().append(true).open(&reader.path).unwrap();
-    writeln!(f, "{}", line.replace(&gone.to_hex(), &replaced.to_hex())).unwrap();
+    writeln!(f, "{}", sealed(&json(line).replace(&gone.to_hex(), &replaced.to_hex()))).unwrap();
     drop(f);
     let later = LocalKeyring::open_local(dir.path()).unwrap();
     let next = later.data_cipher(&a, Some("s-next")).unwrap().id();
@@ -376,15 +386,15 @@ fn hand_written_key_lines_read_alike_and_survive_compaction() {
     drop(kr);
     let text = std::fs::read_to_string(&path).unwrap();
     let created = |l: &str| -> String {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let v: serde_json::Value = serde_json::from_str(json(l)).unwrap();
         v["created"].as_str().unwrap().to_owned()
     };
     let zulu = created(&keys[0].1).replace("+00:00", "Z");
-    let edited = keys[0]
-        .1
+    // Written by hand: without a checksum, as lines were before they had one.
+    let edited = json(&keys[0].1)
         .replace(r#""account":"111111111111""#, r#""account":"11111111111\u0031""#)
         .replace(&created(&keys[0].1), &zulu);
-    let odd = keys[1].1.replace(&created(&keys[1].1), "the day before launch");
+    let odd = json(&keys[1].1).replace(&created(&keys[1].1), "the day before launch");
     let text = text.replace(&keys[0].1, &edited).replace(&keys[1].1, &odd);
     std::fs::write(&path, text).unwrap();
 
@@ -402,7 +412,7 @@ fn hand_written_key_lines_read_alike_and_survive_compaction() {
         let mut v: Vec<serde_json::Value> = lines
             .iter()
             .filter(|l| l.contains(r#""op":"data_key""#))
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str(json(l)).unwrap())
             .collect();
         v.sort_by_key(|k| k["id"].as_str().unwrap().to_owned());
         v
@@ -438,7 +448,7 @@ fn a_key_line_with_an_unknown_field_is_corrupt() {
     let path = kr.path.clone();
     drop(kr);
     let text = std::fs::read_to_string(&path).unwrap();
-    let extra = keys[1].1.replace(r#""current":"#, r#""colour":"blue","current":"#);
+    let extra = sealed(&json(&keys[1].1).replace(r#""current":"#, r#""colour":"blue","current":"#));
     std::fs::write(&path, text.replace(&keys[1].1, &extra)).unwrap();
     match LocalKeyring::open_local(dir.path()) {
         Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("colour"), "{detail}"),
@@ -477,7 +487,7 @@ fn a_running_hub_takes_in_a_rotation_beside_it() {
     let fresh = hub.data_cipher(&a, Some("s-new")).unwrap().id();
     hub.sync().unwrap();
     let line = log_lines(&hub).into_iter().find(|l| l.contains(&fresh.to_hex())).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json(&line)).unwrap();
     assert_eq!(v["wrapped"]["master"], new_master.as_str(), "{line}");
     // Another rotation, through the hub's own keyring, knows both.
     let third = hub.rotate(&by()).unwrap();
@@ -611,6 +621,83 @@ proptest::proptest! {
                     Err(e) => prop_assert!(false, "{} reads key {:?} of s-{}: {}", who, id, s, e),
                 }
             }
+        }
+    }
+}
+
+/// The key log's lines as the keyring holds them, in a comparable form.
+fn held_lines(kr: &LocalKeyring) -> Vec<String> {
+    let mut lines: Vec<String> =
+        lock(&kr.state).state.snapshot().iter().map(|l| serde_json::to_string(l).unwrap()).collect();
+    lines.sort();
+    lines
+}
+
+/// A digit of a key's `subject_ref` changed on disk leaves the line
+/// valid JSON, and would attach the key to another subject (whose
+/// erasure would then miss it): the line's checksum refuses it, naming
+/// the line.
+#[test]
+fn a_key_line_damaged_on_disk_is_refused_by_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kr, keys) = subjects(dir.path(), 3);
+    let (path, lines) = (kr.path.clone(), log_lines(&kr));
+    drop(kr);
+    let number = lines.iter().position(|l| *l == keys[1].1).unwrap() + 1;
+    let at = keys[1].1.find(r#""subject_ref":""#).unwrap() + r#""subject_ref":""#.len();
+    let mut line = keys[1].1.clone().into_bytes();
+    line[at] = if line[at] == b'0' { b'1' } else { b'0' };
+    let line = String::from_utf8(line).unwrap();
+    serde_json::from_str::<serde_json::Value>(json_unchecked(&line)).expect("still valid JSON");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(&keys[1].1, &line)).unwrap();
+    match LocalKeyring::open_local(dir.path()) {
+        Err(e @ Error::Corrupt { .. }) => {
+            let e = e.to_string();
+            assert!(e.contains(&format!("line {number} ")) && e.contains("checksum does not match"), "{e}");
+        }
+        other => panic!("opened: {:?}", other.map(|_| ())),
+    }
+}
+
+/// A line's JSON, its checksum cut off unchecked.
+fn json_unchecked(line: &str) -> &str {
+    line.rsplit_once('\t').map_or(line, |(json, _)| json)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    /// Any one byte of the key log changed on disk (a data key's line,
+    /// the index and token keys', an erasure's, a shredded line's): the
+    /// keyring either refuses to open, or opens holding exactly what it
+    /// held before (a change that leaves the same meaning, such as a
+    /// shredded line's padding turned to another kind of JSON space).
+    /// Never a key moved to another subject or account, or an erasure
+    /// lost. (The last newline is left out: a last line without one reads
+    /// as a write a crash tore, and is cut off, as it must be.)
+    #[test]
+    fn any_damaged_byte_of_the_key_log_is_refused_or_harmless(at in 0usize..1 << 20, delta in 1u8..=255) {
+        use proptest::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (kr, _) = subjects(dir.path(), 4);
+        kr.token_key(&a).unwrap();
+        kr.data_cipher(&a, None).unwrap();
+        kr.forget(&a, "s-2", &by()).unwrap();
+        kr.sync().unwrap();
+        let path = kr.path.clone();
+        drop(kr);
+        let whole = std::fs::read(&path).unwrap();
+        let before = held_lines(&LocalKeyring::open_local(dir.path()).unwrap());
+        let at = at % (whole.len() - 1);
+        let mut damaged = whole.clone();
+        damaged[at] = damaged[at].wrapping_add(delta);
+        std::fs::write(&path, &damaged).unwrap();
+        match LocalKeyring::open_local(dir.path()) {
+            Err(Error::Corrupt { .. }) => {}
+            Ok(kr) => prop_assert_eq!(held_lines(&kr), before, "byte {} changed from {:?}", at, whole[at] as char),
+            Err(e) => prop_assert!(false, "byte {}: {}", at, e),
         }
     }
 }
