@@ -10,7 +10,14 @@ use crate::config::{HubConfig, Overrides};
 pub(crate) fn config(data_dir: &Path) -> HubConfig {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
-        schemas: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")),
+        // Cargo sets the crate's directory when it runs the tests; the
+        // compile-time value can name another checkout that shared the
+        // target directory.
+        schemas: Some(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_owned(), Into::into)
+                .join("../../schemas"),
+        ),
         data_dir: Some(data_dir.to_owned()),
     };
     HubConfig::load(None, Vec::new(), &overrides).expect("the defaults load")

@@ -3,14 +3,18 @@
 //! damaged or strange (mutations of the example schemas in `schemas/`),
 //! makes loading panic.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use proptest::prelude::*;
 use watershed_schema::Registry;
 
-/// The repository's example schema directory.
+/// The repository's example schema directory. Cargo sets the crate's
+/// directory when it runs the test; the compile-time value can name
+/// another checkout that shared the target directory.
 fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+    let crate_dir: PathBuf =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into);
+    crate_dir.join("../../schemas")
 }
 
 /// Every file of the example directory: (subject dir name, file name,
