@@ -79,8 +79,9 @@ pub(crate) enum KeysCmd {
         /// A data subject's id (the value of its data-subject field).
         #[arg(long, required_unless_present = "subjects_from")]
         subject: Vec<String>,
-        /// A file of data subject ids, one per line (`-`: stdin); blank
-        /// lines are skipped.
+        /// A file of data subject ids, one per line (`-`: stdin), each
+        /// taken as it is; blank lines and a byte order mark before the
+        /// first are skipped.
         #[arg(long, value_name = "FILE")]
         subjects_from: Option<PathBuf>,
         /// Report what would be erased (keys and subjects found, subjects
@@ -137,38 +138,69 @@ fn distinct_erasures(out: &[Option<watershed_protect::Erasure>]) -> (usize, usiz
     (by_subject.values().sum(), by_subject.len())
 }
 
-/// Say which of the subjects given had no data key (by position: subject
-/// ids are personal data); failure if any.
-fn report_missing(account: &AccountId, out: &[Option<watershed_protect::Erasure>]) -> ExitCode {
-    let missing: Vec<usize> =
-        out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i + 1).collect();
+/// Where a subject id of an erasure job came from: the `--subject`
+/// flags, numbered from 1 in order, or a line of `--subjects-from`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    Flag(usize),
+    Line(usize),
+}
+
+/// Say which of the subjects given had no data key, by where each came
+/// from (never by its id: subject ids are personal data), with a hint
+/// when some of those begin or end with whitespace (a CSV export's
+/// padding; an id is taken as it is); failure if any.
+fn report_missing(
+    account: &AccountId,
+    origins: &[Origin],
+    source: &str,
+    ids: &[String],
+    out: &[Option<watershed_protect::Erasure>],
+) -> ExitCode {
+    let missing: Vec<usize> = out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i).collect();
     if missing.is_empty() {
         return ExitCode::SUCCESS;
     }
-    let shown: Vec<String> = missing.iter().take(20).map(ToString::to_string).collect();
+    let place = |i: usize| match origins[i] {
+        Origin::Flag(n) => format!("--subject number {n}"),
+        Origin::Line(n) => format!("line {n}"),
+    };
+    let shown: Vec<String> = missing.iter().take(20).map(|&i| place(i)).collect();
+    let from_file = missing.iter().any(|&i| matches!(origins[i], Origin::Line(_)));
     eprintln!(
-        "error: {} subject(s) of account {account} had no data key (never seen, or forgotten \
-         already): number(s) {}{} in the order given",
+        "error: {} subject(s) of account {account} had no data key (never seen, or forgotten already): {}{}{}",
         missing.len(),
         shown.join(", "),
-        if missing.len() > shown.len() { ", …" } else { "" }
+        if missing.len() > shown.len() { ", …" } else { "" },
+        if from_file { format!(" (lines of {source})") } else { String::new() },
     );
+    let padded = missing.iter().filter(|&&i| ids[i].trim() != ids[i]).count();
+    if padded > 0 {
+        eprintln!(
+            "hint: {padded} of them begin or end with whitespace, which is taken as part of the id; \
+             check the list for padding"
+        );
+    }
     ExitCode::FAILURE
 }
 
-/// Subject ids, one per line, from `path` (`-`: stdin).
-fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+/// Subject ids, one per line, from `path` (`-`: stdin), each with its
+/// line number; a leading byte order mark (as Windows tools write UTF-8
+/// files) and blank lines are skipped.
+fn read_subjects(path: &std::path::Path) -> anyhow::Result<Vec<(String, usize)>> {
     let text = if path == std::path::Path::new("-") {
         std::io::read_to_string(std::io::stdin()).context("reading subjects from stdin")?
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading subjects from {}", path.display()))?
     };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     // Ids are taken as they are (no trimming), without a CRLF's CR.
     Ok(text
         .lines()
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
+        .enumerate()
+        .map(|(n, l)| (l.strip_suffix('\r').unwrap_or(l), n + 1))
+        .filter(|(l, _)| !l.is_empty())
+        .map(|(l, n)| (l.to_owned(), n))
         .collect())
 }
 
@@ -176,9 +208,19 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCmd::Forget { account, subject, subjects_from, dry_run, by, keyring } => {
             let by = by.access()?;
+            let mut origins: Vec<Origin> = (1..=subject.len()).map(Origin::Flag).collect();
             let mut subjects = subject;
+            let mut source = String::new();
             if let Some(path) = subjects_from {
-                subjects.extend(read_subjects(&path)?);
+                for (id, line) in read_subjects(&path)? {
+                    subjects.push(id);
+                    origins.push(Origin::Line(line));
+                }
+                source = if path == std::path::Path::new("-") {
+                    "stdin".into()
+                } else {
+                    path.display().to_string()
+                };
             }
             anyhow::ensure!(!subjects.is_empty(), "no data subjects to forget");
             let kr = keyring.open()?;
@@ -191,7 +233,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                     "dry run: would erase {keys} data key(s) of {distinct} subject(s) of account {account}; \
                      nothing was erased"
                 );
-                return Ok(report_missing(&account, &found));
+                return Ok(report_missing(&account, &origins, &source, &subjects, &found));
             }
             if let [one] = &subjects[..] {
                 let erasure = kr.forget(&account, one, &by)?;
@@ -209,7 +251,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 "erased {keys} data key(s) of {distinct} subject(s) of account {account}; logged to {}",
                 log.display()
             );
-            Ok(report_missing(&account, &out))
+            Ok(report_missing(&account, &origins, &source, &subjects, &out))
         }
         KeysCmd::Rotate { by, keyring } => {
             let by = by.access()?;
