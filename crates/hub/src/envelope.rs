@@ -65,7 +65,7 @@ pub type Validate<'v> = dyn FnMut(&str, &str, &[u8], usize) -> Option<(usize, Pr
 #[derive(Debug, Default)]
 pub struct Partial {
     /// The id, if readable and an id by [`decode`]'s rules (at most
-    /// [`MAX_ID_BYTES`], no control characters). It names the event in
+    /// [`MAX_ID_BYTES`], not only whitespace, no control characters). It names the event in
     /// the response and its dead-letter row, and identifies a retried
     /// reject, so it is kept whole or not at all: an event whose id
     /// breaks the rules is known by its bytes instead, as one without an
@@ -224,14 +224,22 @@ fn json_media_type(ct: &str) -> bool {
 /// UUID is 36 bytes, a Kinesis shard and sequence number under 100.
 pub const MAX_ID_BYTES: usize = 1024;
 
-/// Refuse an id that is too long, or that holds a control character
-/// (U+0000 to U+001F, U+007F to U+009F: the characters CloudEvents
-/// forbids in its strings; a newline in an id breaks every log line and
-/// export that prints it).
+/// Refuse an id that is too long, that is only whitespace (a client's
+/// blank id: every such event of the account would dedupe into the
+/// first), or that holds a control character (U+0000 to U+001F, U+007F
+/// to U+009F: the characters CloudEvents forbids in its strings; a
+/// newline in an id breaks every log line and export that prints it).
 fn check_id(id: &str) -> Result<(), Violation> {
     let bad = |detail: String| Violation { reason: Reason::BadEnvelope, path: "$.id".into(), detail };
     if id.len() > MAX_ID_BYTES {
         return Err(bad(format!("id is {} bytes long; at most {MAX_ID_BYTES} are accepted", id.len())));
+    }
+    if id.trim().is_empty() {
+        return Err(bad(format!(
+            "id is only whitespace ({} bytes): events are deduplicated by id, so every event with this \
+             id would be taken for the first",
+            id.len()
+        )));
     }
     // Control characters are rare: one pass over the bytes finds whether
     // any (C0, DEL, or the lead byte of a C1) is there at all.
@@ -512,6 +520,11 @@ mod tests {
         assert!(refused(r#""\u0000""#).contains("(U+0000) at byte 0"));
         assert!(refused("\"a\u{7f}\"").contains("(U+007F)"));
         assert!(refused("\"a\u{85}b\"").contains("(U+0085) at byte 1"), "a C1 control, unescaped");
+        assert!(refused(r#""   ""#).starts_with("id is only whitespace (3 bytes)"));
+        assert!(
+            refused("\"\u{3000}\u{a0}\"").starts_with("id is only whitespace (5 bytes)"),
+            "Unicode spaces"
+        );
         // Other text, including what shares a C1 control's lead byte, is fine.
         let id = |id: &str| decode(with_id(id).as_bytes()).map(|e| e.id.into_owned());
         assert_eq!(id("\"caf\u{e9} \u{a0}\u{bf}\"").unwrap(), "caf\u{e9} \u{a0}\u{bf}");
