@@ -174,11 +174,31 @@ pub(super) fn checked(text: &[u8]) -> Result<&[u8], String> {
 }
 
 /// Whether `text` (a last line without its newline) ends as a whole line
-/// does: with a checksum, or with the `}` of a line without one. A last
-/// line that does not is torn (a write a crash interrupted).
+/// does: with a checksum, or, without one, as a whole JSON object (its
+/// braces and brackets closed outside strings). A last line that does
+/// not is torn (a write a crash interrupted). A tear just after an inner
+/// object's `}` (the `wrapped` key's) is torn too, not a damaged line
+/// that would stop the keyring from opening.
 pub(super) fn ends_whole(text: &[u8]) -> bool {
     let sum = text.len().checked_sub(9).map(|at| &text[at..]);
-    text.ends_with(b"}") || sum.is_some_and(|s| s[0] == b'\t' && s[1..].iter().all(u8::is_ascii_hexdigit))
+    if sum.is_some_and(|s| s[0] == b'\t' && s[1..].iter().all(u8::is_ascii_hexdigit)) {
+        return true;
+    }
+    if !text.ends_with(b"}") {
+        return false;
+    }
+    let (mut depth, mut string, mut escaped) = (0_i64, false, false);
+    for &b in text {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if string => escaped = true,
+            b'"' => string = !string,
+            b'{' | b'[' if !string => depth += 1,
+            b'}' | b']' if !string => depth -= 1,
+            _ => {}
+        }
+    }
+    depth == 0 && !string
 }
 
 /// Append `lines` to the key log.

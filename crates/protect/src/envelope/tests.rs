@@ -336,6 +336,35 @@ fn a_torn_last_line_is_cut_off_at_open() {
     assert_eq!(again.data_cipher(&a, Some("s-1")).unwrap().id(), keys[1].0);
 }
 
+/// A crash may tear the last line after any of its bytes, including
+/// just after an inner object's `}` (the `wrapped` key's): whatever is
+/// left of it, the keyring opens, with the keys before it, and a new key
+/// written after it reads back.
+#[test]
+fn a_last_line_torn_after_any_byte_is_cut_off_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AccountId::new("111111111111").unwrap();
+    let (kr, keys) = subjects(dir.path(), 3);
+    let path = kr.path.clone();
+    drop(kr);
+    let text = std::fs::read(&path).unwrap();
+    let last = &keys[2].1;
+    assert!(text.ends_with(format!("{last}\n").as_bytes()), "s-2's line is the last");
+    let before = &text[..text.len() - last.len() - 1];
+    for cut in 1..=last.len() {
+        let mut torn = before.to_vec();
+        torn.extend_from_slice(&last.as_bytes()[..cut]);
+        std::fs::write(&path, &torn).unwrap();
+        let kr = LocalKeyring::open_local(dir.path())
+            .unwrap_or_else(|e| panic!("torn after {cut} bytes ({:?}): {e}", &last[..cut]));
+        assert_keys(&kr, &keys, &[], &[0, 1]);
+        let new = kr.data_cipher(&a, Some("s-new")).unwrap().id();
+        kr.sync().unwrap();
+        let again = LocalKeyring::open_local(dir.path()).unwrap();
+        assert_eq!(again.cipher_by_id(&new).unwrap().id(), new, "torn after {cut} bytes");
+    }
+}
+
 /// A log cut back and written again with a line boundary where a
 /// reader stopped (a failed write cut back, then another process's
 /// append): the reader sees that the line it read last is not there
