@@ -16,6 +16,14 @@ pub(super) enum OnBad {
     /// The newest file, whose unacknowledged last write may be torn: it
     /// is cut off there.
     CutTail,
+    /// The newest segment, whose first record is `first`: cut off there
+    /// as [`OnBad::CutTail`], unless the bad frame's record is one of
+    /// those through `durable_through` (the id files hold their events,
+    /// and ids are appended only once their segment's write is fsynced).
+    /// A crash cannot tear a durable record: that is damage, an error
+    /// (or salvaged, with `salvage`), not acknowledged records silently
+    /// cut off as a torn write.
+    NewestSegment { first: u64, durable_through: u64, salvage: bool },
     /// Damage: an error.
     Fail,
     /// Damage the operator chose to start without: a copy of the file is
@@ -35,12 +43,15 @@ pub(super) fn read_frames(
     let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
     let mut data = Vec::new();
     f.read_to_end(&mut data).map_err(io(path))?;
-    let (mut off, mut frames) = (0usize, 0usize);
+    let (mut off, mut frames, mut last_seq) = (0usize, 0usize, None);
     while off < data.len() {
         let frame = parse_frame(&data[off..]);
         let bad = match frame {
             Some((seq, payload, _)) => match each(seq, payload, off) {
-                Ok(()) => None,
+                Ok(()) => {
+                    last_seq = Some(seq);
+                    None
+                }
                 Err(Error::WalCorrupt { detail, .. }) if on_bad == OnBad::Salvage => Some(detail),
                 Err(e) => return Err(e),
             },
@@ -50,8 +61,28 @@ pub(super) fn read_frames(
                 data.len()
             )),
         };
-        if let Some(detail) = bad {
+        if let Some(mut detail) = bad {
+            let on_bad = match on_bad {
+                OnBad::NewestSegment { first, durable_through, salvage } => {
+                    let record = last_seq.map_or(first, |s: u64| s + 1);
+                    if record <= durable_through {
+                        detail = format!(
+                            "{detail}; record {record} there was durable (the id files hold the ids of \
+                             records through {durable_through}), so this is damage, not a write a crash tore"
+                        );
+                        if salvage {
+                            OnBad::Salvage
+                        } else {
+                            OnBad::Fail
+                        }
+                    } else {
+                        OnBad::CutTail
+                    }
+                }
+                other => other,
+            };
             match on_bad {
+                OnBad::NewestSegment { .. } => unreachable!("resolved above"),
                 OnBad::CutTail => {
                     tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
                 }

@@ -416,7 +416,7 @@ impl Wal {
         let mut missing_ids = Vec::new();
         for (i, (first, path)) in paths.into_iter().enumerate() {
             let on_bad = match (i + 1 == count, opts.salvage) {
-                (true, _) => OnBad::CutTail,
+                (true, salvage) => OnBad::NewestSegment { first, durable_through: ids_through, salvage },
                 (false, true) => OnBad::Salvage,
                 (false, false) => OnBad::Fail,
             };

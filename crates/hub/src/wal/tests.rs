@@ -424,6 +424,49 @@ async fn a_damaged_segment_stops_the_start_with_what_to_do() {
     assert!(again.iter().all(|(_, id)| id == "next" || ids.contains(&id.as_str())), "{again:?}");
 }
 
+/// Damage to the newest segment where its records were durable (their
+/// ids reached the id files, which happens only after the segment's
+/// fsync) is not a torn write: cutting the segment there would drop
+/// acknowledged records as if no client had been told they were stored.
+/// The start stops, as for an older segment; with salvage, the records
+/// before the damage replay and the file is kept aside. Damage after the
+/// last durable record is a torn tail, cut off as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_to_durable_records_of_the_newest_segment_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = unbounded(1 << 20, 1000);
+    let wal = open_empty(dir.path(), opts, Arc::default());
+    for i in 1..=100u64 {
+        wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
+    }
+    wal.close().await;
+    let segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&segs[0], &bytes).unwrap();
+    let Err(e) = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
+    else {
+        panic!("damage to durable records was cut off as a torn tail");
+    };
+    let e = e.to_string();
+    for part in ["bad frame at offset", "was durable", "not a write a crash tore", "WATERSHED_WAL__SALVAGE"] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+    assert_eq!(std::fs::read(&segs[0]).unwrap(), bytes, "a failed start changes nothing");
+
+    let (wal, seen) = reopen(dir.path(), WalOptions { salvage: true, ..opts });
+    let ids: Vec<&str> = seen.iter().map(|(_, id)| id.as_str()).collect();
+    assert!(ids.contains(&"id-1") && ids.len() < 100, "{ids:?}");
+    assert_eq!(std::fs::read(segs[0].with_extension("wal.damaged")).unwrap(), bytes);
+    wal.close().await;
+}
+
 /// A damaged id file (not the newest, whose torn tail is cut off) does
 /// not stop the start: the ids before the damage and those of the other
 /// files are remembered, the file is kept aside, and the log goes on.
@@ -802,7 +845,9 @@ async fn group_commit_recovery_and_torn_tail() {
     assert_eq!(pending.len(), 20);
     pending.committed(&(1..=10).collect::<Vec<_>>());
     wal.close().await;
-    // Tear the tail of the newest segment.
+    // A torn write at the tail of the newest segment: part of the frame
+    // of a record 21 that a crash stopped before its fsync (so before
+    // its ids reached the id files).
     let mut segs: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -810,8 +855,11 @@ async fn group_commit_recovery_and_torn_tail() {
         .collect();
     segs.sort();
     let last = segs.last().unwrap();
-    let len = std::fs::metadata(last).unwrap().len();
-    OpenOptions::new().write(true).open(last).unwrap().set_len(len - 3).unwrap();
+    let mut torn = Vec::new();
+    let mut e = RecordEncoder::new(&a, 0, None, 0);
+    e.accepted("id-torn", &[b'x'; 100]);
+    super::files::push_frame(&mut torn, 21, &e.finish().payload);
+    OpenOptions::new().append(true).open(last).unwrap().write_all(&torn[..torn.len() - 3]).unwrap();
     let mut remembered = Vec::new();
     let (wal, seen) = reopen_remembering(dir.path(), opts, |account, r| {
         remembered.push((account.to_owned(), format!("{r:?}")));
@@ -821,12 +869,12 @@ async fn group_commit_recovery_and_torn_tail() {
     // went to the id files once it was fsynced.
     assert!(seen.len() < 19, "committed segments retired: {seen:?}");
     let seen_seqs: Vec<u64> = seen.iter().map(|(seq, _)| *seq).collect();
-    assert!((11..=19).all(|s| seen_seqs.contains(&s)), "the uncommitted records replay: {seen_seqs:?}");
-    assert!(!seen_seqs.contains(&20), "the torn record is dropped");
+    assert!((11..=20).all(|s| seen_seqs.contains(&s)), "the uncommitted records replay: {seen_seqs:?}");
+    assert!(!seen_seqs.contains(&21), "the torn record is dropped");
     assert_eq!(remembered.len(), 20, "{remembered:?}");
     assert!(remembered.iter().all(|(account, r)| account == "111111111111" && r.starts_with("Accepted")));
     let next = wal.append(RecordEncoder::new(&a, 0, None, 0).finish(), 0, 0).await.unwrap().seq;
-    assert_eq!(next, 20, "seqs continue after the torn record");
+    assert_eq!(next, 21, "seqs continue after the torn record");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
