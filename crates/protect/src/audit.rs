@@ -4,7 +4,6 @@
 //! Subjects appear only as keyed references.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -111,7 +110,7 @@ impl AuditLog {
         }
         line.push_str(record);
         line.push('\n');
-        if let Err(e) = write_record(f, &self.path, line.as_bytes()) {
+        if let Err(e) = crate::fsutil::append(f, &self.path, line.as_bytes()) {
             return Err(io(match f.set_len(before) {
                 Ok(()) => e,
                 Err(cut) => std::io::Error::other(format!(
@@ -148,43 +147,12 @@ fn ends_a_line(f: &File, len: u64) -> std::io::Result<bool> {
     Ok(last[0] == b'\n')
 }
 
-/// Append `line` to the log.
-#[cfg(not(test))]
-fn write_record(f: &File, _path: &Path, line: &[u8]) -> std::io::Result<()> {
-    (&*f).write_all(line)
-}
-
-/// [`write_record`], failing on demand: after [`tests::tear_next_write`],
-/// the next write to that log stops after a few bytes with an error, as a
-/// full disk would.
-#[cfg(test)]
-fn write_record(f: &File, path: &Path, line: &[u8]) -> std::io::Result<()> {
-    if let Some(keep) = tests::torn_write(path) {
-        (&*f).write_all(&line[..keep.min(line.len())])?;
-        return Err(std::io::Error::other("no space left on device (simulated)"));
-    }
-    (&*f).write_all(line)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-    use std::sync::Mutex;
+    use std::path::Path;
 
     use super::{Access, AuditLog};
-
-    /// Audit logs whose next write is torn after so many bytes.
-    static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
-
-    fn tear_next_write(log: &Path, keep: usize) {
-        TORN.lock().unwrap().push((log.to_owned(), keep));
-    }
-
-    pub(super) fn torn_write(path: &Path) -> Option<usize> {
-        let mut torn = TORN.lock().unwrap();
-        let i = torn.iter().position(|(p, _)| p == path)?;
-        Some(torn.swap_remove(i).1)
-    }
+    use crate::fsutil::torn::tear_next_write;
 
     fn by() -> Access {
         Access { principal: "dpo@corp".into(), purpose: "GDPR-1187".into() }

@@ -71,3 +71,39 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     let ino = 0;
     Some(Stamp { modified_ns, len: m.len(), ino })
 }
+
+/// Append `bytes` to `file` (opened for appending at `path`): the key
+/// log's and the audit log's writes, in one place so that tests can make
+/// one fail part-way, as a full disk would ([`torn::tear_next_write`]).
+pub(crate) fn append(file: &fs::File, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    #[cfg(test)]
+    if let Some(keep) = torn::take(path) {
+        (&*file).write_all(&bytes[..keep.min(bytes.len())])?;
+        return Err(std::io::Error::other("no space left on device (simulated)"));
+    }
+    #[cfg(not(test))]
+    let _ = path;
+    (&*file).write_all(bytes)
+}
+
+/// Files whose next [`append`] is torn, for tests.
+#[cfg(test)]
+pub(crate) mod torn {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// Make the next append to `path` write `keep` bytes, then fail.
+    pub(crate) fn tear_next_write(path: &Path, keep: usize) {
+        TORN.lock().unwrap().push((path.to_owned(), keep));
+    }
+
+    /// Whether the append to `path` is to be torn, and after how many
+    /// bytes (once).
+    pub(super) fn take(path: &Path) -> Option<usize> {
+        let mut torn = TORN.lock().unwrap();
+        let i = torn.iter().position(|(p, _)| p == path)?;
+        Some(torn.swap_remove(i).1)
+    }
+}

@@ -363,16 +363,22 @@ async fn committed_records_leave_only_their_ids() {
     assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 201, "seqs go on after the id files");
 }
 
-/// Flip a byte in the middle of the oldest of the (at least two)
-/// `*.<ext>` files in `dir`, as bad blocks would; returns the files,
-/// oldest first, and the damaged file's new bytes.
-fn damage_the_oldest(dir: &Path, ext: &str) -> (Vec<PathBuf>, Vec<u8>) {
+/// The `*.<ext>` files in `dir`, oldest first.
+fn files_of(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == ext))
         .collect();
     files.sort();
+    files
+}
+
+/// Flip a byte in the middle of the oldest of the (at least two)
+/// `*.<ext>` files in `dir`, as bad blocks would; returns the files,
+/// oldest first, and the damaged file's new bytes.
+fn damage_the_oldest(dir: &Path, ext: &str) -> (Vec<PathBuf>, Vec<u8>) {
+    let files = files_of(dir, ext);
     assert!(files.len() >= 2, "{files:?}");
     let mut bytes = std::fs::read(&files[0]).unwrap();
     let mid = bytes.len() / 2;
@@ -440,11 +446,7 @@ async fn damage_to_durable_records_of_the_newest_segment_stops_the_start() {
         wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
     }
     wal.close().await;
-    let segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-        .collect();
+    let segs = files_of(dir.path(), "wal");
     assert_eq!(segs.len(), 1, "{segs:?}");
     let mut bytes = std::fs::read(&segs[0]).unwrap();
     let mid = bytes.len() / 2;
@@ -848,12 +850,7 @@ async fn group_commit_recovery_and_torn_tail() {
     // A torn write at the tail of the newest segment: part of the frame
     // of a record 21 that a crash stopped before its fsync (so before
     // its ids reached the id files).
-    let mut segs: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    segs.sort();
+    let segs = files_of(dir.path(), "wal");
     let last = segs.last().unwrap();
     let mut torn = Vec::new();
     let mut e = RecordEncoder::new(&a, 0, None, 0);

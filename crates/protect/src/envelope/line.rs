@@ -1,10 +1,8 @@
 //! The key log's lines: their format, parsing them, and writing them.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::io::Write;
 use std::num::NonZeroU32;
-use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -199,24 +197,6 @@ pub(super) fn ends_whole(text: &[u8]) -> bool {
         }
     }
     depth == 0 && !string
-}
-
-/// Append `lines` to the key log.
-#[cfg(not(test))]
-pub(super) fn write_lines(file: &File, _path: &Path, lines: &[u8]) -> std::io::Result<()> {
-    (&*file).write_all(lines)
-}
-
-/// [`write_lines`], failing on demand: after [`tests::tear_next_write`],
-/// the next write to that log stops after a few bytes with an error, as a
-/// full disk would.
-#[cfg(test)]
-pub(super) fn write_lines(file: &File, path: &Path, lines: &[u8]) -> std::io::Result<()> {
-    if let Some(keep) = super::tests::torn_write(path) {
-        (&*file).write_all(&lines[..keep.min(lines.len())])?;
-        return Err(std::io::Error::other("no space left on device (simulated)"));
-    }
-    (&*file).write_all(lines)
 }
 
 /// Append `line` to `buf` as the log holds it: its JSON, a tab, the

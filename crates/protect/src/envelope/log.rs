@@ -8,13 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::line::{
-    checked, ends_whole, parse_line, push_line, write_lines, DataKeyParts, LineAt, Parsed,
-    DATA_KEY_LINE_BYTES, SHREDDED,
+    checked, ends_whole, parse_line, push_line, DataKeyParts, LineAt, Parsed, DATA_KEY_LINE_BYTES, SHREDDED,
 };
 use super::state::{give_back, Loaded, State};
 use super::EnvelopeKeyring;
 use crate::error::{Error, Result};
-use crate::fsutil::{stamp, write_atomic};
+use crate::fsutil::{append, stamp, write_atomic};
 use crate::keyring::MasterKey;
 
 impl<M: MasterKey> EnvelopeKeyring<M> {
@@ -257,7 +256,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         // again at the next sync never follow a torn one (which would
         // make the log unreadable).
         let before = file.metadata().map_err(self.io())?.len();
-        if let Err(e) = write_lines(&file, &self.path, &st.pending) {
+        if let Err(e) = append(&file, &self.path, &st.pending) {
             return Err(match file.set_len(before) {
                 Ok(()) => self.io()(e),
                 Err(cut) => self.io()(std::io::Error::other(format!(

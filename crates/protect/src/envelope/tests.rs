@@ -4,25 +4,11 @@ use std::io::Write;
 
 use super::*;
 use crate::fsutil::stamp;
+use crate::fsutil::torn::tear_next_write;
 
 /// An attribution for audited calls.
 fn by() -> crate::Access {
     crate::Access { principal: "ops".into(), purpose: "test".into() }
-}
-
-/// Key logs whose next write is torn after so many bytes.
-static TORN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
-
-fn tear_next_write(log: &Path, keep: usize) {
-    TORN.lock().unwrap().push((log.to_owned(), keep));
-}
-
-/// Whether the write to `path` is to be torn, and after how many bytes
-/// (once).
-pub(super) fn torn_write(path: &Path) -> Option<usize> {
-    let mut torn = TORN.lock().unwrap();
-    let i = torn.iter().position(|(p, _)| p == path)?;
-    Some(torn.swap_remove(i).1)
 }
 
 /// However many subjects pass through, at most the configured number
