@@ -907,6 +907,29 @@ fn a_second_hub_on_the_same_data_directory_refuses_to_start() {
     assert_eq!(payment_ids(&data), ["after"], "replayed after the kill");
 }
 
+/// The file of a put that a crash cut short (`<name>#<n>`, which
+/// listings skip, so nothing else removes it, and which Spark would read
+/// as a partial Parquet file) is removed when the hub starts, once it has
+/// gone unwritten for an hour; a younger one may be another hub's upload
+/// in progress and is left.
+#[test]
+fn unfinished_uploads_a_crash_left_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let part = data.join("lake/payments/account=111111111111/date=2024-05-01/hour=12");
+    std::fs::create_dir_all(&part).unwrap();
+    let (old, young) = (part.join("wal-0-1-5.parquet#3"), part.join("wal-0-6-9.parquet#4"));
+    for p in [&old, &young] {
+        std::fs::write(p, b"PAR1 and then nothing").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+    let server = Server::start(&data, &[]);
+    assert!(server.stop().success());
+    assert!(!old.exists(), "an abandoned upload is still there");
+    assert!(young.exists(), "a recent upload was removed");
+}
+
 /// Two hubs, each with its own data directory, writing one lake (a
 /// shared `lake.path`): both start their WAL at record 1, so their files
 /// for the same partition must still not share a name (a create-only put

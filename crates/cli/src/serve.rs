@@ -246,6 +246,13 @@ async fn lake_compact(
         r.bytes_in,
         r.bytes_out
     );
+    if r.abandoned_uploads > 0 {
+        out!(
+            "removed {} unfinished upload file(s) (`<name>.parquet#<n>`) that a crash during a put left, \
+             untouched for over an hour",
+            r.abandoned_uploads
+        );
+    }
     if r.deferred > 0 {
         eprintln!(
             "watershed: {} merges did not fit in memory.budget_bytes beside the open files' memory; \

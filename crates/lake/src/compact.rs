@@ -149,6 +149,9 @@ pub struct CompactReport {
     /// Files found unreadable (damaged), left as they are from now on and
     /// named in the log (counted in [`CompactStats::failures`] too).
     pub unreadable: usize,
+    /// Files of uploads a crash left unfinished, removed
+    /// ([`Lake::sweep_abandoned_uploads`]; not by a plan).
+    pub abandoned_uploads: usize,
 }
 
 /// Merges the small files of closed partitions (see the module docs).
@@ -438,6 +441,9 @@ impl Compactor {
         progress: &mut (dyn FnMut(usize, usize, &CompactReport) + Send),
     ) -> Result<CompactReport> {
         let mut report = CompactReport::default();
+        if !self.plan_only {
+            report.abandoned_uploads = sweep_unfinished_uploads(&self.lake).await;
+        }
         let mut open = self.log.lock().expect("commit log lock").open_merges();
         let mut unsettled = BTreeSet::new();
         if self.plan_only {
@@ -858,6 +864,32 @@ impl Drop for Charged {
         if let Some((memory, n)) = self.0.take() {
             memory.release(n);
         }
+    }
+}
+
+/// Remove what crashed puts left in `lake` (see
+/// [`Lake::sweep_abandoned_uploads`]), logging it; how many files.
+pub async fn sweep_unfinished_uploads(lake: &Lake) -> usize {
+    let lake = lake.clone();
+    let swept =
+        tokio::task::spawn_blocking(move || lake.sweep_abandoned_uploads(crate::ABANDONED_UPLOAD_AGE)).await;
+    match swept {
+        Ok(Ok(swept)) => {
+            if !swept.files.is_empty() {
+                tracing::warn!(
+                    files = swept.files.len(),
+                    bytes = swept.bytes,
+                    first = %swept.files[0].display(),
+                    "removed the files of uploads a crash left unfinished"
+                );
+            }
+            swept.files.len()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot look for unfinished uploads in the lake");
+            0
+        }
+        Err(_) => 0,
     }
 }
 

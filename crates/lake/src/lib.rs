@@ -26,11 +26,11 @@ mod table;
 mod writer;
 
 pub use commit::{CommitLog, Committed, OpenMerge, Unsynced};
-pub use compact::{CompactConfig, CompactReport, CompactStats, Compactor};
+pub use compact::{sweep_unfinished_uploads, CompactConfig, CompactReport, CompactStats, Compactor};
 pub use encode::{encode, EncodeOptions, FileEncoder, SMALL_FILE_ROWS};
 pub use error::{Error, Result};
 pub use memory::{batch_bytes, Memory};
 pub use partition::{dir_hour_end, LakePath, PartitionKey, DEAD_LETTERS};
-pub use store::{Lake, Put};
+pub use store::{Lake, Put, Swept, ABANDONED_UPLOAD_AGE};
 pub use table::{DeadLetter, DeadLetterBuilder, EventMeta, TableBuilder, TableLayout};
 pub use writer::{CommitSink, LakeWriter, Msg, Part, WriterConfig, WriterStats};

@@ -28,7 +28,24 @@ pub enum Put {
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
     permits: Arc<Semaphore>,
+    /// The directory of a local lake ([`Lake::local`]).
+    local: Option<Arc<std::path::Path>>,
 }
+
+/// Unfinished uploads removed by [`Lake::sweep_abandoned_uploads`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// The files removed.
+    pub files: Vec<std::path::PathBuf>,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// How long an unfinished upload's file must have gone unwritten before
+/// [`Lake::sweep_abandoned_uploads`] takes it for abandoned (by a hub
+/// that crashed during the put). A put in progress writes to its file
+/// all along; another hub sharing the lake may be putting one now.
+pub const ABANDONED_UPLOAD_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn store_err(path: &str) -> impl FnOnce(object_store::Error) -> Error + '_ {
     move |e| Error::Store { path: path.to_owned(), source: Box::new(e) }
@@ -38,7 +55,7 @@ impl Lake {
     /// A lake on `store`, with at most `concurrency` requests in flight.
     #[must_use]
     pub fn new(store: Arc<dyn ObjectStore>, concurrency: usize) -> Self {
-        Self { store, permits: Arc::new(Semaphore::new(concurrency.max(1))) }
+        Self { store, permits: Arc::new(Semaphore::new(concurrency.max(1))), local: None }
     }
 
     /// A lake in a local directory (created if missing).
@@ -57,7 +74,64 @@ impl Lake {
             .map_err(store_err(&dir.display().to_string()))?
             .with_automatic_cleanup(true)
             .with_fsync(true);
-        Ok(Self::new(Arc::new(fs), concurrency))
+        Ok(Self { local: Some(dir.into()), ..Self::new(Arc::new(fs), concurrency) })
+    }
+
+    /// Remove the files of uploads a crash left unfinished, once no write
+    /// has touched them for `older_than`: `object_store`'s local store
+    /// writes a put to `<name>#<n>` and renames it when whole, and a hub
+    /// killed in between leaves that file. Listings skip such names, so
+    /// nothing else ever removes them, and readers that take every file
+    /// of a partition directory (Spark) fail on the partial Parquet. A
+    /// lake elsewhere has nothing to sweep here (S3 keeps unfinished
+    /// multipart uploads apart from objects; a bucket lifecycle rule
+    /// aborts them). Blocking: run it off the runtime's threads.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the lake's directory cannot be read; a file that
+    /// cannot be removed is logged and left.
+    pub fn sweep_abandoned_uploads(&self, older_than: std::time::Duration) -> Result<Swept> {
+        let mut swept = Swept::default();
+        let Some(root) = &self.local else { return Ok(swept) };
+        let now = std::time::SystemTime::now();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                // A partition directory removed meanwhile (a merge's
+                // cleanup) has nothing left to sweep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != **root => continue,
+                Err(source) => return Err(Error::Io { path: dir, source }),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|source| Error::Io { path: dir.clone(), source })?;
+                let Ok(kind) = entry.file_type() else { continue };
+                let path = entry.path();
+                if kind.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if !kind.is_file() || !is_unfinished_upload(&entry.file_name()) {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                let idle = meta.modified().ok().and_then(|m| now.duration_since(m).ok());
+                if idle.is_none_or(|idle| idle < older_than) {
+                    continue;
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        swept.bytes += meta.len();
+                        swept.files.push(path);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot remove an unfinished upload")
+                    }
+                }
+            }
+        }
+        Ok(swept)
     }
 
     /// The underlying store.
@@ -134,6 +208,14 @@ impl Lake {
     }
 }
 
+/// Whether `name` is an unfinished upload of `object_store`'s local
+/// store: `<name>#<digits>`.
+fn is_unfinished_upload(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.rsplit_once('#'))
+        .is_some_and(|(base, n)| !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +232,47 @@ mod tests {
         assert_eq!(lake.put_create(&path, Bytes::from_static(b"x")).await.unwrap(), Put::Created);
         assert_eq!(lake.put_create(&path, Bytes::from_static(b"y")).await.unwrap(), Put::AlreadyExists);
         assert_eq!(&lake.get(&path.0).await.unwrap()[..], b"x");
+    }
+
+    /// What a crash during a put leaves (`<name>#<n>`, invisible to
+    /// listings) is removed once it has gone unwritten long enough; an
+    /// upload still being written, a finished file, and names that only
+    /// look alike are left.
+    #[tokio::test]
+    async fn unfinished_uploads_left_by_a_crash_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(dir.path(), 1).unwrap();
+        let done = LakePath("t/account=1/date=2024-01-01/hour=00/done.parquet".into());
+        lake.put_create(&done, Bytes::from_static(b"PAR1")).await.unwrap();
+        let part = dir.path().join("t/account=1/date=2024-01-01/hour=00");
+        let other = dir.path().join("t/account=2/date=2024-01-01/hour=07");
+        std::fs::create_dir_all(&other).unwrap();
+        let hour_ago =
+            std::time::SystemTime::now() - ABANDONED_UPLOAD_AGE - std::time::Duration::from_secs(5);
+        let file = |path: std::path::PathBuf, bytes: usize, old: bool| {
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(bytes as u64).unwrap();
+            if old {
+                f.set_modified(hour_ago).unwrap();
+            }
+            path
+        };
+        let abandoned =
+            [file(part.join("a.parquet#1"), 100, true), file(other.join("b.parquet#17"), 20, true)];
+        let writing = file(part.join("c.parquet#2"), 7, false);
+        let alike = [file(part.join("d.parquet#x1"), 1, true), file(part.join("#3"), 1, true)];
+
+        let swept = lake.sweep_abandoned_uploads(ABANDONED_UPLOAD_AGE).unwrap();
+        let mut files = swept.files.clone();
+        files.sort();
+        assert_eq!((files, swept.bytes), (abandoned.to_vec(), 120));
+        assert!(abandoned.iter().all(|p| !p.exists()));
+        assert!(writing.exists() && alike.iter().all(|p| p.exists()));
+        assert_eq!(&lake.get(&done.0).await.unwrap()[..], b"PAR1");
+
+        let swept = lake.sweep_abandoned_uploads(std::time::Duration::ZERO).unwrap();
+        assert_eq!(swept.files, vec![writing]);
+        let elsewhere = Lake::new(Arc::new(object_store::memory::InMemory::new()), 1);
+        assert_eq!(elsewhere.sweep_abandoned_uploads(std::time::Duration::ZERO).unwrap(), Swept::default());
     }
 }
