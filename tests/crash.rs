@@ -40,40 +40,10 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     let server = Server::start(&data, &env);
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let last_batch: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..4 {
-        let (url, token, acked, stop, last) =
-            (server.url.clone(), token.clone(), acked.clone(), stop.clone(), last_batch.clone());
-        clients.push(std::thread::spawn(move || {
-            let mut b = 0;
-            while !stop.load(Ordering::Relaxed) && b < 10_000 {
-                let ids: Vec<String> = (0..100).map(|n| format!("c{c}-b{b}-e{n}")).collect();
-                let body: String =
-                    ids.iter().enumerate().map(|(n, id)| format!("{}\n", event(id, n))).collect();
-                let client =
-                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-                let r = client.post(format!("{url}/v1/events")).bearer_auth(&token).body(body.clone()).send();
-                match r {
-                    Ok(r) if r.status() == 200 => {
-                        let v: serde_json::Value = r.json().unwrap();
-                        assert_eq!(v["accepted"], 100, "{v}");
-                        acked.lock().unwrap().extend(ids);
-                        *last.lock().unwrap() = Some(body.into_bytes());
-                    }
-                    // The hub died mid-request: not acknowledged.
-                    _ => break,
-                }
-                b += 1;
-            }
-        }));
-    }
+    let load = Load::start(&server.url, &token, "", &acked, &last_batch);
     std::thread::sleep(Duration::from_millis(2500));
     server.kill9();
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    load.finish();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 1000, "the load ran: {} acknowledged", acked.len());
 
@@ -94,17 +64,7 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     }
     assert!(server.stop().success());
 
-    let ids = ids_by_table(&data.join("lake"));
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for (account, id) in &ids["logins"] {
-        assert_eq!(account, ACCOUNT);
-        *counts.entry(id.as_str()).or_default() += 1;
-    }
-    let dups: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).take(5).collect();
-    assert!(dups.is_empty(), "duplicated in the lake: {dups:?}");
-    let missing: Vec<_> = acked.iter().filter(|id| !counts.contains_key(id.as_str())).take(5).collect();
-    assert!(missing.is_empty(), "acknowledged but missing: {missing:?} (of {})", acked.len());
-    assert!(ids.get("_dead_letters").is_none_or(Vec::is_empty), "no rejects expected");
+    let counts = exactly_once(&data, &acked);
     let merged = parquet_files(&data.join("lake")).iter().filter(|p| is_merged(p)).count();
     eprintln!(
         "{} acknowledged events, {} rows, all present exactly once; {merged} merged files",
@@ -113,6 +73,140 @@ fn kill_9_under_load_loses_and_duplicates_nothing() {
     );
 }
 
+/// A crash loop: the hub is killed under load three times, and between
+/// those killed again once it has begun to replay its WAL (at once, or a
+/// little later: the replay of records left by a crash is itself cut
+/// short). Files stay open longer here (a 30 s roll age), so each
+/// start has records to replay. At the end every acknowledged event is in
+/// the lake exactly once.
+#[test]
+fn a_crash_loop_even_during_the_replay_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, ACCOUNT);
+    let env = [
+        ("WATERSHED_LAKE__ROLL_AGE_SECS", "30"),
+        ("WATERSHED_LAKE__ROLL_BYTES", "300000"),
+        ("WATERSHED_WAL__SEGMENT_BYTES", "65536"),
+        ("WATERSHED_WAL__DEDUPE_WINDOW", "50000"),
+        ("WATERSHED_LAKE__COMPACT_EVERY_SECS", "1"),
+    ];
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let last_batch: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    for round in 0..3u64 {
+        let server = Server::start(&data, &env);
+        let load = Load::start(&server.url, &token, &format!("r{round}-"), &acked, &last_batch);
+        std::thread::sleep(Duration::from_millis(1200 + 400 * round));
+        server.kill9();
+        load.finish();
+        // Started again and killed once its replay has begun (at once,
+        // then a little later each round).
+        let mut hub = std::process::Command::new(watershed_tests::bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
+            .arg(&data)
+            .current_dir(watershed_tests::repo())
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(hub.stderr.take().unwrap());
+        let replaying = std::io::BufRead::lines(stderr)
+            .map_while(Result::ok)
+            .any(|l| l.contains("replaying the write-ahead log"));
+        assert!(replaying, "the hub stopped before its replay");
+        std::thread::sleep(Duration::from_millis(25 * round));
+        hub.kill().unwrap();
+        hub.wait().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 3000, "the load ran: {} acknowledged", acked.len());
+    let server = Server::start(&data, &env);
+    let retry = last_batch.lock().unwrap().clone().unwrap();
+    let (status, resp, _) = post(&server.url, Some(&token), retry, &[]);
+    assert_eq!((status, resp["duplicates"].as_u64()), (200, Some(100)), "{resp}");
+    assert!(server.stop().success());
+    let counts = exactly_once(&data, &acked);
+    eprintln!("{} acknowledged events over three crashes, all present exactly once", counts.len());
+}
+
 fn is_merged(p: &std::path::Path) -> bool {
     p.to_string_lossy().ends_with("-merged.parquet")
+}
+
+/// Clients posting batches of 100 login events until stopped (or until
+/// the hub dies under them), recording the ids of acknowledged events and
+/// the last acknowledged body.
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(
+        url: &str,
+        token: &str,
+        prefix: &str,
+        acked: &Arc<Mutex<Vec<String>>>,
+        last_batch: &Arc<Mutex<Option<Vec<u8>>>>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for c in 0..4 {
+            let (url, token, acked, stop, last) =
+                (url.to_owned(), token.to_owned(), acked.clone(), stop.clone(), last_batch.clone());
+            let prefix = prefix.to_owned();
+            clients.push(std::thread::spawn(move || {
+                let mut b = 0;
+                while !stop.load(Ordering::Relaxed) && b < 10_000 {
+                    let ids: Vec<String> = (0..100).map(|n| format!("{prefix}c{c}-b{b}-e{n}")).collect();
+                    let body: String =
+                        ids.iter().enumerate().map(|(n, id)| format!("{}\n", event(id, n))).collect();
+                    let client = reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .unwrap();
+                    let r =
+                        client.post(format!("{url}/v1/events")).bearer_auth(&token).body(body.clone()).send();
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            let v: serde_json::Value = r.json().unwrap();
+                            assert_eq!(v["accepted"], 100, "{v}");
+                            acked.lock().unwrap().extend(ids);
+                            *last.lock().unwrap() = Some(body.into_bytes());
+                        }
+                        // The hub died mid-request: not acknowledged.
+                        _ => break,
+                    }
+                    b += 1;
+                }
+            }));
+        }
+        Self { stop, clients }
+    }
+
+    /// Stop the clients (the hub is gone, or going) and wait for them.
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients {
+            c.join().unwrap();
+        }
+    }
+}
+
+/// Every `acked` id is in the lake's `logins` table exactly once, and
+/// there are no dead letters; the rows' ids and how often each came.
+fn exactly_once(data: &std::path::Path, acked: &[String]) -> HashMap<String, usize> {
+    let ids = ids_by_table(&data.join("lake"));
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (account, id) in &ids["logins"] {
+        assert_eq!(account, ACCOUNT);
+        *counts.entry(id.clone()).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).take(5).collect();
+    assert!(dups.is_empty(), "duplicated in the lake: {dups:?}");
+    let missing: Vec<_> = acked.iter().filter(|id| !counts.contains_key(id.as_str())).take(5).collect();
+    assert!(missing.is_empty(), "acknowledged but missing: {missing:?} (of {})", acked.len());
+    assert!(ids.get("_dead_letters").is_none_or(Vec::is_empty), "no rejects expected");
+    counts
 }
