@@ -52,7 +52,11 @@ pub(super) fn read_frames(
                     last_seq = Some(seq);
                     None
                 }
-                Err(Error::WalCorrupt { detail, .. }) if on_bad == OnBad::Salvage => Some(detail),
+                Err(Error::WalCorrupt { detail, .. })
+                    if matches!(on_bad, OnBad::Salvage | OnBad::NewestSegment { salvage: true, .. }) =>
+                {
+                    Some(detail)
+                }
                 Err(e) => return Err(e),
             },
             None => Some(format!(
@@ -62,15 +66,15 @@ pub(super) fn read_frames(
             )),
         };
         if let Some(mut detail) = bad {
-            let on_bad = match on_bad {
-                OnBad::NewestSegment { first, durable_through, salvage } => {
+            let action = match on_bad {
+                OnBad::NewestSegment { first, durable_through, salvage: salvaging } => {
                     let record = last_seq.map_or(first, |s: u64| s + 1);
                     if record <= durable_through {
                         detail = format!(
                             "{detail}; record {record} there was durable (the id files hold the ids of \
                              records through {durable_through}), so this is damage, not a write a crash tore"
                         );
-                        if salvage {
+                        if salvaging {
                             OnBad::Salvage
                         } else {
                             OnBad::Fail
@@ -81,9 +85,9 @@ pub(super) fn read_frames(
                 }
                 other => other,
             };
-            match on_bad {
-                OnBad::NewestSegment { .. } => unreachable!("resolved above"),
-                OnBad::CutTail => {
+            match action {
+                // (`NewestSegment` is resolved to one of the others above.)
+                OnBad::CutTail | OnBad::NewestSegment { .. } => {
                     tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
                 }
                 OnBad::Fail => return Err(Error::WalCorrupt { path: path.to_owned(), detail }),

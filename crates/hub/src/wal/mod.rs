@@ -424,6 +424,10 @@ impl Wal {
                 read_segment(&path, first, on_bad, &mut next, &mut replay, (ids_through, &mut missing_ids))?;
             segments.push(seg);
         }
+        // Never a seq the id files hold again: the newest segment may end
+        // before its durable records (salvaged), and lake files are named
+        // by the seqs they hold.
+        next = next.max(ids_through + 1);
         let on_disk = segments.iter().map(|s| s.bytes).sum::<u64>();
         pending.raw_bytes.store(on_disk, Ordering::Relaxed);
         let size = Arc::new(AtomicU64::new(on_disk + ids_files.iter().map(|f| f.bytes).sum::<u64>()));

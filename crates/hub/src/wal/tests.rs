@@ -469,6 +469,45 @@ async fn damage_to_durable_records_of_the_newest_segment_stops_the_start() {
     wal.close().await;
 }
 
+/// A durable record of the newest segment whose frame is whole (its
+/// checksum matches) but whose payload does not decode stops the start;
+/// with salvage the records before it replay, the file is kept aside and
+/// the log goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_durable_record_of_the_newest_segment_can_be_salvaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = unbounded(1 << 20, 1000);
+    let wal = open_empty(dir.path(), opts, Arc::default());
+    for i in 1..=20u64 {
+        wal.append(record(&format!("id-{i}")), 1, 1).await.unwrap();
+    }
+    wal.close().await;
+    let segs = files_of(dir.path(), "wal");
+    let bytes = std::fs::read(&segs[0]).unwrap();
+    // Frame 10's payload replaced by bytes that are no record, under a
+    // checksum that matches them.
+    let (mut rebuilt, mut off) = (Vec::new(), 0);
+    while let Some((seq, payload, len)) = super::files::parse_frame(&bytes[off..]) {
+        let payload = if seq == 10 { &b"not a record"[..] } else { payload };
+        super::files::push_frame(&mut rebuilt, seq, payload);
+        off += len;
+    }
+    std::fs::write(&segs[0], &rebuilt).unwrap();
+    let Err(e) = Wal::open(dir.path(), opts, Arc::new(Pending::default()), None, |_, _| Ok(()), |_, _| {})
+    else {
+        panic!("an undecodable record did not stop the start");
+    };
+    assert!(e.to_string().contains("undecodable record 10"), "{e}");
+    let (wal, seen) = reopen(dir.path(), WalOptions { salvage: true, ..opts });
+    let seqs: Vec<u64> = seen.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
+    assert_eq!(std::fs::read(segs[0].with_extension("wal.damaged")).unwrap(), rebuilt);
+    // The seqs of the records cut off are not given again (lake files are
+    // named by seqs, and some of those records may be in the lake).
+    assert_eq!(wal.append(record("next"), 1, 1).await.unwrap().seq, 21);
+    wal.close().await;
+}
+
 /// A damaged id file (not the newest, whose torn tail is cut off) does
 /// not stop the start: the ids before the damage and those of the other
 /// files are remembered, the file is kept aside, and the log goes on.
