@@ -924,6 +924,14 @@ fn unfinished_uploads_a_crash_left_are_removed_at_start() {
     }
     let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
     std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+    let out = run(&["lake", "ls", "--data-dir", data.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout
+            .contains("unfinished uploads: 2 file(s), 42 bytes, not counted above (1 idle for over an hour"),
+        "{stdout}"
+    );
     let server = Server::start(&data, &[]);
     assert!(server.stop().success());
     assert!(!old.exists(), "an abandoned upload is still there");

@@ -179,6 +179,20 @@ async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> 
     let l = watershed_lake::Lake::local(&dir, 8)?;
     let listing = watershed_lake::ls::summarize(&l).await?;
     print_summary(&listing, partitions)?;
+    let unfinished = tokio::task::spawn_blocking(move || l.unfinished_uploads()).await??;
+    if !unfinished.is_empty() {
+        let bytes: u64 = unfinished.iter().map(|u| u.bytes).sum();
+        let abandoned = unfinished
+            .iter()
+            .filter(|u| u.idle.is_some_and(|idle| idle >= watershed_lake::ABANDONED_UPLOAD_AGE))
+            .count();
+        out!(
+            "unfinished uploads: {} file(s), {bytes} bytes, not counted above ({abandoned} idle for over an \
+             hour: left by a crash during a put, removed by the hub's next start or compaction pass; the \
+             others may be puts in progress)",
+            unfinished.len()
+        );
+    }
     Ok(if listing.unreadable.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

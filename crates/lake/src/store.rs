@@ -41,6 +41,18 @@ pub struct Swept {
     pub bytes: u64,
 }
 
+/// An unfinished upload's file in a local lake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfinished {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// How long since it was last written (`None`: its time is in the
+    /// future, or unknown).
+    pub idle: Option<std::time::Duration>,
+}
+
 /// How long an unfinished upload's file must have gone unwritten before
 /// [`Lake::sweep_abandoned_uploads`] takes it for abandoned (by a hub
 /// that crashed during the put). A put in progress writes to its file
@@ -92,23 +104,48 @@ impl Lake {
     /// cannot be removed is logged and left.
     pub fn sweep_abandoned_uploads(&self, older_than: std::time::Duration) -> Result<Swept> {
         let mut swept = Swept::default();
-        let Some(root) = &self.local else { return Ok(swept) };
+        for u in self.unfinished_uploads()? {
+            if u.idle.is_none_or(|idle| idle < older_than) {
+                continue;
+            }
+            match std::fs::remove_file(&u.path) {
+                Ok(()) => {
+                    swept.bytes += u.bytes;
+                    swept.files.push(u.path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %u.path.display(), error = %e, "cannot remove an unfinished upload")
+                }
+            }
+        }
+        Ok(swept)
+    }
+
+    /// The files of unfinished uploads in a local lake (see
+    /// [`Lake::sweep_abandoned_uploads`]): puts in progress, and those a
+    /// crash cut short. Blocking.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the lake's directory cannot be read.
+    pub fn unfinished_uploads(&self) -> Result<Vec<Unfinished>> {
+        let mut found = Vec::new();
+        let Some(root) = &self.local else { return Ok(found) };
         let now = std::time::SystemTime::now();
         let mut dirs = vec![root.to_path_buf()];
         while let Some(dir) = dirs.pop() {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 // A partition directory removed meanwhile (a merge's
-                // cleanup) has nothing left to sweep.
+                // cleanup) has nothing left to find.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != **root => continue,
                 Err(source) => return Err(Error::Io { path: dir, source }),
             };
             for entry in entries {
                 let entry = entry.map_err(|source| Error::Io { path: dir.clone(), source })?;
                 let Ok(kind) = entry.file_type() else { continue };
-                let path = entry.path();
                 if kind.is_dir() {
-                    dirs.push(path);
+                    dirs.push(entry.path());
                     continue;
                 }
                 if !kind.is_file() || !is_unfinished_upload(&entry.file_name()) {
@@ -116,22 +153,10 @@ impl Lake {
                 }
                 let Ok(meta) = entry.metadata() else { continue };
                 let idle = meta.modified().ok().and_then(|m| now.duration_since(m).ok());
-                if idle.is_none_or(|idle| idle < older_than) {
-                    continue;
-                }
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {
-                        swept.bytes += meta.len();
-                        swept.files.push(path);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "cannot remove an unfinished upload")
-                    }
-                }
+                found.push(Unfinished { path: entry.path(), bytes: meta.len(), idle });
             }
         }
-        Ok(swept)
+        Ok(found)
     }
 
     /// The underlying store.
@@ -262,6 +287,7 @@ mod tests {
         let writing = file(part.join("c.parquet#2"), 7, false);
         let alike = [file(part.join("d.parquet#x1"), 1, true), file(part.join("#3"), 1, true)];
 
+        assert_eq!(lake.unfinished_uploads().unwrap().len(), 3, "every upload's file, in progress or not");
         let swept = lake.sweep_abandoned_uploads(ABANDONED_UPLOAD_AGE).unwrap();
         let mut files = swept.files.clone();
         files.sort();
