@@ -101,15 +101,8 @@ fn a_crash_loop_even_during_the_replay_loses_and_duplicates_nothing() {
         load.finish();
         // Started again and killed once its replay has begun (at once,
         // then a little later each round).
-        let mut hub = std::process::Command::new(watershed_tests::bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
-            .arg(&data)
-            .current_dir(watershed_tests::repo())
-            .envs(env)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let schemas = watershed_tests::repo().join("schemas");
+        let mut hub = watershed_tests::serve_command(&data, &schemas, &env).spawn().unwrap();
         let stderr = std::io::BufReader::new(hub.stderr.take().unwrap());
         let replaying = std::io::BufRead::lines(stderr)
             .map_while(Result::ok)

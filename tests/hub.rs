@@ -1028,15 +1028,8 @@ fn a_damaged_wal_segment_stops_the_start_until_salvaged() {
     bytes[mid] ^= 0xff;
     std::fs::write(&segments[0], &bytes).unwrap();
 
-    let mut hub = std::process::Command::new(watershed_tests::bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--schemas", "schemas", "--data-dir"])
-        .arg(&data)
-        .current_dir(watershed_tests::repo())
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let schemas = watershed_tests::repo().join("schemas");
+    let mut hub = watershed_tests::serve_command(&data, &schemas, &env).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while hub.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {

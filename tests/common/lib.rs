@@ -58,6 +58,25 @@ pub fn run_with_stdin(args: &[&str], input: &str) -> std::process::Output {
     child.wait_with_output().expect("watershed runs")
 }
 
+/// `watershed serve` on a free loopback port with `data`, `schemas` and
+/// extra `WATERSHED_*` environment settings, from the repository's root;
+/// stdout discarded, stderr piped. Not started.
+#[must_use]
+pub fn serve_command(data: &Path, schemas: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--schemas"])
+        .arg(schemas)
+        .arg("--data-dir")
+        .arg(data)
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 /// A running hub process.
 pub struct Server {
     /// The process.
@@ -81,18 +100,8 @@ impl Server {
     /// [`Server::start`] with the schema directory `schemas`.
     #[must_use]
     pub fn start_with_schemas(data: &Path, schemas: &Path, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--schemas"])
-            .arg(schemas)
-            .arg("--data-dir")
-            .arg(data)
-            .current_dir(repo())
-            .env("WATERSHED_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = serve_command(data, schemas, env);
+        cmd.env("WATERSHED_LOG", "warn");
         let mut child = cmd.spawn().expect("watershed serve starts");
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
