@@ -253,7 +253,7 @@ impl Hub {
             tokio::spawn(watch_erasures(watched, wal.downgrade(), writer_tx.downgrade(), every))
         });
         // What puts a crash cut short left (compaction passes look again).
-        watershed_lake::sweep_unfinished_uploads(&lake).await;
+        watershed_lake::sweep_abandoned_uploads(&lake).await;
         let compact_stats = Arc::new(CompactStats::default());
         let compaction = (config.lake.compact_every_secs > 0).then(|| {
             let compactor = Compactor::new(

@@ -442,7 +442,7 @@ impl Compactor {
     ) -> Result<CompactReport> {
         let mut report = CompactReport::default();
         if !self.plan_only {
-            report.abandoned_uploads = sweep_unfinished_uploads(&self.lake).await;
+            report.abandoned_uploads = sweep_abandoned_uploads(&self.lake).await;
         }
         let mut open = self.log.lock().expect("commit log lock").open_merges();
         let mut unsettled = BTreeSet::new();
@@ -869,7 +869,7 @@ impl Drop for Charged {
 
 /// Remove what crashed puts left in `lake` (see
 /// [`Lake::sweep_abandoned_uploads`]), logging it; how many files.
-pub async fn sweep_unfinished_uploads(lake: &Lake) -> usize {
+pub async fn sweep_abandoned_uploads(lake: &Lake) -> usize {
     let lake = lake.clone();
     let swept =
         tokio::task::spawn_blocking(move || lake.sweep_abandoned_uploads(crate::ABANDONED_UPLOAD_AGE)).await;

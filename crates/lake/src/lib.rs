@@ -26,7 +26,7 @@ mod table;
 mod writer;
 
 pub use commit::{CommitLog, Committed, OpenMerge, Unsynced};
-pub use compact::{sweep_unfinished_uploads, CompactConfig, CompactReport, CompactStats, Compactor};
+pub use compact::{sweep_abandoned_uploads, CompactConfig, CompactReport, CompactStats, Compactor};
 pub use encode::{encode, EncodeOptions, FileEncoder, SMALL_FILE_ROWS};
 pub use error::{Error, Result};
 pub use memory::{batch_bytes, Memory};
