@@ -140,48 +140,69 @@ fn distinct_erasures(out: &[Option<watershed_protect::Erasure>]) -> (usize, usiz
 
 /// Where a subject id of an erasure job came from: the `--subject`
 /// flags, numbered from 1 in order, or a line of `--subjects-from`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Origin {
     Flag(usize),
     Line(usize),
 }
 
-/// Say which of the subjects given had no data key, by where each came
-/// from (never by its id: subject ids are personal data), with a hint
-/// when some of those begin or end with whitespace (a CSV export's
-/// padding; an id is taken as it is); failure if any.
-fn report_missing(
-    account: &AccountId,
-    origins: &[Origin],
-    source: &str,
-    ids: &[String],
-    out: &[Option<watershed_protect::Erasure>],
-) -> ExitCode {
-    let missing: Vec<usize> = out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i).collect();
-    if missing.is_empty() {
-        return ExitCode::SUCCESS;
+/// The subject ids of an erasure job, each with where it came from.
+struct Job {
+    ids: Vec<String>,
+    origins: Vec<Origin>,
+    /// The `--subjects-from` file (`stdin` for `-`), for messages.
+    source: String,
+}
+
+impl Job {
+    /// The `--subject` flags' ids, then the `--subjects-from` file's.
+    fn read(flags: Vec<String>, from: Option<PathBuf>) -> anyhow::Result<Self> {
+        let origins = (1..=flags.len()).map(Origin::Flag).collect();
+        let mut job = Self { ids: flags, origins, source: String::new() };
+        if let Some(path) = from {
+            for (id, line) in read_subjects(&path)? {
+                job.ids.push(id);
+                job.origins.push(Origin::Line(line));
+            }
+            job.source =
+                if path == std::path::Path::new("-") { "stdin".into() } else { path.display().to_string() };
+        }
+        Ok(job)
     }
-    let place = |i: usize| match origins[i] {
-        Origin::Flag(n) => format!("--subject number {n}"),
-        Origin::Line(n) => format!("line {n}"),
-    };
-    let shown: Vec<String> = missing.iter().take(20).map(|&i| place(i)).collect();
-    let from_file = missing.iter().any(|&i| matches!(origins[i], Origin::Line(_)));
-    eprintln!(
-        "error: {} subject(s) of account {account} had no data key (never seen, or forgotten already): {}{}{}",
-        missing.len(),
-        shown.join(", "),
-        if missing.len() > shown.len() { ", …" } else { "" },
-        if from_file { format!(" (lines of {source})") } else { String::new() },
-    );
-    let padded = missing.iter().filter(|&&i| ids[i].trim() != ids[i]).count();
-    if padded > 0 {
+
+    /// Say which of the subjects had no data key (`out`, in order), by
+    /// where each came from (never by its id: subject ids are personal
+    /// data), with a hint when some of those begin or end with
+    /// whitespace (a CSV export's padding; an id is taken as it is);
+    /// failure if any.
+    fn report_missing(&self, account: &AccountId, out: &[Option<watershed_protect::Erasure>]) -> ExitCode {
+        let missing: Vec<usize> =
+            out.iter().enumerate().filter(|(_, e)| e.is_none()).map(|(i, _)| i).collect();
+        if missing.is_empty() {
+            return ExitCode::SUCCESS;
+        }
+        let place = |i: usize| match self.origins[i] {
+            Origin::Flag(n) => format!("--subject number {n}"),
+            Origin::Line(n) => format!("line {n}"),
+        };
+        let shown: Vec<String> = missing.iter().take(20).map(|&i| place(i)).collect();
+        let from_file = missing.iter().any(|&i| matches!(self.origins[i], Origin::Line(_)));
         eprintln!(
-            "hint: {padded} of them begin or end with whitespace, which is taken as part of the id; \
-             check the list for padding"
+            "error: {} subject(s) of account {account} had no data key (never seen, or forgotten already): {}{}{}",
+            missing.len(),
+            shown.join(", "),
+            if missing.len() > shown.len() { ", …" } else { "" },
+            if from_file { format!(" (lines of {})", self.source) } else { String::new() },
         );
+        let padded = missing.iter().filter(|&&i| self.ids[i].trim() != self.ids[i]).count();
+        if padded > 0 {
+            eprintln!(
+                "hint: {padded} of them begin or end with whitespace, which is taken as part of the id; \
+                 check the list for padding"
+            );
+        }
+        ExitCode::FAILURE
     }
-    ExitCode::FAILURE
 }
 
 /// Subject ids, one per line, from `path` (`-`: stdin), each with its
@@ -208,20 +229,8 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         KeysCmd::Forget { account, subject, subjects_from, dry_run, by, keyring } => {
             let by = by.access()?;
-            let mut origins: Vec<Origin> = (1..=subject.len()).map(Origin::Flag).collect();
-            let mut subjects = subject;
-            let mut source = String::new();
-            if let Some(path) = subjects_from {
-                for (id, line) in read_subjects(&path)? {
-                    subjects.push(id);
-                    origins.push(Origin::Line(line));
-                }
-                source = if path == std::path::Path::new("-") {
-                    "stdin".into()
-                } else {
-                    path.display().to_string()
-                };
-            }
+            let job = Job::read(subject, subjects_from)?;
+            let subjects = &job.ids;
             anyhow::ensure!(!subjects.is_empty(), "no data subjects to forget");
             let kr = keyring.open()?;
             let log = watershed_protect::Audited::audit_log(&kr).path().to_owned();
@@ -233,7 +242,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                     "dry run: would erase {keys} data key(s) of {distinct} subject(s) of account {account}; \
                      nothing was erased"
                 );
-                return Ok(report_missing(&account, &origins, &source, &subjects, &found));
+                return Ok(job.report_missing(&account, &found));
             }
             if let [one] = &subjects[..] {
                 let erasure = kr.forget(&account, one, &by)?;
@@ -251,7 +260,7 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                 "erased {keys} data key(s) of {distinct} subject(s) of account {account}; logged to {}",
                 log.display()
             );
-            Ok(report_missing(&account, &origins, &source, &subjects, &out))
+            Ok(job.report_missing(&account, &out))
         }
         KeysCmd::Rotate { by, keyring } => {
             let by = by.access()?;
