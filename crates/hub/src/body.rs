@@ -101,7 +101,9 @@ pub enum Framing {
 /// (`jq .`'s output, pretty-printed; Kinesis Firehose's, with nothing
 /// between them) are one event each, when the whole body is such objects
 /// and whitespace; anything else is NDJSON, one event per non-empty line
-/// (a bad line is that event's problem). With [`Framing::Lines`] it is
+/// (a bad line is that event's problem), unless a line is not an object
+/// and the whole body is objects (a first event on one line, the next
+/// ones pretty-printed): then it is one event per object. With [`Framing::Lines`] it is
 /// NDJSON whatever its shape. A UTF-8 byte order mark at the start of the body (as some
 /// Windows tools write files) is ignored, as RFC 8259 allows.
 ///
@@ -142,7 +144,17 @@ pub fn split(body: &[u8], max_events: usize, framing: Framing) -> Result<Vec<&[u
                 out.push(line);
             }
         }
-        out
+        // A line that is no object (`  "id": "e-2",`): objects after a
+        // first one-line object pretty-printed. Split by objects when the
+        // whole body is objects; a body with a bad line stays NDJSON.
+        let object_line = |l: &[u8]| {
+            let l = l.trim_ascii();
+            l.first() == Some(&b'{') && l.last() == Some(&b'}')
+        };
+        match out.iter().all(|l| object_line(l)) {
+            false if framing == Framing::Shape => objects(&body[start..]).unwrap_or(out),
+            _ => out,
+        }
     };
     if events.len() > max_events {
         return Err(BodyError::TooManyEvents(max_events));
@@ -271,7 +283,17 @@ fn one_object(b: &[u8]) -> bool {
 /// to line splitting, where a bad line is one refused event.
 fn concatenated(b: &[u8]) -> Option<Vec<&[u8]>> {
     let line = memchr::memchr(b'\n', b).map_or(b, |n| &b[..n]);
-    if b.first() != Some(&b'{') || one_object(line) {
+    if one_object(line) {
+        return None;
+    }
+    objects(b)
+}
+
+/// The objects of `b` when it is JSON objects one after another with only
+/// whitespace around them (braces and brackets balanced, outside
+/// strings); `None` otherwise.
+fn objects(b: &[u8]) -> Option<Vec<&[u8]>> {
+    if b.first() != Some(&b'{') {
         return None;
     }
     let (mut depth, mut strings, mut start) = (0usize, Strings::default(), 0);
@@ -418,7 +440,8 @@ mod tests {
     }
 
     /// Objects one after another, pretty-printed or with nothing between
-    /// them, are one event each; NDJSON and anything else stay lines.
+    /// them, are one event each, also after a first one-line object;
+    /// NDJSON and anything else stay lines.
     #[test]
     fn objects_one_after_another_are_one_event_each() {
         let shape = |b: &'static [u8]| split(b, 100, Framing::Shape).unwrap();
@@ -431,9 +454,15 @@ mod tests {
             shape(b"{\"a\":1}{\"b\":[2]} {\"c\":{}}"),
             [&b"{\"a\":1}"[..], b"{\"b\":[2]}", b"{\"c\":{}}"]
         );
-        // NDJSON stays lines, a bad line its own event, even where the
-        // objects would balance across lines.
-        assert_eq!(shape(b"{\"a\":1}\n{\"b\":\n2}\n"), [&b"{\"a\":1}"[..], b"{\"b\":", b"2}"]);
+        // A first event on one line and the next pretty-printed: objects.
+        assert_eq!(
+            shape(b"{\"a\":1}\n{\n  \"b\":\n2}\n{\"c\":3}\n"),
+            [&b"{\"a\":1}"[..], b"{\n  \"b\":\n2}", b"{\"c\":3}"]
+        );
+        // NDJSON stays lines, a bad line its own event, where the body is
+        // not objects alone.
+        assert_eq!(shape(b"{\"a\":1}\n{\"b\":\n"), [&b"{\"a\":1}"[..], b"{\"b\":"]);
+        assert_eq!(shape(b"{\"a\":1}\n[2]\n{\"c\":3}\n"), [&b"{\"a\":1}"[..], b"[2]", b"{\"c\":3}"]);
         // Anything but objects and whitespace: lines.
         assert_eq!(shape(b"{\n\"a\":1\n}\nnull\n"), [&b"{"[..], b"\"a\":1", b"}", b"null"]);
         assert_eq!(shape(b"{\n\"a\":1\n}}\n"), [&b"{"[..], b"\"a\":1", b"}}"]);
