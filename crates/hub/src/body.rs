@@ -151,9 +151,10 @@ pub fn split(body: &[u8], max_events: usize, framing: Framing) -> Result<Vec<&[u
             let l = l.trim_ascii();
             l.first() == Some(&b'{') && l.last() == Some(&b'}')
         };
-        match out.iter().all(|l| object_line(l)) {
-            false if framing == Framing::Shape => objects(&body[start..]).unwrap_or(out),
-            _ => out,
+        if framing == Framing::Shape && !out.iter().all(|l| object_line(l)) {
+            objects(&body[start..]).unwrap_or(out)
+        } else {
+            out
         }
     };
     if events.len() > max_events {
