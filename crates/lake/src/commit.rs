@@ -257,8 +257,10 @@ async fn recover(
     oldest_record: u64,
     intents: &mut HashMap<String, (String, Vec<u64>)>,
     committed: &mut HashSet<String>,
+    merges: &mut HashMap<String, OpenMerge>,
 ) -> Result<usize> {
     let mut added = 0;
+    let mut merged_files = Vec::new();
     for meta in lake.list(None).await? {
         let file = meta.location.to_string();
         let Some((partition, name)) = file.rsplit_once('/') else { continue };
@@ -284,11 +286,73 @@ async fn recover(
             }
         };
         tracing::warn!(path = %file, records = records.len(), "found a committed file the damaged commit log had lost");
+        if name.ends_with("-merged.parquet") && !merges.contains_key(&file) {
+            merged_files.push(file.clone());
+        }
         intents.insert(file.clone(), (partition.to_owned(), records));
         committed.insert(file);
         added += 1;
     }
+    for m in merged_files {
+        if let Some(merge) = lost_merge(lake, source, &m, intents).await? {
+            tracing::warn!(
+                path = %m,
+                inputs = merge.inputs.len(),
+                "a merge the damaged commit log had lost left files whose every row the merged file holds; \
+                 finishing it"
+            );
+            merges.insert(m, merge);
+        }
+    }
     Ok(added)
+}
+
+/// The merge that made `merged` (a file the rebuild found), when a crash
+/// cut it short after its put and the damage took its line: the files of
+/// its partition and WAL identity whose records it holds and whose every
+/// row it holds too. Only those rows decide: a file is named as an input
+/// (and so deleted when the merge is settled) only if deleting it loses
+/// nothing, whoever wrote it.
+async fn lost_merge(
+    lake: &Lake,
+    source: &str,
+    merged: &str,
+    intents: &HashMap<String, (String, Vec<u64>)>,
+) -> Result<Option<OpenMerge>> {
+    let Some((partition, records)) = intents.get(merged) else { return Ok(None) };
+    let held: HashSet<u64> = records.iter().copied().collect();
+    let mut inputs = Vec::new();
+    for (file, (p, recs)) in intents {
+        let ours =
+            file.rsplit_once('/').is_some_and(|(_, name)| crate::compact::name_range(name, source).is_some());
+        if file == merged
+            || p != partition
+            || !ours
+            || recs.is_empty()
+            || !recs.iter().all(|r| held.contains(r))
+        {
+            continue;
+        }
+        if !lake.exists(&LakePath(file.clone())).await? {
+            continue;
+        }
+        match crate::compact::rows_within(lake, file, merged).await {
+            Ok(true) => inputs.push(file.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(path = %file, error = %e, "cannot compare a file's rows with a merged file's")
+            }
+        }
+    }
+    inputs.sort();
+    let mut records = records.clone();
+    records.sort_unstable();
+    Ok((!inputs.is_empty()).then(|| OpenMerge {
+        path: merged.to_owned(),
+        partition: partition.clone(),
+        inputs,
+        records,
+    }))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -429,10 +493,12 @@ impl CommitLog {
     /// WAL identity that names the hub's files) that may hold a record at
     /// or after `oldest_record` and that no intent names is read (its
     /// footer lists its records) and counted committed, so a lost intent
-    /// neither loses nor duplicates rows. (A merge whose line was lost and
-    /// that a crash cut short leaves its inputs beside the merged file:
-    /// rows twice, never lost; telling them from another hub's files of
-    /// the same WAL identity would take reading their rows.)
+    /// neither loses nor duplicates rows. A merge whose line was lost and
+    /// that a crash cut short (its file put, its inputs not all deleted)
+    /// is rebuilt from rows: the files of the merged file's partition
+    /// whose records and every row it holds are its inputs, and the merge
+    /// is settled (a file with a row it lacks is left: rows perhaps twice,
+    /// never lost).
     ///
     /// # Errors
     /// [`Error::Io`] or [`Error::Store`].
@@ -515,7 +581,7 @@ impl CommitLog {
         }
         let recovered = match source {
             Some(source) if !whole => {
-                recover(lake, source, oldest_record, &mut intents, &mut committed).await?
+                recover(lake, source, oldest_record, &mut intents, &mut committed, &mut merges).await?
             }
             _ => 0,
         };

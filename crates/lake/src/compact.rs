@@ -269,6 +269,60 @@ fn file_schema(builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> SchemaRef {
     Arc::new(arrow::datatypes::Schema::new_with_metadata(schema.fields().clone(), metadata))
 }
 
+/// Whether every row of the file `inner` is a row of the file `outer` as
+/// well (counted as a multiset, the two files of one schema): then
+/// deleting `inner` loses no row. `false` when the schemas differ or
+/// their types cannot be compared row by row.
+///
+/// # Errors
+/// [`Error::Store`] or [`Error::Parquet`] when a file cannot be read.
+pub(crate) async fn rows_within(lake: &Lake, inner: &str, outer: &str) -> Result<bool> {
+    use arrow::row::{RowConverter, SortField};
+    let (inner_bytes, outer_bytes) = (lake.get(inner).await?, lake.get(outer).await?);
+    let ib = reading(inner, || ParquetRecordBatchReaderBuilder::try_new(inner_bytes))?;
+    let ob = reading(outer, || ParquetRecordBatchReaderBuilder::try_new(outer_bytes))?;
+    if file_schema(&ib).fields() != file_schema(&ob).fields() {
+        return Ok(false);
+    }
+    let fields: Vec<SortField> =
+        ib.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+    if !RowConverter::supports_fields(&fields) {
+        return Ok(false);
+    }
+    let arrow = |e: arrow::error::ArrowError| parquet::errors::ParquetError::ArrowError(e.to_string());
+    let converter = RowConverter::new(fields).map_err(|e| parquet_err(inner)(arrow(e)))?;
+    let mut want: std::collections::HashMap<Box<[u8]>, u64> = std::collections::HashMap::new();
+    reading(inner, || {
+        for batch in ib.build()? {
+            let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
+            for row in &rows {
+                *want.entry(row.as_ref().into()).or_default() += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let mut left: u64 = want.values().sum();
+    if left == 0 {
+        return Ok(true);
+    }
+    reading(outer, || {
+        for batch in ob.build()? {
+            let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
+            for row in &rows {
+                if let Some(n) = want.get_mut(row.as_ref()).filter(|n| **n > 0) {
+                    *n -= 1;
+                    left -= 1;
+                    if left == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(left == 0)
+}
+
 /// `(first, last)` from a file name `<source>-<first>-<last>[-merged].parquet`.
 pub(crate) fn name_range(name: &str, source: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix(source)?.strip_prefix('-')?.strip_suffix(".parquet")?;

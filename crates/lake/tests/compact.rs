@@ -231,22 +231,27 @@ impl Lakeside {
     }
 
     async fn rows(&self, path: &str) -> (Vec<String>, String) {
-        let bytes = self.lake.get(path).await.unwrap();
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
-        let records = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|k| k.key == "watershed.records").and_then(|k| k.value.clone()))
-            .unwrap_or_default();
-        let mut ids = Vec::new();
-        for b in builder.build().unwrap() {
-            let b = b.unwrap();
-            let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-            ids.extend(col.iter().map(|v| v.unwrap().to_owned()));
-        }
-        (ids, records)
+        rows_of(&self.lake, path).await
     }
+}
+
+/// The ids of `path`'s rows, in order, and its `watershed.records`.
+async fn rows_of(lake: &Lake, path: &str) -> (Vec<String>, String) {
+    let bytes = lake.get(path).await.unwrap();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+    let records = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == "watershed.records").and_then(|k| k.value.clone()))
+        .unwrap_or_default();
+    let mut ids = Vec::new();
+    for b in builder.build().unwrap() {
+        let b = b.unwrap();
+        let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        ids.extend(col.iter().map(|v| v.unwrap().to_owned()));
+    }
+    (ids, records)
 }
 
 /// The files of `key`'s partition, sorted.
@@ -470,12 +475,14 @@ async fn a_damaged_commit_log_is_rebuilt_from_the_lake() {
 }
 
 /// A merge whose line the damage took, left unfinished by a crash (its
-/// file put, its inputs not yet deleted): nothing is deleted on a guess
-/// (another hub under the same WAL identity could have written files of
-/// the same records), so the rows are in the lake twice, never lost, and
-/// every record still counts committed.
+/// file put, its inputs not yet deleted): the rebuild finds the merged
+/// file, and the files of its partition whose records and rows it holds,
+/// and finishes the merge, so the rows are in the lake once. A file whose
+/// records it holds but not every row of (here another writer's file of
+/// the same records under this WAL identity) is left, and every record
+/// still counts committed.
 #[tokio::test]
-async fn a_merge_whose_line_was_damaged_loses_no_row() {
+async fn a_merge_whose_line_was_damaged_is_finished_from_the_rows() {
     let s = Lakeside::new().await;
     let key = partition("09");
     let a = s.commit(&key, SOURCE, &[1], 10, false).await;
@@ -489,14 +496,29 @@ async fn a_merge_whose_line_was_damaged_loses_no_row() {
     };
     s.log.lock().unwrap().merge(&m).unwrap();
     s.lake.put_create(&out, file_bytes(&out, SOURCE, &[1, 2, 3], 10, false)).await.unwrap();
-    let path = s.dir.path().join("commits.log");
-    drop(s.log);
+    let Lakeside { dir, lake, log, .. } = s;
+    let path = dir.path().join("commits.log");
+    drop(log);
     damage_line(&path, "\"op\":\"merge\"");
 
-    let (log, committed) = CommitLog::open(&path, &s.lake, SOURCE, 0).await.unwrap();
+    let (log, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
     assert!(log.open_merges().is_empty());
-    assert_eq!(files_of(&s.lake, &key).await, {
-        let mut v = vec![a.0.clone(), b.0.clone(), out.0.clone()];
+    assert_eq!(files_of(&lake, &key).await, vec![out.0.clone()], "the inputs are deleted");
+    assert_eq!(rows_of(&lake, &out.0).await.0, expected_ids(&[1, 2, 3], 10));
+    for r in 1..=3 {
+        assert!(committed.contains(&key.dir(), r), "record {r}");
+    }
+    drop(log);
+
+    // A file whose records the merged file holds, but not all its rows
+    // (records 2 and 3 again, with more rows), and the log damaged again.
+    let twin = LakePath(format!("{}/{SOURCE}-{:016x}-{:016x}.parquet", key.dir(), 2, 3));
+    lake.put_create(&twin, file_bytes(&twin, SOURCE, &[2, 3], 15, false)).await.unwrap();
+    std::fs::write(&path, b"not a commit log line\n").unwrap();
+    let (log, committed) = CommitLog::open(&path, &lake, SOURCE, 0).await.unwrap();
+    assert!(log.open_merges().is_empty());
+    assert_eq!(files_of(&lake, &key).await, {
+        let mut v = vec![out.0.clone(), twin.0.clone()];
         v.sort();
         v
     });
