@@ -11,6 +11,7 @@
 mod account;
 pub mod prehashed;
 mod reason;
+pub mod sealed;
 mod time;
 
 pub use account::{AccountId, InvalidAccountId};

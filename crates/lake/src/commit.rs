@@ -368,33 +368,19 @@ fn text_of(lines: &[Line]) -> Vec<u8> {
     buf
 }
 
-/// Append `line` to `buf` as the log holds it: its JSON, a tab, the
-/// CRC-32 of the JSON in eight hex digits, and a newline. The checksum
-/// tells a line damaged on disk from a good one, whether or not the
-/// damage left it valid JSON.
+/// Append `line` to `buf` as the log holds it: its JSON, sealed with its
+/// checksum ([`watershed_event::sealed`]).
 fn encode_line(line: &Line, buf: &mut Vec<u8>) {
     let start = buf.len();
     serde_json::to_writer(&mut *buf, line).expect("serialisable");
-    let crc = crc32fast::hash(&buf[start..]);
-    buf.extend_from_slice(format!("\t{crc:08x}\n").as_bytes());
+    watershed_event::sealed::seal(buf, start);
 }
 
 /// One line of the log, without its newline. A line with no tab was
 /// written before lines carried a checksum, and is read as JSON alone.
 fn decode_line(raw: &[u8]) -> std::result::Result<Line, String> {
-    let text = std::str::from_utf8(raw).map_err(|_| "not UTF-8".to_owned())?;
-    let json = match text.rsplit_once('\t') {
-        Some((json, sum)) => {
-            let hex8 = sum.len() == 8 && sum.bytes().all(|b| b.is_ascii_hexdigit());
-            let want = u32::from_str_radix(sum, 16).ok().filter(|_| hex8);
-            match want {
-                Some(want) if crc32fast::hash(json.as_bytes()) == want => json,
-                Some(_) => return Err("its checksum does not match".to_owned()),
-                None => return Err(format!("{sum:?} is not a checksum")),
-            }
-        }
-        None => text,
-    };
+    let json = watershed_event::sealed::unseal(raw).map_err(|e| e.to_string())?;
+    let json = std::str::from_utf8(json).map_err(|_| "not UTF-8".to_owned())?;
     serde_json::from_str(json).map_err(|e| format!("not a log line: {e}"))
 }
 

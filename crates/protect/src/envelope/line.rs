@@ -1,7 +1,6 @@
 //! The key log's lines: their format, parsing them, and writing them.
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -144,31 +143,22 @@ pub(super) fn parse_line(text: &[u8]) -> Result<Parsed<'_>, String> {
 }
 
 /// The JSON of a key log line (without its newline), once its checksum
-/// is checked: the line is the JSON, a tab, and the CRC-32 of the JSON in
-/// eight hex digits. JSON as written here holds no raw tab (inside a
-/// string it is escaped), so the last tab is where the checksum starts.
-/// A line without a tab is a shredded line (its checksum was overwritten
-/// with it) or one written before lines carried a checksum, and is read
-/// as JSON alone.
+/// is checked ([`watershed_event::sealed`]). A line without one is a
+/// shredded line (its checksum was overwritten with it) or one written
+/// before lines carried a checksum, and is read as JSON alone.
 ///
 /// Without the checksum, damage on disk that leaves a line valid JSON
 /// would be believed: a changed digit of a `subject_ref` attaches a data
 /// key to another subject (whose erasure then misses it; the key's wrap
 /// binds its id, not its subject).
 pub(super) fn checked(text: &[u8]) -> Result<&[u8], String> {
-    let Some(tab) = text.iter().rposition(|&b| b == b'\t') else { return Ok(text) };
-    let (json, sum) = (&text[..tab], &text[tab + 1..]);
-    let want = std::str::from_utf8(sum)
-        .ok()
-        .filter(|s| s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|s| u32::from_str_radix(s, 16).ok());
-    match want {
-        Some(want) if crc32fast::hash(json) == want => Ok(json),
-        Some(_) => Err("its checksum does not match: the line was damaged after it was written \
-                        (restore the file from a backup)"
-            .to_owned()),
-        None => Err(format!("{:?} after its last tab is not a checksum", String::from_utf8_lossy(sum))),
-    }
+    use watershed_event::sealed::{unseal, Unsealed};
+    unseal(text).map_err(|e| match e {
+        Unsealed::Mismatch => {
+            format!("{e}: the line was damaged after it was written (restore the file from a backup)")
+        }
+        Unsealed::NotAChecksum(_) => e.to_string(),
+    })
 }
 
 /// Whether `text` (a last line without its newline) ends as a whole line
@@ -178,8 +168,7 @@ pub(super) fn checked(text: &[u8]) -> Result<&[u8], String> {
 /// object's `}` (the `wrapped` key's) is torn too, not a damaged line
 /// that would stop the keyring from opening.
 pub(super) fn ends_whole(text: &[u8]) -> bool {
-    let sum = text.len().checked_sub(9).map(|at| &text[at..]);
-    if sum.is_some_and(|s| s[0] == b'\t' && s[1..].iter().all(u8::is_ascii_hexdigit)) {
+    if watershed_event::sealed::ends_sealed(text) {
         return true;
     }
     if !text.ends_with(b"}") {
@@ -199,14 +188,12 @@ pub(super) fn ends_whole(text: &[u8]) -> bool {
     depth == 0 && !string
 }
 
-/// Append `line` to `buf` as the log holds it: its JSON, a tab, the
-/// CRC-32 of the JSON in eight hex digits (see [`checked`]), and a
-/// newline.
+/// Append `line` to `buf` as the log holds it: its JSON, sealed with its
+/// checksum ([`watershed_event::sealed`]).
 pub(super) fn push_line(buf: &mut Vec<u8>, line: &impl Serialize) {
     let start = buf.len();
     serde_json::to_writer(&mut *buf, line).expect("key log lines serialise");
-    let crc = crc32fast::hash(&buf[start..]);
-    writeln!(buf, "\t{crc:08x}").expect("writing to a Vec");
+    watershed_event::sealed::seal(buf, start);
 }
 
 /// About the length of a data key's line wrapped by a local master key,

@@ -54,7 +54,10 @@ fn json(line: &str) -> &str {
 
 /// `json` as a key log line: with its checksum, without the newline.
 fn sealed(json: &str) -> String {
-    format!("{json}\t{:08x}", crc32fast::hash(json.as_bytes()))
+    let mut line = json.as_bytes().to_vec();
+    watershed_event::sealed::seal(&mut line, 0);
+    line.pop();
+    String::from_utf8(line).unwrap()
 }
 
 fn ino(path: &Path) -> u64 {
