@@ -31,6 +31,41 @@ pub(super) enum OnBad {
     Salvage,
 }
 
+/// What is done about a bad frame.
+enum Act {
+    Cut,
+    Fail,
+    Salvage,
+}
+
+impl OnBad {
+    /// What to do about a bad frame after the record `last_seq` (`None`:
+    /// at the file's start). For the newest segment, a bad frame where a
+    /// durable record was adds why to `detail`.
+    fn act(self, last_seq: Option<u64>, detail: &mut String) -> Act {
+        match self {
+            OnBad::CutTail => Act::Cut,
+            OnBad::Fail => Act::Fail,
+            OnBad::Salvage => Act::Salvage,
+            OnBad::NewestSegment { first, durable_through, salvage } => {
+                let record = last_seq.map_or(first, |s| s + 1);
+                if record > durable_through {
+                    return Act::Cut;
+                }
+                detail.push_str(&format!(
+                    "; record {record} there was durable (the id files hold the ids of records through \
+                     {durable_through}), so this is damage, not a write a crash tore"
+                ));
+                if salvage {
+                    Act::Salvage
+                } else {
+                    Act::Fail
+                }
+            }
+        }
+    }
+}
+
 /// Read the frames of `path`, oldest first, passing each (seq, payload,
 /// offset) to `each`; returns the bytes of whole frames. A bad frame is
 /// handled as `on_bad` says; under [`OnBad::Salvage`] so is a frame that
@@ -66,32 +101,12 @@ pub(super) fn read_frames(
             )),
         };
         if let Some(mut detail) = bad {
-            let action = match on_bad {
-                OnBad::NewestSegment { first, durable_through, salvage: salvaging } => {
-                    let record = last_seq.map_or(first, |s: u64| s + 1);
-                    if record <= durable_through {
-                        detail = format!(
-                            "{detail}; record {record} there was durable (the id files hold the ids of \
-                             records through {durable_through}), so this is damage, not a write a crash tore"
-                        );
-                        if salvaging {
-                            OnBad::Salvage
-                        } else {
-                            OnBad::Fail
-                        }
-                    } else {
-                        OnBad::CutTail
-                    }
-                }
-                other => other,
-            };
-            match action {
-                // (`NewestSegment` is resolved to one of the others above.)
-                OnBad::CutTail | OnBad::NewestSegment { .. } => {
+            match on_bad.act(last_seq, &mut detail) {
+                Act::Cut => {
                     tracing::warn!(file = %path.display(), offset = off, "truncating a torn tail (unacknowledged writes)");
                 }
-                OnBad::Fail => return Err(Error::WalCorrupt { path: path.to_owned(), detail }),
-                OnBad::Salvage => {
+                Act::Fail => return Err(Error::WalCorrupt { path: path.to_owned(), detail }),
+                Act::Salvage => {
                     let aside = path.with_extension("wal.damaged");
                     // The copy is durable before the original is cut.
                     std::fs::copy(path, &aside)
