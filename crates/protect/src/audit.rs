@@ -110,14 +110,7 @@ impl AuditLog {
         }
         line.push_str(record);
         line.push('\n');
-        if let Err(e) = crate::fsutil::append(f, &self.path, line.as_bytes()) {
-            return Err(io(match f.set_len(before) {
-                Ok(()) => e,
-                Err(cut) => std::io::Error::other(format!(
-                    "{e}; cutting the audit log back to {before} bytes failed: {cut}"
-                )),
-            }));
-        }
+        crate::fsutil::append(f, &self.path, before, line.as_bytes()).map_err(io)?;
         f.sync_data().map_err(io)
     }
 

@@ -72,10 +72,26 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     Some(Stamp { modified_ns, len: m.len(), ino })
 }
 
-/// Append `bytes` to `file` (opened for appending at `path`): the key
-/// log's and the audit log's writes, in one place so that tests can make
-/// one fail part-way, as a full disk would ([`torn::tear_next_write`]).
-pub(crate) fn append(file: &fs::File, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Append `bytes` to `file` (opened for appending at `path`, `before`
+/// bytes long): the key log's and the audit log's writes. A write that
+/// fails (a full disk) is cut back to `before`, so that what is written
+/// next never follows a torn line. In one place so that tests can make
+/// one fail part-way ([`torn::tear_next_write`]).
+pub(crate) fn append(file: &fs::File, path: &Path, before: u64, bytes: &[u8]) -> std::io::Result<()> {
+    let written = write_tearable(file, path, bytes);
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) => Err(match file.set_len(before) {
+            Ok(()) => e,
+            Err(cut) => std::io::Error::other(format!(
+                "{e}; cutting {} back to {before} bytes failed: {cut}",
+                path.display()
+            )),
+        }),
+    }
+}
+
+fn write_tearable(file: &fs::File, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     #[cfg(test)]
     if let Some(keep) = torn::take(path) {
         (&*file).write_all(&bytes[..keep.min(bytes.len())])?;

@@ -256,14 +256,7 @@ impl<M: MasterKey> EnvelopeKeyring<M> {
         // again at the next sync never follow a torn one (which would
         // make the log unreadable).
         let before = file.metadata().map_err(self.io())?.len();
-        if let Err(e) = append(&file, &self.path, &st.pending) {
-            return Err(match file.set_len(before) {
-                Ok(()) => self.io()(e),
-                Err(cut) => self.io()(std::io::Error::other(format!(
-                    "{e}; cutting the key log back to {before} bytes failed: {cut}"
-                ))),
-            });
-        }
+        append(&file, &self.path, before, &st.pending).map_err(self.io())?;
         st.stamp = stamp(&self.path);
         // These lines need no reading back (they are applied already).
         if st.read_len == before {
