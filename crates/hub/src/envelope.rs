@@ -90,6 +90,8 @@ struct Fields<'a> {
     /// CloudEvents' `datacontenttype`.
     content_type: Option<Cow<'a, str>>,
     resources: Vec<Cow<'a, str>>,
+    /// `resources` was given (an empty array leaves `resources` empty).
+    has_resources: bool,
     detail: Option<&'a [u8]>,
     data: Option<&'a [u8]>,
     /// A CloudEvent's binary payload was sent (not read: payloads are JSON).
@@ -329,6 +331,9 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
         match key {
             b"specversion" if unset(&mut sc)? => {}
             b"specversion" => {
+                if f.specversion {
+                    return Err(Bad::Field("specversion", "the field appears twice"));
+                }
                 if sc.peek()? != Peek::String {
                     return Err(Bad::Field("specversion", "must be a string"));
                 }
@@ -344,6 +349,9 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
             }
             b"resources" if unset(&mut sc)? => {}
             b"resources" => {
+                if std::mem::replace(&mut f.has_resources, true) {
+                    return Err(Bad::Field("resources", "the field appears twice"));
+                }
                 if sc.peek()? != Peek::Array {
                     return Err(Bad::Field("resources", "must be an array of strings"));
                 }
@@ -388,6 +396,9 @@ fn read<'a>(raw: &'a [u8], validate: &mut Validate<'_>) -> Result<Fields<'a>, Ba
             b"schema-version" | b"schemaversion" if unset(&mut sc)? => {}
             b"schema-version" | b"schemaversion" => {
                 let name = if key == b"schema-version" { "schema-version" } else { "schemaversion" };
+                if f.version.is_some() {
+                    return Err(Bad::Field(name, "the field appears twice (or both spellings are given)"));
+                }
                 let ok = sc.peek()? == Peek::Number;
                 let v = if ok { sc.number()? } else { Num::Int(-1) };
                 match v {
@@ -698,5 +709,21 @@ mod tests {
             decode(twice.as_bytes()).unwrap_err().detail,
             "not an event envelope: the field appears twice"
         );
+        // So is every attribute read (serde_json would keep the last,
+        // this reader would have kept both or the first); a null first
+        // one is unset, as when it is absent.
+        let eb = r#""id":"1","source":"s","detail-type":"T","detail":{}"#;
+        for (extra, path) in [
+            (r#""resources":[],"resources":["b"]"#, "$.resources"),
+            (r#""schema-version":1,"schema-version":2"#, "$['schema-version']"),
+            (r#""schema-version":1,"schemaversion":1"#, "$.schemaversion"),
+            (r#""specversion":"1.0","specversion":"1.0","type":"T","data":{}"#, "$.specversion"),
+        ] {
+            let v = decode(format!("{{{eb},{extra}}}").as_bytes()).unwrap_err();
+            assert_eq!((v.reason, v.path.as_str()), (Reason::BadEnvelope, path), "{extra}");
+            assert!(v.detail.contains("appears twice"), "{extra}: {}", v.detail);
+        }
+        let doc = format!(r#"{{{eb},"resources":null,"resources":["b"]}}"#);
+        assert_eq!(decode(doc.as_bytes()).unwrap().resources, ["b"]);
     }
 }
