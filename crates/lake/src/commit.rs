@@ -321,7 +321,7 @@ async fn lost_merge(
 ) -> Result<Option<OpenMerge>> {
     let Some((partition, records)) = intents.get(merged) else { return Ok(None) };
     let held: HashSet<u64> = records.iter().copied().collect();
-    let mut inputs = Vec::new();
+    let mut candidates = Vec::new();
     for (file, (p, recs)) in intents {
         let ours =
             file.rsplit_once('/').is_some_and(|(_, name)| crate::compact::name_range(name, source).is_some());
@@ -333,17 +333,23 @@ async fn lost_merge(
         {
             continue;
         }
-        if !lake.exists(&LakePath(file.clone())).await? {
-            continue;
-        }
-        match crate::compact::rows_within(lake, file, merged).await {
-            Ok(true) => inputs.push(file.clone()),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(path = %file, error = %e, "cannot compare a file's rows with a merged file's")
-            }
+        if lake.exists(&LakePath(file.clone())).await? {
+            candidates.push(file.clone());
         }
     }
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let within = match crate::compact::rows_within(lake, &candidates, merged).await {
+        Ok(within) => within,
+        Err(e) => {
+            // Its inputs stay: rows possibly twice, none lost.
+            tracing::warn!(path = %merged, error = %e, "cannot read a merged file to find its inputs' rows");
+            return Ok(None);
+        }
+    };
+    let mut inputs: Vec<String> =
+        candidates.into_iter().zip(within).filter_map(|(file, within)| within.then_some(file)).collect();
     inputs.sort();
     let mut records = records.clone();
     records.sort_unstable();

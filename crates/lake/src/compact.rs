@@ -269,58 +269,97 @@ fn file_schema(builder: &ParquetRecordBatchReaderBuilder<Bytes>) -> SchemaRef {
     Arc::new(arrow::datatypes::Schema::new_with_metadata(schema.fields().clone(), metadata))
 }
 
-/// Whether every row of the file `inner` is a row of the file `outer` as
-/// well (counted as a multiset, the two files of one schema): then
-/// deleting `inner` loses no row. `false` when the schemas differ or
-/// their types cannot be compared row by row.
+/// Which of the files `inners` hold only rows the file `outer` holds
+/// too (each file's rows counted as a multiset, against the same file
+/// `outer`): deleting such a file loses no row. `outer` is decoded once,
+/// whatever the number of `inners` (a merged file of up to
+/// `lake.compact_target_bytes`), and rows are held by a keyed 128-bit
+/// hash and a count per file, not whole. A file whose schema differs from
+/// `outer`'s or that cannot be read (logged) is not within.
 ///
 /// # Errors
-/// [`Error::Store`] or [`Error::Parquet`] when a file cannot be read.
-pub(crate) async fn rows_within(lake: &Lake, inner: &str, outer: &str) -> Result<bool> {
+/// [`Error::Store`] or [`Error::Parquet`] when `outer` cannot be read.
+pub(crate) async fn rows_within(lake: &Lake, inners: &[String], outer: &str) -> Result<Vec<bool>> {
     use arrow::row::{RowConverter, SortField};
-    let (inner_bytes, outer_bytes) = (lake.get(inner).await?, lake.get(outer).await?);
-    let ib = reading(inner, || ParquetRecordBatchReaderBuilder::try_new(inner_bytes))?;
+    let outer_bytes = lake.get(outer).await?;
     let ob = reading(outer, || ParquetRecordBatchReaderBuilder::try_new(outer_bytes))?;
-    if file_schema(&ib).fields() != file_schema(&ob).fields() {
-        return Ok(false);
-    }
+    let mut within = vec![false; inners.len()];
     let fields: Vec<SortField> =
-        ib.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        ob.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
     if !RowConverter::supports_fields(&fields) {
-        return Ok(false);
+        return Ok(within);
     }
     let arrow = |e: arrow::error::ArrowError| parquet::errors::ParquetError::ArrowError(e.to_string());
-    let converter = RowConverter::new(fields).map_err(|e| parquet_err(inner)(arrow(e)))?;
-    let mut want: std::collections::HashMap<Box<[u8]>, u64> = std::collections::HashMap::new();
-    reading(inner, || {
-        for batch in ib.build()? {
-            let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
-            for row in &rows {
-                *want.entry(row.as_ref().into()).or_default() += 1;
+    let converter = RowConverter::new(fields).map_err(|e| parquet_err(outer)(arrow(e)))?;
+    let hashers = [ahash::RandomState::new(), ahash::RandomState::new()];
+    let key =
+        |row: &[u8]| (u128::from(hashers[1].hash_one(row)) << 64) | u128::from(hashers[0].hash_one(row));
+    // Each row: the first file holding it and how many more times
+    // `outer` must hold it for that file; other files holding it too,
+    // each with its own count, in `shared`.
+    let mut want: std::collections::HashMap<u128, (usize, u64)> = std::collections::HashMap::new();
+    let mut shared: std::collections::HashMap<u128, Vec<(usize, u64)>> = std::collections::HashMap::new();
+    let outer_fields = file_schema(&ob).fields().clone();
+    for (i, inner) in inners.iter().enumerate() {
+        let keys = async {
+            let bytes = lake.get(inner).await?;
+            let ib = reading(inner, || ParquetRecordBatchReaderBuilder::try_new(bytes))?;
+            if file_schema(&ib).fields() != &outer_fields {
+                return Ok(None);
+            }
+            reading(inner, || {
+                let mut keys = Vec::new();
+                for batch in ib.build()? {
+                    let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
+                    keys.extend(rows.iter().map(|row| key(row.as_ref())));
+                }
+                Ok(Some(keys))
+            })
+        };
+        let keys = match keys.await {
+            Ok(Some(keys)) => keys,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(path = %inner, error = %e, "cannot compare a file's rows with a merged file's");
+                continue;
+            }
+        };
+        within[i] = true;
+        for k in keys {
+            let first = want.entry(k).or_insert((i, 0));
+            if first.0 == i {
+                first.1 += 1;
+                continue;
+            }
+            let others = shared.entry(k).or_default();
+            match others.iter_mut().find(|(f, _)| *f == i) {
+                Some((_, n)) => *n += 1,
+                None => others.push((i, 1)),
             }
         }
-        Ok(())
-    })?;
-    let mut left: u64 = want.values().sum();
-    if left == 0 {
-        return Ok(true);
     }
-    reading(outer, || {
-        for batch in ob.build()? {
-            let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
-            for row in &rows {
-                if let Some(n) = want.get_mut(row.as_ref()).filter(|n| **n > 0) {
-                    *n -= 1;
-                    left -= 1;
-                    if left == 0 {
-                        return Ok(());
+    if !want.is_empty() {
+        reading(outer, || {
+            for batch in ob.build()? {
+                let rows = converter.convert_columns(batch.map_err(arrow)?.columns()).map_err(arrow)?;
+                for row in &rows {
+                    let k = key(row.as_ref());
+                    let Some(first) = want.get_mut(&k) else { continue };
+                    first.1 = first.1.saturating_sub(1);
+                    for (_, n) in shared.get_mut(&k).into_iter().flatten() {
+                        *n = n.saturating_sub(1);
                     }
                 }
             }
+            Ok(())
+        })?;
+    }
+    for &(file, missing) in want.values().chain(shared.values().flatten()) {
+        if missing > 0 {
+            within[file] = false;
         }
-        Ok(())
-    })?;
-    Ok(left == 0)
+    }
+    Ok(within)
 }
 
 /// `(first, last)` from a file name `<source>-<first>-<last>[-merged].parquet`.
@@ -1003,5 +1042,65 @@ mod tests {
             assert_eq!(records_of(name, &tail).unwrap(), vec![3, 5, 8], "{name}");
             assert_eq!(tail.metadata().file_metadata().num_rows(), i64::try_from(rows).unwrap(), "{name}");
         }
+    }
+
+    /// Each file's rows are checked against the merged file as a
+    /// multiset of their own, in one reading of the merged file: files
+    /// that hold the same rows are each within; a row the merged file
+    /// lacks or holds too few times, another schema, or bytes that are
+    /// not Parquet put a file out.
+    #[tokio::test]
+    async fn which_files_hold_only_rows_of_a_merged_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::local(dir.path(), 2).unwrap();
+        let put = |name: &str, rows: &[(&str, i64)], extra: bool| {
+            let mut fields =
+                vec![Field::new("event_id", DataType::Utf8, false), Field::new("v", DataType::Int64, false)];
+            if extra {
+                fields.push(Field::new("w", DataType::Int64, true));
+            }
+            let schema = Arc::new(Schema::new(fields));
+            let mut columns: Vec<arrow::array::ArrayRef> = vec![
+                Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            ];
+            if extra {
+                columns.push(Arc::new(Int64Array::from(vec![None; rows.len()])));
+            }
+            let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+            let bytes = crate::encode(name, &schema, &[batch], vec![], EncodeOptions::default()).unwrap();
+            let (lake, name) = (&lake, name.to_owned());
+            async move { lake.put_create(&LakePath(name), Bytes::from(bytes)).await.unwrap() }
+        };
+        put("merged.parquet", &[("a", 1), ("b", 2), ("b", 2), ("c", 3)], false).await;
+        put("a.parquet", &[("a", 1)], false).await;
+        put("bc.parquet", &[("b", 2), ("c", 3)], false).await;
+        put("bc-again.parquet", &[("c", 3), ("b", 2)], false).await;
+        put("bb.parquet", &[("b", 2), ("b", 2)], false).await;
+        put("ccc.parquet", &[("c", 3), ("c", 3)], false).await;
+        put("other-v.parquet", &[("a", 1), ("c", 4)], false).await;
+        put("empty.parquet", &[], false).await;
+        put("wider.parquet", &[("a", 1)], true).await;
+        lake.put_create(&LakePath("garbage.parquet".into()), Bytes::from_static(b"not parquet"))
+            .await
+            .unwrap();
+        let cases = [
+            ("a.parquet", true),
+            ("bc.parquet", true),
+            ("bc-again.parquet", true),
+            ("bb.parquet", true),
+            ("ccc.parquet", false),
+            ("other-v.parquet", false),
+            ("empty.parquet", true),
+            ("wider.parquet", false),
+            ("garbage.parquet", false),
+            ("missing.parquet", false),
+        ];
+        let names: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
+        let within = rows_within(&lake, &names, "merged.parquet").await.unwrap();
+        for ((name, want), got) in cases.iter().zip(within) {
+            assert_eq!(got, *want, "{name}");
+        }
+        assert!(rows_within(&lake, &names, "missing.parquet").await.is_err(), "the merged file must be read");
     }
 }
