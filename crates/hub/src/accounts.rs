@@ -62,6 +62,25 @@ struct AccountRecord {
     /// Hex SHA-256 of the token.
     token_sha256: String,
     created: String,
+    /// CRC-32 of the other fields ([`AccountRecord::checksum`]), 8 hex
+    /// digits: damage that leaves the file valid JSON (a changed digit of
+    /// `account` would hand the token's events to another account) is
+    /// refused, not believed. Absent in records written before it was
+    /// (read as they are; the next change of the file adds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc32: Option<String>,
+}
+
+impl AccountRecord {
+    /// The checksum of the record's fields.
+    fn checksum(&self) -> String {
+        let mut h = crc32fast::Hasher::new();
+        for part in [self.account.as_str(), &self.token_sha256, &self.created] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        format!("{:08x}", h.finalize())
+    }
 }
 
 /// Token hashes to accounts, reloaded when the file changes.
@@ -69,6 +88,9 @@ struct AccountRecord {
 pub struct Accounts {
     path: PathBuf,
     by_hash: RwLock<TokenIndex>,
+    /// The modification time of the file when [`Accounts::refresh`] last
+    /// logged that it cannot be read (so it is logged once per change).
+    unreadable: std::sync::Mutex<Option<Option<SystemTime>>>,
 }
 
 /// Token hash to account, and the file's modification time and when it
@@ -85,12 +107,28 @@ fn hash(token: &str) -> [u8; 32] {
 }
 
 fn read(path: &Path) -> Result<AccountsFile> {
-    match std::fs::read(path) {
+    let file: AccountsFile = match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
-            .map_err(|e| Error::Accounts { path: path.to_owned(), detail: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AccountsFile::default()),
-        Err(e) => Err(io(path)(e)),
+            .map_err(|e| Error::Accounts { path: path.to_owned(), detail: e.to_string() })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AccountsFile::default()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    for (n, r) in file.accounts.iter().enumerate() {
+        if r.crc32.as_ref().is_some_and(|c| !c.eq_ignore_ascii_case(&r.checksum())) {
+            return Err(Error::Accounts {
+                path: path.to_owned(),
+                detail: format!(
+                    "record {} (account {} as read, token id {}) does not match its checksum: the file was \
+                     damaged or changed by hand. Restore it from a backup, or delete that record from the \
+                     file and give the account a new token with `watershed accounts add`",
+                    n + 1,
+                    r.account,
+                    r.token_sha256.chars().take(TOKEN_ID_LEN).collect::<String>()
+                ),
+            });
+        }
     }
+    Ok(file)
 }
 
 impl Accounts {
@@ -102,6 +140,7 @@ impl Accounts {
         let a = Self {
             path: data_dir.join("accounts.json"),
             by_hash: RwLock::new((HashMap::new(), None, SystemTime::UNIX_EPOCH)),
+            unreadable: std::sync::Mutex::new(None),
         };
         a.reload()?;
         Ok(a)
@@ -150,6 +189,28 @@ impl Accounts {
         Ok(())
     }
 
+    /// [`Accounts::reload`] for a running hub, before each request: a
+    /// file that cannot be read (damaged, or a bad hand edit) leaves the
+    /// tokens last read in use, and is logged as an error once per change
+    /// of the file rather than ignored. Returns whether the file was read
+    /// (or had not changed).
+    pub fn refresh(&self) -> bool {
+        let Err(e) = self.reload() else {
+            *self.unreadable.lock().expect("lock") = None;
+            return true;
+        };
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut logged = self.unreadable.lock().expect("lock");
+        if *logged != Some(mtime) {
+            *logged = Some(mtime);
+            tracing::error!(
+                error = %e,
+                "cannot read the accounts file; the tokens read before stay in use until it is fixed"
+            );
+        }
+        false
+    }
+
     /// The account a bearer token belongs to.
     #[must_use]
     pub fn authenticate(&self, token: &str) -> Option<AccountId> {
@@ -175,6 +236,7 @@ impl Accounts {
                 account: account.clone(),
                 token_sha256,
                 created: chrono::Utc::now().to_rfc3339(),
+                crc32: None,
             });
             Ok(())
         })?;
@@ -253,6 +315,9 @@ fn change(data_dir: &Path, edit: impl FnOnce(&mut AccountsFile) -> Result<()>) -
     let path = data_dir.join("accounts.json");
     let mut file = read(&path)?;
     edit(&mut file)?;
+    for r in &mut file.accounts {
+        r.crc32 = Some(r.checksum());
+    }
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -302,11 +367,65 @@ mod tests {
         let good = std::fs::read_to_string(&path).unwrap();
         let v: serde_json::Value = serde_json::from_str(&good).unwrap();
         let hash = v["accounts"][0]["token_sha256"].as_str().unwrap().to_owned();
+        // As a record written before records had a checksum (or by hand).
+        let crc = v["accounts"][0]["crc32"].as_str().unwrap().to_owned();
+        let good = good.replace(&format!(",\n      \"crc32\": \"{crc}\""), "");
+        assert!(!good.contains("crc32"), "{good}");
         for bad in [&hash[..62], &hash[..63], &format!("{hash}00"), &format!("{}+1", &hash[..62]), ""] {
             std::fs::write(&path, good.replace(&hash, bad)).unwrap();
             let e = Accounts::open(dir.path()).unwrap_err().to_string();
             assert!(e.contains("account 111111111111") && e.contains("not 64 hex digits"), "{bad:?}: {e}");
         }
+    }
+
+    /// A record changed on disk (a digit of its account, of its token
+    /// hash, of its creation time, or of the checksum itself) is refused
+    /// by every reader, the hub's and the commands', naming the record;
+    /// the token is never taken for another account. Records without a
+    /// checksum (an older file) are read, and get one at the next change.
+    #[test]
+    fn a_damaged_record_is_refused_and_older_records_are_sealed_at_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (AccountId::new("111111111111").unwrap(), AccountId::new("222222222222").unwrap());
+        let (ta, _) = Accounts::add(dir.path(), &a).unwrap();
+        let (_, id_b) = Accounts::add(dir.path(), &b).unwrap();
+        let path = dir.path().join("accounts.json");
+        let good = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let field = |i: usize, k: &str| v["accounts"][i][k].as_str().unwrap().to_owned();
+        for (from, to) in [
+            ("\"222222222222\"".to_owned(), "\"222222222223\"".to_owned()),
+            (field(1, "token_sha256"), format!("0{}", &field(1, "token_sha256")[1..])),
+            (field(1, "created"), field(1, "created").replacen('2', "3", 1)),
+            (field(1, "crc32"), format!("{}0", &field(1, "crc32")[..7])),
+        ] {
+            assert_ne!(from, to);
+            std::fs::write(&path, good.replace(&from, &to)).unwrap();
+            let e = Accounts::open(dir.path()).unwrap_err().to_string();
+            assert!(
+                e.contains("record 2 (account 22222222222") && e.contains("does not match its checksum"),
+                "{e}"
+            );
+            let shown_id = if to.len() == 64 { to[..12].to_owned() } else { id_b.clone() };
+            assert!(e.contains(&format!("token id {shown_id})")), "{e}");
+            let e = Accounts::list(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("does not match its checksum"), "{e}");
+            assert!(Accounts::add(dir.path(), &a).is_err(), "a change of a damaged file is refused too");
+        }
+
+        // The file as an older hub wrote it: no checksums.
+        let mut old: serde_json::Value = serde_json::from_str(&good).unwrap();
+        for r in old["accounts"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("crc32");
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+        assert_eq!(Accounts::open(dir.path()).unwrap().authenticate(&ta), Some(a.clone()));
+        Accounts::add(dir.path(), &a).unwrap();
+        let now: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let records = now["accounts"].as_array().unwrap();
+        assert_eq!(records.len(), 3);
+        assert!(records.iter().all(|r| r["crc32"].as_str().is_some_and(|c| c.len() == 8)), "{now}");
+        assert_eq!(Accounts::open(dir.path()).unwrap().authenticate(&ta), Some(a));
     }
 
     /// A revocation in the same tick of the file system's clock as the
@@ -324,6 +443,26 @@ mod tests {
         std::fs::File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
         accts.reload().unwrap();
         assert_eq!(accts.authenticate(&t), None, "the revocation is seen");
+    }
+
+    /// A running hub whose accounts file becomes unreadable keeps the
+    /// tokens it read, and takes the file again once it is fixed.
+    #[test]
+    fn an_unreadable_file_keeps_the_tokens_read_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = AccountId::new("111111111111").unwrap();
+        let (t, _) = Accounts::add(dir.path(), &a).unwrap();
+        let accts = Accounts::open(dir.path()).unwrap();
+        let path = dir.path().join("accounts.json");
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, b"{\"accounts\": [").unwrap();
+        assert!(!accts.refresh());
+        assert!(!accts.refresh(), "still unreadable (logged once)");
+        assert_eq!(accts.authenticate(&t), Some(a.clone()));
+        std::fs::write(&path, &good).unwrap();
+        let (t2, _) = Accounts::add(dir.path(), &a).unwrap();
+        assert!(accts.refresh());
+        assert_eq!(accts.authenticate(&t2), Some(a));
     }
 
     /// Concurrent `add`s keep every token (the file is changed under a

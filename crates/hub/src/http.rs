@@ -160,7 +160,7 @@ async fn authenticate_and_ingest(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<crate::ingest::IngestResponse, (StatusCode, &'static str, String)> {
-    let _ = hub.accounts.reload();
+    hub.accounts.refresh();
     let token =
         bearer_token(headers).map_err(|why| (StatusCode::UNAUTHORIZED, "unauthenticated", why.into()))?;
     let Some(account) = hub.accounts.authenticate(token) else {
