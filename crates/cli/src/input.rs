@@ -492,6 +492,119 @@ mod tests {
         }
     }
 
+    /// What a mutation puts in a document: JSON's grammar, bytes that are
+    /// not UTF-8 or not allowed in a string, a byte order mark.
+    const PIECES: &[&[u8]] = &[
+        b"\"",
+        b"\\",
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b",",
+        b":",
+        b"1",
+        b"e",
+        b"-",
+        b" ",
+        b"\n",
+        b"\r\n",
+        b"\t",
+        b"\x00",
+        b"\xff",
+        b"\xc3",
+        b"\xef\xbb\xbf",
+        b"\\u",
+        b"\\ud800",
+        b"null",
+        b"{}",
+        b"[]",
+        b"\"x\"",
+        b"1e400",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// A JSON document (an array, arrays or objects one after another)
+        /// with a few bytes changed, inserted or taken out: when every
+        /// event comes out without an error, serde_json reads the same
+        /// events from it (the array's elements, or the values); when
+        /// serde_json reads the whole document, no error comes out.
+        #[test]
+        fn a_damaged_document_is_read_as_serde_json_reads_it_or_stopped(
+            events in proptest::collection::vec(event(), 1..5),
+            how in 0usize..3,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0..PIECES.len() + 1), 1..4),
+        ) {
+            let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap();
+            let mut doc = match how {
+                0 => Value::from(events.clone()).to_string(),
+                1 => pretty(&Value::from(events.clone())),
+                _ => events.iter().map(pretty).collect::<Vec<_>>().join(""),
+            }
+            .into_bytes();
+            for (at, piece) in &edits {
+                let at = at.index(doc.len() + 1);
+                match PIECES.get(*piece) {
+                    Some(p) => {
+                        let end = (at + 1).min(doc.len());
+                        doc.splice(at..end, p.iter().copied());
+                    }
+                    None => {
+                        doc.drain(at..(at + 2).min(doc.len()));
+                    }
+                }
+            }
+            let (shape, got) = read(&doc);
+            if shape == Shape::Lines {
+                return Ok(()); // lines go as they are, for the hub to judge
+            }
+            let ours: Result<Vec<Vec<u8>>, String> =
+                got.into_iter().map(|e| e.map_err(|e| format!("{e:#}"))).collect();
+            let body = doc.strip_prefix(super::BOM).unwrap_or(&doc);
+            let shown = String::from_utf8_lossy(&doc);
+            // Where one event ends and the next begins is JSON's structure,
+            // which serde_json reads without building values (as `send`
+            // checks each event); what is inside a string or a number (a
+            // lone surrogate, an exponent past f64's) is for the hub to
+            // judge, event by event.
+            let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<serde::de::IgnoredAny>();
+            let structure = loop {
+                let start = stream.byte_offset();
+                match stream.next() {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e.to_string()),
+                    Some(Ok(_)) if shape == Shape::Array => {
+                        let value = String::from_utf8_lossy(&body[start..stream.byte_offset()]);
+                        if !value.trim_start().starts_with('[') {
+                            break Err(format!("not an array: {value}"));
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+            };
+            match (&ours, &structure) {
+                (Ok(_), Err(e)) => prop_assert!(false, "read, but serde_json refuses ({}): {}", e, shown),
+                (Err(e), Ok(())) => prop_assert!(false, "stopped ({}), but serde_json reads: {}", e, shown),
+                _ => {}
+            }
+            let values: Result<Vec<Value>, _> =
+                serde_json::Deserializer::from_slice(body).into_iter::<Value>().collect();
+            if let (Ok(ours), Ok(values)) = (ours, values) {
+                let theirs: Vec<Value> = values
+                    .into_iter()
+                    .flat_map(|v| match (shape, v) {
+                        (Shape::Array, Value::Array(items)) => items,
+                        (_, v) => vec![v],
+                    })
+                    .collect();
+                let ours: Vec<Value> = ours.iter().map(|e| serde_json::from_slice(e).unwrap()).collect();
+                prop_assert_eq!(ours, theirs, "{}", shown);
+            }
+        }
+    }
+
     #[test]
     fn nested_values_keep_their_strings_exactly() {
         let event = json!({"s": "a } b ] c , d \" e \\ f\tg", "n": [1, {"x": []}]});
