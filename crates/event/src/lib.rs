@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 mod account;
+#[doc(hidden)]
+pub mod damage;
 pub mod prehashed;
 mod reason;
 pub mod sealed;
