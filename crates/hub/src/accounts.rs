@@ -195,10 +195,8 @@ impl Accounts {
     /// of the file rather than ignored. Returns whether the file was read
     /// (or had not changed).
     pub fn refresh(&self) -> bool {
-        let Err(e) = self.reload() else {
-            *self.unreadable.lock().expect("lock") = None;
-            return true;
-        };
+        // (The request path takes no lock while the file reads well.)
+        let Err(e) = self.reload() else { return true };
         let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         let mut logged = self.unreadable.lock().expect("lock");
         if *logged != Some(mtime) {
