@@ -90,17 +90,29 @@ fn same_as_serde_json(e: &Envelope<'_>, v: &Value, shown: &str) -> Result<(), Te
     Ok(())
 }
 
+/// What the hub does when the envelope reader reaches the payload:
+/// validate it in place against the schema its route names.
+fn inline_validation<'a>(
+    registry: &'a Registry,
+    tape: &'a mut Tape,
+) -> impl FnMut(&str, &str, &[u8], usize) -> Option<(usize, envelope::Prevalidated)> + 'a {
+    move |source, dt, raw, start| {
+        let (_, v) = registry.resolve(source, dt, None).ok()?;
+        let (_, end) =
+            validate_append(&v.node, raw, start, UnknownFields::Reject, Limits::default(), tape).ok()?;
+        Some((end, (0, v.version)))
+    }
+}
+
 fn check(doc: &[u8], registry: &Registry, inline: bool) -> Result<(), TestCaseError> {
     let shown = String::from_utf8_lossy(doc).into_owned();
     let theirs = serde_json::from_slice::<Value>(doc);
     let mut tape = Tape::new();
-    let mut validate = |source: &str, dt: &str, raw: &[u8], start: usize| {
-        let (_, v) = registry.resolve(source, dt, None).ok()?;
-        let (_, end) =
-            validate_append(&v.node, raw, start, UnknownFields::Reject, Limits::default(), &mut tape).ok()?;
-        Some((end, (0, v.version)))
+    let ours = if inline {
+        envelope::decode_with(doc, &mut inline_validation(registry, &mut tape))
+    } else {
+        envelope::decode(doc)
     };
-    let ours = if inline { envelope::decode_with(doc, &mut validate) } else { envelope::decode(doc) };
     match (&ours, &theirs) {
         // JSON's grammar has no limit on exponents; serde_json refuses
         // numbers past f64's range. The reader takes them where it only
@@ -162,15 +174,8 @@ fn the_unchanged_events_are_read_whole() {
         for inline in [false, true] {
             check(doc.as_bytes(), &registry, inline).unwrap();
         }
-        let mut validate = |source: &str, dt: &str, raw: &[u8], start: usize| {
-            let (_, v) = registry.resolve(source, dt, None).ok()?;
-            let mut tape = Tape::new();
-            let (_, end) =
-                validate_append(&v.node, raw, start, UnknownFields::Reject, Limits::default(), &mut tape)
-                    .ok()?;
-            Some((end, (0, v.version)))
-        };
-        let e = envelope::decode_with(doc.as_bytes(), &mut validate).unwrap();
+        let mut tape = Tape::new();
+        let e = envelope::decode_with(doc.as_bytes(), &mut inline_validation(&registry, &mut tape)).unwrap();
         assert!(e.prevalidated.is_some(), "the payload is validated in the envelope's pass");
     }
 }
