@@ -391,11 +391,14 @@ mod tests {
         let good = std::fs::read_to_string(&path).unwrap();
         let v: serde_json::Value = serde_json::from_str(&good).unwrap();
         let field = |i: usize, k: &str| v["accounts"][i][k].as_str().unwrap().to_owned();
+        // The first hex digit of a hash or checksum becomes another one
+        // (they are random: a fixed digit would sometimes be the same).
+        let other_first = |s: String| format!("{}{}", if s.starts_with('0') { '1' } else { '0' }, &s[1..]);
         for (from, to) in [
             ("\"222222222222\"".to_owned(), "\"222222222223\"".to_owned()),
-            (field(1, "token_sha256"), format!("0{}", &field(1, "token_sha256")[1..])),
+            (field(1, "token_sha256"), other_first(field(1, "token_sha256"))),
             (field(1, "created"), field(1, "created").replacen('2', "3", 1)),
-            (field(1, "crc32"), format!("{}0", &field(1, "crc32")[..7])),
+            (field(1, "crc32"), other_first(field(1, "crc32"))),
         ] {
             assert_ne!(from, to);
             std::fs::write(&path, good.replace(&from, &to)).unwrap();
