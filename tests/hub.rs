@@ -216,6 +216,10 @@ fn protection_as_analysts_see_it() {
     refused["detail"]["currency"] = json!("DOGE");
     let (status, resp, _) = post(&server.url, Some(&t1), ndjson(&[refused.clone()]), &[]);
     assert_eq!((status, resp["rejected"][0]["reason"].as_str()), (200, Some("bad_enum")), "{resp}");
+    // An event that is not UTF-8 (Latin-1) is kept byte for byte.
+    let latin1 = b"{\"id\": \"l-1\", \"detail\": {\"holder\": \"Ad\xe8le\"}}".to_vec();
+    let (status, resp, _) = post(&server.url, Some(&t1), latin1.clone(), &[]);
+    assert_eq!((status, resp["rejected"][0]["reason"].as_str()), (200, Some("malformed_json")), "{resp}");
     assert!(server.stop().success());
 
     let lake = data.join("lake");
@@ -259,14 +263,21 @@ fn protection_as_analysts_see_it() {
     let out = dec(&holder("a1"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ada Lovelace");
-    let dead = read_table(&lake, "_dead_letters");
-    assert_eq!(dead.len(), 1, "one file of dead letters");
-    let dead_raw = strings(&dead[0].1, "raw")[0].clone().unwrap();
+    let mut dead: Vec<(String, String)> = read_table(&lake, "_dead_letters")
+        .iter()
+        .flat_map(|(_, b)| strings(b, "reason").into_iter().zip(strings(b, "raw")))
+        .map(|(reason, raw)| (reason.unwrap(), raw.unwrap()))
+        .collect();
+    dead.sort();
+    let [(_, dead_raw), (_, latin1_raw)] = <[_; 2]>::try_from(dead).unwrap();
     assert!(dead_raw.starts_with("wse1.") && !dead_raw.contains("Ada"), "{dead_raw}");
     let out = dec(&dead_raw);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let sent: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sent, refused, "the dead letter decrypts to the event as sent");
+    let out = dec(&latin1_raw);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, [&latin1[..], b"\n"].concat(), "the bytes as sent, not U+FFFD");
     forget(&data, A[0], "alice");
     for value in [holder("a1"), holder("a2"), dead_raw.clone()] {
         let out = dec(&value);
@@ -283,14 +294,17 @@ fn protection_as_analysts_see_it() {
     // Many values at once, from stdin (a query's output), one JSON line each.
     let out = run_with_stdin(
         &["keys", "decrypt", "--principal", "auditor", "--purpose", "case-7", "--data-dir", data_s, "-"],
-        &format!("{}\n\n{}\n", holder("a3"), dead_raw),
+        &format!("{}\n\n{}\n{}\n", holder("a3"), dead_raw, latin1_raw),
     );
     assert!(!out.status.success(), "one value is erased");
     let lines: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2, "one line per value: {lines:?}");
+    assert_eq!(lines.len(), 3, "one line per value: {lines:?}");
     assert_eq!(lines[0], json!({"plaintext": "Ada Lovelace"}));
     assert!(lines[1]["error"].as_str().unwrap().starts_with("key_erased"), "{lines:?}");
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&latin1);
+    assert_eq!(lines[2], json!({ "plaintext_base64": b64 }), "not UTF-8: base64 of the bytes");
 
     // The login's redacted session id and encrypted ip, read by DuckDB.
     if let Some(py) = python() {

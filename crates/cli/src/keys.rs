@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use clap::{Args, Subcommand};
 use watershed_event::AccountId;
 use watershed_hub::config::KeysConfig;
@@ -104,11 +106,13 @@ pub(crate) enum KeysCmd {
     },
     /// Decrypt values read from the lake. Audited per call.
     ///
-    /// With ciphertexts as arguments, prints each plaintext on its own line.
-    /// With `-`, reads ciphertexts from stdin, one per line (such as a
-    /// query's output of `_dead_letters.raw`; blank lines are skipped), and
-    /// prints one JSON object per value, in order: `{"plaintext": …}` or
-    /// `{"error": …}`, so plaintexts with line breaks stay one line each.
+    /// With ciphertexts as arguments, prints each plaintext on its own line,
+    /// byte for byte. With `-`, reads ciphertexts from stdin, one per line
+    /// (such as a query's output of `_dead_letters.raw`; blank lines are
+    /// skipped), and prints one JSON object per value, in order:
+    /// `{"plaintext": …}`, `{"plaintext_base64": …}` for a refused event
+    /// that was not UTF-8 as received, or `{"error": …}`, so plaintexts with
+    /// line breaks stay one line each.
     Decrypt {
         #[command(flatten)]
         by: AttributionArgs,
@@ -327,9 +331,18 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
                     failed += 1;
                 }
                 match (r, from_stdin) {
-                    (Ok(p), false) => writeln!(out, "{}", p.expose())?,
+                    (Ok(p), false) => {
+                        out.write_all(p.expose())?;
+                        out.write_all(b"\n")?;
+                    }
                     (Err(e), false) => eprintln!("error: {e}"),
-                    (Ok(p), true) => writeln!(out, "{}", serde_json::json!({ "plaintext": p.expose() }))?,
+                    (Ok(p), true) => {
+                        let line = match p.expose_str() {
+                            Some(text) => serde_json::json!({ "plaintext": text }),
+                            None => serde_json::json!({ "plaintext_base64": STANDARD.encode(p.expose()) }),
+                        };
+                        writeln!(out, "{line}")?;
+                    }
                     (Err(e), true) => writeln!(out, "{}", serde_json::json!({ "error": e.to_string() }))?,
                 }
             }

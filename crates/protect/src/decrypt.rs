@@ -39,10 +39,7 @@ impl<'k, K: Keyring + Audited> Decryptor<'k, K> {
             .into_iter()
             .map(|p| {
                 let p = p?;
-                let plain = self.keyring.cipher_by_id(&p.key_id)?.decrypt(&p)?;
-                String::from_utf8(plain)
-                    .map(Plaintext::new)
-                    .map_err(|_| Error::BadCiphertext { detail: "plaintext is not UTF-8" })
+                Ok(Plaintext::new(self.keyring.cipher_by_id(&p.key_id)?.decrypt(&p)?))
             })
             .collect();
         let decrypted = results.iter().filter(|r| r.is_ok()).count();

@@ -45,19 +45,27 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-/// Decrypted plaintext of a protected field.
+/// Decrypted plaintext: a protected field's value, or a whole event as
+/// received (a dead letter's `raw`), which need not be UTF-8.
 #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
-pub struct Plaintext(String);
+pub struct Plaintext(Vec<u8>);
 
 impl Plaintext {
-    pub(crate) fn new(s: String) -> Self {
-        Self(s)
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
     }
 
-    /// The plaintext. Callers own what happens to it next.
+    /// The plaintext's bytes. Callers own what happens to them next.
     #[must_use]
-    pub fn expose(&self) -> &str {
+    pub fn expose(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The plaintext as text, when it is UTF-8 (every field value is;
+    /// a refused event's raw bytes may not be).
+    #[must_use]
+    pub fn expose_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
     }
 }
 
@@ -80,7 +88,7 @@ mod tests {
     #[test]
     fn secrets_never_print() {
         let k = SecretKey::new([7; 32]);
-        let p = Plaintext::new("4111111111111111".into());
+        let p = Plaintext::new(b"4111111111111111".to_vec());
         for s in [format!("{k:?}"), format!("{p:?}"), format!("{p}")] {
             assert!(s.contains("REDACTED"), "{s}");
             assert!(!s.contains("4111") && !s.contains('7'), "{s}");

@@ -691,13 +691,14 @@ impl Ingestor {
                 return Ok(());
             }
         }
-        let text = String::from_utf8_lossy(raw);
         let stored = match self.raw {
-            DeadLetterRaw::Plain => text,
+            // A string column holds text: invalid UTF-8 becomes U+FFFD.
+            DeadLetterRaw::Plain => String::from_utf8_lossy(raw),
+            // The ciphertext holds the bytes exactly as received.
             DeadLetterRaw::Encrypt => {
                 let subject = self.raw_subject(p, raw);
-                let mut out = Vec::with_capacity(text.len() * 4 / 3 + 64);
-                batch.protector.encrypt_whole(account, subject.as_deref(), text.as_bytes(), &mut out)?;
+                let mut out = Vec::with_capacity(raw.len() * 4 / 3 + 64);
+                batch.protector.encrypt_whole(account, subject.as_deref(), raw, &mut out)?;
                 std::borrow::Cow::Owned(String::from_utf8(out).expect("ciphertexts are ASCII"))
             }
         };

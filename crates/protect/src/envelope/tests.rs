@@ -40,7 +40,7 @@ fn unwrapped_keys_in_memory_are_bounded() {
     let d = crate::Decryptor::new(&kr);
     let access = crate::Access { principal: "p".into(), purpose: "test".into() };
     let text = String::from_utf8(out).unwrap();
-    assert_eq!(d.decrypt(&access, &[&text]).unwrap()[0].as_ref().unwrap().expose(), "plain");
+    assert_eq!(d.decrypt(&access, &[&text]).unwrap()[0].as_ref().unwrap().expose_str().unwrap(), "plain");
 }
 
 fn log_lines(kr: &LocalKeyring) -> Vec<String> {
