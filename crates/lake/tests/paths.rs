@@ -70,6 +70,7 @@ fn spots(ty: &Ty, json: &Json, at: &[Step], out: &mut Vec<(Vec<Step>, Spot)>) {
 /// A value `ty` refuses (never null: nullable fields take that).
 fn wrong(ty: &Ty) -> Json {
     match ty {
+        Ty::Uuid => json!("not-a-uuid"),
         Ty::Bool | Ty::Str | Ty::Fixed(..) | Ty::Array(_) | Ty::Map(_) | Ty::Record(..) => json!(1),
         Ty::Int => json!(1_i64 << 40),
         Ty::Bytes => json!("not base64!"),
