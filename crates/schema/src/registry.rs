@@ -217,6 +217,53 @@ impl Registry {
     pub fn by_id(&self, id: SchemaId) -> Option<(&SubjectEntry, &Version)> {
         self.by_id.get(&id).map(|&(s, v)| (&self.subjects[s], &self.subjects[s].versions[v]))
     }
+
+    /// The version of `subject` whose schema is `text` (the same JSON,
+    /// whatever its spacing and key order), if any.
+    #[must_use]
+    pub fn find<'a>(&self, subject: &'a SubjectEntry, text: &str) -> Option<&'a Version> {
+        let want: serde_json::Value = serde_json::from_str(text).ok()?;
+        subject
+            .versions
+            .iter()
+            .rev()
+            .find(|v| serde_json::from_str::<serde_json::Value>(&v.text).is_ok_and(|have| have == want))
+    }
+
+    /// Check schema text `text` as the next version of `subject` would be
+    /// checked when the hub starts with it: the schema rules of `schema
+    /// check`, then compatibility under the subject's mode, against
+    /// `against` alone (in the mode's directions) or, when `None`, against
+    /// the versions the mode names. Returns the incompatibilities (none:
+    /// compatible).
+    ///
+    /// # Errors
+    /// What is wrong with the schema itself, when it is not one the hub
+    /// could load.
+    pub fn check_candidate(
+        &self,
+        subject: &SubjectEntry,
+        text: &str,
+        against: Option<&Version>,
+    ) -> std::result::Result<Vec<String>, Vec<String>> {
+        let next = subject.latest().version + 1;
+        let path = PathBuf::from(format!("{}/v{next}.avsc", subject.name));
+        let mut invalid = Vec::new();
+        let Some(new) = compile_version(next, &path, text, &mut invalid) else {
+            return Err(invalid);
+        };
+        let mode = subject.config.compatibility;
+        let earlier: &[Version] = match against {
+            Some(v) => std::slice::from_ref(v),
+            None => &subject.versions,
+        };
+        let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
+        // One version: checked in the mode's directions, as the last one.
+        let found = compat::check_evolution(mode, &new.avro, &schemas);
+        let mut problems = Vec::new();
+        incompatibilities(mode, &new, earlier, &found, &mut problems);
+        Ok(problems)
+    }
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -290,11 +337,17 @@ fn load_subject(sdir: &Path, problems: &mut Vec<String>) -> Result<Option<Subjec
 
 fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Result<Option<Version>> {
     let raw = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    let json: serde_json::Value = match serde_json::from_str(&raw) {
+    Ok(compile_version(v, path, &raw, problems))
+}
+
+/// Compile schema text `raw` as version `v` (from `path`, which prefixes
+/// every problem), or add what is wrong with it to `problems`.
+fn compile_version(v: SchemaVersion, path: &Path, raw: &str, problems: &mut Vec<String>) -> Option<Version> {
+    let json: serde_json::Value = match serde_json::from_str(raw) {
         Ok(j) => j,
         Err(e) => {
             problems.push(format!("{}: not JSON: {e}", path.display()));
-            return Ok(None);
+            return None;
         }
     };
     // apache-avro panics on some names it cannot parse (a record named
@@ -303,7 +356,7 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
     bad_names(&json, "$", &mut names);
     if !names.is_empty() {
         problems.extend(names.into_iter().map(|p| format!("{}: {p}", path.display())));
-        return Ok(None);
+        return None;
     }
     let parsed = match std::panic::catch_unwind(|| Schema::parse(&json)) {
         Ok(r) => r.map_err(|e| e.to_string()),
@@ -315,7 +368,7 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
         Ok(s) => s,
         Err(e) => {
             problems.push(format!("{}: not a valid Avro schema: {e}", path.display()));
-            return Ok(None);
+            return None;
         }
     };
     let mut local = Vec::new();
@@ -327,12 +380,12 @@ fn load_version(v: SchemaVersion, path: &Path, problems: &mut Vec<String>) -> Re
     let failed = !local.is_empty();
     problems.extend(local.into_iter().map(|p| format!("{}: {p}", path.display())));
     if failed {
-        return Ok(None);
+        return None;
     }
     let text = json.to_string();
     let digest = Sha256::digest(text.as_bytes());
     let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff;
-    Ok(Some(Version { version: v, id: id.max(1), path: path.to_owned(), avro, text, node, protect }))
+    Some(Version { version: v, id: id.max(1), path: path.to_owned(), avro, text, node, protect })
 }
 
 /// Whether `name` is an Avro name, or a full name (names joined by dots).
@@ -420,7 +473,21 @@ fn bad_names(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
 fn check_evolution(config: &SubjectConfig, new: &Version, earlier: &[Version], problems: &mut Vec<String>) {
     let mode = config.compatibility;
     let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
-    for (i, inc) in compat::check_evolution(mode, &new.avro, &schemas) {
+    incompatibilities(mode, new, earlier, &compat::check_evolution(mode, &new.avro, &schemas), problems);
+}
+
+/// Add `found` (incompatibilities of `new` with versions in `earlier`, by
+/// index) and the protected fields `new` would leave unprotected for
+/// `earlier`'s events to `problems`.
+fn incompatibilities(
+    mode: crate::Compatibility,
+    new: &Version,
+    earlier: &[Version],
+    found: &[(usize, compat::Incompatibility)],
+    problems: &mut Vec<String>,
+) {
+    for (i, inc) in found {
+        let i = *i;
         problems.push(format!(
             "{}: {inc}: not {mode}-compatible with v{}",
             new.path.display(),
