@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command. On a fresh machine it installs what the tests need
-# (a Python virtualenv with DuckDB, pyarrow and moto, cached under
+# (a Python virtualenv with DuckDB, pyarrow, moto and confluent-kafka, cached under
 # ~/.cache/watershed), builds the workspace, and runs every test:
 # unit, property, CLI and end-to-end tests against the real `watershed`
 # binary on loopback ports, and AWS KMS (master keys, `serve`, `keys seal`)
@@ -19,8 +19,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 mkdir -p "$cache"
 
 venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server' 2>/dev/null; then
-    echo "==> creating the test virtualenv (DuckDB, pyarrow, moto) in $venv"
+if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server, confluent_kafka.schema_registry.avro' 2>/dev/null; then
+    echo "==> creating the test virtualenv (DuckDB, pyarrow, moto, confluent-kafka) in $venv"
     if ! python3 -m venv "$venv" 2>/dev/null; then
         echo "==> python3 -m venv failed; installing python3-venv"
         apt-get update -qq && apt-get install -y -qq python3-venv

@@ -1,5 +1,5 @@
 //! The HTTP interface (axum): `POST /v1/events`, `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `/metrics`, and the Schema Registry API ([`crate::registry_api`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::registry_api::routes(hub.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(hub)
@@ -33,7 +34,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// 404 with the JSON error `not_found`, naming the endpoints there are.
 async fn not_found(uri: axum::http::Uri) -> Response {
     let message = format!(
-        "no endpoint {}; the endpoints are POST /v1/events, GET /healthz, GET /readyz, GET /metrics",
+        "no endpoint {}; the endpoints are POST /v1/events, GET /healthz, GET /readyz, GET /metrics, \
+         and the Schema Registry API (GET /subjects, /schemas/ids/<id>, ...)",
         uri.path()
     );
     error(StatusCode::NOT_FOUND, "not_found", &message)
@@ -107,7 +109,7 @@ impl AuthFailures {
         }
     }
 
-    fn note(&self, peer: Option<Peer>, code: &str, why: &str) {
+    pub(crate) fn note(&self, peer: Option<Peer>, code: &str, why: &str) {
         if let Some(not_logged) = self.admit(Instant::now()) {
             let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.0.to_string());
             tracing::warn!(peer, code, why, not_logged, "refused a request for its credentials");

@@ -1,5 +1,6 @@
 //! The Watershed hub: HTTP ingest, write-ahead log, dedupe, pipeline
-//! wiring, dead letters, auth and metrics. See `docs/ARCHITECTURE.md`.
+//! wiring, dead letters, auth, metrics and the Schema Registry API. See
+//! `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
+pub mod registry_api;
 pub mod requests;
 pub mod sample;
 pub mod serve;

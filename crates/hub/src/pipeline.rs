@@ -104,6 +104,8 @@ pub struct Hub {
     pub lake: Lake,
     /// Accounts and their tokens.
     pub accounts: crate::accounts::Accounts,
+    /// The schemas, as loaded at start (served by [`crate::registry_api`]).
+    pub registry: Arc<Registry>,
     /// The tasks of requests being ingested (see [`Hub::ingest`]).
     in_flight: tokio_util::task::TaskTracker,
     /// Requests whose claimed ids are not durable yet.
@@ -169,7 +171,7 @@ impl Hub {
         let dedupe = Arc::new(Dedupe::new(config.wal.dedupe_window));
         let limits = Limits { max_event_bytes: config.limits.max_event_bytes, ..Limits::default() };
         let ingestor = Arc::new(
-            Ingestor::new(registry, keyring, dedupe, limits, metrics.clone())
+            Ingestor::new(registry.clone(), keyring, dedupe, limits, metrics.clone())
                 .with_dead_letter_raw(config.dead_letters.raw)
                 .with_max_future(std::time::Duration::from_secs(config.limits.max_future_secs))
                 .with_max_past(
@@ -295,6 +297,7 @@ impl Hub {
             clock,
             lake,
             accounts,
+            registry,
             in_flight: tokio_util::task::TaskTracker::new(),
             claims: Arc::default(),
             auth_failures: crate::http::AuthFailures::default(),
