@@ -268,7 +268,7 @@ const NDJSON_TYPES: [&str; 4] =
 /// The bearer token of the request's one `Authorization` header, or why
 /// there is none. The scheme is matched in any case (RFC 9110, 11.1);
 /// several `Authorization` headers are refused rather than one chosen.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return Err(if headers.contains_key(header::AUTHORIZATION) {

@@ -103,31 +103,33 @@ type Answer = Result<Response, Refusal>;
 /// The account whose credentials the request carries: a bearer token, or
 /// HTTP Basic with the account id as user and its token as password.
 fn credentials(hub: &Hub, headers: &HeaderMap) -> Result<AccountId, (&'static str, String)> {
-    let unauthenticated = |why: &str| ("unauthenticated", why.to_owned());
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(unauthenticated(
-            "send Authorization: Bearer <token>, or Basic with the account id and its token",
-        ));
-    };
-    let value = value.to_str().map_err(|_| unauthenticated("the Authorization header is not ASCII"))?;
-    let (scheme, rest) = value.trim().split_once([' ', '\t']).unwrap_or((value.trim(), ""));
-    let (user, token) = if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| unauthenticated("the Basic credentials are not base64 of user:password"))?;
-        let (user, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| unauthenticated("the Basic credentials are not base64 of user:password"))?;
-        (Some(user.to_owned()), password.to_owned())
-    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {
-        (None, rest.trim().to_owned())
-    } else {
-        return Err(unauthenticated(
-            "send Authorization: Bearer <token>, or Basic with the account id and its token",
-        ));
+    // One header of the Basic scheme; anything else is read (or refused)
+    // as `POST /v1/events` reads its bearer token.
+    let one = headers.get_all(header::AUTHORIZATION).iter().count() == 1;
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .filter(|_| one)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once([' ', '\t']))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"));
+    let (user, token) = match basic {
+        Some((_, encoded)) => {
+            let bad =
+                || ("unauthenticated", "the Basic credentials are not base64 of user:password".to_owned());
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(bad)?;
+            let (user, password) = decoded.split_once(':').ok_or_else(bad)?;
+            (Some(user.to_owned()), password.to_owned())
+        }
+        None => {
+            let token = crate::http::bearer_token(headers).map_err(|why| {
+                ("unauthenticated", format!("{why}, or Basic with the account id and its token"))
+            })?;
+            (None, token.to_owned())
+        }
     };
     let Some(account) = hub.accounts.authenticate(&token) else {
         return Err(("bad_credentials", "the token is not valid for any account".into()));
@@ -270,22 +272,18 @@ fn candidate(body: &[u8]) -> Result<String, Refusal> {
 async fn lookup(State(hub): State<Arc<Hub>>, Path(name): Path<String>, body: Bytes) -> Answer {
     let s = subject(&hub, &name)?;
     let text = candidate(&body)?;
-    let v = hub
-        .registry
-        .find(s, &text)
-        .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, 40403, "Schema not found"))?;
+    let v = s.find(&text).ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, 40403, "Schema not found"))?;
     Ok(ok(&registered(s, v)))
 }
 
 fn compatibility(
-    hub: &Hub,
     s: &SubjectEntry,
     against: Option<&Version>,
     q: &HashMap<String, String>,
     body: &[u8],
 ) -> Answer {
     let text = candidate(body)?;
-    let problems = hub.registry.check_candidate(s, &text, against).map_err(|invalid| {
+    let problems = s.check_candidate(&text, against).map_err(|invalid| {
         Refusal::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             42201,
@@ -307,7 +305,7 @@ async fn compatible_with_one(
 ) -> Answer {
     let s = subject(&hub, &name)?;
     let v = version_of(s, &id)?;
-    compatibility(&hub, s, Some(v), &q, &body)
+    compatibility(s, Some(v), &q, &body)
 }
 
 async fn compatible_with_all(
@@ -317,7 +315,7 @@ async fn compatible_with_all(
     body: Bytes,
 ) -> Answer {
     let s = subject(&hub, &name)?;
-    compatibility(&hub, s, None, &q, &body)
+    compatibility(s, None, &q, &body)
 }
 
 async fn global_config() -> Response {

@@ -65,6 +65,51 @@ impl SubjectEntry {
     pub fn version(&self, v: SchemaVersion) -> Option<&Version> {
         self.versions.iter().find(|x| x.version == v)
     }
+
+    /// The version whose schema is `text` (the same JSON,
+    /// whatever its spacing and key order), if any.
+    #[must_use]
+    pub fn find(&self, text: &str) -> Option<&Version> {
+        let want: serde_json::Value = serde_json::from_str(text).ok()?;
+        self.versions
+            .iter()
+            .rev()
+            .find(|v| serde_json::from_str::<serde_json::Value>(&v.text).is_ok_and(|have| have == want))
+    }
+
+    /// Check schema text `text` as this subject's next version would be
+    /// checked when the hub starts with it: the schema rules of `schema
+    /// check`, then compatibility under the subject's mode, against
+    /// `against` alone (in the mode's directions) or, when `None`, against
+    /// the versions the mode names. Returns the incompatibilities (none:
+    /// compatible).
+    ///
+    /// # Errors
+    /// What is wrong with the schema itself, when it is not one the hub
+    /// could load.
+    pub fn check_candidate(
+        &self,
+        text: &str,
+        against: Option<&Version>,
+    ) -> std::result::Result<Vec<String>, Vec<String>> {
+        let next = self.latest().version + 1;
+        let path = PathBuf::from(format!("{}/v{next}.avsc", self.name));
+        let mut invalid = Vec::new();
+        let Some(new) = compile_version(next, &path, text, &mut invalid) else {
+            return Err(invalid);
+        };
+        let mode = self.config.compatibility;
+        let earlier: &[Version] = match against {
+            Some(v) => std::slice::from_ref(v),
+            None => &self.versions,
+        };
+        let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
+        // One version: checked in the mode's directions, as the last one.
+        let found = compat::check_evolution(mode, &new.avro, &schemas);
+        let mut problems = Vec::new();
+        incompatibilities(mode, &new, earlier, &found, &mut problems);
+        Ok(problems)
+    }
 }
 
 /// A loaded, checked schema directory.
@@ -216,53 +261,6 @@ impl Registry {
     #[must_use]
     pub fn by_id(&self, id: SchemaId) -> Option<(&SubjectEntry, &Version)> {
         self.by_id.get(&id).map(|&(s, v)| (&self.subjects[s], &self.subjects[s].versions[v]))
-    }
-
-    /// The version of `subject` whose schema is `text` (the same JSON,
-    /// whatever its spacing and key order), if any.
-    #[must_use]
-    pub fn find<'a>(&self, subject: &'a SubjectEntry, text: &str) -> Option<&'a Version> {
-        let want: serde_json::Value = serde_json::from_str(text).ok()?;
-        subject
-            .versions
-            .iter()
-            .rev()
-            .find(|v| serde_json::from_str::<serde_json::Value>(&v.text).is_ok_and(|have| have == want))
-    }
-
-    /// Check schema text `text` as the next version of `subject` would be
-    /// checked when the hub starts with it: the schema rules of `schema
-    /// check`, then compatibility under the subject's mode, against
-    /// `against` alone (in the mode's directions) or, when `None`, against
-    /// the versions the mode names. Returns the incompatibilities (none:
-    /// compatible).
-    ///
-    /// # Errors
-    /// What is wrong with the schema itself, when it is not one the hub
-    /// could load.
-    pub fn check_candidate(
-        &self,
-        subject: &SubjectEntry,
-        text: &str,
-        against: Option<&Version>,
-    ) -> std::result::Result<Vec<String>, Vec<String>> {
-        let next = subject.latest().version + 1;
-        let path = PathBuf::from(format!("{}/v{next}.avsc", subject.name));
-        let mut invalid = Vec::new();
-        let Some(new) = compile_version(next, &path, text, &mut invalid) else {
-            return Err(invalid);
-        };
-        let mode = subject.config.compatibility;
-        let earlier: &[Version] = match against {
-            Some(v) => std::slice::from_ref(v),
-            None => &subject.versions,
-        };
-        let schemas: Vec<&Schema> = earlier.iter().map(|v| &v.avro).collect();
-        // One version: checked in the mode's directions, as the last one.
-        let found = compat::check_evolution(mode, &new.avro, &schemas);
-        let mut problems = Vec::new();
-        incompatibilities(mode, &new, earlier, &found, &mut problems);
-        Ok(problems)
     }
 }
 

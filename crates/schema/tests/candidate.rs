@@ -1,4 +1,4 @@
-//! A candidate schema checked through the registry (`check_candidate`,
+//! A candidate schema checked through its subject (`check_candidate`,
 //! what the Schema Registry API's compatibility check answers) gets the
 //! verdict the hub's start would give it as the subject's next version
 //! file: each candidate is also written as `v<N+1>.avsc` into a copy of
@@ -90,7 +90,7 @@ fn a_candidate_gets_the_verdict_the_hub_start_gives_its_file() {
         let next = subject.latest().version + 1;
         for (what, text) in candidates(&subject.latest().text) {
             let said = format!("{} + {what}", subject.name);
-            let verdict = reg.check_candidate(subject, &text, None);
+            let verdict = subject.check_candidate(&text, None);
             let dir = tempfile::tempdir().unwrap();
             copy_dir(&examples(), dir.path());
             std::fs::write(dir.path().join(&subject.name).join(format!("v{next}.avsc")), &text).unwrap();
@@ -118,7 +118,7 @@ fn a_candidate_gets_the_verdict_the_hub_start_gives_its_file() {
             // Checked against one version, a candidate is compatible with
             // the latest when the full check found nothing against it.
             if let Ok(problems) = &verdict {
-                let latest = reg.check_candidate(subject, &text, Some(subject.latest())).unwrap();
+                let latest = subject.check_candidate(&text, Some(subject.latest())).unwrap();
                 let n = subject.latest().version;
                 let (with, but) = (format!("with v{n}"), format!("but v{n} has"));
                 let expected: Vec<&String> =
@@ -137,11 +137,11 @@ fn a_version_is_found_by_its_schema_whatever_its_spacing() {
         for v in &subject.versions {
             let value: Value = serde_json::from_str(&v.text).unwrap();
             let pretty = serde_json::to_string_pretty(&value).unwrap();
-            assert_eq!(reg.find(subject, &pretty).map(|f| f.version), Some(v.version), "{}", subject.name);
+            assert_eq!(subject.find(&pretty).map(|f| f.version), Some(v.version), "{}", subject.name);
         }
         let mut changed: Value = serde_json::from_str(&subject.latest().text).unwrap();
         changed["doc"] = json!("another schema");
-        assert!(reg.find(subject, &changed.to_string()).is_none(), "{}", subject.name);
-        assert!(reg.find(subject, "not json").is_none());
+        assert!(subject.find(&changed.to_string()).is_none(), "{}", subject.name);
+        assert!(subject.find("not json").is_none());
     }
 }
