@@ -2215,3 +2215,113 @@ fn a_new_schema_version_is_read_by_name_across_older_files() {
         assert_eq!(rows, vec![json!([5, 5, 2, 5_000_000_000_i64, "BIGINT"])]);
     }
 }
+
+/// `watershed lake ddl`: DuckDB runs the generated views over a lake
+/// whose table holds files of two schema versions, and reads every row
+/// typed by the latest one (older rows' new field NULL, the widened field
+/// BIGINT), the account as text (leading zero kept), the partition values
+/// typed, a table with no files as no rows, and the dead letters; the
+/// view declares what DuckDB itself reads from the newest file. The other
+/// dialects' statements are checked in `tests/readers.rs`.
+#[test]
+fn catalog_ddl_declares_the_lake_for_duckdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let zero = "012345678901";
+    let tokens = [add_account(&data, A[0]), add_account(&data, zero)];
+    let schemas = dir.path().join("schemas");
+    let repo = watershed_tests::repo().join("schemas");
+    for subject in ["identity.user_login", "orders.order_placed"] {
+        std::fs::create_dir_all(schemas.join(subject)).unwrap();
+        for f in ["subject.toml", "v1.avsc"] {
+            std::fs::copy(repo.join(subject).join(f), schemas.join(subject).join(f)).unwrap();
+        }
+    }
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    for (n, token) in tokens.iter().enumerate() {
+        let mut events: Vec<Value> =
+            (0..2).map(|i| login(&format!("v1-{n}-{i}"), &format!("u{i}"))).collect();
+        events.push(json!({"specversion": "1.0", "id": format!("bad-{n}"), "type": "Nope", "source": "x", "data": {}}));
+        let (s, r, _) = post(&server.url, Some(token), ndjson(&events), &[]);
+        assert_eq!((s, r["accepted"].as_u64()), (200, Some(2)), "{r}");
+    }
+    assert!(server.stop().success());
+    std::fs::copy(repo.join("identity.user_login/v2.avsc"), schemas.join("identity.user_login/v2.avsc"))
+        .unwrap();
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    let mut e = login("v2-0", "w0");
+    e["data"]["geo"] = json!({"country": "FR", "city": "Lyon"});
+    e["data"]["attempt"] = json!(5_000_000_000_i64);
+    let (s, r, _) = post(&server.url, Some(&tokens[1]), ndjson(&[e]), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    assert!(server.stop().success());
+
+    let (schemas_arg, data_arg) = (schemas.to_str().unwrap(), data.to_str().unwrap());
+    let ddl = |extra: &[&str]| {
+        let mut args = vec!["lake", "ddl", "--schemas", schemas_arg, "--data-dir", data_arg];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let out = ddl(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let views = String::from_utf8(out.stdout).unwrap();
+    for table in ["logins", "orders", "_dead_letters"] {
+        assert!(views.contains(&format!("CREATE OR REPLACE VIEW \"watershed\".\"{table}\"")), "{views}");
+    }
+    assert!(views.contains("protected: detail.username (tokenize), detail.ip_address (encrypt)"), "{views}");
+
+    // Errors name what is wrong.
+    let out = ddl(&["--dialect", "athena"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Athena reads tables from S3: pass --location"), "{err}");
+    let out = ddl(&["--table", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the tables are logins, orders, _dead_letters"), "{err}");
+    for dialect in ["athena", "spark", "trino"] {
+        let out = ddl(&["--dialect", dialect, "--location", "s3://bucket/lake", "--table", "logins"]);
+        assert!(out.status.success(), "{dialect}: {}", String::from_utf8_lossy(&out.stderr));
+        let sql = String::from_utf8(out.stdout).unwrap();
+        assert!(sql.contains("s3://bucket/lake/logins"), "{dialect}: {sql}");
+        assert!(!sql.contains("orders"), "--table keeps only the table named: {sql}");
+    }
+
+    let Some(py) = python() else { return };
+    let lake = data.join("lake");
+    let query = |sql: &str| duckdb(&py, &lake, &format!("{views}\n{sql}"));
+    assert_eq!(
+        query(
+            "SELECT count(*), count(DISTINCT event_id), count(detail.geo), max(detail.attempt), \
+             min(typeof(detail.attempt)), min(typeof(event_time)), min(typeof(date)), min(hour) \
+             FROM watershed.logins"
+        ),
+        vec![json!([5, 5, 1, 5_000_000_000_i64, "BIGINT", "TIMESTAMP WITH TIME ZONE", "DATE", 13])]
+    );
+    assert_eq!(
+        query("SELECT account, count(*) FROM watershed.logins GROUP BY ALL ORDER BY 1"),
+        vec![json!([zero, 3]), json!([A[0], 2])]
+    );
+    assert_eq!(
+        query("SELECT count(*) FROM watershed.logins WHERE account = '012345678901' AND date = DATE '2024-05-01'"),
+        vec![json!([3])]
+    );
+    assert_eq!(
+        query("SELECT account, reason FROM watershed._dead_letters ORDER BY 1"),
+        vec![json!([zero, "unknown_subject"]), json!([A[0], "unknown_subject"])]
+    );
+    assert_eq!(query("SELECT count(*), count(detail) FROM watershed.orders"), vec![json!([0, 0])]);
+    let newest = parquet_files(&lake.join("logins"))
+        .into_iter()
+        .max_by_key(|f| std::fs::metadata(f).unwrap().modified().unwrap())
+        .unwrap();
+    let declared = query("SELECT column_name, column_type FROM (DESCRIBE watershed.logins)");
+    let read = duckdb(
+        &py,
+        &lake,
+        &format!(
+            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{}', \
+             hive_partitioning = true, hive_types = {{'account': VARCHAR, 'date': DATE, 'hour': INTEGER}}))",
+            newest.display()
+        ),
+    );
+    assert_eq!(declared, read, "the view declares what DuckDB reads from the newest file");
+}

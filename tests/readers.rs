@@ -5,8 +5,11 @@
 //! written as the hub writes a table (`TableBuilder`, `encode`); then
 //! `tests/readers_check.py` reads every file with DuckDB and with pyarrow,
 //! each its own Parquet reader, and compares each row's `detail` with what
-//! was written. The run's seed is printed; `WATERSHED_READERS_SEED` runs
-//! one again.
+//! was written. Each file is also put in a table's Hive layout with the
+//! catalog DDL `watershed lake ddl` writes for it: DuckDB reads it again
+//! through the generated view, and sqlglot parses the Athena, Spark and
+//! Trino statements, whose columns must declare the file's types. The
+//! run's seed is printed; `WATERSHED_READERS_SEED` runs one again.
 
 #[path = "../crates/lake/tests/support/mod.rs"]
 mod support;
@@ -24,7 +27,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value as Json};
 use support::{avro_json, decimal_text, random_record, registry, rows, Gen};
-use watershed_lake::{encode, EncodeOptions};
+use watershed_lake::{ddl, encode, EncodeOptions};
 use watershed_tests::{python, repo};
 
 /// Row `i` of `a` in the normal form `readers_check.py` compares.
@@ -97,7 +100,25 @@ fn write_case(dir: &std::path::Path, n: usize, seed: u64) {
     let want: Vec<Json> = (0..batch.num_rows()).map(|i| normal(detail, i)).collect();
     let file =
         encode("case.parquet", &layout.schema, &[batch], Vec::new(), EncodeOptions::default()).unwrap();
-    std::fs::write(dir.join(format!("case_{n:03}.parquet")), file).unwrap();
+    std::fs::write(dir.join(format!("case_{n:03}.parquet")), &file).unwrap();
+    // The same file in a table's Hive layout, and the catalog DDL that
+    // declares the table in every dialect (`readers_check.py` reads it
+    // through DuckDB's view, and parses the others with sqlglot).
+    let table = format!("case_{n:03}");
+    let partition = dir.join("tables").join(&table).join("account=012345678901/date=2024-05-01/hour=07");
+    std::fs::create_dir_all(&partition).unwrap();
+    std::fs::write(partition.join("part.parquet"), &file).unwrap();
+    let root = dir.join("tables");
+    let t = ddl::Table { name: &table, schema: &layout.schema, about: &say };
+    for dialect in ddl::Dialect::ALL {
+        let location = match dialect {
+            ddl::Dialect::Duckdb => root.to_str().unwrap().to_owned(),
+            _ => "s3://bucket/lake".to_owned(),
+        };
+        let sql = ddl::generate(&[t], &ddl::Options { dialect, location: &location, database: "watershed" })
+            .unwrap_or_else(|e| panic!("{say}: {e}"));
+        std::fs::write(dir.join(format!("case_{n:03}.{}.sql", dialect.name())), sql).unwrap();
+    }
     let spec = json!({"case": format!("{n} (seed {seed}) schema {schema}"), "rows": want});
     std::fs::write(dir.join(format!("case_{n:03}.json")), spec.to_string()).unwrap();
 }

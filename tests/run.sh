@@ -19,8 +19,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 mkdir -p "$cache"
 
 venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server, confluent_kafka.schema_registry.avro' 2>/dev/null; then
-    echo "==> creating the test virtualenv (DuckDB, pyarrow, moto, confluent-kafka) in $venv"
+if ! "$venv/bin/python" -c 'import duckdb, pyarrow, moto.server, confluent_kafka.schema_registry.avro, sqlglot' 2>/dev/null; then
+    echo "==> creating the test virtualenv (DuckDB, pyarrow, moto, confluent-kafka, sqlglot) in $venv"
     if ! python3 -m venv "$venv" 2>/dev/null; then
         echo "==> python3 -m venv failed; installing python3-venv"
         apt-get update -qq && apt-get install -y -qq python3-venv

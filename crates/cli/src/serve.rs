@@ -1,4 +1,4 @@
-//! `watershed serve`, `watershed accounts add`, `watershed lake ls|compact`.
+//! `watershed serve`, `watershed accounts add`, `watershed lake ls|compact|ddl`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -162,13 +162,118 @@ pub(crate) enum LakeCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print the catalog DDL that declares the lake's tables (every
+    /// subject's table and `_dead_letters`) with their latest schema's
+    /// columns and the partition columns `account`, `date`, `hour`.
+    Ddl {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The engine: `duckdb` (typed views over read_parquet), `athena`
+        /// (Hive DDL, also for Glue and a Hive metastore), `spark` (Spark
+        /// SQL tables) or `trino` (Trino's Hive connector).
+        #[arg(long, default_value = "duckdb", value_parser = parse_dialect)]
+        dialect: watershed_lake::ddl::Dialect,
+        /// The lake's root as the engine reads it (`s3://bucket/prefix`
+        /// for Athena; default: the lake directory, as a `file://` URL
+        /// for Spark and Trino).
+        #[arg(long)]
+        location: Option<String>,
+        /// The database (schema) to create the tables in.
+        #[arg(long, default_value = "watershed")]
+        database: String,
+        /// Only this table (repeatable; default: every table).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+    },
+}
+
+fn parse_dialect(name: &str) -> Result<watershed_lake::ddl::Dialect, String> {
+    use watershed_lake::ddl::Dialect;
+    Dialect::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Dialect::ALL.iter().map(|d| d.name()).collect();
+        format!("unknown dialect {name:?}: one of {}", names.join(", "))
+    })
 }
 
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         LakeCmd::Ls { lake, data_dir, partitions } => lake_ls(lake, data_dir, partitions).await,
         LakeCmd::Compact { config, after_secs, dry_run } => lake_compact(&config, after_secs, dry_run).await,
+        LakeCmd::Ddl { config, dialect, location, database, tables } => {
+            lake_ddl(&config, dialect, location, &database, &tables)
+        }
     }
+}
+
+fn lake_ddl(
+    config: &ConfigArgs,
+    dialect: watershed_lake::ddl::Dialect,
+    location: Option<String>,
+    database: &str,
+    only: &[String],
+) -> anyhow::Result<ExitCode> {
+    use watershed_lake::ddl::{self, Dialect};
+    let config = config.load()?;
+    let registry = watershed_schema::Registry::load(&config.schemas)
+        .with_context(|| format!("loading the schemas in {}", config.schemas.display()))?;
+    let location = match location {
+        Some(l) => l,
+        None if dialect == Dialect::Athena => anyhow::bail!(
+            "Athena reads tables from S3: pass --location s3://bucket/prefix, where the lake's files are \
+             (the default, the local lake directory {}, is not)",
+            config.lake_dir().display()
+        ),
+        None => {
+            let dir = std::path::absolute(config.lake_dir()).context("the lake directory's absolute path")?;
+            let dir =
+                dir.to_str().with_context(|| format!("the lake directory {} is not UTF-8", dir.display()))?;
+            match dialect {
+                Dialect::Duckdb => dir.to_owned(),
+                Dialect::Athena | Dialect::Spark | Dialect::Trino => format!("file://{dir}"),
+            }
+        }
+    };
+    let mut subjects: Vec<_> = registry.subjects().iter().collect();
+    subjects.sort_by(|a, b| a.table.cmp(&b.table));
+    let schemas: Vec<_> =
+        subjects.iter().map(|s| watershed_lake::schema::table_schema(&s.latest().node)).collect();
+    let abouts: Vec<String> = subjects
+        .iter()
+        .map(|s| {
+            let v = s.latest();
+            format!(
+                "subject {}, schema version {} (id {}), compatibility {}",
+                s.name, v.version, v.id, s.config.compatibility
+            )
+        })
+        .collect();
+    let dead = watershed_lake::schema::dead_letter_schema();
+    let mut tables: Vec<ddl::Table<'_>> = subjects
+        .iter()
+        .zip(&schemas)
+        .zip(&abouts)
+        .map(|((s, schema), about)| ddl::Table { name: &s.table, schema, about })
+        .collect();
+    tables.push(ddl::Table {
+        name: watershed_lake::DEAD_LETTERS,
+        schema: &dead,
+        about: "events the hub refused, with their reason codes; partitioned by receive time",
+    });
+    if !only.is_empty() {
+        if let Some(unknown) = only.iter().find(|t| !tables.iter().any(|x| x.name == t.as_str())) {
+            let known: Vec<&str> = tables.iter().map(|t| t.name).collect();
+            anyhow::bail!(
+                "no table {unknown:?} in {}: the tables are {}",
+                config.schemas.display(),
+                known.join(", ")
+            );
+        }
+        tables.retain(|t| only.iter().any(|o| o == t.name));
+    }
+    let sql = ddl::generate(&tables, &ddl::Options { dialect, location: &location, database })?;
+    use std::io::Write as _;
+    std::io::stdout().lock().write_all(sql.as_bytes()).map_err(crate::on_stdout)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> anyhow::Result<ExitCode> {

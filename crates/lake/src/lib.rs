@@ -9,12 +9,15 @@
 //! - [`Compactor`]: closed partitions' small files merged into files of a
 //!   target size, crash-safe through the same commit log.
 //! - [`Lake`]: the object store (local directory or S3).
+//! - [`ddl`]: catalog DDL declaring the tables for DuckDB, Athena, Spark
+//!   and Trino.
 
 #![forbid(unsafe_code)]
 
 pub mod columns;
 mod commit;
 mod compact;
+pub mod ddl;
 mod encode;
 mod error;
 pub mod ls;
