@@ -2325,3 +2325,110 @@ fn catalog_ddl_declares_the_lake_for_duckdb() {
     );
     assert_eq!(declared, read, "the view declares what DuckDB reads from the newest file");
 }
+
+/// `[retention]`: `lake retention --dry-run` says what would go and
+/// deletes nothing; `lake retention` deletes the partitions past their
+/// table's period (and nothing else), refuses to run beside the hub, and
+/// records each partition in `retention.log`; a running hub deletes
+/// expired partitions by itself, the ones it writes too. An unknown table
+/// in `[retention]` is named.
+#[test]
+fn retention_deletes_expired_partitions_and_records_them() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let lake = data.join("lake");
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let recent: Vec<Value> = (0..3)
+        .map(|i| {
+            let mut e = login(&format!("recent-{i}"), "u1");
+            e["time"] = json!(now);
+            e
+        })
+        .collect();
+    let server = Server::start(&data, &[]);
+    // Payments of 2024-05-01: long past a 30-day period.
+    let old: Vec<Value> = (0..4).map(|i| ada(&format!("old-{i}"), "cus_1")).collect();
+    for body in [ndjson(&old), ndjson(&recent)] {
+        let (s, r, _) = post(&server.url, Some(&token), body, &[]);
+        assert_eq!(s, 200, "{r}");
+    }
+    assert!(server.stop().success());
+    assert_eq!(payment_ids(&data).len(), 4);
+
+    let data_arg = data.to_str().unwrap();
+    let retention = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = Command::new(watershed_tests::bin());
+        cmd.args(["lake", "retention", "--data-dir", data_arg])
+            .args(extra)
+            .current_dir(watershed_tests::repo());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, said, _) = retention(&[], &[]);
+    assert!(ok && said.contains("no table has a retention period"), "{said}");
+    let (ok, _, err) = retention(&[("WATERSHED_RETENTION__TABLES__PAYMENT", "30")], &[]);
+    assert!(!ok && err.contains("retention.tables.payment: no such table"), "{err}");
+    let thirty = [("WATERSHED_RETENTION__TABLES__PAYMENTS", "30")];
+    let (ok, said, err) = retention(&thirty, &["--dry-run"]);
+    assert!(ok && said.contains("dry run: would delete 1 expired partitions: 1 files"), "{said}{err}");
+    assert_eq!(payment_ids(&data).len(), 4, "a dry run deletes nothing");
+    assert!(!data.join("retention.log").exists());
+
+    let server = Server::start(&data, &[]);
+    let (ok, _, err) = retention(&thirty, &[]);
+    assert!(!ok && err.contains("is in use by another hub"), "refused beside the running hub: {err}");
+    assert!(server.stop().success());
+    let (ok, said, err) = retention(&thirty, &[]);
+    assert!(ok && said.contains("deleted 1 expired partitions: 1 files"), "{said}{err}");
+    assert!(parquet_files(&lake.join("payments")).is_empty());
+    assert_eq!(ids_by_table(&lake)["logins"].len(), 3, "the table without a period keeps its rows");
+    let record: Vec<Value> = std::fs::read_to_string(data.join("retention.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(record.len(), 1, "{record:?}");
+    assert_eq!(record[0]["partition"], json!(format!("payments/account={}/date=2024-05-01/hour=12", A[0])));
+    assert_eq!((record[0]["retention_days"].as_u64(), record[0]["files"].as_u64()), (Some(30), Some(1)));
+
+    // The running hub: what it writes into an expired partition goes on
+    // its next pass.
+    let server = Server::start(
+        &data,
+        &[
+            thirty[0],
+            ("WATERSHED_RETENTION__EVERY_SECS", "1"),
+            ("WATERSHED_LAKE__ROLL_AGE_SECS", "1"),
+            ("WATERSHED_LAKE__LATE_ROLL_AGE_SECS", "1"),
+        ],
+    );
+    let late: Vec<Value> = (0..2).map(|i| ada(&format!("late-{i}"), "cus_2")).collect();
+    let (s, r, _) = post(&server.url, Some(&token), ndjson(&late), &[]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(2)), "{r}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let lines = std::fs::read_to_string(data.join("retention.log")).unwrap().lines().count();
+        if lines == 2 && parquet_files(&lake.join("payments")).is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hub's retention pass did not delete the late file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let m = metrics(&server);
+    assert!(m.contains("watershed_retention_partitions_total 1\n"), "{m}");
+    assert!(m.contains("watershed_retention_files_total 1\n"), "{m}");
+    assert!(server.stop().success());
+    assert_eq!(ids_by_table(&lake)["logins"].len(), 3);
+}

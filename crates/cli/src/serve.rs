@@ -162,6 +162,19 @@ pub(crate) enum LakeCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Delete the partitions past their table's `[retention]` period now,
+    /// recording each in `<data-dir>/retention.log`. `serve` does this by
+    /// itself every `retention.every_secs`; this is for a hub that is
+    /// stopped (it refuses to run while the hub holds the data directory,
+    /// except with `--dry-run`).
+    Retention {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Report the partitions, files and bytes a pass would delete, and
+        /// delete nothing; runs beside a running hub too.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the catalog DDL that declares the lake's tables (every
     /// subject's table and `_dead_letters`) with their latest schema's
     /// columns and the partition columns `account`, `date`, `hour`.
@@ -199,10 +212,52 @@ pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         LakeCmd::Ls { lake, data_dir, partitions } => lake_ls(lake, data_dir, partitions).await,
         LakeCmd::Compact { config, after_secs, dry_run } => lake_compact(&config, after_secs, dry_run).await,
+        LakeCmd::Retention { config, dry_run } => lake_retention(&config, dry_run).await,
         LakeCmd::Ddl { config, dialect, location, database, tables } => {
             lake_ddl(&config, dialect, location, &database, &tables)
         }
     }
+}
+
+async fn lake_retention(config: &ConfigArgs, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let config = config.load()?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} partitions {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let mut progress = |done: usize, total: usize, r: &watershed_lake::retention::RetentionReport| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("{} files, {} bytes", r.files, r.bytes));
+    };
+    let (policy, r) = watershed_hub::pipeline::apply_retention(&config, dry_run, &mut progress)
+        .await
+        .context("applying retention")?;
+    bar.finish_and_clear();
+    if policy.keeps_everything() {
+        out!("no table has a retention period ([retention] default_days, tables): nothing expires");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "dry run: would delete" } else { "deleted" };
+    out!("{verb} {} expired partitions: {} files, {} bytes", r.partitions, r.files, r.bytes);
+    if !dry_run && r.files > 0 {
+        out!("recorded in {}", config.data_dir.join(watershed_hub::pipeline::RETENTION_RECORD).display());
+    }
+    if r.skipped > 0 {
+        out!(
+            "{} expired partition(s) have a merge cut short and are left until compaction settles it \
+             (`watershed lake compact`, or the hub's next start)",
+            r.skipped
+        );
+    }
+    if r.failures > 0 {
+        eprintln!("watershed: {} file(s) could not be deleted (see the log); run it again", r.failures);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn lake_ddl(

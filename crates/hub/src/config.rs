@@ -34,6 +34,8 @@ pub struct HubConfig {
     pub wal: WalConfig,
     /// Dead-letter settings.
     pub dead_letters: DeadLettersConfig,
+    /// How long each table's partitions are kept.
+    pub retention: RetentionConfig,
     /// Keyring settings.
     pub keys: KeysConfig,
     /// HTTPS: serve TLS on `listen` with this certificate.
@@ -53,6 +55,7 @@ impl Default for HubConfig {
             memory: MemoryConfig::default(),
             wal: WalConfig::default(),
             dead_letters: DeadLettersConfig::default(),
+            retention: RetentionConfig::default(),
             keys: KeysConfig::default(),
             tls: TlsConfig::default(),
             shutdown_timeout_secs: 30,
@@ -233,6 +236,57 @@ pub struct DeadLettersConfig {
     /// a ciphertext under the event's data-subject key, else the
     /// account's) or `plain`.
     pub raw: DeadLetterRaw,
+}
+
+/// `[retention]`: a table's partitions are deleted once their hour (event
+/// time; receive time for `_dead_letters`) ended more than its period
+/// ago, and each deletion recorded in `<data_dir>/retention.log`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days a table's partitions are kept unless `tables` says otherwise;
+    /// 0 (the default) keeps them for good.
+    pub default_days: u32,
+    /// Days by table name (`_dead_letters` too); 0 keeps a table for good.
+    pub tables: std::collections::BTreeMap<String, u32>,
+    /// Seconds between the running hub's retention passes.
+    pub every_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { default_days: 0, tables: std::collections::BTreeMap::new(), every_secs: 3600 }
+    }
+}
+
+impl RetentionConfig {
+    /// The policy, once every table it names is one of `registry`'s (or
+    /// `_dead_letters`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the key of a table the schemas do not have.
+    pub fn policy(
+        &self,
+        registry: &watershed_schema::Registry,
+    ) -> Result<watershed_lake::retention::Retention> {
+        for table in self.tables.keys() {
+            let known = table == watershed_lake::DEAD_LETTERS
+                || registry.subjects().iter().any(|s| &s.table == table);
+            if !known {
+                let mut tables: Vec<&str> = registry.subjects().iter().map(|s| s.table.as_str()).collect();
+                tables.sort_unstable();
+                tables.push(watershed_lake::DEAD_LETTERS);
+                return Err(Error::Config(format!(
+                    "retention.tables.{table}: no such table (the tables are {})",
+                    tables.join(", ")
+                )));
+            }
+        }
+        Ok(watershed_lake::retention::Retention {
+            default_days: self.default_days,
+            tables: self.tables.clone(),
+        })
+    }
 }
 
 /// `[keys]`: where the keyring's master keys come from, and how soon an
@@ -449,6 +503,9 @@ impl HubConfig {
         }
         if self.limits.max_connections == 0 {
             return bad("limits.max_connections", "must be positive");
+        }
+        if self.retention.every_secs == 0 {
+            return bad("retention.every_secs", "must be positive");
         }
         if self.memory.budget_bytes < (1 << 16) {
             return bad("memory.budget_bytes", "must be at least 65536");
@@ -739,6 +796,41 @@ mod tests {
         assert_eq!(off.lake.compact_every_secs, 0);
         let e = load(&[("WATERSHED_LAKE__COMPACT_TARGET_BYTES", "4096")]).unwrap_err();
         assert!(e.starts_with("invalid configuration: lake.compact_target_bytes: must be at least"), "{e}");
+    }
+
+    #[test]
+    fn retention_periods_by_table_from_the_environment() {
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            (c.retention.default_days, c.retention.tables.len(), c.retention.every_secs),
+            (0, 0, 3600)
+        );
+        let c = load(&[
+            ("WATERSHED_RETENTION__DEFAULT_DAYS", "365"),
+            ("WATERSHED_RETENTION__TABLES__PAYMENTS", "30"),
+            ("WATERSHED_RETENTION__TABLES___DEAD_LETTERS", "7"),
+        ])
+        .unwrap();
+        assert_eq!(c.retention.default_days, 365);
+        assert_eq!(
+            c.retention.tables,
+            std::collections::BTreeMap::from([("payments".to_owned(), 30), ("_dead_letters".to_owned(), 7)])
+        );
+        let e = load(&[("WATERSHED_RETENTION__EVERY_SECS", "0")]).unwrap_err();
+        assert!(e.contains("retention.every_secs: must be positive"), "{e}");
+        let schemas = crate::testing::config(std::path::Path::new("unused")).schemas;
+        let registry = watershed_schema::Registry::load(&schemas).unwrap();
+        let policy = c.retention.policy(&registry).unwrap();
+        assert_eq!(
+            (policy.days("payments"), policy.days("logins"), policy.days("_dead_letters")),
+            (Some(30), Some(365), Some(7))
+        );
+        let bad = load(&[("WATERSHED_RETENTION__TABLES__PAYMENT", "30")]).unwrap();
+        let e = bad.retention.policy(&registry).unwrap_err().to_string();
+        assert!(
+            e.contains("retention.tables.payment: no such table (the tables are cloudtrail, logins, orders, payments, _dead_letters)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Prometheus metrics, served as text on `/metrics`.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -116,6 +115,14 @@ pub struct Metrics {
     pub compaction_failures: Counter,
     /// Merges left to a later pass for want of room in the memory budget.
     pub compactions_deferred: Counter,
+    /// Partitions deleted by retention.
+    pub retention_partitions: Counter,
+    /// Files deleted by retention.
+    pub retention_files: Counter,
+    /// Bytes of the files deleted by retention.
+    pub retention_bytes: Counter,
+    /// Files retention could not delete yet, and failed passes.
+    pub retention_failures: Counter,
     /// Unix time at which the served TLS certificate expires (no sample
     /// without `[tls]`); follows renewals.
     pub tls_expiry: Family<CertLabel, Gauge>,
@@ -150,6 +157,10 @@ impl Default for Metrics {
             compacted_files: Counter::default(),
             compaction_failures: Counter::default(),
             compactions_deferred: Counter::default(),
+            retention_partitions: Counter::default(),
+            retention_files: Counter::default(),
+            retention_bytes: Counter::default(),
+            retention_failures: Counter::default(),
             tls_expiry: Family::default(),
             registry: Registry::default(),
             render: std::sync::Mutex::new(()),
@@ -221,12 +232,39 @@ impl Default for Metrics {
             m.compactions_deferred.clone(),
         );
         registry.register(
+            "retention_partitions",
+            "Partitions deleted by retention, past their table's period",
+            m.retention_partitions.clone(),
+        );
+        registry.register("retention_files", "Files deleted by retention", m.retention_files.clone());
+        registry.register(
+            "retention_bytes",
+            "Bytes of the files deleted by retention",
+            m.retention_bytes.clone(),
+        );
+        registry.register(
+            "retention_failures",
+            "Files retention could not delete yet (retried), and failed retention passes",
+            m.retention_failures.clone(),
+        );
+        registry.register(
             "tls_certificate_expiry_timestamp_seconds",
             "Unix time at which the served TLS certificate expires",
             m.tls_expiry.clone(),
         );
         Self { registry, ..m }
     }
+}
+
+/// The lake's running totals a render mirrors into counters.
+#[derive(Debug, Clone, Copy)]
+pub struct LakeTotals<'a> {
+    /// The writer's.
+    pub writer: &'a WriterStats,
+    /// Compaction's.
+    pub compaction: &'a CompactStats,
+    /// Retention's.
+    pub retention: &'a watershed_lake::retention::RetentionStats,
 }
 
 impl Metrics {
@@ -238,9 +276,9 @@ impl Metrics {
         wal: WalStats,
         memory: usize,
         requests: usize,
-        writer: &Arc<WriterStats>,
-        compaction: &CompactStats,
+        lake: LakeTotals<'_>,
     ) -> String {
+        let LakeTotals { writer, compaction, retention } = lake;
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         // The lake's totals, mirrored into counters: one render at a time,
         // so two scrapes cannot both add the same increase.
@@ -262,6 +300,10 @@ impl Metrics {
         total(&self.compacted_files, &compaction.inputs);
         total(&self.compaction_failures, &compaction.failures);
         total(&self.compactions_deferred, &compaction.deferred);
+        total(&self.retention_partitions, &retention.partitions);
+        total(&self.retention_files, &retention.files);
+        total(&self.retention_bytes, &retention.bytes);
+        total(&self.retention_failures, &retention.failures);
         if let Ok(mut recent) = writer.recent.lock() {
             for (size, secs) in recent.drain(..) {
                 #[allow(clippy::cast_precision_loss)]
@@ -291,11 +333,19 @@ mod tests {
     #[test]
     fn the_lakes_totals_are_counters_that_follow_their_source() {
         let m = Metrics::default();
-        let (writer, compaction) = (Arc::new(WriterStats::default()), CompactStats::default());
+        let (writer, compaction) = (WriterStats::default(), CompactStats::default());
         let wal = WalStats { total: 0, raw: 0, write_failures: 1 };
         writer.files.store(3, Ordering::Relaxed);
         compaction.deferred.store(2, Ordering::Relaxed);
-        let first = m.render(true, wal, 0, 0, &writer, &compaction);
+        let retention = watershed_lake::retention::RetentionStats::default();
+        retention.files.store(4, Ordering::Relaxed);
+        let first = m.render(
+            true,
+            wal,
+            0,
+            0,
+            LakeTotals { writer: &writer, compaction: &compaction, retention: &retention },
+        );
         for name in [
             "files_written",
             "flush_failures",
@@ -305,17 +355,34 @@ mod tests {
             "compacted_files",
             "compaction_failures",
             "compactions_deferred",
+            "retention_partitions",
+            "retention_files",
+            "retention_bytes",
+            "retention_failures",
         ] {
             assert!(first.contains(&format!("# TYPE watershed_{name} counter\n")), "{name}: {first}");
         }
         assert_eq!(value(&first, "watershed_files_written_total"), "3");
         assert_eq!(value(&first, "watershed_compactions_deferred_total"), "2");
+        assert_eq!(value(&first, "watershed_retention_files_total"), "4");
         assert_eq!(value(&first, "watershed_wal_write_failures_total"), "1");
-        let again = m.render(true, wal, 0, 0, &writer, &compaction);
+        let again = m.render(
+            true,
+            wal,
+            0,
+            0,
+            LakeTotals { writer: &writer, compaction: &compaction, retention: &retention },
+        );
         assert_eq!(value(&again, "watershed_files_written_total"), "3", "a second scrape adds nothing");
         assert_eq!(value(&again, "watershed_wal_write_failures_total"), "1");
         writer.files.store(5, Ordering::Relaxed);
-        let later = m.render(true, wal, 0, 0, &writer, &compaction);
+        let later = m.render(
+            true,
+            wal,
+            0,
+            0,
+            LakeTotals { writer: &writer, compaction: &compaction, retention: &retention },
+        );
         assert_eq!(value(&later, "watershed_files_written_total"), "5");
         assert_eq!(value(&later, "watershed_open_partitions"), "0", "gauges keep their names");
     }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use watershed_event::{AccountId, Clock, SystemClock};
+use watershed_lake::retention::RetentionStats;
 use watershed_lake::{
     CommitLog, CommitSink, CompactConfig, CompactStats, Compactor, Lake, LakeWriter, Memory, Msg, Part,
     PartitionKey, WriterConfig, WriterStats,
@@ -97,6 +98,11 @@ pub struct Hub {
     /// The compaction task and its stop request (none when
     /// `lake.compact_every_secs` is 0).
     compaction: Option<(tokio::task::JoinHandle<()>, Arc<CompactStop>)>,
+    /// Retention counters.
+    pub retention_stats: Arc<RetentionStats>,
+    /// The retention task and its stop request (none when no table
+    /// expires).
+    retention: Option<(tokio::task::JoinHandle<()>, Arc<CompactStop>)>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
@@ -142,6 +148,7 @@ impl Hub {
             watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
             e => Error::Schema(e),
         })?);
+        let retention_policy = config.retention.policy(&registry)?;
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let keyring: Arc<dyn Keyring> = Arc::new(config.keys.open(&config.data_dir.join("keyring"))?);
@@ -257,6 +264,23 @@ impl Hub {
         // What puts a crash cut short left (compaction passes look again).
         watershed_lake::sweep_abandoned_uploads(&lake).await;
         let compact_stats = Arc::new(CompactStats::default());
+        // Compaction and retention passes take turns: a merge never
+        // reads a file a retention pass deletes.
+        let maintenance = Arc::new(tokio::sync::Mutex::new(()));
+        let retention_stats = Arc::new(RetentionStats::default());
+        let retention = (!retention_policy.keeps_everything()).then(|| {
+            let stop = Arc::new(CompactStop::default());
+            let pass = RetentionPass {
+                lake: lake.clone(),
+                policy: retention_policy,
+                log: commit_log.clone(),
+                clock: clock.clone(),
+                record: config.data_dir.join(RETENTION_RECORD),
+                stats: retention_stats.clone(),
+            };
+            let every = std::time::Duration::from_secs(config.retention.every_secs);
+            (tokio::spawn(retention_every(pass, maintenance.clone(), stop.clone(), every)), stop)
+        });
         let compaction = (config.lake.compact_every_secs > 0).then(|| {
             let compactor = Compactor::new(
                 lake.clone(),
@@ -268,7 +292,7 @@ impl Hub {
             .with_memory(memory.clone());
             let stop = Arc::new(CompactStop::default());
             let every = std::time::Duration::from_secs(config.lake.compact_every_secs);
-            (tokio::spawn(compact_every(compactor, stop.clone(), every)), stop)
+            (tokio::spawn(compact_every(compactor, maintenance, stop.clone(), every)), stop)
         });
         tracing::info!(
             replayed_rows = replayed,
@@ -293,6 +317,8 @@ impl Hub {
             writer_stats,
             compact_stats,
             compaction,
+            retention_stats,
+            retention,
             metrics,
             clock,
             lake,
@@ -387,8 +413,11 @@ impl Hub {
             },
             self.memory.used(),
             self.requests.used(),
-            &self.writer_stats,
-            &self.compact_stats,
+            crate::metrics::LakeTotals {
+                writer: &self.writer_stats,
+                compaction: &self.compact_stats,
+                retention: &self.retention_stats,
+            },
         )
     }
 
@@ -457,7 +486,8 @@ impl Hub {
         }
         // A pass in progress finishes the merge it is in (a merge cut
         // short would be finished on the next start anyway).
-        if let Some((task, stop)) = self.compaction.take() {
+        // A retention pass in progress finishes the partition it is in.
+        for (task, stop) in [self.compaction.take(), self.retention.take()].into_iter().flatten() {
             stop.flag.store(true, std::sync::atomic::Ordering::Relaxed);
             stop.wake.notify_one();
             let _ = task.await;
@@ -482,7 +512,12 @@ struct CompactStop {
 }
 
 /// Run a compaction pass every `every` until asked to stop.
-async fn compact_every(compactor: Compactor, stop: Arc<CompactStop>, every: std::time::Duration) {
+async fn compact_every(
+    compactor: Compactor,
+    maintenance: Arc<tokio::sync::Mutex<()>>,
+    stop: Arc<CompactStop>,
+    every: std::time::Duration,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -491,6 +526,7 @@ async fn compact_every(compactor: Compactor, stop: Arc<CompactStop>, every: std:
         if stop.flag.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
+        let _turn = maintenance.lock().await;
         match compactor.run_once(&stop.flag).await {
             Ok(r) if r.merges > 0 || r.failures > 0 => tracing::info!(
                 partitions = r.partitions,
@@ -504,6 +540,84 @@ async fn compact_every(compactor: Compactor, stop: Arc<CompactStop>, every: std:
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "compaction pass failed; retried on the next"),
+        }
+    }
+}
+
+/// The retention record's file name in the data directory.
+pub const RETENTION_RECORD: &str = "retention.log";
+
+/// What a retention pass of the running hub needs.
+struct RetentionPass {
+    lake: Lake,
+    policy: watershed_lake::retention::Retention,
+    log: Arc<std::sync::Mutex<CommitLog>>,
+    clock: Arc<dyn Clock>,
+    record: std::path::PathBuf,
+    stats: Arc<RetentionStats>,
+}
+
+impl RetentionPass {
+    async fn run(&self, stop: &std::sync::atomic::AtomicBool) {
+        // Partitions with a merge in progress wait for compaction to
+        // settle it.
+        let busy: std::collections::BTreeSet<String> = self
+            .log
+            .lock()
+            .expect("commit log lock")
+            .open_merges()
+            .into_iter()
+            .map(|m| m.partition)
+            .collect();
+        let mut record = watershed_lake::retention::RetentionRecord::new(&self.record);
+        let now = self.clock.now_micros();
+        let pass = watershed_lake::retention::Pass {
+            lake: &self.lake,
+            policy: &self.policy,
+            now,
+            busy: &busy,
+            dry_run: false,
+        };
+        match watershed_lake::retention::apply(&pass, &mut record, stop, &mut |_, _, _| {}).await {
+            Ok(r) => {
+                self.stats.add(&r);
+                if r.files > 0 || r.failures > 0 || r.skipped > 0 {
+                    tracing::info!(
+                        partitions = r.partitions,
+                        files = r.files,
+                        bytes = r.bytes,
+                        skipped = r.skipped,
+                        failures = r.failures,
+                        "retention pass: expired partitions deleted"
+                    );
+                }
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "retention pass failed; retried on the next");
+            }
+        }
+    }
+}
+
+/// Run a retention pass at once, then every `every`, until asked to stop.
+async fn retention_every(
+    pass: RetentionPass,
+    maintenance: Arc<tokio::sync::Mutex<()>>,
+    stop: Arc<CompactStop>,
+    every: std::time::Duration,
+) {
+    loop {
+        if stop.flag.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        {
+            let _turn = maintenance.lock().await;
+            pass.run(&stop.flag).await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.wake.notified() => return,
         }
     }
 }
@@ -776,6 +890,48 @@ pub async fn compact_lake(
         compactor = compactor.plan_only();
     }
     Ok(compactor.run_once_with(&std::sync::atomic::AtomicBool::new(false), progress).await?)
+}
+
+/// One retention pass over the lake of a hub that is not running (it
+/// takes the data directory's lock, as `serve` does, which runs passes by
+/// itself every `retention.every_secs`): every partition past its table's
+/// `[retention]` period is deleted and recorded in
+/// `<data_dir>/retention.log`. With `dry_run`, nothing is deleted or
+/// recorded and the report says what would be; a dry run takes no lock,
+/// so it also runs beside the hub. `progress` is called after each
+/// expired partition (see [`watershed_lake::retention::apply`]).
+///
+/// # Errors
+/// [`Error::Config`] when `[retention]` names a table the schemas do not
+/// have; [`Error::DataDirInUse`] while the hub runs, unless `dry_run`;
+/// failures to load the schemas, list the lake, or open the commit log.
+pub async fn apply_retention(
+    config: &HubConfig,
+    dry_run: bool,
+    progress: &mut (dyn FnMut(usize, usize, &watershed_lake::retention::RetentionReport) + Send),
+) -> Result<(watershed_lake::retention::Retention, watershed_lake::retention::RetentionReport)> {
+    let registry = Registry::load(&config.schemas).map_err(|e| match e {
+        watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
+        e => Error::Schema(e),
+    })?;
+    let policy = config.retention.policy(&registry)?;
+    let _lock = if dry_run { None } else { Some(lock_data_dir(&config.data_dir)?) };
+    let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
+    let wal_dir = config.data_dir.join("wal");
+    // Partitions with a merge cut short are left until compaction (the
+    // hub's start, or `lake compact`) settles it.
+    let busy: std::collections::BTreeSet<String> = if wal_dir.join("commits.log").exists() {
+        let log = CommitLog::open_read_only(&wal_dir.join("commits.log"), &lake).await?;
+        log.open_merges().into_iter().map(|m| m.partition).collect()
+    } else {
+        std::collections::BTreeSet::new()
+    };
+    let mut record = watershed_lake::retention::RetentionRecord::new(&config.data_dir.join(RETENTION_RECORD));
+    let now = SystemClock.now_micros();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let pass = watershed_lake::retention::Pass { lake: &lake, policy: &policy, now, busy: &busy, dry_run };
+    let report = watershed_lake::retention::apply(&pass, &mut record, &stop, progress).await?;
+    Ok((policy, report))
 }
 
 /// Take `<data_dir>/hub.lock` exclusively (released when the hub is

@@ -9,6 +9,8 @@
 //! - [`Compactor`]: closed partitions' small files merged into files of a
 //!   target size, crash-safe through the same commit log.
 //! - [`Lake`]: the object store (local directory or S3).
+//! - [`retention`]: partitions past their table's period deleted, and
+//!   recorded.
 //! - [`ddl`]: catalog DDL declaring the tables for DuckDB, Athena, Spark
 //!   and Trino.
 
@@ -23,6 +25,7 @@ mod error;
 pub mod ls;
 mod memory;
 mod partition;
+pub mod retention;
 pub mod schema;
 mod store;
 mod table;
