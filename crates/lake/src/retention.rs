@@ -15,6 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt as _;
+use object_store::ObjectMeta;
 use serde::Serialize;
 use watershed_event::TimestampMicros;
 
@@ -116,37 +117,46 @@ impl RetentionStats {
 /// [`Error::Store`] when the lake cannot be listed.
 pub async fn expired(lake: &Lake, policy: &Retention, now: TimestampMicros) -> Result<Vec<Expired>> {
     let mut found: BTreeMap<String, Expired> = BTreeMap::new();
-    if policy.keeps_everything() {
-        return Ok(Vec::new());
-    }
-    let mut listing = lake.store().list(None);
-    while let Some(meta) = listing.next().await {
-        let meta =
-            meta.map_err(|e| Error::Store { path: "the lake root".to_owned(), source: Box::new(e) })?;
-        let path = meta.location.as_ref();
-        if !path.ends_with(".parquet") {
-            continue;
+    // Without a default period only the tables with one are listed.
+    let prefixes: Vec<Option<object_store::path::Path>> = if policy.default_days > 0 {
+        vec![None]
+    } else {
+        policy.tables.iter().filter(|(_, days)| **days > 0).map(|(t, _)| Some(t.as_str().into())).collect()
+    };
+    for prefix in &prefixes {
+        let mut listing = lake.store().list(prefix.as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| Error::Store {
+                path: prefix.as_ref().map_or_else(|| "the lake root".to_owned(), ToString::to_string),
+                source: Box::new(e),
+            })?;
+            note(&mut found, policy, now, &meta);
         }
-        let Some((dir, _)) = path.rsplit_once('/') else { continue };
-        let Some((table, _)) = dir.split_once('/') else { continue };
-        let Some(hour_end) = dir_hour_end(dir) else { continue };
-        if !policy.expired(table, hour_end, now) {
-            continue;
-        }
-        let days = policy.days(table).expect("an expired table has a period");
-        found
-            .entry(dir.to_owned())
-            .or_insert_with(|| Expired {
-                dir: dir.to_owned(),
-                table: table.to_owned(),
-                hour_end,
-                days,
-                files: Vec::new(),
-            })
-            .files
-            .push((path.to_owned(), meta.size));
     }
     Ok(found.into_values().collect())
+}
+
+/// Adds a listed file to `found` when its partition is past its period.
+fn note(found: &mut BTreeMap<String, Expired>, policy: &Retention, now: TimestampMicros, meta: &ObjectMeta) {
+    let path = meta.location.as_ref();
+    if !path.ends_with(".parquet") {
+        return;
+    }
+    let Some((dir, _)) = path.rsplit_once('/') else { return };
+    let Some((table, _)) = dir.split_once('/') else { return };
+    let Some(hour_end) = dir_hour_end(dir) else { return };
+    let Some(days) = policy.days(table).filter(|_| policy.expired(table, hour_end, now)) else { return };
+    found
+        .entry(dir.to_owned())
+        .or_insert_with(|| Expired {
+            dir: dir.to_owned(),
+            table: table.to_owned(),
+            hour_end,
+            days,
+            files: Vec::new(),
+        })
+        .files
+        .push((path.to_owned(), meta.size));
 }
 
 /// What one pass works on.
@@ -340,6 +350,14 @@ mod tests {
         let policy = Retention { default_days: 0, tables: BTreeMap::from([("logins".to_owned(), 30)]) };
         let now = at("2024-06-20T12:00:00Z");
         let busy_dirs = BTreeSet::from([busy.to_owned()]);
+        let everything = Retention { default_days: 30, tables: BTreeMap::new() };
+        let dirs: Vec<String> =
+            expired(&lake, &everything, now).await.unwrap().into_iter().map(|e| e.dir).collect();
+        assert_eq!(
+            dirs,
+            vec![old.to_owned(), busy.to_owned(), "payments/account=1/date=2024-05-01/hour=13".to_owned()],
+            "a default period covers every table"
+        );
         let pass = |dry_run| Pass { lake: &lake, policy: &policy, now, busy: &busy_dirs, dry_run };
         let record_path = dir.path().join("retention.log");
         let mut record = RetentionRecord::new(&record_path);
