@@ -2432,3 +2432,93 @@ fn retention_deletes_expired_partitions_and_records_them() {
     assert!(server.stop().success());
     assert_eq!(ids_by_table(&lake)["logins"].len(), 3);
 }
+
+/// Dead letters sent again: events refused as `unknown_subject` before
+/// their schema existed are decrypted (`keys decrypt --events`, audited)
+/// into NDJSON that `send` posts once the schema is loaded; they land in
+/// their table once, a second reprocessing counts them as duplicates, and
+/// a dead letter that is not a JSON object is named and left out.
+#[test]
+fn dead_letters_are_reprocessed_once_their_schema_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let token = add_account(&data, A[0]);
+    let schemas = dir.path().join("schemas");
+    let repo = watershed_tests::repo().join("schemas");
+    let copy_subject = |subject: &str| {
+        std::fs::create_dir_all(schemas.join(subject)).unwrap();
+        for f in std::fs::read_dir(repo.join(subject)).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), schemas.join(subject).join(f.file_name())).unwrap();
+        }
+    };
+    copy_subject("payments.payment_authorized");
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    // Pretty-printed in an array: each refused event's raw bytes span lines.
+    let logins: Vec<Value> = (0..2).map(|i| login(&format!("l-{i}"), &format!("u{i}"))).collect();
+    let body =
+        serde_json::to_vec_pretty(&json!([ada("p-0", "cus_1"), logins[0], logins[1], [1, 2]])).unwrap();
+    let (s, r, _) = post(&server.url, Some(&token), body, &[("content-type", "application/json")]);
+    assert_eq!((s, r["accepted"].as_u64()), (200, Some(1)), "{r}");
+    let reasons: Vec<&str> =
+        r["rejected"].as_array().unwrap().iter().map(|x| x["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["unknown_subject", "unknown_subject", "bad_envelope"], "{r}");
+    assert!(server.stop().success());
+
+    copy_subject("identity.user_login");
+    let server = Server::start_with_schemas(&data, &schemas, &[]);
+    let dead: Vec<(String, String)> = read_table(&data.join("lake"), "_dead_letters")
+        .iter()
+        .flat_map(|(_, b)| strings(b, "reason").into_iter().zip(strings(b, "raw")))
+        .map(|(reason, raw)| (reason.unwrap(), raw.unwrap()))
+        .collect();
+    let unknown: Vec<&str> =
+        dead.iter().filter(|(reason, _)| reason == "unknown_subject").map(|(_, raw)| raw.as_str()).collect();
+    let other = dead.iter().find(|(reason, _)| reason == "bad_envelope").unwrap().1.as_str();
+    let data_s = data.to_str().unwrap();
+    let decrypt = |input: String| {
+        run_with_stdin(
+            &[
+                "keys",
+                "decrypt",
+                "--principal",
+                "ops",
+                "--purpose",
+                "REPROCESS-1",
+                "--events",
+                "--data-dir",
+                data_s,
+                "-",
+            ],
+            &input,
+        )
+    };
+    let out = decrypt(format!("{}\n{}\n\n{other}\n", unknown[0], unknown[1]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 4: left out: not a JSON object"), "{err}");
+    let ndjson_out = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Value> = ndjson_out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut ids: Vec<&str> = lines.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["l-0", "l-1"], "one line per event: {ndjson_out}");
+    assert!(lines.contains(&logins[0]) && lines.contains(&logins[1]), "the events as sent");
+
+    for (round, want) in [(1, (Some(2), Some(0))), (2, (Some(0), Some(2)))] {
+        let out = run_with_stdin(&["send", "--url", &server.url, "--token", &token, "-"], &ndjson_out);
+        assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        let said = String::from_utf8_lossy(&out.stdout);
+        // "accepted N rejected N duplicates N"
+        let counts = |word: &str| {
+            let words: Vec<&str> = said.split_whitespace().collect();
+            words.windows(2).find(|w| w[0] == word).and_then(|w| w[1].parse::<u64>().ok())
+        };
+        assert_eq!((counts("accepted"), counts("duplicates")), want, "round {round}: {said}");
+    }
+    assert!(server.stop().success());
+    let mut landed: Vec<String> =
+        ids_by_table(&data.join("lake"))["logins"].iter().map(|(_, id)| id.clone()).collect();
+    landed.sort();
+    assert_eq!(landed, ["l-0", "l-1"], "in their table once");
+    let audit = std::fs::read_to_string(data.join("keyring/audit.log")).unwrap();
+    assert!(audit.contains("REPROCESS-1"), "the decrypt is audited: {audit}");
+}

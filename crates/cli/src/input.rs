@@ -316,7 +316,7 @@ impl<R: BufRead> Scanner<R> {
 
 /// `json` without the whitespace outside its strings (it is JSON: the
 /// rest means the same).
-fn compact(json: &[u8]) -> Vec<u8> {
+pub(crate) fn compact(json: &[u8]) -> Vec<u8> {
     let mut strings = Strings::default();
     json.iter().copied().filter(|&b| !strings.outside(b) || !is_ws(b)).collect()
 }

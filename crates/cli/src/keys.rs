@@ -119,6 +119,14 @@ pub(crate) enum KeysCmd {
         /// Ciphertexts (`wse1.…`), or `-` to read them from stdin.
         #[arg(required = true)]
         values: Vec<String>,
+        /// Print each plaintext as one NDJSON line, to send again (`| watershed
+        /// send -`): dead letters' `raw` events refused before a schema
+        /// existed for them. An event is put on one line by taking out the
+        /// whitespace outside its strings; a value that does not decrypt, or
+        /// is not one JSON object, is named on stderr by its position (its
+        /// line on stdin) and left out, and the command exits 1.
+        #[arg(long)]
+        events: bool,
         #[command(flatten)]
         keyring: KeyringArgs,
     },
@@ -133,6 +141,39 @@ pub(crate) enum KeysCmd {
         #[command(flatten)]
         keyring: KeyringArgs,
     },
+}
+
+/// `keys decrypt --events`: each plaintext that is one JSON object as an
+/// NDJSON line; the others named on stderr by `origins`.
+fn print_events(
+    results: &[Result<watershed_protect::Plaintext, watershed_protect::Error>],
+    origins: &[String],
+) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut left_out = 0usize;
+    for (r, origin) in results.iter().zip(origins) {
+        let why = match r {
+            Err(e) => e.to_string(),
+            Ok(p) => match serde_json::from_slice::<serde_json::Value>(p.expose()) {
+                Ok(serde_json::Value::Object(_)) => {
+                    out.write_all(&crate::input::compact(p.expose()))?;
+                    out.write_all(b"\n")?;
+                    continue;
+                }
+                Ok(_) => "not a JSON object".to_owned(),
+                Err(e) if p.expose_str().is_none() => format!("not UTF-8 ({e})"),
+                Err(e) => format!("not JSON ({e})"),
+            },
+        };
+        left_out += 1;
+        eprintln!("watershed: {origin}: left out: {why}");
+    }
+    out.flush()?;
+    if left_out > 0 {
+        eprintln!("watershed: {left_out} of {} value(s) left out", results.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Keys and subjects of `out`, a subject named twice counted once.
@@ -304,26 +345,31 @@ pub(crate) fn run(cmd: KeysCmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        KeysCmd::Decrypt { by, values, keyring } => {
+        KeysCmd::Decrypt { by, values, events, keyring } => {
             let by = by.access()?;
             let from_stdin = values == ["-"];
-            let values = if from_stdin {
+            // Each value with where it came from, for messages.
+            let (values, origins): (Vec<String>, Vec<String>) = if from_stdin {
                 let mut lines = Vec::new();
-                for line in std::io::stdin().lines() {
+                for (n, line) in std::io::stdin().lines().enumerate() {
                     let line = line.context("reading ciphertexts from stdin")?;
                     let line = line.trim();
                     if !line.is_empty() {
-                        lines.push(line.to_owned());
+                        lines.push((line.to_owned(), format!("line {}", n + 1)));
                     }
                 }
                 anyhow::ensure!(!lines.is_empty(), "no ciphertexts on stdin");
-                lines
+                lines.into_iter().unzip()
             } else {
-                values
+                let origins = (1..=values.len()).map(|n| format!("value {n}")).collect();
+                (values, origins)
             };
             let kr = keyring.open()?;
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             let results = Decryptor::new(&kr).decrypt(&by, &refs)?;
+            if events {
+                return print_events(&results, &origins);
+            }
             let mut failed = 0usize;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for r in &results {
