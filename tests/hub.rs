@@ -2220,8 +2220,9 @@ fn a_new_schema_version_is_read_by_name_across_older_files() {
 /// whose table holds files of two schema versions, and reads every row
 /// typed by the latest one (older rows' new field NULL, the widened field
 /// BIGINT), the account as text (leading zero kept), the partition values
-/// typed, a table with no files as no rows, and the dead letters; the
-/// view declares what DuckDB itself reads from the newest file. The other
+/// typed, a table with no files as no rows, and the dead letters, pruning
+/// files by partition filters; the view declares what DuckDB itself reads
+/// from the newest file. The other
 /// dialects' statements are checked in `tests/readers.rs`.
 #[test]
 fn catalog_ddl_declares_the_lake_for_duckdb() {
@@ -2309,6 +2310,11 @@ fn catalog_ddl_declares_the_lake_for_duckdb() {
         vec![json!([zero, "unknown_subject"]), json!([A[0], "unknown_subject"])]
     );
     assert_eq!(query("SELECT count(*), count(detail) FROM watershed.orders"), vec![json!([0, 0])]);
+    // A filter on a partition column reaches the files' paths through the
+    // view: only that account's files are read (2 of the table's 3).
+    let plan = query("EXPLAIN ANALYZE SELECT count(*) FROM watershed.logins WHERE account = '012345678901'");
+    let plan = plan[0][1].as_str().unwrap();
+    assert!(plan.contains("Scanning Files: 2/3"), "{plan}");
     let newest = parquet_files(&lake.join("logins"))
         .into_iter()
         .max_by_key(|f| std::fs::metadata(f).unwrap().modified().unwrap())
