@@ -1,4 +1,4 @@
-//! `watershed serve`, `watershed accounts add`, `watershed lake ls|compact|ddl`.
+//! `watershed serve`, `watershed accounts add`, `watershed lake ls|compact|retention|ddl`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -915,6 +915,9 @@ pub async fn apply_retention(
         e => Error::Schema(e),
     })?;
     let policy = config.retention.policy(&registry)?;
+    if policy.keeps_everything() {
+        return Ok((policy, watershed_lake::retention::RetentionReport::default()));
+    }
     let _lock = if dry_run { None } else { Some(lock_data_dir(&config.data_dir)?) };
     let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
     let wal_dir = config.data_dir.join("wal");
