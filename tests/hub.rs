@@ -955,7 +955,8 @@ fn unfinished_uploads_a_crash_left_are_removed_at_start() {
 /// Two hubs, each with its own data directory, writing one lake (a
 /// shared `lake.path`): both start their WAL at record 1, so their files
 /// for the same partition must still not share a name (a create-only put
-/// would take the other hub's file for its own and drop its rows).
+/// would take the other hub's file for its own and drop its rows). `lake
+/// ls --config` lists the lake `lake.path` names.
 #[test]
 fn two_hubs_sharing_a_lake_keep_each_others_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -973,6 +974,14 @@ fn two_hubs_sharing_a_lake_keep_each_others_files() {
         want.extend(events.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
     }
     assert_eq!(payment_ids_in(&lake), want, "both hubs' events, each once");
+    // `lake ls` finds the lake where the hubs' configuration puts it.
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, format!("[lake]\npath = {:?}\n", lake.to_str().unwrap())).unwrap();
+    let out = run(&["lake", "ls", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let payments = stdout.lines().find(|l| l.starts_with("payments ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(payments.split_whitespace().collect::<Vec<_>>()[..4], ["payments", "1", "2", "6"], "{stdout}");
 }
 
 /// The files named `*.<ext>` in the WAL directory of `data`, oldest first.

@@ -135,12 +135,12 @@ pub(crate) fn accounts(cmd: AccountsCmd) -> anyhow::Result<ExitCode> {
 pub(crate) enum LakeCmd {
     /// List tables, partitions, files, rows and bytes.
     Ls {
-        /// The lake directory (default: the data directory's lake).
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The lake directory (default: `lake.path`, else the data
+        /// directory's lake).
         #[arg(long)]
         lake: Option<PathBuf>,
-        /// The hub's data directory.
-        #[arg(long, default_value_os_t = crate::default_data_dir())]
-        data_dir: PathBuf,
         /// Per-partition lines, not only per table.
         #[arg(long)]
         partitions: bool,
@@ -210,7 +210,13 @@ fn parse_dialect(name: &str) -> Result<watershed_lake::ddl::Dialect, String> {
 
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        LakeCmd::Ls { lake, data_dir, partitions } => lake_ls(lake, data_dir, partitions).await,
+        LakeCmd::Ls { config, lake, partitions } => {
+            let dir = match lake {
+                Some(dir) => dir,
+                None => config.load()?.lake_dir(),
+            };
+            lake_ls(dir, partitions).await
+        }
         LakeCmd::Compact { config, after_secs, dry_run } => lake_compact(&config, after_secs, dry_run).await,
         LakeCmd::Retention { config, dry_run } => lake_retention(&config, dry_run).await,
         LakeCmd::Ddl { config, dialect, location, database, tables } => {
@@ -331,8 +337,7 @@ fn lake_ddl(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn lake_ls(lake: Option<PathBuf>, data_dir: PathBuf, partitions: bool) -> anyhow::Result<ExitCode> {
-    let dir = lake.unwrap_or_else(|| data_dir.join("lake"));
+async fn lake_ls(dir: PathBuf, partitions: bool) -> anyhow::Result<ExitCode> {
     if !dir.exists() {
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
     }
