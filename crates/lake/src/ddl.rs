@@ -246,9 +246,9 @@ fn sql_type(d: Dialect, table: &str, path: &str, ty: &DataType) -> Result<String
             format!("{name}({p},{s})")
         }
         DataType::Timestamp(_, Some(_)) => pick(d, "TIMESTAMPTZ", "timestamp", "timestamp"),
-        // A time of day: DuckDB has the type; the Hive engines do not,
-        // and read the column's integer (milli- or microseconds since
-        // midnight).
+        // A time of day: DuckDB has the type; Hive and Spark tables have
+        // none, so the column's integer (milli- or microseconds since
+        // midnight) is declared, as Trino's Hive connector also does.
         DataType::Time32(TimeUnit::Millisecond) => pick(d, "TIME", "int", "integer"),
         DataType::Time64(TimeUnit::Microsecond) => pick(d, "TIME", "bigint", "bigint"),
         DataType::List(item) => {
