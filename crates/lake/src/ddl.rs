@@ -246,9 +246,10 @@ fn sql_type(d: Dialect, table: &str, path: &str, ty: &DataType) -> Result<String
             format!("{name}({p},{s})")
         }
         DataType::Timestamp(_, Some(_)) => pick(d, "TIMESTAMPTZ", "timestamp", "timestamp"),
-        // A time of day: DuckDB has the type; Hive and Spark tables have
-        // none, so the column's integer (milli- or microseconds since
-        // midnight) is declared, as Trino's Hive connector also does.
+        // A time of day: DuckDB has the type; a Hive metastore's tables
+        // (Athena, Spark, Trino's Hive connector) have none, so the
+        // column's stored integer (milli- or microseconds since midnight)
+        // is declared.
         DataType::Time32(TimeUnit::Millisecond) => pick(d, "TIME", "int", "integer"),
         DataType::Time64(TimeUnit::Microsecond) => pick(d, "TIME", "bigint", "bigint"),
         DataType::List(item) => {
