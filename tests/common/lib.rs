@@ -401,6 +401,36 @@ impl Moto {
         String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
     }
 
+    /// Create the S3 bucket `name` (with boto3, moto's client).
+    pub fn create_bucket(&self, name: &str) {
+        self.boto3(&format!("s3.create_bucket(Bucket='{name}')"), "CreateBucket");
+    }
+
+    /// Copy every object of `bucket` under `prefix` into `dir`, keys as
+    /// paths below it (with boto3): the lake in S3 as a local directory,
+    /// for the checks that read one.
+    pub fn mirror(&self, bucket: &str, prefix: &str, dir: &Path) {
+        let script = format!(
+            "import os\n\
+             for page in s3.get_paginator('list_objects_v2').paginate(Bucket='{bucket}', Prefix='{prefix}/'):\n\
+             \x20   for o in page.get('Contents', []):\n\
+             \x20       path = os.path.join({dir:?}, o['Key'][len('{prefix}/'):])\n\
+             \x20       os.makedirs(os.path.dirname(path), exist_ok=True)\n\
+             \x20       s3.download_file('{bucket}', o['Key'], path)"
+        );
+        self.boto3(&script, "mirroring the bucket");
+    }
+
+    fn boto3(&self, code: &str, what: &str) {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', region_name='{REGION}', \
+             aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}",
+            self.url
+        );
+        let out = Command::new(&self.python).args(["-c", &script]).output().expect("python runs");
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The AWS settings that point the SDK at this server with test
     /// credentials (and no instance metadata lookups).
     #[must_use]

@@ -186,9 +186,9 @@ pub(crate) enum LakeCmd {
         /// SQL tables) or `trino` (Trino's Hive connector).
         #[arg(long, default_value = "duckdb", value_parser = parse_dialect)]
         dialect: watershed_lake::ddl::Dialect,
-        /// The lake's root as the engine reads it (`s3://bucket/prefix`
-        /// for Athena; default: the lake directory, as a `file://` URL
-        /// for Spark and Trino).
+        /// The lake's root as the engine reads it (default: `lake.url`,
+        /// else the lake directory, as a `file://` URL for Spark and
+        /// Trino; Athena needs an `s3://bucket/prefix`).
         #[arg(long)]
         location: Option<String>,
         /// The database (schema) to create the tables in.
@@ -211,11 +211,18 @@ fn parse_dialect(name: &str) -> Result<watershed_lake::ddl::Dialect, String> {
 pub(crate) async fn lake(cmd: LakeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         LakeCmd::Ls { config, lake, partitions } => {
-            let dir = match lake {
-                Some(dir) => dir,
-                None => config.load()?.lake_dir(),
+            let l = match lake {
+                Some(dir) => local_lake(&dir)?,
+                None => {
+                    let config = config.load()?;
+                    if config.lake.url.is_some() {
+                        config.open_lake(8)?
+                    } else {
+                        local_lake(&config.lake_dir())?
+                    }
+                }
             };
-            lake_ls(dir, partitions).await
+            lake_ls(l, partitions).await
         }
         LakeCmd::Compact { config, after_secs, dry_run } => lake_compact(&config, after_secs, dry_run).await,
         LakeCmd::Retention { config, dry_run } => lake_retention(&config, dry_run).await,
@@ -277,14 +284,15 @@ fn lake_ddl(
     let config = config.load()?;
     let registry = watershed_schema::Registry::load(&config.schemas)
         .with_context(|| format!("loading the schemas in {}", config.schemas.display()))?;
-    let location = match location {
-        Some(l) => l,
-        None if dialect == Dialect::Athena => anyhow::bail!(
+    let location = match (location, &config.lake.url) {
+        (Some(l), _) => l,
+        (None, Some(url)) => url.clone(),
+        (None, None) if dialect == Dialect::Athena => anyhow::bail!(
             "Athena reads tables from S3: pass --location s3://bucket/prefix, where the lake's files are \
              (the default, the local lake directory {}, is not)",
             config.lake_dir().display()
         ),
-        None => {
+        (None, None) => {
             let dir = std::path::absolute(config.lake_dir()).context("the lake directory's absolute path")?;
             let dir =
                 dir.to_str().with_context(|| format!("the lake directory {} is not UTF-8", dir.display()))?;
@@ -337,11 +345,15 @@ fn lake_ddl(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn lake_ls(dir: PathBuf, partitions: bool) -> anyhow::Result<ExitCode> {
+/// The local lake in `dir`, which must exist.
+fn local_lake(dir: &std::path::Path) -> anyhow::Result<watershed_lake::Lake> {
     if !dir.exists() {
         anyhow::bail!("no lake at {} (start the hub with --data-dir, or pass --lake)", dir.display());
     }
-    let l = watershed_lake::Lake::local(&dir, 8)?;
+    Ok(watershed_lake::Lake::local(dir, 8)?)
+}
+
+async fn lake_ls(l: watershed_lake::Lake, partitions: bool) -> anyhow::Result<ExitCode> {
     let listing = watershed_lake::ls::summarize(&l).await?;
     print_summary(&listing, partitions)?;
     let unfinished = tokio::task::spawn_blocking(move || l.unfinished_uploads()).await??;

@@ -69,6 +69,13 @@ impl Default for HubConfig {
 pub struct LakeConfig {
     /// The lake directory; `<data_dir>/lake` when empty.
     pub path: Option<PathBuf>,
+    /// The lake in S3 instead (`s3://bucket[/prefix]`); credentials from
+    /// the AWS environment (keys, a web identity, a task or instance role).
+    pub url: Option<String>,
+    /// An S3 endpoint other than AWS's (an S3-compatible server).
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region; `AWS_REGION` (or `us-east-1`) when unset.
+    pub s3_region: Option<String>,
     /// Roll a partition's file once this many Arrow bytes went into it.
     pub roll_bytes: usize,
     /// Roll a partition's file this many seconds after its first row.
@@ -105,6 +112,9 @@ impl Default for LakeConfig {
         let c = CompactConfig::default();
         Self {
             path: None,
+            url: None,
+            s3_endpoint: None,
+            s3_region: None,
             roll_bytes: w.roll_bytes,
             roll_age_secs: w.roll_age.as_secs(),
             late_roll_age_secs: w.late_roll_age.as_secs(),
@@ -504,6 +514,17 @@ impl HubConfig {
         if self.limits.max_connections == 0 {
             return bad("limits.max_connections", "must be positive");
         }
+        if let Some(url) = &self.lake.url {
+            if self.lake.path.is_some() {
+                return bad("lake.url", "set lake.url (a lake in S3) or lake.path (a directory), not both");
+            }
+            if let Err(e) = watershed_lake::parse_s3_url(url) {
+                return bad("lake.url", &e.to_string());
+            }
+        } else if self.lake.s3_endpoint.is_some() || self.lake.s3_region.is_some() {
+            let key = if self.lake.s3_endpoint.is_some() { "lake.s3_endpoint" } else { "lake.s3_region" };
+            return bad(key, "applies only to a lake in S3 (lake.url)");
+        }
         if self.retention.every_secs == 0 {
             return bad("retention.every_secs", "must be positive");
         }
@@ -587,6 +608,29 @@ impl HubConfig {
     #[must_use]
     pub fn lake_dir(&self) -> PathBuf {
         self.lake.path.clone().unwrap_or_else(|| self.data_dir.join("lake"))
+    }
+
+    /// The lake: in S3 with `lake.url`, else the local directory
+    /// [`HubConfig::lake_dir`]; at most `concurrency` requests at once.
+    ///
+    /// # Errors
+    /// When the directory or the S3 client cannot be set up.
+    pub fn open_lake(&self, concurrency: usize) -> Result<watershed_lake::Lake> {
+        Ok(match &self.lake.url {
+            Some(url) => watershed_lake::Lake::s3(
+                url,
+                self.lake.s3_endpoint.as_deref(),
+                self.lake.s3_region.as_deref(),
+                concurrency,
+            )?,
+            None => watershed_lake::Lake::local(&self.lake_dir(), concurrency)?,
+        })
+    }
+
+    /// Where the lake is, for messages: its URL or its directory.
+    #[must_use]
+    pub fn lake_location(&self) -> String {
+        self.lake.url.clone().unwrap_or_else(|| self.lake_dir().display().to_string())
     }
 
     /// The compactor's settings (its `source` is set by the hub).

@@ -155,7 +155,7 @@ impl Hub {
         let watched = keyring.clone();
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
         let concurrency = config.lake.flush_concurrency * 2;
-        let mut lake = Lake::local(&config.lake_dir(), concurrency)?;
+        let mut lake = config.open_lake(concurrency)?;
         if config.lake.put_delay_ms > 0 {
             let delay = std::time::Duration::from_millis(config.lake.put_delay_ms);
             let throttled = object_store::throttle::ThrottledStore::new(
@@ -859,7 +859,7 @@ pub async fn compact_lake(
     progress: &mut (dyn FnMut(usize, usize, &watershed_lake::CompactReport) + Send),
 ) -> Result<watershed_lake::CompactReport> {
     let _lock = if dry_run { None } else { Some(lock_data_dir(&config.data_dir)?) };
-    let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
+    let lake = config.open_lake(config.lake.flush_concurrency * 2)?;
     let wal_dir = config.data_dir.join("wal");
     if dry_run && !wal_dir.join("log.id").exists() {
         // No hub has run here: the lake holds no file of this one.
@@ -919,7 +919,7 @@ pub async fn apply_retention(
         return Ok((policy, watershed_lake::retention::RetentionReport::default()));
     }
     let _lock = if dry_run { None } else { Some(lock_data_dir(&config.data_dir)?) };
-    let lake = Lake::local(&config.lake_dir(), config.lake.flush_concurrency * 2)?;
+    let lake = config.open_lake(config.lake.flush_concurrency * 2)?;
     let wal_dir = config.data_dir.join("wal");
     // Partitions with a merge cut short are left until compaction (the
     // hub's start, or `lake compact`) settles it.

@@ -22,6 +22,9 @@ pub enum Error {
         /// The underlying error.
         source: Box<parquet::errors::ParquetError>,
     },
+    /// A lake setting that cannot be used (such as its URL).
+    #[error("{0}")]
+    Config(String),
     /// The object store failed.
     #[error("object store at {path}: {source}")]
     Store {

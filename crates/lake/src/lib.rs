@@ -37,6 +37,6 @@ pub use encode::{encode, EncodeOptions, FileEncoder, SMALL_FILE_ROWS};
 pub use error::{Error, Result};
 pub use memory::{batch_bytes, Memory};
 pub use partition::{dir_hour_end, LakePath, PartitionKey, DEAD_LETTERS};
-pub use store::{Lake, Put, Swept, Unfinished, ABANDONED_UPLOAD_AGE};
+pub use store::{parse_s3_url, Lake, Put, Swept, Unfinished, ABANDONED_UPLOAD_AGE};
 pub use table::{DeadLetter, DeadLetterBuilder, EventMeta, TableBuilder, TableLayout};
 pub use writer::{CommitSink, LakeWriter, Msg, Part, WriterConfig, WriterStats};

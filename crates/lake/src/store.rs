@@ -63,6 +63,28 @@ fn store_err(path: &str) -> impl FnOnce(object_store::Error) -> Error + '_ {
     move |e| Error::Store { path: path.to_owned(), source: Box::new(e) }
 }
 
+/// The bucket and the prefix (without slashes at its ends) of an
+/// `s3://bucket[/prefix]` URL.
+///
+/// # Errors
+/// [`Error::Config`] saying what is wrong with the URL.
+pub fn parse_s3_url(url: &str) -> Result<(&str, &str)> {
+    let bad =
+        |why: &str| Error::Config(format!("lake URL {url:?}: {why} (s3://bucket or s3://bucket/prefix)"));
+    let rest = url.strip_prefix("s3://").ok_or_else(|| bad("not an s3:// URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !valid_bucket {
+        return Err(bad("the bucket name must be 3 to 63 characters of a-z, 0-9, '.' and '-'"));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix.contains("//") || prefix.contains(['?', '#']) {
+        return Err(bad("the prefix holds an empty segment, '?' or '#'"));
+    }
+    Ok((bucket, prefix))
+}
+
 impl Lake {
     /// A lake on `store`, with at most `concurrency` requests in flight.
     #[must_use]
@@ -87,6 +109,35 @@ impl Lake {
             .with_automatic_cleanup(true)
             .with_fsync(true);
         Ok(Self { local: Some(dir.into()), ..Self::new(Arc::new(fs), concurrency) })
+    }
+
+    /// A lake in S3 or an S3-compatible store, at `url`
+    /// (`s3://bucket[/prefix]`). Credentials, region and endpoint come
+    /// from the `AWS_*` environment variables as `object_store` reads them
+    /// (static keys, a web identity, an ECS task or EC2 instance role);
+    /// `endpoint` and `region`, when given, win. An `http://` endpoint
+    /// (a local S3-compatible server) is allowed. Create-only puts use
+    /// S3's conditional `If-None-Match: *`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that is not `s3://bucket[/prefix]`;
+    /// [`Error::Store`] when the client cannot be built.
+    pub fn s3(url: &str, endpoint: Option<&str>, region: Option<&str>, concurrency: usize) -> Result<Self> {
+        let (bucket, prefix) = parse_s3_url(url)?;
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(region) = region {
+            builder = builder.with_region(region);
+        }
+        let s3 = builder.build().map_err(store_err(url))?;
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        };
+        Ok(Self::new(store, concurrency))
     }
 
     /// Remove the files of uploads a crash left unfinished, once no write
@@ -247,6 +298,21 @@ mod tests {
 
     /// A local lake's puts are fsynced (file and directories) before they
     /// return, as the commit log relies on.
+    #[test]
+    fn s3_urls_name_a_bucket_and_a_prefix() {
+        assert_eq!(super::parse_s3_url("s3://my-lake").unwrap(), ("my-lake", ""));
+        assert_eq!(super::parse_s3_url("s3://my.lake/events/prod/").unwrap(), ("my.lake", "events/prod"));
+        for (url, why) in [
+            ("/srv/lake", "not an s3:// URL"),
+            ("s3://", "the bucket name"),
+            ("s3://My_Lake/x", "the bucket name"),
+            ("s3://lake/a//b", "empty segment"),
+        ] {
+            let e = super::parse_s3_url(url).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(url), "{url}: {e}");
+        }
+    }
+
     #[tokio::test]
     async fn a_local_lake_fsyncs_its_puts() {
         let dir = tempfile::tempdir().unwrap();
