@@ -843,6 +843,34 @@ mod tests {
     }
 
     #[test]
+    fn an_s3_lake_is_checked_naming_its_keys() {
+        let c = load(&[("WATERSHED_LAKE__URL", "s3://acme-events/lake/")]).unwrap();
+        assert_eq!(c.lake_location(), "s3://acme-events/lake/");
+        for (vars, want) in [
+            (
+                vec![("WATERSHED_LAKE__URL", "s3://acme-events"), ("WATERSHED_LAKE__PATH", "/srv/lake")],
+                "lake.url: set lake.url (a lake in S3) or lake.path (a directory), not both",
+            ),
+            (
+                vec![("WATERSHED_LAKE__URL", "/srv/lake")],
+                "lake.url: lake URL \"/srv/lake\": not an s3:// URL",
+            ),
+            (
+                vec![("WATERSHED_LAKE__URL", "s3://Acme_Events")],
+                "lake.url: lake URL \"s3://Acme_Events\": the bucket name",
+            ),
+            (
+                vec![("WATERSHED_LAKE__S3_ENDPOINT", "http://127.0.0.1:9000")],
+                "lake.s3_endpoint: applies only to a lake in S3 (lake.url)",
+            ),
+            (vec![("WATERSHED_LAKE__S3_REGION", "eu-west-1")], "lake.s3_region: applies only"),
+        ] {
+            let e = load(&vars).unwrap_err();
+            assert!(e.contains(want), "{vars:?}: {e}");
+        }
+    }
+
+    #[test]
     fn retention_periods_by_table_from_the_environment() {
         let c = load(&[]).unwrap();
         assert_eq!(
