@@ -154,3 +154,23 @@ fn a_create_only_put_keeps_what_the_bucket_holds() {
         lake.delete(&path.0).await.unwrap();
     });
 }
+
+/// A bucket that does not exist stops `serve` at start with an error
+/// naming the lake, rather than acknowledging events it cannot commit.
+#[test]
+fn a_missing_bucket_stops_the_hub_at_start() {
+    let Some(moto) = Moto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut env = s3_env(&moto);
+    env.retain(|(k, _)| *k != "WATERSHED_LAKE__URL");
+    env.push(("WATERSHED_LAKE__URL", "s3://no-such-bucket/events".to_owned()));
+    let out = watershed_tests::serve_command(&data, &repo().join("schemas"), &borrowed(&env))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the lake at s3://no-such-bucket/events cannot be reached"), "{err}");
+    assert!(err.contains("NoSuchBucket"), "{err}");
+}

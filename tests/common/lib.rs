@@ -167,6 +167,16 @@ impl Server {
     }
 }
 
+/// A test that fails while its hub runs leaves no hub behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// An EventBridge payment event (`payments.payment_authorized`): the
 /// customer id is tokenized, the card's pan masked, its holder encrypted
 /// and its expiry redacted.

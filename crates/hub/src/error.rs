@@ -53,6 +53,18 @@ pub enum Error {
     /// The lake failed.
     #[error(transparent)]
     Lake(#[from] watershed_lake::Error),
+    /// The lake cannot be listed at start (a missing bucket, refused
+    /// credentials, an unreachable endpoint): nothing is served.
+    #[error(
+        "the lake at {location} cannot be reached: {error}; check lake.url, lake.s3_endpoint, the bucket and \
+         the AWS credentials"
+    )]
+    LakeUnreachable {
+        /// Its URL or directory.
+        location: String,
+        /// Why.
+        error: watershed_lake::Error,
+    },
     /// The accounts file is damaged.
     #[error("{path}: corrupt accounts file: {detail}")]
     Accounts {

@@ -156,6 +156,9 @@ impl Hub {
         let accounts = crate::accounts::Accounts::open(&config.data_dir)?;
         let concurrency = config.lake.flush_concurrency * 2;
         let mut lake = config.open_lake(concurrency)?;
+        lake.check()
+            .await
+            .map_err(|error| Error::LakeUnreachable { location: config.lake_location(), error })?;
         if config.lake.put_delay_ms > 0 {
             let delay = std::time::Duration::from_millis(config.lake.put_delay_ms);
             let throttled = object_store::throttle::ThrottledStore::new(

@@ -140,6 +140,18 @@ impl Lake {
         Ok(Self::new(store, concurrency))
     }
 
+    /// One listing of the lake's top level (its tables), to find at once
+    /// a lake that cannot be used: for S3, a missing bucket, refused
+    /// credentials or an unreachable endpoint.
+    ///
+    /// # Errors
+    /// [`Error::Store`] with what the store answered.
+    pub async fn check(&self) -> Result<()> {
+        let _permit = self.permits.acquire().await.expect("semaphore is never closed");
+        self.store.list_with_delimiter(None).await.map_err(store_err("the lake root"))?;
+        Ok(())
+    }
+
     /// Remove the files of uploads a crash left unfinished, once no write
     /// has touched them for `older_than`: `object_store`'s local store
     /// writes a put to `<name>#<n>` and renames it when whole, and a hub
