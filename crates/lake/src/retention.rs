@@ -181,10 +181,14 @@ pub struct Pass<'a> {
 /// `stop` is set the pass ends between partitions.
 /// `progress(done, total, report)` is called after each partition.
 ///
+/// A partition's line is written once its files are deleted, and the
+/// record is fsynced at the end of the pass (a crash during a pass can
+/// lose that pass's lines, not its deletions).
+///
 /// # Errors
 /// [`Error::Store`] when the lake cannot be listed; [`Error::Io`] when
-/// the record cannot be written (the pass stops there: nothing is deleted
-/// that is not recorded).
+/// the record cannot be written (the pass stops there, after the one
+/// partition whose line it could not write).
 pub async fn apply(
     pass: &Pass<'_>,
     record: &mut RetentionRecord,
