@@ -49,7 +49,7 @@ enum Command {
     /// Manage account credentials.
     #[command(subcommand)]
     Accounts(serve::AccountsCmd),
-    /// Inspect the lake, or merge its small files.
+    /// Inspect the lake, merge its small files, delete what is past its retention, or print its catalog DDL.
     #[command(subcommand)]
     Lake(serve::LakeCmd),
     /// Check or list a schema directory.
