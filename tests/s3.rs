@@ -1,8 +1,9 @@
 //! The lake in S3: moto's S3 API, started on a free loopback port from the
 //! test virtualenv (`WATERSHED_TEST_SKIP_MOTO=1` skips these tests
 //! loudly). The hub writes its files there through the same `Lake` as a
-//! local lake (`lake.url`); boto3 copies the bucket into a directory, where
-//! the parquet crate and DuckDB read what landed.
+//! local lake (`lake.url`); pyarrow reads the tables from the bucket, and
+//! boto3 copies the bucket into a directory, where the parquet crate and
+//! DuckDB read what landed.
 
 use serde_json::json;
 use watershed_tests::{
@@ -108,6 +109,35 @@ fn the_hub_writes_its_lake_to_s3() {
             "SELECT detail.card.pan, detail.card.holder_name LIKE 'wse1.%' FROM read_parquet('{lake}/payments/**/*.parquet') LIMIT 1",
         );
         assert_eq!(rows, vec![json!(["************1111", true])], "protected in the bucket as on disk");
+    }
+
+    // pyarrow reads the tables from the bucket itself (its own S3 client),
+    // partition values from the keys.
+    if let Some(py) = python() {
+        let script = format!(
+            "import json, pyarrow as pa, pyarrow.dataset as ds, pyarrow.fs as fs\n\
+             s3 = fs.S3FileSystem(endpoint_override='{}', scheme='http', access_key='testing', \
+             secret_key='testing', region='us-east-1')\n\
+             out = {{}}\n\
+             for t in ['payments', 'logins', '_dead_letters']:\n\
+             \x20   d = ds.dataset('{BUCKET}/events/' + t, filesystem=s3, format='parquet', \
+             partitioning=ds.partitioning(pa.schema([('account', pa.string())]), flavor='hive'))\n\
+             \x20   tb = d.to_table(columns=['event_id', 'account'])\n\
+             \x20   out[t] = sorted(a + '/' + e for a, e in zip(tb['account'].to_pylist(), tb['event_id'].to_pylist()))\n\
+             print(json.dumps(out))",
+            moto.url
+        );
+        let out = std::process::Command::new(&py).args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let read: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            read,
+            json!({
+                "payments": [format!("{ACCOUNT}/p-0"), format!("{ACCOUNT}/p-1")],
+                "logins": [format!("{ACCOUNT}/l-0"), format!("{ACCOUNT}/l-1")],
+                "_dead_letters": [format!("{ACCOUNT}/bad-0"), format!("{ACCOUNT}/bad-1")],
+            })
+        );
     }
 
     // `lake ddl` points at the bucket by default.
