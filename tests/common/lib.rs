@@ -381,19 +381,33 @@ impl Moto {
                  virtualenv with moto, or set WATERSHED_TEST_SKIP_MOTO=1 to skip the tests against moto loudly"
             ),
         };
-        let port = free_port();
-        let child = Command::new(&python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        // Port 0: the server binds a port of the system's choosing and
+        // prints it, so two servers started at once never share one.
+        let mut child = Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start moto with {}: {e}", python.display()));
-        let moto = Self { child, url: format!("http://127.0.0.1:{port}"), python };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not listen on port {port} within 60 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // The address line, then the request log, read to the end so
+            // the server never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                const AT: &str = "Running on http://127.0.0.1:";
+                if let Some(at) = line.find(AT) {
+                    let port: String =
+                        line[at + AT.len()..].chars().take_while(char::is_ascii_digit).collect();
+                    let _ = tx.send(format!("http://127.0.0.1:{port}"));
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("moto did not report its address within 60 s")
+        });
+        let moto = Self { child, url, python };
         Some(moto)
     }
 
