@@ -144,10 +144,7 @@ impl Hub {
     /// As [`Hub::start`].
     pub async fn start_with(config: HubConfig, clock: Arc<dyn Clock>) -> Result<Self> {
         let started = Instant::now();
-        let registry = Arc::new(Registry::load(&config.schemas).map_err(|e| match e {
-            watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
-            e => Error::Schema(e),
-        })?);
+        let registry = Arc::new(load_registry(&config)?);
         let retention_policy = config.retention.policy(&registry)?;
         std::fs::create_dir_all(&config.data_dir).map_err(crate::error::io(&config.data_dir))?;
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
@@ -564,14 +561,7 @@ impl RetentionPass {
     async fn run(&self, stop: &std::sync::atomic::AtomicBool) {
         // Partitions with a merge in progress wait for compaction to
         // settle it.
-        let busy: std::collections::BTreeSet<String> = self
-            .log
-            .lock()
-            .expect("commit log lock")
-            .open_merges()
-            .into_iter()
-            .map(|m| m.partition)
-            .collect();
+        let busy = self.log.lock().expect("commit log lock").merging_partitions();
         let mut record = watershed_lake::retention::RetentionRecord::new(&self.record);
         let now = self.clock.now_micros();
         let pass = watershed_lake::retention::Pass {
@@ -895,6 +885,15 @@ pub async fn compact_lake(
     Ok(compactor.run_once_with(&std::sync::atomic::AtomicBool::new(false), progress).await?)
 }
 
+/// The schemas of `config.schemas`; a directory that cannot be read is
+/// [`Error::SchemaDir`], which says how to point the hub at one.
+fn load_registry(config: &HubConfig) -> Result<Registry> {
+    Registry::load(&config.schemas).map_err(|e| match e {
+        watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
+        e => Error::Schema(e),
+    })
+}
+
 /// One retention pass over the lake of a hub that is not running (it
 /// takes the data directory's lock, as `serve` does, which runs passes by
 /// itself every `retention.every_secs`): every partition past its table's
@@ -913,10 +912,7 @@ pub async fn apply_retention(
     dry_run: bool,
     progress: &mut (dyn FnMut(usize, usize, &watershed_lake::retention::RetentionReport) + Send),
 ) -> Result<(watershed_lake::retention::Retention, watershed_lake::retention::RetentionReport)> {
-    let registry = Registry::load(&config.schemas).map_err(|e| match e {
-        watershed_schema::Error::Dir { path, source } => Error::SchemaDir { path, error: source },
-        e => Error::Schema(e),
-    })?;
+    let registry = load_registry(config)?;
     let policy = config.retention.policy(&registry)?;
     if policy.keeps_everything() {
         return Ok((policy, watershed_lake::retention::RetentionReport::default()));
@@ -927,8 +923,7 @@ pub async fn apply_retention(
     // Partitions with a merge cut short are left until compaction (the
     // hub's start, or `lake compact`) settles it.
     let busy: std::collections::BTreeSet<String> = if wal_dir.join("commits.log").exists() {
-        let log = CommitLog::open_read_only(&wal_dir.join("commits.log"), &lake).await?;
-        log.open_merges().into_iter().map(|m| m.partition).collect()
+        CommitLog::open_read_only(&wal_dir.join("commits.log"), &lake).await?.merging_partitions()
     } else {
         std::collections::BTreeSet::new()
     };

@@ -673,6 +673,13 @@ impl CommitLog {
         self.merges.values().cloned().collect()
     }
 
+    /// The partition directories with a merge not yet finished (a
+    /// retention pass leaves them to compaction).
+    #[must_use]
+    pub fn merging_partitions(&self) -> std::collections::BTreeSet<String> {
+        self.merges.values().map(|m| m.partition.clone()).collect()
+    }
+
     /// Log a merge before its file is put: `path` will hold the rows of
     /// `inputs` (of `partition`), WAL records `records`.
     ///
